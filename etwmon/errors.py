@@ -1,0 +1,38 @@
+"""The one exception family of etwmon: every error the library raises on purpose is an ``etwmon.Error``."""
+
+from __future__ import annotations
+
+__all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError"]
+
+
+class Error(Exception):
+    """Base class of every error etwmon raises on purpose."""
+
+
+class BufferTooSmall(Error, ValueError):
+    """``readinto`` was given a buffer that cannot hold even the next record.
+
+    Nothing was consumed; call again with a buffer of at least ``needed`` bytes.
+    """
+
+    def __init__(self, needed: int, size: int | None = None) -> None:
+        self.needed = needed
+        self.size = size
+        have = "" if size is None else f" (the buffer has {size})"
+        super().__init__(f"buffer too small: the next record needs {needed} bytes{have}")
+
+
+class RecordFormatError(Error, ValueError):
+    """A record or a buffer of records does not follow the wire format; ``offset`` says where."""
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        self.offset = offset
+        super().__init__(message if offset is None else f"at offset {offset}: {message}")
+
+
+class SourceUnavailable(Error):
+    """A kernel event source cannot work here; the message says why and what to do instead."""
+
+
+class SourceError(Error):
+    """The source thread of a Monitor failed; the original exception is ``__cause__``."""

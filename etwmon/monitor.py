@@ -1,0 +1,281 @@
+"""Monitor: a kernel event source running on its own thread, feeding an EventRing that callers drain.
+
+Readers block in ``wait()`` (or select on ``fileno()``, or ``async for``) instead of sleep-polling: the source
+thread makes a socket pair readable after each burst of records, and the reader clears it once the ring is
+empty. An exception in the source thread is kept and raised to the reader as ``SourceError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+from .errors import Error, SourceError
+from .records import Event, parse
+from .ring import EventRing, RingStats
+from .sources import Source, open_source
+
+__all__ = ["Monitor", "MonitorStats"]
+
+log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class MonitorStats(RingStats):
+    """Ring counters plus the source's: ``lost`` counts events the source missed (and said so),
+    ``dropped`` records the full ring threw away; both reach readers as RecordsLost counts."""
+
+    source: str = ""
+    parse_errors: int = 0
+    source_stats: dict[str, int] = field(default_factory=dict)
+
+
+class _Sink:
+    """What the source thread pushes into: the ring, plus the wake-up signal for readers."""
+
+    def __init__(self, ring: EventRing, signal: "_Signal") -> None:
+        self.push = ring.push
+        self.push_lost = ring.push_lost
+        self.notify = signal.set
+
+
+class _Signal:
+    """A level-triggered "records are waiting" flag that select() can watch (a socket pair works on every OS)."""
+
+    def __init__(self, ring: EventRing) -> None:
+        self._ring = ring
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._lock = threading.Lock()
+        self._set = False
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._set:
+                self._set = True
+                try:
+                    self._w.send(b"\1")
+                except (BlockingIOError, OSError):
+                    pass
+
+    def clear_if_drained(self) -> None:
+        # Under the lock a push either happened before readable() (seen) or its notify() comes after (sets).
+        with self._lock:
+            if self._set and not self._ring.readable():
+                self._set = False
+                try:
+                    self._r.recv(64)
+                except (BlockingIOError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+class Monitor:
+    """Watch processes and threads: ``Monitor(source="auto", max_items=10_000, max_bytes=None, **options)``.
+
+    ``source`` is a name known to ``etwmon.sources.open_source`` or a ``Source`` object; extra keyword options
+    go to the source. Use as a context manager or call ``start()``/``stop()`` (both idempotent). Records stay
+    readable after ``stop()`` until drained.
+    """
+
+    def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
+                 **source_options: Any) -> None:
+        self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
+        self._source_spec = source
+        self._source_options = source_options
+        self._source: Source | None = source if isinstance(source, Source) else None
+        self._thread: threading.Thread | None = None
+        self._signal: _Signal | None = None
+        self._error: BaseException | None = None
+        self._error_reported = False
+        self._lifecycle = threading.Lock()
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> "Monitor":
+        """Open the source (``SourceUnavailable`` is raised here, in the caller's thread) and start reading."""
+        with self._lifecycle:
+            if self._thread is not None:
+                return self
+            if isinstance(self._source_spec, Source):
+                if self._source_options:
+                    raise TypeError("source options go to the Source object itself, not to Monitor")
+                self._source = self._source_spec
+                self._source.open()
+            else:
+                self._source = open_source(self._source_spec, **self._source_options)
+            self._error, self._error_reported = None, False
+            if self._signal is None:
+                self._signal = _Signal(self.ring)
+            signal = self._signal
+            self._thread = threading.Thread(target=self._run, args=(self._source, signal),
+                                            name=f"etwmon-{self._source.name}", daemon=True)
+            self._thread.start()
+            return self
+
+    def _run(self, source: Source, signal: _Signal) -> None:
+        try:
+            source.run(_Sink(self.ring, signal))
+        except BaseException as exc:  # kept for the reader: never die silently
+            log.error("etwmon source %r failed: %r", source.name, exc)
+            self._error = exc
+        finally:
+            signal.set()  # wake readers so they see records, the error, or the end
+
+    def stop(self) -> None:
+        """Stop the source and release its thread and descriptors. Records already read in stay readable."""
+        with self._lifecycle:
+            thread, source, signal = self._thread, self._source, self._signal
+            if thread is None:
+                return
+            source.stop()
+            thread.join(_STOP_TIMEOUT)
+            if thread.is_alive():
+                log.error("etwmon source %r did not stop within %.0f s", source.name, _STOP_TIMEOUT)
+            source.close()
+            self._thread = None
+            signal.set()  # wake anyone still waiting: running is over
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def source(self) -> Source | None:
+        """The Source object in use (after start())."""
+        return self._source
+
+    def __enter__(self) -> "Monitor":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """stop() and close the wake-up descriptors (``fileno()`` is invalid afterwards; records already
+        read in stay readable)."""
+        self.stop()
+        with self._lifecycle:
+            if self._signal is not None:
+                self._signal.close()
+                self._signal = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def _check_error(self) -> None:
+        err = self._error
+        if err is not None and (not self._error_reported or not self.ring.readable()):
+            self._error_reported = True
+            raise SourceError(f"the {self._source.name if self._source else '?'} source failed: {err!r}") from err
+
+    def readinto(self, buffer) -> int:
+        """``EventRing.readinto`` on this monitor's ring (see there). Raises ``SourceError`` if the source
+        thread failed: once at once, then again whenever the ring is empty."""
+        self._check_error()
+        n = self.ring.readinto(buffer)
+        signal = self._signal
+        if signal is not None:
+            signal.clear_if_drained()
+        return n
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until records (or a RecordsLost report) are waiting, or ``timeout`` seconds pass; True if
+        there is something to read. Returns at once when stopped."""
+        self._check_error()
+        if self.ring.readable():
+            return True
+        signal = self._signal
+        if signal is None or not self.running:
+            return False
+        try:
+            select.select([signal], [], [], timeout)
+        except (ValueError, OSError):  # closed by a concurrent stop()
+            return self.ring.readable()
+        self._check_error()
+        return self.ring.readable()
+
+    def fileno(self) -> int:
+        """A descriptor that is readable while records are waiting (for select/selectors/event loops)."""
+        signal = self._signal
+        if signal is None:
+            raise Error("the Monitor is not started: call start() or use it as a context manager first")
+        return signal.fileno()
+
+    def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
+        """Parsed events as they come. Ends when the monitor stops, or when ``timeout`` seconds pass with
+        nothing new (``timeout=None``: wait forever)."""
+        buf = bytearray(bufsize)
+        while True:
+            n = self.readinto(buf)
+            if n:
+                yield from parse(bytes(buf[:n]))
+                continue
+            if not self.running:
+                return
+            if not self.wait(timeout) and timeout is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        """``async for event in monitor``: events as they come, without blocking the event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        fd = self.fileno()
+        try:
+            loop.add_reader(fd, ready.set)
+            has_reader = True
+        except (NotImplementedError, AttributeError):  # e.g. the Proactor loop on Windows
+            has_reader = False
+        buf = bytearray(0x10000)
+        try:
+            while True:
+                n = self.readinto(buf)
+                if n:
+                    for event in parse(bytes(buf[:n])):
+                        yield event
+                    continue
+                if not self.running:
+                    return
+                if has_reader:
+                    ready.clear()
+                    if not self.ring.readable():
+                        await ready.wait()
+                else:
+                    await loop.run_in_executor(None, self.wait, 0.2)
+        finally:
+            if has_reader:
+                loop.remove_reader(fd)
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> MonitorStats:
+        ring = self.ring.stats
+        extra = self._source.stats() if self._source is not None else {}
+        return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
+                            parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra))
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        name = self._source.name if self._source else self._source_spec
+        return f"<Monitor source={name!r} {state} {self.ring!r}>"

@@ -1,0 +1,119 @@
+"""The kernel event sources and the picker: one module per OS mechanism, ``open_source`` chooses.
+
+``open_source("auto")`` takes the best source that works here and falls back to polling ``/proc`` with a
+warning that says why. A source that cannot work raises ``SourceUnavailable`` with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SourceUnavailable
+from .base import Sink, Source
+
+__all__ = ["open_source", "source_class", "available_sources", "SourceInfo", "SOURCES", "Source", "Sink"]
+
+#: name -> "module:Class". A new source is one module in this folder and one line here.
+SOURCES: dict[str, str] = {
+    "etw": "etwmon.sources.etw:EtwSource",
+    "linux": "etwmon.sources.audit:LinuxSource",
+    "audit": "etwmon.sources.audit:AuditSource",
+    "netlink": "etwmon.sources.netlink:NetlinkSource",
+    "procfs": "etwmon.sources.procfs:ProcfsSource",
+}
+
+#: What "auto" tries, best first, per platform; the last one is the fallback.
+_AUTO = {"win32": ["etw"], "linux": ["linux", "netlink", "procfs"]}
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    available: bool
+    reason: str | None  # why not, with the fix, when not available
+    lossy: bool
+    delivers: frozenset[str]
+
+
+def source_class(name: str) -> type[Source]:
+    """The Source class registered as ``name``."""
+    try:
+        module, _, cls = SOURCES[name].partition(":")
+    except KeyError:
+        raise SourceUnavailable(f"unknown source {name!r}; choose one of auto, {', '.join(SOURCES)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def _reason(cls: type[Source]) -> str | None:
+    try:
+        return cls.unavailable_reason()
+    except Exception as exc:  # a broken probe must not break the listing
+        return f"{type(exc).__name__}: {exc}"
+
+
+def available_sources() -> list[SourceInfo]:
+    """Every known source, whether it works on this machine, and if not, why not."""
+    infos = []
+    for name in SOURCES:
+        try:
+            cls = source_class(name)
+        except ImportError as exc:
+            infos.append(SourceInfo(name, False, f"cannot import: {exc}", False, frozenset()))
+            continue
+        reason = _reason(cls)
+        infos.append(SourceInfo(name, reason is None, reason, cls.lossy, cls.delivers))
+    return infos
+
+
+def _auto_candidates() -> list[str]:
+    return _AUTO.get(sys.platform, ["procfs"])
+
+
+def open_source(name: str = "auto", **options: Any) -> Source:
+    """Create and open a source. ``name`` is "auto" or one of ``SOURCES``; options go to the source.
+
+    "auto" picks ETW on Windows; on Linux the audit+proc-connector source (root, audit usable), else the proc
+    connector (root), else ``/proc`` polling with a ``RuntimeWarning`` saying why.
+    """
+    if name != "auto":
+        cls = source_class(name)
+        reason = _reason(cls)
+        if reason is not None:
+            raise SourceUnavailable(f"source {name!r} is unavailable: {reason}")
+        source = cls(**options)
+        source.open()
+        return source
+    why: list[str] = []
+    candidates = _auto_candidates()
+    for i, candidate in enumerate(candidates):
+        try:
+            cls = source_class(candidate)
+        except ImportError as exc:
+            why.append(f"{candidate}: cannot import ({exc})")
+            continue
+        reason = _reason(cls)
+        if reason is None:
+            source = cls(**options) if i == 0 or not options else _with_known(cls, options)
+            try:
+                source.open()
+            except SourceUnavailable as exc:
+                why.append(f"{candidate}: {exc}")
+                continue
+            if why and source.lossy:
+                warnings.warn(f"etwmon: falling back to the {candidate!r} source, which can miss events: "
+                              + "; ".join(why), RuntimeWarning, stacklevel=2)
+            return source
+        why.append(f"{candidate}: {reason}")
+    raise SourceUnavailable("no event source works here: " + "; ".join(why))
+
+
+def _with_known(cls: type[Source], options: dict[str, Any]) -> Source:
+    """Options meant for the preferred source that a fallback does not take are dropped, not fatal."""
+    try:
+        return cls(**options)
+    except TypeError:
+        return cls()
