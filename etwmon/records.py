@@ -349,13 +349,8 @@ def _wstr(view: memoryview, start: int, chars: int) -> str:
     return bytes(view[start:start + 2 * chars]).decode("utf-16-le", "surrogatepass")
 
 
-def parse(buffer) -> Iterator[Event]:
-    """Yield an Event for each record in ``buffer`` (bytes, bytearray, memoryview or a numpy array).
-
-    Raises ``RecordFormatError`` naming the offset on a truncated record or a Size smaller than its type
-    needs (never loops on Size 0). Types it does not know come out as ``UnknownRecord``.
-    """
-    view = _as_bytes_view(buffer)
+def _walk(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """(offset, Type, Size, Time) of each record, checking every Size (and CommandLineLength) on the way."""
     end = len(view)
     offset = 0
     unpack_header = _HEADER.unpack_from
@@ -370,13 +365,28 @@ def parse(buffer) -> Iterator[Event]:
         need = _MIN_SIZE.get(item, HEADER_SIZE)
         if size < need:
             raise RecordFormatError(f"record of type {item} has Size {size}, needs at least {need}", offset)
+        if item == 1 or item == 101:
+            chars = view[offset + 32] | (view[offset + 33] << 8)
+            if _CMDLINE_OFFSET + 2 * chars > size:
+                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
+        yield offset, item, size, ft
+        offset += size
+
+
+def parse(buffer) -> Iterator[Event]:
+    """Yield an Event for each record in ``buffer`` (bytes, bytearray, memoryview or a numpy array).
+
+    Raises ``RecordFormatError`` naming the offset on a truncated record or a Size smaller than its type
+    needs (never loops on Size 0); the records before it are delivered first. Types it does not know come out
+    as ``UnknownRecord``.
+    """
+    view = _as_bytes_view(buffer)
+    for offset, item, size, ft in _walk(view):
         body = offset + HEADER_SIZE
         if item == 2:
             yield ProcessExit(ft, *_U32X2.unpack_from(view, body))
         elif item == 1 or item == 101:
             pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(view, body)
-            if _CMDLINE_OFFSET + 2 * chars > size:
-                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
             text = _wstr(view, offset + _CMDLINE_OFFSET, chars)
             yield (ProcessCreate if item == 1 else ProcessExec)(ft, pid, ppid, cpid, ctid, text)
         elif item == 3:
@@ -391,7 +401,6 @@ def parse(buffer) -> Iterator[Event]:
             yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
         else:
             yield UnknownRecord(ft, item, bytes(view[offset:offset + size]))
-        offset += size
 
 
 #: One row per record of a buffer: where it starts and its header fields.
@@ -401,18 +410,8 @@ RECORD_INDEX_DTYPE = np.dtype([("offset", "<i8"), ("Type", "<i2"), ("Size", "<u2
 def record_headers(buffer) -> np.ndarray:
     """The header of every record in ``buffer`` as a structured array (offset, Type, Size, Time).
 
-    Validates the chain of Sizes the way ``parse`` does (``RecordFormatError`` naming the offset)."""
-    view = _as_bytes_view(buffer)
-    rows = []
-    offset, end = 0, len(view)
-    while offset < end:
-        if end - offset < HEADER_SIZE:
-            raise RecordFormatError(f"truncated header: {end - offset} bytes left, a header needs 16", offset)
-        item, size, ft = _HEADER.unpack_from(view, offset)
-        if size < max(HEADER_SIZE, _MIN_SIZE.get(item, HEADER_SIZE)) or offset + size > end:
-            raise RecordFormatError(f"bad record Size {size} for type {item}", offset)
-        rows.append((offset, item, size, ft))
-        offset += size
+    Checks the records the way ``parse`` does (``RecordFormatError`` naming the offset)."""
+    rows = list(_walk(_as_bytes_view(buffer)))
     return np.array(rows, dtype=RECORD_INDEX_DTYPE)
 
 
