@@ -1,0 +1,228 @@
+"""Monitor with a scripted source: waking readers, fileno, async iteration, errors, start/stop cycles."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import select
+import threading
+import time
+
+import pytest
+
+import etwmon
+from etwmon import records as R
+from etwmon.sources.base import Source
+
+
+class ScriptedSource(Source):
+    """Pushes what the test hands it, when the test says so; can be told to fail."""
+
+    name = "scripted"
+    delivers = frozenset({"process_exit"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: queue.Queue = queue.Queue()
+        self.opened = self.closed = 0
+        self.lost = 0
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def run(self, sink) -> None:
+        while True:
+            command = self.commands.get()
+            if command is None:
+                return
+            kind, value = command
+            if kind == "records":
+                for record in value:
+                    sink.push(record)
+                sink.notify()
+            elif kind == "lost":
+                self.lost += value
+                sink.push_lost(value)
+                sink.notify()
+            elif kind == "fail":
+                raise value
+
+    def stop(self) -> None:
+        self.commands.put(None)
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"lost": self.lost, "parse_errors": 0}
+
+    def send(self, *pids: int) -> None:
+        self.commands.put(("records", [R.encode_process_exit(R.filetime_now(), pid, 0) for pid in pids]))
+
+
+class UnavailableSource(Source):
+    name = "never"
+
+    def open(self) -> None:
+        raise etwmon.SourceUnavailable("never works: use another source")
+
+
+def drain(mon: etwmon.Monitor) -> list[etwmon.Event]:
+    buf = bytearray(1 << 16)
+    out = []
+    while (n := mon.readinto(buf)):
+        out += etwmon.parse(buf[:n])
+    return out
+
+
+def test_wait_returns_as_soon_as_records_arrive():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source) as mon:
+        assert mon.wait(timeout=0.05) is False
+        threading.Timer(0.2, source.send, args=(1, 2)).start()
+        start = time.monotonic()
+        assert mon.wait(timeout=5) is True
+        waited = time.monotonic() - start
+        assert 0.1 < waited < 4
+        assert [e.pid for e in drain(mon)] == [1, 2]
+        assert mon.wait(timeout=0.05) is False
+
+
+def test_fileno_is_readable_exactly_while_records_wait():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source) as mon:
+        fd = mon.fileno()
+        assert select.select([fd], [], [], 0.05)[0] == []
+        source.send(7)
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        assert select.select([fd], [], [], 0)[0] == [fd]  # level-triggered: still readable until drained
+        assert [e.pid for e in drain(mon)] == [7]
+        assert select.select([fd], [], [], 0.05)[0] == []
+        source.send(8)
+        assert select.select([fd], [], [], 5)[0] == [fd]
+
+
+def test_partial_read_keeps_fileno_readable():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source) as mon:
+        source.send(1, 2, 3)
+        assert mon.wait(5)
+        assert mon.readinto(bytearray(24)) == 24
+        assert select.select([mon.fileno()], [], [], 0)[0] == [mon.fileno()]
+
+
+def test_async_iteration_yields_events_without_blocking_the_loop():
+    source = ScriptedSource()
+
+    async def main():
+        got = []
+        with etwmon.Monitor(source=source) as mon:
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            tick_task = asyncio.create_task(ticker())
+            asyncio.get_running_loop().call_later(0.2, source.send, 10, 11)
+            asyncio.get_running_loop().call_later(0.4, source.send, 12)
+            async for event in mon:
+                got.append(event.pid)
+                if len(got) == 3:
+                    break
+            tick_task.cancel()
+        return got, ticks
+
+    got, ticks = asyncio.run(asyncio.wait_for(main(), 10))
+    assert got == [10, 11, 12]
+    assert ticks >= 10  # the loop kept running while we waited
+
+
+def test_events_iterator_ends_after_timeout():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source) as mon:
+        source.send(5, 6)
+        assert [e.pid for e in mon.events(timeout=0.3)] == [5, 6]
+
+
+def test_source_failure_surfaces_to_the_reader_and_records_stay_readable():
+    source = ScriptedSource()
+    mon = etwmon.Monitor(source=source).start()
+    try:
+        source.send(1, 2)
+        source.commands.put(("fail", OSError(5, "device on fire")))
+        deadline = time.monotonic() + 5
+        while mon.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not mon.running
+        with pytest.raises(etwmon.SourceError, match="device on fire") as info:
+            mon.readinto(bytearray(100))
+        assert isinstance(info.value.__cause__, OSError)
+        buf = bytearray(100)
+        n = mon.readinto(buf)  # nothing already read in is lost
+        assert [e.pid for e in etwmon.parse(buf[:n])] == [1, 2]
+        with pytest.raises(etwmon.SourceError):
+            mon.readinto(buf)  # and once empty, it keeps saying why
+        with pytest.raises(etwmon.SourceError):
+            mon.wait(0.1)
+    finally:
+        mon.close()
+
+
+def test_losses_are_counted_and_in_band():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source, max_items=2) as mon:
+        source.commands.put(("lost", 4))
+        source.send(1, 2, 3)
+        assert mon.wait(5)
+        time.sleep(0.1)
+        events = drain(mon)
+        stats = mon.stats
+    assert isinstance(events[0], etwmon.RecordsLost) and events[0].count == 5
+    assert [e.pid for e in events[1:]] == [2, 3]
+    assert (stats.lost, stats.dropped, stats.pushed, stats.read) == (4, 1, 3, 2)
+    assert stats.source == "scripted" and stats.source_stats["lost"] == 4
+
+
+def test_unavailable_source_raises_in_the_caller():
+    mon = etwmon.Monitor(source=UnavailableSource())
+    with pytest.raises(etwmon.SourceUnavailable, match="never works"):
+        mon.start()
+    assert not mon.running
+    with pytest.raises(etwmon.SourceUnavailable, match="unknown source 'bogus'"):
+        etwmon.Monitor(source="bogus").start()
+
+
+def test_start_and_stop_are_idempotent_and_do_not_leak():
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+    source = ScriptedSource()
+    mon = etwmon.Monitor(source=source)
+    mon.stop()  # before start: nothing to do
+    threads, files = threading.active_count(), fds()
+    for i in range(1000):
+        mon.start()
+        mon.start()
+        if i % 100 == 0:
+            source.send(i)
+            assert mon.wait(5)
+        mon.stop()
+        mon.stop()
+    assert source.opened == source.closed == 1000
+    assert threading.active_count() == threads
+    mon.close()
+    assert fds() <= files
+    for _ in range(200):  # context managers too, each with its own wake-up socket pair
+        with etwmon.Monitor(source=ScriptedSource()):
+            pass
+    assert fds() <= files and threading.active_count() == threads
+    assert [e.pid for e in drain(mon)] == list(range(0, 1000, 100))
+
+
+def test_fileno_needs_a_started_monitor():
+    with pytest.raises(etwmon.Error, match="not started"):
+        etwmon.Monitor(source=ScriptedSource()).fileno()
