@@ -67,7 +67,8 @@ class EventRing:
         self._count = 0
         self._head_pos = 0  # stream position of the oldest record (bytes pushed and still held start here)
         self._tail_pos = 0  # stream position where the next record goes
-        self._pushed = self._read = self._dropped = self._lost = 0
+        self._tail_slot = 0  # slot the next record's end goes to
+        self._read = self._dropped = self._lost = 0
         self._pending_lost = 0  # lost + dropped not yet reported in-band
 
     # -- producer --------------------------------------------------------------------------------------
@@ -88,8 +89,10 @@ class EventRing:
         with self._lock:
             start = self._tail_pos
             end = start + n
-            if self._count == self.max_items or end - self._head_pos > cap:
+            count = self._count
+            if count == self.max_items or end - self._head_pos > cap:
                 self._make_room(end)
+                count = self._count
             at = start % cap
             if at + n <= cap:
                 self._mem[at:at + n] = record
@@ -98,13 +101,11 @@ class EventRing:
                 view = memoryview(record)
                 self._mem[at:] = view[:first]
                 self._mem[:n - first] = view[first:]
-            slot = self._head + self._count
-            if slot >= self.max_items:
-                slot -= self.max_items
+            slot = self._tail_slot
             self._endv[slot] = end
-            self._count += 1
+            self._tail_slot = slot + 1 if slot + 1 < self.max_items else 0
+            self._count = count + 1
             self._tail_pos = end
-            self._pushed += 1
 
     def push_lost(self, count: int) -> None:
         """Record that a source missed ``count`` records: counted in ``stats.lost`` and reported to the next
@@ -206,7 +207,7 @@ class EventRing:
     @property
     def stats(self) -> RingStats:
         with self._lock:
-            return RingStats(pushed=self._pushed, read=self._read, dropped=self._dropped, lost=self._lost,
+            return RingStats(pushed=self._read + self._dropped + self._count, read=self._read, dropped=self._dropped, lost=self._lost,
                              items=self._count, bytes=self._tail_pos - self._head_pos,
                              max_items=self.max_items, max_bytes=self.max_bytes)
 
