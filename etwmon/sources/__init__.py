@@ -112,8 +112,10 @@ def open_source(name: str = "auto", **options: Any) -> Source:
 
 
 def _with_known(cls: type[Source], options: dict[str, Any]) -> Source:
-    """Options meant for the preferred source that a fallback does not take are dropped, not fatal."""
+    """Options meant for the preferred source that a fallback does not take are dropped with a warning."""
     try:
         return cls(**options)
-    except TypeError:
+    except TypeError as exc:
+        warnings.warn(f"etwmon: the {cls.name!r} source ignores the options given: {exc}", RuntimeWarning,
+                      stacklevel=3)
         return cls()
