@@ -1,0 +1,643 @@
+"""The ``etwmon`` command line: ``etwmon tail`` prints process and thread events as they happen (text for
+people, JSON lines for jq), ``etwmon sources`` says which event sources work on this machine and why not.
+
+Usage reference: docs/cli.md. Everything a process controls (command lines, image names) is escaped before it
+reaches a terminal: see ``escape_text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fnmatch
+import json
+import os
+import re
+import select
+import signal
+import stat
+import sys
+import time
+import warnings
+from typing import Callable, Iterable, NoReturn, Sequence, TextIO
+
+from . import __version__
+from .errors import Error, SourceError, SourceUnavailable
+from .records import (
+    EXIT_CODE_UNKNOWN, Event, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate,
+    ThreadExit, UnknownRecord, filetime_to_datetime, parse,
+)
+from .sources import SOURCES, available_sources
+
+__all__ = ["main", "escape_text", "event_to_json", "format_event", "EventFilter", "parse_event_types",
+           "ENV_MAX_ITEMS", "ENV_MAX_BYTES"]
+
+PROG = "etwmon"
+#: Environment variables that set the ring's caps (an option on the command line wins).
+ENV_MAX_ITEMS = "ETWMON_MAX_ITEMS"
+ENV_MAX_BYTES = "ETWMON_MAX_BYTES"
+#: The smallest --max-bytes: one largest record (Size is a USHORT) must fit, or the source would fail on it.
+MIN_MAX_BYTES = 0x10000
+_READ_SIZE = 0x10000  # the book's client buffer: any record fits
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+# --- escaping: what a process controls never reaches a terminal raw ------------------------------------------
+
+# C0 controls, DEL and C1 controls (a terminal acts on them: ESC sequences retitle, clear, move the cursor);
+# Unicode format characters that reorder or hide text (bidi embeddings/overrides/isolates, zero-width
+# characters, invisible operators, tag characters); line/paragraph separators; lone surrogates (bytes that were
+# not UTF-8, kept by surrogateescape, or broken UTF-16). All of these are in Unicode categories Cc/Cf/Cs/Zl/Zp,
+# so str.isprintable() is a correct fast path.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
+    "\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def _escape_char(match: re.Match) -> str:
+    c = ord(match.group())
+    if c < 0x80:
+        return f"\\x{c:02x}"
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"\\x{c - 0xDC00:02x}"  # a byte that was not UTF-8, shown as that byte
+    if c <= 0xFFFF:
+        return f"\\u{c:04x}"
+    return f"\\U{c:08x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` made safe for a terminal: control and invisible format characters become visible escapes.
+
+    ``\\xNN`` is one byte (an ASCII control such as ESC ``\\x1b``, or a byte that was not UTF-8); ``\\uNNNN`` /
+    ``\\UNNNNNNNN`` is a Unicode character (C1 controls, bidi overrides, zero-width characters, ...).
+    Backslashes are left alone so Windows paths stay readable: the text form is for eyes, the JSON form is
+    exact.
+    """
+    if text.isprintable():
+        return text
+    return _UNSAFE.sub(_escape_char, text)
+
+
+# --- event formatting ------------------------------------------------------------------------------------------
+
+
+def _exit_code(code: int) -> int | None:
+    return None if code == EXIT_CODE_UNKNOWN else code
+
+
+def _local_clock(filetime: int) -> str:
+    return filetime_to_datetime(filetime).astimezone().strftime("%H:%M:%S.%f")[:-3]
+
+
+def _iso_utc(filetime: int) -> str:
+    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_event(event: Event) -> str:
+    """One line of ``etwmon tail`` text output: local time, record type, ``key=value`` fields, the command
+    line last (escaped). A RecordsLost record is a WARNING line with the count."""
+    when = _local_clock(event.filetime)
+    if isinstance(event, ProcessCreate):  # ProcessExec too
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid} "
+                f"cmd={escape_text(event.command_line)}")
+    if isinstance(event, ProcessExit):
+        code = _exit_code(event.exit_code)
+        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}"
+    if isinstance(event, ThreadExit):
+        code = _exit_code(event.exit_code)
+        return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
+    if isinstance(event, ThreadCreate):
+        return f"{when} {'ThreadCreate':<13} tid={event.tid} pid={event.pid}"
+    if isinstance(event, ImageLoad):
+        return (f"{when} {'ImageLoad':<13} pid={event.pid} address=0x{event.load_address:x} "
+                f"size={event.image_size} image={escape_text(event.image_name)}")
+    if isinstance(event, RecordsLost):
+        return f"{when} WARNING: {event.count} records lost here (ring full or source overrun)"
+    if isinstance(event, UnknownRecord):
+        return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
+    return f"{when} {escape_text(repr(event))}"
+
+
+def _json_text(text: str) -> tuple[str, str | None]:
+    """(valid Unicode text, None), or when ``text`` holds bytes that are not UTF-8: (the text with U+FFFD in
+    their place, base64 of the exact bytes). jq turns lone-surrogate escapes into U+FFFD, so they can't carry
+    the bytes."""
+    try:
+        text.encode("utf-8")
+        return text, None
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the original bytes (os.fsdecode on Linux)
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")  # broken UTF-16 from Windows: kept as WTF-8
+    return raw.decode("utf-8", "replace"), base64.b64encode(raw).decode("ascii")
+
+
+def _put_text(obj: dict, key: str, text: str) -> None:
+    obj[key], exact = _json_text(text)
+    if exact is not None:
+        obj[key + "_base64"] = exact
+
+
+def event_to_json(event: Event) -> dict:
+    """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
+    obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
+    if isinstance(event, ProcessCreate):
+        obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
+                   creating_tid=event.creating_tid)
+        _put_text(obj, "command_line", event.command_line)
+        obj["truncated"] = event.truncated
+    elif isinstance(event, ProcessExit):
+        obj.update(pid=event.pid, exit_code=_exit_code(event.exit_code))
+    elif isinstance(event, ThreadExit):
+        obj.update(tid=event.tid, pid=event.pid, exit_code=_exit_code(event.exit_code))
+    elif isinstance(event, ThreadCreate):
+        obj.update(tid=event.tid, pid=event.pid)
+    elif isinstance(event, ImageLoad):
+        # A string: jq reads numbers as doubles, which cannot hold every 64-bit address.
+        obj.update(pid=event.pid, image_size=event.image_size, load_address=f"0x{event.load_address:x}")
+        _put_text(obj, "image_name", event.image_name)
+    elif isinstance(event, RecordsLost):
+        obj["count"] = event.count
+    elif isinstance(event, UnknownRecord):
+        obj.update(type="Unknown", item_type=event.item_type,
+                   data_base64=base64.b64encode(event.data).decode("ascii"))
+    return obj
+
+
+def _json_line(event: Event) -> str:
+    # ensure_ascii: the line is pure ASCII, so no control character (not even DEL or C1) reaches a terminal.
+    return json.dumps(event_to_json(event), ensure_ascii=True, separators=(",", ":"))
+
+
+# --- filters ---------------------------------------------------------------------------------------------------
+
+_PROCESS = frozenset({ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit})
+_THREAD = frozenset({ItemType.ThreadCreate, ItemType.ThreadExit})
+#: --type names (compared without case, "_" or "-") and the record types they select.
+EVENT_TYPE_NAMES: dict[str, frozenset[ItemType]] = {
+    **{t.name.lower(): frozenset({t}) for t in (_PROCESS | _THREAD | {ItemType.ImageLoad})},
+    "create": frozenset({ItemType.ProcessCreate}),
+    "exec": frozenset({ItemType.ProcessExec}),
+    "exit": frozenset({ItemType.ProcessExit}),
+    "process": _PROCESS,
+    "thread": _THREAD,
+    "image": frozenset({ItemType.ImageLoad}),
+}
+
+
+def parse_event_types(spec: str) -> frozenset[ItemType]:
+    """``"process_create,exec"`` → the record types; ``ValueError`` naming the choices on an unknown name."""
+    selected: set[ItemType] = set()
+    for word in spec.split(","):
+        key = word.strip().lower().replace("_", "").replace("-", "")
+        if not key:
+            continue
+        if key not in EVENT_TYPE_NAMES:
+            raise ValueError(f"unknown event type {word.strip()!r}; choose from "
+                             + ", ".join(_type_choices()))
+        selected |= EVENT_TYPE_NAMES[key]
+    if not selected:
+        raise ValueError("no event type given; choose from " + ", ".join(_type_choices()))
+    return frozenset(selected)
+
+
+def _type_choices() -> list[str]:
+    snake = [re.sub(r"(?<!^)(?=[A-Z])", "_", t.name).lower()
+             for t in sorted(_PROCESS | _THREAD | {ItemType.ImageLoad})]
+    return snake + ["create", "exec", "exit", "process", "thread", "image"]
+
+
+class EventFilter:
+    """Which events ``etwmon tail`` prints. A RecordsLost report always passes: loss is never hidden.
+
+    - ``types``: record types to show (None: all).
+    - ``pids``: only events of these processes (ProcessCreate of the pid itself, its exec, exit, threads,
+      image loads); with ``descendants``, processes they create join the set, followed live through the
+      ProcessCreate parent links. A process leaves the set when it exits (pids get reused).
+    - ``substrings`` / ``globs``: only processes whose command line contains a substring or matches an
+      ``fnmatch`` glob (case-sensitive, whole command line). A ProcessCreate/ProcessExec is tested itself;
+      the later events of a matching process (exit, threads, image loads) pass too, until an exec to a
+      command line that does not match.
+
+    Filters combine with AND; repeated values of one filter with OR. The tracking sees every event, so
+    ``--type exit --match nginx`` shows the exits of processes started as nginx.
+    """
+
+    def __init__(self, types: Iterable[ItemType] | None = None, pids: Iterable[int] | None = None,
+                 descendants: bool = False, substrings: Sequence[str] = (), globs: Sequence[str] = ()) -> None:
+        self.types = frozenset(types) if types is not None else None
+        self.followed: set[int] | None = set(pids) if pids is not None else None
+        self.descendants = descendants
+        self._substrings = list(substrings)
+        self._globs = [re.compile(fnmatch.translate(g), re.DOTALL) for g in globs]
+        self.matched: set[int] | None = set() if (self._substrings or self._globs) else None
+
+    def _command_line_matches(self, command_line: str) -> bool:
+        return (any(s in command_line for s in self._substrings)
+                or any(g.match(command_line) for g in self._globs))
+
+    def __call__(self, event: Event) -> bool:
+        kind = event.type
+        if kind == ItemType.RecordsLost:
+            return True
+        pid = getattr(event, "pid", None)
+        keep = True
+        followed = self.followed
+        if followed is not None:
+            if self.descendants and kind == ItemType.ProcessCreate and event.parent_pid in followed:
+                followed.add(pid)
+            keep = pid in followed
+            if kind == ItemType.ProcessExit and keep and pid is not None:
+                followed.discard(pid)
+        matched = self.matched
+        if matched is not None:
+            if isinstance(event, ProcessCreate):
+                if self._command_line_matches(event.command_line):
+                    matched.add(event.pid)
+                else:
+                    matched.discard(event.pid)
+                    keep = False
+            else:
+                hit = pid in matched
+                if kind == ItemType.ProcessExit and hit:
+                    matched.discard(pid)
+                keep = keep and hit
+        if self.types is not None and kind not in self.types:
+            return False
+        return keep
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A bad option or environment value: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the fix, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _whole_number(text: str, what: str, minimum: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(f"{what} must be a whole number, not {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"{what} must be at least {minimum}, not {value}")
+    return value
+
+
+_SIZE = re.compile(r"\s*(\d[\d_]*)\s*(?:([kmg])(?:i?b)?|b)?\s*", re.IGNORECASE)
+_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _byte_size(text: str, what: str, minimum: int) -> int:
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise UsageError(f"{what} must be a size in bytes such as 65536, 512K or 64M, not {text!r}")
+    value = int(match.group(1)) * _UNITS[match.group(2) and match.group(2).lower()]
+    if value < minimum:
+        raise UsageError(f"{what} must be at least {minimum} bytes (64K: one largest record), not {value}")
+    return value
+
+
+def _limits(args: argparse.Namespace, environ: dict[str, str]) -> tuple[int | None, int | None]:
+    """The ring's caps: the option, else the environment variable, else the Monitor's default (None)."""
+    if args.max_items is not None:
+        items: int | None = _whole_number(args.max_items, "--max-items", 1)
+    elif environ.get(ENV_MAX_ITEMS, "").strip():
+        items = _whole_number(environ[ENV_MAX_ITEMS], ENV_MAX_ITEMS, 1)
+    else:
+        items = None
+    if args.max_bytes is not None:
+        size: int | None = _byte_size(args.max_bytes, "--max-bytes", MIN_MAX_BYTES)
+    elif environ.get(ENV_MAX_BYTES, "").strip():
+        size = _byte_size(environ[ENV_MAX_BYTES], ENV_MAX_BYTES, MIN_MAX_BYTES)
+    else:
+        size = None
+    return items, size
+
+
+def _positive_pid(text: str) -> int:
+    return _whole_number(text, "--pid", 1)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="Watch processes and threads start and stop (SysMon-style records).")
+    parser.add_argument("--version", action="version",
+                        version=f"{PROG} {__version__} (Python {sys.version.split()[0]}, {sys.platform})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    tail = commands.add_parser(
+        "tail", help="print events as they happen (Ctrl-C to stop)",
+        description="Print process and thread events as they happen, until Ctrl-C (exit 0, summary on stderr).",
+        epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the ring caps when the options are not "
+               "given. Reference: docs/cli.md.")
+    tail.add_argument("--source", default="auto", choices=["auto", *SOURCES],
+                      help="event source (default: auto, the best that works here; see 'etwmon sources')")
+    tail.add_argument("--json", action="store_true",
+                      help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text")
+    tail.add_argument("--type", dest="types", action="append", metavar="TYPES",
+                      help="only these event types, comma-separated: process_create, process_exec, process_exit, "
+                           "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image")
+    tail.add_argument("--pid", dest="pids", action="append", type=_positive_pid, metavar="PID",
+                      help="only events of this process (repeatable)")
+    tail.add_argument("--descendants", action="store_true",
+                      help="with --pid: also the processes it creates, and theirs, followed live")
+    tail.add_argument("--match", dest="substrings", action="append", default=[], metavar="TEXT",
+                      help="only processes whose command line contains TEXT (repeatable: any)")
+    tail.add_argument("--glob", dest="globs", action="append", default=[], metavar="PATTERN",
+                      help="only processes whose whole command line matches the glob PATTERN (repeatable: any)")
+    tail.add_argument("--max-items", metavar="N",
+                      help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else 10000)")
+    tail.add_argument("--max-bytes", metavar="SIZE",
+                      help=f"ring capacity in bytes, e.g. 64M (default: ${ENV_MAX_BYTES}, else 1 KiB per record)")
+    tail.add_argument("--stats", action="store_true",
+                      help="print a status line (rate, ring fill, lost, dropped) on stderr periodically")
+    tail.add_argument("--stats-interval", type=float, default=5.0, metavar="SECONDS",
+                      help="seconds between --stats lines (default: 5)")
+
+    sources = commands.add_parser("sources", help="which event sources work here, and why the others don't",
+                                  description="List the event sources, whether each works on this machine "
+                                              "(and if not, why), what it delivers and whether it can miss "
+                                              "events.")
+    sources.add_argument("--json", action="store_true", help="one JSON object per source per line")
+    return parser
+
+
+# --- output plumbing -----------------------------------------------------------------------------------------
+
+
+def _silence_stdout() -> None:
+    """The reader went away: point stdout at /dev/null so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _say(err: TextIO, message: str) -> None:
+    try:
+        err.write(f"{PROG}: {message}\n")
+        err.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class _Waiter:
+    """Block until the monitor has records, a timeout passes, or stdout's reader is gone.
+
+    ``poll`` sees POLLERR on a pipe whose reader closed, so ``etwmon tail | head -n 1`` ends as soon as head
+    exits, even when no further event comes to fail a write. Without ``poll`` (Windows): ``Monitor.wait``.
+    """
+
+    def __init__(self, monitor, out: TextIO) -> None:
+        self._monitor = monitor
+        self._poll = select.poll() if hasattr(select, "poll") else None
+        self._out_fd = -1
+        if self._poll is None:
+            return
+        self._poll.register(monitor.fileno(), select.POLLIN)
+        try:
+            fd = out.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self._poll.register(fd, 0)  # POLLERR/POLLHUP are always reported
+                self._out_fd = fd
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def wait(self, timeout: float | None) -> None:
+        if self._poll is None:
+            self._monitor.wait(timeout)
+            return
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        for fd, flags in self._poll.poll(ms):
+            if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
+                raise BrokenPipeError("the reader of stdout went away")
+
+
+class _Signals:
+    """SIGINT and SIGTERM end ``etwmon tail`` cleanly. While a batch is being read and written the signal is
+    held until the batch is out (so JSON output never ends in half a line); a second signal does not wait."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.holding and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.handler)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self.handler)
+
+    @staticmethod
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, str]) -> int:
+    from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
+
+    max_items, max_bytes = _limits(args, environ)
+    if args.descendants and not args.pids:
+        raise UsageError("--descendants needs --pid (whose descendants to follow)")
+    if not args.stats_interval > 0:
+        raise UsageError(f"--stats-interval must be more than 0 seconds, not {args.stats_interval}")
+    types = None
+    if args.types:
+        try:
+            types = parse_event_types(",".join(args.types))
+        except ValueError as exc:
+            raise UsageError(f"--type: {exc}") from None
+    keep = EventFilter(types=types, pids=args.pids, descendants=args.descendants,
+                       substrings=args.substrings, globs=args.globs)
+    render: Callable[[Event], str] = _json_line if args.json else format_event
+
+    signals = _Signals()
+    signals.install()
+    try:
+        monitor = Monitor(source=args.source, max_items=10_000 if max_items is None else max_items,
+                          max_bytes=max_bytes)
+    except (MemoryError, ValueError) as exc:
+        raise UsageError(f"cannot make a ring of {max_items} records / {max_bytes} bytes: {exc}") from None
+    shown = 0
+    how_it_ended = "interrupted"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monitor.start()
+        for warning in caught:
+            _say(err, f"warning: {warning.message}")
+        source = monitor.source
+        ring = monitor.ring
+        _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
+                  f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
+        if source.lossy:
+            _say(err, f"warning: the {source.name} source polls and can miss short-lived processes "
+                      "without counting them")
+
+        buf = bytearray(_READ_SIZE)
+        view = memoryview(buf)
+        waiter = _Waiter(monitor, out)
+        interval = args.stats_interval if args.stats else None
+        next_stats = time.monotonic() + interval if interval else None
+        last = (time.monotonic(), 0)
+        while True:
+            signals.hold()
+            n = monitor.readinto(buf)
+            if n:
+                events = [event for event in parse(view[:n]) if keep(event)]
+                if events:
+                    out.write("\n".join(map(render, events)))
+                    out.write("\n")
+                    out.flush()
+                    shown += sum(event.type != ItemType.RecordsLost for event in events)
+            signals.release()
+            if next_stats is not None and time.monotonic() >= next_stats:
+                last = _print_stats(err, monitor, shown, last)
+                next_stats = time.monotonic() + interval
+            if n:
+                continue
+            if not monitor.running:
+                how_it_ended = "the source stopped"
+                break
+            waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
+    except KeyboardInterrupt:
+        signals.ignore()
+    except BrokenPipeError:
+        signals.ignore()
+        _silence_stdout()
+        monitor.close()
+        return EXIT_OK
+    except BaseException:
+        signals.ignore()
+        monitor.close()
+        raise
+    monitor.close()
+    stats = monitor.stats
+    unread = f", {stats.items} unread" if stats.items else ""
+    _say(err, f"{how_it_ended}: {stats.read} records, {shown} shown, {stats.lost} lost, "
+              f"{stats.dropped} dropped{unread}")
+    return EXIT_OK
+
+
+def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> tuple[float, int]:
+    now = time.monotonic()
+    stats = monitor.stats
+    then, pushed_then = last
+    rate = (stats.pushed - pushed_then) / max(now - then, 1e-9)
+    fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
+    parse_errors = f", {stats.parse_errors} parse errors" if stats.parse_errors else ""
+    _say(err, f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
+              f"{_human_bytes(stats.bytes)} ({fill:.0f}% full), {stats.lost} lost, {stats.dropped} dropped, "
+              f"{shown} shown{parse_errors}")
+    return now, stats.pushed
+
+
+def _auto_choice(infos: list) -> str | None:
+    """The source ``--source auto`` would pick here: the first available one in the picker's order."""
+    from .sources import _auto_candidates
+
+    available = {info.name for info in infos if info.available}
+    return next((name for name in _auto_candidates() if name in available), None)
+
+
+def _sources(args: argparse.Namespace, out: TextIO) -> int:
+    infos = available_sources()
+    auto = _auto_choice(infos)
+    if args.json:
+        for info in infos:
+            out.write(json.dumps({"name": info.name, "available": info.available, "reason": info.reason,
+                                  "lossy": info.lossy, "delivers": sorted(info.delivers),
+                                  "auto": info.name == auto}) + "\n")
+        out.flush()
+        return EXIT_OK
+    width = max(len(info.name) for info in infos)
+    for info in infos:
+        mark = "*" if info.name == auto else " "
+        works = "works" if info.available else "no   "
+        exact = "lossy" if info.lossy else "exact"
+        delivers = ", ".join(sorted(info.delivers)) or "-"
+        out.write(f"{mark} {info.name:<{width}}  {works}  {exact}  delivers: {delivers}\n")
+        if not info.available:
+            out.write(f"  {'':<{width}}  why not: {escape_text(info.reason or 'unknown')}\n")
+    out.write("* = what --source auto picks here" if auto else "no source works here")
+    out.write("; lossy = can miss events without counting them\n")
+    out.flush()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``etwmon`` console script. Returns the exit status: 0 ok, 1 runtime error, 2 usage error."""
+    out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        try:  # text output of odd characters must not crash on a non-UTF-8 locale
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "sources":
+            return _sources(args, out)
+        return _tail(args, out, err, dict(os.environ))
+    except UsageError as exc:
+        _say(err, f"error: {exc}")
+        return EXIT_USAGE
+    except SourceUnavailable as exc:
+        _say(err, f"error: {exc}")
+        return EXIT_RUNTIME
+    except SourceError as exc:
+        cause = exc.__cause__
+        _say(err, f"error: {exc}" if cause is None else f"error: the event source failed: {cause}")
+        return EXIT_RUNTIME
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except ImportError as exc:  # a source module that cannot load here
+        _say(err, f"error: the {getattr(args, 'source', '?')} source cannot be loaded: {exc}")
+        return EXIT_RUNTIME
+    except PermissionError as exc:
+        _say(err, f"error: {exc.strerror or exc}: run as root (or Administrator), or use --source procfs")
+        return EXIT_RUNTIME
+    except (Error, OSError) as exc:
+        _say(err, f"error: {exc}")
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:  # before the monitor started (e.g. while argparse ran)
+        return EXIT_OK
