@@ -1,0 +1,770 @@
+"""Windows source: process, thread and image-load events from ETW through pywintrace 0.2.0, as SysMon records.
+
+``to_records`` turns one pywintrace callback argument into records; the tests drive it with recorded event
+shapes. This module imports on any OS (``etw`` is imported only in ``open()``), but it has never run against a
+live Windows session: see docs/windows.md for what is verified and how.
+"""
+
+# Where the shapes come from (pywintrace 0.2.0 from PyPI, file etw/etw.py unless said otherwise):
+# - The callback gets one tuple ``(event_id, out)``: EventConsumer._processEvent calls
+#   ``self.event_callback((event_id, out))`` (etw.py:839), event_id = EventHeader.EventDescriptor.Id (etw.py:736).
+# - ``out['EventHeader']`` is a dict of the EVENT_HEADER fields (etw.py:744-764): ints for ThreadId, ProcessId,
+#   TimeStamp (a LARGE_INTEGER, evntcons.py EVENT_HEADER), the EventDescriptor as a dict {Id, Version, Channel,
+#   Level, Opcode, Task, Keyword}, ProviderId and ActivityId as str(GUID) = "{XXXXXXXX-...}" (GUID.py __str__).
+# - TimeStamp is a FILETIME: the consumer opens the session with PROCESS_TRACE_MODE_REAL_TIME |
+#   PROCESS_TRACE_MODE_EVENT_RECORD (etw.py:275) and without PROCESS_TRACE_MODE_RAW_TIMESTAMP, so ProcessTrace
+#   converts time stamps to system time.
+# - Payload fields are the strings TdhFormatProperty produced, by property name (etw.py:547-594): the
+#   TDH_CONVERTER_LOOKUP step (etw.py:591) only converts when ``type(data)`` already *is* the converter, which
+#   a str never is, so every value stays a str. A field TDH could not format is None (etw.py:577); a parse failure
+#   of the whole event still calls back, with the header and whatever fields were read (etw.py:822-839).
+# - Classic (MOF) kernel events arrive with EventDescriptor.Id 0 and the event type in EventDescriptor.Opcode
+#   (pywintrace PR #26 says so; 0.2.0 still passes Id as event_id), ProviderId = the event class GUID.
+# - NT Kernel Logger: EventProvider.start (etw.py:134-175) takes providers[0].guid as Wnode.Guid and
+#   providers[0].any_bitmask as EnableFlags when the session name is "NT Kernel Logger"; ERROR_ALREADY_EXISTS on
+#   StartTraceW marks the session as someone else's so stop() leaves it alone (etw.py:173, 200-205).
+# - ETW.stop() is provider.stop() then consumer.stop() (etw.py:966-976); the consumer thread is NOT a daemon
+#   (etw.py:302), so a session left running keeps the interpreter from exiting.
+# - ETW.query() returns the session's EVENT_TRACE_PROPERTIES (EventsLost, RealTimeBuffersLost...) (etw.py:988).
+# - etw/common.py:59 calls logging.basicConfig(level=logging.ERROR) at import; _import_pywintrace undoes it.
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import itertools
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import Error, SourceError, SourceUnavailable
+from ..records import (
+    EXIT_CODE_UNKNOWN, encode_image_load, encode_process_create, encode_process_exit, encode_thread_create,
+    encode_thread_exit,
+)
+from .base import Sink, Source
+
+__all__ = [
+    "EtwSource", "EtwEventError", "NtPathMapper", "to_records", "MODES", "DEFAULT_MODE",
+    "KERNEL_PROCESS_GUID", "KERNEL_LOGGER_NAME",
+]
+
+log = logging.getLogger(__name__)
+
+# --- what is enabled ----------------------------------------------------------------------------------------
+
+#: Microsoft-Windows-Kernel-Process (manifest: keywords WINEVENT_KEYWORD_PROCESS 0x10, _THREAD 0x20, _IMAGE 0x40).
+KERNEL_PROCESS_GUID = "{22FB2CD6-0E7B-422B-A0C7-2FAD1FD0E716}"
+KEYWORD_PROCESS = 0x10
+KEYWORD_THREAD = 0x20
+KEYWORD_IMAGE = 0x40
+TRACE_LEVEL_INFORMATION = 4  # etw/evntrace.py
+
+#: The classic kernel logger (evntrace.h): its fixed session name and control GUID, and the event class GUIDs
+#: classic kernel events carry as EventHeader.ProviderId.
+KERNEL_LOGGER_NAME = "NT Kernel Logger"
+SYSTEM_TRACE_CONTROL_GUID = "{9E814AAD-3204-11D2-9A82-006008A86939}"
+PROCESS_GUID = "{3D6FA8D0-FE05-11D0-9DDA-00C04FD7BA7C}"
+THREAD_GUID = "{3D6FA8D1-FE05-11D0-9DDA-00C04FD7BA7C}"
+IMAGE_LOAD_GUID = "{2CB15D1D-5FC1-11D2-ABE1-00A0C911F518}"
+EVENT_TRACE_FLAG_PROCESS = 0x1  # etw/evntrace.py
+EVENT_TRACE_FLAG_THREAD = 0x2
+EVENT_TRACE_FLAG_IMAGE_LOAD = 0x4
+EVENT_TRACE_SYSTEM_LOGGER_MODE = 0x02000000  # etw/evntrace.py; Windows 8+
+
+# winerror.h codes pywintrace raises as OSError(winerror=...)
+ERROR_ACCESS_DENIED = 5
+ERROR_ALREADY_EXISTS = 183
+ERROR_NO_SYSTEM_RESOURCES = 1450
+
+#: "kernel-logger": classic SystemTraceProvider events (command lines); "kernel-process": the
+#: Microsoft-Windows-Kernel-Process manifest provider (no command lines).
+MODES = ("kernel-logger", "kernel-process")
+#: Command lines are what a security user looks at first, and since Windows 8 a kernel-logger session can be
+#: private (its own name, not the single shared "NT Kernel Logger"), so the classic events are the default.
+DEFAULT_MODE = "kernel-logger"
+
+# Classic event types (EventDescriptor.Opcode) of Process_TypeGroup1, Thread_TypeGroup1 and Image_Load.
+_START, _END, _DC_START, _DC_END, _IMAGE_LOAD = 1, 2, 3, 4, 10
+
+# Microsoft-Windows-Kernel-Process event ids.
+_KP_PROCESS_START, _KP_PROCESS_STOP, _KP_THREAD_START, _KP_THREAD_STOP, _KP_IMAGE_LOAD = 1, 2, 3, 4, 5
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class EtwEventError(Error, ValueError):
+    """A pywintrace event lacks a field etwmon needs, or has one it cannot read. The source counts these as
+    ``parse_errors`` and drops the event; ``to_records`` raises it so callers see why."""
+
+
+# --- reading pywintrace's strings ---------------------------------------------------------------------------
+
+# TdhFormatProperty writes integers in decimal (xs:unsignedInt, win:PID, sint32 can be negative) or as "0x" hex
+# (win:HexInt32/64, MOF Format("x"), pointers). Accept both, around whitespace, with leading zeros ("010" is ten,
+# where int("010", 0) would fail) and nothing else: no underscores, no octal, no floats.
+_NUMBER = re.compile(r"\s*([+-]?)(?:0[xX]([0-9A-Fa-f]+)|([0-9]+))\s*\Z")
+
+
+def _number(fields: Mapping[str, Any], name: str) -> int:
+    try:
+        value = fields[name]
+    except KeyError:
+        raise EtwEventError(f"field {name!r} is missing") from None
+    if isinstance(value, bool):
+        raise EtwEventError(f"field {name!r} is {value!r}, not a number")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise EtwEventError(f"field {name!r} is {value!r}, not a number")
+    match = _NUMBER.match(value)
+    if match is None:
+        raise EtwEventError(f"field {name!r} is {value!r}, not a number")
+    sign, hexdigits, decimal = match.groups()
+    number = int(hexdigits, 16) if hexdigits is not None else int(decimal, 10)
+    return -number if sign == "-" else number
+
+
+def _unsigned(fields: Mapping[str, Any], name: str, limit: int = _U32) -> int:
+    value = _number(fields, name)
+    if not 0 <= value <= limit:
+        raise EtwEventError(f"field {name!r} = {value} is out of range 0..{limit:#x}")
+    return value
+
+
+def _status(fields: Mapping[str, Any], name: str) -> int:
+    """An exit code as the ULONG Windows keeps (0xC0000005, not -1073741819): the classic ExitStatus is a sint32
+    that TDH prints signed, Kernel-Process's ExitCode a UInt32."""
+    value = _number(fields, name)
+    if not -0x80000000 <= value <= _U32:
+        raise EtwEventError(f"field {name!r} = {value} does not fit 32 bits")
+    return value & _U32
+
+
+def _text(fields: Mapping[str, Any], name: str) -> str:
+    try:
+        value = fields[name]
+    except KeyError:
+        raise EtwEventError(f"field {name!r} is missing") from None
+    if not isinstance(value, str):
+        raise EtwEventError(f"field {name!r} is {value!r}, not a string")
+    return value
+
+
+def _split(event: Any) -> tuple[int, Mapping[str, Any], Mapping[str, Any]]:
+    """(event_id, payload, EventHeader) of one callback argument, checked."""
+    if not isinstance(event, (tuple, list)) or len(event) != 2:
+        raise EtwEventError(f"expected the (event_id, dict) pair pywintrace calls back with, got {type(event)}")
+    event_id, data = event
+    if isinstance(event_id, bool) or not isinstance(event_id, int) or not isinstance(data, Mapping):
+        raise EtwEventError(f"expected (int, dict), got ({type(event_id).__name__}, {type(data).__name__})")
+    header = data.get("EventHeader")
+    if not isinstance(header, Mapping):
+        raise EtwEventError("EventHeader is missing")
+    return event_id, data, header
+
+
+def _time(header: Mapping[str, Any]) -> int:
+    value = _number(header, "TimeStamp")
+    if not 0 <= value < 1 << 63:
+        raise EtwEventError(f"TimeStamp {value} is not a FILETIME")
+    return value
+
+
+def _provider(header: Mapping[str, Any]) -> str:
+    value = header.get("ProviderId")
+    if not isinstance(value, str):
+        raise EtwEventError("EventHeader.ProviderId is missing")
+    return value.strip().strip("{}").upper()
+
+
+def _opcode(header: Mapping[str, Any]) -> int:
+    descriptor = header.get("EventDescriptor")
+    if not isinstance(descriptor, Mapping):
+        raise EtwEventError("EventHeader.EventDescriptor is missing")
+    return _unsigned(descriptor, "Opcode", 0xFF)
+
+
+def _quoted(path: str) -> str:
+    """An image path used as a command line, quoted the way Windows quotes a program path with spaces, so that
+    CommandLineToArgvW gives it back as one argument."""
+    return f'"{path}"' if any(c.isspace() for c in path) else path
+
+
+def _same_path(path: str) -> str:
+    return path
+
+
+# --- one event -> records -----------------------------------------------------------------------------------
+
+_KP = KERNEL_PROCESS_GUID.strip("{}")
+_PROCESS, _THREAD, _IMAGE = (g.strip("{}") for g in (PROCESS_GUID, THREAD_GUID, IMAGE_LOAD_GUID))
+
+
+def to_records(event: Any, mode: str = DEFAULT_MODE, *, map_path: Callable[[str], str] | None = None,
+               rundown: bool = False) -> list[bytes]:
+    """The records for one pywintrace callback argument ``(event_id, dict)``: usually one, none for events
+    etwmon does not record (unknown ids, image unloads, rundown ends, other providers).
+
+    ``map_path`` turns NT device paths into drive-letter paths (``NtPathMapper``); by default names stay as
+    ETW gave them. ``rundown=True`` (kernel-logger mode) records the kernel logger's start-of-session snapshot
+    (DCStart) of running processes, threads and images as creations with creating process and thread 0.
+    Raises ``EtwEventError`` when a field it needs is missing or unreadable; ``ValueError`` for an unknown mode.
+    """
+    mapper = map_path or _same_path
+    if mode == "kernel-process":
+        return _kernel_process(event, mapper)
+    if mode == "kernel-logger":
+        return _kernel_logger(event, mapper, rundown)
+    raise ValueError(f"unknown ETW mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def _kernel_process(event: Any, mapper: Callable[[str], str]) -> list[bytes]:
+    # Field names: the Microsoft-Windows-Kernel-Process manifest. ProcessStart versions 0-3 only add fields
+    # (v1 Flags; v2 ImageChecksum, TimeDateStamp, PackageFullName, PackageRelativeAppId; v3 sequence numbers,
+    # token elevation, MandatoryLabel), ProcessStop v2 adds ProcessSequenceNumber, ThreadStart/Stop v1
+    # SubProcessTag (and CycleTime): the ones read here are in every version.
+    event_id, fields, header = _split(event)
+    if event_id not in (_KP_PROCESS_START, _KP_PROCESS_STOP, _KP_THREAD_START, _KP_THREAD_STOP, _KP_IMAGE_LOAD):
+        return []
+    if _provider(header) != _KP:
+        return []
+    when = _time(header)
+    if event_id == _KP_PROCESS_START:
+        # Logged in the creating thread's context, like the book's process-notify callback: the header names it.
+        image = mapper(_text(fields, "ImageName"))
+        return [encode_process_create(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ParentProcessID"),
+                                      _unsigned(header, "ProcessId"), _unsigned(header, "ThreadId"),
+                                      _quoted(image))]
+    if event_id == _KP_PROCESS_STOP:
+        return [encode_process_exit(when, _unsigned(fields, "ProcessID"), _status(fields, "ExitCode"))]
+    if event_id == _KP_THREAD_START:
+        return [encode_thread_create(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID"))]
+    if event_id == _KP_THREAD_STOP:  # ThreadStop carries no exit status
+        return [encode_thread_exit(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID"),
+                                   EXIT_CODE_UNKNOWN)]
+    # ImageLoad: ImageBase and ImageSize are win:Pointer (printed "0x..."), ProcessID a UInt32.
+    return [encode_image_load(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ImageSize"),
+                              _unsigned(fields, "ImageBase", _U64), mapper(_text(fields, "ImageName")))]
+
+
+def _kernel_logger(event: Any, mapper: Callable[[str], str], rundown: bool) -> list[bytes]:
+    # Classic MOF classes (learn.microsoft.com/windows/win32/etw): Process_TypeGroup1 (types 1 Start, 2 End,
+    # 3 DCStart, 4 DCEnd, 39 Defunct; ProcessId and ParentId are Format("x"), ExitStatus a sint32, ImageFileName
+    # the ANSI file name, CommandLine wide), Thread_TypeGroup1 (1/2/3/4; ProcessId, TThreadId Format("x")),
+    # Image_Load (10 Load, 2 Unload, 3 DCStart, 4 DCEnd; ImageBase/ImageSize pointers, ProcessId decimal, FileName
+    # an NT path). Opcodes overlap between classes, so the class GUID in ProviderId decides.
+    _, fields, header = _split(event)
+    provider = _provider(header)
+    if provider not in (_PROCESS, _THREAD, _IMAGE):
+        return []
+    opcode = _opcode(header)
+    snapshot = opcode == _DC_START
+    if snapshot and not rundown:
+        return []
+    if provider == _PROCESS:
+        if opcode == _START or snapshot:
+            when = _time(header)
+            command_line = _text(fields, "CommandLine")
+            if not command_line:  # System, Registry, smss...: no command line; the image name says who it is
+                command_line = _quoted(mapper(_text(fields, "ImageFileName")))
+            # A rundown entry was not created by the thread logging it: creating process/thread 0.
+            creating_pid = 0 if snapshot else _unsigned(header, "ProcessId")
+            creating_tid = 0 if snapshot else _unsigned(header, "ThreadId")
+            return [encode_process_create(when, _unsigned(fields, "ProcessId"), _unsigned(fields, "ParentId"),
+                                          creating_pid, creating_tid, command_line)]
+        if opcode == _END:
+            return [encode_process_exit(_time(header), _unsigned(fields, "ProcessId"),
+                                        _status(fields, "ExitStatus"))]
+        return []
+    if provider == _THREAD:
+        if opcode == _START or snapshot:
+            return [encode_thread_create(_time(header), _unsigned(fields, "TThreadId"),
+                                         _unsigned(fields, "ProcessId"))]
+        if opcode == _END:  # the classic Thread End carries no exit status either
+            return [encode_thread_exit(_time(header), _unsigned(fields, "TThreadId"),
+                                       _unsigned(fields, "ProcessId"), EXIT_CODE_UNKNOWN)]
+        return []
+    if opcode == _IMAGE_LOAD or snapshot:
+        return [encode_image_load(_time(header), _unsigned(fields, "ProcessId"), _unsigned(fields, "ImageSize"),
+                                  _unsigned(fields, "ImageBase", _U64), mapper(_text(fields, "FileName")))]
+    return []
+
+
+# --- NT paths -> drive letters ------------------------------------------------------------------------------
+
+
+def _query_dos_device(drive: str) -> str | None:
+    """The NT device behind a drive letter ("C:" -> "\\Device\\HarddiskVolume3"), or None."""
+    try:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        return None
+    buffer = ctypes.create_unicode_buffer(1024)
+    if not kernel32.QueryDosDeviceW(drive, buffer, len(buffer)):
+        return None
+    return buffer.value  # the first name of the MULTI_SZ: the current mapping
+
+
+class NtPathMapper:
+    """Turns the NT paths ETW reports (``\\Device\\HarddiskVolume3\\Windows\\notepad.exe``,
+    ``\\SystemRoot\\...``, ``\\??\\C:\\...``) into drive-letter paths, the way the book's client does with
+    QueryDosDevice. The drive table is read once and re-read (at most every ``refresh_seconds``) when a device
+    path matches no drive, e.g. after a USB stick was plugged in. Paths it cannot map stay as they are.
+
+    ``query_dos_device(drive) -> device or None`` and ``system_root`` are injectable for tests.
+    """
+
+    def __init__(self, query_dos_device: Callable[[str], str | None] | None = None,
+                 system_root: str | None = None, refresh_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._query = query_dos_device or _query_dos_device
+        self._system_root = system_root if system_root is not None else os.environ.get("SystemRoot")
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._table: list[tuple[str, str]] | None = None  # (device prefix, lower case, with "\"; drive)
+        self._loaded_at = 0.0
+
+    def _load(self) -> None:
+        table = []
+        for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+            try:
+                device = self._query(letter + ":")
+            except Exception as exc:  # a broken drive must not break the event stream
+                log.debug("QueryDosDevice(%s:) failed: %r", letter, exc)
+                continue
+            if device:
+                table.append((device.rstrip("\\").lower() + "\\", letter + ":"))
+        # Longest device first: \Device\HarddiskVolume10 must not be read as HarddiskVolume1 + "0".
+        table.sort(key=lambda row: len(row[0]), reverse=True)
+        self._table, self._loaded_at = table, self._clock()
+
+    def _lookup(self, path: str) -> str | None:
+        lower = path.lower()
+        for prefix, drive in self._table or ():
+            if lower.startswith(prefix):
+                return drive + path[len(prefix) - 1:]
+        return None
+
+    def __call__(self, path: str) -> str:
+        if path.startswith("\\??\\"):
+            return path[4:]
+        if path[:12].lower() == "\\systemroot\\" and self._system_root:
+            return self._system_root.rstrip("\\") + path[11:]
+        if not path.lower().startswith("\\device\\"):
+            return path
+        if self._table is None:
+            self._load()
+        mapped = self._lookup(path)
+        if mapped is None and self._clock() - self._loaded_at >= self._refresh_seconds:
+            self._load()
+            mapped = self._lookup(path)
+        return path if mapped is None else mapped
+
+
+# --- where this can run -------------------------------------------------------------------------------------
+# Seams: tests replace these three to play Windows on Linux.
+
+
+def _platform() -> str:
+    return sys.platform
+
+
+def _pywintrace_installed() -> bool:
+    return importlib.util.find_spec("etw") is not None
+
+
+def _is_elevated() -> bool:
+    try:
+        import ctypes
+
+        return bool(ctypes.windll.shell32.IsUserAnAdmin())  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+_INSTALL = "pip install etwmon[etw]"
+
+
+def _import_pywintrace() -> tuple[Any, Any]:
+    """(the ``etw`` package, its ``TraceProperties`` class), without pywintrace's logging side effect."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import etw
+        from etw.etw import TraceProperties
+    except ImportError as exc:
+        raise SourceUnavailable(f"pywintrace cannot be imported ({exc}): {_INSTALL}") from exc
+    finally:
+        # etw/common.py:59 runs logging.basicConfig(level=logging.ERROR) at import: it would configure the
+        # application's root logger for it (and make the application's own basicConfig a no-op). Undo it.
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    for name in ("ETW", "ProviderInfo", "GUID"):
+        if not hasattr(etw, name):
+            raise SourceUnavailable(f"the installed 'etw' module is not pywintrace (no etw.{name}): {_INSTALL}")
+    return etw, TraceProperties
+
+
+# --- sessions alive in this process, stopped at exit --------------------------------------------------------
+
+_LIVE: set["EtwSource"] = set()
+_LIVE_LOCK = threading.Lock()
+_exit_hook_installed = False
+_session_numbers = itertools.count(1)
+
+
+def _stop_all_sessions() -> None:
+    """Stop every session this process still has, so none is left running to fill the system's ~64 slots."""
+    with _LIVE_LOCK:
+        sources = list(_LIVE)
+    for source in sources:
+        try:
+            source._teardown()
+        except Exception as exc:  # at exit: report, keep going
+            log.error("could not stop ETW session %r at exit: %r", source.session_name, exc)
+
+
+def _install_exit_hook() -> None:
+    global _exit_hook_installed
+    with _LIVE_LOCK:
+        if _exit_hook_installed:
+            return
+        _exit_hook_installed = True
+    # pywintrace's consumer thread is not a daemon (etw.py:302) and the interpreter joins such threads *before*
+    # atexit handlers run, so an atexit handler alone would never get to stop the session and exit would hang.
+    # threading's own exit hook runs before that join (it is how concurrent.futures shuts down its workers).
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_stop_all_sessions)
+        except RuntimeError:  # the interpreter is already shutting down
+            pass
+    atexit.register(_stop_all_sessions)
+
+
+def _new_session_name() -> str:
+    return f"etwmon-{os.getpid()}-{next(_session_numbers)}"
+
+
+# --- the source ---------------------------------------------------------------------------------------------
+
+_PENDING_LIMIT = 100_000  # records held between open() and run(); beyond this they are counted as lost
+
+
+class EtwSource(Source):
+    """ETW process, thread and image-load events (Windows, administrator, ``pip install etwmon[etw]``).
+
+    ``mode="kernel-logger"`` (default): a private SystemTraceProvider session (Windows 8+) named
+    ``etwmon-<pid>-<n>`` with the process, thread and image-load flags; ProcessCreate records carry the real
+    command line. ``session_name="NT Kernel Logger"`` uses the single system-wide kernel logger instead.
+    ``mode="kernel-process"``: the Microsoft-Windows-Kernel-Process provider; it has no command line, so a
+    ProcessCreate's command line is the program's path.
+
+    ``images=False`` leaves image loads out. ``rundown=True`` (kernel-logger) also records the processes,
+    threads and images already running when the session starts, as creations with creating process/thread 0.
+    ``buffer_kb`` is the size of each ETW buffer (non-paged memory, two or more per CPU). ``map_path`` turns NT
+    device paths into drive-letter paths (default: ``NtPathMapper()`` on Windows, unchanged elsewhere).
+    """
+
+    name = "etw"
+    lossy = False
+    delivers = frozenset({"process_create", "process_exit", "thread_create", "thread_exit", "image_load",
+                          "command_line", "exit_code"})
+
+    def __init__(self, mode: str = DEFAULT_MODE, *, images: bool = True, rundown: bool = False,
+                 session_name: str | None = None, buffer_kb: int = 64,
+                 map_path: Callable[[str], str] | None = None, loss_poll_seconds: float = 1.0) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown ETW mode {mode!r}; choose one of {', '.join(MODES)}")
+        if rundown and mode != "kernel-logger":
+            raise ValueError("rundown=True needs mode='kernel-logger' (Kernel-Process has no start-of-session "
+                             "snapshot)")
+        if session_name is not None and session_name.lower() == KERNEL_LOGGER_NAME.lower() \
+                and mode != "kernel-logger":
+            raise ValueError(f"session name {KERNEL_LOGGER_NAME!r} is the classic kernel logger: "
+                             "use it with mode='kernel-logger'")
+        if isinstance(buffer_kb, bool) or not isinstance(buffer_kb, int) or not 4 <= buffer_kb <= 16384:
+            raise ValueError(f"buffer_kb must be a whole number of KiB from 4 to 16384, not {buffer_kb!r}")
+        if not loss_poll_seconds > 0:
+            raise ValueError(f"loss_poll_seconds must be > 0, not {loss_poll_seconds!r}")
+        self.mode = mode
+        self.images = bool(images)
+        self.rundown = bool(rundown)
+        self.buffer_kb = buffer_kb
+        self._requested_name = session_name
+        self.session_name: str | None = None
+        if mode == "kernel-process":  # the program's path stands in for the command line
+            self.delivers = EtwSource.delivers - {"command_line"}
+        if not self.images:
+            self.delivers = self.delivers - {"image_load"}
+        if map_path is None:
+            map_path = NtPathMapper() if _platform() == "win32" else _same_path
+        self._map_path = map_path
+        self._loss_poll_seconds = loss_poll_seconds
+        self._session: Any = None
+        self._session_lock = threading.Lock()
+        self._lock = threading.Lock()  # the sink (and everything pushed into it)
+        self._sink: Sink | None = None
+        self._pending: list[bytes] = []
+        self._stop = threading.Event()
+        self._counts = dict.fromkeys(
+            ("events", "records", "ignored", "parse_errors", "events_lost", "buffers_lost", "pending_lost"), 0)
+
+    # -- availability -------------------------------------------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if _platform() != "win32":
+            return (f"needs Windows (ETW); on Linux use source='netlink' or 'procfs'. On Windows: {_INSTALL} "
+                    "and run from an elevated (administrator) prompt")
+        if not _pywintrace_installed():
+            return f"pywintrace (the ETW binding) is not installed: {_INSTALL}"
+        if not _is_elevated():
+            return "ETW kernel sessions need an administrator: run from an elevated (administrator) prompt"
+        return None
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the ETW session (events that arrive before ``run`` are held, up to a limit)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise SourceUnavailable(f"source 'etw' is unavailable: {reason}")
+        with self._session_lock:
+            if self._session is not None:
+                return
+        etw, trace_properties = _import_pywintrace()
+        self._stop.clear()
+        name = self._requested_name or _new_session_name()
+        session = self._make_session(etw, trace_properties, name)
+        self.session_name = name
+        _install_exit_hook()
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        with self._session_lock:
+            self._session = session
+        try:
+            session.start()
+        except Exception as exc:
+            self._abandon(session, exc)
+            raise self._start_error(exc) from exc
+        log.info("ETW session %r started (%s)", name, self.mode)
+
+    def _make_session(self, etw: Any, trace_properties: Any, name: str) -> Any:
+        common = dict(event_callback=self._on_event, ignore_exists_error=False)
+        if self.mode == "kernel-process":
+            keywords = KEYWORD_PROCESS | KEYWORD_THREAD | (KEYWORD_IMAGE if self.images else 0)
+            provider = etw.ProviderInfo("Microsoft-Windows-Kernel-Process", etw.GUID(KERNEL_PROCESS_GUID),
+                                        level=TRACE_LEVEL_INFORMATION, any_keywords=keywords)
+            return etw.ETW(session_name=name, ring_buf_size=self.buffer_kb, providers=[provider], **common)
+        flags = EVENT_TRACE_FLAG_PROCESS | EVENT_TRACE_FLAG_THREAD | (
+            EVENT_TRACE_FLAG_IMAGE_LOAD if self.images else 0)
+        if name.lower() == KERNEL_LOGGER_NAME.lower():
+            # pywintrace's kernel path: providers[0].guid -> Wnode.Guid, any_bitmask -> EnableFlags.
+            provider = etw.ProviderInfo(KERNEL_LOGGER_NAME, etw.GUID(SYSTEM_TRACE_CONTROL_GUID), any_keywords=flags)
+            return etw.ETW(session_name=KERNEL_LOGGER_NAME, ring_buf_size=self.buffer_kb, providers=[provider],
+                           **common)
+        # A private SystemTraceProvider session ("Configuring and Starting a SystemTraceProvider Session",
+        # Windows 8+): LogFileMode with EVENT_TRACE_SYSTEM_LOGGER_MODE, the flags in EnableFlags, a fresh GUID
+        # (never SystemTraceControlGuid), no provider to enable.
+        properties = trace_properties(ring_buf_size=self.buffer_kb)
+        props = properties.get().contents
+        props.LogFileMode |= EVENT_TRACE_SYSTEM_LOGGER_MODE
+        props.EnableFlags = flags
+        props.Wnode.Guid = etw.GUID("{%s}" % uuid.uuid4())
+        return etw.ETW(session_name=name, properties=properties, providers=[], **common)
+
+    def _is_shared_logger(self) -> bool:
+        return (self.session_name or "").lower() == KERNEL_LOGGER_NAME.lower()
+
+    def _start_error(self, exc: BaseException) -> SourceUnavailable:
+        code = getattr(exc, "winerror", None)
+        name = self.session_name
+        if code == ERROR_ALREADY_EXISTS and self._is_shared_logger():
+            fix = ("the NT Kernel Logger is already running (another tool has it, and there is only one); leave "
+                   "session_name unset for a private session, or stop it: logman stop \"NT Kernel Logger\" -ets")
+        elif code == ERROR_ALREADY_EXISTS:
+            fix = f"an ETW session named {name!r} already exists: logman stop {name} -ets"
+        elif code == ERROR_ACCESS_DENIED:
+            fix = "access denied: run from an elevated (administrator) prompt"
+        elif code == ERROR_NO_SYSTEM_RESOURCES:
+            fix = ("no free ETW session (about 64 system-wide, 8 kernel-logger ones): look for leftovers with "
+                   "`logman query -ets` and stop them with `logman stop <name> -ets`"
+                   + (", or try mode='kernel-process'" if self.mode == "kernel-logger" else ""))
+        else:
+            fix = "see docs/windows.md"
+        return SourceUnavailable(f"cannot start ETW session {name!r} ({exc!r}): {fix}")
+
+    def run(self, sink: Sink) -> None:
+        with self._session_lock:
+            if self._session is None:
+                raise SourceError("EtwSource.run() before open()")
+        with self._lock:
+            self._sink = sink
+            pending, self._pending = self._pending, []
+            for record in pending:
+                sink.push(record)
+            if self._counts["pending_lost"]:
+                sink.push_lost(self._counts["pending_lost"])
+            if pending or self._counts["pending_lost"]:
+                sink.notify()
+        try:
+            while not self._stop.wait(self._loss_poll_seconds):
+                self._poll_losses()
+            self._poll_losses()  # the last word before the session goes
+        finally:
+            self._teardown()
+            with self._lock:
+                self._sink = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._teardown()
+
+    # -- events (pywintrace's consumer thread) ------------------------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        # Never raise: pywintrace would only log it (etw.py:841). Every event ends up counted somewhere.
+        if self._stop.is_set():
+            return  # stopping: what the session still flushes is after the caller asked to stop
+        counts = self._counts
+        counts["events"] += 1
+        try:
+            records = to_records(event, self.mode, map_path=self._map_path, rundown=self.rundown)
+        except Exception as exc:  # EtwEventError, or a bug here: either way the event is counted, not fatal
+            counts["parse_errors"] += 1
+            n = counts["parse_errors"]
+            if n <= 10 or n & (n - 1) == 0:
+                log.warning("ETW event not understood (%d so far): %r", n, exc)
+            return
+        if not records:
+            counts["ignored"] += 1
+            return
+        with self._lock:
+            sink = self._sink
+            if sink is None:  # between open() and run()
+                room = _PENDING_LIMIT - len(self._pending)
+                self._pending.extend(records[:max(room, 0)])
+                counts["pending_lost"] += max(len(records) - max(room, 0), 0)
+                counts["records"] += min(len(records), max(room, 0))
+                return
+            for record in records:
+                sink.push(record)
+            counts["records"] += len(records)
+            sink.notify()
+
+    # -- losses ETW reports -------------------------------------------------------------------------------
+
+    def _poll_losses(self) -> None:
+        """Push what ETW says it lost since last time: EventsLost (events it could not buffer) exactly, and
+        RealTimeBuffersLost (whole buffers dropped because the consumer fell behind) as one per buffer, a lower
+        bound, since a buffer's event count is gone with it."""
+        session = self._session
+        if session is None:
+            return
+        try:
+            props = session.query()
+            events_lost = int(getattr(props, "EventsLost", 0) or 0)
+            buffers_lost = int(getattr(props, "RealTimeBuffersLost", 0) or 0)
+        except Exception as exc:  # a failed query says nothing about losses; the next one will
+            log.debug("ETW session query failed: %r", exc)
+            return
+        counts = self._counts
+        # Counters only grow; a failed query reads as zeros, so keep the highest seen (no double counting).
+        new_events = max(events_lost - counts["events_lost"], 0)
+        new_buffers = max(buffers_lost - counts["buffers_lost"], 0)
+        if not (new_events or new_buffers):
+            return
+        counts["events_lost"] += new_events
+        counts["buffers_lost"] += new_buffers
+        log.warning("ETW session %r lost %d events and %d buffers", self.session_name, new_events, new_buffers)
+        with self._lock:
+            if self._sink is not None:
+                self._sink.push_lost(new_events + new_buffers)
+                self._sink.notify()
+
+    def stats(self) -> dict[str, int]:
+        """``events`` seen, ``records`` made, ``ignored`` (events that make no record), ``parse_errors``,
+        ``lost`` = ``events_lost`` + ``buffers_lost`` (a lower bound when buffers were lost) + ``pending_lost``."""
+        counts = dict(self._counts)
+        counts["lost"] = counts["events_lost"] + counts["buffers_lost"] + counts["pending_lost"]
+        return counts
+
+    # -- teardown -----------------------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        """Stop the session if this source still has one; idempotent, any thread but pywintrace's own."""
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is None:
+            return
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        try:
+            session.stop()
+        except Exception as exc:
+            log.warning("stopping ETW session %r failed (%r); stopping it by name", self.session_name, exc)
+            self._force_stop(session)
+        else:
+            log.info("ETW session %r stopped", self.session_name)
+
+    def _force_stop(self, session: Any) -> None:
+        # ETW.stop() is provider.stop() then consumer.stop(); when the first raises the second never runs and
+        # the session (and pywintrace's non-daemon thread) would live on. Stop the session by name - only ours,
+        # never a shared NT Kernel Logger we did not start - then the consumer.
+        if not self._is_shared_logger():
+            try:
+                session.control_stop(session.properties)
+            except Exception as exc:
+                log.error("ETW session %r may still be running (%r): logman stop %s -ets",
+                          self.session_name, exc, self.session_name)
+        consumer = getattr(session, "consumer", None)
+        if consumer is not None:
+            try:
+                consumer.stop()
+            except Exception as exc:
+                log.error("ETW consumer of %r did not stop: %r", self.session_name, exc)
+
+    def _abandon(self, session: Any, exc: BaseException) -> None:
+        """A start that failed half-way: stop whatever part of the session did start."""
+        with self._session_lock:
+            self._session = None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if getattr(exc, "winerror", None) == ERROR_ALREADY_EXISTS:
+            return  # the session that exists is not ours: leave it alone
+        provider = getattr(session, "provider", None)
+        started = getattr(getattr(provider, "session_handle", None), "value", None)
+        if self._is_shared_logger() and not started:
+            provider = None  # StartTraceW failed: stopping "NT Kernel Logger" by name could hit another tool's
+        if provider is not None:
+            try:
+                provider.stop()  # pywintrace skips sessions it did not start (etw.py:200-205)
+            except Exception as stop_exc:
+                log.debug("provider.stop() after a failed start: %r", stop_exc)
+                if not self._is_shared_logger():
+                    try:
+                        session.control_stop(session.properties)
+                    except Exception:
+                        pass
+        consumer = getattr(session, "consumer", None)
+        if consumer is not None and getattr(consumer, "process_thread", None) is not None:
+            try:
+                consumer.stop()
+            except Exception:
+                pass
