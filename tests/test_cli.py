@@ -1,0 +1,665 @@
+"""The ``etwmon`` command line, run as a user runs it: a subprocess watching real tagged child processes.
+
+Live tests use the default source as root (``root`` marker) and ``--source procfs`` with every capability
+dropped for the unprivileged case. Small pure functions (escaping, JSON form, filters) are checked in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from etwmon import records as R
+from etwmon.cli import EventFilter, escape_text, event_to_json, format_event, main, parse_event_types
+from etwmon.records import ItemType, parse
+from etwmon.sources import SOURCES, source_class
+
+from .conftest import require
+
+PY = sys.executable
+WAIT = 20.0  # seconds; generous because the machine is shared, never a timing assertion
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+SUMMARY = re.compile(r"etwmon: (?:interrupted|the source stopped): (\d+) records, (\d+) shown, (\d+) lost, "
+                     r"(\d+) dropped")
+ESC_TITLE = "\x1b]0;pwned\x07"
+ESC_CLEAR = "\x1b[2J"
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
+
+
+# --- running things as a user would ---------------------------------------------------------------------------
+
+
+def etwmon_argv(*args: str) -> list[str]:
+    return [PY, "-m", "etwmon", *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETWMON_MAX_")}
+    env.update(extra)
+    return env
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` without any capability: as root, setpriv empties the bounding set (uid 0 keeps reading the
+    Python installed under /root); as a normal user, unchanged."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    require(setpriv is not None, "setpriv (util-linux) is needed to drop capabilities")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", *argv]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env or clean_env(),
+                          timeout=timeout)
+
+
+def new_tag() -> str:
+    return f"tag-{uuid.uuid4().hex[:12]}"
+
+
+def spawn(tag: str, *extra: str | bytes, code: int = 7, seconds: float = 0.4) -> int:
+    """Run ``sh -c 'sleep S; exit CODE' TAG EXTRA...`` to its end and return its pid. The sleep keeps it alive
+    long enough for /proc readers (the proc connector reads the command line at exec; procfs polls)."""
+    argv = [b"sh", b"-c", f"sleep {seconds}; exit {code}".encode(), tag.encode(),
+            *(os.fsencode(a) for a in extra)]
+    child = subprocess.Popen(argv)
+    assert child.wait(timeout=WAIT) == code
+    return child.pid
+
+
+class Watch:
+    """A long-running command (``etwmon tail`` or the tailer) with its output collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env or clean_env())
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._collect, args=(s, d), daemon=True)
+                         for s, d in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, stream, lines: list[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            with self._changed:
+                lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait(self, lines: list[bytes], test: Callable[[bytes], bool], timeout: float, what: str) -> bytes:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in lines[seen:]:
+                    if test(line):
+                        return line
+                seen = len(lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
+                    raise AssertionError(f"no {what} within {timeout:.0f} s; exit status {self.proc.poll()}; "
+                                         f"stderr: {self.stderr!r}; last stdout: {self.out[-5:]!r}")
+                self._changed.wait(min(left, 0.5))
+
+    def ready(self, timeout: float = WAIT) -> str:
+        """Wait for the "watching ... (source: NAME" line on stderr; return the source name."""
+        line = self._wait(self.err, lambda l: b"watching" in l, timeout, "'watching' line on stderr")
+        match = re.search(rb"source: (\w+)", line)
+        assert match, line
+        return match.group(1).decode()
+
+    def wait_out(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
+        return self._wait(self.out, test, timeout, what)
+
+    def wait_err(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
+        return self._wait(self.err, test, timeout, what)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = WAIT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            status = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        for reader in self._readers:
+            reader.join(5)
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def stdout(self) -> bytes:
+        return b"".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self.err).decode("utf-8", "replace")
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.out]
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def delivers(source: str) -> frozenset[str]:
+    return source_class(source).delivers
+
+
+def summary_of(stderr: str) -> tuple[int, int, int, int]:
+    match = SUMMARY.search(stderr)
+    assert match, f"no summary line in stderr: {stderr!r}"
+    return tuple(int(g) for g in match.groups())  # records, shown, lost, dropped
+
+
+def assert_clean_stderr(stderr: str) -> None:
+    for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "KeyboardInterrupt"):
+        assert noise not in stderr, stderr
+
+
+def events_of(lines: list[dict], pid: int) -> list[dict]:
+    return [e for e in lines if e.get("pid") == pid]
+
+
+def wait_json(watch: Watch, test: Callable[[dict], bool], what: str, timeout: float = WAIT) -> dict:
+    line = watch.wait_out(lambda l: test(json.loads(l)), timeout, what)
+    return json.loads(line)
+
+
+# --- pure functions ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("plain /usr/bin/ls -l", "plain /usr/bin/ls -l"),
+    (r"C:\Windows\System32\cmd.exe /c dir", r"C:\Windows\System32\cmd.exe /c dir"),
+    ("caf\u00e9 \U0001F600", "caf\u00e9 \U0001F600"),
+    (ESC_TITLE, r"\x1b]0;pwned\x07"),
+    (ESC_CLEAR, r"\x1b[2J"),
+    ("a\tb\nc\rd\0e\x7f", r"a\x09b\x0ac\x0dd\x00e\x7f"),
+    ("csi \x9b2J nel \x85", r"csi \u009b2J nel \u0085"),
+    ("evil\u202etxt.exe \u2066x\u2069 zw\u200bsp", r"evil\u202etxt.exe \u2066x\u2069 zw\u200bsp"),
+    ("line\u2028sep tag\U000e0041", r"line\u2028sep tag\U000e0041"),
+    (os.fsdecode(b"bad \xff\xfe utf8"), r"bad \xff\xfe utf8"),
+    ("lone \ud800 surrogate", r"lone \ud800 surrogate"),
+])
+def test_escape_text(raw: str, shown: str) -> None:
+    assert escape_text(raw) == shown
+    assert escape_text(raw).isprintable()
+
+
+def test_json_form_round_trips_bytes_and_is_ascii() -> None:
+    argv = [b"sh", b"-c", b"exit 7", b"caf\xc3\xa9", b"\xff\xfe-bad", ESC_TITLE.encode()]
+    command_line = R.command_line_from_argv(argv)
+    t = R.datetime_to_filetime(datetime(2026, 11, 23, 19, 21, 20, 123456, tzinfo=timezone.utc))
+    record = R.encode_process_create(t, 1234, 1, 1, 1, command_line)
+    (event,) = parse(record)
+    obj = event_to_json(event)
+    assert obj["type"] == "ProcessCreate" and obj["time"] == "2026-11-23T19:21:20.123456Z"
+    assert (obj["pid"], obj["parent_pid"], obj["truncated"]) == (1234, 1, False)
+    assert base64.b64decode(obj["command_line_base64"]) == command_line.encode("utf-8", "surrogateescape")
+    assert b"\xff\xfe-bad" in base64.b64decode(obj["command_line_base64"])
+    assert "\ufffd\ufffd-bad" in obj["command_line"] and "caf\u00e9" in obj["command_line"]
+    line = cli_json_line(event)
+    assert line.isascii() and "\x1b" not in line and "\\udc" not in line
+    assert json.loads(line) == obj
+    # Valid UTF-8 command lines carry no base64 twin.
+    (plain,) = parse(R.encode_process_exec(t, 5, 1, 1, 1, "caf\u00e9 \u202e"))
+    assert "command_line_base64" not in event_to_json(plain)
+    assert event_to_json(plain)["command_line"] == "caf\u00e9 \u202e"
+
+
+def cli_json_line(event) -> str:
+    from etwmon.cli import _json_line
+    return _json_line(event)
+
+
+def test_json_and_text_forms_of_every_record_type() -> None:
+    t = R.filetime_now()
+    records = b"".join([
+        R.encode_process_exit(t, 10, 3), R.encode_process_exit(t, 11, R.EXIT_CODE_UNKNOWN),
+        R.encode_thread_create(t, 77, 10), R.encode_thread_exit(t, 77, 10, 0),
+        R.encode_image_load(t, 10, 4096, 0xFFFF_F800_0000_1000, "C:\\x\\ntdll.dll\x1b[2J"),
+        R.encode_records_lost(t, 12),
+    ])
+    objs = [event_to_json(e) for e in parse(records)]
+    assert objs[0] == {"type": "ProcessExit", "time": objs[0]["time"], "pid": 10, "exit_code": 3}
+    assert objs[1]["exit_code"] is None
+    assert {k: objs[2][k] for k in ("type", "tid", "pid")} == {"type": "ThreadCreate", "tid": 77, "pid": 10}
+    assert (objs[3]["type"], objs[3]["exit_code"]) == ("ThreadExit", 0)
+    assert objs[4]["load_address"] == "0xfffff80000001000"  # a string: jq's doubles can't hold it
+    assert objs[4]["image_name"] == "C:\\x\\ntdll.dll\x1b[2J"
+    assert (objs[5]["type"], objs[5]["count"]) == ("RecordsLost", 12)
+    texts = [format_event(e) for e in parse(records)]
+    assert texts[0].endswith("ProcessExit   pid=10 code=3") and texts[1].endswith("code=?")
+    assert r"image=C:\x\ntdll.dll\x1b[2J" in texts[4] and "\x1b" not in "".join(texts)
+    assert "WARNING: 12 records lost" in texts[5]
+    assert all(re.match(r"^\d\d:\d\d:\d\d\.\d{3} ", t) for t in texts)
+
+
+def test_event_type_names() -> None:
+    assert parse_event_types("process_create,exec") == {ItemType.ProcessCreate, ItemType.ProcessExec}
+    assert parse_event_types("ProcessExit, thread") == {ItemType.ProcessExit, ItemType.ThreadCreate,
+                                                        ItemType.ThreadExit}
+    assert parse_event_types("image-load") == {ItemType.ImageLoad}
+    with pytest.raises(ValueError, match="unknown event type 'forks'.*process_create"):
+        parse_event_types("exec,forks")
+
+
+def _events(*records: bytes) -> list:
+    return list(parse(b"".join(records)))
+
+
+def test_filter_follows_descendants_and_forgets_exited_pids() -> None:
+    t = R.filetime_now()
+    stream = _events(
+        R.encode_process_create(t, 200, 100, 100, 100, "child"),       # child of 100: followed
+        R.encode_process_create(t, 300, 200, 200, 200, "grandchild"),  # grandchild: followed
+        R.encode_process_create(t, 400, 999, 999, 999, "stranger"),    # not related
+        R.encode_thread_create(t, 301, 300),
+        R.encode_records_lost(t, 2),                                   # always shown
+        R.encode_process_exit(t, 300, 0),
+        R.encode_process_create(t, 500, 300, 300, 300, "pid 300 reused?"),  # 300 exited: not a descendant
+        R.encode_process_exit(t, 400, 0),
+    )
+    keep = EventFilter(pids=[100], descendants=True)
+    shown = [e for e in stream if keep(e)]
+    assert [(e.type.name, getattr(e, "pid", None)) for e in shown] == [
+        ("ProcessCreate", 200), ("ProcessCreate", 300), ("ThreadCreate", 300), ("RecordsLost", None),
+        ("ProcessExit", 300)]
+    only = EventFilter(pids=[200])
+    assert [e.pid for e in stream if only(e) and hasattr(e, "pid")] == [200]
+
+
+def test_filter_match_follows_the_matching_process_and_types_apply_last() -> None:
+    t = R.filetime_now()
+    stream = _events(
+        R.encode_process_create(t, 10, 1, 1, 1, "bash"),
+        R.encode_process_exec(t, 10, 1, 1, 1, "nginx -g daemon"),
+        R.encode_thread_create(t, 11, 10),
+        R.encode_process_create(t, 20, 1, 1, 1, "other"),
+        R.encode_process_exit(t, 20, 0),
+        R.encode_process_exec(t, 10, 1, 1, 1, "sleep 1"),  # execs away from nginx: no longer followed
+        R.encode_process_exit(t, 10, 0),
+    )
+    keep = EventFilter(substrings=["nginx"])
+    assert [(e.type.name, e.pid) for e in stream if keep(e)] == [("ProcessExec", 10), ("ThreadCreate", 10)]
+    glob = EventFilter(globs=["nginx *"], types=[ItemType.ThreadCreate])
+    assert [(e.type.name, e.pid) for e in stream if glob(e)] == [("ThreadCreate", 10)]
+    exits = EventFilter(globs=["*"], types=[ItemType.ProcessExit])
+    assert [e.pid for e in stream if exits(e)] == [20, 10]
+
+
+# --- the command line as a user runs it ---------------------------------------------------------------------
+
+
+def test_version_from_console_script_and_module() -> None:
+    script = Path(sysconfig.get_path("scripts")) / ("etwmon.exe" if os.name == "nt" else "etwmon")
+    for argv in ([str(script), "--version"], etwmon_argv("--version")):
+        done = run(argv)
+        assert done.returncode == 0, done.stderr
+        assert re.match(rb"etwmon \d+\.\d+\.\d+ ", done.stdout)
+
+
+def test_sources_lists_every_source_with_reasons() -> None:
+    done = run(etwmon_argv("sources", "--json"))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {r["name"] for r in rows} == set(SOURCES)
+    for row in rows:
+        assert set(row) == {"name", "available", "reason", "lossy", "delivers", "auto"}
+        assert (row["reason"] is None) == row["available"]
+    assert sum(r["auto"] for r in rows) <= 1
+    auto = [r for r in rows if r["auto"]]
+    assert not auto or auto[0]["available"]
+    text = run(etwmon_argv("sources"))
+    assert text.returncode == 0
+    for row in rows:
+        assert re.search(rf"^[ *] {row['name']} ", text.stdout.decode(), re.M)
+        if not row["available"]:
+            assert row["reason"] in text.stdout.decode()
+
+
+@linux_only
+def test_sources_on_linux_names_windows_for_etw_and_procfs_works() -> None:
+    rows = {r["name"]: r for r in map(json.loads, run(etwmon_argv("sources", "--json")).stdout.splitlines())}
+    assert rows["etw"]["available"] is False and "Windows" in rows["etw"]["reason"]
+    assert rows["procfs"]["available"] is True and rows["procfs"]["lossy"] is True
+
+
+@linux_only
+def test_source_etw_on_linux_is_one_line_naming_windows() -> None:
+    done = run(etwmon_argv("tail", "--source", "etw"))
+    err = done.stderr.decode()
+    assert done.returncode == 1
+    assert err.count("\n") == 1 and err.startswith("etwmon: error:") and "Windows" in err
+    assert_clean_stderr(err)
+    assert done.stdout == b""
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--source", "nosuch"], {}, "invalid choice: 'nosuch'"),
+    (["--type", "forks"], {}, "unknown event type 'forks'"),
+    (["--pid", "abc"], {}, "--pid must be a whole number"),
+    (["--pid", "0"], {}, "--pid must be at least 1"),
+    (["--descendants"], {}, "--descendants needs --pid"),
+    (["--stats-interval", "0"], {}, "--stats-interval must be more than 0"),
+    (["--stats-interval", "soon"], {}, "invalid float value: 'soon'"),
+    (["--max-items", "0"], {}, "--max-items must be at least 1"),
+    (["--max-items", "lots"], {}, "--max-items must be a whole number, not 'lots'"),
+    (["--max-bytes", "1K"], {}, "--max-bytes must be at least 65536 bytes"),
+    (["--max-bytes", "12 parsecs"], {}, "--max-bytes must be a size in bytes"),
+    ([], {"ETWMON_MAX_ITEMS": "abc"}, "ETWMON_MAX_ITEMS must be a whole number, not 'abc'"),
+    ([], {"ETWMON_MAX_ITEMS": "-5"}, "ETWMON_MAX_ITEMS must be at least 1"),
+    ([], {"ETWMON_MAX_BYTES": "100"}, "ETWMON_MAX_BYTES must be at least 65536 bytes"),
+    (["--bogus"], {}, "unrecognized arguments: --bogus"),
+])
+def test_bad_values_are_one_line_usage_errors(args: list[str], env: dict[str, str], says: str) -> None:
+    done = run(etwmon_argv("tail", "--source", "procfs", *args), env=clean_env(**env))
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.startswith("etwmon: error: ") and err.count("\n") == 1, err
+    assert says in err
+    assert_clean_stderr(err)
+
+
+def test_no_command_is_a_usage_error() -> None:
+    done = run(etwmon_argv())
+    assert done.returncode == 2 and done.stderr.decode().startswith("etwmon: error: ")
+
+
+def test_option_wins_over_environment_and_sizes_take_units() -> None:
+    # In-process: the parsing path the subprocess tests above exercise for bad values.
+    from etwmon.cli import _build_parser, _limits
+
+    args = _build_parser().parse_args(["tail"])
+    assert _limits(args, {}) == (None, None)
+    assert _limits(args, {"ETWMON_MAX_ITEMS": "123", "ETWMON_MAX_BYTES": "2M"}) == (123, 2 << 20)
+    args = _build_parser().parse_args(["tail", "--max-items", "50", "--max-bytes", "128KiB"])
+    assert _limits(args, {"ETWMON_MAX_ITEMS": "123", "ETWMON_MAX_BYTES": "garbage"}) == (50, 128 << 10)
+
+
+@linux_only
+def test_environment_sets_the_ring_and_the_option_wins() -> None:
+    cases = [({"ETWMON_MAX_ITEMS": "123", "ETWMON_MAX_BYTES": "1M"}, [], "ring: 123 records / 1.0 MiB"),
+             ({"ETWMON_MAX_ITEMS": "123"}, ["--max-items", "50"], "ring: 50 records / ")]
+    for env, args, says in cases:
+        with Watch(unprivileged(etwmon_argv("tail", "--source", "procfs", *args)), env=clean_env(**env)) as w:
+            w.ready()
+            assert says in w.stderr
+            assert w.stop() == 0
+
+
+# --- live: unprivileged (procfs, every capability dropped) ----------------------------------------------------
+
+
+@linux_only
+def test_procfs_unprivileged_text_and_no_privilege_error() -> None:
+    tag = new_tag()
+    with Watch(unprivileged(etwmon_argv("tail", "--source", "procfs"))) as w:
+        assert w.ready() == "procfs"
+        assert "can miss short-lived processes" in w.stderr  # a lossy source says so
+        pid = spawn(tag, code=3, seconds=1.5)
+        line = w.wait_out(lambda l: tag.encode() in l, what=f"a line with {tag}")
+        assert re.match(rb"^\d\d:\d\d:\d\d\.\d{3} Process(Create|Exec) +pid=%d ppid=\d+ cmd=sh -c " % pid, line)
+        w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None,
+                   what=f"the exit of {pid}")
+        status = w.stop()
+    assert status == 0
+    records, shown, lost, dropped = summary_of(w.stderr)
+    assert shown >= 2 and records >= shown
+    assert_clean_stderr(w.stderr)
+    # The proc connector needs CAP_NET_ADMIN: without it, one line saying what to do.
+    done = run(unprivileged(etwmon_argv("tail", "--source", "netlink")))
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert err.startswith("etwmon: error:") and err.count("\n") == 1, err
+    assert re.search(r"root|CAP_NET_ADMIN|privilege|permission", err, re.I), err
+    assert_clean_stderr(err)
+
+
+# --- live: the default source as root ----------------------------------------------------------------------------
+
+
+def _start(*args: str) -> Watch:
+    # A big ring: the machine is shared and a neighbour's fork storm must not push our events out.
+    return Watch(etwmon_argv("tail", "--max-items", "200000", *args))
+
+
+@pytest.mark.root
+def test_default_source_json_lines() -> None:
+    tag = new_tag()
+    with _start("--json") as w:
+        source = w.ready()
+        pid = spawn(tag, code=7)
+        started = wait_json(w, lambda e: e.get("pid") == pid and tag in e.get("command_line", ""),
+                            f"ProcessCreate/Exec of {pid} with {tag}")
+        ended = wait_json(w, lambda e: e["type"] == "ProcessExit" and e["pid"] == pid, f"exit of {pid}")
+        status = w.stop()
+    assert status == 0
+    assert started["type"] in ("ProcessCreate", "ProcessExec")
+    assert started["command_line"] == f"sh -c 'sleep 0.4; exit 7' {tag}"
+    assert {"parent_pid", "creating_pid", "creating_tid", "truncated"} <= set(started)
+    if "exit_code" in delivers(source):
+        assert ended["exit_code"] == 7
+    now = datetime.now(timezone.utc)
+    for event in w.json_lines():  # every line is one JSON object with a type and an ISO-8601 UTC time
+        assert ISO_UTC.match(event["time"]), event
+        when = datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert abs(when - now) < timedelta(minutes=5)
+    records, shown, lost, dropped = summary_of(w.stderr)
+    assert shown == sum(e["type"] != "RecordsLost" for e in w.json_lines())
+    assert records >= shown
+    assert_clean_stderr(w.stderr)
+
+
+@pytest.mark.root
+def test_default_source_text_and_sigterm() -> None:
+    tag = new_tag()
+    with _start() as w:
+        w.ready()
+        pid = spawn(tag, code=5)
+        w.wait_out(lambda l: b"pid=%d " % pid in l and tag.encode() in l, what=f"{tag} line")
+        w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None, what="exit line")
+        status = w.stop(signal.SIGTERM)
+    assert status == 0
+    summary_of(w.stderr)
+    assert_clean_stderr(w.stderr)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_escape_sequences_in_command_lines_never_reach_the_terminal(as_json: bool) -> None:
+    tag = new_tag()
+    with _start(*(["--json"] if as_json else [])) as w:
+        w.ready()
+        pid = spawn(tag, ESC_TITLE, ESC_CLEAR, b"\xff\xfe-bad")
+        ours = (b'"pid":%d,' % pid, b"pid=%d " % pid)
+        line = w.wait_out(lambda l: tag.encode() in l and any(p in l for p in ours), what=f"{tag} line of {pid}")
+        w.stop()
+    assert b"\x1b" not in w.stdout and b"\x07" not in w.stdout
+    assert "\x1b" not in w.stderr
+    if as_json:
+        event = json.loads(line)
+        assert event["pid"] == pid
+        assert ESC_TITLE in event["command_line"] and ESC_CLEAR in event["command_line"]
+        exact = base64.b64decode(event["command_line_base64"])
+        assert exact == b"sh -c 'sleep 0.4; exit 7' " + tag.encode() + \
+            b" '\x1b]0;pwned\x07' '\x1b[2J' '\xff\xfe-bad'"
+        assert line.isascii()
+        if shutil.which("jq"):  # what ops pipe it into must read it, bytes and all
+            jq = subprocess.run(["jq", "-r", ".command_line_base64"], input=line, capture_output=True)
+            assert jq.returncode == 0 and base64.b64decode(jq.stdout) == exact
+    else:
+        assert rb"'\x1b]0;pwned\x07' '\x1b[2J' '\xff\xfe-bad'" in line
+
+
+@pytest.mark.root
+def test_pid_and_descendants_follow_the_tree_live() -> None:
+    child_tag, other_tag = new_tag(), new_tag()
+    script = f"read go; sh -c 'sleep 0.4; exit 5' {child_tag}; exit 4"
+    for descendants in (True, False):
+        parent = subprocess.Popen(["sh", "-c", script, "parent"], stdin=subprocess.PIPE)
+        try:
+            args = ["--json", "--pid", str(parent.pid)] + (["--descendants"] if descendants else [])
+            with _start(*args) as w:
+                w.ready()
+                spawn(other_tag)  # not in the tree: never shown
+                parent.communicate(b"go\n", timeout=WAIT)
+                assert parent.returncode == 4
+                wait_json(w, lambda e: e["type"] == "ProcessExit" and e["pid"] == parent.pid, "parent's exit")
+                if descendants:
+                    wait_json(w, lambda e: child_tag in e.get("command_line", ""), f"{child_tag} in the tree")
+                w.stop()
+        finally:
+            parent.kill()
+        events = [e for e in w.json_lines() if e["type"] != "RecordsLost"]
+        assert other_tag.encode() not in w.stdout
+        tree = {parent.pid}
+        for event in events:
+            if descendants and event["type"] == "ProcessCreate" and event["parent_pid"] in tree:
+                tree.add(event["pid"])
+            assert event["pid"] in tree, (event, tree)
+        if not descendants:
+            assert child_tag.encode() not in w.stdout
+            assert {e["pid"] for e in events} == {parent.pid}
+
+
+@pytest.mark.root
+def test_type_filter() -> None:
+    tag = new_tag()
+    with _start("--json", "--type", "exit,exec") as w:
+        source = w.ready()
+        pid = spawn(tag, code=9)
+        ended = wait_json(w, lambda e: e["type"] == "ProcessExit" and e["pid"] == pid, f"exit of {pid}")
+        if "process_exec" in delivers(source):
+            wait_json(w, lambda e: e["type"] == "ProcessExec" and tag in e["command_line"], f"exec of {tag}")
+        w.stop()
+    assert {e["type"] for e in w.json_lines()} <= {"ProcessExit", "ProcessExec", "RecordsLost"}
+    if "exit_code" in delivers(source):
+        assert ended["exit_code"] == 9
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["match", "glob"])
+def test_command_line_match_and_glob(how: str) -> None:
+    wanted, other = new_tag(), new_tag()
+    pattern = wanted if how == "match" else f"sh -c * {wanted}"
+    with _start("--json", f"--{how}", pattern) as w:
+        w.ready()
+        spawn(other)
+        pid = spawn(wanted, code=6)
+        wait_json(w, lambda e: e["type"] == "ProcessExit" and e["pid"] == pid, f"exit of {pid} (follows the match)")
+        w.stop()
+    assert other.encode() not in w.stdout
+    matched: set[int] = set()
+    for event in w.json_lines():
+        if event["type"] == "RecordsLost":
+            continue
+        if "command_line" in event:
+            assert wanted in event["command_line"], event
+            matched.add(event["pid"])
+        assert event["pid"] in matched, event
+
+
+@pytest.mark.root
+def test_stats_line_on_stderr() -> None:
+    with _start("--stats", "--stats-interval", "0.2") as w:
+        w.ready()
+        line = w.wait_err(lambda l: b"stats:" in l, what="a stats line")
+        spawn(new_tag())
+        w.stop()
+    assert re.match(rb"etwmon: stats: \d+ records \([\d.]+/s\), ring \d+/200000 records .*\(\d+% full\), "
+                    rb"\d+ lost, \d+ dropped, \d+ shown", line), line
+
+
+@pytest.mark.root
+def test_records_lost_are_shown_in_text_and_json() -> None:
+    """A one-record ring behind a stopped reader drops records: the drop is a line, never silent."""
+    for as_json in (False, True):
+        with Watch(etwmon_argv("tail", "--max-items", "1", *(["--json"] if as_json else []))) as w:
+            w.ready()
+            w.proc.send_signal(signal.SIGSTOP)  # the whole process: the source's events queue in the kernel
+            try:
+                children = [subprocess.Popen(["sh", "-c", "sleep 1", new_tag()]) for _ in range(20)]
+                for child in children:
+                    child.wait()
+            finally:
+                w.proc.send_signal(signal.SIGCONT)
+            if as_json:
+                lost = wait_json(w, lambda e: e["type"] == "RecordsLost", "a RecordsLost object")
+                assert lost["count"] >= 1 and ISO_UTC.match(lost["time"])
+            else:
+                line = w.wait_out(lambda l: b"WARNING:" in l, what="a WARNING line")
+                assert re.search(rb"WARNING: \d+ records lost", line)
+            w.stop()
+        records, shown, lost, dropped = summary_of(w.stderr)
+        reported = sum(int(m) for m in re.findall(rb"WARNING: (\d+) records lost", w.stdout)) if not as_json \
+            else sum(e["count"] for e in w.json_lines() if e["type"] == "RecordsLost")
+        assert 0 < reported <= lost + dropped
+
+
+@pytest.mark.root
+def test_broken_pipe_ends_quietly() -> None:
+    proc = subprocess.Popen(etwmon_argv("tail", "--json"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=clean_env())
+    try:
+        ready = proc.stderr.readline()
+        assert b"watching" in ready, ready
+        tag = new_tag()
+        spawn(tag)
+        first = proc.stdout.readline()  # like `head -n 1`: one line, then the reader goes away
+        json.loads(first)
+        proc.stdout.close()
+        spawn(new_tag())  # more output for a writer that would not notice otherwise
+        status = proc.wait(WAIT)
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert status == 0, err
+    assert_clean_stderr(err)
+
+
+@pytest.mark.root
+def test_broken_pipe_in_a_shell_pipeline() -> None:
+    pipeline = subprocess.Popen(["sh", "-c", f"'{PY}' -m etwmon tail --json | head -n 1"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    try:
+        deadline = time.monotonic() + WAIT
+        while pipeline.poll() is None and time.monotonic() < deadline:
+            spawn(new_tag(), seconds=0.1)  # events for the first line
+        out, err = pipeline.communicate(timeout=WAIT)
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+            pipeline.wait()
+    assert pipeline.returncode == 0
+    assert len(out.splitlines()) == 1 and json.loads(out)["type"]
+    assert_clean_stderr(err.decode())
