@@ -619,40 +619,45 @@ class EventAssembler:
         self.config_changes: list[AuditRecord] = []
 
     def feed(self, msg_type: int, payload: bytes | memoryview, now: float | None = None
-             ) -> tuple[AuditRecord | None, ExecEvent | None]:
-        """Take one message; returns its parsed stamp (or None) and the exec event it completed (or None)."""
+             ) -> tuple[AuditRecord | None, tuple[ExecEvent, ...]]:
+        """Take one message; returns its parsed stamp (or None) and the exec events it completed (usually
+        none; one at an EOE; more when the pending cap pushed complete ones out)."""
         rec = parse_record(msg_type, payload)
         if rec is None:
             if msg_type >= AUDIT_SYSCALL:
                 self.parse_errors += 1
-            return None, None
+            return None, ()
         return rec, self.add(rec, now)
 
-    def add(self, rec: AuditRecord, now: float | None = None) -> ExecEvent | None:
+    def add(self, rec: AuditRecord, now: float | None = None) -> tuple[ExecEvent, ...]:
         serial = rec.serial
         t = rec.type
         if t == AUDIT_CONFIG_CHANGE:
             self.config_changes.append(rec)
         if serial in self.ignored or serial in self._done:
-            return None
+            return ()
+        out: tuple[ExecEvent, ...] = ()
         event = self.pending.get(serial)
         if event is None:
             if t == AUDIT_EOE or t not in (AUDIT_SYSCALL, AUDIT_EXECVE, AUDIT_CWD, AUDIT_PATH, AUDIT_PROCTITLE):
-                return None  # a record of an event that is not a syscall (or an end we don't track)
+                return ()  # a record of an event that is not a syscall (or an end we don't track)
             event = ExecEvent(serial, _filetime(rec.sec, rec.msec), born=time.monotonic() if now is None else now)
             self.pending[serial] = event
             if len(self.pending) > self.max_pending:
-                self._expire_one()
+                pushed_out = self._expire_one()
+                if pushed_out is not None:
+                    out = (pushed_out,)
         try:
             if t == AUDIT_SYSCALL:
                 self._syscall(event, rec.body)
                 if not event.is_exec:
                     self._ignore(serial)
-                    return None
             elif t == AUDIT_EXECVE:
                 self._execve(event, rec.body)
             elif t == AUDIT_EOE:
-                return self._end(serial)
+                done = self._end(serial)
+                if done is not None:
+                    out += (done,)
             elif t == AUDIT_CWD:
                 for name, value in parse_fields(rec.body):
                     if name == "cwd":
@@ -666,7 +671,7 @@ class EventAssembler:
         except (ValueError, KeyError):
             self.parse_errors += 1
             log.debug("etwmon audit: cannot parse record %r", rec)
-        return None
+        return out
 
     @staticmethod
     def _syscall(event: ExecEvent, body: str) -> None:
@@ -714,11 +719,14 @@ class EventAssembler:
         while len(self._ignored_order) > self.max_pending:
             self.ignored.discard(self._ignored_order.popleft())
 
+    def _remember_done(self, serial: int) -> None:
+        self._done[serial] = None
+        if len(self._done) > self.max_pending:
+            self._done.popitem(last=False)
+
     def _end(self, serial: int) -> ExecEvent | None:
         event = self.pending.pop(serial, None)
-        self._done[serial] = None
-        while len(self._done) > self.max_pending:
-            self._done.popitem(last=False)
+        self._remember_done(serial)
         if event is None:
             return None
         return self._finish(event, ended=True)
@@ -739,7 +747,7 @@ class EventAssembler:
 
     def _expire_one(self) -> ExecEvent | None:
         serial, event = self.pending.popitem(last=False)
-        self._done[serial] = None
+        self._remember_done(serial)
         return self._finish(event, ended=False)
 
     def expire(self, now: float | None = None, everything: bool = False) -> list[ExecEvent]:
@@ -984,6 +992,9 @@ class AuditSource(Source):
                 self._early.append(record)
                 if event.pid == pid and (event.argv() or [b""])[-1] == token.encode():
                     return
+        if self._counts["overruns"]:
+            raise SourceUnavailable(f"audit source: the test exec's records were dropped at the socket (rcvbuf "
+                                    f"{self.rcvbuf} bytes is too small)")
         raise SourceUnavailable(
             "audit source: no audit record of a test exec arrived within "
             f"{timeout:.0f} s (a network namespace other than the host's, or an audit rule that suppresses "
@@ -1090,10 +1101,10 @@ class AuditSource(Source):
                 if length < 16 or offset + length > n:
                     length = n - offset  # the unicast quirk (nlmsg_len without the header) never reaches us
                 self._counts["records"] += 1
-                rec, event = assembler.feed(msg_type, data[offset + 16:offset + length])
+                rec, done = assembler.feed(msg_type, data[offset + 16:offset + length])
                 if rec is not None:
                     serials.see(rec.serial)
-                if event is not None:
+                for event in done:
                     yield event, event.encode()
                 offset += (length + 3) & ~3
             if sock is None:
