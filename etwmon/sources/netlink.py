@@ -1,0 +1,681 @@
+"""Linux proc connector source: fork, exec and exit of every task, from the kernel's NETLINK_CONNECTOR socket.
+
+The 40-byte ``proc_event`` (``include/uapi/linux/cn_proc.h``) is parsed here with ``struct``; losses are counted
+exactly from the per-CPU sequence numbers the kernel stamps on every message (``drivers/connector/cn_proc.c``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import select
+import socket
+import struct
+import sys
+import time
+from typing import Callable, ClassVar
+
+from ..errors import SourceUnavailable
+from ..records import (
+    FILETIME_UNIX_EPOCH, command_line_from_argv, encode_process_create, encode_process_exec,
+    encode_process_exit, encode_thread_create, encode_thread_exit,
+)
+from .base import Sink, Source
+
+__all__ = [
+    "NetlinkSource", "ProcEventDecoder", "shell_exit_code",
+    "NETLINK_CONNECTOR", "CN_IDX_PROC", "CN_VAL_PROC", "PROC_CN_MCAST_LISTEN", "PROC_CN_MCAST_IGNORE",
+    "PROC_EVENT_NONE", "PROC_EVENT_FORK", "PROC_EVENT_EXEC", "PROC_EVENT_UID", "PROC_EVENT_GID",
+    "PROC_EVENT_SID", "PROC_EVENT_PTRACE", "PROC_EVENT_COMM", "PROC_EVENT_NONZERO_EXIT",
+    "PROC_EVENT_COREDUMP", "PROC_EVENT_EXIT", "MESSAGE_SIZE",
+]
+
+log = logging.getLogger(__name__)
+
+# --- the kernel's constants (include/uapi/linux/connector.h, cn_proc.h, netlink.h) ----------------------------
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
+
+PROC_EVENT_NONE = 0x00000000  # the answer to LISTEN/IGNORE ("ack")
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_UID = 0x00000004
+PROC_EVENT_GID = 0x00000040
+PROC_EVENT_SID = 0x00000080
+PROC_EVENT_PTRACE = 0x00000100
+PROC_EVENT_COMM = 0x00000200
+PROC_EVENT_NONZERO_EXIT = 0x20000000
+PROC_EVENT_COREDUMP = 0x40000000
+PROC_EVENT_EXIT = 0x80000000
+
+_NLMSG_NOOP, _NLMSG_ERROR, _NLMSG_DONE, _NLMSG_OVERRUN = 1, 2, 3, 4
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_CAP_NET_ADMIN = 12
+
+# nlmsghdr (16) + cn_msg (20) + proc_event (40): what every proc connector message is, in host byte order.
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_CN_MSG = struct.Struct("=IIIIHH")  # id.idx, id.val, seq, ack, len, flags
+_NLMSGHDR_SIZE = _NLMSGHDR.size  # 16
+_CN_MSG_SIZE = _CN_MSG.size  # 20
+PROC_EVENT_SIZE = 40  # what, cpu, timestamp_ns, then a 24-byte union
+MESSAGE_SIZE = _NLMSGHDR_SIZE + _CN_MSG_SIZE + PROC_EVENT_SIZE  # 76
+# The whole 76-byte message in one unpack (the hot path): nlmsghdr, cn_msg, what, cpu, timestamp_ns, six u32
+# of the union (fork: parent_pid, parent_tgid, child_pid, child_tgid; exec: pid, tgid; exit: pid, tgid,
+# exit_code, exit_signal, parent_pid, parent_tgid).
+_MESSAGE = struct.Struct("=IHHII" "IIIIHH" "IIQ" "IIIIII")
+_EVENT = struct.Struct("=IIQIIIIII")  # a proc_event on its own (the slow path)
+_LISTEN = struct.Struct("=IHHII" "IIIIHH" "I")  # what we send: nlmsghdr + cn_msg + proc_cn_mcast_op
+# The union bytes each event needs (a shorter proc_event is malformed for that type).
+_NEEDS = {PROC_EVENT_NONE: 20, PROC_EVENT_FORK: 32, PROC_EVENT_EXEC: 24, PROC_EVENT_EXIT: 32}
+assert _MESSAGE.size == MESSAGE_SIZE and _EVENT.size == PROC_EVENT_SIZE
+
+_SEQ_MASK = 0xFFFFFFFF
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+#: How far (ns) a start time may lie after the event and still be the same process: covers measuring the
+#: boot-time offset; /proc's start time is cut to whole clock ticks, which only makes it earlier.
+_START_SLACK_NS = 2_000_000
+
+
+def shell_exit_code(wait_status: int) -> int:
+    """The kernel's ``task->exit_code`` (a raw wait status) as a shell reports it: the exit status for a
+    normal exit (``exit(3)`` -> 3), 128 + the signal number for a death by signal (SIGKILL -> 137)."""
+    signal = wait_status & 0x7F
+    return 128 + signal if signal else (wait_status >> 8) & 0xFF
+
+
+def _clock_tick_ns() -> int:
+    try:
+        return 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 10_000_000
+
+
+def _read_proc(path: str, size: int = 4096) -> bytes | None:
+    """A whole small /proc file, or None when it cannot be read (the process is gone, no permission)."""
+    try:
+        fd = os.open(path, _O_READ)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, size)
+        if len(data) == size:  # long command lines come in pieces
+            parts = [data]
+            while True:
+                more = os.read(fd, 65536)
+                if not more:
+                    break
+                parts.append(more)
+            data = b"".join(parts)
+        return data
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _parse_stat(data: bytes) -> tuple[bytes, int, int] | None:
+    """(comm, ppid, starttime in clock ticks) from /proc/<pid>/stat, or None if it does not parse."""
+    open_paren = data.find(b"(")
+    close_paren = data.rfind(b")")  # comm may itself contain ")"
+    if open_paren < 0 or close_paren < open_paren:
+        return None
+    fields = data[close_paren + 2:].split()
+    try:
+        return data[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _boot_offset_ns() -> int:
+    """CLOCK_BOOTTIME minus CLOCK_MONOTONIC (the time spent suspended), for /proc start times."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return 0
+    return time.clock_gettime_ns(boottime) - time.monotonic_ns()
+
+
+def _wall_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, the smallest of a few bracketed readings."""
+    best_span, offset = None, 0
+    for _ in range(5):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        if best_span is None or after - before < best_span:
+            best_span, offset = after - before, wall - (before + after) // 2
+    return offset
+
+
+class ProcEventDecoder:
+    """Turns raw proc connector messages into records pushed into a Sink, counting what the kernel lost.
+
+    ``parse_messages(buf, n)`` handles the first ``n`` bytes of one ``recv`` (one or more netlink messages);
+    the live source's loop and the tests call the same code. Malformed messages are counted in
+    ``parse_errors`` and skipped; it never raises on bad input.
+
+    Loss accounting: the kernel numbers every proc connector message it sends with a per-CPU counter
+    (``cn_msg.seq``) and names the CPU in ``proc_event.cpu``. It bumps the counter for every event while anyone
+    listens, before offering the message to each listener, so for a socket subscribed to all events a jump in
+    one CPU's sequence is exactly the number of messages this socket did not get (its buffer was full, or the
+    kernel could not allocate the message). Each gap goes to ``sink.push_lost`` at once.
+    """
+
+    def __init__(self, sink: Sink | None = None, *, exec_events: bool = True, cmdline: bool = True,
+                 clock_offset_ns: int | None = None, max_cached: int = 65536,
+                 proc_root: str = "/proc") -> None:
+        self.attach(sink)
+        self.exec_events = exec_events
+        self.cmdline = cmdline
+        # FILETIME = (timestamp_ns + wall_offset) // 100 + epoch; the kernel stamps events with ktime_get_ns(),
+        # i.e. CLOCK_MONOTONIC, so the wall-clock offset is measured once, when the source opens.
+        self.wall_offset_ns = _wall_offset_ns() if clock_offset_ns is None else clock_offset_ns
+        self._boot_offset_ns = _boot_offset_ns()
+        self._tick_ns = _clock_tick_ns()
+        self._proc = proc_root
+        self.max_cached = max_cached
+        #: tgid -> command line, filled at fork and exec, dropped at exit and after any loss.
+        self.command_lines: dict[int, str] = {}
+        self._last_seq: dict[int, int] = {}
+        self._first_seq: dict[int, int] = {}
+        self.received = 0  # messages that carried a sequence number
+        self.lost = 0
+        self.parse_errors = 0
+        self.seq_resets = 0  # a CPU's sequence went backwards (not counted as loss)
+        self.cmdline_gone = 0  # execs whose process had exited (or been reused) before /proc was read
+        self.cmdline_comm = 0  # execs whose command line is the comm (zombie, or cmdline=False)
+
+    def attach(self, sink: Sink | None) -> None:
+        """Send records and losses to ``sink`` from now on."""
+        self.sink = sink
+        self._push: Callable[[bytes], None] = sink.push if sink is not None else _no_sink
+        self._push_lost: Callable[[int], None] = sink.push_lost if sink is not None else _no_sink
+
+    # -- the hot path ------------------------------------------------------------------------------------
+
+    def parse_messages(self, buf, n: int | None = None) -> None:
+        """Decode the first ``n`` bytes of ``buf`` (all of it when ``n`` is None): one or more netlink messages."""
+        if n is None:
+            n = len(buf)
+        if n == MESSAGE_SIZE:  # what every recv returns: one whole message
+            try:
+                (nl_len, nl_type, _, _, _, idx, val, seq, _, cn_len, _,
+                 what, cpu, ts, a, b, c, d, _, _) = _MESSAGE.unpack_from(buf, 0)
+            except struct.error:
+                self.parse_errors += 1
+                return
+            if nl_len == MESSAGE_SIZE and cn_len == PROC_EVENT_SIZE and idx == CN_IDX_PROC and val == CN_VAL_PROC:
+                self._event(what, cpu, seq, ts, a, b, c, d)
+                return
+        self._parse_slow(buf, n)
+
+    def _event(self, what: int, cpu: int, seq: int, ts: int, a: int, b: int, c: int, d: int) -> None:
+        last = self._last_seq
+        prev = last.get(cpu)
+        if prev is None:
+            if what == PROC_EVENT_NONE and cpu == _SEQ_MASK:
+                return  # an old kernel's ack: it carries the sender's sequence, not the per-CPU count
+            self._first_seq[cpu] = seq
+        elif seq != prev + 1:
+            gap = (seq - prev - 1) & _SEQ_MASK
+            if gap < 0x80000000:
+                self._count_lost(gap)
+            else:
+                self.seq_resets += 1
+                self._first_seq[cpu] = seq
+        last[cpu] = seq
+        self.received += 1
+        if what == PROC_EVENT_FORK:
+            # a = parent_pid, b = parent_tgid, c = child_pid, d = child_tgid
+            if c != d:
+                self._push(encode_thread_create((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH, c, d))
+                return
+            lines = self.command_lines
+            line = lines.get(b)
+            if line is None:
+                line = self._inherited_command_line(b, ts)
+            if len(lines) >= self.max_cached:
+                del lines[next(iter(lines))]
+            lines[d] = line
+            self._push(encode_process_create((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
+                                                 d, b, b, a, line))
+        elif what == PROC_EVENT_EXIT:
+            # a = pid, b = tgid, c = exit_code (a raw wait status)
+            signal = c & 0x7F
+            code = 128 + signal if signal else (c >> 8) & 0xFF
+            time_ = (ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH
+            if a == b:
+                self.command_lines.pop(b, None)
+                self._push(encode_process_exit(time_, b, code))
+            else:
+                self._push(encode_thread_exit(time_, a, b, code))
+        elif what == PROC_EVENT_EXEC:
+            # a = pid (the thread that called exec), b = tgid
+            if not self.exec_events:
+                self.command_lines.pop(b, None)  # stale now; read again from /proc when it forks
+                return
+            parent, line = self._exec_info(b, ts)
+            lines = self.command_lines
+            if len(lines) >= self.max_cached and b not in lines:
+                del lines[next(iter(lines))]
+            lines[b] = line
+            self._push(encode_process_exec((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
+                                               b, parent, b, a, line))
+        # UID, GID, SID, PTRACE, COMM, COREDUMP and acks make no record.
+
+    def _parse_slow(self, buf, n: int) -> None:
+        """Any number of netlink messages of any shape; whatever does not parse is counted and skipped."""
+        try:
+            view = memoryview(buf)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            n = min(n, len(view))
+        except (TypeError, ValueError):
+            self.parse_errors += 1
+            return
+        offset = 0
+        while offset < n:
+            if n - offset < _NLMSGHDR_SIZE:
+                self.parse_errors += 1  # a truncated header
+                return
+            nl_len, nl_type, _, _, _ = _NLMSGHDR.unpack_from(view, offset)
+            if nl_len < _NLMSGHDR_SIZE or nl_len > n - offset:
+                self.parse_errors += 1  # a length that cannot be trusted ends this buffer
+                return
+            if nl_type not in (_NLMSG_NOOP, _NLMSG_ERROR, _NLMSG_OVERRUN):
+                self._cn_message(view, offset + _NLMSGHDR_SIZE, nl_len - _NLMSGHDR_SIZE)
+            offset += (nl_len + 3) & ~3  # NLMSG_ALIGN
+
+    def _cn_message(self, view: memoryview, start: int, size: int) -> None:
+        if size < _CN_MSG_SIZE:
+            self.parse_errors += 1
+            return
+        idx, val, seq, _, cn_len, _ = _CN_MSG.unpack_from(view, start)
+        if idx != CN_IDX_PROC or val != CN_VAL_PROC:
+            return  # another connector user's message: not ours to count
+        if cn_len > size - _CN_MSG_SIZE or cn_len < 16:
+            self.parse_errors += 1
+            return
+        data = bytes(view[start + _CN_MSG_SIZE:start + _CN_MSG_SIZE + min(cn_len, PROC_EVENT_SIZE)])
+        what = int.from_bytes(data[:4], sys.byteorder)
+        if cn_len < _NEEDS.get(what, 16):
+            self.parse_errors += 1
+            return
+        what, cpu, ts, a, b, c, d, _, _ = _EVENT.unpack(data.ljust(PROC_EVENT_SIZE, b"\0"))
+        self._event(what, cpu, seq, ts, a, b, c, d)
+
+    # -- loss ------------------------------------------------------------------------------------------
+
+    def _count_lost(self, count: int) -> None:
+        self.lost += count
+        self._push_lost(count)
+        # A missed exec or exit makes cached command lines untrustworthy (pids are reused): start afresh.
+        self.command_lines.clear()
+
+    def sequence_windows(self) -> dict[int, tuple[int, int]]:
+        """Per CPU, the first and last kernel sequence number seen: every message between them was either
+        received or counted in ``lost``."""
+        return {cpu: (self._first_seq[cpu], last) for cpu, last in self._last_seq.items()}
+
+    # -- /proc at fork and exec ------------------------------------------------------------------------
+
+    def _same_process(self, starttime_ticks: int, event_ns: int) -> bool:
+        """Whether a process that started at ``starttime_ticks`` (/proc, boot-time clock ticks) can be the one
+        the event at ``event_ns`` (monotonic) is about: a pid reused after the event started later."""
+        start_ns = starttime_ticks * self._tick_ns - self._boot_offset_ns
+        if start_ns <= event_ns + _START_SLACK_NS:
+            return True
+        self._boot_offset_ns = _boot_offset_ns()  # the machine may have been suspended since we measured
+        return starttime_ticks * self._tick_ns - self._boot_offset_ns <= event_ns + _START_SLACK_NS
+
+    def _exec_info(self, pid: int, event_ns: int) -> tuple[int, str]:
+        """(parent pid, command line) of the process that exec'd, read from /proc, never another process's.
+
+        cmdline is read before stat: if stat then shows a process that started before the exec, the pid was not
+        reused in between (pids are not handed back to an older process), so the cmdline was this process's.
+        """
+        proc = self._proc
+        raw = _read_proc(f"{proc}/{pid}/cmdline") if self.cmdline else None
+        stat = _read_proc(f"{proc}/{pid}/stat", 1024)
+        parsed = _parse_stat(stat) if stat else None
+        if parsed is None or not self._same_process(parsed[2], event_ns):
+            self.cmdline_gone += 1
+            return 0, ""
+        comm, ppid, _ = parsed
+        if raw:
+            return ppid, command_line_from_argv(raw.rstrip(b"\0").split(b"\0"))
+        self.cmdline_comm += 1  # an exited process (zombie) has no cmdline left, but still its comm
+        return ppid, command_line_from_argv([comm])
+
+    def _inherited_command_line(self, parent_tgid: int, event_ns: int) -> str:
+        """The command line a forked child starts with: its parent's, from /proc when we have not seen it."""
+        proc = self._proc
+        raw = _read_proc(f"{proc}/{parent_tgid}/cmdline") if self.cmdline else None
+        stat = _read_proc(f"{proc}/{parent_tgid}/stat", 1024)
+        parsed = _parse_stat(stat) if stat else None
+        if parsed is None or not self._same_process(parsed[2], event_ns):
+            return ""
+        if raw:
+            return command_line_from_argv(raw.rstrip(b"\0").split(b"\0"))
+        return command_line_from_argv([parsed[0]])
+
+
+def _no_sink(_: object) -> None:
+    raise RuntimeError("ProcEventDecoder has no sink: call attach(sink) first")
+
+
+def _effective_caps() -> int | None:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class NetlinkSource(Source):
+    """Process and thread events from the Linux proc connector (root).
+
+    Options: ``exec_events`` (default True; False: an exec makes no record, for a combined source that takes
+    execs from elsewhere), ``cmdline`` (default True; False: an exec's command line is the program's comm,
+    so only /proc/<pid>/stat is read), ``rcvbuf`` (socket receive buffer in bytes, default 8 MiB, forced with
+    SO_RCVBUFFORCE as root; the kernel doubles it for its bookkeeping).
+    """
+
+    name: ClassVar[str] = "netlink"
+    lossy: ClassVar[bool] = False
+    delivers: ClassVar[frozenset[str]] = frozenset({
+        "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
+        "exit_code", "exact_loss_count",
+    })
+
+    #: Messages decoded between two ``sink.notify()`` calls while the socket never runs dry.
+    NOTIFY_EVERY = 256
+
+    def __init__(self, *, exec_events: bool = True, cmdline: bool = True, rcvbuf: int = 8 << 20) -> None:
+        super().__init__()
+        if isinstance(rcvbuf, bool) or not isinstance(rcvbuf, int) or rcvbuf < 1:
+            raise ValueError(f"rcvbuf must be a positive number of bytes, not {rcvbuf!r}")
+        self.exec_events = bool(exec_events)
+        self.cmdline = bool(cmdline)
+        self.rcvbuf = rcvbuf
+        self._sock: socket.socket | None = None
+        self._wake_r = self._wake_w = -1
+        self._stopping = False
+        self._early: list[bytes] = []
+        self._decoder: ProcEventDecoder | None = None
+        self.overruns = 0  # ENOBUFS reports: the socket buffer overflowed (the gaps say by how much)
+        self.rcvbuf_granted = 0
+        self._overrun_pending = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return "needs Linux (the proc connector is a Linux kernel interface)"
+        if not hasattr(socket, "AF_NETLINK"):
+            return "this Python has no AF_NETLINK sockets"
+        caps = _effective_caps()
+        if os.geteuid() != 0 and not (caps is not None and caps >> _CAP_NET_ADMIN & 1):
+            return "the proc connector needs root (CAP_NET_ADMIN): run as root or use source='procfs'"
+        return None
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._sock is not None:
+            return
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise SourceUnavailable(reason)
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs "
+                                    "CONFIG_CONNECTOR and CONFIG_PROC_EVENTS; use source='procfs'") from exc
+        try:
+            self._set_rcvbuf(sock)
+            sock.bind((0, CN_IDX_PROC))
+            self._decoder = ProcEventDecoder(exec_events=self.exec_events, cmdline=self.cmdline)
+            self._sock = sock
+            self._subscribe()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self._close_socket()
+            why = "not permitted: run as root or use source='procfs'" if exc.errno == errno.EPERM else str(exc)
+            raise SourceUnavailable(f"cannot subscribe to the proc connector ({why})") from exc
+        except SourceUnavailable:
+            self._close_socket()
+            raise
+        # One message from every CPU we may run on, so each CPU's sequence has a baseline before anything
+        # can be lost: without it a CPU whose first messages overflowed the buffer would lose them uncounted.
+        self._emit_markers()
+        self._stopping = False
+
+    def _set_rcvbuf(self, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.rcvbuf)
+        except OSError:  # not CAP_NET_ADMIN: capped by net.core.rmem_max
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            except OSError as exc:
+                log.warning("etwmon netlink: cannot set the receive buffer to %d bytes: %s", self.rcvbuf, exc)
+        self.rcvbuf_granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if self.rcvbuf_granted < self.rcvbuf:
+            log.warning("etwmon netlink: receive buffer is %d bytes, %d asked for; bursts may overflow it "
+                        "(every loss is counted)", self.rcvbuf_granted, self.rcvbuf)
+
+    @staticmethod
+    def _send_op(sock: socket.socket, op: int, cookie: int = 0) -> None:
+        size = _LISTEN.size
+        sock.send(_LISTEN.pack(size, _NLMSG_DONE, 0, 0, 0,
+                               CN_IDX_PROC, CN_VAL_PROC, 0, cookie, 4, 0, op))
+
+    def _subscribe(self) -> None:
+        """Send LISTEN and wait for the kernel's answer (an event of type NONE whose ack is ours + 1)."""
+        sock = self._sock
+        assert sock is not None
+        cookie = random.randrange(1, 0x7FFFFFFF)
+        self._send_op(sock, PROC_CN_MCAST_LISTEN, cookie)
+        buf = bytearray(0x10000)
+        deadline = time.monotonic() + 2.0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SourceUnavailable("the proc connector did not answer the subscription within 2 s "
+                                        "(not permitted here?): run as root in the initial namespaces or use "
+                                        "source='procfs'")
+            sock.settimeout(left)
+            try:
+                n = sock.recv_into(buf)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise
+            answer = self._ack_in(buf, n, cookie)
+            if answer is None:
+                self._early.append(bytes(buf[:n]))  # an event that came first: decoded when run() starts
+                continue
+            self._early.append(bytes(buf[:n]))  # the answer carries a sequence number too
+            if answer:
+                raise SourceUnavailable(f"the proc connector refused the subscription: {os.strerror(answer)}; "
+                                        "run as root or use source='procfs'")
+            sock.setblocking(False)
+            return
+
+    @staticmethod
+    def _ack_in(buf, n: int, cookie: int) -> int | None:
+        """The error code of the kernel's answer to our LISTEN if this message is it, else None."""
+        if n < MESSAGE_SIZE:
+            return None
+        fields = _MESSAGE.unpack_from(buf, 0)
+        idx, val, ack, what, err = fields[5], fields[6], fields[8], fields[11], fields[14]
+        if idx == CN_IDX_PROC and val == CN_VAL_PROC and what == PROC_EVENT_NONE and ack == cookie + 1:
+            return err
+        return None
+
+    def _emit_markers(self) -> None:
+        """Make the kernel send one COMM event on each CPU this thread may run on: rewrite this thread's own
+        name (unchanged) while pinned to each CPU in turn. The events make no records; they pin down each CPU's
+        sequence so that losses before them (at open) or after the last event (at stop) are seen as gaps."""
+        try:
+            allowed = os.sched_getaffinity(0)
+        except OSError:
+            return
+        try:
+            fd = os.open("/proc/thread-self/comm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            name = os.read(fd, 64).rstrip(b"\n")
+            if not name:
+                return
+            for cpu in sorted(allowed):
+                try:
+                    os.sched_setaffinity(0, {cpu})  # returns once this thread runs there
+                    os.write(fd, name)
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        finally:
+            try:
+                os.sched_setaffinity(0, allowed)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def run(self, sink: Sink) -> None:
+        sock, decoder = self._sock, self._decoder
+        if sock is None or decoder is None:
+            raise SourceUnavailable("NetlinkSource.run() before open()")
+        decoder.attach(sink)
+        parse = decoder.parse_messages
+        early, self._early = self._early, []
+        for chunk in early:
+            parse(chunk, len(chunk))
+        sink.notify()
+        buf = bytearray(0x10000)
+        recv_into = sock.recv_into
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        notify_every = self.NOTIFY_EVERY
+        pending = 0
+        while not self._stopping:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                if pending:
+                    sink.notify()
+                    pending = 0
+                if self._overrun_pending:
+                    self._resolve_overrun(buf)  # caught up: find out now how much the overflow cost
+                    sink.notify()
+                    continue
+                poller.poll()
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    # The socket overflowed. How many messages that cost shows as gaps in the per-CPU
+                    # sequences of the messages that follow, so nothing is counted here (no double count).
+                    self.overruns += 1
+                    self._overrun_pending = True
+                    continue
+                raise
+            parse(buf, n)
+            pending += 1
+            if pending >= notify_every:
+                sink.notify()
+                pending = 0
+        # Stopping: account for messages lost since the last ones we saw on each CPU.
+        self._drain(buf)
+        self._resolve_overrun(buf)
+        sink.notify()
+
+    def _drain(self, buf: bytearray) -> bool:
+        """Decode everything waiting on the socket; True if it reported an overflow meanwhile."""
+        sock, parse = self._sock, self._decoder.parse_messages  # type: ignore[union-attr]
+        overflowed = False
+        for _ in range(1 << 22):  # bounded: a storm must not keep a stopping source busy for ever
+            try:
+                n = sock.recv_into(buf)  # type: ignore[union-attr]
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    overflowed = True
+                    continue
+                raise
+            parse(buf, n)
+        return overflowed
+
+    def _resolve_overrun(self, buf: bytearray) -> None:
+        """After an overflow: a marker on every CPU, then read up to them, so every gap is seen and counted."""
+        for _ in range(3):
+            self._emit_markers()
+            if not self._drain(buf):
+                self._overrun_pending = False
+                return
+        self._overrun_pending = True
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\1")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopping = True
+        self._close_socket()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            # Without IGNORE the kernel keeps counting a listener and stamping events for nobody.
+            self._send_op(sock, PROC_CN_MCAST_IGNORE)
+        except OSError as exc:
+            log.debug("etwmon netlink: IGNORE failed: %s", exc)
+        finally:
+            sock.close()
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        d = self._decoder
+        if d is None:
+            return {"lost": 0, "parse_errors": 0, "received": 0, "overruns": self.overruns}
+        return {"lost": d.lost, "parse_errors": d.parse_errors, "received": d.received,
+                "overruns": self.overruns, "seq_resets": d.seq_resets, "cmdline_gone": d.cmdline_gone,
+                "cmdline_comm": d.cmdline_comm, "rcvbuf": self.rcvbuf_granted}
+
+    def sequence_windows(self) -> dict[int, tuple[int, int]]:
+        """Per CPU, the first and last kernel sequence number seen (see ``ProcEventDecoder``)."""
+        return self._decoder.sequence_windows() if self._decoder is not None else {}
+
+
