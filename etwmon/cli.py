@@ -428,12 +428,17 @@ class _Waiter:
 
 
 class _Signals:
-    """SIGINT and SIGTERM end ``etwmon tail`` cleanly. While a batch is being read and written the signal is
-    held until the batch is out (so JSON output never ends in half a line); a second signal does not wait."""
+    """SIGINT, SIGTERM and SIGHUP end ``etwmon tail`` cleanly (the source releases what it set up in the
+    kernel, e.g. audit rules). While a batch is being read and written the signal is held until the batch is
+    out (so JSON output never ends in half a line); a second signal does not wait. A signal the caller set to
+    be ignored (``nohup``, a background job) stays ignored."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self) -> None:
         self.holding = False
         self.pending = False
+        self._installed: list[int] = []
 
     def handler(self, signum: int, frame: object) -> None:
         if self.holding and not self.pending:
@@ -442,15 +447,15 @@ class _Signals:
         raise KeyboardInterrupt
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self.handler)
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self.handler)
+        for name in self.NAMES:
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+                signal.signal(number, self.handler)
+                self._installed.append(number)
 
-    @staticmethod
-    def ignore() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def ignore(self) -> None:
+        for number in self._installed:
+            signal.signal(number, signal.SIG_IGN)
 
     def hold(self) -> None:
         self.holding = True
@@ -498,7 +503,7 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     except (MemoryError, ValueError) as exc:
         raise UsageError(f"cannot make a ring of {max_items} records / {max_bytes} bytes: {exc}") from None
     shown = 0
-    how_it_ended = "interrupted"
+    how_it_ended = "stopped"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -34,7 +34,7 @@ from .conftest import require
 PY = sys.executable
 WAIT = 20.0  # seconds; generous because the machine is shared, never a timing assertion
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-SUMMARY = re.compile(r"etwmon: (?:interrupted|the source stopped): (\d+) records, (\d+) shown, (\d+) lost, "
+SUMMARY = re.compile(r"etwmon: (?:stopped|the source stopped): (\d+) records, (\d+) shown, (\d+) lost, "
                      r"(\d+) dropped")
 ESC_TITLE = "\x1b]0;pwned\x07"
 ESC_CLEAR = "\x1b[2J"
@@ -479,14 +479,15 @@ def test_default_source_json_lines() -> None:
 
 
 @pytest.mark.root
-def test_default_source_text_and_sigterm() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_default_source_text_ends_cleanly_on(sig: int) -> None:
     tag = new_tag()
     with _start() as w:
         w.ready()
         pid = spawn(tag, code=5)
         w.wait_out(lambda l: b"pid=%d " % pid in l and tag.encode() in l, what=f"{tag} line")
         w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None, what="exit line")
-        status = w.stop(signal.SIGTERM)
+        status = w.stop(sig)
     assert status == 0
     summary_of(w.stderr)
     assert_clean_stderr(w.stderr)
