@@ -856,3 +856,144 @@ def test_records_dropped_at_a_full_socket_are_counted(live_audit, storm_binary):
     assert run.sink.lost == stats["lost"] > 0
     assert len(seen) + run.sink.lost >= n
     assert all(argv == [b"/bin/true", b"storm-%d" % i] for i, argv in seen.items())  # never a wrong one
+
+
+# --- LinuxSource: proc connector + audit ------------------------------------------------------------------
+
+from etwmon.sources.audit import ExecJoin, LinuxSource  # noqa: E402
+
+
+def _exec_record(pid: int, line: str, ft: int = 1) -> bytes:
+    return records.encode_process_exec(ft, pid, 1, pid, pid, line)
+
+
+def test_join_reports_each_exec_once_with_audits_argv():
+    sink = ListSink()
+    join = ExecJoin(sink, hold=2.0)
+    join.netlink_push(records.encode_process_create(1, 50, 1, 1, 1, "parent"))
+    join.netlink_push(_exec_record(50, "from-proc"))  # waits for audit
+    join.netlink_push(records.encode_thread_create(2, 51, 50))  # held behind the exec
+    join.netlink_push(records.encode_process_exit(3, 50, 0))
+    join.netlink_push(records.encode_process_exit(3, 60, 0))  # another process: not held
+    assert [type(e).__name__ for e in sink.events()] == ["ProcessCreate", "ProcessExit"]
+    join.audit_push(_exec_record(50, "exact 'a b'"))
+    events = sink.events()
+    assert [type(e).__name__ for e in events] == ["ProcessCreate", "ProcessExit", "ProcessExec", "ThreadCreate",
+                                                  "ProcessExit"]
+    assert events[2].command_line == "exact 'a b'" and events[4].pid == 50
+    assert (join.matched, join.fallback, join.held) == (1, 0, 2)
+    assert join.waiting() == 0
+
+
+def test_join_falls_back_to_the_proc_connector_exec_after_the_wait():
+    sink = ListSink()
+    join = ExecJoin(sink, hold=2.0)
+    join.netlink_push(_exec_record(70, "from-proc"))
+    join.netlink_push(records.encode_process_exit(3, 70, 1))
+    assert not join.expire(now=time.monotonic() + 1.0) and sink.records == []
+    assert join.expire(now=time.monotonic() + 2.5)
+    assert [(type(e).__name__, getattr(e, "command_line", None)) for e in sink.events()] == [
+        ("ProcessExec", "from-proc"), ("ProcessExit", None)]
+    assert join.fallback == 1 and join.waiting() == 0
+
+
+def test_join_audit_first_uses_a_credit():
+    sink = ListSink()
+    join = ExecJoin(sink, hold=2.0)
+    join.audit_push(_exec_record(80, "exact"))
+    join.netlink_push(_exec_record(80, "from-proc"))  # the same exec, seen later: dropped
+    join.netlink_push(records.encode_process_exit(3, 80, 0))
+    assert [getattr(e, "command_line", "exit") for e in sink.events()] == ["exact", "exit"]
+    # an audit exec the proc connector never reports leaves a credit that expires, counted
+    join.audit_push(_exec_record(81, "only audit"))
+    join.expire(now=time.monotonic() + 3)
+    assert (join.matched, join.audit_only, join.fallback) == (1, 1, 0)
+
+
+def test_join_exec_chain_of_one_pid_matches_in_order():
+    sink = ListSink()
+    join = ExecJoin(sink, hold=2.0)
+    join.netlink_push(_exec_record(90, "proc-1"))
+    join.netlink_push(_exec_record(90, "proc-2"))
+    join.audit_push(_exec_record(90, "exact-1"))
+    join.audit_push(_exec_record(90, "exact-2"))
+    assert [e.command_line for e in sink.events()] == ["exact-1", "exact-2"]
+    assert join.waiting() == 0 and join.matched == 2
+
+
+def test_linux_source_declares_the_union():
+    from etwmon.sources.netlink import NetlinkSource
+
+    assert LinuxSource.name == "linux" and not LinuxSource.lossy
+    assert LinuxSource.delivers == NetlinkSource.delivers | AuditSource.delivers
+    with pytest.raises(TypeError):
+        LinuxSource(nonsense=1)  # type: ignore[call-arg]
+
+
+_THREAD_THEN_EXEC = ("import os, threading; t = threading.Thread(target=lambda: None); t.start(); t.join(); "
+                     "os.execv('/bin/echo', ['/bin/echo', 'x y', '', 'caf\\xe9', 'q\"uote'])")
+
+
+@pytest.mark.root
+def test_linux_source_sees_fork_threads_exec_exit_once_each(live_audit):
+    before, _ = live_audit
+    with Monitor(source="linux", max_items=100_000) as mon:
+        assert mon.source.name == "linux"
+        proc = subprocess.Popen([sys.executable, "-c", _THREAD_THEN_EXEC], stdout=subprocess.DEVNULL)
+        proc.wait()
+        mine: list = []
+        buf = bytearray(1 << 20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(isinstance(e, records.ProcessExit) for e in mine):
+            mon.wait(0.25)
+            n = mon.readinto(buf)
+            mine += [e for e in records.parse(buf[:n]) if getattr(e, "pid", None) == proc.pid]
+        stats = mon.stats.source_stats
+    kinds = [type(e).__name__ for e in mine]
+    assert kinds[0] == "ProcessCreate" and kinds[-1] == "ProcessExit", kinds
+    execs = [e for e in mine if isinstance(e, records.ProcessExec)]
+    assert [e.argv for e in execs] == [[sys.executable.encode(), b"-c", _THREAD_THEN_EXEC.encode()],
+                                       [b"/bin/echo", b"x y", b"", "café".encode(), b'q"uote']]
+    assert kinds.count("ThreadCreate") >= 1 and kinds.count("ThreadExit") >= 1
+    assert kinds.index("ThreadCreate") > kinds.index("ProcessExec")  # in the order they happened
+    assert kinds.count("ProcessCreate") == 1 and kinds.count("ProcessExit") == 1
+    assert mine[-1].exit_code == 0
+    assert stats["exec_matched"] >= 2
+    _assert_restored(before, {os.getpid()})
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
+    before, _ = live_audit
+    n = 3000
+    with Monitor(source="linux", max_items=200_000) as mon:
+        subprocess.run([storm_binary, str(n)], capture_output=True, check=True)
+        seen: dict[int, list[bytes]] = {}
+        lost = 0
+        buf = bytearray(1 << 20)
+        deadline = time.monotonic() + 20
+        while len(seen) < n and time.monotonic() < deadline:
+            mon.wait(0.5)
+            got = mon.readinto(buf)
+            for event in records.parse(buf[:got]):
+                if isinstance(event, records.RecordsLost):
+                    lost += event.count
+            seen.update(_storm_argvs(records.parse(buf[:got])))
+        stats = mon.stats.source_stats
+    right = sum(argv == [b"/bin/true", b"storm-%d" % i] for i, argv in seen.items())
+    print(f"\nlinux storm: exact {right}/{n}, lost {lost}, fallback {stats['exec_fallback']}")
+    assert right >= 0.999 * n
+    assert len(seen) + lost >= n
+    _assert_restored(before, {os.getpid()})
+
+
+@pytest.mark.root
+def test_auto_prefers_the_linux_source(live_audit):
+    from etwmon.sources import open_source
+
+    source = open_source("auto")
+    try:
+        assert source.name == "linux"
+    finally:
+        source.close()

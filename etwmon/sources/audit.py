@@ -31,7 +31,7 @@ from .base import Sink, Source
 __all__ = [
     "AuditSource", "LinuxSource", "AuditControl", "AuditStatus", "AuditRule", "AuditRecord", "ExecEvent",
     "EventAssembler", "SerialTracker", "NetlinkTransport", "Transport", "TransportFactory", "RuleKey",
-    "parse_record", "parse_fields", "exec_rules", "audit_unavailable_reason",
+    "parse_record", "parse_fields", "exec_rules", "audit_unavailable_reason", "ExecJoin",
 ]
 
 log = logging.getLogger(__name__)
@@ -1231,4 +1231,263 @@ class AuditSource(Source):
             drops = _proc_net_netlink_drops(os.fstat(self._log.fileno()).st_ino)
             if drops is not None:
                 out["socket_drops"] = drops
+        return out
+
+
+# --- the combined source ----------------------------------------------------------------------------------------
+
+_TYPE_PID = struct.Struct("<h14xI")  # ItemHeader.Type, then the first ULONG after the header
+_TYPE_TID_PID = struct.Struct("<h14xII")
+_EXEC, _PROCESS_EXIT, _THREAD_CREATE, _THREAD_EXIT = (int(records.ItemType.ProcessExec),
+                                                      int(records.ItemType.ProcessExit),
+                                                      int(records.ItemType.ThreadCreate),
+                                                      int(records.ItemType.ThreadExit))
+
+
+def _record_pid(record: bytes) -> tuple[int, int]:
+    """(type, process id) of an encoded record; process id 0 for records that name no process."""
+    item, first = _TYPE_PID.unpack_from(record)
+    if item in (_THREAD_CREATE, _THREAD_EXIT):
+        return item, _TYPE_TID_PID.unpack_from(record)[2]
+    return item, first
+
+
+@dataclass
+class _Pending:
+    """A proc connector exec waiting for audit's record of it, and that process's records held behind it."""
+
+    deadline: float
+    record: bytes
+    held: list[bytes] = field(default_factory=list)
+
+
+class ExecJoin:
+    """Joins the two streams of LinuxSource so each exec is reported once, with audit's exact argv.
+
+    The proc connector reports every exec (its losses are counted exactly); audit reports the argv. A proc
+    connector exec waits up to ``hold`` seconds for audit's record of the same pid: when it comes, only audit's
+    is pushed; when it doesn't (a process that predates audit's first enabling has no audit context, or audit
+    lost the event), the proc connector's record is pushed instead (command line read from /proc) and counted
+    in ``fallback``. Records of a process whose exec is waiting (its exit, its threads) are held behind it, so
+    each process still reads create, exec, exit in that order. An audit exec that arrives first leaves a credit
+    that the proc connector's exec then uses up.
+    """
+
+    def __init__(self, sink: Sink, hold: float = 2.0, on_exec: Callable[[int, bytes], None] | None = None) -> None:
+        self.sink = sink
+        self.hold = hold
+        self.on_exec = on_exec
+        self._lock = threading.Lock()
+        self._pending: dict[int, deque[_Pending]] = {}
+        self._credits: dict[int, deque[float]] = {}
+        self.matched = 0  # execs both reported: audit's pushed
+        self.fallback = 0  # proc connector execs audit never reported: pushed as they were
+        self.audit_only = 0  # audit execs the proc connector never reported (its losses are counted there)
+        self.held = 0  # records that waited behind an exec
+
+    # The proc connector's thread.
+    def netlink_push(self, record: bytes) -> None:
+        item, pid = _record_pid(record)
+        pending = self._pending
+        if item != _EXEC and pid not in pending:  # the common case: only this thread adds to pending
+            self.sink.push(record)
+            return
+        with self._lock:
+            if item == _EXEC:
+                credits = self._credits.get(pid)
+                if credits:
+                    credits.popleft()
+                    if not credits:
+                        del self._credits[pid]
+                    self.matched += 1
+                    return
+                pending.setdefault(pid, deque()).append(_Pending(time.monotonic() + self.hold, bytes(record)))
+                return
+            waiting = pending.get(pid)
+            if waiting:
+                waiting[-1].held.append(bytes(record))
+                self.held += 1
+                return
+        self.sink.push(record)
+
+    # The audit thread.
+    def audit_push(self, record: bytes) -> None:
+        _, pid = _record_pid(record)
+        with self._lock:
+            waiting = self._pending.get(pid)
+            if waiting:
+                first = waiting.popleft()
+                if not waiting:
+                    del self._pending[pid]
+                self.matched += 1
+                self.sink.push(record)
+                for held in first.held:
+                    self.sink.push(held)
+            else:
+                self._credits.setdefault(pid, deque()).append(time.monotonic() + self.hold)
+                self.sink.push(record)
+        if self.on_exec is not None:
+            self.on_exec(pid, record)
+
+    def expire(self, now: float | None = None, everything: bool = False) -> bool:
+        """Push proc connector execs whose wait is over; drop old credits. True if anything was pushed."""
+        now = time.monotonic() if now is None else now
+        pushed = False
+        with self._lock:
+            for pid in [p for p, q in self._pending.items() if everything or q[0].deadline <= now]:
+                queue = self._pending[pid]
+                while queue and (everything or queue[0].deadline <= now):
+                    entry = queue.popleft()
+                    self.fallback += 1
+                    self.sink.push(entry.record)
+                    for held in entry.held:
+                        self.sink.push(held)
+                    pushed = True
+                if not queue:
+                    del self._pending[pid]
+            for pid in [p for p, q in self._credits.items() if everything or q[0] <= now]:
+                queue = self._credits[pid]
+                while queue and (everything or queue[0] <= now):
+                    queue.popleft()
+                    self.audit_only += 1
+                if not queue:
+                    del self._credits[pid]
+        return pushed
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._pending.values())
+
+
+class _SideSink:
+    """A Sink for one of LinuxSource's two inner sources: pushes go through the join."""
+
+    def __init__(self, push: Callable[[bytes], None], push_lost: Callable[[int], None],
+                 notify: Callable[[], None]) -> None:
+        self.push = push
+        self.push_lost = push_lost
+        self.notify = notify
+
+
+class LinuxSource(Source):
+    """Everything on Linux: forks, threads and exits from the proc connector, execs with their exact argv from
+    the audit log (root). Each exec is reported once (see ``ExecJoin``).
+
+    Options: ``exec_wait`` (seconds a proc connector exec waits for audit's record, default 2), ``rcvbuf``
+    (the proc connector socket), ``audit_rcvbuf``, ``key``, ``backlog_limit``, ``probe`` (AuditSource's),
+    ``transport_factory`` (tests).
+    """
+
+    name = "linux"
+    lossy = False
+    # Loss is the proc connector's exact count: an exec audit misses still comes through as a fallback record.
+    delivers = frozenset({
+        "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
+        "exit_code", "exact_loss_count",
+    })
+
+    def __init__(self, *, exec_wait: float = 2.0, rcvbuf: int = 8 << 20, audit_rcvbuf: int = DEFAULT_RCVBUF,
+                 key: str = DEFAULT_KEY, backlog_limit: int = DEFAULT_BACKLOG_LIMIT, probe: bool = True,
+                 transport_factory: TransportFactory | None = None) -> None:
+        super().__init__()
+        from .netlink import NetlinkSource
+
+        if not exec_wait > 0:
+            raise ValueError(f"exec_wait must be > 0 seconds, not {exec_wait!r}")
+        self.exec_wait = exec_wait
+        # exec_events stay on: the join needs them to see every exec; cmdline stays on for the fallback.
+        self.netlink = NetlinkSource(exec_events=True, cmdline=True, rcvbuf=rcvbuf)
+        self.audit = AuditSource(key=key, backlog_limit=backlog_limit, rcvbuf=audit_rcvbuf, probe=probe,
+                                 transport_factory=transport_factory)
+        self.join: ExecJoin | None = None
+        self._audit_lost = 0
+        self._stop = threading.Event()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        from .netlink import NetlinkSource
+
+        reason = NetlinkSource.unavailable_reason()
+        if reason is not None:
+            return f"proc connector: {reason}"
+        reason = audit_unavailable_reason()
+        return None if reason is None else f"audit: {reason}"
+
+    def open(self) -> None:
+        self.netlink.open()
+        try:
+            self.audit.open()
+        except BaseException:
+            self.netlink.close()
+            raise
+        self._stop.clear()
+
+    def _exact_line_for_children(self, pid: int, record: bytes) -> None:
+        """Children forked later inherit audit's exact command line rather than one read from /proc."""
+        decoder = getattr(self.netlink, "_decoder", None)
+        lines = getattr(decoder, "command_lines", None)
+        if lines is not None:
+            (event,) = records.parse(record)
+            lines[pid] = event.command_line  # type: ignore[attr-defined]
+
+    def _count_audit_lost(self, count: int) -> None:
+        # Not pushed: an exec audit lost still arrives through the proc connector (ExecJoin.fallback).
+        self._audit_lost += count
+
+    def run(self, sink: Sink) -> None:
+        join = self.join = ExecJoin(sink, hold=self.exec_wait, on_exec=self._exact_line_for_children)
+        sides = {
+            self.netlink: _SideSink(join.netlink_push, sink.push_lost, sink.notify),
+            self.audit: _SideSink(join.audit_push, self._count_audit_lost, sink.notify),
+        }
+        errors: list[BaseException] = []
+
+        def side(source: Source) -> None:
+            try:
+                source.run(sides[source])
+            except BaseException as exc:  # kept and raised from run(): never die silently
+                errors.append(exc)
+                self._stop.set()
+
+        threads = [threading.Thread(target=side, args=(s,), name=f"etwmon-linux-{s.name}", daemon=True)
+                   for s in (self.netlink, self.audit)]
+        for t in threads:
+            t.start()
+        try:
+            while not self._stop.wait(min(0.25, self.exec_wait / 4)):
+                if join.expire():
+                    sink.notify()
+        finally:
+            self.netlink.stop()
+            self.audit.stop()
+            for t in threads:
+                t.join(5.0)
+                if t.is_alive():
+                    log.error("etwmon linux: %s did not stop", t.name)
+            join.expire(everything=True)
+            sink.notify()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.netlink.stop()
+        self.audit.stop()
+
+    def close(self) -> None:
+        try:
+            self.audit.close()
+        finally:
+            self.netlink.close()
+
+    def stats(self) -> dict[str, int]:
+        net = self.netlink.stats()
+        aud = self.audit.stats()
+        out = {"lost": net.get("lost", 0), "parse_errors": net.get("parse_errors", 0) + aud.get("parse_errors", 0)}
+        out.update({f"netlink_{k}": v for k, v in net.items()})
+        out.update({f"audit_{k}": v for k, v in aud.items()})
+        join = self.join
+        if join is not None:
+            out.update(exec_matched=join.matched, exec_fallback=join.fallback, exec_audit_only=join.audit_only,
+                       exec_waiting=join.waiting(), held=join.held)
         return out
