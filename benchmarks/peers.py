@@ -1,0 +1,314 @@
+"""The monitors the storm benchmarks compare: etwmon (one per Linux source), forkstat and pyroute2's
+ProcEventSocket, each run as its own process and driven the same way (start, wait until subscribed, storm,
+stop, collect what it saw); plus the setup step that installs missing peers.
+
+Every tool's output is reduced to the same observations: ``create`` ids (process or thread), ``exit`` ids,
+and ``exec`` (pid, argv) pairs, so they are scored against the generator's ground truth by one function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import HERE, cpu_seconds, progress
+
+WATCH = HERE / "watch.py"
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Observed:
+    """What one monitor reported during a trial, in tool-neutral form."""
+
+    create: list[int] = field(default_factory=list)
+    exit: list[int] = field(default_factory=list)
+    exec: list[tuple[int, tuple[str, ...] | None]] = field(default_factory=list)
+    error: str | None = None  # the monitor failed or died: what it said
+    lost_reported: int | None = None  # events the monitor itself said it lost (None: it cannot say)
+    latency_us: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> int:
+        """Every process/thread event it reported, the storm's and the rest of the machine's."""
+        return len(self.create) + len(self.exit) + len(self.exec)
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+def _run_quiet(cmd: list[str], timeout: float = 600) -> tuple[bool, str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [""]
+    return out.returncode == 0, tail[0]
+
+
+def ensure_forkstat() -> str | None:
+    """Make forkstat available (apt-get, as root); the reason it is not, or None."""
+    if shutil.which("forkstat"):
+        return None
+    if not shutil.which("apt-get"):
+        return "forkstat is not installed and there is no apt-get to install it"
+    if os.geteuid() != 0:
+        return "forkstat is not installed (apt-get install forkstat needs root)"
+    progress("setup: apt-get install -y forkstat")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    ok, why = _run_quiet(["apt-get", "install", "-y", "forkstat"])
+    if not ok:
+        progress("setup: install failed, running apt-get update first")
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+        ok, why = _run_quiet(["apt-get", "install", "-y", "forkstat"])
+    if not ok or not shutil.which("forkstat"):
+        return f"apt-get install forkstat failed: {why}"
+    return None
+
+
+def ensure_python_package(module: str, requirement: str) -> str | None:
+    """Make a PyPI package importable by this interpreter (pip install); the reason it is not, or None."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    progress(f"setup: pip install {requirement}")
+    ok, why = _run_quiet([sys.executable, "-m", "pip", "install", "--quiet", requirement])
+    importlib.invalidate_caches()
+    if not ok or importlib.util.find_spec(module) is None:
+        return f"pip install {requirement} failed: {why}"
+    return None
+
+
+def etwmon_sources() -> dict[str, tuple[str | None, frozenset[str]]]:
+    """The Linux kernel sources etwmon has here: the reason each cannot run (None: it can) and what it
+    delivers (``Source.delivers``)."""
+    from etwmon.sources import SOURCES, source_class
+
+    found: dict[str, tuple[str | None, frozenset[str]]] = {}
+    for name in ("netlink", "linux", "audit"):
+        if name not in SOURCES:
+            continue
+        try:  # one source that fails to load must not hide the others
+            cls = source_class(name)
+            found[name] = (cls.unavailable_reason(), frozenset(cls.delivers))
+        except Exception as exc:
+            found[name] = (f"cannot load the {name!r} source: {type(exc).__name__}: {exc}", frozenset())
+    return found
+
+
+# --- the tools -----------------------------------------------------------------------------------------
+
+
+class Tool:
+    """One monitor under test. ``start()`` returns once it is subscribed; ``stop()`` returns what it saw."""
+
+    name = ""
+    #: What it reports, in etwmon's capability names (``etwmon.sources.base.CAPABILITIES``): a storm is only
+    #: scored on the events its monitor claims to deliver.
+    delivers: frozenset[str] = frozenset({"process_create", "process_exec", "process_exit", "thread_create",
+                                          "thread_exit", "command_line"})
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.cpu_start: float | None = None  # its CPU seconds the moment it was subscribed
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> Observed:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+
+class WatcherTool(Tool):
+    """A Python monitor run by ``watch.py`` (etwmon or pyroute2): it prints "ready" once subscribed, reads
+    "stop" on stdin, then writes what it saw as JSON."""
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.out = self.workdir / f"{self.name}.json"
+        self.out.unlink(missing_ok=True)
+        self.stderr = open(self.workdir / f"{self.name}.stderr", "w")
+        self.proc = subprocess.Popen([sys.executable, str(WATCH), *self._argv(), "--out", str(self.out)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+        line = _readline(self.proc, READY_TIMEOUT)
+        self.cpu_start = cpu_seconds(self.pid)
+        if line.strip() != "ready":
+            self.kill()
+            raise RuntimeError(f"{self.name} did not start: {line.strip() or self._stderr_tail()}")
+
+    def stop(self) -> Observed:
+        try:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.stderr.close()
+        if self.proc.returncode != 0 or not self.out.exists():
+            return Observed(error=f"exited with status {self.proc.returncode}: {self._stderr_tail()}")
+        data = json.loads(self.out.read_text())
+        return Observed(create=data["create"], exit=data["exit"],
+                        exec=[(pid, tuple(argv) if argv is not None else None) for pid, argv in data["exec"]],
+                        error=data.get("error"), lost_reported=data.get("lost_reported"),
+                        latency_us=data.get("latency_us"), extra=data.get("extra", {}))
+
+    def _stderr_tail(self) -> str:
+        try:
+            lines = (self.workdir / f"{self.name}.stderr").read_text().strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+
+class EtwmonTool(WatcherTool):
+    def __init__(self, workdir: Path, source: str, max_items: int, max_bytes: int | None = None,
+                 delivers: frozenset[str] | None = None) -> None:
+        super().__init__(workdir)
+        self.source = source
+        if delivers is not None:
+            self.delivers = delivers
+        self.name = f"etwmon-{source}"
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.extra_args: list[str] = []  # more watch.py options (the memory benchmark's)
+
+    def _argv(self) -> list[str]:
+        argv = ["etwmon", "--source", self.source, "--max-items", str(self.max_items)]
+        if self.max_bytes:
+            argv += ["--max-bytes", str(self.max_bytes)]
+        return argv + self.extra_args
+
+
+class Pyroute2Tool(WatcherTool):
+    name = "pyroute2"
+    # The proc connector carries no command line and ProcEventSocket reads none.
+    delivers = Tool.delivers - {"command_line"}
+
+    def _argv(self) -> list[str]:
+        return ["pyroute2"]
+
+
+class ForkstatTool(Tool):
+    """forkstat writing its ordinary text output to a file, parsed afterwards."""
+
+    name = "forkstat"
+    # clone is on so thread creation is reported too (forkstat shows it as "clone <tid> thread").
+    ARGS = ["-e", "fork,exec,exit,clone"]
+
+    def start(self) -> None:
+        self.out = self.workdir / "forkstat.out"
+        self.stdout = open(self.out, "w")
+        self.stderr = open(self.workdir / "forkstat.stderr", "w")
+        self.proc = subprocess.Popen(["forkstat", *self.ARGS], stdin=subprocess.DEVNULL, stdout=self.stdout,
+                                     stderr=self.stderr)
+        # forkstat prints nothing we can see before its buffer fills, so "subscribed" is read off
+        # /proc: its netlink socket exists, plus a moment for the LISTEN message to go out.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and self.alive():
+            try:
+                if any(os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("socket:")
+                       for fd in os.listdir(f"/proc/{self.pid}/fd")):
+                    self.cpu_start = cpu_seconds(self.pid)
+                    time.sleep(0.3)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"forkstat did not start: {self._stderr_tail()}")
+
+    def stop(self) -> Observed:
+        error = None if self.alive() else f"forkstat died with status {self.proc.returncode}"
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)  # forkstat flushes its output and exits on SIGINT
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                error = "forkstat did not exit on SIGINT (killed; its last output may be lost)"
+                self.kill()
+        self.stdout.close()
+        self.stderr.close()
+        obs = parse_forkstat(self.out.read_text(errors="replace"))
+        obs.error = error
+        return obs
+
+    def _stderr_tail(self) -> str:
+        lines = (self.workdir / "forkstat.stderr").read_text().strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def parse_forkstat(text: str) -> Observed:
+    """forkstat's lines: "HH:MM:SS <event> <pid> <info> [duration] <process>"; info is parent/child for fork,
+    parent/thread for clone, the exit status for exit, empty for exec (the command line follows the pid)."""
+    obs = Observed()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[2].isdigit():
+            continue  # the column header it repeats, blank lines
+        event, pid, rest = parts[1], int(parts[2]), parts[3:]
+        if event in ("fork", "clone"):
+            if rest and rest[0] in ("child", "thread"):
+                obs.create.append(pid)
+        elif event == "exec":
+            obs.exec.append((pid, tuple(rest)))
+        elif event == "exit":
+            obs.exit.append(pid)
+    return obs
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+def make_tools(workdir: Path, forkstat_reason: str | None, pyroute2_reason: str | None,
+               sources: dict[str, tuple[str | None, frozenset[str]]], max_items: int, max_bytes: int | None
+               ) -> tuple[list[Tool], dict[str, str]]:
+    """The tools that can run here, and for the others the reason they are skipped."""
+    tools: list[Tool] = []
+    skipped: dict[str, str] = {}
+    for source in ("netlink", "linux", "audit"):
+        name = f"etwmon-{source}"
+        reason, delivers = sources.get(source, ("etwmon has no such source", frozenset()))
+        if reason is not None:
+            skipped[name] = reason
+        else:
+            tools.append(EtwmonTool(workdir, source, max_items, max_bytes, delivers))
+    if forkstat_reason:
+        skipped["forkstat"] = forkstat_reason
+    else:
+        tools.append(ForkstatTool(workdir))
+    if pyroute2_reason:
+        skipped["pyroute2"] = pyroute2_reason
+    else:
+        tools.append(Pyroute2Tool(workdir))
+    return tools, skipped

@@ -1,0 +1,261 @@
+"""Turns the suite's results dict into the terminal table, RESULTS.md and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.{max(digits, 2)}f} M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:.{digits}f} k"
+    return f"{value:.{digits}f}"
+
+
+def stat(s: dict | None, digits: int = 1, scale: float = 1.0, spread: bool = True) -> str:
+    """"median [min–max]" of a summary (just the median when all runs agree or there was one)."""
+    if not s:
+        return "–"
+    med = _num(s["median"] * scale, digits)
+    lo, hi = _num(s["min"] * scale, digits), _num(s["max"] * scale, digits)
+    if not spread or s.get("n", 1) == 1 or lo == hi:
+        return med
+    return f"{med} [{lo}–{hi}]"
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return out
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _header(results: dict, markdown: bool) -> list[str]:
+    m = results["machine"]
+    facts = [("Date", m["date"]), ("CPU", f"{m['cpu']}, {m['cores']} cores"), ("Kernel", m["kernel"]),
+             ("OS", m["os"]), ("Python", m["python"]), ("numpy", m["numpy"]),
+             ("etwmon", f"{m['etwmon']} (commit {m['commit']})"),
+             ("Mode", f"{results['mode']}, {results['duration_s']:.0f} s, run as "
+                      f"{'root' if m['root'] else 'an ordinary user'}")]
+    if markdown:
+        return _table(["", ""], [[k, v] for k, v in facts], True)
+    return [f"  {k:<7} {v}" for k, v in facts]
+
+
+def sections(results: dict, markdown: bool) -> list[str]:
+    """The report body, as terminal text or as markdown."""
+    h = (lambda t: f"## {t}") if markdown else (lambda t: f"\n== {t} ==")
+    out: list[str] = []
+    b = results["benchmarks"]
+
+    ring = b.get("ring")
+    if ring:
+        out += ["", h("Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling")]
+        if ring["status"] != "ok":
+            out.append(_status_line(ring))
+        else:
+            p, push = ring["params"], ring["push"]
+            out.append(f"{p['records']:,} records ({p['record_mix']}, {p['mean_record_bytes']} bytes on average), "
+                       f"{p['volume_bytes'] / MIB:.1f} MiB per drain; median [min–max] of {p['repeats']} repeats.")
+            out.append("")
+            out += _table(["push (1 record per call)", "records/s"], [
+                ["EventRing.push", stat(push["ring_records_per_s"], 2)],
+                ["deque port append", stat(push["deque_records_per_s"], 2)],
+                ["ring / deque", stat(push["ring_vs_deque"], 2) + " x"]], markdown)
+            out.append("")
+            rows = [[r["buffer_name"], stat(r["ring_MBps"], 0), stat(r["naive_MBps"], 0), stat(r["ceiling_MBps"], 0),
+                     stat(r["ring_vs_naive"], 1) + " x", stat(r["ring_vs_ceiling"], 2) + " x"] for r in ring["readinto"]]
+            out += _table(["readinto buffer", "ring MB/s", "naive MB/s", "ceiling MB/s", "ring / naive",
+                           "ring / ceiling"], rows, markdown)
+
+    storms = b.get("storms")
+    if storms:
+        out += ["", h("Storms: kernel to readinto, one monitor at a time")]
+        if storms["status"] != "ok":
+            out.append(_status_line(storms))
+        else:
+            out += _skipped(storms)
+            p = storms["params"]
+            out.append(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
+                       "of the machine's unthrottled rate (1 = unthrottled; "
+                       + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
+                       + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
+                       "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
+            out.append("")
+            rows = []
+            for r in storms["summary"]:
+                rows.append([r["kind"], f"{r['level']:g}", stat(r["events_per_s"], 1, spread=False), r["tool"],
+                             stat(r["captured_pct"], 2), stat(r["cmdline_right_pct"], 1),
+                             stat(r["cpu_ms_per_1000_events"], 1), stat(r["latency_p50_ms"], 2, spread=False),
+                             stat(r["latency_p99_ms"], 2), "; ".join(r["errors"])[:80]])
+            out += _table(["storm", "level", "events/s", "tool", "captured %", "cmdline right %",
+                           "CPU ms / 1k events", "p50 ms", "p99 ms", "errors"], rows, markdown)
+
+    cost = b.get("cost")
+    if cost:
+        out += ["", h("Exec-storm cost: the storm's own rate while a monitor watches")]
+        if cost["status"] != "ok":
+            out.append(_status_line(cost))
+        else:
+            out += _skipped(cost)
+            out.append(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
+                       "rounds; each round's monitors are compared with that round's no-monitor run.")
+            out.append("")
+            rows = [[r["tool"], stat(r["items_per_s"], 0), stat(r["ratio"], 2) + " x", stat(r["slowdown_pct"], 1),
+                     stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
+            out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
+
+    mem = b.get("memory")
+    if mem:
+        out += ["", h("Memory: etwmon RSS during a storm")]
+        if mem["status"] not in ("ok", "error") or "rss_start" not in mem:
+            out.append(_status_line(mem))
+        else:
+            p, ring = mem["params"], mem["ring"]
+            out.append(f"Source {p['source']}, {p['storms']}, {p['seconds']} s, RSS sampled every second; ring caps "
+                       f"max_items={p['max_items']:,}, max_bytes={p['max_bytes'] / MIB:.0f} MiB; the reader stops "
+                       f"reading at {p['reader_stops_at_s']:.0f} s so the ring fills to its caps.")
+            out.append("")
+            out += _table(["RSS start", "max while reading", "max", "end", "growth", "allowed", "pushed", "dropped (counted)"],
+                          [[f"{mem['rss_start'] / MIB:.1f} MiB", f"{(mem['rss_max_while_reading'] or 0) / MIB:.1f} MiB",
+                            f"{mem['rss_max'] / MIB:.1f} MiB", f"{mem['rss_end'] / MIB:.1f} MiB",
+                            f"{mem['growth'] / MIB:.1f} MiB", f"{mem['growth_bound'] / MIB:.1f} MiB",
+                            f"{ring['pushed'] or 0:,}", f"{ring['dropped'] or 0:,}"]], markdown)
+            if mem.get("error"):
+                out.append(f"error: {mem['error']}")
+
+    out += ["", h("Targets (goals to report against, not test assertions)")]
+    rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
+             ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
+            for t in results["targets"]]
+    out += _table(["", "benchmark", "target", "measured", "goal"], rows, markdown)
+    return out
+
+
+def _target_value(value, unit):
+    if value is None:
+        return "–"
+    if unit == "records/s":
+        return f"{value / 1e6:.2f} M records/s"
+    if unit == "x":
+        return f"{value:.2f} x"
+    return f"{value:.2f} {unit}"
+
+
+def _status_line(bench: dict) -> str:
+    return f"{bench['status'].upper()}: {bench.get('reason') or bench.get('error') or ''}"
+
+
+def _skipped(bench: dict) -> list[str]:
+    lines = [f"skipped {name}: {why}" for name, why in sorted(bench.get("skipped_tools", {}).items())]
+    lines += [f"not run: {what}: {why}" for what, why in sorted(bench.get("not_scored", {}).items())]
+    return lines + ([""] if lines else [])
+
+
+def terminal(results: dict) -> str:
+    lines = [f"etwmon benchmarks ({results['mode']})"] + _header(results, markdown=False)
+    return "\n".join(lines + sections(results, markdown=False)) + "\n"
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    lines = ["# etwmon benchmark results", "",
+             "Written by `python benchmarks/run.py --write-results` (the full run). Every ratio compares figures "
+             "measured in the same run; figures are median [min–max] over repeats. Machines are noisy: this one is "
+             "shared, so read the ratios, not the absolute numbers.", ""]
+    lines += _header(results, markdown=True)
+    lines += sections(results, markdown=True)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "## How it is measured", "", *_METHOD]
+    return "\n".join(lines) + "\n"
+
+
+_METHOD = [
+    "- **Ring**: one process, the same encoded records (ProcessCreate with ~50-character command lines "
+    "alternating with ProcessExit) pushed one per call into `EventRing` and into a naive port of the book's "
+    "list (a `collections.deque` under a lock, count cap dropping the oldest, and a `readinto` that pops records "
+    "one by one, copies each that fits and pushes the first that does not back at the head). Each is drained "
+    "with the same bytearray; the ceiling is plain slice copies of the same volume out of a large numpy array "
+    "into that buffer. The garbage collector is off during every timed section.",
+    "- **Storms**: generators in C (`benchmarks/generators/`, built with gcc at run time) fork+exec "
+    "`/bin/true storm-<i>`, fork children that exit at once, or pthread_create+join threads that exit at "
+    "once, paced to a rate (unthrottled = the machine's maximum). Each prints the pids/tids it made: the "
+    "ground truth. One monitor runs at a time, as its own process: etwmon (a `Monitor` on the named source, "
+    "drained by a thread calling `wait()` and `readinto` into 1 MiB, keeping the bytes), forkstat (its text "
+    "output to a file) and pyroute2's `ProcEventSocket` (a thread calling `get()`, keeping three fields per "
+    "message). Captured = create/exec/exit events whose pid/tid the generator made; command line right = the "
+    "exec event for pid *p* carries exactly `/bin/true storm-<i>` for the *i* that made *p*.",
+    "- **CPU** is the same for every monitor: utime+stime of its whole process from `/proc/<pid>/stat` from "
+    "just before the storm until it has gone idle after it (it has caught up), divided by the events it "
+    "delivered. Parsing and scoring happen after that measurement. The tick is 10 ms.",
+    "- **Latency** (etwmon only): for each record, the time `readinto` returned minus the record's Time "
+    "(the kernel's timestamp as FILETIME).",
+    "- **Cost**: the exec storm unthrottled with no monitor, then with each monitor, per round; ratio = rate "
+    "with monitor / rate without in the same round.",
+    "- **Memory**: etwmon's RSS (`VmRSS`) every second while the thread and exec storms run unthrottled; the "
+    "reader stops reading halfway so the ring fills to its caps; drops are counted and reported in the stream.",
+]
+
+
+def plots(results: dict, directory: Path) -> list[Path]:
+    """captured % vs storm rate per tool, and readinto MB/s vs buffer size; the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    storms = results["benchmarks"].get("storms")
+    if storms and storms.get("status") == "ok":
+        kinds = [k for k in ("threads", "fork", "exec") if any(r["kind"] == k for r in storms["summary"])]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            tools = sorted({r["tool"] for r in storms["summary"] if r["kind"] == kind})
+            for tool in tools:
+                rows = sorted((r for r in storms["summary"] if r["kind"] == kind and r["tool"] == tool
+                               and r["events_per_s"] and r["captured_pct"]), key=lambda r: r["level"])
+                if rows:
+                    ax.plot([r["events_per_s"]["median"] / 1000 for r in rows],
+                            [r["captured_pct"]["median"] for r in rows], marker="o", label=tool)
+            ax.set_title(f"{kind} storm")
+            ax.set_xlabel("storm rate (k events/s)")
+            ax.set_ylabel("captured %")
+            ax.set_ylim(0, 105)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / "storm_capture.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    ring = results["benchmarks"].get("ring")
+    if ring and ring.get("status") == "ok":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sizes = [r["buffer"] / 1024 for r in ring["readinto"]]
+        for key, label in (("ring_MBps", "EventRing.readinto"), ("naive_MBps", "naive list (deque port)"),
+                           ("ceiling_MBps", "copy ceiling (slice copies)")):
+            ax.plot(sizes, [r[key]["median"] for r in ring["readinto"]], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([r["buffer_name"] for r in ring["readinto"]])
+        ax.set_xlabel("readinto buffer size")
+        ax.set_ylabel("MB/s")
+        ax.set_title("readinto throughput")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / "ring_readinto.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,124 @@
+"""The benchmark suite keeps working: ``benchmarks/run.py --quick`` runs to the end and writes a well-formed
+report. Figures are checked for shape and sense only, never for speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REQUIRE_ROOT
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "run.py"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+IS_ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    before = RESULTS_MD.read_bytes() if RESULTS_MD.exists() else None
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    after = RESULTS_MD.read_bytes() if RESULTS_MD.exists() else None
+    return out, proc, before, after
+
+
+def _stat_ok(stat, low=0.0, high=math.inf):
+    assert set(stat) == {"min", "median", "max", "n"}
+    assert low <= stat["min"] <= stat["median"] <= stat["max"] <= high
+    assert stat["n"] >= 1
+
+
+def test_quick_run_succeeds_and_prints_the_table(quick_run):
+    _, proc, _, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== Ring" in proc.stdout and "== Targets" in proc.stdout
+    assert "ring: repeat 1/" in proc.stderr  # progress goes to stderr
+
+
+def test_quick_run_leaves_results_md_alone(quick_run):
+    _, _, before, after = quick_run
+    assert before == after
+
+
+def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
+    out, _, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    assert data["mode"] == "quick"
+    for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
+        assert data["machine"][key], key
+    assert list(data["benchmarks"]) == ["ring", "storms", "cost", "memory"]
+    for name, bench in data["benchmarks"].items():
+        assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
+        if bench["status"] == "skipped":
+            assert bench["reason"], name  # never silently left out
+            assert not (IS_ROOT and name in ("storms", "cost")), f"{name} skipped as root: {bench['reason']}"
+    if REQUIRE_ROOT:
+        assert data["benchmarks"]["storms"]["status"] == "ok"
+
+
+def test_ring_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    ring = json.loads((out / "latest.json").read_text())["benchmarks"]["ring"]
+    sizes = [row["buffer"] for row in ring["readinto"]]
+    assert sizes == sorted(sizes) and 4096 in sizes and 4 << 20 in sizes
+    for row in ring["readinto"]:
+        for key in ("ring_MBps", "naive_MBps", "ceiling_MBps", "ring_vs_naive", "ring_vs_ceiling"):
+            _stat_ok(row[key], low=1e-9)
+    for key in ("ring_records_per_s", "deque_records_per_s", "ring_vs_deque"):
+        _stat_ok(ring["push"][key], low=1e-9)
+    names = {t["name"] for t in ring["targets"]}
+    assert names == {"readinto 64 KiB vs naive list", "readinto 1 MiB vs copy ceiling", "push rate",
+                     "push vs deque append"}
+
+
+def test_every_target_has_a_verdict(quick_run):
+    out, _, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    assert data["targets"]
+    for t in data["targets"]:
+        assert t["result"] in ("PASS", "MISS", "n/a"), t
+        assert (t["value"] is None) == (t["result"] == "n/a"), t
+        assert t["op"] in (">=", "<="), t
+
+
+def test_storm_trials_are_scored_against_ground_truth(quick_run):
+    out, _, _, _ = quick_run
+    storms = json.loads((out / "latest.json").read_text())["benchmarks"]["storms"]
+    if storms["status"] != "ok":
+        pytest.skip(f"storms: {storms['reason']}")
+    tools = {t["tool"] for t in storms["trials"]}
+    assert "etwmon-netlink" in tools or "etwmon-netlink" in storms["skipped_tools"]
+    assert "forkstat" in tools or "forkstat" in storms["skipped_tools"]
+    assert "pyroute2" in tools or "pyroute2" in storms["skipped_tools"]
+    for trial in storms["trials"]:
+        if trial.get("captured_pct") is None:
+            assert trial["error"], trial  # a trial without figures says why
+            continue
+        assert trial["items"] > 0 and trial["events"] == trial["items"] * {"exec": 3, "fork": 2, "threads": 2}[
+            trial["kind"]]
+        assert 0 <= trial["captured"] <= trial["expected"]
+        assert 0.0 <= trial["captured_pct"] <= 100.0
+        if "cmdline_right" in trial:
+            assert 0 <= trial["cmdline_right"] <= trial["items"]
+        if trial["tool"].startswith("etwmon-") and trial["latency_us"]:
+            assert 0 <= trial["latency_us"]["p50"] <= trial["latency_us"]["p99"] <= trial["latency_us"]["max"]
+
+
+def test_plots_are_pngs(quick_run):
+    out, _, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    if isinstance(data["plots"], str):
+        pytest.skip(f"plots: {data['plots']}")
+    assert (out / "ring_readinto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for path in data["plots"]:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
