@@ -520,7 +520,8 @@ class EtwSource(Source):
         self._pending: list[bytes] = []
         self._stop = threading.Event()
         self._counts = dict.fromkeys(
-            ("events", "records", "ignored", "parse_errors", "events_lost", "buffers_lost", "pending_lost"), 0)
+            ("events", "records", "ignored", "parse_errors", "events_lost", "buffers_lost", "pending_lost",
+             "refused"), 0)
 
     # -- availability -------------------------------------------------------------------------------------
 
@@ -663,9 +664,17 @@ class EtwSource(Source):
                 counts["pending_lost"] += max(len(records) - max(room, 0), 0)
                 counts["records"] += min(len(records), max(room, 0))
                 return
-            for record in records:
-                sink.push(record)
-            counts["records"] += len(records)
+            pushed = 0
+            try:
+                for record in records:
+                    sink.push(record)
+                    pushed += 1
+            except Exception as exc:  # e.g. a ring whose max_bytes is smaller than an ImageLoad record
+                refused = len(records) - pushed
+                counts["refused"] += refused
+                log.error("the ring refused %d record(s): %r", refused, exc)
+                sink.push_lost(refused)
+            counts["records"] += pushed
             sink.notify()
 
     # -- losses ETW reports -------------------------------------------------------------------------------
@@ -700,9 +709,11 @@ class EtwSource(Source):
 
     def stats(self) -> dict[str, int]:
         """``events`` seen, ``records`` made, ``ignored`` (events that make no record), ``parse_errors``,
-        ``lost`` = ``events_lost`` + ``buffers_lost`` (a lower bound when buffers were lost) + ``pending_lost``."""
+        ``lost`` = ``events_lost`` + ``buffers_lost`` (ETW's; a lower bound when buffers were lost) +
+        ``pending_lost`` (held between open and run past the limit) + ``refused`` (records the sink refused)."""
         counts = dict(self._counts)
-        counts["lost"] = counts["events_lost"] + counts["buffers_lost"] + counts["pending_lost"]
+        counts["lost"] = (counts["events_lost"] + counts["buffers_lost"] + counts["pending_lost"]
+                          + counts["refused"])
         return counts
 
     # -- teardown -----------------------------------------------------------------------------------------
