@@ -653,7 +653,7 @@ def storm_binary(tmp_path_factory):
 
 
 STORM_C = textwrap.dedent(r"""
-    /* Exec storm: N children of `<prog> storm-<i>` spawned as fast as posix_spawn goes, 64 in flight. */
+    /* Exec storm: N children of `<prog> <tag>-<i>` spawned as fast as posix_spawn goes, 64 in flight. */
     #include <spawn.h>
     #include <stdio.h>
     #include <stdlib.h>
@@ -662,14 +662,14 @@ STORM_C = textwrap.dedent(r"""
     extern char **environ;
     int main(int argc, char **argv) {
         int n = argc > 1 ? atoi(argv[1]) : 3000, running = 0, failed = 0;
-        const char *prog = argc > 2 ? argv[2] : "/bin/true";
-        char arg[32];
+        const char *prog = argc > 2 ? argv[2] : "/bin/true", *tag = argc > 3 ? argv[3] : "storm";
+        char arg[64];
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
         for (int i = 0; i < n; i++) {
             int st;
             if (running >= 64 && wait(&st) > 0) running--;
-            snprintf(arg, sizeof arg, "storm-%d", i);
+            snprintf(arg, sizeof arg, "%s-%d", tag, i);
             char *av[] = {(char *)prog, arg, NULL};
             pid_t pid;
             if (posix_spawn(&pid, prog, NULL, NULL, av, environ) != 0) { failed++; continue; }
@@ -684,13 +684,28 @@ STORM_C = textwrap.dedent(r"""
 """)
 
 
-def _storm_argvs(events, prog: bytes = b"/bin/true") -> dict[int, list[bytes]]:
+#: Marks this test run's storm children apart from anyone else's on the machine.
+STORM_TAG = f"etwstorm{os.getpid()}"
+
+
+def _storm(binary: str, n: int) -> str:
+    return subprocess.run([binary, str(n), "/bin/true", STORM_TAG], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _storm_argvs(events) -> dict[int, list[bytes]]:
+    """Storm index -> argv of every ProcessExec that is one of our storm's children."""
     seen = {}
+    prefix = STORM_TAG.encode() + b"-"
     for event in events:
         argv = event.argv if isinstance(event, records.ProcessExec) else None
-        if argv and len(argv) == 2 and argv[1].startswith(b"storm-") and argv[0] == prog:
-            seen[int(argv[1][6:])] = argv
+        if argv and len(argv) == 2 and argv[1].startswith(prefix):
+            seen[int(argv[1][len(prefix):])] = argv
     return seen
+
+
+def _exact(i: int, argv: list[bytes]) -> bool:
+    return argv == [b"/bin/true", b"%s-%d" % (STORM_TAG.encode(), i)]
 
 
 @pytest.mark.root
@@ -699,7 +714,7 @@ def test_exec_storm_command_lines_are_exact(live_audit, storm_binary):
     before, _ = live_audit
     n = 3000
     with Monitor(source="audit", max_items=100_000) as mon:
-        out = subprocess.run([storm_binary, str(n)], capture_output=True, text=True, check=True).stdout
+        out = _storm(storm_binary, n)
         deadline = time.monotonic() + 20
         seen: dict[int, list[bytes]] = {}
         lost = 0
@@ -712,8 +727,8 @@ def test_exec_storm_command_lines_are_exact(live_audit, storm_binary):
                     lost += event.count
             seen.update(_storm_argvs(records.parse(buf[:got])))
         stats = mon.stats.source_stats
-    right = sum(argv == [b"/bin/true", b"storm-%d" % i] for i, argv in seen.items())
-    print(f"\nstorm: {out.strip()} (n failed seconds rate); audit exact: {right}/{n}; lost {lost}; {stats}")
+    right = sum(_exact(i, argv) for i, argv in seen.items())
+    print(f"\nstorm: {out} (n failed seconds rate); audit exact: {right}/{n}; lost {lost}; {stats}")
     assert right >= 0.999 * n
     assert len(seen) + lost >= n  # whatever was missed was counted
     _assert_restored(before, {os.getpid()})
@@ -842,7 +857,7 @@ def test_records_dropped_at_a_full_socket_are_counted(live_audit, storm_binary):
     with Running(rcvbuf=4096, probe=False) as run:
         run.source._stop.set()  # not yet: hold the reader so the buffer overflows
         run.thread.join(5)
-        subprocess.run([storm_binary, str(n)], capture_output=True, check=True)
+        _storm(storm_binary, n)
         time.sleep(0.3)
         run.source._stop.clear()
         run.thread = threading.Thread(target=run.source.run, args=(run.sink,), daemon=True)
@@ -855,7 +870,7 @@ def test_records_dropped_at_a_full_socket_are_counted(live_audit, storm_binary):
     assert stats["overruns"] >= 1
     assert run.sink.lost == stats["lost"] > 0
     assert len(seen) + run.sink.lost >= n
-    assert all(argv == [b"/bin/true", b"storm-%d" % i] for i, argv in seen.items())  # never a wrong one
+    assert all(_exact(i, argv) for i, argv in seen.items())  # never a wrong one
 
 
 # --- LinuxSource: proc connector + audit ------------------------------------------------------------------
@@ -968,7 +983,7 @@ def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
     before, _ = live_audit
     n = 3000
     with Monitor(source="linux", max_items=200_000) as mon:
-        subprocess.run([storm_binary, str(n)], capture_output=True, check=True)
+        _storm(storm_binary, n)
         seen: dict[int, list[bytes]] = {}
         lost = 0
         buf = bytearray(1 << 20)
@@ -981,7 +996,7 @@ def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
                     lost += event.count
             seen.update(_storm_argvs(records.parse(buf[:got])))
         stats = mon.stats.source_stats
-    right = sum(argv == [b"/bin/true", b"storm-%d" % i] for i, argv in seen.items())
+    right = sum(_exact(i, argv) for i, argv in seen.items())
     print(f"\nlinux storm: exact {right}/{n}, lost {lost}, fallback {stats['exec_fallback']}")
     assert right >= 0.999 * n
     assert len(seen) + lost >= n

@@ -45,6 +45,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 AUDIT_GET, AUDIT_SET, AUDIT_ADD_RULE, AUDIT_DEL_RULE, AUDIT_LIST_RULES = 1000, 1001, 1011, 1012, 1013
 AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CONFIG_CHANGE, AUDIT_CWD, AUDIT_EXECVE = 1300, 1302, 1305, 1307, 1309
 AUDIT_EOE, AUDIT_PROCTITLE = 1320, 1327
+AUDIT_TRUSTED_APP = 1121  # a free-text user message: etwmon's markers
 AUDIT_STATUS_ENABLED, AUDIT_STATUS_BACKLOG_LIMIT = 0x1, 0x10
 AUDIT_FILTER_EXIT, AUDIT_ALWAYS = 0x04, 2
 AUDIT_ARCH, AUDIT_FILTERKEY = 11, 210
@@ -316,6 +317,10 @@ class AuditControl:
         # No ACK: the kernel sends the list from a worker thread, so an ACK could come before the rules.
         return [AuditRule.unpack(body) for rtype, body in self._request(AUDIT_LIST_RULES, until=NLMSG_DONE)
                 if rtype == AUDIT_LIST_RULES]
+
+    def user_message(self, text: str) -> None:
+        """Log a user message (AUDIT_TRUSTED_APP; needs CAP_AUDIT_WRITE): it gets a serial like any event."""
+        self._request(AUDIT_TRUSTED_APP, text.encode() + b"\0")
 
     def add_rule(self, rule: AuditRule) -> None:
         self._request(AUDIT_ADD_RULE, rule.pack())
@@ -590,6 +595,11 @@ class SerialTracker:
             self.next += 1
         self.missing += lost
         return lost
+
+    def settle(self, upto: int) -> int:
+        """Every serial up to ``upto`` has had its chance (a marker logged after them came back): count the
+        ones never seen."""
+        return self._give_up_below(upto + 1)
 
     def tick(self) -> int:
         """Called periodically; returns how many more serials are now known to be missing."""
@@ -870,6 +880,8 @@ class AuditSource(Source):
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
         self._early: list[bytes] = []
+        self._marker: str | None = None
+        self._marker_serial: int | None = None
         self.assembler = EventAssembler()
         self.serials = SerialTracker()
         self._lost_base = 0
@@ -900,12 +912,13 @@ class AuditSource(Source):
         except BaseException:
             self._teardown(control)
             raise
-        if self.probe:
-            try:
+        try:
+            self._mark("start", self._early)
+            if self.probe:
                 self._run_probe()
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     def _open_locked(self, control: AuditControl) -> None:
         status, problem = _status_problem(control)
@@ -972,6 +985,49 @@ class AuditSource(Source):
             if exc.errno != errno.ENOENT:  # someone else removed it first
                 log.warning("etwmon audit: cannot remove rule %s: %s", rule.key, exc)
 
+    def _read_until(self, done: Callable[[], bool], timeout: float, out: Callable[[ExecEvent, bytes], None]
+                    ) -> bool:
+        """Read the log socket until ``done()`` or ``timeout`` seconds; exec events go to ``out``."""
+        deadline = time.monotonic() + timeout
+        buf = bytearray(1 << 16)
+        assert self._log is not None
+        fd = self._log.fileno()
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                for event, record in self._drain(buf):
+                    out(event, record)
+        return True
+
+    def _mark(self, what: str, early: list[bytes] | None, sink: Sink | None = None, timeout: float = 1.0) -> None:
+        """Log a marker message and read up to it. Serials are only compared with ones seen before, so a
+        marker at start gives the gap count its baseline and one at stop settles every serial before it:
+        events dropped at the socket before our first or after our last record are counted too."""
+        if self._control is None or self._log is None:
+            return
+        token = f"etwmon-audit-{what}-{os.getpid()}-{time.monotonic_ns()}"
+        self._marker, self._marker_serial = token, None
+        try:
+            self._control.user_message(token)
+        except OSError as exc:
+            log.info("etwmon audit: cannot log a marker (%s): losses right at %s may go uncounted", exc, what)
+            return
+
+        def out(event: ExecEvent, record: bytes) -> None:
+            if early is not None:
+                early.append(record)
+            elif sink is not None:
+                self._emit(sink, event, record)
+
+        if not self._read_until(lambda: self._marker_serial is not None, timeout, out):
+            log.info("etwmon audit: the %s marker did not come back within %.1f s", what, timeout)
+            return
+        if what == "stop":
+            self.serials.settle(self._marker_serial)  # type: ignore[arg-type]
+
     def _run_probe(self, timeout: float = 3.0) -> None:
         """Exec /bin/true once and wait for its audit event, so a source that would never see anything (a
         network namespace other than the host's, an auditd `never` rule ahead of ours) says so now."""
@@ -980,18 +1036,15 @@ class AuditSource(Source):
         argv = [program, token] if program == "/bin/true" else [program, "-c", "", token]
         pid = os.posix_spawn(program, argv, os.environ)
         os.waitpid(pid, 0)
-        deadline = time.monotonic() + timeout
-        buf = bytearray(1 << 16)
-        assert self._log is not None
-        fd = self._log.fileno()
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            for event, record in self._drain(buf):
-                self._early.append(record)
-                if event.pid == pid and (event.argv() or [b""])[-1] == token.encode():
-                    return
+        seen = []
+
+        def out(event: ExecEvent, record: bytes) -> None:
+            self._early.append(record)
+            if event.pid == pid and (event.argv() or [b""])[-1] == token.encode():
+                seen.append(event)
+
+        if self._read_until(lambda: bool(seen), timeout, out):
+            return
         if self._counts["overruns"]:
             raise SourceUnavailable(f"audit source: the test exec's records were dropped at the socket (rcvbuf "
                                     f"{self.rcvbuf} bytes is too small)")
@@ -1104,6 +1157,8 @@ class AuditSource(Source):
                 rec, done = assembler.feed(msg_type, data[offset + 16:offset + length])
                 if rec is not None:
                     serials.see(rec.serial)
+                    if msg_type == AUDIT_TRUSTED_APP and self._marker and self._marker in rec.body:
+                        self._marker_serial = rec.serial
                 for event in done:
                     yield event, event.encode()
                 offset += (length + 3) & ~3
@@ -1153,6 +1208,7 @@ class AuditSource(Source):
         # Drain what is already queued, and settle what we can, before returning.
         for event, record in self._drain(buf):
             self._emit(sink, event, record)
+        self._mark("stop", None, sink)
         for event in self.assembler.expire(everything=True):
             self._emit(sink, event, event.encode())
         self._poll_status()
