@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from cn_builders import compile_storm_tools  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.cn_builders import compile_storm_tools  # noqa: E402
 
 import etwmon  # noqa: E402
 from etwmon import ItemType, parse  # noqa: E402

@@ -189,3 +189,22 @@ def compile_storm_tools(directory: os.PathLike | str) -> dict[str, Path] | None:
         subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(src)], check=True, capture_output=True)
         out[name] = exe
     return out
+
+
+# --- an independent reader, for a reference listener in tests ---------------------------------------------------
+
+def read_events(buf, n: int) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """(cpu, seq, what, six union words) of every proc connector message in the first ``n`` bytes."""
+    out = []
+    offset = 0
+    while offset + 16 <= n:
+        length, = struct.unpack_from("=I", buf, offset)
+        if length < 16 or offset + length > n:
+            break
+        if length >= 16 + 20 + 40:
+            idx, val, seq = struct.unpack_from("=III", buf, offset + 16)
+            if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC):
+                what, cpu, _ = struct.unpack_from("=IIQ", buf, offset + 36)
+                out.append((cpu, seq, what, struct.unpack_from("=6I", buf, offset + 52)))
+        offset += (length + 3) & ~3
+    return out

@@ -119,6 +119,11 @@ def _read_proc(path: str, size: int = 4096) -> bytes | None:
         os.close(fd)
 
 
+def _argv(cmdline: bytes) -> list[bytes]:
+    """/proc/<pid>/cmdline (every argument followed by a NUL) as the argument list; empty arguments kept."""
+    return (cmdline[:-1] if cmdline.endswith(b"\0") else cmdline).split(b"\0")
+
+
 def _parse_stat(data: bytes) -> tuple[bytes, int, int] | None:
     """(comm, ppid, starttime in clock ticks) from /proc/<pid>/stat, or None if it does not parse."""
     open_paren = data.find(b"(")
@@ -224,7 +229,8 @@ class ProcEventDecoder:
         elif seq != prev + 1:
             gap = (seq - prev - 1) & _SEQ_MASK
             if gap < 0x80000000:
-                self._count_lost(gap)
+                if gap:  # (0 when the counter wrapped from 2**32 - 1 to 0)
+                    self._count_lost(gap)
             else:
                 self.seq_resets += 1
                 self._first_seq[cpu] = seq
@@ -348,7 +354,7 @@ class ProcEventDecoder:
             return 0, ""
         comm, ppid, _ = parsed
         if raw:
-            return ppid, command_line_from_argv(raw.rstrip(b"\0").split(b"\0"))
+            return ppid, command_line_from_argv(_argv(raw))
         self.cmdline_comm += 1  # an exited process (zombie) has no cmdline left, but still its comm
         return ppid, command_line_from_argv([comm])
 
@@ -361,7 +367,7 @@ class ProcEventDecoder:
         if parsed is None or not self._same_process(parsed[2], event_ns):
             return ""
         if raw:
-            return command_line_from_argv(raw.rstrip(b"\0").split(b"\0"))
+            return command_line_from_argv(_argv(raw))
         return command_line_from_argv([parsed[0]])
 
 

@@ -19,6 +19,7 @@ from ..records import (
     encode_process_exit, encode_thread_create, encode_thread_exit, filetime_now,
 )
 from .base import Sink, Source
+from .netlink import _argv
 
 __all__ = ["ProcfsSource", "DEFAULT_INTERVAL"]
 
@@ -144,7 +145,7 @@ class ProcfsSource(Source):
     def _command_line(self, pid: int, comm: bytes) -> str:
         raw = _read(f"{self._proc}/{pid}/cmdline")
         if raw:
-            return command_line_from_argv(raw.rstrip(b"\0").split(b"\0"))
+            return command_line_from_argv(_argv(raw))
         return command_line_from_argv([comm])  # kernel threads and zombies have no cmdline
 
     def _snapshot(self, known: dict[int, _Process], report: bool) -> tuple[dict[int, _Process], list[bytes]]:
