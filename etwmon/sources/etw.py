@@ -430,7 +430,7 @@ def _stop_all_sessions() -> None:
         sources = list(_LIVE)
     for source in sources:
         try:
-            source._teardown()
+            source.close()
         except Exception as exc:  # at exit: report, keep going
             log.error("could not stop ETW session %r at exit: %r", source.session_name, exc)
 
