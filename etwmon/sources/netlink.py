@@ -246,7 +246,7 @@ class ProcEventDecoder:
             if line is None:
                 line = self._inherited_command_line(b, ts)
             if len(lines) >= self.max_cached:
-                del lines[next(iter(lines))]
+                self._evict_oldest()
             lines[d] = line
             self._push(encode_process_create((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
                                                  d, b, b, a, line))
@@ -268,11 +268,18 @@ class ProcEventDecoder:
             parent, line = self._exec_info(b, ts)
             lines = self.command_lines
             if len(lines) >= self.max_cached and b not in lines:
-                del lines[next(iter(lines))]
+                self._evict_oldest()
             lines[b] = line
             self._push(encode_process_exec((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
                                                b, parent, b, a, line))
         # UID, GID, SID, PTRACE, COMM, COREDUMP and acks make no record.
+
+    def _evict_oldest(self) -> None:
+        lines = self.command_lines
+        try:  # another thread (the combined linux source) may write exact command lines in meanwhile
+            del lines[next(iter(lines))]
+        except (StopIteration, RuntimeError, KeyError):
+            pass
 
     def _parse_slow(self, buf, n: int) -> None:
         """Any number of netlink messages of any shape; whatever does not parse is counted and skipped."""

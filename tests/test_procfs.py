@@ -1,0 +1,213 @@
+"""The /proc polling source: snapshot diffs on a fake /proc, and live children it must see (no privilege)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import etwmon
+from etwmon import ItemType, parse
+from etwmon.records import EXIT_CODE_UNKNOWN, FILETIME_UNIX_EPOCH
+from etwmon.sources.procfs import ProcfsSource
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def push(self, record: bytes) -> None:
+        self.records.append(bytes(record))
+
+    def push_lost(self, count: int) -> None:
+        raise AssertionError("procfs cannot count losses")
+
+    def notify(self) -> None:
+        pass
+
+    def take(self) -> list:
+        events = list(parse(b"".join(self.records)))
+        self.records.clear()
+        return events
+
+
+def write_process(root, pid: int, comm: bytes, ppid: int, start: int, argv: list[bytes] | None = None,
+                  threads: dict[int, int] | None = None) -> None:
+    """A fake /proc/<pid> with stat, cmdline and task/<tid>/stat in the kernel's formats."""
+    def stat(dir_, task_id: int, task_start: int) -> None:
+        rest = ["S", str(ppid)] + ["0"] * 17 + [str(task_start)] + ["0"] * 30
+        (dir_ / "stat").write_bytes(b"%d (%s) " % (task_id, comm) + " ".join(rest).encode())
+
+    d = root / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    stat(d, pid, start)
+    (d / "cmdline").write_bytes(b"".join(a + b"\0" for a in (argv or [])))
+    task = d / "task"
+    if task.exists():
+        for old in task.iterdir():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+    for tid, tstart in {pid: start, **(threads or {})}.items():
+        (task / str(tid)).mkdir(parents=True, exist_ok=True)
+        stat(task / str(tid), tid, tstart)
+
+
+def remove_process(root, pid: int) -> None:
+    import shutil
+    shutil.rmtree(root / str(pid))
+
+
+@pytest.fixture
+def fake_proc(tmp_path):
+    write_process(tmp_path, 1, b"init", 0, 1, [b"/sbin/init"])
+    source = ProcfsSource(proc_root=str(tmp_path))
+    source.open()
+    return tmp_path, source, ListSink()
+
+
+def test_baseline_is_silent_then_creates_and_exits_are_reported(fake_proc):
+    root, source, sink = fake_proc
+    source.poll(sink)
+    assert sink.take() == []
+    write_process(root, 50, b"prog", 1, 12_345, [b"/bin/prog", b"an arg", b"caf\xe9"], threads={51: 12_400})
+    source.poll(sink)
+    create, thread = sink.take()
+    assert create.type == ItemType.ProcessCreate
+    assert (create.pid, create.parent_pid, create.creating_pid) == (50, 1, 1)
+    assert create.argv == [b"/bin/prog", b"an arg", b"caf\xe9"]
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    # Stamped with its start time (ticks since boot) on the wall clock, not with the time it was noticed.
+    boot_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    expected = (12_345 * tick + time.time_ns() - boot_ns) // 100 + FILETIME_UNIX_EPOCH
+    assert abs(create.filetime - expected) < 10_000_000  # 1 s: the clocks were read a moment apart
+    assert thread.type == ItemType.ThreadCreate and (thread.tid, thread.pid) == (51, 50)
+    write_process(root, 50, b"prog", 1, 12_345, [b"/bin/prog"], threads={})
+    source.poll(sink)
+    (thread_exit,) = sink.take()
+    assert thread_exit.type == ItemType.ThreadExit and thread_exit.tid == 51
+    assert thread_exit.exit_code == EXIT_CODE_UNKNOWN
+    remove_process(root, 50)
+    source.poll(sink)
+    (exit_,) = sink.take()
+    assert exit_.type == ItemType.ProcessExit and exit_.pid == 50 and exit_.exit_code == EXIT_CODE_UNKNOWN
+
+
+def test_a_reused_pid_is_an_exit_and_a_create(fake_proc):
+    root, source, sink = fake_proc
+    write_process(root, 70, b"first", 1, 100, [b"first"], threads={71: 100})
+    source.poll(sink)
+    sink.take()
+    write_process(root, 70, b"second", 1, 900, [b"second", b"x"])  # same pid, later start: another process
+    source.poll(sink)
+    events = sink.take()
+    assert [(e.type, getattr(e, "tid", None)) for e in events] == [
+        (ItemType.ProcessCreate, None), (ItemType.ThreadExit, 71), (ItemType.ProcessExit, None)]
+    assert events[0].argv == [b"second", b"x"]
+
+
+def test_a_new_program_name_is_an_exec(fake_proc):
+    root, source, sink = fake_proc
+    write_process(root, 80, b"sh", 1, 100, [b"sh", b"-c", b"exec sleep 9"])
+    source.poll(sink)
+    sink.take()
+    write_process(root, 80, b"sleep", 1, 100, [b"sleep", b"9"])
+    source.poll(sink)
+    (ev,) = sink.take()
+    assert ev.type == ItemType.ProcessExec and ev.pid == 80 and ev.argv == [b"sleep", b"9"]
+
+
+def test_kernel_threads_and_zombies_get_their_comm(fake_proc):
+    root, source, sink = fake_proc
+    write_process(root, 90, b"kworker/0:1", 2, 100, [])
+    source.poll(sink)
+    (ev,) = sink.take()
+    assert ev.command_line == "kworker/0:1"
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError):
+        ProcfsSource(interval=0)
+    with pytest.raises(TypeError):
+        ProcfsSource(bogus=1)
+    assert ProcfsSource.lossy and "exit_code" not in ProcfsSource.delivers
+    assert "exact_loss_count" not in ProcfsSource.delivers
+
+
+def test_stop_returns_promptly_even_with_a_long_interval():
+    source = ProcfsSource(interval=30)
+    source.open()
+    runner = threading.Thread(target=source.run, args=(ListSink(),))
+    runner.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    source.stop()
+    runner.join(5)
+    assert not runner.is_alive() and time.monotonic() - t0 < 0.5
+    source.close()
+
+
+# --- live ---------------------------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import threading, time, sys
+    t = threading.Thread(target=time.sleep, args=(0.6,))
+    t.start()
+    print(t.native_id, flush=True)
+    t.join()
+    time.sleep(0.3)
+""")
+
+
+def watch_a_child(interval: float = 0.05, preexec_fn=None) -> tuple[int, int, list]:
+    """Start a Python child holding a thread for 0.6 s under a procfs Monitor; (pid, tid, events)."""
+    buf = bytearray(1 << 20)
+    with etwmon.Monitor(source="procfs", interval=interval) as mon:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, "procfs-probe"], stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=preexec_fn)
+        tid = int(child.stdout.readline())
+        child.wait()
+        time.sleep(5 * interval)
+        mon.stop()
+        events = []
+        while n := mon.readinto(buf):
+            events.extend(parse(bytes(buf[:n])))
+    return child.pid, tid, events
+
+
+def test_live_child_process_and_thread_are_seen():
+    pid, tid, events = watch_a_child()
+    mine = [e for e in events if getattr(e, "pid", None) == pid]
+    kinds = [e.type for e in mine]
+    assert kinds.count(ItemType.ProcessCreate) == 1 and kinds.count(ItemType.ProcessExit) == 1
+    create = next(e for e in mine if e.type == ItemType.ProcessCreate)
+    assert create.argv[-1] == b"procfs-probe" and create.parent_pid == os.getpid()
+    assert [e.tid for e in mine if e.type == ItemType.ThreadCreate] == [tid]
+    assert [e.tid for e in mine if e.type == ItemType.ThreadExit] == [tid]
+    assert all(e.exit_code == EXIT_CODE_UNKNOWN for e in mine if e.type in (ItemType.ProcessExit,
+                                                                             ItemType.ThreadExit))
+    assert kinds.index(ItemType.ProcessCreate) < kinds.index(ItemType.ProcessExit)
+
+
+def test_live_runs_unprivileged():
+    """Without root (as root: with the effective uid of nobody, which also drops every capability)."""
+    dropped = os.geteuid() == 0
+    if dropped:
+        os.seteuid(65534)
+    try:
+        assert os.geteuid() != 0
+        # The child itself may run as root: this interpreter may live where nobody cannot read it.
+        pid, tid, events = watch_a_child(preexec_fn=(lambda: os.seteuid(0)) if dropped else None)
+    finally:
+        if dropped:
+            os.seteuid(0)
+    seen = {(e.type, getattr(e, "tid", None)) for e in events if getattr(e, "pid", None) == pid}
+    assert {(ItemType.ProcessCreate, None), (ItemType.ThreadCreate, tid), (ItemType.ThreadExit, tid),
+            (ItemType.ProcessExit, None)} <= seen
