@@ -627,6 +627,31 @@ def test_losses_etw_reports_reach_the_stream_once(windows):
         assert mon.stats.lost == 8
 
 
+def test_losses_add_up_over_restarts(windows, monkeypatch):
+    # Each session's ETW counters start from zero, and what was held past the limit is reported once.
+    monkeypatch.setattr(E, "_PENDING_LIMIT", 1)
+    source = EtwSource("kernel-process", loss_poll_seconds=0.01)
+    sinks = []
+    for events_lost in (4, 3):
+        source.open()
+        name, _ = only_session(windows)
+        windows.emit(B.kp_process_stop(pid=1), B.kp_process_stop(pid=2))  # one held, one past the limit
+        windows.drain()
+        windows.lost[name] = (events_lost, 0)
+        sink = ListSink()
+        thread, errors = run_in_thread(source, sink)
+        deadline = time.monotonic() + 30
+        while sum(sink.lost) < 1 + events_lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        source.stop()
+        thread.join(30)
+        assert errors == [] and windows.sessions == {}
+        sinks.append(sink)
+    assert [sorted(s.lost) for s in sinks] == [[1, 4], [1, 3]]
+    stats = source.stats()
+    assert (stats["events_lost"], stats["pending_lost"], stats["lost"]) == (7, 2, 9)
+
+
 def test_a_record_the_ring_refuses_is_counted_lost(windows):
     source = EtwSource("kernel-process")
     with etwmon.Monitor(source=source, max_bytes=600) as mon:  # an ImageLoad record is 640 bytes

@@ -518,6 +518,8 @@ class EtwSource(Source):
         self._lock = threading.Lock()  # the sink (and everything pushed into it)
         self._sink: Sink | None = None
         self._pending: list[bytes] = []
+        self._pending_overflow = 0  # this session's records beyond _PENDING_LIMIT, not yet reported
+        self._session_lost = (0, 0)  # this session's (EventsLost, RealTimeBuffersLost) already counted
         self._stop = threading.Event()
         self._counts = dict.fromkeys(
             ("events", "records", "ignored", "parse_errors", "events_lost", "buffers_lost", "pending_lost",
@@ -548,6 +550,9 @@ class EtwSource(Source):
                 return
         etw, trace_properties = _import_pywintrace()
         self._stop.clear()
+        with self._lock:
+            self._pending, self._pending_overflow = [], 0
+        self._session_lost = (0, 0)  # ETW's counters start again with each session
         name = self._requested_name or _new_session_name()
         session = self._make_session(etw, trace_properties, name)
         self.session_name = name
@@ -615,11 +620,12 @@ class EtwSource(Source):
         with self._lock:
             self._sink = sink
             pending, self._pending = self._pending, []
+            overflow, self._pending_overflow = self._pending_overflow, 0
             for record in pending:
                 sink.push(record)
-            if self._counts["pending_lost"]:
-                sink.push_lost(self._counts["pending_lost"])
-            if pending or self._counts["pending_lost"]:
+            if overflow:
+                sink.push_lost(overflow)
+            if pending or overflow:
                 sink.notify()
         try:
             while not self._stop.wait(self._loss_poll_seconds):
@@ -661,7 +667,9 @@ class EtwSource(Source):
             if sink is None:  # between open() and run()
                 room = _PENDING_LIMIT - len(self._pending)
                 self._pending.extend(records[:max(room, 0)])
-                counts["pending_lost"] += max(len(records) - max(room, 0), 0)
+                overflow = max(len(records) - max(room, 0), 0)
+                self._pending_overflow += overflow
+                counts["pending_lost"] += overflow
                 counts["records"] += min(len(records), max(room, 0))
                 return
             pushed = 0
@@ -694,11 +702,14 @@ class EtwSource(Source):
             log.debug("ETW session query failed: %r", exc)
             return
         counts = self._counts
-        # Counters only grow; a failed query reads as zeros, so keep the highest seen (no double counting).
-        new_events = max(events_lost - counts["events_lost"], 0)
-        new_buffers = max(buffers_lost - counts["buffers_lost"], 0)
+        # A session's counters only grow; a failed query reads as zeros, so keep the highest seen (no double
+        # counting when the next query works again).
+        seen_events, seen_buffers = self._session_lost
+        new_events = max(events_lost - seen_events, 0)
+        new_buffers = max(buffers_lost - seen_buffers, 0)
         if not (new_events or new_buffers):
             return
+        self._session_lost = (seen_events + new_events, seen_buffers + new_buffers)
         counts["events_lost"] += new_events
         counts["buffers_lost"] += new_buffers
         log.warning("ETW session %r lost %d events and %d buffers", self.session_name, new_events, new_buffers)
