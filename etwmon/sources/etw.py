@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from ..errors import Error, SourceError, SourceUnavailable
 from ..records import (
