@@ -744,7 +744,7 @@ def test_argv_edge_cases_come_out_exact(live_audit):
             os.waitpid(pid, 0)
             pids[pid] = argv
         for pid, argv in pids.items():
-            found = run.wait_for(lambda e, pid=pid: e.pid == pid)
+            found = run.wait_for(lambda e, pid=pid: e.pid == pid and e.ppid == os.getpid())
             assert found, f"no exec event for {argv[:2]!r}"
             event = found[0]
             assert event.argv() == argv
@@ -772,7 +772,7 @@ def test_failed_exec_makes_no_record(live_audit):
             os.posix_spawn("/nonexistent/etwmon-missing", ["/nonexistent/etwmon-missing", "x"], {})
         marker = os.posix_spawn("/bin/true", ["/bin/true", "etwmon-after-failure"], {})
         os.waitpid(marker, 0)
-        assert run.wait_for(lambda e: e.pid == marker)
+        assert run.wait_for(lambda e: e.pid == marker and e.ppid == os.getpid())
         assert run.source.stats()["failed_execs"] > failed_before
     assert not [e for e in run.sink.events() if isinstance(e, records.ProcessExec)
                 and "etwmon-missing" in e.command_line]
@@ -847,7 +847,7 @@ def test_rule_deleted_by_someone_else_is_put_back(live_audit):
             control.close()
         pid = os.posix_spawn("/bin/true", ["/bin/true", "etwmon-after-restore"], {})
         os.waitpid(pid, 0)
-        assert run.wait_for(lambda e: e.pid == pid)
+        assert run.wait_for(lambda e: e.pid == pid and e.ppid == os.getpid())
 
 
 @pytest.mark.root
@@ -1012,3 +1012,23 @@ def test_auto_prefers_the_linux_source(live_audit):
         assert source.name == "linux"
     finally:
         source.close()
+
+
+@pytest.mark.root
+def test_a_source_object_can_run_again_after_close(live_audit):
+    before, _ = live_audit
+    source = AuditSource()
+    for round_ in range(2):
+        with Monitor(source=source) as mon:
+            pid = os.posix_spawn("/bin/true", ["/bin/true", f"etwmon-round-{round_}"], {})
+            os.waitpid(pid, 0)
+            found: list = []
+            buf = bytearray(1 << 20)
+            deadline = time.monotonic() + 10
+            while not found and time.monotonic() < deadline:
+                mon.wait(0.25)
+                n = mon.readinto(buf)
+                found = [e for e in records.parse(buf[:n]) if isinstance(e, records.ProcessExec)
+                         and e.pid == pid and e.parent_pid == os.getpid()]
+            assert [e.argv for e in found] == [[b"/bin/true", b"etwmon-round-%d" % round_]]
+    _assert_restored(before, {os.getpid()})

@@ -890,7 +890,9 @@ class AuditSource(Source):
         self._lost_reported = 0
         self._audit_off_warned = False
         self._lock = threading.Lock()
-        self.exec_hook: Callable[[ExecEvent, bytes], bool] | None = None  # LinuxSource's join
+        #: Called with each assembled ExecEvent (the exact argv, before encoding) and its record; return False
+        #: to keep the record out of the sink. For tests and tools that want more than the record holds.
+        self.exec_hook: Callable[[ExecEvent, bytes], bool] | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -906,6 +908,11 @@ class AuditSource(Source):
         except OSError as exc:
             raise SourceUnavailable(f"cannot open a NETLINK_AUDIT socket: {exc}") from exc
         control = AuditControl(transport)
+        # A new session: stop flag down, and a fresh serial baseline (the gaps between sessions are not losses).
+        self._stop.clear()
+        self._early, self._marker, self._marker_serial = [], None, None
+        missing, self.serials = self.serials.missing, SerialTracker()
+        self.serials.missing = missing
         try:
             with _StateLock():
                 self._open_locked(control)
@@ -1208,7 +1215,7 @@ class AuditSource(Source):
         # Drain what is already queued, and settle what we can, before returning.
         for event, record in self._drain(buf):
             self._emit(sink, event, record)
-        self._mark("stop", None, sink)
+        self._mark("stop", None, sink, timeout=0.5)
         for event in self.assembler.expire(everything=True):
             self._emit(sink, event, event.encode())
         self._poll_status()
