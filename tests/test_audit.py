@@ -1032,3 +1032,18 @@ def test_a_source_object_can_run_again_after_close(live_audit):
                          and e.pid == pid and e.parent_pid == os.getpid()]
             assert [e.argv for e in found] == [[b"/bin/true", b"etwmon-round-%d" % round_]]
     _assert_restored(before, {os.getpid()})
+
+
+@linux_only
+def test_a_failed_open_can_be_retried():
+    kernel = FakeAuditKernel(enabled=2)
+    src = _fake_source(kernel)
+    with pytest.raises(SourceUnavailable):
+        src.open()
+    kernel.status = AuditStatus(enabled=0, backlog_limit=64)  # unlocked (after a reboot, say)
+    src.open()
+    try:
+        assert len(kernel.rules) == 2 and kernel.status.enabled == 1
+    finally:
+        src.close()
+    assert kernel.rules == [] and kernel.status.enabled == 0

@@ -911,12 +911,14 @@ class AuditSource(Source):
         # A new session: stop flag down, and a fresh serial baseline (the gaps between sessions are not losses).
         self._stop.clear()
         self._early, self._marker, self._marker_serial = [], None, None
+        self._set_backlog = None
         missing, self.serials = self.serials.missing, SerialTracker()
         self.serials.missing = missing
         try:
             with _StateLock():
                 self._open_locked(control)
         except BaseException:
+            self._control = None
             self._teardown(control)
             raise
         try:
