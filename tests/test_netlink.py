@@ -403,7 +403,11 @@ def test_live_thread_create_and_exit(netlink_monitor):
             "print(t.native_id, flush=True); t.join()\n")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     tid = int(child.stdout)
-    events = drain(netlink_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs))
+    def process_ended(evs) -> bool:
+        pids = {e.pid for e in evs if e.type == ItemType.ThreadCreate and e.tid == tid}
+        return any(e.type == ItemType.ProcessExit and e.pid in pids for e in evs)
+
+    events = drain(netlink_monitor, process_ended)
     creates = [e for e in of_type(events, ItemType.ThreadCreate) if e.tid == tid]
     exits = [e for e in of_type(events, ItemType.ThreadExit) if e.tid == tid]
     assert len(creates) == 1 and len(exits) == 1

@@ -70,6 +70,7 @@ MESSAGE_SIZE = _NLMSGHDR_SIZE + _CN_MSG_SIZE + PROC_EVENT_SIZE  # 76
 # exit_code, exit_signal, parent_pid, parent_tgid).
 _MESSAGE = struct.Struct("=IHHII" "IIIIHH" "IIQ" "IIIIII")
 _EVENT = struct.Struct("=IIQIIIIII")  # a proc_event on its own (the slow path)
+_WHAT_AND_TGID = struct.Struct("=IIQII")  # what, cpu, timestamp_ns, pid, tgid of an EXEC
 _LISTEN = struct.Struct("=IHHII" "IIIIHH" "I")  # what we send: nlmsghdr + cn_msg + proc_cn_mcast_op
 # The union bytes each event needs (a shorter proc_event is malformed for that type).
 _NEEDS = {PROC_EVENT_NONE: 20, PROC_EVENT_FORK: 32, PROC_EVENT_EXEC: 24, PROC_EVENT_EXIT: 32}
@@ -186,6 +187,7 @@ class ProcEventDecoder:
         self.max_cached = max_cached
         #: tgid -> command line, filled at fork and exec, dropped at exit and after any loss.
         self.command_lines: dict[int, str] = {}
+        self._prefetched: dict[int, bytes | None] = {}  # tgid -> cmdline read ahead of decoding (a batch)
         self._last_seq: dict[int, int] = {}
         self._first_seq: dict[int, int] = {}
         self.received = 0  # messages that carried a sequence number
@@ -203,21 +205,42 @@ class ProcEventDecoder:
 
     # -- the hot path ------------------------------------------------------------------------------------
 
-    def parse_messages(self, buf, n: int | None = None) -> None:
-        """Decode the first ``n`` bytes of ``buf`` (all of it when ``n`` is None): one or more netlink messages."""
+    def parse_messages(self, buf, n: int | None = None, offset: int = 0) -> None:
+        """Decode ``n`` bytes of ``buf`` from ``offset`` (all of it when ``n`` is None): one or more netlink
+        messages, as one ``recv`` returns them."""
         if n is None:
-            n = len(buf)
+            n = len(buf) - offset
         if n == MESSAGE_SIZE:  # what every recv returns: one whole message
             try:
                 (nl_len, nl_type, _, _, _, idx, val, seq, _, cn_len, _,
-                 what, cpu, ts, a, b, c, d, _, _) = _MESSAGE.unpack_from(buf, 0)
+                 what, cpu, ts, a, b, c, d, _, _) = _MESSAGE.unpack_from(buf, offset)
             except struct.error:
                 self.parse_errors += 1
                 return
             if nl_len == MESSAGE_SIZE and cn_len == PROC_EVENT_SIZE and idx == CN_IDX_PROC and val == CN_VAL_PROC:
                 self._event(what, cpu, seq, ts, a, b, c, d)
                 return
+        if offset:
+            try:
+                buf = memoryview(buf)[offset:]
+            except TypeError:
+                self.parse_errors += 1
+                return
         self._parse_slow(buf, n)
+
+    def prefetch_command_lines(self, buf, offsets: list[int], sizes: list[int]) -> None:
+        """Read /proc/<pid>/cmdline for every exec among a batch of received messages before decoding any of
+        them: a short-lived program's command line is gone once it exits, so each one is read as early as
+        possible rather than after everything queued ahead of it. ``_exec_info`` then checks, as always,
+        that the pid still names the process that exec'd (a cmdline read earlier than its stat is sound)."""
+        if not (self.cmdline and self.exec_events):
+            return
+        unpack, proc, early = _WHAT_AND_TGID.unpack_from, self._proc, self._prefetched
+        for offset, size in zip(offsets, sizes):
+            if size == MESSAGE_SIZE:
+                what, _, _, _, tgid = unpack(buf, offset + _NLMSGHDR_SIZE + _CN_MSG_SIZE)
+                if what == PROC_EVENT_EXEC and tgid not in early:
+                    early[tgid] = _read_proc(f"{proc}/{tgid}/cmdline")
 
     def _event(self, what: int, cpu: int, seq: int, ts: int, a: int, b: int, c: int, d: int) -> None:
         last = self._last_seq
@@ -353,7 +376,12 @@ class ProcEventDecoder:
         reused in between (pids are not handed back to an older process), so the cmdline was this process's.
         """
         proc = self._proc
-        raw = _read_proc(f"{proc}/{pid}/cmdline") if self.cmdline else None
+        if not self.cmdline:
+            raw = None
+        elif pid in self._prefetched:
+            raw = self._prefetched.pop(pid)
+        else:
+            raw = _read_proc(f"{proc}/{pid}/cmdline")
         stat = _read_proc(f"{proc}/{pid}/stat", 1024)
         parsed = _parse_stat(stat) if stat else None
         if parsed is None or not self._same_process(parsed[2], event_ns):
@@ -411,6 +439,8 @@ class NetlinkSource(Source):
 
     #: Messages decoded between two ``sink.notify()`` calls while the socket never runs dry.
     NOTIFY_EVERY = 256
+    #: Messages received before decoding them, at most (fewer when the socket runs dry first).
+    BATCH = 64
 
     def __init__(self, *, exec_events: bool = True, cmdline: bool = True, rcvbuf: int = 8 << 20) -> None:
         super().__init__()
@@ -577,41 +607,65 @@ class NetlinkSource(Source):
         for chunk in early:
             parse(chunk, len(chunk))
         sink.notify()
-        buf = bytearray(0x10000)
+        # Up to BATCH datagrams are received back to back into one buffer before any is decoded, so that the
+        # command lines of the execs among them can be read first (prefetch_command_lines).
+        batch_max = self.BATCH
+        big = bytearray(batch_max * 128 + 0x10000)
+        view = memoryview(big)
+        limit = len(big) - 0x10000  # room left for one more datagram of any size
         recv_into = sock.recv_into
+        prefetch, prefetched = decoder.prefetch_command_lines, decoder._prefetched
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         notify_every = self.NOTIFY_EVERY
         pending = 0
+        offsets: list[int] = []
+        sizes: list[int] = []
         while not self._stopping:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                if pending:
+            idle = False
+            offset = 0
+            while offset <= limit and len(offsets) < batch_max:
+                try:
+                    n = recv_into(view[offset:])
+                except BlockingIOError:
+                    idle = True
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        # The socket overflowed. How many messages that cost shows as gaps in the per-CPU
+                        # sequences of the messages that follow, so nothing is counted here (no double count).
+                        self.overruns += 1
+                        self._overrun_pending = True
+                        continue
+                    raise
+                offsets.append(offset)
+                sizes.append(n)
+                offset += (n + 7) & ~7
+            if offsets:
+                prefetch(big, offsets, sizes)
+                for offset, n in zip(offsets, sizes):
+                    parse(big, n, offset)
+                prefetched.clear()
+                pending += len(offsets)
+                offsets.clear()
+                sizes.clear()
+                if pending >= notify_every:
                     sink.notify()
                     pending = 0
-                if self._overrun_pending:
-                    self._resolve_overrun(buf)  # caught up: find out now how much the overflow cost
-                    sink.notify()
-                    continue
-                poller.poll()
+            if not idle:
                 continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    # The socket overflowed. How many messages that cost shows as gaps in the per-CPU
-                    # sequences of the messages that follow, so nothing is counted here (no double count).
-                    self.overruns += 1
-                    self._overrun_pending = True
-                    continue
-                raise
-            parse(buf, n)
-            pending += 1
-            if pending >= notify_every:
+            if pending:
                 sink.notify()
                 pending = 0
+            if self._overrun_pending:
+                self._resolve_overrun(big)  # caught up: find out now how much the overflow cost
+                sink.notify()
+                continue
+            poller.poll()
+        buf = big
         # Stopping: account for messages lost since the last ones we saw on each CPU.
         self._drain(buf)
         self._resolve_overrun(buf)
