@@ -912,6 +912,23 @@ def test_join_falls_back_to_the_proc_connector_exec_after_the_wait():
     assert join.fallback == 1 and join.waiting() == 0
 
 
+def test_join_waits_for_a_reader_that_is_behind_but_not_for_ever():
+    sink = ListSink()
+    reader = {"caught_up": 0.0}
+    join = ExecJoin(sink, hold=2.0, caught_up=lambda: reader["caught_up"], max_wait=30.0)
+    t0 = time.monotonic()
+    join.netlink_push(_exec_record(75, "from-proc"))
+    assert not join.expire(now=t0 + 5)  # the audit reader has not found its socket empty since: wait
+    reader["caught_up"] = t0 + 1.0  # ...caught up, but before the wait was over: still wait
+    assert not join.expire(now=t0 + 5)
+    reader["caught_up"] = t0 + 4.0  # caught up after it: audit has nothing for this exec
+    assert join.expire(now=t0 + 5) and join.fallback == 1
+    join.netlink_push(_exec_record(76, "from-proc"))
+    reader["caught_up"] = 0.0
+    assert not join.expire(now=t0 + 20)
+    assert join.expire(now=t0 + 33) and join.fallback == 2  # max_wait is the limit
+
+
 def test_join_audit_first_uses_a_credit():
     sink = ListSink()
     join = ExecJoin(sink, hold=2.0)

@@ -890,6 +890,8 @@ class AuditSource(Source):
         self._lost_reported = 0
         self._audit_off_warned = False
         self._lock = threading.Lock()
+        #: When the reader last found its socket empty (monotonic): every record multicast before then is read.
+        self.caught_up_at = 0.0
         #: Called with each assembled ExecEvent (the exact argv, before encoding) and its record; return False
         #: to keep the record out of the sink. For tests and tools that want more than the record holds.
         self.exec_hook: Callable[[ExecEvent, bytes], bool] | None = None
@@ -1147,7 +1149,10 @@ class AuditSource(Source):
                 else:
                     data = self._log.recv(len(buf))
                     n = len(data)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
+                self.caught_up_at = time.monotonic()
+                return
+            except InterruptedError:
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
@@ -1330,17 +1335,21 @@ class ExecJoin:
     """Joins the two streams of LinuxSource so each exec is reported once, with audit's exact argv.
 
     The proc connector reports every exec (its losses are counted exactly); audit reports the argv. A proc
-    connector exec waits up to ``hold`` seconds for audit's record of the same pid: when it comes, only audit's
-    is pushed; when it doesn't (a process that predates audit's first enabling has no audit context, or audit
-    lost the event), the proc connector's record is pushed instead (command line read from /proc) and counted
-    in ``fallback``. Records of a process whose exec is waiting (its exit, its threads) are held behind it, so
+    connector exec waits for audit's record of the same pid: when it comes, only audit's is pushed; when it
+    doesn't (a process that predates audit's first enabling has no audit context, or audit lost the event), the
+    proc connector's record is pushed instead (command line read from /proc) and counted in ``fallback``. It
+    waits ``hold`` seconds and until the audit reader has found its socket empty since (``caught_up()``), so a
+    reader that is merely behind is waited for — but never more than ``max_wait`` seconds in all. Records of a process whose exec is waiting (its exit, its threads) are held behind it, so
     each process still reads create, exec, exit in that order. An audit exec that arrives first leaves a credit
     that the proc connector's exec then uses up.
     """
 
-    def __init__(self, sink: Sink, hold: float = 2.0, on_exec: Callable[[int, bytes], None] | None = None) -> None:
+    def __init__(self, sink: Sink, hold: float = 2.0, on_exec: Callable[[int, bytes], None] | None = None,
+                 caught_up: Callable[[], float] | None = None, max_wait: float = 30.0) -> None:
         self.sink = sink
         self.hold = hold
+        self.max_wait = max(max_wait, hold)
+        self.caught_up = caught_up or (lambda: float("inf"))  # no reader to wait for
         self.on_exec = on_exec
         self._lock = threading.Lock()
         self._pending: dict[int, deque[_Pending]] = {}
@@ -1397,11 +1406,18 @@ class ExecJoin:
     def expire(self, now: float | None = None, everything: bool = False) -> bool:
         """Push proc connector execs whose wait is over; drop old credits. True if anything was pushed."""
         now = time.monotonic() if now is None else now
+        caught_up = self.caught_up()
+        late = self.max_wait - self.hold
+
+        def due(entry: _Pending) -> bool:
+            return everything or entry.deadline <= now and (caught_up >= entry.deadline
+                                                            or now >= entry.deadline + late)
+
         pushed = False
         with self._lock:
-            for pid in [p for p, q in self._pending.items() if everything or q[0].deadline <= now]:
+            for pid in [p for p, q in self._pending.items() if due(q[0])]:
                 queue = self._pending[pid]
-                while queue and (everything or queue[0].deadline <= now):
+                while queue and due(queue[0]):
                     entry = queue.popleft()
                     self.fallback += 1
                     self.sink.push(entry.record)
@@ -1500,7 +1516,8 @@ class LinuxSource(Source):
         self._audit_lost += count
 
     def run(self, sink: Sink) -> None:
-        join = self.join = ExecJoin(sink, hold=self.exec_wait, on_exec=self._exact_line_for_children)
+        join = self.join = ExecJoin(sink, hold=self.exec_wait, on_exec=self._exact_line_for_children,
+                                    caught_up=lambda: self.audit.caught_up_at)
         sides = {
             self.netlink: _SideSink(join.netlink_push, sink.push_lost, sink.notify),
             self.audit: _SideSink(join.audit_push, self._count_audit_lost, sink.notify),
