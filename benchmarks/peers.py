@@ -221,6 +221,8 @@ class ForkstatTool(Tool):
     name = "forkstat"
     # clone is on so thread creation is reported too (forkstat shows it as "clone <tid> thread").
     ARGS = ["-e", "fork,exec,exit,clone"]
+    #: The argument of the processes run to see that forkstat is listening (and where its output starts).
+    CANARY = "etwmon-bench-canary"
 
     def start(self) -> None:
         self.out = self.workdir / "forkstat.out"
@@ -228,19 +230,15 @@ class ForkstatTool(Tool):
         self.stderr = open(self.workdir / "forkstat.stderr", "w")
         self.proc = subprocess.Popen(["forkstat", *self.ARGS], stdin=subprocess.DEVNULL, stdout=self.stdout,
                                      stderr=self.stderr)
-        # forkstat prints nothing we can see before its buffer fills, so "subscribed" is read off
-        # /proc: its netlink socket exists, plus a moment for the LISTEN message to go out.
+        # forkstat says nothing when it is listening, and its output is block-buffered (writing it line by
+        # line would cost it more than it does in use). So canary processes are run until its output file
+        # shows the first buffer-full: by then it is subscribed.
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and self.alive():
-            try:
-                if any(os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("socket:")
-                       for fd in os.listdir(f"/proc/{self.pid}/fd")):
-                    self.cpu_start = cpu_seconds(self.pid)
-                    time.sleep(0.3)
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
+            if self.out.stat().st_size > 0:
+                self.cpu_start = cpu_seconds(self.pid)
+                return
+            subprocess.run(["/bin/true", self.CANARY])
         self.kill()
         raise RuntimeError(f"forkstat did not start: {self._stderr_tail()}")
 
@@ -255,7 +253,7 @@ class ForkstatTool(Tool):
                 self.kill()
         self.stdout.close()
         self.stderr.close()
-        obs = parse_forkstat(self.out.read_text(errors="replace"))
+        obs = parse_forkstat(self.out.read_text(errors="replace"), after=self.CANARY)
         obs.error = error
         return obs
 
@@ -264,11 +262,16 @@ class ForkstatTool(Tool):
         return lines[-1] if lines else ""
 
 
-def parse_forkstat(text: str) -> Observed:
+def parse_forkstat(text: str, after: str | None = None) -> Observed:
     """forkstat's lines: "HH:MM:SS <event> <pid> <info> [duration] <process>"; info is parent/child for fork,
-    parent/thread for clone, the exit status for exit, empty for exec (the command line follows the pid)."""
+    parent/thread for clone, the exit status for exit, empty for exec (the command line follows the pid).
+    With ``after``, only the lines after the last one that mentions it count."""
     obs = Observed()
-    for line in text.splitlines():
+    lines = text.splitlines()
+    if after:
+        marks = [i for i, line in enumerate(lines) if after in line]
+        lines = lines[marks[-1] + 1:] if marks else lines
+    for line in lines:
         parts = line.split()
         if len(parts) < 3 or not parts[2].isdigit():
             continue  # the column header it repeats, blank lines

@@ -52,7 +52,7 @@ def _header(results: dict, markdown: bool) -> list[str]:
 
 def sections(results: dict, markdown: bool) -> list[str]:
     """The report body, as terminal text or as markdown."""
-    h = (lambda t: f"## {t}") if markdown else (lambda t: f"\n== {t} ==")
+    h = (lambda t: f"## {t}\n") if markdown else (lambda t: f"\n== {t} ==")
     out: list[str] = []
     b = results["benchmarks"]
 
@@ -82,22 +82,30 @@ def sections(results: dict, markdown: bool) -> list[str]:
         if storms["status"] != "ok":
             out.append(_status_line(storms))
         else:
-            out += _skipped(storms)
+            out += _skipped(storms, markdown)
             p = storms["params"]
             out.append(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
-                       "of the machine's unthrottled rate (1 = unthrottled; "
+                       "of the machine's unthrottled rate (max = unthrottled; "
                        + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
                        + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
                        "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
             out.append("")
             rows = []
             for r in storms["summary"]:
-                rows.append([r["kind"], f"{r['level']:g}", stat(r["events_per_s"], 1, spread=False), r["tool"],
+                rows.append([r["kind"], "max" if r["level"] == 1.0 else f"{r['level']:g} max", stat(r["events_per_s"], 1, spread=False), r["tool"],
                              stat(r["captured_pct"], 2), stat(r["cmdline_right_pct"], 1),
                              stat(r["cpu_ms_per_1000_events"], 1), stat(r["latency_p50_ms"], 2, spread=False),
-                             stat(r["latency_p99_ms"], 2), "; ".join(r["errors"])[:80]])
+                             stat(r["latency_p99_ms"], 2), stat(r["lost_reported"], 0, spread=False),
+                             "; ".join(r["errors"])[:80]])
             out += _table(["storm", "level", "events/s", "tool", "captured %", "cmdline right %",
-                           "CPU ms / 1k events", "p50 ms", "p99 ms", "errors"], rows, markdown)
+                           "CPU ms / 1k events", "p50 ms", "p99 ms", "lost (reported)", "errors"], rows, markdown)
+            if storms.get("crashes"):
+                out.append("")
+            for c in storms.get("crashes", []):
+                rate = f"{c['events_per_s'] / 1000:.1f} k events/s" if c.get("events_per_s") else "?"
+                out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from level "
+                           f"{c['level']:g} ({rate}): "
+                           f"{c['error']}")
 
     cost = b.get("cost")
     if cost:
@@ -105,11 +113,11 @@ def sections(results: dict, markdown: bool) -> list[str]:
         if cost["status"] != "ok":
             out.append(_status_line(cost))
         else:
-            out += _skipped(cost)
+            out += _skipped(cost, markdown)
             out.append(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
-                       "rounds; each round's monitors are compared with that round's no-monitor run.")
+                       "rounds; each monitor's run is compared with a no-monitor run just before it.")
             out.append("")
-            rows = [[r["tool"], stat(r["items_per_s"], 0), stat(r["ratio"], 2) + " x", stat(r["slowdown_pct"], 1),
+            rows = [[r["tool"], stat(r["items_per_s"], 0), (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["slowdown_pct"], 1),
                      stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
             out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
 
@@ -136,7 +144,7 @@ def sections(results: dict, markdown: bool) -> list[str]:
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
             for t in results["targets"]]
-    out += _table(["", "benchmark", "target", "measured", "goal"], rows, markdown)
+    out += _table(["", "benchmark", "target", "measured", "goal"], rows, markdown) if rows else ["(none measured)"]
     return out
 
 
@@ -154,9 +162,10 @@ def _status_line(bench: dict) -> str:
     return f"{bench['status'].upper()}: {bench.get('reason') or bench.get('error') or ''}"
 
 
-def _skipped(bench: dict) -> list[str]:
-    lines = [f"skipped {name}: {why}" for name, why in sorted(bench.get("skipped_tools", {}).items())]
-    lines += [f"not run: {what}: {why}" for what, why in sorted(bench.get("not_scored", {}).items())]
+def _skipped(bench: dict, markdown: bool) -> list[str]:
+    bullet = "- " if markdown else ""
+    lines = [f"{bullet}skipped {name}: {why}" for name, why in sorted(bench.get("skipped_tools", {}).items())]
+    lines += [f"{bullet}not run: {what}: {why}" for what, why in sorted(bench.get("not_scored", {}).items())]
     return lines + ([""] if lines else [])
 
 
@@ -218,14 +227,17 @@ def plots(results: dict, directory: Path) -> list[Path]:
     if storms and storms.get("status") == "ok":
         kinds = [k for k in ("threads", "fork", "exec") if any(r["kind"] == k for r in storms["summary"])]
         fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+        order = ["etwmon-netlink", "etwmon-linux", "etwmon-audit", "forkstat", "pyroute2"]
+        every = sorted({r["tool"] for r in storms["summary"]}, key=lambda t: (order.index(t) if t in order else 99, t))
+        colors = {tool: f"C{i}" for i, tool in enumerate(every)}  # one colour per tool in every panel
         for ax, kind in zip(axes[0], kinds):
-            tools = sorted({r["tool"] for r in storms["summary"] if r["kind"] == kind})
+            tools = [t for t in every if any(r["kind"] == kind and r["tool"] == t for r in storms["summary"])]
             for tool in tools:
                 rows = sorted((r for r in storms["summary"] if r["kind"] == kind and r["tool"] == tool
                                and r["events_per_s"] and r["captured_pct"]), key=lambda r: r["level"])
                 if rows:
                     ax.plot([r["events_per_s"]["median"] / 1000 for r in rows],
-                            [r["captured_pct"]["median"] for r in rows], marker="o", label=tool)
+                            [r["captured_pct"]["median"] for r in rows], marker="o", label=tool, color=colors[tool])
             ax.set_title(f"{kind} storm")
             ax.set_xlabel("storm rate (k events/s)")
             ax.set_ylabel("captured %")

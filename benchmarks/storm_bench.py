@@ -180,7 +180,7 @@ def run_storms(tools: list[Tool], exes: dict[str, Path], max_rates: dict[str, fl
     # Fractions of the machine's maximum; 1.0 means unthrottled (rate 0 to the generator).
     levels = {kind: ([0.5, 1.0] if kind == "threads" else [1.0]) for kind in KINDS} if quick else \
         {kind: [0.1, 0.3, 0.6, 1.0] for kind in KINDS}
-    repeats_at_max = 1 if quick else 2
+    repeats_at_max = 1 if quick else 3
     trials = []
     not_scored = {}
     for kind in KINDS:
@@ -208,7 +208,21 @@ def run_storms(tools: list[Tool], exes: dict[str, Path], max_rates: dict[str, fl
                     trials.append(trial)
     return {"params": {"seconds_per_storm": seconds, "levels": levels, "repeats_at_max": repeats_at_max,
                        "max_items_per_s": max_rates},
-            "not_scored": not_scored, "trials": trials, "summary": summarize_storms(trials)}
+            "not_scored": not_scored, "crashes": first_crashes(trials), "trials": trials,
+            "summary": summarize_storms(trials)}
+
+
+def first_crashes(trials: list[dict]) -> list[dict]:
+    """For each monitor that failed while watching, the slowest storm of each kind where it did."""
+    crashes: dict[tuple[str, str], dict] = {}
+    for t in trials:
+        if not t.get("error"):
+            continue
+        key = (t["tool"], t["kind"])
+        if key not in crashes or t["level"] < crashes[key]["level"]:
+            crashes[key] = {"tool": t["tool"], "kind": t["kind"], "level": t["level"],
+                            "events_per_s": t.get("events_per_s"), "error": t["error"]}
+    return sorted(crashes.values(), key=lambda c: (c["tool"], c["kind"]))
 
 
 def summarize_storms(trials: list[dict]) -> list[dict]:
@@ -220,6 +234,8 @@ def summarize_storms(trials: list[dict]) -> list[dict]:
     for (kind, level, tool), ts in groups.items():
         ok = [t for t in ts if t.get("captured_pct") is not None]
         errors = sorted({t["error"] for t in ts if t.get("error")})
+        if any(t.get("caught_up") is False for t in ts):
+            errors.append("still busy 15 s after the storm ended")
         rows.append({
             "kind": kind, "level": level, "tool": tool, "runs": len(ts),
             "events_per_s": summary(t["events_per_s"] for t in ok),
@@ -268,18 +284,18 @@ def storm_targets(result: dict) -> list[dict]:
 
 
 def run_cost(tools: list[Tool], exe: Path, max_rate: float, quick: bool) -> dict:
-    """The exec storm's own rate while each monitor watches, against no monitor in the same round."""
-    seconds = 1.0 if quick else 3.0
-    rounds = 1 if quick else 3
+    """The exec storm's own rate while each monitor watches, against a no-monitor run just before it (pairs
+    next to each other in time, so background load changes between pairs cancel out)."""
+    seconds = 1.0 if quick else 2.0
+    rounds = 1 if quick else 5
     items = max(100, int(max_rate * seconds))
+    watchers = [tool for tool in tools if scored_events("exec", tool)]
     runs = []
     for rnd in range(rounds):
-        baseline = run_storm(exe, "exec", items, 0)
-        progress(f"cost: round {rnd + 1}/{rounds}: no monitor {baseline.items_per_s:,.0f} execs/s")
-        runs.append({"round": rnd, "tool": "none", "items_per_s": baseline.items_per_s, "ratio": 1.0})
-        for tool in tools:
-            if not scored_events("exec", tool):
-                continue
+        progress(f"cost: round {rnd + 1}/{rounds}")
+        for tool in watchers:
+            baseline = run_storm(exe, "exec", items, 0)
+            runs.append({"round": rnd, "tool": "none", "items_per_s": baseline.items_per_s})
             try:
                 trial = run_trial(tool, exe, "exec", items, 0)
             except Exception as exc:
@@ -287,18 +303,19 @@ def run_cost(tools: list[Tool], exe: Path, max_rate: float, quick: bool) -> dict
                 progress(f"cost: {tool.name} failed to run: {exc}")
                 continue
             rate = trial["items"] / trial["seconds"]
-            runs.append({"round": rnd, "tool": tool.name, "items_per_s": rate,
-                         "ratio": rate / baseline.items_per_s, "slowdown_pct": 100 * (1 - rate / baseline.items_per_s),
+            ratio = rate / baseline.items_per_s
+            runs.append({"round": rnd, "tool": tool.name, "items_per_s": rate, "baseline_items_per_s":
+                         baseline.items_per_s, "ratio": ratio, "slowdown_pct": 100 * (1 - ratio),
                          "cmdline_right_pct": trial.get("cmdline_right_pct"), "captured_pct": trial["captured_pct"],
                          "error": trial.get("error")})
-            progress(f"cost: {tool.name:<15} {rate:,.0f} execs/s = {100 * rate / baseline.items_per_s:5.1f}% "
-                     f"of no monitor" + (f", cmdline right {trial['cmdline_right_pct']:.1f}%"
-                                         if trial.get("cmdline_right_pct") is not None else ""))
+            progress(f"cost: {tool.name:<15} {rate:,.0f} execs/s vs {baseline.items_per_s:,.0f} with no monitor "
+                     f"just before: {100 * ratio:5.1f}%" + (f", cmdline right {trial['cmdline_right_pct']:.1f}%"
+                                                             if trial.get("cmdline_right_pct") is not None else ""))
     rows = []
-    for name in ["none"] + [t.name for t in tools if scored_events("exec", t)]:
+    for name in ["none"] + [t.name for t in watchers]:
         mine = [r for r in runs if r["tool"] == name and "items_per_s" in r]
         rows.append({"tool": name, "items_per_s": summary(r["items_per_s"] for r in mine),
-                     "ratio": summary(r["ratio"] for r in mine),
+                     "ratio": summary(r.get("ratio") for r in mine),
                      "slowdown_pct": summary(r.get("slowdown_pct") for r in mine),
                      "cmdline_right_pct": summary(r.get("cmdline_right_pct") for r in mine),
                      "errors": sorted({r["error"] for r in runs if r["tool"] == name and r.get("error")})})
