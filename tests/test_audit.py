@@ -929,17 +929,22 @@ def test_join_waits_for_a_reader_that_is_behind_but_not_for_ever():
     assert join.expire(now=t0 + 33) and join.fallback == 2  # max_wait is the limit
 
 
-def test_join_audit_first_uses_a_credit():
+def test_join_audit_first_waits_for_the_proc_connector_exec():
     sink = ListSink()
     join = ExecJoin(sink, hold=2.0)
-    join.audit_push(_exec_record(80, "exact"))
-    join.netlink_push(_exec_record(80, "from-proc"))  # the same exec, seen later: dropped
+    join.audit_push(_exec_record(80, "exact"))  # audit's reader ran ahead of the proc connector's
+    assert sink.records == []
+    join.netlink_push(records.encode_process_create(1, 80, 1, 1, 1, "parent"))
+    join.netlink_push(_exec_record(80, "from-proc"))  # the same exec: audit's takes its place
     join.netlink_push(records.encode_process_exit(3, 80, 0))
-    assert [getattr(e, "command_line", "exit") for e in sink.events()] == ["exact", "exit"]
-    # an audit exec the proc connector never reports leaves a credit that expires, counted
+    assert [(type(e).__name__, getattr(e, "command_line", None)) for e in sink.events()] == [
+        ("ProcessCreate", "parent"), ("ProcessExec", "exact"), ("ProcessExit", None)]
+    # an audit exec the proc connector never reports (it lost it, and counted that) is pushed after the wait
     join.audit_push(_exec_record(81, "only audit"))
-    join.expire(now=time.monotonic() + 3)
-    assert (join.matched, join.audit_only, join.fallback) == (1, 1, 0)
+    assert not join.expire(now=time.monotonic() + 1)
+    assert join.expire(now=time.monotonic() + 3)
+    assert sink.events()[-1].command_line == "only audit"
+    assert (join.matched, join.audit_only, join.fallback, join.waiting()) == (1, 1, 0, 0)
 
 
 def test_join_exec_chain_of_one_pid_matches_in_order():
@@ -951,6 +956,12 @@ def test_join_exec_chain_of_one_pid_matches_in_order():
     join.audit_push(_exec_record(90, "exact-2"))
     assert [e.command_line for e in sink.events()] == ["exact-1", "exact-2"]
     assert join.waiting() == 0 and join.matched == 2
+    join.audit_push(_exec_record(91, "exact-3"))  # and audit first
+    join.audit_push(_exec_record(91, "exact-4"))
+    join.netlink_push(_exec_record(91, "proc-3"))
+    join.netlink_push(_exec_record(91, "proc-4"))
+    assert [e.command_line for e in sink.events()][2:] == ["exact-3", "exact-4"]
+    assert join.waiting() == 0 and join.matched == 4
 
 
 def test_linux_source_declares_the_union():
@@ -976,11 +987,20 @@ def test_linux_source_sees_fork_threads_exec_exit_once_each(live_audit):
         mine: list = []
         buf = bytearray(1 << 20)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(isinstance(e, records.ProcessExit) for e in mine):
+        def ours_ended() -> bool:
+            born = [i for i, e in enumerate(mine) if type(e) is records.ProcessCreate and e.parent_pid == os.getpid()]
+            return bool(born) and any(isinstance(e, records.ProcessExit) for e in mine[born[-1]:])
+
+        while time.monotonic() < deadline and not ours_ended():
             mon.wait(0.25)
             n = mon.readinto(buf)
             mine += [e for e in records.parse(buf[:n]) if getattr(e, "pid", None) == proc.pid]
         stats = mon.stats.source_stats
+    # pids are reused quickly on a busy machine: ours starts at the fork from this process
+    starts = [i for i, e in enumerate(mine) if isinstance(e, records.ProcessCreate)
+              and not isinstance(e, records.ProcessExec) and e.parent_pid == os.getpid()]
+    assert starts, mine
+    mine = mine[starts[-1]:]
     kinds = [type(e).__name__ for e in mine]
     assert kinds[0] == "ProcessCreate" and kinds[-1] == "ProcessExit", kinds
     execs = [e for e in mine if isinstance(e, records.ProcessExec)]

@@ -1340,8 +1340,9 @@ class ExecJoin:
     proc connector's record is pushed instead (command line read from /proc) and counted in ``fallback``. It
     waits ``hold`` seconds and until the audit reader has found its socket empty since (``caught_up()``), so a
     reader that is merely behind is waited for — but never more than ``max_wait`` seconds in all. Records of a process whose exec is waiting (its exit, its threads) are held behind it, so
-    each process still reads create, exec, exit in that order. An audit exec that arrives first leaves a credit
-    that the proc connector's exec then uses up.
+    each process still reads create, exec, exit in that order. An audit exec that arrives first waits (``hold``
+    seconds at most) for the proc connector's exec and is pushed in its place, so it never comes before the
+    process's create.
     """
 
     def __init__(self, sink: Sink, hold: float = 2.0, on_exec: Callable[[int, bytes], None] | None = None,
@@ -1353,7 +1354,7 @@ class ExecJoin:
         self.on_exec = on_exec
         self._lock = threading.Lock()
         self._pending: dict[int, deque[_Pending]] = {}
-        self._credits: dict[int, deque[float]] = {}
+        self._early_audit: dict[int, deque[tuple[float, bytes]]] = {}  # audit execs ahead of the proc connector
         self.matched = 0  # execs both reported: audit's pushed
         self.fallback = 0  # proc connector execs audit never reported: pushed as they were
         self.audit_only = 0  # audit execs the proc connector never reported (its losses are counted there)
@@ -1368,12 +1369,13 @@ class ExecJoin:
             return
         with self._lock:
             if item == _EXEC:
-                credits = self._credits.get(pid)
-                if credits:
-                    credits.popleft()
-                    if not credits:
-                        del self._credits[pid]
+                early = self._early_audit.get(pid)
+                if early:
+                    _, exact = early.popleft()
+                    if not early:
+                        del self._early_audit[pid]
                     self.matched += 1
+                    self.sink.push(exact)
                     return
                 pending.setdefault(pid, deque()).append(_Pending(time.monotonic() + self.hold, bytes(record)))
                 return
@@ -1398,13 +1400,12 @@ class ExecJoin:
                 for held in first.held:
                     self.sink.push(held)
             else:
-                self._credits.setdefault(pid, deque()).append(time.monotonic() + self.hold)
-                self.sink.push(record)
+                self._early_audit.setdefault(pid, deque()).append((time.monotonic() + self.hold, bytes(record)))
         if self.on_exec is not None:
             self.on_exec(pid, record)
 
     def expire(self, now: float | None = None, everything: bool = False) -> bool:
-        """Push proc connector execs whose wait is over; drop old credits. True if anything was pushed."""
+        """Push the execs whose wait is over (either side's). True if anything was pushed."""
         now = time.monotonic() if now is None else now
         caught_up = self.caught_up()
         late = self.max_wait - self.hold
@@ -1426,18 +1427,19 @@ class ExecJoin:
                     pushed = True
                 if not queue:
                     del self._pending[pid]
-            for pid in [p for p, q in self._credits.items() if everything or q[0] <= now]:
-                queue = self._credits[pid]
-                while queue and (everything or queue[0] <= now):
-                    queue.popleft()
+            for pid in [p for p, q in self._early_audit.items() if everything or q[0][0] <= now]:
+                early = self._early_audit[pid]
+                while early and (everything or early[0][0] <= now):
+                    self.sink.push(early.popleft()[1])  # the proc connector lost this one (and counted it)
                     self.audit_only += 1
-                if not queue:
-                    del self._credits[pid]
+                    pushed = True
+                if not early:
+                    del self._early_audit[pid]
         return pushed
 
     def waiting(self) -> int:
         with self._lock:
-            return sum(len(q) for q in self._pending.values())
+            return sum(map(len, self._pending.values())) + sum(map(len, self._early_audit.values()))
 
 
 class _SideSink:
