@@ -4,6 +4,7 @@ A small C program forks N children (at most C alive at once), each exec'ing ``/b
 watcher is right about child i when it reports exactly that command line for the child's pid. Run as root:
 
     python benchmarks/netlink_cmdline_probe.py [--children 3000] [--concurrency 1 8 64] [--rounds 1]
+                                               [--nice -10 none] [--no-forkstat]
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def run_storm(tools: dict, children: int, concurrency: int) -> dict[int, str]:
     return truth
 
 
-def probe_etwmon(tools: dict, children: int, concurrency: int) -> tuple[int, int, dict]:
+def probe_etwmon(tools: dict, children: int, concurrency: int, nice: int | None = -10) -> tuple[int, int, dict]:
     seen: dict[int, str] = {}
-    with etwmon.Monitor(source="netlink", max_items=200_000) as mon:
+    with etwmon.Monitor(source="netlink", max_items=200_000, nice=nice) as mon:
         done = threading.Event()
 
         def drain() -> None:
@@ -98,6 +99,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-forkstat", action="store_true")
+    ap.add_argument("--nice", nargs="+", default=["-10"],
+                    help="nice values of etwmon's source thread to try ('none': leave it)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tools = compile_storm_tools(tmp)
@@ -107,9 +110,11 @@ def main() -> int:
         have_forkstat = shutil.which("forkstat") is not None and not args.no_forkstat
         for conc in args.concurrency:
             for r in range(args.rounds):
-                right, total, extra = probe_etwmon(tools, args.children, conc)
-                print(f"etwmon-netlink concurrency={conc} round={r}: {right}/{total} = {100 * right / total:.1f} % "
-                      f"right {extra}", flush=True)
+                for nice in args.nice:
+                    value = None if nice == "none" else int(nice)
+                    right, total, extra = probe_etwmon(tools, args.children, conc, value)
+                    print(f"etwmon-netlink nice={nice} concurrency={conc} round={r}: {right}/{total} = "
+                          f"{100 * right / total:.1f} % right {extra}", flush=True)
                 if have_forkstat:
                     right, total, extra = probe_forkstat(tools, args.children, conc)
                     print(f"forkstat       concurrency={conc} round={r}: {right}/{total} = "

@@ -471,6 +471,19 @@ def test_live_options_exec_events_false_and_cmdline_false():
 
 
 @pytest.mark.root
+def test_live_source_thread_gets_the_nice_value():
+    with etwmon.Monitor(source="netlink", nice=-7) as mon:
+        tid = mon._thread.native_id
+        time.sleep(0.1)
+        assert os.getpriority(os.PRIO_PROCESS, tid) == -7
+    with etwmon.Monitor(source="netlink", nice=None) as mon:
+        time.sleep(0.1)
+        assert os.getpriority(os.PRIO_PROCESS, mon._thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+    with pytest.raises(ValueError):
+        NetlinkSource(nice=-21)
+
+
+@pytest.mark.root
 def test_unprivileged_user_is_told_what_to_do():
     os.seteuid(65534)  # drops the effective capabilities too; the saved uid lets us back
     try:

@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Callable, ClassVar
 
@@ -427,7 +428,8 @@ class NetlinkSource(Source):
     Options: ``exec_events`` (default True; False: an exec makes no record, for a combined source that takes
     execs from elsewhere), ``cmdline`` (default True; False: an exec's command line is the program's comm,
     so only /proc/<pid>/stat is read), ``rcvbuf`` (socket receive buffer in bytes, default 8 MiB, forced with
-    SO_RCVBUFFORCE as root; the kernel doubles it for its bookkeeping).
+    SO_RCVBUFFORCE as root; the kernel doubles it for its bookkeeping), ``nice`` (default -10: the nice value
+    of the thread that reads the socket, where the process may raise it; None leaves it alone).
     """
 
     name: ClassVar[str] = "netlink"
@@ -442,8 +444,12 @@ class NetlinkSource(Source):
     #: Messages received before decoding them, at most (fewer when the socket runs dry first).
     BATCH = 64
 
-    def __init__(self, *, exec_events: bool = True, cmdline: bool = True, rcvbuf: int = 8 << 20) -> None:
+    def __init__(self, *, exec_events: bool = True, cmdline: bool = True, rcvbuf: int = 8 << 20,
+                 nice: int | None = -10) -> None:
         super().__init__()
+        if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19):
+            raise ValueError(f"nice must be None or -20..19, not {nice!r}")
+        self.nice = nice
         if isinstance(rcvbuf, bool) or not isinstance(rcvbuf, int) or rcvbuf < 1:
             raise ValueError(f"rcvbuf must be a positive number of bytes, not {rcvbuf!r}")
         self.exec_events = bool(exec_events)
@@ -602,6 +608,7 @@ class NetlinkSource(Source):
         if sock is None or decoder is None:
             raise SourceUnavailable("NetlinkSource.run() before open()")
         decoder.attach(sink)
+        self._raise_priority()
         parse = decoder.parse_messages
         early, self._early = self._early, []
         for chunk in early:
@@ -670,6 +677,16 @@ class NetlinkSource(Source):
         self._drain(buf)
         self._resolve_overrun(buf)
         sink.notify()
+
+    def _raise_priority(self) -> None:
+        """Give this thread (only) the ``nice`` value, as auditd boosts its own priority: the sooner it runs
+        after an exec, the likelier the program's command line is still there to read."""
+        if self.nice is None:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except (OSError, AttributeError) as exc:  # no CAP_SYS_NICE: run at the priority we have
+            log.debug("etwmon netlink: cannot set nice %d: %s", self.nice, exc)
 
     def _drain(self, buf: bytearray) -> bool:
         """Decode everything waiting on the socket; True if it reported an overflow meanwhile."""
