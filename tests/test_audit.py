@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etwmon import Monitor, records
@@ -213,7 +213,7 @@ def test_the_record_splits_back_or_shows_its_truncation(argv):
         assert full.startswith(kept)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.binary(max_size=40) | st.binary(min_size=7000, max_size=16000), min_size=1, max_size=6))
 def test_any_argv_survives_records_and_the_wire(argv):
     argv = [a.replace(b"\0", b"") for a in argv]  # an argv string ends at its NUL
