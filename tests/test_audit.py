@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -28,7 +27,7 @@ from etwmon import Monitor, records
 from etwmon.errors import SourceUnavailable
 from etwmon.sources import audit
 from etwmon.sources.audit import (
-    AUDIT_ADD_RULE, AUDIT_CONFIG_CHANGE, AUDIT_CWD, AUDIT_DEL_RULE, AUDIT_EOE, AUDIT_EXECVE, AUDIT_GET,
+    AUDIT_ADD_RULE, AUDIT_CWD, AUDIT_DEL_RULE, AUDIT_EOE, AUDIT_EXECVE, AUDIT_GET,
     AUDIT_LIST_RULES, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SET, AUDIT_SYSCALL, AuditControl, AuditRecord,
     AuditRule, AuditSource, AuditStatus, EventAssembler, RuleKey, SerialTracker, decode_value, exec_rules,
     parse_fields, parse_record,
@@ -213,7 +212,8 @@ def test_the_record_splits_back_or_shows_its_truncation(argv):
         assert full.startswith(kept)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.binary(max_size=40) | st.binary(min_size=7000, max_size=16000), min_size=1, max_size=6))
 def test_any_argv_survives_records_and_the_wire(argv):
     argv = [a.replace(b"\0", b"") for a in argv]  # an argv string ends at its NUL

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol
 
 from .. import records
 from ..errors import SourceUnavailable
@@ -1339,10 +1339,11 @@ class ExecJoin:
     doesn't (a process that predates audit's first enabling has no audit context, or audit lost the event), the
     proc connector's record is pushed instead (command line read from /proc) and counted in ``fallback``. It
     waits ``hold`` seconds and until the audit reader has found its socket empty since (``caught_up()``), so a
-    reader that is merely behind is waited for — but never more than ``max_wait`` seconds in all. Records of a process whose exec is waiting (its exit, its threads) are held behind it, so
-    each process still reads create, exec, exit in that order. An audit exec that arrives first waits (``hold``
-    seconds at most) for the proc connector's exec and is pushed in its place, so it never comes before the
-    process's create.
+    reader that is merely behind is waited for — but never more than ``max_wait`` seconds in all.
+
+    Records of a process whose exec is waiting (its exit, its threads) are held behind it, so each process still
+    reads create, exec, exit in that order. An audit exec that arrives first waits (``hold`` seconds at most)
+    for the proc connector's exec and is pushed in its place, so it never comes before the process's create.
     """
 
     def __init__(self, sink: Sink, hold: float = 2.0, on_exec: Callable[[int, bytes], None] | None = None,
