@@ -945,6 +945,12 @@ def test_join_audit_first_waits_for_the_proc_connector_exec():
     assert join.expire(now=time.monotonic() + 3)
     assert sink.events()[-1].command_line == "only audit"
     assert (join.matched, join.audit_only, join.fallback, join.waiting()) == (1, 1, 0, 0)
+    # ...and if the proc connector's reader was only far behind, its exec is that same one: not reported again
+    join.netlink_push(_exec_record(81, "from-proc, late"))
+    join.netlink_push(records.encode_process_exit(4, 81, 0))
+    assert join.expire(now=time.monotonic() + 60) is False
+    assert [getattr(e, "command_line", "exit") for e in sink.events()][-2:] == ["only audit", "exit"]
+    assert (join.late, join.fallback, join.waiting()) == (1, 0, 0)
 
 
 def test_join_exec_chain_of_one_pid_matches_in_order():

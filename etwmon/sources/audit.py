@@ -1356,10 +1356,14 @@ class ExecJoin:
         self._lock = threading.Lock()
         self._pending: dict[int, deque[_Pending]] = {}
         self._early_audit: dict[int, deque[tuple[float, bytes]]] = {}  # audit execs ahead of the proc connector
+        # Audit execs pushed without their proc connector exec: if that turns up late (its reader was behind),
+        # it is the same exec, not a new one (until max_wait).
+        self._audit_alone: dict[int, deque[float]] = {}
         self.matched = 0  # execs both reported: audit's pushed
         self.fallback = 0  # proc connector execs audit never reported: pushed as they were
         self.audit_only = 0  # audit execs the proc connector never reported (its losses are counted there)
         self.held = 0  # records that waited behind an exec
+        self.late = 0  # proc connector execs that came after audit's had been pushed alone: dropped
 
     # The proc connector's thread.
     def netlink_push(self, record: bytes) -> None:
@@ -1377,6 +1381,13 @@ class ExecJoin:
                         del self._early_audit[pid]
                     self.matched += 1
                     self.sink.push(exact)
+                    return
+                alone = self._audit_alone.get(pid)
+                if alone:
+                    alone.popleft()
+                    if not alone:
+                        del self._audit_alone[pid]
+                    self.late += 1
                     return
                 pending.setdefault(pid, deque()).append(_Pending(time.monotonic() + self.hold, bytes(record)))
                 return
@@ -1431,11 +1442,18 @@ class ExecJoin:
             for pid in [p for p, q in self._early_audit.items() if everything or q[0][0] <= now]:
                 early = self._early_audit[pid]
                 while early and (everything or early[0][0] <= now):
-                    self.sink.push(early.popleft()[1])  # the proc connector lost this one (and counted it)
+                    self.sink.push(early.popleft()[1])  # the proc connector lost this one, or is far behind
                     self.audit_only += 1
+                    self._audit_alone.setdefault(pid, deque()).append(now + self.max_wait)
                     pushed = True
                 if not early:
                     del self._early_audit[pid]
+            for pid in [p for p, q in self._audit_alone.items() if q[0] <= now]:
+                alone = self._audit_alone[pid]
+                while alone and alone[0] <= now:
+                    alone.popleft()
+                if not alone:
+                    del self._audit_alone[pid]
         return pushed
 
     def waiting(self) -> int:
@@ -1574,5 +1592,5 @@ class LinuxSource(Source):
         join = self.join
         if join is not None:
             out.update(exec_matched=join.matched, exec_fallback=join.fallback, exec_audit_only=join.audit_only,
-                       exec_waiting=join.waiting(), held=join.held)
+                       exec_late=join.late, exec_waiting=join.waiting(), held=join.held)
         return out
