@@ -549,15 +549,24 @@ def _etwmon_rules(control: AuditControl) -> list[tuple[AuditRule, RuleKey]]:
     return out
 
 
+def _state_before_etwmon(control: AuditControl) -> AuditStatus:
+    """The audit state from before any etwmon instance changed it: the one recorded in a (live or left-over)
+    etwmon rule's key if there is one — another instance may be running — else the current one."""
+    status = control.status()
+    for _, key in _etwmon_rules(control):
+        return AuditStatus(**{**vars(status), "enabled": key.enabled, "backlog_limit": key.backlog_limit})
+    return status
+
+
 @pytest.fixture
 def live_audit():
     """The live kernel's audit, put back as it was whatever the test does: rules of this process (and of
-    children it names in ``owners``) removed, enabled/backlog_limit restored when no other instance runs."""
+    children it names in ``owners``) removed; enabled/backlog_limit restored when no other instance runs."""
     require(sys.platform.startswith("linux") and os.geteuid() == 0, "needs root on Linux")
     reason = AuditSource.unavailable_reason()
     require(reason is None, f"audit unusable here: {reason}")
     control = _live_control()
-    before = control.status()
+    before = _state_before_etwmon(control)
     owners = {os.getpid()}
     yield before, owners
     try:
@@ -569,7 +578,7 @@ def live_audit():
                 others = True
         if not others:
             now = control.status()
-            if now.enabled != before.enabled and before.enabled in (0, 1):
+            if now.enabled != before.enabled and before.enabled in (0, 1) and now.enabled in (0, 1):
                 control.set_status(enabled=before.enabled)
             if now.backlog_limit != before.backlog_limit:
                 control.set_status(backlog_limit=before.backlog_limit)
@@ -815,7 +824,7 @@ def test_rule_of_a_killed_process_is_removed_at_the_next_start(live_audit):
         try:
             left = [k for _, k in _etwmon_rules(control) if k.pid == child.pid]
             assert len(left) == 2 and not left[0].owner_alive()  # what a killed run leaves
-            assert left[0].enabled == before.enabled or _etwmon_rules(control)
+            assert (left[0].enabled, left[0].backlog_limit) == (before.enabled, before.backlog_limit)
         finally:
             control.close()
         with Monitor(source="audit"):
