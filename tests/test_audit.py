@@ -1099,3 +1099,15 @@ def test_a_failed_open_can_be_retried():
     finally:
         src.close()
     assert kernel.rules == [] and kernel.status.enabled == 0
+
+
+@linux_only
+def test_close_restores_the_state_before_removing_the_rule_that_records_it():
+    kernel = FakeAuditKernel(enabled=0, backlog_limit=64)
+    src = _fake_source(kernel)
+    src.open()
+    kernel.requests.clear()
+    src.close()
+    sets = [i for i, r in enumerate(kernel.requests) if r == AUDIT_SET]
+    deletes = [i for i, r in enumerate(kernel.requests) if r == AUDIT_DEL_RULE]
+    assert sets and deletes and max(sets) < min(deletes)  # killed half-way, a rule still says what to restore

@@ -1085,18 +1085,27 @@ class AuditSource(Source):
             self._wake_r = self._wake_w = -1
 
     def _restore(self, control: AuditControl) -> None:
-        """Remove our rules; the last etwmon instance out puts enabled/backlog_limit back as they were."""
-        for rule in self._rules:
-            self._delete_quietly(control, rule)
-        self._rules = []
+        """The last etwmon instance out puts enabled/backlog_limit back as they were; then our rules go.
+
+        In that order, so a process killed half-way leaves a rule that tells the next instance what to restore,
+        never a changed state with no rule to say so."""
         key = self._key
-        if key is None:
-            return
+        try:
+            if key is not None:
+                self._restore_state(control, key)
+        finally:
+            for rule in self._rules:
+                self._delete_quietly(control, rule)
+            self._rules = []
+            self._key = None
+
+    def _restore_state(self, control: AuditControl, key: RuleKey) -> None:
+        mine = str(key)
         try:
             others = False
             for rule in control.list_rules():
                 other = RuleKey.parse(rule.key, self.key_prefix)
-                if other is None:
+                if other is None or str(other) == mine:
                     continue
                 if other.owner_alive():
                     others = True
@@ -1120,8 +1129,6 @@ class AuditSource(Source):
                 control.set_status(backlog_limit=key.backlog_limit)
         except OSError as exc:
             log.warning("etwmon audit: cannot restore the audit state: %s", exc)
-        finally:
-            self._key = None
 
     # -- running -------------------------------------------------------------------------------------------
 
