@@ -512,11 +512,12 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
             _say(err, f"warning: {warning.message}")
         source = monitor.source
         ring = monitor.ring
-        _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
-                  f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
         if source.lossy:
             _say(err, f"warning: the {source.name} source polls and can miss short-lived processes "
                       "without counting them")
+        # Last of the start-up lines: from here on every event is seen (scripts may wait for it).
+        _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
+                  f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
 
         buf = bytearray(_READ_SIZE)
         view = memoryview(buf)

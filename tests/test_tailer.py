@@ -95,7 +95,7 @@ def test_tailer_unprivileged_on_procfs() -> None:
     tag = new_tag()
     with Watch(unprivileged(tailer("--source", "procfs"))) as w:
         assert w.ready() == "procfs"
-        pid = spawn(tag, seconds=1.5)
+        pid = spawn(tag, seconds=0.6)
         w.wait_out(lambda l: re.match(CLOCK + rb"Process %d (Created|Exec)\. Command line: " % pid, l) is not None
                    and tag.encode() in l, what=f"creation of {pid}")
         w.wait_out(lambda l: re.match(CLOCK + rb"Process %d Exited \(Code: (unknown|\d+)\)" % pid, l) is not None,
