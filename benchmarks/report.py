@@ -103,8 +103,9 @@ def sections(results: dict, markdown: bool) -> list[str]:
                 out.append("")
             for c in storms.get("crashes", []):
                 rate = f"{c['events_per_s'] / 1000:.1f} k events/s" if c.get("events_per_s") else "?"
-                out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from level "
-                           f"{c['level']:g} ({rate}): "
+                level = "max" if c["level"] == 1.0 else f"{c['level']:g} max"
+                out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from {level} "
+                           f"({rate}): "
                            f"{c['error']}")
 
     cost = b.get("cost")
