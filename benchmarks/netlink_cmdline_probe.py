@@ -76,7 +76,7 @@ _FORKSTAT_LINE = re.compile(r"^\d\d:\d\d:\d\d exec\s+(\d+)\s+(.*?)\s*$")
 
 
 def probe_forkstat(tools: dict, children: int, concurrency: int) -> tuple[int, int, dict]:
-    with tempfile.NamedTemporaryFile("w+", suffix=".forkstat") as log:
+    with tempfile.NamedTemporaryFile("w+", suffix=".forkstat", errors="surrogateescape") as log:
         watcher = subprocess.Popen(["forkstat", "-l", "-e", "exec"], stdout=log, stderr=subprocess.STDOUT)
         time.sleep(1.0)  # forkstat reads /proc at start
         truth = run_storm(tools, children, concurrency)
