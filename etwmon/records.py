@@ -230,6 +230,22 @@ class Event:
         raise NotImplementedError
 
 
+def _split_command_line(line: str) -> list[str]:
+    if line.endswith(TRUNCATION_MARKER):
+        line = line[: -len(TRUNCATION_MARKER)]
+        # The cut may fall inside a quoted argument or right after an escaping backslash: close what it left open.
+        for head in (line, line[:-1]):
+            for closing in ("", "'", '"'):
+                try:
+                    return shlex.split(head + closing)
+                except ValueError:
+                    continue
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return line.split()
+
+
 @dataclass(frozen=True)
 class ProcessCreate(Event):
     type: ClassVar[ItemType] = ItemType.ProcessCreate
@@ -241,8 +257,14 @@ class ProcessCreate(Event):
 
     @property
     def argv(self) -> list[bytes]:
-        """The command line split back into its arguments, as the bytes the program was given."""
-        return [a.encode("utf-8", "surrogateescape") for a in shlex.split(self.command_line)]
+        """The command line split back into its arguments, as the bytes the program was given.
+
+        POSIX quoting (``shlex``), as the Linux sources join argv; a Windows command line is one string the
+        program parses itself, so read ``command_line`` there. A truncated command line gives the arguments
+        that survived, the last one possibly cut short; text that is not valid shell quoting (a bare comm
+        name with a stray quote) is split on whitespace rather than raising.
+        """
+        return [a.encode("utf-8", "surrogateescape") for a in _split_command_line(self.command_line)]
 
     @property
     def truncated(self) -> bool:

@@ -179,6 +179,26 @@ def test_too_long_command_line_is_cut_visibly_within_the_size_limit():
     assert not short.truncated and len(short.command_line) == R.MAX_COMMAND_LINE
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 400), st.lists(st.text(alphabet="ab '\"\\$\n\t\u00e9\U0001F600", max_size=60), min_size=8,
+                                      max_size=12))
+def test_argv_of_a_cut_command_line_is_the_prefix_that_survived(offset, tail):
+    # The cut lands anywhere in the quoted tail: inside quotes, after a backslash, between arguments.
+    argv = ["p" * (R.MAX_COMMAND_LINE - len(R.TRUNCATION_MARKER) - offset), *tail, "z" * 500]
+    (event,) = etwmon.parse(R.encode_process_create(T0, 1, 2, 3, 4, R.command_line_from_argv(argv)))
+    assert event.truncated
+    got = [a.decode("utf-8", "surrogateescape") for a in event.argv]
+    assert 1 <= len(got) <= len(argv)
+    assert got[:-1] == argv[:len(got) - 1]
+    assert argv[len(got) - 1].startswith(got[-1])
+
+
+def test_argv_of_text_that_is_not_shell_quoting_splits_on_whitespace():
+    # A Windows command line, or a comm name with a stray quote, still gives its words instead of raising.
+    (event,) = etwmon.parse(R.encode_process_create(T0, 1, 2, 3, 4, "it's \"C:\\Program Files\\x.exe"))
+    assert event.argv == [b"it's", b'"C:\\Program', b'Files\\x.exe']
+
+
 def test_cut_never_splits_a_surrogate_pair():
     text = "\U0001F600" * 20_000
     (event,) = etwmon.parse(R.encode_process_create(T0, 1, 2, 3, 4, text))
