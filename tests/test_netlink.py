@@ -483,16 +483,81 @@ def test_live_source_thread_gets_the_nice_value():
         NetlinkSource(nice=-21)
 
 
+UNPRIVILEGED_CHILD = r"""
+import json, logging, subprocess, sys, time
+logging.basicConfig(level=logging.WARNING)
+import etwmon
+from etwmon.sources.netlink import NetlinkSource
+caps = int(next(l for l in open("/proc/self/status") if l.startswith("CapEff:")).split()[1], 16)
+reason = NetlinkSource.unavailable_reason()
+codes = []
+if reason is None:
+    buf = bytearray(1 << 16)
+    with etwmon.Monitor(source="netlink") as mon:
+        subprocess.run(["sh", "-c", "exit 3"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 3 not in codes:
+            mon.wait(0.5)
+            n = mon.readinto(buf)
+            codes += [e.exit_code for e in etwmon.parse(buf[:n]) if e.type == etwmon.ItemType.ProcessExit]
+print(json.dumps({"caps": caps, "reason": reason, "codes": codes}))
+"""
+
+
+def _kernel_version() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 @pytest.mark.root
-def test_unprivileged_user_is_told_what_to_do():
-    os.seteuid(65534)  # drops the effective capabilities too; the saved uid lets us back
-    try:
-        reason = NetlinkSource.unavailable_reason()
-        with pytest.raises(etwmon.SourceUnavailable, match="procfs"):
-            etwmon.Monitor(source="netlink").start()
-    finally:
-        os.seteuid(0)
-    assert "root" in reason and "source='procfs'" in reason
+def test_without_any_capability_the_connector_works_since_linux_6_6():
+    import json
+    import shutil
+    setpriv = shutil.which("setpriv")
+    require(setpriv is not None, "setpriv (util-linux) is needed to drop capabilities")
+    proc = subprocess.run([setpriv, "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c",
+                           UNPRIVILEGED_CHILD], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["caps"] == 0
+    if _kernel_version() >= (6, 6):
+        assert got["reason"] is None and 3 in got["codes"]
+        with open("/proc/sys/net/core/rmem_max") as f:
+            small = int(f.read()) < 8 << 20
+        assert ("net.core.rmem_max caps it" in proc.stderr) == small, proc.stderr  # a smaller buffer is said
+    else:
+        assert "root" in got["reason"] and "source='procfs'" in got["reason"]
+
+
+class _RefusingSocket:
+    """A NETLINK_CONNECTOR socket on a kernel before 6.6, seen by a process without CAP_NET_ADMIN."""
+
+    def __init__(self, *args) -> None:
+        pass
+
+    def bind(self, address) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def close(self) -> None:
+        pass
+
+
+def test_unprivileged_user_on_an_older_kernel_is_told_what_to_do(monkeypatch):
+    from etwmon.sources import netlink
+    monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netlink, "_effective_caps", lambda: 0)
+    monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)
+    reason = NetlinkSource.unavailable_reason()
+    assert "root" in reason and "6.6" in reason and "source='procfs'" in reason
+    with pytest.raises(etwmon.SourceUnavailable, match="procfs"):
+        etwmon.Monitor(source="netlink").start()
+
+
+def test_cap_net_admin_alone_is_enough(monkeypatch):
+    from etwmon.sources import netlink
+    monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netlink, "_effective_caps", lambda: 1 << 12)
+    monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)  # never probed
     assert NetlinkSource.unavailable_reason() is None
 
 

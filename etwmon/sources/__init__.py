@@ -77,7 +77,7 @@ def open_source(name: str = "auto", **options: Any) -> Source:
     """Create and open a source. ``name`` is "auto" or one of ``SOURCES``; options go to the source.
 
     "auto" picks ETW on Windows; on Linux the audit+proc-connector source (root, audit usable), else the proc
-    connector (root), else ``/proc`` polling with a ``RuntimeWarning`` saying why.
+    connector (root, or any user since Linux 6.6), else ``/proc`` polling with a ``RuntimeWarning`` saying why.
     """
     if name != "auto":
         cls = source_class(name)

@@ -810,7 +810,8 @@ def audit_unavailable_reason(transport_factory: TransportFactory = _default_tran
     if not sys.platform.startswith("linux"):
         return "needs Linux (the kernel audit subsystem)"
     if os.geteuid() != 0 or not (_has_capability(CAP_AUDIT_CONTROL) and _has_capability(CAP_AUDIT_READ)):
-        return "needs root (CAP_AUDIT_CONTROL and CAP_AUDIT_READ): run as root or use the 'procfs' source"
+        return ("needs root (CAP_AUDIT_CONTROL and CAP_AUDIT_READ): run as root, or use source='netlink' "
+                "(command lines read from /proc: a short-lived process's can be missed)")
     if _machine() not in _EXEC_SYSCALLS:
         return f"the audit source does not know the execve syscall numbers of {_machine()!r}"
     try:

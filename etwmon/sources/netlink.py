@@ -422,8 +422,28 @@ def _effective_caps() -> int | None:
     return None
 
 
+def _probe_unprivileged() -> str | None:
+    """Why an unprivileged process cannot join the proc connector's group here, or None when it can (Linux
+    6.6 and later let any user subscribe; before, joining needs CAP_NET_ADMIN)."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+    except OSError as exc:
+        return (f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs CONFIG_CONNECTOR and "
+                "CONFIG_PROC_EVENTS; use source='procfs'")
+    try:
+        sock.bind((0, CN_IDX_PROC))
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return ("the proc connector needs root (CAP_NET_ADMIN) on this kernel (any user may subscribe "
+                    "since Linux 6.6): run as root or use source='procfs'")
+        return f"cannot join the proc connector's group ({exc}): run as root or use source='procfs'"
+    finally:
+        sock.close()
+    return None
+
+
 class NetlinkSource(Source):
-    """Process and thread events from the Linux proc connector (root).
+    """Process and thread events from the Linux proc connector (root, or any user since Linux 6.6).
 
     Options: ``exec_events`` (default True; False: an exec makes no record, for a combined source that takes
     execs from elsewhere), ``cmdline`` (default True; False: an exec's command line is the program's comm,
@@ -471,9 +491,9 @@ class NetlinkSource(Source):
         if not hasattr(socket, "AF_NETLINK"):
             return "this Python has no AF_NETLINK sockets"
         caps = _effective_caps()
-        if os.geteuid() != 0 and not (caps is not None and caps >> _CAP_NET_ADMIN & 1):
-            return "the proc connector needs root (CAP_NET_ADMIN): run as root or use source='procfs'"
-        return None
+        if os.geteuid() == 0 or (caps is not None and caps >> _CAP_NET_ADMIN & 1):
+            return None
+        return _probe_unprivileged()
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -516,9 +536,10 @@ class NetlinkSource(Source):
             except OSError as exc:
                 log.warning("etwmon netlink: cannot set the receive buffer to %d bytes: %s", self.rcvbuf, exc)
         self.rcvbuf_granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if self.rcvbuf_granted < self.rcvbuf:
-            log.warning("etwmon netlink: receive buffer is %d bytes, %d asked for; bursts may overflow it "
-                        "(every loss is counted)", self.rcvbuf_granted, self.rcvbuf)
+        if self.rcvbuf_granted < 2 * self.rcvbuf:  # the kernel doubles what it grants
+            log.warning("etwmon netlink: receive buffer is %d bytes, not the %d that %d asked for gives "
+                        "(net.core.rmem_max caps it without CAP_NET_ADMIN); bursts may overflow it (every loss "
+                        "is counted)", self.rcvbuf_granted, 2 * self.rcvbuf, self.rcvbuf)
 
     @staticmethod
     def _send_op(sock: socket.socket, op: int, cookie: int = 0) -> None:
