@@ -579,10 +579,10 @@ def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> t
 
 def _auto_choice(infos: list) -> str | None:
     """The source ``--source auto`` would pick here: the first available one in the picker's order."""
-    from .sources import _auto_candidates
+    from .sources import auto_order
 
     available = {info.name for info in infos if info.available}
-    return next((name for name in _auto_candidates() if name in available), None)
+    return next((name for name in auto_order() if name in available), None)
 
 
 def _sources(args: argparse.Namespace, out: TextIO) -> int:

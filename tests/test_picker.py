@@ -48,21 +48,25 @@ def fake_registry(monkeypatch):
     for cls in (Good, Polling, NoRoot, FailsToOpen):
         setattr(module, cls.__name__, cls)
     monkeypatch.setitem(sys.modules, "fake_sources", module)
+    broken = types.ModuleType("broken_sources")
+    broken.__getattr__ = lambda name: (_ for _ in ()).throw(RuntimeError("no such device"))
+    monkeypatch.setitem(sys.modules, "broken_sources", broken)
     monkeypatch.setattr(sources, "SOURCES", {
         "good": "fake_sources:Good", "polling": "fake_sources:Polling", "noroot": "fake_sources:NoRoot",
-        "failsopen": "fake_sources:FailsToOpen", "missing": "no_such_module_here:X"})
+        "failsopen": "fake_sources:FailsToOpen", "missing": "no_such_module_here:X",
+        "broken": "broken_sources:X"})
     return monkeypatch
 
 
 def test_auto_takes_the_first_that_works_without_warning(fake_registry):
-    fake_registry.setattr(sources, "_auto_candidates", lambda: ["good", "polling"])
+    fake_registry.setattr(sources, "auto_order", lambda: ["good", "polling"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(sources.open_source("auto"), Good)
 
 
 def test_auto_falls_back_to_polling_with_a_warning_saying_why(fake_registry):
-    fake_registry.setattr(sources, "_auto_candidates", lambda: ["noroot", "failsopen", "polling"])
+    fake_registry.setattr(sources, "auto_order", lambda: ["noroot", "failsopen", "polling"])
     with pytest.warns(RuntimeWarning) as caught:
         source = sources.open_source()
     assert isinstance(source, Polling)
@@ -71,8 +75,8 @@ def test_auto_falls_back_to_polling_with_a_warning_saying_why(fake_registry):
 
 
 def test_auto_with_nothing_working_raises_every_reason(fake_registry):
-    fake_registry.setattr(sources, "_auto_candidates", lambda: ["noroot", "missing"])
-    with pytest.raises(etwmon.SourceUnavailable, match="noroot: run as root.*missing: cannot import"):
+    fake_registry.setattr(sources, "auto_order", lambda: ["noroot", "missing"])
+    with pytest.raises(etwmon.SourceUnavailable, match="noroot: run as root.*missing: cannot load"):
         sources.open_source("auto")
 
 
@@ -99,4 +103,16 @@ def test_available_sources_says_why_not(fake_registry):
     assert infos["good"].delivers == frozenset({"process_create"})
     assert not infos["noroot"].available and "run as root" in infos["noroot"].reason
     assert infos["polling"].lossy
-    assert not infos["missing"].available and "cannot import" in infos["missing"].reason
+    assert not infos["missing"].available and "cannot load" in infos["missing"].reason
+    broken = infos["broken"]  # its module raises something other than ImportError at import
+    assert not broken.available and "RuntimeError: no such device" in broken.reason
+
+
+def test_auto_order_is_the_documented_preference():
+    order = sources.auto_order()
+    if sys.platform.startswith("linux"):
+        assert order == ["linux", "netlink", "procfs"]
+    elif sys.platform == "win32":
+        assert order == ["etw"]
+    order.append("mutated")  # a copy: the picker's table is not changed through it
+    assert "mutated" not in sources.auto_order()

@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import SourceUnavailable
 from .base import Sink, Source
 
-__all__ = ["open_source", "source_class", "available_sources", "SourceInfo", "SOURCES", "Source", "Sink"]
+__all__ = ["open_source", "source_class", "available_sources", "auto_order", "SourceInfo", "SOURCES", "Source",
+           "Sink"]
 
 #: name -> "module:Class". A new source is one module in this folder and one line here.
 SOURCES: dict[str, str] = {
@@ -61,16 +62,17 @@ def available_sources() -> list[SourceInfo]:
     for name in SOURCES:
         try:
             cls = source_class(name)
-        except ImportError as exc:
-            infos.append(SourceInfo(name, False, f"cannot import: {exc}", False, frozenset()))
+        except Exception as exc:  # a source that cannot even load must not break the listing
+            infos.append(SourceInfo(name, False, f"cannot load: {type(exc).__name__}: {exc}", False, frozenset()))
             continue
         reason = _reason(cls)
         infos.append(SourceInfo(name, reason is None, reason, cls.lossy, cls.delivers))
     return infos
 
 
-def _auto_candidates() -> list[str]:
-    return _AUTO.get(sys.platform, ["procfs"])
+def auto_order() -> list[str]:
+    """The sources "auto" tries on this platform, best first; it takes the first that opens."""
+    return list(_AUTO.get(sys.platform, ["procfs"]))
 
 
 def open_source(name: str = "auto", **options: Any) -> Source:
@@ -88,12 +90,12 @@ def open_source(name: str = "auto", **options: Any) -> Source:
         source.open()
         return source
     why: list[str] = []
-    candidates = _auto_candidates()
+    candidates = auto_order()
     for i, candidate in enumerate(candidates):
         try:
             cls = source_class(candidate)
-        except ImportError as exc:
-            why.append(f"{candidate}: cannot import ({exc})")
+        except Exception as exc:
+            why.append(f"{candidate}: cannot load ({type(exc).__name__}: {exc})")
             continue
         reason = _reason(cls)
         if reason is None:
