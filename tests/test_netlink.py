@@ -96,6 +96,17 @@ def test_fork_of_a_process_and_of_a_thread():
     assert dec.command_lines[200] == "parent --flag 'two words'"
 
 
+def test_a_command_line_handed_in_is_what_later_children_inherit():
+    source = NetlinkSource()
+    source.set_command_line(100, "ignored before open")  # no decoder yet: nothing to remember
+    dec, sink = decoder()
+    source._decoder = dec
+    source.set_command_line(100, "python3 -c 'exact argv' $'\\n'")
+    dec.parse_messages(cb.fork(7, 0, 5_000, 100, 100, 200, 200))
+    (create,) = sink.events()
+    assert create.pid == 200 and create.command_line == "python3 -c 'exact argv' $'\\n'"
+
+
 @pytest.mark.parametrize("status, code", [
     (cb.wait_status_exited(0), 0), (cb.wait_status_exited(3), 3), (cb.wait_status_exited(255), 255),
     (cb.wait_status_signaled(signal.SIGKILL), 137), (cb.wait_status_signaled(signal.SIGTERM), 143),

@@ -1534,11 +1534,8 @@ class LinuxSource(Source):
 
     def _exact_line_for_children(self, pid: int, record: bytes) -> None:
         """Children forked later inherit audit's exact command line rather than one read from /proc."""
-        decoder = getattr(self.netlink, "_decoder", None)
-        lines = getattr(decoder, "command_lines", None)
-        if lines is not None:
-            (event,) = records.parse(record)
-            lines[pid] = event.command_line  # type: ignore[attr-defined]
+        (event,) = records.parse(record)
+        self.netlink.set_command_line(pid, event.command_line)  # type: ignore[attr-defined]
 
     def _count_audit_lost(self, count: int) -> None:
         # Not pushed: an exec audit lost still arrives through the proc connector (ExecJoin.fallback).

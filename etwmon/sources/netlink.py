@@ -746,6 +746,13 @@ class NetlinkSource(Source):
             except OSError:
                 pass
 
+    def set_command_line(self, tgid: int, command_line: str) -> None:
+        """Use ``command_line`` for ``tgid`` from now on: the ProcessCreate of children it forks later carries
+        it instead of one read from /proc (a combined source hands in audit's exact argv this way)."""
+        decoder = self._decoder
+        if decoder is not None:
+            decoder.command_lines[tgid] = command_line
+
     def close(self) -> None:
         self._stopping = True
         self._close_socket()
