@@ -1,0 +1,115 @@
+"""Each source delivers what it declares, and nothing it declares it can't.
+
+``Source.delivers`` and ``Source.lossy`` are what ``etwmon sources`` shows and what a user picks a source by. Here
+every source that can run on this machine watches the same child (it execs with a tag, lives, execs again,
+starts a thread, exits 3)
+and the records must match the declaration in both directions: a declared kind of record is there, an undeclared
+one is not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import etwmon
+from etwmon import ItemType, parse
+from etwmon.records import EXIT_CODE_UNKNOWN
+from etwmon.sources import SOURCES, source_class
+from etwmon.sources.base import CAPABILITIES
+
+from .conftest import require
+
+#: What each record type shows of the capability names in ``Source.delivers``.
+RECORD_CAPABILITY = {
+    ItemType.ProcessCreate: "process_create",
+    ItemType.ProcessExec: "process_exec",
+    ItemType.ProcessExit: "process_exit",
+    ItemType.ThreadCreate: "thread_create",
+    ItemType.ThreadExit: "thread_exit",
+    ItemType.ImageLoad: "image_load",
+}
+
+CHILD = r"""
+import os, sys, threading, time
+if sys.argv[1] == "first":  # live a moment, then exec under another program name: even polling sees that
+    time.sleep(0.4)
+    renamed = os.path.join(os.path.dirname(sys.argv[0]), "renamed-python")
+    os.execv(renamed, [renamed, sys.argv[0], "second", sys.argv[2]])
+t = threading.Thread(target=time.sleep, args=(0.6,))
+t.start()
+print(t.native_id, flush=True)
+t.join()
+time.sleep(0.4)
+sys.exit(3)
+"""
+
+
+def test_every_declared_capability_is_a_known_name():
+    for name in SOURCES:
+        cls = source_class(name)
+        assert cls.name == name
+        assert cls.delivers and cls.delivers <= CAPABILITIES, (name, cls.delivers - CAPABILITIES)
+        assert isinstance(cls.lossy, bool)
+        # An exact loss count and being lossy contradict each other.
+        assert not (cls.lossy and "exact_loss_count" in cls.delivers), name
+
+
+def _watch_child(source: str, wanted: set[str], script) -> tuple[list, int, int, str]:
+    """The records about the child (pid or thread of it) once every ``wanted`` kind of record arrived or 10 s
+    passed, plus whatever came in half a second more; and the child's pid, thread id and tag."""
+    tag = f"contract-{uuid.uuid4().hex[:10]}"
+    buf = bytearray(1 << 20)
+    events: list = []
+    with etwmon.Monitor(source=source, max_items=200_000) as mon:
+        time.sleep(0.3)  # a polling source takes its first look
+        child = subprocess.Popen([sys.executable, str(script), "first", tag], stdout=subprocess.PIPE, text=True)
+        tid = int(child.stdout.readline())
+        child.wait(10)
+        child.stdout.close()
+
+        def mine() -> list:
+            return [e for e in events if getattr(e, "pid", None) == child.pid]
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if wanted <= {RECORD_CAPABILITY.get(e.type) for e in mine()}:
+                deadline = min(deadline, time.monotonic() + 0.5)
+            mon.wait(0.1)
+            n = mon.readinto(buf)
+            events += parse(bytes(buf[:n]))
+    return mine(), child.pid, tid, tag
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", [n for n in SOURCES if n != "etw"])
+def test_the_records_match_the_declaration(name, tmp_path):
+    cls = source_class(name)
+    reason = cls.unavailable_reason()
+    require(reason is None, f"{name}: {reason}")
+    record_kinds = {c for c in cls.delivers if c in RECORD_CAPABILITY.values()}
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    (tmp_path / "renamed-python").symlink_to(sys.executable)
+    events, pid, tid, tag = _watch_child(name, record_kinds, script)
+    seen = {RECORD_CAPABILITY[e.type] for e in events if e.type in RECORD_CAPABILITY}
+    assert seen == record_kinds, f"{name} declares {sorted(record_kinds)} and delivered {sorted(seen)}"
+
+    threads = {(e.type, e.tid) for e in events if e.type in (ItemType.ThreadCreate, ItemType.ThreadExit)}
+    for kind in ("thread_create", "thread_exit"):
+        if kind in cls.delivers:
+            item = ItemType.ThreadCreate if kind == "thread_create" else ItemType.ThreadExit
+            assert (item, tid) in threads, f"{name}: no {kind} for thread {tid}"
+
+    lines = [e.command_line for e in events if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec)]
+    has_tag = any(tag in line for line in lines)
+    assert has_tag == ("command_line" in cls.delivers), (name, lines)
+
+    codes = {e.exit_code for e in events if e.type == ItemType.ProcessExit}
+    if "process_exit" in cls.delivers:
+        expected = {3} if "exit_code" in cls.delivers else {EXIT_CODE_UNKNOWN}
+        assert codes == expected, f"{name}: exit codes {codes}"
