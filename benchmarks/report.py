@@ -146,6 +146,8 @@ def sections(results: dict, markdown: bool) -> list[str]:
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
             for t in results["targets"]]
     out += _table(["", "benchmark", "target", "measured", "goal"], rows, markdown) if rows else ["(none measured)"]
+    if markdown and any(t["result"] == "MISS" for t in results["targets"]):
+        out += ["", "What limits the figures that miss: [README.md, where it misses](README.md#where-it-misses)."]
     return out
 
 
