@@ -10,7 +10,6 @@ watcher is right about child i when it reports exactly that command line for the
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal

@@ -25,7 +25,7 @@ from typing import Callable
 import pytest
 
 from etwmon import records as R
-from etwmon.cli import EventFilter, escape_text, event_to_json, format_event, main, parse_event_types
+from etwmon.cli import EventFilter, escape_text, event_to_json, format_event, parse_event_types
 from etwmon.records import ItemType, parse
 from etwmon.sources import SOURCES, source_class
 

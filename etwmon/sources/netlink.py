@@ -23,6 +23,7 @@ from ..records import (
     FILETIME_UNIX_EPOCH, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
+from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
 from .base import Sink, Source
 
 __all__ = [
@@ -78,7 +79,6 @@ _NEEDS = {PROC_EVENT_NONE: 20, PROC_EVENT_FORK: 32, PROC_EVENT_EXEC: 24, PROC_EV
 assert _MESSAGE.size == MESSAGE_SIZE and _EVENT.size == PROC_EVENT_SIZE
 
 _SEQ_MASK = 0xFFFFFFFF
-_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 #: How far (ns) a start time may lie after the event and still be the same process: covers measuring the
 #: boot-time offset; /proc's start time is cut to whole clock ticks, which only makes it earlier.
 _START_SLACK_NS = 2_000_000
@@ -89,54 +89,6 @@ def shell_exit_code(wait_status: int) -> int:
     normal exit (``exit(3)`` -> 3), 128 + the signal number for a death by signal (SIGKILL -> 137)."""
     signal = wait_status & 0x7F
     return 128 + signal if signal else (wait_status >> 8) & 0xFF
-
-
-def _clock_tick_ns() -> int:
-    try:
-        return 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    except (ValueError, OSError, AttributeError):
-        return 10_000_000
-
-
-def _read_proc(path: str, size: int = 4096) -> bytes | None:
-    """A whole small /proc file, or None when it cannot be read (the process is gone, no permission)."""
-    try:
-        fd = os.open(path, _O_READ)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, size)
-        if len(data) == size:  # long command lines come in pieces
-            parts = [data]
-            while True:
-                more = os.read(fd, 65536)
-                if not more:
-                    break
-                parts.append(more)
-            data = b"".join(parts)
-        return data
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _argv(cmdline: bytes) -> list[bytes]:
-    """/proc/<pid>/cmdline (every argument followed by a NUL) as the argument list; empty arguments kept."""
-    return (cmdline[:-1] if cmdline.endswith(b"\0") else cmdline).split(b"\0")
-
-
-def _parse_stat(data: bytes) -> tuple[bytes, int, int] | None:
-    """(comm, ppid, starttime in clock ticks) from /proc/<pid>/stat, or None if it does not parse."""
-    open_paren = data.find(b"(")
-    close_paren = data.rfind(b")")  # comm may itself contain ")"
-    if open_paren < 0 or close_paren < open_paren:
-        return None
-    fields = data[close_paren + 2:].split()
-    try:
-        return data[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def _boot_offset_ns() -> int:
@@ -183,7 +135,7 @@ class ProcEventDecoder:
         # i.e. CLOCK_MONOTONIC, so the wall-clock offset is measured once, when the source opens.
         self.wall_offset_ns = _wall_offset_ns() if clock_offset_ns is None else clock_offset_ns
         self._boot_offset_ns = _boot_offset_ns()
-        self._tick_ns = _clock_tick_ns()
+        self._tick_ns = clock_tick_ns()
         self._proc = proc_root
         self.max_cached = max_cached
         #: tgid -> command line, filled at fork and exec, dropped at exit and after any loss.
@@ -241,7 +193,7 @@ class ProcEventDecoder:
             if size == MESSAGE_SIZE:
                 what, _, _, _, tgid = unpack(buf, offset + _NLMSGHDR_SIZE + _CN_MSG_SIZE)
                 if what == PROC_EVENT_EXEC and tgid not in early:
-                    early[tgid] = _read_proc(f"{proc}/{tgid}/cmdline")
+                    early[tgid] = read_proc(f"{proc}/{tgid}/cmdline")
 
     def _event(self, what: int, cpu: int, seq: int, ts: int, a: int, b: int, c: int, d: int) -> None:
         last = self._last_seq
@@ -382,28 +334,28 @@ class ProcEventDecoder:
         elif pid in self._prefetched:
             raw = self._prefetched.pop(pid)
         else:
-            raw = _read_proc(f"{proc}/{pid}/cmdline")
-        stat = _read_proc(f"{proc}/{pid}/stat", 1024)
-        parsed = _parse_stat(stat) if stat else None
+            raw = read_proc(f"{proc}/{pid}/cmdline")
+        stat = read_proc(f"{proc}/{pid}/stat", 1024)
+        parsed = parse_stat(stat) if stat else None
         if parsed is None or not self._same_process(parsed[2], event_ns):
             self.cmdline_gone += 1
             return 0, ""
         comm, ppid, _ = parsed
         if raw:
-            return ppid, command_line_from_argv(_argv(raw))
+            return ppid, command_line_from_argv(argv_of(raw))
         self.cmdline_comm += 1  # an exited process (zombie) has no cmdline left, but still its comm
         return ppid, command_line_from_argv([comm])
 
     def _inherited_command_line(self, parent_tgid: int, event_ns: int) -> str:
         """The command line a forked child starts with: its parent's, from /proc when we have not seen it."""
         proc = self._proc
-        raw = _read_proc(f"{proc}/{parent_tgid}/cmdline") if self.cmdline else None
-        stat = _read_proc(f"{proc}/{parent_tgid}/stat", 1024)
-        parsed = _parse_stat(stat) if stat else None
+        raw = read_proc(f"{proc}/{parent_tgid}/cmdline") if self.cmdline else None
+        stat = read_proc(f"{proc}/{parent_tgid}/stat", 1024)
+        parsed = parse_stat(stat) if stat else None
         if parsed is None or not self._same_process(parsed[2], event_ns):
             return ""
         if raw:
-            return command_line_from_argv(_argv(raw))
+            return command_line_from_argv(argv_of(raw))
         return command_line_from_argv([parsed[0]])
 
 

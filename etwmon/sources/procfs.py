@@ -18,8 +18,8 @@ from ..records import (
     EXIT_CODE_UNKNOWN, FILETIME_UNIX_EPOCH, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit, filetime_now,
 )
+from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
 from .base import Sink, Source
-from .netlink import _argv
 
 __all__ = ["ProcfsSource", "DEFAULT_INTERVAL"]
 
@@ -28,41 +28,12 @@ log = logging.getLogger(__name__)
 #: Seconds between two snapshots: short enough to catch most processes that live a few tenths of a second,
 #: long enough that a snapshot of a few hundred processes costs about 1-2 % of one core.
 DEFAULT_INTERVAL = 0.1
-_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-
-def _read(path: str, size: int = 4096) -> bytes | None:
-    try:
-        fd = os.open(path, _O_READ)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, size)
-        if len(data) == size:
-            parts = [data]
-            while more := os.read(fd, 65536):
-                parts.append(more)
-            data = b"".join(parts)
-        return data
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _stat(path: str) -> tuple[bytes, int, int] | None:
     """(comm, ppid, starttime in clock ticks since boot) from a /proc stat file."""
-    data = _read(path, 1024)
-    if not data:
-        return None
-    open_paren, close_paren = data.find(b"("), data.rfind(b")")
-    if open_paren < 0 or close_paren < open_paren:
-        return None
-    fields = data[close_paren + 2:].split()
-    try:
-        return data[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
+    data = read_proc(path, 1024)
+    return parse_stat(data) if data else None
 
 
 def _numeric_entries(path: str) -> list[int]:
@@ -102,7 +73,7 @@ class ProcfsSource(Source):
         self._proc = proc_root
         self._stop = threading.Event()
         self._known: dict[int, _Process] | None = None
-        self._tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10_000_000
+        self._tick_ns = clock_tick_ns()
         self.polls = 0
 
     @classmethod
@@ -143,9 +114,9 @@ class ProcfsSource(Source):
         return (start_ticks * self._tick_ns + boot_to_wall_ns) // 100 + FILETIME_UNIX_EPOCH
 
     def _command_line(self, pid: int, comm: bytes) -> str:
-        raw = _read(f"{self._proc}/{pid}/cmdline")
+        raw = read_proc(f"{self._proc}/{pid}/cmdline")
         if raw:
-            return command_line_from_argv(_argv(raw))
+            return command_line_from_argv(argv_of(raw))
         return command_line_from_argv([comm])  # kernel threads and zombies have no cmdline
 
     def _snapshot(self, known: dict[int, _Process], report: bool) -> tuple[dict[int, _Process], list[bytes]]:
