@@ -702,6 +702,20 @@ def _storm(binary: str, n: int) -> str:
                           check=True).stdout.strip()
 
 
+def _read_storm(mon: Monitor, n: int) -> tuple[dict[int, list[bytes]], int, dict]:
+    """Read until the argv of all ``n`` storm children arrived (or 20 s): {i: argv}, records lost, stats."""
+    seen: dict[int, list[bytes]] = {}
+    lost = 0
+    buf = bytearray(1 << 20)
+    deadline = time.monotonic() + 20
+    while len(seen) < n and time.monotonic() < deadline:
+        mon.wait(0.5)
+        events = list(records.parse(buf[:mon.readinto(buf)]))
+        lost += sum(e.count for e in events if isinstance(e, records.RecordsLost))
+        seen.update(_storm_argvs(events))
+    return seen, lost, mon.stats.source_stats
+
+
 def _storm_argvs(events) -> dict[int, list[bytes]]:
     """Storm index -> argv of every ProcessExec that is one of our storm's children."""
     seen = {}
@@ -724,18 +738,7 @@ def test_exec_storm_command_lines_are_exact(live_audit, storm_binary):
     n = 3000
     with Monitor(source="audit", max_items=100_000) as mon:
         out = _storm(storm_binary, n)
-        deadline = time.monotonic() + 20
-        seen: dict[int, list[bytes]] = {}
-        lost = 0
-        buf = bytearray(1 << 20)
-        while len(seen) < n and time.monotonic() < deadline:
-            mon.wait(0.5)
-            got = mon.readinto(buf)
-            for event in records.parse(buf[:got]):
-                if isinstance(event, records.RecordsLost):
-                    lost += event.count
-            seen.update(_storm_argvs(records.parse(buf[:got])))
-        stats = mon.stats.source_stats
+        seen, lost, stats = _read_storm(mon, n)
     right = sum(_exact(i, argv) for i, argv in seen.items())
     print(f"\nstorm: {out} (n failed seconds rate); audit exact: {right}/{n}; lost {lost}; {stats}")
     assert right >= 0.999 * n
@@ -1036,18 +1039,7 @@ def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
     n = 3000
     with Monitor(source="linux", max_items=200_000) as mon:
         _storm(storm_binary, n)
-        seen: dict[int, list[bytes]] = {}
-        lost = 0
-        buf = bytearray(1 << 20)
-        deadline = time.monotonic() + 20
-        while len(seen) < n and time.monotonic() < deadline:
-            mon.wait(0.5)
-            got = mon.readinto(buf)
-            for event in records.parse(buf[:got]):
-                if isinstance(event, records.RecordsLost):
-                    lost += event.count
-            seen.update(_storm_argvs(records.parse(buf[:got])))
-        stats = mon.stats.source_stats
+        seen, lost, stats = _read_storm(mon, n)
     right = sum(_exact(i, argv) for i, argv in seen.items())
     print(f"\nlinux storm: exact {right}/{n}, lost {lost}, fallback {stats['exec_fallback']}")
     assert right >= 0.999 * n
