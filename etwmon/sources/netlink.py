@@ -489,9 +489,9 @@ class NetlinkSource(Source):
                 log.warning("etwmon netlink: cannot set the receive buffer to %d bytes: %s", self.rcvbuf, exc)
         self.rcvbuf_granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         if self.rcvbuf_granted < 2 * self.rcvbuf:  # the kernel doubles what it grants
-            log.warning("etwmon netlink: receive buffer is %d bytes, not the %d that %d asked for gives "
-                        "(net.core.rmem_max caps it without CAP_NET_ADMIN); bursts may overflow it (every loss "
-                        "is counted)", self.rcvbuf_granted, 2 * self.rcvbuf, self.rcvbuf)
+            log.warning("etwmon netlink: the socket receive buffer is %d bytes, not %d: net.core.rmem_max caps "
+                        "it without CAP_NET_ADMIN; bursts may overflow it (every loss is counted)",
+                        self.rcvbuf_granted, 2 * self.rcvbuf)
 
     @staticmethod
     def _send_op(sock: socket.socket, op: int, cookie: int = 0) -> None:
