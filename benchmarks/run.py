@@ -53,7 +53,8 @@ def kernel_problem() -> str | None:
     if not sys.platform.startswith("linux"):
         return "needs Linux (the proc connector and audit)"
     if os.geteuid() != 0:
-        return "needs root (the proc connector and audit need CAP_NET_ADMIN / CAP_AUDIT_*): run as root"
+        return ("needs root (the audit source, forkstat, and the full-size socket buffers the storms are measured "
+                "with): run as root")
     if not (shutil.which("gcc") or shutil.which("cc")):
         return "needs gcc to build the storm generators (apt-get install gcc)"
     return None
