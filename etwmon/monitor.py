@@ -11,6 +11,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
@@ -59,9 +60,11 @@ class _Signal:
     def fileno(self) -> int:
         return self._r.fileno()
 
-    def set(self) -> None:
+    def set(self, force: bool = False) -> None:
+        """Make the descriptor readable if records are waiting (a source's notify() after pushing nothing
+        must not wake readers for nothing), or in any case with ``force`` (the end, an error)."""
         with self._lock:
-            if not self._set:
+            if not self._set and (force or self._ring.readable()):
                 self._set = True
                 try:
                     self._w.send(b"\1")
@@ -133,7 +136,7 @@ class Monitor:
             log.error("etwmon source %r failed: %r", source.name, exc)
             self._error = exc
         finally:
-            signal.set()  # wake readers so they see records, the error, or the end
+            signal.set(force=True)  # wake readers so they see records, the error, or the end
 
     def stop(self) -> None:
         """Stop the source and release its thread and descriptors. Records already read in stay readable."""
@@ -147,7 +150,7 @@ class Monitor:
                 log.error("etwmon source %r did not stop within %.0f s", source.name, _STOP_TIMEOUT)
             source.close()
             self._thread = None
-            signal.set()  # wake anyone still waiting: running is over
+            signal.set(force=True)  # wake anyone still waiting: running is over
 
     @property
     def running(self) -> bool:
@@ -206,12 +209,23 @@ class Monitor:
         signal = self._signal
         if signal is None or not self.running:
             return False
-        try:
-            select.select([signal], [], [], timeout)
-        except (ValueError, OSError):  # closed by a concurrent stop()
-            return self.ring.readable()
-        self._check_error()
-        return self.ring.readable()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout
+        while True:
+            try:
+                select.select([signal], [], [], left)
+            except (ValueError, OSError):  # closed by a concurrent stop()
+                return self.ring.readable()
+            self._check_error()
+            if self.ring.readable():
+                return True
+            if not self.running:
+                return False
+            signal.clear_if_drained()  # woken with nothing to read (a reader on another thread took it)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
 
     def fileno(self) -> int:
         """A descriptor that is readable while records are waiting (for select/selectors/event loops)."""

@@ -47,6 +47,12 @@ class ScriptedSource(Source):
                 sink.notify()
             elif kind == "fail":
                 raise value
+            elif kind == "notify":  # a notify() after pushing nothing (a combined source that holds a record)
+                sink.notify()
+            elif kind == "ack":  # tell the test everything before this was done
+                value.set()
+            elif kind == "gate":  # go on when the test says so
+                value.wait(10)
 
     def stop(self) -> None:
         self.commands.put(None)
@@ -74,6 +80,24 @@ def drain(mon: etwmon.Monitor) -> list[etwmon.Event]:
     while (n := mon.readinto(buf)):
         out += etwmon.parse(buf[:n])
     return out
+
+
+def test_a_notify_without_records_wakes_no_one():
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source) as mon:
+        for pid in (1, 2):
+            done, go = threading.Event(), threading.Event()
+            source.commands.put(("notify", None))
+            source.commands.put(("ack", done))
+            source.commands.put(("gate", go))
+            source.send(pid)
+            assert done.wait(5)  # the empty notify has happened, the record not yet
+            readable, _, _ = select.select([mon.fileno()], [], [], 0)
+            assert readable == []  # fileno() is readable only when records are there
+            threading.Timer(0.3, go.set).start()
+            # Never False while running with nothing read: it blocks until the record after the empty notify.
+            assert mon.wait(None if pid == 1 else 10) is True
+            assert [e.pid for e in drain(mon)] == [pid]
 
 
 def test_wait_returns_as_soon_as_records_arrive():
