@@ -504,6 +504,21 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         raise UsageError(f"cannot make a ring of {max_items} records / {max_bytes} bytes: {exc}") from None
     shown = 0
     how_it_ended = "stopped"
+    buf = bytearray(_READ_SIZE)
+    view = memoryview(buf)
+
+    def show_batch() -> int:
+        nonlocal shown
+        n = monitor.readinto(buf)
+        if n:
+            events = [event for event in parse(view[:n]) if keep(event)]
+            if events:
+                out.write("\n".join(map(render, events)))
+                out.write("\n")
+                out.flush()
+                shown += sum(event.type != ItemType.RecordsLost for event in events)
+        return n
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -519,22 +534,13 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
                   f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
 
-        buf = bytearray(_READ_SIZE)
-        view = memoryview(buf)
         waiter = _Waiter(monitor, out)
         interval = args.stats_interval if args.stats else None
         next_stats = time.monotonic() + interval if interval else None
         last = (time.monotonic(), 0)
         while True:
             signals.hold()
-            n = monitor.readinto(buf)
-            if n:
-                events = [event for event in parse(view[:n]) if keep(event)]
-                if events:
-                    out.write("\n".join(map(render, events)))
-                    out.write("\n")
-                    out.flush()
-                    shown += sum(event.type != ItemType.RecordsLost for event in events)
+            n = show_batch()
             signals.release()
             if next_stats is not None and time.monotonic() >= next_stats:
                 last = _print_stats(err, monitor, shown, last)
@@ -547,6 +553,15 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
             waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
     except KeyboardInterrupt:
         signals.ignore()
+        # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
+        try:
+            monitor.stop()
+            while show_batch():
+                pass
+        except BrokenPipeError:
+            _silence_stdout()
+            monitor.close()
+            return EXIT_OK
     except BrokenPipeError:
         signals.ignore()
         _silence_stdout()

@@ -494,6 +494,30 @@ def test_default_source_text_ends_cleanly_on(sig: int) -> None:
 
 
 @pytest.mark.root
+def test_ctrl_c_shows_what_was_captured_before_it() -> None:
+    """Events that happened before Ctrl-C but were not yet shown (here: queued in the kernel while the process was
+    stopped) are shown before the summary, and the summary leaves nothing unread."""
+    with _start("--json") as w:
+        w.ready()
+        w.proc.send_signal(signal.SIGSTOP)
+        try:
+            children = [subprocess.Popen(["sh", "-c", "exit 4", new_tag()]) for _ in range(5)]
+            pids = [child.pid for child in children]
+            assert [child.wait(WAIT) for child in children] == [4] * 5
+            w.proc.send_signal(signal.SIGINT)  # pending: it arrives with the queued events
+        finally:
+            w.proc.send_signal(signal.SIGCONT)
+        status = w.stop()
+    assert status == 0, w.stderr
+    exits = {e["pid"] for e in w.json_lines() if e["type"] == "ProcessExit"}
+    assert set(pids) <= exits, (pids, w.stderr)
+    records, shown, lost, dropped = summary_of(w.stderr)
+    assert "unread" not in w.stderr, w.stderr
+    assert shown == sum(e["type"] != "RecordsLost" for e in w.json_lines())
+    assert_clean_stderr(w.stderr)
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_escape_sequences_in_command_lines_never_reach_the_terminal(as_json: bool) -> None:
     tag = new_tag()
