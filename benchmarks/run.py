@@ -1,6 +1,6 @@
-"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~8 min on 2 cores) or ``--quick`` (< 2 min, what CI
-runs). Prints a table, writes ``<out>/latest.json`` and plots, and with ``--write-results`` also
-``benchmarks/RESULTS.md`` with its plots in ``benchmarks/plots/``.
+"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~8 min on 2 cores) or ``--quick``
+(< 2 min, what CI runs). Prints a table, writes ``<out>/latest.json`` and plots, and with ``--write-results``
+also ``benchmarks/RESULTS.md`` with its plots in ``benchmarks/plots/``.
 
 Every figure is compared with baselines measured in the same run; targets are reported as PASS/MISS, never
 asserted. The storm, cost and memory benchmarks need root and Linux; without them they are reported as skipped,
