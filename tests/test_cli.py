@@ -7,6 +7,7 @@ dropped for the unprivileged case. Small pure functions (escaping, JSON form, fi
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -370,6 +371,9 @@ def test_source_etw_on_linux_is_one_line_naming_windows() -> None:
     (["--descendants"], {}, "--descendants needs --pid"),
     (["--stats-interval", "0"], {}, "--stats-interval must be more than 0"),
     (["--stats-interval", "soon"], {}, "invalid float value: 'soon'"),
+    (["--batch-wait", "-0.1"], {}, "--batch-wait must be from 0 to 1 seconds"),
+    (["--batch-wait", "5"], {}, "--batch-wait must be from 0 to 1 seconds"),
+    (["--batch-wait", "nan"], {}, "--batch-wait must be from 0 to 1 seconds"),
     (["--max-items", "0"], {}, "--max-items must be at least 1"),
     (["--max-items", "lots"], {}, "--max-items must be a whole number, not 'lots'"),
     (["--max-bytes", "1K"], {}, "--max-bytes must be at least 65536 bytes"),
@@ -441,6 +445,35 @@ def test_procfs_unprivileged_text_and_no_privilege_error() -> None:
     assert err.startswith("etwmon: error:") and err.count("\n") == 1, err
     assert re.search(r"root|CAP_AUDIT|privilege|permission", err, re.I), err
     assert_clean_stderr(err)
+
+
+@pytest.mark.parametrize("batch_wait", [0.0, 0.25])
+def test_tail_gathers_the_events_that_follow_the_first_into_one_batch(batch_wait: float, monkeypatch) -> None:
+    """``--batch-wait``: once records are there, the events arriving during the wait join the same read."""
+    import etwmon
+    from etwmon import cli
+
+    from .test_monitor import ScriptedSource
+
+    source = ScriptedSource()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:  # an event arrives while tail waits for more
+        slept.append(seconds)
+        done = threading.Event()
+        source.send(2)
+        source.commands.put(("ack", done))
+        assert done.wait(WAIT)
+
+    monkeypatch.setattr(cli, "_sleep", sleep)
+    with etwmon.Monitor(source=source) as mon:
+        waiter = cli._Waiter(mon, io.StringIO(), batch_wait)
+        source.send(1)
+        waiter.wait(WAIT)
+        buf = bytearray(1 << 16)
+        pids = [event.pid for event in parse(buf[:mon.readinto(buf)])]
+    assert slept == ([batch_wait] if batch_wait else [])
+    assert pids == ([1, 2] if batch_wait else [1])
 
 
 # --- live: the default source as root ----------------------------------------------------------------------------
