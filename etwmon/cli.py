@@ -536,48 +536,44 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         return n
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            monitor.start()
-        for warning in caught:
-            _say(err, f"warning: {warning.message}")
-        source = monitor.source
-        ring = monitor.ring
-        if source.lossy:
-            _say(err, f"warning: the {source.name} source polls and can miss short-lived processes "
-                      "without counting them")
-        # Last of the start-up lines: from here on every event is seen (scripts may wait for it).
-        _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
-                  f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
-
-        waiter = _Waiter(monitor, out, args.batch_wait)
-        interval = args.stats_interval if args.stats else None
-        next_stats = time.monotonic() + interval if interval else None
-        last = (time.monotonic(), 0)
-        while True:
-            signals.hold()
-            n = show_batch()
-            signals.release()
-            if next_stats is not None and time.monotonic() >= next_stats:
-                last = _print_stats(err, monitor, shown, last)
-                next_stats = time.monotonic() + interval
-            if n:
-                continue
-            if not monitor.running:
-                how_it_ended = "the source stopped"
-                break
-            waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
-    except KeyboardInterrupt:
-        signals.ignore()
-        # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
         try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                monitor.start()
+            for warning in caught:
+                _say(err, f"warning: {warning.message}")
+            source = monitor.source
+            ring = monitor.ring
+            if source.lossy:
+                _say(err, f"warning: the {source.name} source polls and can miss short-lived processes "
+                          "without counting them")
+            # Last of the start-up lines: from here on every event is seen (scripts may wait for it).
+            _say(err, f"watching (source: {source.name}, ring: {ring.max_items} records / "
+                      f"{_human_bytes(ring.max_bytes)}); Ctrl-C to stop")
+
+            waiter = _Waiter(monitor, out, args.batch_wait)
+            interval = args.stats_interval if args.stats else None
+            next_stats = time.monotonic() + interval if interval else None
+            last = (time.monotonic(), 0)
+            while True:
+                signals.hold()
+                n = show_batch()
+                signals.release()
+                if next_stats is not None and time.monotonic() >= next_stats:
+                    last = _print_stats(err, monitor, shown, last)
+                    next_stats = time.monotonic() + interval
+                if n:
+                    continue
+                if not monitor.running:
+                    how_it_ended = "the source stopped"
+                    break
+                waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
+        except KeyboardInterrupt:
+            signals.ignore()
+            # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
             monitor.stop()
             while show_batch():
                 pass
-        except BrokenPipeError:
-            _silence_stdout()
-            monitor.close()
-            return EXIT_OK
     except BrokenPipeError:
         signals.ignore()
         _silence_stdout()
