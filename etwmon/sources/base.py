@@ -51,6 +51,19 @@ class Source:
         not open anything that needs cleaning up."""
         return None
 
+    @classmethod
+    def stale_state(cls) -> list[str]:
+        """What an earlier instance of this source that was killed left behind in the kernel (rules, sessions,
+        changed settings), one line each for a person; [] when nothing. Changes nothing; ``etwmon sources``
+        shows it."""
+        return []
+
+    @classmethod
+    def cleanup(cls) -> list[str]:
+        """Remove what ``stale_state()`` reports and restore what was recorded; returns what was done, one line
+        each. Never touches what a live instance owns. ``etwmon cleanup`` calls it."""
+        return []
+
     def __init__(self, **options: Any) -> None:
         if options:
             raise TypeError(f"source {self.name!r} takes no option {', '.join(sorted(options))}")
