@@ -105,11 +105,11 @@ def format_event(event: Event) -> str:
     line last (escaped). A RecordsLost record is a WARNING line with the count."""
     when = _local_clock(event.filetime)
     if isinstance(event, ProcessCreate):  # ProcessExec too
-        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid} "
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_rule_text(event)} "
                 f"cmd={escape_text(event.command_line)}")
     if isinstance(event, ProcessExit):
         code = _exit_code(event.exit_code)
-        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}"
+        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{_rule_text(event)}"
     if isinstance(event, ThreadExit):
         code = _exit_code(event.exit_code)
         return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
@@ -123,6 +123,12 @@ def format_event(event: Event) -> str:
     if isinstance(event, UnknownRecord):
         return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
     return f"{when} {escape_text(repr(event))}"
+
+
+def _rule_text(event: Event) -> str:
+    """`` rule=NAME`` when rules named the event (``tail --config``)."""
+    name = getattr(event, "rule_name", None)
+    return "" if name is None else f" rule={escape_text(name)!s}"
 
 
 def _json_text(text: str) -> tuple[str, str | None]:
@@ -150,6 +156,9 @@ def _put_text(obj: dict, key: str, text: str) -> None:
 def event_to_json(event: Event) -> dict:
     """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
     obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
+    rule_name = getattr(event, "rule_name", None)
+    if rule_name is not None:  # the Sysmon rule that included it (tail --config)
+        obj["rule_name"] = rule_name
     if isinstance(event, ProcessCreate):
         obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
                    creating_tid=event.creating_tid)
@@ -362,6 +371,10 @@ def _build_parser() -> _Parser:
                       help="only processes whose command line contains TEXT (repeatable: any)")
     tail.add_argument("--glob", dest="globs", action="append", default=[], metavar="PATTERN",
                       help="only processes whose whole command line matches the glob PATTERN (repeatable: any)")
+    tail.add_argument("--config", metavar="FILE",
+                      help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
+                           "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
+                           "with 'etwmon rules check FILE')")
     tail.add_argument("--max-items", metavar="N",
                       help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else 10000)")
     tail.add_argument("--max-bytes", metavar="SIZE",
@@ -379,6 +392,16 @@ def _build_parser() -> _Parser:
                                               "(and if not, why), what it delivers and whether it can miss "
                                               "events.")
     sources.add_argument("--json", action="store_true", help="one JSON object per source per line")
+
+    rules = commands.add_parser("rules", help="Sysmon XML configurations: check what etwmon applies",
+                                description="Work with Sysmon XML configurations (docs/rules.md).")
+    rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    rules_commands.required = True
+    check = rules_commands.add_parser("check", help="what of FILE is applied, what is ignored and why, per rule",
+                                      description="Load FILE as 'tail --config' would and list every rule: "
+                                                  "applied, or ignored and why. Exit 0 if it loads, 2 if refused.")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="one JSON object per rule per line")
     return parser
 
 
@@ -510,12 +533,13 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     keep = EventFilter(types=types, pids=args.pids, descendants=args.descendants,
                        substrings=args.substrings, globs=args.globs)
     render: Callable[[Event], str] = _json_line if args.json else format_event
+    rules = _load_rules(args.config, err) if args.config else None
 
     signals = _Signals()
     signals.install()
     try:
         monitor = Monitor(source=args.source, max_items=10_000 if max_items is None else max_items,
-                          max_bytes=max_bytes)
+                          max_bytes=max_bytes, rules=rules)
     except (MemoryError, ValueError) as exc:
         raise UsageError(f"cannot make a ring of {max_items} records / {max_bytes} bytes: {exc}") from None
     shown = 0
@@ -604,6 +628,49 @@ def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> t
     return now, stats.pushed
 
 
+def _load_rules(path: str, err: TextIO):
+    """The RuleSet of ``tail --config``, its warnings (ignored rules now, undecided events later) on stderr."""
+    import logging
+
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+
+    logger = logging.getLogger("etwmon.rules")
+    if not logger.handlers:
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        return RuleSet.load(path)
+    except RuleConfigError as exc:
+        raise UsageError(f"--config: {exc}") from None
+
+
+def _rules_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import logging
+
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+    from .rules.check import check_lines, check_records
+
+    logger = logging.getLogger("etwmon.rules")  # the report below says it all, once
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    try:
+        rules = RuleSet.load(args.file)
+    except RuleConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        for record in check_records(rules):
+            out.write(json.dumps(record, ensure_ascii=True) + "\n")
+    else:
+        for line in check_lines(rules):
+            out.write(escape_text(line) + "\n")
+    out.flush()
+    return EXIT_OK
+
+
 def _auto_choice(infos: list) -> str | None:
     """The source ``--source auto`` would pick here: the first available one in the picker's order."""
     from .sources import auto_order
@@ -649,6 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         if args.command == "sources":
             return _sources(args, out)
+        if args.command == "rules":
+            return _rules_check(args, out, err)
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _say(err, f"error: {exc}")

@@ -1,0 +1,519 @@
+"""Sysmon rule semantics, compiled for speed: which process events a configuration keeps, which rule names them,
+and which command-line secrets it redacts.
+
+A RuleSet is immutable once built (share it, swap it whole); the counting lives in the stage that applies it
+(``etwmon.rules.stage``). Semantics and the choices made where Sysmon's documentation is silent: docs/rules.md.
+
+Three-valued logic: a condition on a field the event's source does not know (the attribute is None) is
+*unknown*, neither a match nor a miss. Rules combine with Kleene logic (OR: any true is true; AND: any false
+is false); an event whose verdict stays unknown is kept — a filter never hides what it could not judge — and
+counted as undecided, naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+from ..errors import RuleConfigError
+from ..records import ItemType
+from .config import FIELDS, INTEGER_FIELDS, Condition, Config, Redaction, Rule, parse_config, read_config
+
+__all__ = ["RuleSet", "Verdict", "RuleReport", "REDACTED", "EVENT_OF_TYPE"]
+
+log = logging.getLogger(__name__)
+
+#: What a redacted part of a command line becomes.
+REDACTED = "***"
+#: Which Sysmon event's rules judge a record type (a Linux exec is a process create, as in Sysmon for Linux).
+EVENT_OF_TYPE: dict[int, str] = {
+    int(ItemType.ProcessCreate): "ProcessCreate",
+    int(ItemType.ProcessExec): "ProcessCreate",
+    int(ItemType.ProcessExit): "ProcessTerminate",
+}
+
+# A rule's conditions each get a key (rule index << _SHIFT | position): one sortable int per condition, so the
+# first match in document order is a min() and its name a lookup.
+_SHIFT = 16
+_NO_HIT = 1 << 62
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a RuleSet says about one event: ``keep`` it or not; ``rule``/``rule_name``: the rule that decided
+    (the including rule for a kept event, the excluding one for an excluded event; None when no rule did);
+    ``unknown``: the Sysmon field whose absence left the verdict undecided (the event is then kept)."""
+
+    keep: bool
+    rule: Rule | None = None
+    rule_name: str | None = None
+    unknown: str | None = None
+
+
+_KEEP = Verdict(True)
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """One line of ``etwmon rules check``: a rule and whether etwmon applies it (and if not, why)."""
+
+    rule: Rule
+    supported: bool
+    reason: str | None
+    description: str
+
+
+# --- conditions ------------------------------------------------------------------------------------------------
+
+
+def _basename(value: str) -> str:
+    return value[max(value.rfind("/"), value.rfind("\\")) + 1:]
+
+
+def _values_of(condition: Condition) -> list[str]:
+    return [v.lower() for v in condition.value.split(";") if v]
+
+
+def _predicate(condition: Condition) -> Callable[[str], bool]:
+    """``condition`` as a test of a field value already lower-cased (Sysmon compares without case)."""
+    kind, value = condition.condition, condition.value.lower()
+    many = _values_of(condition) if kind.endswith((" any", " all")) else []
+    if kind == "is":
+        return value.__eq__
+    if kind == "is not":
+        return value.__ne__
+    if kind == "is any":
+        return frozenset(many).__contains__
+    if kind == "contains":
+        return lambda v: value in v
+    if kind == "contains any":
+        return lambda v: any(x in v for x in many)
+    if kind == "contains all":
+        return lambda v: all(x in v for x in many)
+    if kind == "excludes":
+        return lambda v: value not in v
+    if kind == "excludes any":  # "does not contain one or more of the values"
+        return lambda v: not all(x in v for x in many)
+    if kind == "excludes all":  # "does not contain any of the values"
+        return lambda v: not any(x in v for x in many)
+    if kind == "begin with":
+        return lambda v: v.startswith(value)
+    if kind == "not begin with":
+        return lambda v: not v.startswith(value)
+    if kind == "end with":
+        return lambda v: v.endswith(value)
+    if kind == "not end with":
+        return lambda v: not v.endswith(value)
+    if kind in ("less than", "more than"):
+        if condition.field in INTEGER_FIELDS:
+            limit = int(value.strip())
+            if kind == "less than":
+                return lambda v: int(v) < limit
+            return lambda v: int(v) > limit
+        if kind == "less than":
+            return lambda v: v < value
+        return lambda v: v > value
+    if kind == "image":  # a full path, or only the image name: "bash" matches /usr/bin/bash
+        return lambda v: v == value or _basename(v) == value
+    raise AssertionError(kind)  # config.py admits only CONDITIONS
+
+
+class _FieldIndex:
+    """All OR'ed conditions of one side on one field, so a config of hundreds of rules costs a few dictionary
+    look-ups per event: equality and image names by dict, prefixes and suffixes by dict per length, the rest
+    in document order with an early stop once a better (earlier) match is known."""
+
+    __slots__ = ("eq", "base", "prefix", "suffix", "contains", "other")
+
+    def __init__(self) -> None:
+        self.eq: dict[str, int] = {}
+        self.base: dict[str, int] = {}
+        self.prefix: dict[int, dict[str, int]] | tuple = {}
+        self.suffix: dict[int, dict[str, int]] | tuple = {}
+        self.contains: list[tuple[int, str]] = []
+        self.other: list[tuple[int, Callable[[str], bool]]] = []
+
+    @staticmethod
+    def _put(table: dict[str, int], value: str, key: int) -> None:
+        if key < table.get(value, _NO_HIT):
+            table[value] = key
+
+    def add(self, condition: Condition, key: int) -> None:
+        kind, value = condition.condition, condition.value.lower()
+        if kind == "is":
+            self._put(self.eq, value, key)
+        elif kind == "is any":
+            for v in _values_of(condition):
+                self._put(self.eq, v, key)
+        elif kind == "image":
+            self._put(self.eq, value, key)
+            if value == _basename(value):
+                self._put(self.base, value, key)
+        elif kind == "begin with":
+            self._put(self.prefix.setdefault(len(value), {}), value, key)
+        elif kind == "end with" and value:
+            self._put(self.suffix.setdefault(len(value), {}), value, key)
+        elif kind == "contains":
+            self.contains.append((key, value))
+        elif kind == "contains any":
+            self.contains.extend((key, v) for v in _values_of(condition))
+        else:
+            self.other.append((key, _predicate(condition)))
+
+    def finish(self) -> None:
+        self.prefix = tuple(sorted(self.prefix.items()))
+        self.suffix = tuple(sorted(self.suffix.items()))
+        self.contains.sort()
+        self.other.sort(key=lambda item: item[0])
+
+    def match(self, v: str, best: int) -> int:
+        """The smallest key of a condition that ``v`` satisfies, if smaller than ``best``; else ``best``."""
+        hit = self.eq.get(v)
+        if hit is not None and hit < best:
+            best = hit
+        if self.base:
+            hit = self.base.get(_basename(v))
+            if hit is not None and hit < best:
+                best = hit
+        for length, table in self.prefix:
+            hit = table.get(v[:length])
+            if hit is not None and hit < best:
+                best = hit
+        for length, table in self.suffix:
+            hit = table.get(v[-length:])
+            if hit is not None and hit < best:
+                best = hit
+        for key, sub in self.contains:
+            if key >= best:
+                break
+            if sub in v:
+                best = key
+                break
+        for key, test in self.other:
+            if key >= best:
+                break
+            if test(v):
+                best = key
+                break
+        return best
+
+
+class _Compound:
+    """A rule that is not a plain OR of conditions (an AND rule, or one holding a nested rule), evaluated
+    whole with Kleene logic. Conditions on one field are OR'ed first, as Sysmon always does."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.and_ = rule.relation == "and"
+        by_field: dict[str, list[Callable[[str], bool]]] = {}
+        self.nested: list[_Compound] = []
+        for item in rule.items:
+            if isinstance(item, Rule):
+                self.nested.append(_Compound(item))
+            else:
+                by_field.setdefault(item.field, []).append(_predicate(item))
+        self.fields = list(by_field.items())
+
+    def fields_used(self) -> set[str]:
+        used = {name for name, _ in self.fields}
+        for sub in self.nested:
+            used |= sub.fields_used()
+        return used
+
+    def evaluate(self, values: dict[str, str | None]) -> bool | None:
+        unknown = False
+        for name, tests in self.fields:
+            v = values[name]
+            if v is None:
+                unknown = True
+                continue
+            result = any(test(v) for test in tests)
+            if result != self.and_:
+                return result  # a false part of an AND, a true part of an OR: decided
+        for sub in self.nested:
+            result = sub.evaluate(values)
+            if result is None:
+                unknown = True
+            elif result != self.and_:
+                return result
+        return None if unknown else self.and_
+
+    def unknown_field(self, values: dict[str, str | None]) -> str | None:
+        for name, _ in self.fields:
+            if values[name] is None:
+                return name
+        for sub in self.nested:
+            name = sub.unknown_field(values)
+            if name:
+                return name
+        return None
+
+
+class _Side:
+    """The include or the exclude rules of one event type."""
+
+    def __init__(self, present: bool, rules: Iterable[Rule]) -> None:
+        self.present = present
+        indexes: dict[str, _FieldIndex] = {}
+        self.compounds: list[tuple[int, _Compound]] = []
+        self.names: dict[int, tuple[Rule, str | None]] = {}
+        for rule in rules:
+            base = rule.index << _SHIFT
+            if rule.relation == "or" and all(isinstance(item, Condition) for item in rule.items):
+                for position, condition in enumerate(rule.items):
+                    key = base | position
+                    indexes.setdefault(condition.field, _FieldIndex()).add(condition, key)
+                    self.names[key] = (rule, condition.name or rule.name)
+            else:
+                compound = _Compound(rule)
+                self.compounds.append((base, compound))
+                first_named = next((c.name for c in rule.items if isinstance(c, Condition) and c.name), None)
+                self.names[base] = (rule, rule.name or first_named)
+        for index in indexes.values():
+            index.finish()
+        self.indexes = sorted(indexes.items())
+        self.compounds.sort(key=lambda item: item[0])
+
+    def fields_used(self) -> set[str]:
+        used = {name for name, _ in self.indexes}
+        for _, compound in self.compounds:
+            used |= compound.fields_used()
+        return used
+
+    def evaluate(self, values: dict[str, str | None]) -> tuple[int, str | None]:
+        """(key of the first rule that matches, or _NO_HIT; a field left unknown, or None)."""
+        best = _NO_HIT
+        unknown = None
+        for name, index in self.indexes:
+            v = values[name]
+            if v is None:
+                unknown = unknown or name
+                continue
+            best = index.match(v, best)
+        for key, compound in self.compounds:
+            if key >= best:
+                break
+            result = compound.evaluate(values)
+            if result:
+                return key, unknown
+            if result is None and unknown is None:
+                unknown = compound.unknown_field(values)
+        return best, unknown
+
+
+class _EventRules:
+    """Include and exclude sides of one Sysmon event type, and the fields they read."""
+
+    def __init__(self, event: str, config: Config, rules: list[Rule]) -> None:
+        def side(onmatch: str) -> _Side:
+            return _Side((event, onmatch) in config.blocks, (r for r in rules if r.onmatch == onmatch))
+
+        self.include = side("include")
+        self.exclude = side("exclude")
+        attributes = FIELDS[event]
+        used = self.include.fields_used() | self.exclude.fields_used()
+        self.fields = tuple((name, attributes[name]) for name in sorted(used))
+
+    def values(self, event: object) -> dict[str, str | None]:
+        values: dict[str, str | None] = {}
+        for name, attribute in self.fields:
+            value = getattr(event, attribute, None)
+            if value is None:
+                values[name] = None
+            elif type(value) is str:
+                values[name] = value.lower()
+            else:
+                values[name] = str(value).lower()
+        return values
+
+    def decide(self, event: object) -> Verdict:
+        values = self.values(event)
+        exclude = self.exclude
+        unknown = None
+        if exclude.present:
+            key, unknown = exclude.evaluate(values)
+            if key != _NO_HIT:
+                rule, name = exclude.names[key]
+                return Verdict(False, rule, name)
+        include = self.include
+        if not include.present:
+            return Verdict(True, unknown=unknown) if unknown else _KEEP
+        key, include_unknown = include.evaluate(values)
+        if key == _NO_HIT:
+            if include_unknown is None:
+                return Verdict(False)  # no include rule matched: definite, whatever the excludes did not know
+            return Verdict(True, unknown=include_unknown)
+        rule, name = include.names[key]
+        return Verdict(True, rule, name, unknown)
+
+
+# --- redaction -------------------------------------------------------------------------------------------------
+
+try:  # Python 3.11+
+    import re._parser as _sre_parse  # type: ignore[import-not-found]
+    from re._constants import MAX_REPEAT, MIN_REPEAT, MAXREPEAT  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+    from sre_constants import MAX_REPEAT, MIN_REPEAT, MAXREPEAT  # type: ignore[no-redef]
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """True if a repetition holds another unbounded one, e.g. ``(a+)+``: on a crafted command line (attacker
+    text) such a pattern backtracks for minutes, on the source's thread."""
+
+    def walk(items, inside: bool) -> bool:
+        for op, arg in items:
+            if op in (MAX_REPEAT, MIN_REPEAT):
+                low, high, sub = arg
+                repeats = high == MAXREPEAT or high > 1
+                if repeats and inside:
+                    return True
+                if walk(sub, inside or repeats):
+                    return True
+            elif isinstance(arg, (list, tuple)):
+                for part in arg:
+                    if isinstance(part, _sre_parse.SubPattern) and walk(part, inside):
+                        return True
+                    if isinstance(part, (list, tuple)):
+                        for piece in part:
+                            if isinstance(piece, _sre_parse.SubPattern) and walk(piece, inside):
+                                return True
+        return False
+
+    return walk(_sre_parse.parse(pattern), False)
+
+
+class _Redactor:
+    def __init__(self, redaction: Redaction, source: str) -> None:
+        where = f"{source}, line {redaction.line}"
+        try:
+            self.regex = re.compile(redaction.pattern)
+        except re.error as exc:
+            raise RuleConfigError(f"{where}: <Redact> is not a valid regular expression: {exc}") from None
+        if not redaction.pattern:
+            raise RuleConfigError(f"{where}: an empty <Redact> pattern")
+        if _nested_repeat(redaction.pattern):
+            raise RuleConfigError(f"{where}: <Redact> pattern {redaction.pattern!r} nests repetitions (like "
+                                  "(a+)+), which can take exponential time on a crafted command line; rewrite "
+                                  "it without")
+        self.redaction = redaction
+        self.groups = self.regex.groups
+
+    def _replace(self, match: re.Match) -> str:
+        if not self.groups:
+            return REDACTED
+        text, start = match.group(0), match.start(0)
+        out, pos = [], 0
+        for group in range(1, self.groups + 1):
+            a, b = match.span(group)
+            if a < 0 or a - start < pos:
+                continue  # a group that did not take part, or one inside a group already redacted
+            out.append(text[pos:a - start])
+            out.append(REDACTED)
+            pos = b - start
+        out.append(text[pos:])
+        return "".join(out)
+
+    def apply(self, text: str) -> str:
+        if self.regex.search(text) is None:
+            return text
+        return self.regex.sub(self._replace, text)
+
+
+# --- the rule set ----------------------------------------------------------------------------------------------
+
+
+class RuleSet:
+    """A compiled Sysmon configuration: ``RuleSet.load(path)`` or ``RuleSet.from_xml(text)``.
+
+    ``decide(event)`` says whether a ProcessCreate/ProcessExec (Sysmon's ProcessCreate) or ProcessExit (Sysmon's
+    ProcessTerminate) event is kept and which rule names it; ``redact(text)`` rewrites a command line.
+    Everything it cannot apply is in ``ignored`` (one line each, also logged once at load) and ``report()``.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.source = config.source
+        self.rules: tuple[Rule, ...] = tuple(config.rules)
+        self._events: dict[str, _EventRules | None] = {}
+        for event in FIELDS:
+            usable = [r for r in self.rules if r.event == event and r.ignored is None]
+            present = any(key[0] == event for key in config.blocks)
+            self._events[event] = _EventRules(event, config, usable) if present else None
+        self._redactors = tuple(_Redactor(r, config.source) for r in config.redactions)
+        self.redactions: tuple[Redaction, ...] = tuple(config.redactions)
+        self.ignored: tuple[str, ...] = tuple(self._ignored_lines())
+        for line in self.ignored:
+            log.warning("%s: ignored: %s", self.source, line)
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"]) -> "RuleSet":
+        """Read and compile a configuration file; RuleConfigError says why it was refused (nothing changes)."""
+        name = os.fspath(path)
+        return cls(parse_config(read_config(name), name))
+
+    @classmethod
+    def from_xml(cls, text: Union[str, bytes], source: str = "<config>") -> "RuleSet":
+        return cls(parse_config(text, source))
+
+    def _ignored_lines(self) -> Iterable[str]:
+        for line in self.config.ignored:
+            yield line
+        for rule in self.rules:
+            if rule.ignored and rule.event in FIELDS:
+                yield f"rule {rule.label}: {rule.ignored}"
+
+    # -- applying ------------------------------------------------------------------------------------------------
+
+    def applies_to(self, item_type: int) -> bool:
+        """True if events of this record type are judged by rules (else they pass, or follow their process)."""
+        event = EVENT_OF_TYPE.get(item_type)
+        return event is not None and self._events[event] is not None
+
+    def decide(self, event: object) -> Verdict:
+        """Keep or drop one process event, and the rule that decided (see Verdict)."""
+        event_type = EVENT_OF_TYPE.get(int(getattr(event, "type", 0)))
+        rules = self._events.get(event_type) if event_type else None
+        if rules is None:
+            return _KEEP
+        return rules.decide(event)
+
+    @property
+    def redacts(self) -> bool:
+        return bool(self._redactors)
+
+    def redact(self, text: str) -> tuple[str, list[Redaction]]:
+        """``text`` with every redaction applied, and the redactions that changed it."""
+        applied = []
+        for redactor in self._redactors:
+            new = redactor.apply(text)
+            if new != text:
+                applied.append(redactor.redaction)
+                text = new
+        return text, applied
+
+    # -- reporting -----------------------------------------------------------------------------------------------
+
+    def report(self) -> list[RuleReport]:
+        """Every rule of events 1 and 5 (and one entry per ignored block of other types), in document order."""
+        out = []
+        for rule in self.rules:
+            out.append(RuleReport(rule, rule.ignored is None, rule.ignored, describe(rule)))
+        return out
+
+    def __repr__(self) -> str:
+        used = sum(1 for r in self.rules if r.ignored is None)
+        return (f"<RuleSet {self.source!r}: {used} rules applied, {len(self.rules) - used} ignored, "
+                f"{len(self.redactions)} redactions>")
+
+
+def describe(item: Union[Rule, Condition]) -> str:
+    """A rule or condition as one readable line: ``Image end with '/bash' or CommandLine contains 'x'``."""
+    if isinstance(item, Condition):
+        return f"{item.field} {item.condition} {item.value!r}"
+    joiner = f" {item.relation} "
+    return joiner.join(describe(part) if isinstance(part, Condition) else f"({describe(part)})"
+                       for part in item.items)
