@@ -126,19 +126,27 @@ class _FieldIndex:
     look-ups per event: equality and image names by dict, prefixes and suffixes by dict per length, the rest
     in document order with an early stop once a better (earlier) match is known."""
 
-    __slots__ = ("eq", "base", "prefix", "suffix", "contains", "other")
+    __slots__ = ("multi", "eq", "base", "tail", "prefix", "suffix", "starts", "ends", "contains", "other",
+                 "automaton")
 
-    def __init__(self) -> None:
+    def __init__(self, multi: bool = False) -> None:
+        self.multi = multi  # gate mode: every number that matches (hits), not the smallest (match)
         self.eq: dict[str, int] = {}
         self.base: dict[str, int] = {}
+        # "end with" a separator and one name (``/bash``, ``\\cmd.exe``): exactly the text from the last separator on
+        self.tail: dict[str, int] = {}
         self.prefix: dict[int, dict[str, int]] | tuple = {}
         self.suffix: dict[int, dict[str, int]] | tuple = {}
         self.contains: list[tuple[int, str]] = []
         self.other: list[tuple[int, Callable[[str], bool]]] = []
+        self.starts: tuple | None = None  # (regex of all prefixes in key order, their keys)
+        self.ends: tuple | None = None  # the same for suffixes, reversed
+        self.automaton = None
 
-    @staticmethod
-    def _put(table: dict[str, int], value: str, key: int) -> None:
-        if key < table.get(value, _NO_HIT):
+    def _put(self, table: dict, value: str, key: int) -> None:
+        if self.multi:
+            table.setdefault(value, []).append(key)
+        elif key < table.get(value, _NO_HIT):
             table[value] = key
 
     def add(self, condition: Condition, key: int) -> None:
@@ -154,6 +162,8 @@ class _FieldIndex:
                 self._put(self.base, value, key)
         elif kind == "begin with":
             self._put(self.prefix.setdefault(len(value), {}), value, key)
+        elif kind == "end with" and value[:1] in ("/", "\\") and _basename(value) == value[1:]:
+            self._put(self.tail, value, key)
         elif kind == "end with" and value:
             self._put(self.suffix.setdefault(len(value), {}), value, key)
         elif kind == "contains":
@@ -164,28 +174,73 @@ class _FieldIndex:
             self.other.append((key, _predicate(condition)))
 
     def finish(self) -> None:
+        if not self.multi:
+            self.starts = _ordered_alternation(self.prefix)
+            self.ends = _ordered_alternation(self.suffix, reverse=True)
+            self.prefix, self.suffix = {}, {}
         self.prefix = tuple(sorted(self.prefix.items()))
         self.suffix = tuple(sorted(self.suffix.items()))
         self.contains.sort()
         self.other.sort(key=lambda item: item[0])
+        self.automaton = _automaton(self.contains)
+        if self.automaton is not None:
+            self.contains = []
+
+    def hits(self, v: str, out: set[int]) -> None:
+        """Gate mode: add every number whose condition ``v`` satisfies to ``out`` (look-up kinds only)."""
+        found = self.eq.get(v)
+        if found:
+            out.update(found)
+        if self.base or self.tail:
+            cut = max(v.rfind("/"), v.rfind("\\"))
+            found = self.base.get(v[cut + 1:])
+            if found:
+                out.update(found)
+            found = self.tail.get(v[cut:]) if cut >= 0 else None
+            if found:
+                out.update(found)
+        for length, table in self.prefix:
+            found = table.get(v[:length])
+            if found:
+                out.update(found)
+        for length, table in self.suffix:
+            found = table.get(v[-length:])
+            if found:
+                out.update(found)
 
     def match(self, v: str, best: int) -> int:
         """The smallest key of a condition that ``v`` satisfies, if smaller than ``best``; else ``best``."""
         hit = self.eq.get(v)
         if hit is not None and hit < best:
             best = hit
-        if self.base:
-            hit = self.base.get(_basename(v))
+        if self.base or self.tail:
+            cut = max(v.rfind("/"), v.rfind("\\"))
+            hit = self.base.get(v[cut + 1:])
             if hit is not None and hit < best:
                 best = hit
-        for length, table in self.prefix:
-            hit = table.get(v[:length])
-            if hit is not None and hit < best:
-                best = hit
-        for length, table in self.suffix:
-            hit = table.get(v[-length:])
-            if hit is not None and hit < best:
-                best = hit
+            if cut >= 0:
+                hit = self.tail.get(v[cut:])
+                if hit is not None and hit < best:
+                    best = hit
+        if self.starts is not None:
+            regex, keys = self.starts
+            found = regex(v)
+            if found is not None:
+                hit = keys[found.group()]
+                if hit < best:
+                    best = hit
+        if self.ends is not None:
+            regex, keys = self.ends
+            found = regex(v[::-1])
+            if found is not None:
+                hit = keys[found.group()]
+                if hit < best:
+                    best = hit
+        automaton = self.automaton
+        if automaton is not None:
+            for _, hit in automaton.iter(v):
+                if hit < best:
+                    best = hit
         for key, sub in self.contains:
             if key >= best:
                 break
@@ -201,6 +256,83 @@ class _FieldIndex:
         return best
 
 
+def _ordered_alternation(tables: dict[int, dict[str, int]], reverse: bool = False) -> tuple | None:
+    """One anchored regex ``p1|p2|...`` over every prefix (or reversed suffix), in key order: a backtracking
+    match takes the first alternative that fits, so what it matched is the earliest rule's value; one C call
+    instead of a slice and a look-up per distinct length."""
+    entries = sorted((key, value[::-1] if reverse else value) for table in tables.values()
+                     for value, key in table.items())
+    if not entries:
+        return None
+    # No groups: a group in front of each literal defeats the engine's first-character skip (25x slower); the
+    # matched text itself says which alternative it was.
+    pattern = "|".join(re.escape(value) for _, value in entries)
+    return re.compile(pattern, re.DOTALL).match, {value: key for key, value in entries}
+
+
+#: From this many substrings on one field, one Aho-Corasick pass (pyahocorasick, the ``rules`` extra) beats a
+#: loop of ``in`` tests.
+_AUTOMATON_FROM = 8
+
+
+def _automaton(contains: list[tuple[int, str]]):
+    """An Aho-Corasick automaton mapping each substring to its smallest key, or None when a loop is as good (few
+    substrings, an empty one, or pyahocorasick missing: then the loop, slower on big configurations)."""
+    if len(contains) < _AUTOMATON_FROM or any(not sub for _, sub in contains):
+        return None
+    try:
+        import ahocorasick
+    except ImportError:
+        return None
+    automaton = ahocorasick.Automaton()
+    best: dict[str, int] = {}
+    for key, sub in contains:
+        if key < best.get(sub, _NO_HIT):
+            best[sub] = key
+    for sub, key in best.items():
+        automaton.add_word(sub, key)
+    automaton.make_automaton()
+    return automaton
+
+
+class _Gates:
+    """Which compound rules can still be true for an event: each AND rule registers one of its fields (all of
+    that field's conditions are look-up kinds), and only rules whose gate fired, or whose gate field is unknown,
+    are evaluated whole. Saves evaluating every AND rule of a big configuration on every event."""
+
+    KINDS = frozenset({"is", "is any", "image", "begin with", "end with"})
+
+    def __init__(self) -> None:
+        self.fields: dict[str, _FieldIndex] = {}
+        self.members: dict[str, list[int]] = {}  # gate field → its compounds (all candidates when it is unknown)
+        self.always: list[int] = []  # compounds without a usable gate
+
+    def add(self, compound: "_Compound", number: int) -> None:
+        for name, conditions in compound.conditions_by_field.items():
+            if all(c.condition in self.KINDS and c.value for c in conditions):
+                index = self.fields.setdefault(name, _FieldIndex(multi=True))
+                for condition in conditions:
+                    index.add(condition, number)
+                self.members.setdefault(name, []).append(number)
+                return
+        self.always.append(number)
+
+    def finish(self) -> None:
+        for index in self.fields.values():
+            index.finish()
+        self.fields = sorted(self.fields.items())
+
+    def candidates(self, values: dict[str, str | None]) -> set[int]:
+        out = set(self.always)
+        for name, index in self.fields:
+            v = values[name]
+            if v is None:
+                out.update(self.members[name])
+            else:
+                index.hits(v, out)
+        return out
+
+
 class _Compound:
     """A rule that is not a plain OR of conditions (an AND rule, or one holding a nested rule), evaluated
     whole with Kleene logic. Conditions on one field are OR'ed first, as Sysmon always does."""
@@ -208,14 +340,17 @@ class _Compound:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         self.and_ = rule.relation == "and"
-        by_field: dict[str, list[Callable[[str], bool]]] = {}
+        self.conditions_by_field: dict[str, list[Condition]] = {}
         self.nested: list[_Compound] = []
         for item in rule.items:
             if isinstance(item, Rule):
                 self.nested.append(_Compound(item))
             else:
-                by_field.setdefault(item.field, []).append(_predicate(item))
-        self.fields = list(by_field.items())
+                self.conditions_by_field.setdefault(item.field, []).append(item)
+        self.fields = [(name, [_predicate(c) for c in conditions])
+                       for name, conditions in self.conditions_by_field.items()]
+        if not self.and_ or self.nested:
+            self.conditions_by_field = {}  # only a plain AND of conditions can be gated by one of its fields
 
     def fields_used(self) -> set[str]:
         used = {name for name, _ in self.fields}
@@ -276,6 +411,10 @@ class _Side:
             index.finish()
         self.indexes = sorted(indexes.items())
         self.compounds.sort(key=lambda item: item[0])
+        self.gates = _Gates()
+        for number, (_, compound) in enumerate(self.compounds):
+            self.gates.add(compound, number)
+        self.gates.finish()
 
     def fields_used(self) -> set[str]:
         used = {name for name, _ in self.indexes}
@@ -293,7 +432,9 @@ class _Side:
                 unknown = unknown or name
                 continue
             best = index.match(v, best)
-        for key, compound in self.compounds:
+        compounds = self.compounds
+        for number in sorted(self.gates.candidates(values)) if compounds else ():
+            key, compound = compounds[number]
             if key >= best:
                 break
             result = compound.evaluate(values)

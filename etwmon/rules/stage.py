@@ -163,8 +163,10 @@ class RulesStage:
         if field not in self._warned_unknown:
             self._warned_unknown.add(field)
             users = [r.label for r in self.rules.rules if r.ignored is None and _uses(r, field)]
-            log.warning("the source does not know %s for some events, so these rules cannot judge them and "
-                        "they are kept (counted as undecided): %s", field, "; ".join(users))
+            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+            log.warning("the source does not know %s for some events, so the rules on it cannot judge them; "
+                        "such events are kept and counted as undecided (rules: %s%s)", field,
+                        "; ".join(users[:5]), more)
 
     # -- state ---------------------------------------------------------------------------------------------------
 
