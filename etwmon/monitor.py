@@ -106,7 +106,7 @@ class Monitor:
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
                  rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, **source_options: Any) -> None:
         self._rules = _load_rules(rules)
-        self._stage = None
+        self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._source_spec = source
         self._source_options = source_options
@@ -146,7 +146,7 @@ class Monitor:
         if self._rules is not None:
             from .rules import RulesStage
 
-            sink = self._stage = RulesStage(sink, self._rules)
+            sink = self._rules_stage = RulesStage(sink, self._rules)
         return sink
 
     def _run(self, source: Source, signal: _Signal, sink: Any) -> None:
@@ -180,7 +180,7 @@ class Monitor:
         if new is None:
             raise TypeError("set_rules() needs a RuleSet or the path of a configuration")
         self._rules = new
-        stage = self._stage
+        stage = self._rules_stage
         if stage is not None:
             stage.replace(new)
 
@@ -327,7 +327,7 @@ class Monitor:
     def stats(self) -> MonitorStats:
         ring = self.ring.stats
         extra = self._source.stats() if self._source is not None else {}
-        stage = self._stage
+        stage = self._rules_stage
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
                             parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
                             rules=stage.stats() if stage is not None else {})
