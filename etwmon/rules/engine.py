@@ -322,15 +322,17 @@ class _Gates:
             index.finish()
         self.fields = sorted(self.fields.items())
 
-    def candidates(self, values: dict[str, str | None]) -> set[int]:
-        out = set(self.always)
+    def candidates(self, values: dict[str, str | None]) -> tuple[set[int], list[int]]:
+        """(compounds that may be true, compounds whose gate field is unknown: at best unknown themselves)."""
+        fired = set(self.always)
+        gated_unknown: list[int] = []
         for name, index in self.fields:
             v = values[name]
             if v is None:
-                out.update(self.members[name])
+                gated_unknown += self.members[name]
             else:
-                index.hits(v, out)
-        return out
+                index.hits(v, fired)
+        return fired, gated_unknown
 
 
 class _Compound:
@@ -433,7 +435,10 @@ class _Side:
                 continue
             best = index.match(v, best)
         compounds = self.compounds
-        for number in sorted(self.gates.candidates(values)) if compounds else ():
+        if not compounds:
+            return best, unknown
+        fired, gated_unknown = self.gates.candidates(values)
+        for number in sorted(fired):
             key, compound = compounds[number]
             if key >= best:
                 break
@@ -442,6 +447,14 @@ class _Side:
                 return key, unknown
             if result is None and unknown is None:
                 unknown = compound.unknown_field(values)
+        if unknown is None and best == _NO_HIT:
+            # These cannot be true; one that is unknown (not false) makes the side unknown. Once the side is
+            # unknown, or true, they change nothing and are not evaluated.
+            for number in sorted(gated_unknown):
+                compound = compounds[number][1]
+                if compound.evaluate(values) is None:
+                    unknown = compound.unknown_field(values)
+                    break
         return best, unknown
 
 
