@@ -11,12 +11,10 @@ Two figures, both per event and measured in one process with the garbage collect
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import random
-import time
 
-from common import progress, summary, target
+from common import progress, summary, target, timed as _timed
 from etwmon.records import (
     ProcessExec, encode_process_create, encode_process_exec, encode_process_exit, encode_thread_create,
     encode_thread_exit, filetime_now,
@@ -127,17 +125,6 @@ class _Keep:
 
     def notify(self) -> None:
         pass
-
-
-def _timed(fn) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def run(quick: bool = False) -> dict:

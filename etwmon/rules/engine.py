@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, NamedTuple, Union
 
 from ..errors import RuleConfigError
 from ..records import ItemType
@@ -41,11 +41,11 @@ _SHIFT = 16
 _NO_HIT = 1 << 62
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What a RuleSet says about one event: ``keep`` it or not; ``rule``/``rule_name``: the rule that decided
     (the including rule for a kept event, the excluding one for an excluded event; None when no rule did);
-    ``unknown``: the Sysmon field whose absence left the verdict undecided (the event is then kept)."""
+    ``unknown``: the Sysmon field whose absence left the verdict undecided (the event is then kept).
+    (A tuple: made once per event on the hot path.)"""
 
     keep: bool
     rule: Rule | None = None
@@ -54,6 +54,7 @@ class Verdict:
 
 
 _KEEP = Verdict(True)
+_NOT_INCLUDED = Verdict(False)
 
 
 @dataclass(frozen=True)
@@ -498,7 +499,7 @@ class _EventRules:
         key, include_unknown = include.evaluate(values)
         if key == _NO_HIT:
             if include_unknown is None:
-                return Verdict(False)  # no include rule matched: definite, whatever the excludes did not know
+                return _NOT_INCLUDED  # no include rule matched: definite, whatever the excludes did not know
             return Verdict(True, unknown=include_unknown)
         rule, name = include.names[key]
         return Verdict(True, rule, name, unknown)
