@@ -610,8 +610,12 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     monitor.close()
     stats = monitor.stats
     unread = f", {stats.items} unread" if stats.items else ""
+    judged = stats.rules
+    by_rules = (f"; rules kept {judged['kept']} of {judged['evaluated']} process events ({judged['undecided']} "
+                f"undecided), dropped {judged['followers_dropped']} thread events with their process"
+                if judged else "")
     _say(err, f"{how_it_ended}: {stats.read} records, {shown} shown, {stats.lost} lost, "
-              f"{stats.dropped} dropped{unread}")
+              f"{stats.dropped} dropped{unread}{by_rules}")
     return EXIT_OK
 
 

@@ -342,3 +342,93 @@ def test_ignored_rules_are_logged_once_at_load(caplog):
     with caplog.at_level("WARNING", logger="etwmon.rules"):
         include('<Hashes condition="contains" name="h">x</Hashes>')
     assert [r.getMessage() for r in caplog.records if "Hashes" in r.getMessage()].__len__() == 1
+
+
+# --- the compiled evaluation agrees with a plain reading of the rules --------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from etwmon.rules import CONDITIONS as ALL_CONDITIONS  # noqa: E402
+from etwmon.rules.engine import _predicate  # noqa: E402
+
+FIELD_ATTRS = {"Image": "image", "CommandLine": "command_line", "User": "user"}
+# A tiny alphabet, so that rule values and event values often meet (and cases differ: "B" vs "b").
+PIECES = ["/", "a", "B", "b"]
+text = st.lists(st.sampled_from(PIECES), min_size=0, max_size=4).map("".join)
+# The kinds with indexed paths (look-ups, alternations, Aho-Corasick, path tails) come up most.
+kinds = st.one_of(st.sampled_from(["is", "is any", "image", "begin with", "end with", "contains", "contains any"]),
+                  st.sampled_from(sorted(ALL_CONDITIONS)))
+condition = st.tuples(st.sampled_from(sorted(FIELD_ATTRS)), kinds,
+                      st.lists(st.lists(st.sampled_from(PIECES), min_size=1, max_size=3).map("".join),
+                               min_size=1, max_size=3))
+rule = st.one_of(condition.map(lambda c: [c]), st.lists(condition, min_size=2, max_size=3))
+side = st.integers(0, 24).flatmap(lambda n: st.lists(rule, min_size=n, max_size=n))
+
+
+def _xml(rules_, onmatch: str) -> str:
+    out = []
+    for n, conditions in enumerate(rules_):
+        parts = []
+        for field, kind, values in conditions:
+            value = ";".join(values) if kind.endswith((" any", " all")) else values[0]
+            parts.append(f'<{field} condition="{kind}">{value}</{field}>')
+        if len(parts) == 1:
+            out.append(parts[0].replace(" condition=", f' name="{onmatch}{n}" condition=', 1))
+        else:
+            out.append(f'<Rule groupRelation="and" name="{onmatch}{n}">{"".join(parts)}</Rule>')
+    return f'<ProcessCreate onmatch="{onmatch}">{"".join(out)}</ProcessCreate>'
+
+
+def _kleene_rule(rule_, values):
+    by_field: dict = {}
+    for item in rule_.items:
+        by_field.setdefault(item.field, []).append(item)
+    results = []
+    for field, items in by_field.items():
+        v = values[field]
+        results.append(None if v is None else any(_predicate(c)(v.lower()) for c in items))
+    if rule_.relation == "and":
+        return False if False in results else (None if None in results else True)
+    return True if True in results else (None if None in results else False)
+
+
+def _reference(ruleset, values):
+    """Sysmon's semantics read straight off the rule list, no indexes."""
+    def side_(onmatch):
+        first, unknown = None, False
+        for r in ruleset.rules:
+            if r.onmatch != onmatch:
+                continue
+            result = _kleene_rule(r, values)
+            if result and first is None:
+                first = r
+            unknown = unknown or result is None
+        return first, unknown
+
+    ex, ex_unknown = side_("exclude")
+    if ex is not None:
+        return False, ex.name, False
+    if ("ProcessCreate", "include") not in ruleset.config.blocks:
+        return True, None, ex_unknown
+    inc, inc_unknown = side_("include")
+    if inc is None:
+        return (True, None, True) if inc_unknown else (False, None, False)
+    return True, inc.name, ex_unknown
+
+
+@settings(max_examples=120, deadline=None)
+@given(side, side, st.fixed_dictionaries({f: st.one_of(st.none(), text) for f in FIELD_ATTRS}))
+def test_compiled_rules_agree_with_a_plain_reading(includes, excludes, values):
+    from unittest import mock
+
+    from etwmon.rules import engine
+
+    blocks = (_xml(includes, "include") if includes else "") + (_xml(excludes, "exclude") if excludes else "")
+    with mock.patch.object(engine, "_AUTOMATON_FROM", 2):  # Aho-Corasick from two substrings on, to test it too
+        ruleset = rules(f'<RuleGroup groupRelation="or">{blocks}</RuleGroup>')
+    event = ev(values["CommandLine"] or "", **{FIELD_ATTRS[f]: v for f, v in values.items() if f != "CommandLine"})
+    if values["CommandLine"] is None:
+        event = dataclasses.replace(event, command_line=None)
+    verdict = ruleset.decide(event)
+    keep, name, unknown = _reference(ruleset, values)
+    assert (verdict.keep, verdict.rule_name, verdict.unknown is not None) == (keep, name, unknown)
