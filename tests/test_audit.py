@@ -25,16 +25,28 @@ from hypothesis import strategies as st
 
 from etwmon import Monitor, records
 from etwmon.errors import SourceUnavailable
-from etwmon.sources import audit
-from etwmon.sources.audit import (
-    AUDIT_ADD_RULE, AUDIT_CWD, AUDIT_DEL_RULE, AUDIT_EOE, AUDIT_EXECVE, AUDIT_GET,
-    AUDIT_LIST_RULES, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SET, AUDIT_SYSCALL, AuditControl, AuditRecord,
-    AuditRule, AuditSource, AuditStatus, EventAssembler, RuleKey, SerialTracker, decode_value, exec_rules,
-    parse_fields, parse_record,
+from etwmon.sources import _linux, audit, audit_protocol, audit_state
+from etwmon.sources.audit import AuditSource
+from etwmon.sources.audit_protocol import (
+    AUDIT_ADD_RULE, AUDIT_CWD, AUDIT_DEL_RULE, AUDIT_EOE, AUDIT_EXECVE, AUDIT_GET, AUDIT_LIST_RULES, AUDIT_PATH,
+    AUDIT_PROCTITLE, AUDIT_SET, AUDIT_SYSCALL, AuditControl, AuditRule, AuditStatus, exec_rules,
 )
+from etwmon.sources.audit_records import (
+    AuditRecord, EventAssembler, SerialTracker, decode_value, parse_fields, parse_record,
+)
+from etwmon.sources.audit_state import RuleKey
 from .conftest import require
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
+
+
+@pytest.fixture(autouse=True)
+def _private_lock_dir(request, tmp_path, monkeypatch):
+    """Tests against a fake kernel take a lock of their own; live ones share /run/etwmon with every instance."""
+    if request.node.get_closest_marker("root") is None:
+        lock_dir = tmp_path / "etwmon-lock"
+        lock_dir.mkdir(mode=0o700)
+        monkeypatch.setattr(audit_state, "LOCK_DIR", str(lock_dir))
 
 # --- records in the kernel's shape ------------------------------------------------------------------------
 
@@ -299,7 +311,7 @@ def test_exec_rules_cover_both_syscall_tables():
 
 
 def test_rule_key_round_trip_and_liveness():
-    key = RuleKey("etwmon", os.getpid(), audit._process_start(os.getpid()), 0, 64)
+    key = RuleKey("etwmon", os.getpid(), _linux.live_process_start(os.getpid()), 0, 64)
     assert RuleKey.parse(str(key), "etwmon") == key
     assert key.owner_alive()
     assert not RuleKey("etwmon", os.getpid(), key.start + 1, 0, 64).owner_alive()  # pid reused
@@ -411,11 +423,11 @@ def _fake_source(kernel: FakeAuditKernel) -> AuditSource:
 @linux_only
 def test_locked_audit_is_unavailable_and_left_alone(monkeypatch):
     monkeypatch.setattr(audit.os, "geteuid", lambda: 0)  # as root: the kernel's answer is what decides
-    monkeypatch.setattr(audit, "_has_capability", lambda cap: True)
+    monkeypatch.setattr(audit, "has_capability", lambda cap: True)
     kernel = FakeAuditKernel(enabled=2)
     with pytest.raises(SourceUnavailable, match="locked"):
         _fake_source(kernel).open()
-    assert "locked" in audit.audit_unavailable_reason(kernel.factory)
+    assert "locked" in audit._unavailable_reason(kernel.factory)
     assert set(kernel.requests) <= {AUDIT_GET}  # no rule, no SET: the lock state is never touched
 
 
@@ -440,14 +452,14 @@ def test_refused_log_group_is_unavailable_and_changes_nothing():
 @linux_only
 def test_unavailable_reason_reports_lock_and_refusal(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(audit, "_has_capability", lambda cap: True)
-    assert "locked" in audit.audit_unavailable_reason(FakeAuditKernel(enabled=2).factory)
-    assert "EPERM" in audit.audit_unavailable_reason(FakeAuditKernel(refuse=errno.EPERM).factory)
-    assert audit.audit_unavailable_reason(FakeAuditKernel(enabled=0).factory) is None
+    monkeypatch.setattr(audit, "has_capability", lambda cap: True)
+    assert "locked" in audit._unavailable_reason(FakeAuditKernel(enabled=2).factory)
+    assert "EPERM" in audit._unavailable_reason(FakeAuditKernel(refuse=errno.EPERM).factory)
+    assert audit._unavailable_reason(FakeAuditKernel(enabled=0).factory) is None
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert "root" in audit.audit_unavailable_reason(FakeAuditKernel().factory)
+    assert "root" in audit._unavailable_reason(FakeAuditKernel().factory)
     monkeypatch.setattr(sys, "platform", "win32")
-    assert "Linux" in audit.audit_unavailable_reason(FakeAuditKernel().factory)
+    assert "Linux" in audit._unavailable_reason(FakeAuditKernel().factory)
 
 
 @linux_only
@@ -456,7 +468,7 @@ def test_open_close_enables_raises_backlog_and_restores():
     src = _fake_source(kernel)
     src.open()
     try:
-        assert kernel.status.enabled == 1 and kernel.status.backlog_limit == audit.DEFAULT_BACKLOG_LIMIT
+        assert kernel.status.enabled == 1 and kernel.status.backlog_limit == audit_state.DEFAULT_BACKLOG_LIMIT
         keys = kernel.keys()
         assert len(keys) == 2 and all(RuleKey.parse(k, "etwmon").pid == os.getpid() for k in keys)
         assert RuleKey.parse(keys[0], "etwmon").enabled == 0
@@ -487,7 +499,7 @@ def _dead_pid() -> int:
 def test_rule_of_a_killed_run_is_removed_and_its_original_state_restored():
     # What a SIGKILLed instance leaves: its rule (with the state from before it), audit on, backlog raised.
     stale = exec_rules(f"etwmon:{_dead_pid()}:12345:e0:b64")
-    kernel = FakeAuditKernel(enabled=1, backlog_limit=audit.DEFAULT_BACKLOG_LIMIT)
+    kernel = FakeAuditKernel(enabled=1, backlog_limit=audit_state.DEFAULT_BACKLOG_LIMIT)
     kernel.rules = [r.pack() for r in stale]
     src = _fake_source(kernel)
     src.open()
@@ -503,14 +515,14 @@ def test_rule_of_a_killed_run_is_removed_and_its_original_state_restored():
 @linux_only
 def test_another_live_instance_keeps_audit_on_when_one_stops():
     ppid = os.getppid()
-    other = exec_rules(f"etwmon:{ppid}:{audit._process_start(ppid)}:e0:b64")
-    kernel = FakeAuditKernel(enabled=1, backlog_limit=audit.DEFAULT_BACKLOG_LIMIT)
+    other = exec_rules(f"etwmon:{ppid}:{_linux.live_process_start(ppid)}:e0:b64")
+    kernel = FakeAuditKernel(enabled=1, backlog_limit=audit_state.DEFAULT_BACKLOG_LIMIT)
     kernel.rules = [r.pack() for r in other]
     src = _fake_source(kernel)
     src.open()
     src.close()
     assert kernel.rules == [r.pack() for r in other]  # the live one's rules stay
-    assert kernel.status.enabled == 1 and kernel.status.backlog_limit == audit.DEFAULT_BACKLOG_LIMIT
+    assert kernel.status.enabled == 1 and kernel.status.backlog_limit == audit_state.DEFAULT_BACKLOG_LIMIT
 
 
 @linux_only
@@ -538,7 +550,7 @@ def test_options_are_checked():
 
 
 def _live_control() -> AuditControl:
-    return AuditControl(audit.NetlinkTransport(0))
+    return AuditControl(audit_protocol.NetlinkTransport(0))
 
 
 def _etwmon_rules(control: AuditControl) -> list[tuple[AuditRule, RuleKey]]:
@@ -620,14 +632,26 @@ class ListSink:
         return list(records.parse(b"".join(self.records)))
 
 
+class _KeepingAuditSource(AuditSource):
+    """An AuditSource that also keeps every ExecEvent it assembled (argv before encoding, and the records'
+    shape), for tests that look at more than the record holds."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.exec_events: list = []
+
+    def _emit(self, sink, event, record) -> None:
+        self.exec_events.append(event)
+        super()._emit(sink, event, record)
+
+
 class Running:
     """An AuditSource running on a thread, keeping every ExecEvent it assembled (argv before encoding)."""
 
     def __init__(self, **options) -> None:
-        self.source = AuditSource(**options)
+        self.source = _KeepingAuditSource(**options)
         self.sink = ListSink()
-        self.exec_events: list = []
-        self.source.exec_hook = lambda event, record: self.exec_events.append(event) or True
+        self.exec_events = self.source.exec_events
         self.thread = threading.Thread(target=self.source.run, args=(self.sink,), daemon=True)
 
     def __enter__(self) -> "Running":
@@ -888,7 +912,7 @@ def test_records_dropped_at_a_full_socket_are_counted(live_audit, storm_binary):
 
 # --- LinuxSource: proc connector + audit ------------------------------------------------------------------
 
-from etwmon.sources.audit import ExecJoin, LinuxSource  # noqa: E402
+from etwmon.sources.linux import ExecJoin, LinuxSource  # noqa: E402
 
 
 def _exec_record(pid: int, line: str, ft: int = 1) -> bytes:
