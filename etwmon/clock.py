@@ -35,14 +35,19 @@ def clock_offset_ns(clock: int, reference: int = CLOCK_REALTIME, readings: int =
     """``reference`` minus ``clock`` in nanoseconds: the reference clock read between two readings of
     ``clock``, taking the tightest bracket of ``readings`` tries (a thread preempted mid-reading gives a wide
     bracket and is not used). Wrong by at most half that bracket, typically well under a microsecond."""
-    best_span, offset = None, 0
+    return _measure(clock, reference, readings)[0]
+
+
+def _measure(clock: int, reference: int, readings: int) -> tuple[int, int]:
+    """(offset, the width of the bracket it came from) in nanoseconds."""
+    best_span, offset = -1, 0
     for _ in range(readings):
         before = time.clock_gettime_ns(clock)
         ref = time.clock_gettime_ns(reference)
         after = time.clock_gettime_ns(clock)
-        if best_span is None or after - before < best_span:
+        if best_span < 0 or after - before < best_span:
             best_span, offset = after - before, ref - (before + after) // 2
-    return offset
+    return offset, best_span
 
 
 class KernelClock:
@@ -55,14 +60,20 @@ class KernelClock:
     of drifting from it by what NTP slews meanwhile. ``resync()`` measures it again.
     """
 
-    __slots__ = ("clock", "offset_ns")
+    __slots__ = ("clock", "offset_ns", "error_ns")
 
     def __init__(self, clock: int = CLOCK_MONOTONIC, offset_ns: int | None = None) -> None:
         self.clock = clock
-        self.offset_ns = clock_offset_ns(clock) if offset_ns is None else offset_ns
+        #: How far ``offset_ns`` may be off, at most (half its bracket; 0 when given).
+        self.error_ns = 0
+        if offset_ns is None:
+            self.resync()
+        else:
+            self.offset_ns = offset_ns
 
     def resync(self) -> None:
-        self.offset_ns = clock_offset_ns(self.clock)
+        offset, span = _measure(self.clock, CLOCK_REALTIME, 5)
+        self.offset_ns, self.error_ns = offset, (span + 1) // 2
 
     def filetime(self, ns: int) -> int:
         """FILETIME of ``ns``, a reading of this clock."""

@@ -87,7 +87,7 @@ def set_receive_buffer(sock: socket.socket, size: int, what: str) -> int:
     if granted < size:
         rmem_max = _rmem_max()
         cap = f" at {rmem_max} bytes" if rmem_max is not None else ""
-        log.warning("%s: asked for a %s socket receive buffer, got %s: net.core.rmem_max caps it%s without "
+        log.warning("%s: asked for a socket receive buffer of %s, got %s: net.core.rmem_max caps it%s without "
                     "CAP_NET_ADMIN, so bursts may overflow it (every loss is counted). To get it all, run as root "
                     "or raise the cap: sysctl -w net.core.rmem_max=%d", what, _mib(size), _mib(granted), cap, size)
     return reported
