@@ -158,7 +158,7 @@ class AuditSource(Source):
     @classmethod
     def cleanup(cls) -> list[str]:
         reason = _unavailable_reason()
-        if reason is not None and "locked" not in reason:
+        if reason is not None:
             raise SourceUnavailable(f"audit source: cannot clean up: {reason}")
         try:
             control = AuditControl(_default_transport(0))
