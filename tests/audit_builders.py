@@ -432,8 +432,9 @@ def storm(binary: str, n: int) -> str:
                           check=True).stdout.strip()
 
 
-def read_storm(mon: Monitor, n: int) -> tuple[dict[int, list[bytes]], int, dict]:
-    """Read until the argv of all ``n`` storm children arrived (or 20 s): {i: argv}, records lost, stats."""
+def read_storm(mon: Monitor, n: int, keep: list | None = None) -> tuple[dict[int, list[bytes]], int, dict]:
+    """Read until the argv of all ``n`` storm children arrived (or 20 s): {i: argv}, records lost, stats.
+    ``keep``: a list that gets every event read, in stream order."""
     seen: dict[int, list[bytes]] = {}
     lost = 0
     buf = bytearray(1 << 20)
@@ -443,6 +444,8 @@ def read_storm(mon: Monitor, n: int) -> tuple[dict[int, list[bytes]], int, dict]
         events = list(records.parse(buf[:mon.readinto(buf)]))
         lost += sum(e.count for e in events if isinstance(e, records.RecordsLost))
         seen.update(storm_argvs(events))
+        if keep is not None:
+            keep += events
     return seen, lost, mon.stats.source_stats
 
 
