@@ -97,6 +97,19 @@ def test_join_audit_first_waits_for_the_proc_connector_exec():
     assert (join.late, join.fallback, join.waiting()) == (1, 0, 0)
 
 
+def test_join_stamps_audits_exec_with_the_proc_connectors_time():
+    sink = ListSink()
+    join = ExecJoin(sink, hold=2.0)
+    join.netlink_push(_exec_record(60, "from-proc", ft=5_000_123))  # proc connector first
+    join.audit_push(_exec_record(60, "exact one", ft=4_990_000))  # audit's coarse millisecond time: earlier
+    join.audit_push(_exec_record(61, "exact two", ft=4_990_000))  # audit first
+    join.netlink_push(_exec_record(61, "from-proc", ft=5_000_456))
+    join.audit_push(_exec_record(62, "only audit", ft=4_990_000))  # the proc connector lost this one
+    join.expire(now=time.monotonic() + 3)
+    assert [(e.pid, e.command_line, e.filetime) for e in sink.events()] == [
+        (60, "exact one", 5_000_123), (61, "exact two", 5_000_456), (62, "only audit", 4_990_000)]
+
+
 def test_join_exec_chain_of_one_pid_matches_in_order():
     sink = ListSink()
     join = ExecJoin(sink, hold=2.0)
