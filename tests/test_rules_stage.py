@@ -7,10 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 
@@ -22,7 +20,8 @@ from etwmon import Monitor, parse  # noqa: E402
 from etwmon import records as R  # noqa: E402
 from etwmon.rules import RuleSet, RulesStage  # noqa: E402
 from etwmon.rules import stage as stage_module  # noqa: E402
-from etwmon.sources.base import Source  # noqa: E402
+
+from .helpers import ListSink, ScriptedSource, Watch, assert_clean_stderr, etwmon_argv, read_until  # noqa: E402
 
 CONFIG = '''<Sysmon schemaversion="4.90">
   <EventFiltering>
@@ -44,25 +43,6 @@ CONFIG = '''<Sysmon schemaversion="4.90">
     <Redact name="tokens">tok_[A-Za-z0-9]+</Redact>
   </Redaction>
 </Sysmon>'''
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.lost = 0
-        self.notified = 0
-
-    def push(self, record) -> None:
-        self.records.append(bytes(record))
-
-    def push_lost(self, count: int) -> None:
-        self.lost += count
-
-    def notify(self) -> None:
-        self.notified += 1
-
-    def events(self):
-        return [e for r in self.records for e in parse(r)]
 
 
 def t() -> int:
@@ -223,58 +203,34 @@ def test_the_excluded_process_table_is_bounded(monkeypatch):
 # --- Monitor -------------------------------------------------------------------------------------------------
 
 
-class QueueSource(Source):
-    name = "queue"
-    delivers = frozenset({"process_exec", "thread_create"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: queue.Queue = queue.Queue()
-
-    def run(self, sink) -> None:
-        while (records := self.queue.get()) is not None:
-            for record in records:
-                sink.push(record)
-            sink.notify()
-
-    def stop(self) -> None:
-        self.queue.put(None)
-
-
-def _drain(monitor: Monitor, want: int) -> list:
-    events, buf = [], bytearray(1 << 16)
-    deadline = time.monotonic() + 10
-    while len(events) < want and time.monotonic() < deadline:
-        monitor.wait(0.5)
-        n = monitor.readinto(buf)
-        events += list(parse(buf[:n]))
-    return events
+def _read(monitor: Monitor, want: int) -> list:
+    return read_until(monitor, lambda events: len(events) >= want, quiet=0.3)
 
 
 def test_monitor_applies_rules_before_the_ring_and_reloads(tmp_path):
     path = tmp_path / "sysmon.xml"
     path.write_text(CONFIG)
     path.chmod(0o644)
-    source = QueueSource()
+    source = ScriptedSource()
     with Monitor(source=source, rules=path) as monitor:
-        source.queue.put([exec_(1, "ls"), exec_(2, "deploy --password=x1"), exec_(3, "cat"),
-                          R.encode_thread_create(t(), 4, 3)])
-        events = _drain(monitor, 1)
+        source.commands.put(("records", [exec_(1, "ls"), exec_(2, "deploy --password=x1"), exec_(3, "cat"),
+                                         R.encode_thread_create(t(), 4, 3)]))
+        events = _read(monitor, 1)
         assert [e.command_line for e in events] == ["deploy --password=***"]
         assert monitor.ring.stats.pushed == 1  # excluded events took no ring space
         stats = monitor.stats.rules
         assert stats["kept"] == 1 and stats["not_included"] == 2 and stats["followers_dropped"] == 1
         path.write_text('<Sysmon><EventFiltering><ProcessCreate onmatch="exclude"/></EventFiltering></Sysmon>')
         monitor.set_rules(path)  # what the service does on SIGHUP
-        source.queue.put([exec_(5, "ls")])
-        assert [e.command_line for e in _drain(monitor, 1)] == ["ls"]
+        source.commands.put(("records", [exec_(5, "ls")]))
+        assert [e.command_line for e in _read(monitor, 1)] == ["ls"]
         path.write_text("<Sysmon><broken")
         with pytest.raises(Exception, match="not well-formed"):
             monitor.set_rules(path)
         assert monitor.rules.source == str(path)  # the last good rules stay in force
-        source.queue.put([exec_(6, "ls")])
-        assert [e.pid for e in _drain(monitor, 1)] == [6]
-    assert Monitor(source=QueueSource()).stats.rules == {}
+        source.commands.put(("records", [exec_(6, "ls")]))
+        assert [e.pid for e in _read(monitor, 1)] == [6]
+    assert Monitor(source=ScriptedSource()).stats.rules == {}
 
 
 # --- live ----------------------------------------------------------------------------------------------------
@@ -296,27 +252,21 @@ LIVE_CONFIG = '''<Sysmon schemaversion="4.90">
 </Sysmon>'''
 
 
-def _tail(config, fmt: list[str], marker: str, secret: str) -> tuple[str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "etwmon", "tail", "--config", str(config), "--batch-wait", "0",
-                             *fmt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        seen = ""
-        while "watching" not in seen and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen += line
-        assert "watching" in seen, seen
+def _tail(config, fmt: list[str], marker: str, secret: str) -> Watch:
+    """``etwmon tail --config`` while four processes run: two marked, one marked but excluded, one unrelated;
+    a secret on two command lines."""
+    watch = Watch(etwmon_argv("tail", "--config", str(config), "--batch-wait", "0", *fmt))
+    with watch:
+        watch.ready()
         true = shutil.which("true")
         for argv in ([true, f"{marker}-one", f"--password={secret}"], [true, f"{marker}-skip"],
                      [true, "unrelated", f"--password={secret}"], [true, f"{marker}-two"]):
             subprocess.run(argv, check=True)
-        time.sleep(1.5)
-    finally:
-        proc.send_signal(2)
-        out, err = proc.communicate(timeout=30)
-    return out, seen + err
+        watch.wait_out(lambda line: f"{marker}-two".encode() in line, what=f"the {marker}-two process")
+        time.sleep(0.5)  # anything wrongly let through has time to show
+        assert watch.stop() == 0
+    assert_clean_stderr(watch.stderr)
+    return watch
 
 
 @pytest.mark.root
@@ -327,9 +277,9 @@ def test_live_tail_with_config_shows_only_matching_processes_and_never_the_secre
     config.write_text(LIVE_CONFIG.format(marker=marker))
     config.chmod(0o644)
 
-    out, err = _tail(config, ["--json"], marker, secret)
-    assert secret not in out and secret not in err
-    events = [json.loads(line) for line in out.splitlines()]
+    watch = _tail(config, ["--json"], marker, secret)
+    assert secret.encode() not in watch.stdout and secret not in watch.stderr
+    events = watch.json_lines()
     processes = [e for e in events if e["type"] in ("ProcessCreate", "ProcessExec")]
     lines = [e["command_line"] for e in processes]
     assert any(f"{marker}-one --password=***" in line for line in lines), lines
@@ -338,12 +288,13 @@ def test_live_tail_with_config_shows_only_matching_processes_and_never_the_secre
     assert not [e for e in events if e["type"] == "ProcessExit"]  # <ProcessTerminate onmatch="include"/>
     named = {e.get("rule_name") for e in processes}
     assert named <= {"marked", None}
-    if hasattr(R.ProcessExec, "__dataclass_fields__") and "rule_name" in R.ProcessExec.__dataclass_fields__:
+    if "rule_name" in getattr(R.ProcessExec, "__dataclass_fields__", {}):
         assert named == {"marked"}  # the record carries the rule's name
+    assert "rules kept" in watch.stderr  # the summary says what the rules did
 
-    text, _ = _tail(config, [], marker, secret)
-    assert secret not in text
-    assert f"{marker}-one --password=***" in text and f"{marker}-skip" not in text
+    text = _tail(config, [], marker, secret)
+    assert secret.encode() not in text.stdout
+    assert f"{marker}-one --password=***".encode() in text.stdout and f"{marker}-skip".encode() not in text.stdout
 
 
 @pytest.mark.root
