@@ -117,9 +117,21 @@ def test_redaction_rewrites_the_record_itself(staged):
 
 def test_an_unchanged_record_is_passed_on_as_it_came(staged):
     stage, sink = staged
-    record = exec_(63, "deploy plain")
+    record = R.encode_process_exit(t(), 63, 0)  # kept (no exclude matches), named by no rule, nothing to redact
     stage.push(record)
     assert sink.records == [record]
+
+
+@pytest.mark.skipif("rule_name" not in getattr(R.ProcessExec, "__dataclass_fields__", {}),
+                    reason="this build's records carry no rule_name (the identity extension block)")
+def test_the_including_rule_names_the_record(staged):
+    stage, sink = staged
+    stage.push(exec_(64, "/usr/bin/backup /srv --password=x"))
+    stage.push(R.encode_process_exit(t(), 64, 0))
+    created, exited = sink.events()
+    assert created.rule_name == "backups" and created.command_line == "/usr/bin/backup /srv --password=***"
+    assert exited.rule_name is None
+    assert stage.stats()["unnamed"] == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +163,10 @@ def test_a_secret_in_a_field_this_build_cannot_rewrite_drops_the_record(monkeypa
     @dataclasses.dataclass(frozen=True)
     class Unwritable(R.ProcessExec):
         @property
-        def parent_command_line(self) -> str:
+        def other_command_line(self) -> str:  # text the record carries, but not as a field replace() can set
             return "x --password=hunter2"
 
+    monkeypatch.setattr(stage_module, "_REDACTED_FIELDS", (*stage_module._REDACTED_FIELDS, "other_command_line"))
     sink = ListSink()
     stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
     monkeypatch.setattr(stage_module, "parse", lambda record: iter([Unwritable(t(), 71, 1, 71, 71, "deploy")]))
