@@ -123,9 +123,11 @@ def _predicate(condition: Condition) -> Callable[[str], bool]:
 
 
 class _FieldIndex:
-    """All OR'ed conditions of one side on one field, so a config of hundreds of rules costs a few dictionary
-    look-ups per event: equality and image names by dict, prefixes and suffixes by dict per length, the rest
-    in document order with an early stop once a better (earlier) match is known."""
+    """All OR'ed conditions of one side on one field, so a config of hundreds of rules costs a few C calls per
+    event: equalities, image names and ``end with /name`` by dict, all prefixes (all suffixes) by one anchored
+    regex, substrings by one Aho-Corasick pass, the rest in document order with an early stop once an earlier
+    match is known. Keys are compared so the first rule in document order wins. With ``multi`` (the AND-rule
+    gates) it collects every match of the look-up kinds instead, with prefixes and suffixes by dict per length."""
 
     __slots__ = ("multi", "eq", "base", "tail", "prefix", "suffix", "starts", "ends", "contains", "other",
                  "automaton")
