@@ -174,6 +174,16 @@ def test_a_secret_in_a_field_this_build_cannot_rewrite_drops_the_record(monkeypa
     assert sink.records == [] and stage.stats()["unredactable"] == 1
 
 
+def test_a_record_the_rules_cannot_read_goes_no_further(staged):
+    stage, sink = staged
+    bad = bytearray(exec_(65, "deploy --password=hunter2"))
+    bad[32:34] = (5000).to_bytes(2, "little")  # CommandLineLength past the record's Size
+    stage.push(bytes(bad))
+    stage.push(exec_(66, "deploy"))
+    assert [e.pid for e in sink.events()] == [66]
+    assert stage.stats()["unreadable"] == 1
+
+
 def test_undecided_events_are_kept_counted_and_warned_once(caplog):
     sink = ListSink()
     stage = RulesStage(sink, RuleSet.from_xml(

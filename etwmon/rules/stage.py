@@ -13,6 +13,7 @@ import struct
 import threading
 from typing import Any
 
+from ..errors import RecordFormatError
 from ..records import Event, ItemType, parse
 from ..sources.base import Sink
 from .engine import RuleSet, Verdict
@@ -54,7 +55,8 @@ class RulesStage:
         self._redaction_counts = [0] * len(rules.redactions)
         self._redaction_index = {id(r): i for i, r in enumerate(rules.redactions)}
         self._counts = dict.fromkeys(("evaluated", "kept", "excluded", "not_included", "undecided",
-                                      "followers_dropped", "redacted", "unredactable", "forgotten", "unnamed"), 0)
+                                      "followers_dropped", "redacted", "unredactable", "unreadable", "forgotten",
+                                      "unnamed"), 0)
         self._unknown_fields: dict[str, int] = {}
         self._warned_unknown: set[str] = set()
         self._judged = {t for t in (_CREATE, _EXEC, _EXIT) if rules.applies_to(t)}
@@ -88,8 +90,15 @@ class RulesStage:
             self._sink.push(out)
 
     def _judge(self, record: Any) -> Any:
-        event = next(parse(record))
         counts = self._counts
+        try:
+            event = next(parse(record))
+        except RecordFormatError as exc:
+            # Not judged means not redacted either: the record goes no further, counted and said once.
+            counts["unreadable"] += 1
+            if counts["unreadable"] == 1:
+                log.error("a record the rules cannot read was dropped (counted as unreadable): %s", exc)
+            return None
         counts["evaluated"] += 1
         verdict = self.rules.decide(event)
         pid = event.pid
