@@ -28,6 +28,7 @@ from . import etw_builders as B
 from .etw_builders import T0, FakeEtwWorld, FakeGUID, FakeWinError
 
 REPO = Path(__file__).resolve().parents[1]
+OWN_START = 0x1DA5E3F2C4B1A00  # this process's start time (FILETIME) as the stand-in's process table has it
 
 DRIVES = {"C:": "\\Device\\HarddiskVolume3", "D:": "\\Device\\HarddiskVolume10", "E:": "\\Device\\HarddiskVolume1"}
 MAPPER = NtPathMapper(query_dos_device=DRIVES.get, system_root="C:\\Windows")
@@ -36,9 +37,9 @@ NOTEPAD = "C:\\Windows\\System32\\notepad.exe"
 T0_TIME = datetime(2024, 5, 17, 9, 30, 15, 123456, tzinfo=timezone.utc)
 
 
-def one(event, mode: str, **options) -> etwmon.Event:
+def one(event, **options) -> etwmon.Event:
     """The single record ``event`` maps to, parsed back."""
-    records = to_records(event, mode, **options)
+    records = to_records(event, **options)
     assert len(records) == 1, records
     (parsed,) = list(parse(records[0]))
     return parsed
@@ -51,7 +52,7 @@ def one(event, mode: str, **options) -> etwmon.Event:
 def test_kernel_process_start_every_version(version):
     event = B.kp_process_start(version=version, pid=6312, ppid=4420, image=NOTEPAD_NT, creating_pid=4421,
                                creating_tid=7716)
-    got = one(event, "kernel-process", map_path=MAPPER)
+    got = one(event, map_path=MAPPER)
     # No command line in this provider: the program's path stands in for it.
     assert got == ProcessCreate(T0, pid=6312, parent_pid=4420, creating_pid=4421, creating_tid=7716,
                                 command_line=NOTEPAD)
@@ -60,30 +61,30 @@ def test_kernel_process_start_every_version(version):
 
 def test_kernel_process_start_path_with_spaces_is_quoted_and_unmapped_paths_stay():
     event = B.kp_process_start(image="\\Device\\HarddiskVolume10\\Program Files\\App\\app.exe")
-    assert one(event, "kernel-process", map_path=MAPPER).command_line == '"D:\\Program Files\\App\\app.exe"'
+    assert one(event, map_path=MAPPER).command_line == '"D:\\Program Files\\App\\app.exe"'
     # Without a mapper (off Windows) the NT path is kept as ETW gave it.
-    assert one(event, "kernel-process").command_line == '"\\Device\\HarddiskVolume10\\Program Files\\App\\app.exe"'
+    assert one(event).command_line == '"\\Device\\HarddiskVolume10\\Program Files\\App\\app.exe"'
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])
 @pytest.mark.parametrize("code", [0, 3, 259, 0xC0000005, 0xFFFFFFFF])
 def test_kernel_process_stop(version, code):
-    got = one(B.kp_process_stop(version=version, pid=6312, exit_code=code), "kernel-process")
+    got = one(B.kp_process_stop(version=version, pid=6312, exit_code=code))
     assert got == ProcessExit(T0, pid=6312, exit_code=code)
     assert got.time == T0_TIME
 
 
 @pytest.mark.parametrize("version", [0, 1])
 def test_kernel_process_threads(version):
-    start = one(B.kp_thread_start(version=version, pid=6312, tid=7720), "kernel-process")
+    start = one(B.kp_thread_start(version=version, pid=6312, tid=7720))
     assert start == ThreadCreate(T0, tid=7720, pid=6312)
-    stop = one(B.kp_thread_stop(version=version, pid=6312, tid=7720, timestamp=T0 + 1), "kernel-process")
+    stop = one(B.kp_thread_stop(version=version, pid=6312, tid=7720, timestamp=T0 + 1))
     assert stop == ThreadExit(T0 + 1, tid=7720, pid=6312, exit_code=EXIT_CODE_UNKNOWN)
 
 
 @pytest.mark.parametrize("base, size", [(0x7FFB1C200000, 0x1F8000), (0xFFFFF8057A200000, 0x1046000), (0x400000, 0)])
 def test_kernel_process_image_load(base, size):
-    got = one(B.kp_image_load(pid=6312, base=base, size=size), "kernel-process", map_path=MAPPER)
+    got = one(B.kp_image_load(pid=6312, base=base, size=size), map_path=MAPPER)
     assert got == ImageLoad(T0, pid=6312, image_size=size, load_address=base,
                             image_name="C:\\Windows\\System32\\ntdll.dll")
     assert got.time == T0_TIME
@@ -98,15 +99,15 @@ def test_kernel_process_image_load(base, size):
     B.kp_event(9999, 0, {}, opcode=0, task_name="", keyword=0),
 ])
 def test_kernel_process_events_without_a_record(event):
-    assert to_records(event, "kernel-process") == []
+    assert to_records(event) == []
 
 
 def test_kernel_process_ignores_other_providers():
     event = B.replaced(B.kp_process_start(), "ProviderId", B.DISK_IO, in_header=True)
-    assert to_records(event, "kernel-process") == []
+    assert to_records(event) == []
     # GUID spelling is not significant.
     lower = B.replaced(B.kp_process_start(), "ProviderId", B.KERNEL_PROCESS.lower(), in_header=True)
-    assert len(to_records(lower, "kernel-process")) == 1
+    assert len(to_records(lower)) == 1
 
 
 # --- the classic kernel logger ------------------------------------------------------------------------------
@@ -117,14 +118,14 @@ def test_kernel_logger_process_start_has_the_command_line():
     event = B.kl_process(1, pid=0x18A8, ppid=0x1144, command_line=command_line, creating_pid=4421,
                          creating_tid=7716)
     assert event[0] == 0 and event[1]["ProcessId"] == "0x18A8"  # what pywintrace hands over: id 0, hex ids
-    got = one(event, "kernel-logger", map_path=MAPPER)
+    got = one(event, map_path=MAPPER)
     assert got == ProcessCreate(T0, pid=0x18A8, parent_pid=0x1144, creating_pid=4421, creating_tid=7716,
                                 command_line=command_line)
     assert got.time == T0_TIME
 
 
 def test_kernel_logger_process_without_command_line_uses_the_image_name():
-    got = one(B.kl_process(1, pid=4, ppid=0, image_file_name="System", command_line=""), "kernel-logger")
+    got = one(B.kl_process(1, pid=4, ppid=0, image_file_name="System", command_line=""))
     assert got.command_line == "System" and got.pid == 4 and got.parent_pid == 0
 
 
@@ -133,19 +134,19 @@ def test_kernel_logger_process_end_exit_status_is_unsigned(status):
     event = B.kl_process(2, pid=0x18A8, exit_status=status)
     if status >= 0x80000000:
         assert event[1]["ExitStatus"].startswith("-")  # a sint32 in the MOF: TDH prints it signed
-    assert one(event, "kernel-logger") == ProcessExit(T0, pid=0x18A8, exit_code=status)
+    assert one(event) == ProcessExit(T0, pid=0x18A8, exit_code=status)
 
 
 def test_kernel_logger_threads():
-    assert one(B.kl_thread(1, pid=0x18A8, tid=0x1E28), "kernel-logger") == ThreadCreate(T0, tid=0x1E28, pid=0x18A8)
-    assert one(B.kl_thread(2, pid=0x18A8, tid=0x1E28), "kernel-logger") == ThreadExit(
+    assert one(B.kl_thread(1, pid=0x18A8, tid=0x1E28)) == ThreadCreate(T0, tid=0x1E28, pid=0x18A8)
+    assert one(B.kl_thread(2, pid=0x18A8, tid=0x1E28)) == ThreadExit(
         T0, tid=0x1E28, pid=0x18A8, exit_code=EXIT_CODE_UNKNOWN)
 
 
 def test_kernel_logger_image_load():
     got = one(B.kl_image(10, pid=6312, base=0x7FFB1C200000, size=0x1F8000,
                          file_name="\\Device\\HarddiskVolume3\\Windows\\System32\\kernel32.dll"),
-              "kernel-logger", map_path=MAPPER)
+              map_path=MAPPER)
     assert got == ImageLoad(T0, pid=6312, image_size=0x1F8000, load_address=0x7FFB1C200000,
                             image_name="C:\\Windows\\System32\\kernel32.dll")
 
@@ -157,25 +158,26 @@ def test_kernel_logger_image_load():
     B.classic_event(B.DISK_IO, 1, 3, {"ProcessId": "0x4", "ParentId": "0x0"}, "DISKIO"),
 ])
 def test_kernel_logger_events_without_a_record(event):
-    assert to_records(event, "kernel-logger") == []
-    assert to_records(event, "kernel-logger", rundown=True) == []
+    assert to_records(event) == []
+    assert to_records(event, rundown=True) == []
 
 
 def test_kernel_logger_rundown_is_left_out_by_default_and_recorded_on_request():
     process, thread, image = B.kl_process(3, pid=0x2A0, ppid=0x1F4), B.kl_thread(3, pid=0x2A0, tid=0x2A4), \
         B.kl_image(3, pid=0x2A0)
     for event in (process, thread, image):
-        assert to_records(event, "kernel-logger") == []
+        assert to_records(event) == []
     # With rundown: creations "by" process/thread 0, since nobody in the header created them.
-    assert one(process, "kernel-logger", rundown=True) == ProcessCreate(
+    assert one(process, rundown=True) == ProcessCreate(
         T0, pid=0x2A0, parent_pid=0x1F4, creating_pid=0, creating_tid=0, command_line=process[1]["CommandLine"])
-    assert one(thread, "kernel-logger", rundown=True) == ThreadCreate(T0, tid=0x2A4, pid=0x2A0)
-    assert one(image, "kernel-logger", rundown=True).image_name == image[1]["FileName"]
+    assert one(thread, rundown=True) == ThreadCreate(T0, tid=0x2A4, pid=0x2A0)
+    assert one(image, rundown=True).image_name == image[1]["FileName"]
 
 
-def test_unknown_mode():
-    with pytest.raises(ValueError, match="unknown ETW mode"):
-        to_records(B.kl_process(), "kernel")
+def test_to_records_takes_no_mode():
+    # The provider decides; a mode argument from before that would otherwise be silently taken for something.
+    with pytest.raises(TypeError):
+        to_records(B.kl_process(), "kernel-logger")
 
 
 # --- how numbers are read -----------------------------------------------------------------------------------
@@ -185,13 +187,13 @@ def test_unknown_mode():
                                   "0x18A8", "0x18a8", "0X18A8", " 0x18A8 ", "0x00000000000018A8"])
 def test_numbers_in_every_spelling_tdh_might_use(text):
     event = B.replaced(B.kp_process_start(pid=1), "ProcessID", text)
-    assert one(event, "kernel-process").pid == 6312
+    assert one(event).pid == 6312
 
 
 @pytest.mark.parametrize("text", ["0x7FFB1C200000", "0x7ffb1c200000", "0x00007FFB1C200000", str(0x7FFB1C200000)])
 def test_pointer_spellings(text):
     event = B.replaced(B.kp_image_load(base=1), "ImageBase", text)
-    assert one(event, "kernel-process").load_address == 0x7FFB1C200000
+    assert one(event).load_address == 0x7FFB1C200000
 
 
 # Fields each event needs; removing or spoiling any one of them must drop the event with EtwEventError.
@@ -207,22 +209,22 @@ REQUIRED = [
     ("kernel-logger", B.kl_thread(2), ["ProcessId", "TThreadId"], []),
     ("kernel-logger", B.kl_image(10), ["ProcessId", "ImageBase", "ImageSize"], ["FileName"]),
 ]
-CASES = [(mode, event, name, numeric) for mode, event, numbers, texts in REQUIRED
+CASES = [(kind, event, name, numeric) for kind, event, numbers, texts in REQUIRED
          for name, numeric in [(n, True) for n in numbers] + [(t, False) for t in texts]]
 
 
-@pytest.mark.parametrize("mode, event, name, numeric", CASES, ids=[f"{c[0]}-{c[1][1]['Task Name']}-{c[2]}"
+@pytest.mark.parametrize("kind, event, name, numeric", CASES, ids=[f"{c[0]}-{c[1][1]['Task Name']}-{c[2]}"
                                                                      for c in CASES])
-def test_malformed_fields_drop_the_event(mode, event, name, numeric):
-    assert len(to_records(event, mode)) == 1  # the intact event maps
+def test_malformed_fields_drop_the_event(kind, event, name, numeric):
+    assert len(to_records(event)) == 1  # the intact event maps
     with pytest.raises(EtwEventError, match=name):
-        to_records(B.without(event, name), mode)
+        to_records(B.without(event, name))
     with pytest.raises(EtwEventError, match=name):
-        to_records(B.replaced(event, name, None), mode)  # what pywintrace gives for a field TDH failed on
+        to_records(B.replaced(event, name, None))  # what pywintrace gives for a field TDH failed on
     if numeric:
         for bad in ["", " ", "abc", "0x", "0xZZ", "1_000", "12.5", "0o17", "1e3", "--5", "5 5", "\u0665"]:
             with pytest.raises(EtwEventError, match=name):
-                to_records(B.replaced(event, name, bad), mode)
+                to_records(B.replaced(event, name, bad))
 
 
 @pytest.mark.parametrize("name, value", [
@@ -231,33 +233,33 @@ def test_malformed_fields_drop_the_event(mode, event, name, numeric):
 ])
 def test_out_of_range_ids(name, value):
     with pytest.raises(EtwEventError, match="out of range"):
-        to_records(B.replaced(B.kp_process_start(), name, value), "kernel-process")
+        to_records(B.replaced(B.kp_process_start(), name, value))
 
 
 def test_out_of_range_sizes_and_codes():
     with pytest.raises(EtwEventError, match="out of range"):
-        to_records(B.replaced(B.kp_image_load(), "ImageSize", "0x100000000"), "kernel-process")
+        to_records(B.replaced(B.kp_image_load(), "ImageSize", "0x100000000"))
     with pytest.raises(EtwEventError, match="out of range"):
-        to_records(B.replaced(B.kp_image_load(), "ImageBase", "0x10000000000000000"), "kernel-process")
+        to_records(B.replaced(B.kp_image_load(), "ImageBase", "0x10000000000000000"))
     for code in ["4294967296", "-2147483649"]:
         with pytest.raises(EtwEventError, match="32 bits"):
-            to_records(B.kp_process_stop(exit_code_text=code), "kernel-process")
+            to_records(B.kp_process_stop(exit_code_text=code))
 
 
 @pytest.mark.parametrize("header_field", ["TimeStamp", "ProcessId", "ThreadId", "ProviderId"])
 def test_malformed_header(header_field):
     with pytest.raises(EtwEventError, match=header_field):
-        to_records(B.without(B.kp_process_start(), header_field, in_header=True), "kernel-process")
+        to_records(B.without(B.kp_process_start(), header_field, in_header=True))
 
 
 def test_malformed_shapes():
     for event in [None, 42, "x", (1,), (1, 2, 3), ("1", {}), (True, {}), (1, []), (1, {}), (1, {"EventHeader": 5})]:
         with pytest.raises(EtwEventError):
-            to_records(event, "kernel-process")
+            to_records(event)
     with pytest.raises(EtwEventError, match="TimeStamp"):
-        to_records(B.replaced(B.kp_process_stop(), "TimeStamp", -1, in_header=True), "kernel-process")
+        to_records(B.replaced(B.kp_process_stop(), "TimeStamp", -1, in_header=True))
     with pytest.raises(EtwEventError, match="EventDescriptor"):
-        to_records(B.without(B.kl_process(), "EventDescriptor", in_header=True), "kernel-logger")
+        to_records(B.without(B.kl_process(), "EventDescriptor", in_header=True))
 
 
 # --- NT paths -----------------------------------------------------------------------------------------------
@@ -323,6 +325,7 @@ def test_monitor_etw_off_windows_says_windows_and_the_extra():
 
 def test_reasons_on_windows(monkeypatch):
     monkeypatch.setattr(E, "_platform", lambda: "win32")
+    monkeypatch.setattr(E, "_windows_version", lambda: (10, 0, 19045))
     monkeypatch.setattr(E, "_pywintrace_installed", lambda: False)
     monkeypatch.setattr(E, "_is_elevated", lambda: False)
     assert "pip install etwmon[etw]" in EtwSource.unavailable_reason()
@@ -367,8 +370,14 @@ def windows(monkeypatch):
     for name, module in world.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(E, "_platform", lambda: "win32")
+    monkeypatch.setattr(E, "_windows_version", lambda: (10, 0, 19045))
     monkeypatch.setattr(E, "_pywintrace_installed", lambda: True)
     monkeypatch.setattr(E, "_is_elevated", lambda: True)
+    monkeypatch.setattr(E, "_trace_control", lambda: world.control)
+    monkeypatch.setattr(E, "_process_started", world.process_started)
+    world.processes[os.getpid()] = OWN_START
+    monkeypatch.setattr(E, "_own_start", None)
+    monkeypatch.setattr(E, "_LEFT_RUNNING", set())
     yield world
     # Whatever a failed test left running: stop it, or pytest would wait forever for the non-daemon threads.
     for session in world.created:
@@ -403,12 +412,13 @@ def test_kernel_process_session_end_to_end(windows):
     source = EtwSource("kernel-process", map_path=MAPPER)
     with etwmon.Monitor(source=source) as mon:
         name, session = only_session(windows)
-        assert re.fullmatch(rf"etwmon-{os.getpid()}-\d+", name) and source.session_name == name
+        assert re.fullmatch(rf"etwmon-{os.getpid()}-{OWN_START:x}-\d+", name) and source.session_name == name
         (provider,) = session.providers
         assert provider.guid == FakeGUID(E.KERNEL_PROCESS_GUID)
         assert (provider.level, provider.any_bitmask, provider.all_bitmask) == (4, 0x10 | 0x20 | 0x40, 0)
         assert windows.enabled == [(name, provider)]
-        assert session.ring_buf_size == 64 and session.ignore_exists_error is False
+        props = session.properties.get().contents
+        assert props.BufferSize == 64 and props.FlushTimer == 1 and session.ignore_exists_error is False
         windows.emit(
             B.kp_process_start(version=2, pid=6312, ppid=4420, image=NOTEPAD_NT, creating_pid=4420, creating_tid=77),
             B.kp_thread_start(pid=6312, tid=7720, timestamp=T0 + 1),
@@ -450,6 +460,7 @@ def test_private_kernel_logger_sessions(windows):
         for session, flags, kb in ((one_session, 0x7, 64), (other, 0x3, 128)):
             props = session.properties.get().contents
             assert session.providers == [] and props.EnableFlags == flags and props.BufferSize == kb
+            assert props.FlushTimer == 1
             assert props.LogFileMode & E.EVENT_TRACE_SYSTEM_LOGGER_MODE and props.LogFileMode & 0x100
             assert props.Wnode.Guid not in (FakeGUID(E.SYSTEM_TRACE_CONTROL_GUID), FakeGUID())
         assert one_session.properties.get().contents.Wnode.Guid != other.properties.get().contents.Wnode.Guid
@@ -491,6 +502,7 @@ def test_the_shared_nt_kernel_logger(windows):
         (provider,) = session.providers
         assert provider.guid == FakeGUID(E.SYSTEM_TRACE_CONTROL_GUID) and provider.any_bitmask == 0x7
         assert session.properties.get().contents.EnableFlags == 0x7
+        assert session.properties.get().contents.FlushTimer == 1
     assert windows.sessions == {} and windows.stopped == ["NT Kernel Logger"]
 
 
@@ -528,27 +540,29 @@ def test_our_name_taken(windows):
     assert list(windows.sessions) == ["etwmon-fixed"] and windows.stopped == []
 
 
-def test_stop_falls_back_to_stopping_by_name(windows, caplog):
+def test_stop_is_etwmons_own_checked_stop_not_pywintraces(windows):
+    # pywintrace's ETW.stop() raises half-way when EnableTraceEx2(DISABLE) fails and never stops its reader; etwmon
+    # stops the session by name itself (ControlTraceW STOP, checked), then the reader.
     source = EtwSource("kernel-process")
     mon = etwmon.Monitor(source=source).start()
     name, session = only_session(windows)
-    windows.provider_stop_error = FakeWinError(5)  # EnableTraceEx2(DISABLE) fails: ETW.stop() stops half-way
-    with caplog.at_level(logging.WARNING, logger="etwmon.sources.etw"):
-        mon.stop()
-    assert windows.sessions == {} and windows.stopped == [name]
-    assert not session.consumer.process_thread.is_alive()
-    assert "stopping it by name" in caplog.text
+    windows.provider_stop_error = FakeWinError(5)
+    mon.stop()
+    assert windows.sessions == {} and windows.stopped == [name] and windows.readers_stopped == [name]
+    assert not session.consumer.process_thread.is_alive() and source.stats()["left_running"] == 0
 
 
 class ListSink:
     def __init__(self, fail_on_lost: bool = False) -> None:
         self.records: list[bytes] = []
+        self.objects: list[bytes] = []  # what the source pushed, as it pushed it
         self.lost: list[int] = []
         self.notified = 0
         self.fail_on_lost = fail_on_lost
 
     def push(self, record: bytes) -> None:
         self.records.append(bytes(record))
+        self.objects.append(record)
 
     def push_lost(self, count: int) -> None:
         if self.fail_on_lost:
@@ -617,7 +631,7 @@ def test_losses_etw_reports_reach_the_stream_once(windows):
         while seen < 7 and time.monotonic() < deadline:
             seen += lost_count()
         assert seen == 7
-        windows.query_failures = 3  # queries that fail read as zeros: not a reset, no double count later
+        windows.query_errors = [5, 5, 5]  # failed queries: no reset, no double count when one works again
         windows.lost[name] = (6, 2)
         while seen < 8 and time.monotonic() < deadline:
             seen += lost_count()
@@ -723,8 +737,12 @@ EXIT_SCRIPT = textwrap.dedent("""
     world = FakeEtwWorld()
     sys.modules.update(world.modules())
     E._platform = lambda: "win32"
+    E._windows_version = lambda: (10, 0, 19045)
     E._pywintrace_installed = lambda: True
     E._is_elevated = lambda: True
+    E._trace_control = lambda: world.control
+    E._process_started = world.process_started
+    world.processes[os.getpid()] = 1
     if sys.argv[1] == "no-threading-hook":
         del threading._register_atexit
     world.on_stop = lambda name: print("stopped", name, flush=True)
