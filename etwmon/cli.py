@@ -586,9 +586,17 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     monitor.close()
     stats = monitor.stats
     unread = f", {stats.items} unread" if stats.items else ""
-    _say(err, f"{how_it_ended}: {stats.read} records, {shown} shown, {stats.lost} lost, "
+    _say(err, f"{how_it_ended}: {stats.read} records, {shown} shown, {_lost_text(stats)}, "
               f"{stats.dropped} dropped{unread}")
     return EXIT_OK
+
+
+def _lost_text(stats) -> str:
+    """How many events were lost, and whether that is all of them: a source that could not read its kernel's
+    loss counters (``loss_unknown`` in its stats, e.g. an ETW session that did not answer) says so."""
+    if stats.source_stats.get("loss_unknown"):
+        return f"at least {stats.lost} lost (the source could not read all of its loss counters)"
+    return f"{stats.lost} lost"
 
 
 def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> tuple[float, int]:
@@ -599,7 +607,7 @@ def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> t
     fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
     parse_errors = f", {stats.parse_errors} parse errors" if stats.parse_errors else ""
     _say(err, f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
-              f"{_human_bytes(stats.bytes)} ({fill:.0f}% full), {stats.lost} lost, {stats.dropped} dropped, "
+              f"{_human_bytes(stats.bytes)} ({fill:.0f}% full), {_lost_text(stats)}, {stats.dropped} dropped, "
               f"{shown} shown{parse_errors}")
     return now, stats.pushed
 

@@ -4,6 +4,7 @@ and the session life cycle against a fake pywintrace that mirrors the real one's
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import re
@@ -723,6 +724,391 @@ def test_exit_hooks_are_installed_and_stop_every_session(windows, monkeypatch):
     assert len(windows.sessions) == 2
     E._stop_all_sessions()
     assert windows.sessions == {} and no_fake_consumer_threads_left() and not E._LIVE
+
+
+# --- a session that dies (issue 13, item 1) ------------------------------------------------------------------
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def read_until_error(mon: etwmon.Monitor, timeout: float = 30.0) -> etwmon.SourceError:
+    buf = bytearray(0x10000)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            mon.wait(0.2)
+            mon.readinto(buf)
+        except etwmon.SourceError as exc:
+            return exc
+    raise AssertionError("the source did not fail")
+
+
+@pytest.mark.parametrize("reader_ends", [False, True], ids=["reader-lives-on", "reader-ends"])
+def test_a_session_stopped_from_outside_ends_the_source_naming_it(windows, reader_ends):
+    source = EtwSource("kernel-process", loss_poll_seconds=0.01)
+    with etwmon.Monitor(source=source) as mon:
+        name, _ = only_session(windows)
+        windows.emit(B.kp_process_stop(pid=7))
+        assert [e.pid for e in read_events(mon, 1)] == [7]
+        windows.kill(name, reader_ends=reader_ends)  # logman stop <name> -ets
+        error = read_until_error(mon)
+        assert name in str(error.__cause__) and not mon.running
+        # What it lost between its last answer and its end cannot be known: the stats say so.
+        assert source.stats()["loss_unknown"] == 1
+    assert windows.readers_stopped == [name] and no_fake_consumer_threads_left() and not E._LIVE
+
+
+def test_a_reader_thread_that_ends_ends_the_source_and_the_session(windows):
+    # pywintrace's EventConsumer._run sets end_capture and returns when ProcessTrace fails: no word to anyone.
+    source = EtwSource("kernel-process", loss_poll_seconds=0.01)
+    with etwmon.Monitor(source=source) as mon:
+        name, _ = only_session(windows)
+        windows.end_reader(name)
+        error = read_until_error(mon)
+        assert re.search(rf"ETW session '{name}' delivers no more events", str(error.__cause__))
+    assert windows.sessions == {} and windows.stopped == [name]  # and it does not hold a slot on
+
+
+TAIL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    sys.path.insert(0, {repo!r})
+    from etwmon import cli
+    from etwmon.sources import etw as E
+    from tests.etw_builders import FakeEtwWorld
+
+    world = FakeEtwWorld()
+    sys.modules.update(world.modules())
+    E._platform = lambda: "win32"
+    E._windows_version = lambda: (10, 0, 19045)
+    E._pywintrace_installed = lambda: True
+    E._is_elevated = lambda: True
+    E._trace_control = lambda: world.control
+    E._process_started = world.process_started
+    world.processes[os.getpid()] = 1
+
+    def meanwhile():
+        while not world.sessions:
+            time.sleep(0.01)
+        name = next(iter(world.sessions))
+        if sys.argv[1] == "kill":
+            world.kill(name)
+        else:  # every query fails from now on, and so does the stop (whose final counters would tell); Ctrl-C
+            world.stop_errors = [5]
+            world.query_errors = [5] * 1_000_000
+            while len(world.queries) < 1 or world.query_errors == [5] * 1_000_000:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=meanwhile, daemon=True).start()
+    sys.exit(cli.main(["tail", "--source", "etw"]))
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("how", ["kill", "query-fails"])
+def test_tail_says_what_happened_to_the_session(tmp_path, how):
+    script = tmp_path / "tail.py"
+    script.write_text(TAIL_SCRIPT.format(repo=str(REPO)))
+    out = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
+    names = re.findall(r"etwmon-\d+-1-1", out.stderr)
+    assert names, out.stderr
+    if how == "kill":
+        assert out.returncode == 1, out.stderr
+        assert re.search(r"error: the event source failed: ETW session 'etwmon-\d+-1-1' is no longer running",
+                         out.stderr), out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert "at least 0 lost (the source could not read all of its loss counters)" in out.stderr, out.stderr
+        assert "is still running: stopping it failed" in out.stderr
+
+
+# --- a stop that fails (item 2) ----------------------------------------------------------------------------
+
+
+def test_a_failed_stop_is_reported_and_the_session_left_running_is_listed(windows, caplog):
+    source = EtwSource("kernel-process")
+    mon = etwmon.Monitor(source=source).start()
+    name, session = only_session(windows)
+    windows.stop_errors = [5]  # ControlTraceW(STOP) says ERROR_ACCESS_DENIED
+    with caplog.at_level(logging.ERROR, logger="etwmon.sources.etw"):
+        mon.stop()
+    assert name in windows.sessions  # it is still running...
+    assert f"ETW session '{name}' is still running" in caplog.text and f"logman stop {name} -ets" in caplog.text
+    assert source.stats()["left_running"] == 1
+    assert not session.consumer.process_thread.is_alive()  # ...but its reader is stopped all the same
+    # ...and it is what `etwmon sources` shows and `etwmon cleanup` stops.
+    (line,) = EtwSource.stale_state()
+    assert name in line and "stopping it failed" in line
+    assert EtwSource.cleanup() == [f"stopped ETW session '{name}' (stopping it failed earlier in this process)"]
+    assert windows.sessions == {} and EtwSource.stale_state() == []
+
+
+def test_a_session_already_gone_at_stop_is_not_a_failure(windows, caplog):
+    source = EtwSource("kernel-process")
+    source.open()
+    name, _ = only_session(windows)
+    windows.kill(name, reader_ends=False)
+    with caplog.at_level(logging.INFO, logger="etwmon.sources.etw"):
+        source.close()
+    assert "had stopped already" in caplog.text and "still running" not in caplog.text
+    assert source.stats()["left_running"] == 0 and no_fake_consumer_threads_left()
+
+
+def test_a_start_that_fails_half_way_and_cannot_be_stopped_is_reported(windows, caplog):
+    windows.enable_error = FakeWinError(1450)
+    windows.stop_errors = [5]
+    source = EtwSource("kernel-process")
+    with caplog.at_level(logging.ERROR, logger="etwmon.sources.etw"), \
+            pytest.raises(etwmon.SourceUnavailable, match="no free ETW session"):
+        source.open()
+    assert list(windows.sessions) == [source.session_name] and "still running" in caplog.text
+    assert source.stats()["left_running"] == 1 and no_fake_consumer_threads_left()
+
+
+# --- a query that fails (item 3) -----------------------------------------------------------------------------
+
+
+def test_a_failing_query_warns_once_and_marks_the_loss_count_unknown(windows, caplog):
+    source = EtwSource("kernel-process", loss_poll_seconds=0.01)
+    assert source.stats()["loss_unknown"] == 0  # nothing opened: nothing that could have been lost
+    source.open()
+    assert source.stats()["loss_unknown"] == 1  # never queried yet: not "0 lost, exact"
+    name, _ = only_session(windows)
+    windows.query_errors = [5] * 20
+    sink = ListSink()
+    with caplog.at_level(logging.WARNING, logger="etwmon.sources.etw"):
+        thread, errors = run_in_thread(source, sink)
+        assert wait_for(lambda: source.stats()["query_failures"] >= 5)
+        stats = source.stats()
+        assert stats["loss_unknown"] == 1 and stats["lost"] == 0
+        windows.lost[name] = (2, 1)  # lost while it did not answer
+        assert wait_for(lambda: not windows.query_errors and sum(sink.lost) == 3)
+        assert source.stats()["loss_unknown"] == 0  # ETW's counters only grow: caught up, complete again
+        source.stop()
+        thread.join(30)
+    assert errors == [] and source.stats()["query_failures"] == 20
+    assert caplog.text.count("loss count is unknown") == 1
+    assert source.stats()["loss_unknown"] == 0  # the stop's final counters were read
+
+
+def test_the_cli_summary_says_when_the_loss_count_is_unknown():
+    from etwmon.cli import _lost_text
+    from etwmon.monitor import MonitorStats
+
+    known = MonitorStats(pushed=1, read=1, dropped=0, items=0, bytes=0, max_items=1, max_bytes=1, lost=3,
+                         source_stats={"lost": 3, "loss_unknown": 0})
+    unknown = MonitorStats(**{**vars(known), "source_stats": {"lost": 3, "loss_unknown": 1}})
+    assert _lost_text(known) == "3 lost"
+    assert _lost_text(unknown) == "at least 3 lost (the source could not read all of its loss counters)"
+
+
+# --- sessions a killed etwmon left behind (item 4) -------------------------------------------------------------
+
+
+def leftovers(world: FakeEtwWorld) -> dict[str, str]:
+    """A machine after some crashes: name -> what should become of it."""
+    world.processes.update({222: 0xABC, 333: 0xDEF})
+    world.unknown_pids.add(444)
+    plan = {
+        "etwmon-111-abc-1": "stopped",  # its process is gone
+        "etwmon-333-abc-2": "stopped",  # pid 333 now belongs to a process started at another time
+        "etwmon-222-abc-1": "kept",  # another etwmon, alive, still reading it
+        "etwmon-444-abc-1": "kept",  # Windows will not say whether 444 runs: leave it alone
+        "etwmon-fixed": "kept",  # a session_name someone chose: not etwmon's own naming
+        "NT Kernel Logger": "kept",
+        "EventLog-System": "kept",
+    }
+    for name in plan:
+        world.sessions[name] = B.OrphanSession(name)
+    return plan
+
+
+def test_stale_sessions_are_found_and_stopped_at_start(windows, caplog):
+    plan = leftovers(windows)
+    stale = sorted(EtwSource.stale_state())
+    assert stale == [
+        "ETW session 'etwmon-111-abc-1' is still running: process 111, which started it, is gone",
+        "ETW session 'etwmon-333-abc-2' is still running: process 333, which started it, has exited and its pid "
+        "was reused",
+    ]
+    assert sorted(windows.sessions) == sorted(plan)  # stale_state changes nothing
+    with caplog.at_level(logging.WARNING, logger="etwmon.sources.etw"):
+        with etwmon.Monitor(source=EtwSource("kernel-process")) as mon:
+            assert sorted(windows.stopped) == ["etwmon-111-abc-1", "etwmon-333-abc-2"]
+            assert mon.running
+    assert "stopped ETW session 'etwmon-111-abc-1'" in caplog.text
+    assert sorted(windows.sessions) == sorted(n for n, fate in plan.items() if fate == "kept")
+
+
+def test_cleanup_stops_only_what_no_running_etwmon_reads(windows):
+    live = EtwSource("kernel-process")
+    live.open()  # this process's own session, live: never touched
+    leftovers(windows)
+    windows.processes[333] = 0xABC  # ...and 333 is the etwmon that started its session after all
+    windows.stop_errors = [5]
+    done = EtwSource.cleanup()
+    assert done == ["could not stop ETW session 'etwmon-111-abc-1' (process 111, which started it, is gone): "
+                    "ControlTraceW(STOP, 'etwmon-111-abc-1') failed with Windows error 5 (access denied); try "
+                    "logman stop etwmon-111-abc-1 -ets"]
+    assert EtwSource.cleanup() == ["stopped ETW session 'etwmon-111-abc-1' (process 111, which started it, is gone)"]
+    assert EtwSource.cleanup() == [] and EtwSource.stale_state() == []
+    assert live.session_name in windows.sessions and "etwmon-333-abc-2" in windows.sessions
+    live.close()
+
+
+def test_when_sessions_cannot_be_listed(windows, caplog):
+    windows.list_error = 5
+    assert EtwSource.stale_state() == ["cannot list the ETW sessions to look for leftovers: QueryAllTracesW "
+                                       "failed with Windows error 5 (access denied)"]
+    assert EtwSource.cleanup() == EtwSource.stale_state()
+    with caplog.at_level(logging.WARNING, logger="etwmon.sources.etw"):
+        with etwmon.Monitor(source=EtwSource("kernel-process")):  # starting is not blocked by it
+            assert len(windows.sessions) == 1
+    assert "cannot look for ETW sessions a killed etwmon left running" in caplog.text
+
+
+def test_no_stale_state_off_windows():
+    assert EtwSource.stale_state() == [] and EtwSource.cleanup() == []
+
+
+# --- the Windows version (item 6) ----------------------------------------------------------------------------
+
+
+def test_windows_before_8_is_refused_with_the_reason(windows, monkeypatch):
+    monkeypatch.setattr(E, "_windows_version", lambda: (6, 1, 7601))
+    reason = EtwSource.unavailable_reason()
+    assert "needs Windows 8 or later" in reason and "6.1.7601" in reason
+    with pytest.raises(etwmon.SourceUnavailable, match="Windows 8"):
+        etwmon.Monitor(source=EtwSource()).start()
+    assert windows.created == []  # refused before anything started
+    monkeypatch.setattr(E, "_windows_version", lambda: (6, 2, 9200))
+    assert EtwSource.unavailable_reason() is None
+
+
+# --- checked ControlTraceW / QueryAllTracesW over real EVENT_TRACE_PROPERTIES memory ------------------------
+
+
+@pytest.mark.skipif(ctypes.sizeof(ctypes.c_void_p) != 8, reason="the x64 layout")
+def test_event_trace_properties_layout_is_evntrace_h_on_x64():
+    assert ctypes.sizeof(E._WNODE_HEADER) == 48 and ctypes.sizeof(E._EVENT_TRACE_PROPERTIES) == 120
+    offsets = {name: getattr(E._EVENT_TRACE_PROPERTIES, name).offset for name in
+               ("BufferSize", "FlushTimer", "EventsLost", "RealTimeBuffersLost", "LoggerThreadId",
+                "LogFileNameOffset", "LoggerNameOffset")}
+    assert offsets == {"BufferSize": 48, "FlushTimer": 68, "EventsLost": 88, "RealTimeBuffersLost": 100,
+                       "LoggerThreadId": 104, "LogFileNameOffset": 112, "LoggerNameOffset": 116}
+
+
+def test_trace_control_query_and_stop_check_the_status():
+    api = B.FakeAdvapi32({"etwmon-1-2-3": {"EventsLost": 5, "RealTimeBuffersLost": 2, "FlushTimer": 1,
+                                           "BufferSize": 64}})
+    control = E.TraceControl(api)
+    guid = "{0A1B2C3D-4E5F-4071-8293-A4B5C6D7E8F9}"
+    assert control.query("etwmon-1-2-3", guid) == E.SessionStatus("etwmon-1-2-3", 5, 2, 1, 0, 64)
+    assert api.calls[-1] == ("ControlTraceW", 0, "etwmon-1-2-3", 0, E.uuid.UUID(guid).bytes_le)
+    api.status = 5
+    with pytest.raises(E.SessionControlError, match="QUERY.*error 5 \\(access denied\\)") as info:
+        control.query("etwmon-1-2-3")  # pywintrace's query() would have returned zeros here
+    assert info.value.winerror == 5
+    api.status = E.ERROR_MORE_DATA
+    assert control.stop("etwmon-1-2-3") is None  # stopped, the final counters did not fit
+    api.status = None
+    assert control.stop("etwmon-1-2-3").events_lost == 5 and api.sessions == {}
+    for call in (control.query, control.stop):
+        with pytest.raises(E.SessionControlError) as info:
+            call("etwmon-1-2-3")
+        assert info.value.winerror == E.ERROR_WMI_INSTANCE_NOT_FOUND
+
+
+@pytest.mark.parametrize("count", [0, 3, 64, 70])
+def test_trace_control_lists_every_session(count):
+    names = [f"etwmon-{i}-abc-1" for i in range(count - 1)] + ["NT Kernel Logger"] * (count > 0)
+    api = B.FakeAdvapi32({name: {"EventsLost": 0} for name in names})
+    assert E.TraceControl(api).sessions() == names
+    api.status = 5
+    with pytest.raises(E.SessionControlError, match="QueryAllTracesW"):
+        E.TraceControl(api).sessions()
+
+
+def test_trace_control_needs_windows_only_when_called():
+    control = E.TraceControl()  # creating it is fine anywhere
+    if sys.platform != "win32":
+        with pytest.raises(AttributeError):
+            control.sessions()
+
+
+# --- event shapes of both pywintrace versions (item 7) ----------------------------------------------------------
+
+REPLAY = [
+    B.kp_process_start(version=3), B.kp_process_start(version=0), B.kp_process_stop(exit_code=0xC0000005),
+    B.kp_thread_start(), B.kp_thread_stop(), B.kp_image_load(),
+    B.kl_process(1), B.kl_process(2, exit_status=0xC000013A), B.kl_thread(1), B.kl_thread(2), B.kl_image(10),
+    B.kl_process(3), B.kp_image_load(event_id=6), B.classic_event(B.DISK_IO, 10, 3, {"DiskNumber": "0"}, "DISKIO"),
+]
+
+
+@pytest.mark.parametrize("event", REPLAY, ids=[f"{e[1]['Task Name']}-{i}" for i, e in enumerate(REPLAY)])
+@pytest.mark.parametrize("shape", ["0.3.0", "0.3.0-ids-as-strings", "0.3.0-nt-kernel-logger"])
+def test_pywintrace_030_shapes_give_the_same_records_as_020(event, shape):
+    strings = ("ProcessID", "ParentProcessID", "ThreadID") if shape == "0.3.0-ids-as-strings" else ()
+    session = "NT Kernel Logger" if shape == "0.3.0-nt-kernel-logger" else "etwmon-1-1-1"
+    typed = B.pywintrace_030(event, session_name=session, strings=strings)
+    assert to_records(typed, rundown=True) == to_records(event, rundown=True)
+
+
+def test_pywintrace_030_shape_is_what_the_test_claims():
+    event_id, out = B.pywintrace_030(B.kl_process(2, exit_status=0xC0000005), session_name="NT Kernel Logger")
+    assert event_id == 2 and out["ExitStatus"] == -1073741819 and out["ProcessId"] == "0x18A8"
+    assert one((event_id, out)) == ProcessExit(T0, 0x18A8, 0xC0000005)
+    _, out = B.pywintrace_030(B.kp_process_start(pid=6312))
+    assert out["ProcessID"] == 6312 and out["ProcessSequenceNumber"] == 1234 and isinstance(out["ImageName"], str)
+
+
+def test_both_providers_in_one_stream(windows):
+    # No mode needed to read an event: each names its provider. (A kernel-process session gets no classic events
+    # on Windows; this shows the reading does not depend on the session.)
+    source = EtwSource("kernel-process", map_path=MAPPER)
+    with etwmon.Monitor(source=source) as mon:
+        windows.emit(B.kl_process(1, pid=0x18A8, ppid=0x1144, command_line="app.exe -x"),
+                     B.pywintrace_030(B.kp_process_stop(pid=6312, exit_code=3)), B.kl_thread(2, pid=1, tid=2))
+        events = read_events(mon, 3)
+    assert [type(e) for e in events] == [ProcessCreate, ProcessExit, ThreadExit]
+    assert events[0].command_line == "app.exe -x" and events[1] == ProcessExit(T0, 6312, 3)
+
+
+def test_kernel_process_sequence_numbers_are_kept_on_the_records():
+    (start,) = to_records(B.kp_process_start(version=3))
+    assert isinstance(start, E.EtwRecord) and isinstance(start, bytes)
+    assert (start.process_sequence_number, start.parent_process_sequence_number) == (1234, 1200)
+    (start_030,) = to_records(B.pywintrace_030(B.kp_process_start(version=3)))
+    assert (start_030.process_sequence_number, start_030.parent_process_sequence_number) == (1234, 1200)
+    (stop,) = to_records(B.kp_process_stop(version=2))
+    assert (stop.process_sequence_number, stop.parent_process_sequence_number) == (1234, None)
+    for event in (B.kp_process_start(version=2), B.kp_process_stop(version=1), B.kl_process(1), B.kp_thread_start()):
+        (record,) = to_records(event)
+        assert (record.process_sequence_number, record.parent_process_sequence_number) == (None, None)
+    # A sequence number TDH could not format is unknown, and the event still counts.
+    (unformatted,) = to_records(B.replaced(B.kp_process_start(version=3), "ProcessSequenceNumber", None))
+    assert unformatted.process_sequence_number is None and unformatted.parent_process_sequence_number == 1200
+    assert list(parse(start)) == list(parse(bytes(start)))  # the bytes are the record, unchanged
+
+
+def test_the_source_pushes_the_sequence_numbers_to_its_sink(windows):
+    source = EtwSource("kernel-process")
+    source.open()
+    windows.emit(B.kp_process_start(version=3, pid=50))
+    windows.drain()
+    sink = ListSink()
+    thread, errors = run_in_thread(source, sink)
+    assert wait_for(lambda: sink.objects)
+    source.stop()
+    thread.join(30)
+    (record,) = sink.objects
+    assert record.process_sequence_number == 1234 and record.parent_process_sequence_number == 1200
 
 
 # --- leaving no session behind when the interpreter goes -----------------------------------------------------

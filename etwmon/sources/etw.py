@@ -729,8 +729,7 @@ def _stale_sessions(control: TraceControl) -> list[tuple[str, str]]:
         if now is None:
             stale.append((name, f"process {pid}, which started it, is gone"))
         elif started and now != started:
-            stale.append((name, f"process {pid}, which started it, is gone (the pid now belongs to another "
-                                "process)"))
+            stale.append((name, f"process {pid}, which started it, has exited and its pid was reused"))
     return stale
 
 
