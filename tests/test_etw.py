@@ -757,7 +757,7 @@ def test_a_session_stopped_from_outside_ends_the_source_naming_it(windows, reade
         assert [e.pid for e in read_events(mon, 1)] == [7]
         windows.kill(name, reader_ends=reader_ends)  # logman stop <name> -ets
         error = read_until_error(mon)
-        assert name in str(error.__cause__) and not mon.running
+        assert name in str(error.__cause__) and wait_for(lambda: not mon.running)
         # What it lost between its last answer and its end cannot be known: the stats say so.
         assert source.stats()["loss_unknown"] == 1
     assert windows.readers_stopped == [name] and no_fake_consumer_threads_left() and not E._LIVE
