@@ -554,6 +554,13 @@ class FakeEtwWorld:
             raise E.SessionControlError(f"OpenProcess({pid})", 5)
         return self.processes.get(pid)
 
+    def seams(self) -> dict[str, Any]:
+        """The etwmon.sources.etw attributes to replace so that the ETW source sees an elevated Windows 10 with
+        pywintrace installed, and this world's ETW and process table."""
+        return {"_platform": lambda: "win32", "_windows_version": lambda: (10, 0, 19045),
+                "_pywintrace_installed": lambda: True, "_is_elevated": lambda: True,
+                "_trace_control": lambda: self.control, "_process_started": self.process_started}
+
     def modules(self) -> dict[str, types.ModuleType]:
         """sys.modules entries that make ``import etw`` and ``from etw.etw import TraceProperties`` find the fake."""
         world = self

@@ -370,12 +370,8 @@ def windows(monkeypatch):
     world = FakeEtwWorld()
     for name, module in world.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(E, "_platform", lambda: "win32")
-    monkeypatch.setattr(E, "_windows_version", lambda: (10, 0, 19045))
-    monkeypatch.setattr(E, "_pywintrace_installed", lambda: True)
-    monkeypatch.setattr(E, "_is_elevated", lambda: True)
-    monkeypatch.setattr(E, "_trace_control", lambda: world.control)
-    monkeypatch.setattr(E, "_process_started", world.process_started)
+    for name, value in world.seams().items():
+        monkeypatch.setattr(E, name, value)
     world.processes[os.getpid()] = OWN_START
     monkeypatch.setattr(E, "_own_start", None)
     monkeypatch.setattr(E, "_LEFT_RUNNING", set())
@@ -774,23 +770,23 @@ def test_a_reader_thread_that_ends_ends_the_source_and_the_session(windows):
     assert windows.sessions == {} and windows.stopped == [name]  # and it does not hold a slot on
 
 
-TAIL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, threading, time
-    sys.path.insert(0, {repo!r})
-    from etwmon import cli
-    from etwmon.sources import etw as E
-    from tests.etw_builders import FakeEtwWorld
+#: The start of a child process that plays Windows to the ETW source (``world`` is its FakeEtwWorld).
+WINDOWS_PRELUDE = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {repo!r})
+import etwmon
+from etwmon import cli
+from etwmon.sources import etw as E
+from tests.etw_builders import FakeEtwWorld
 
-    world = FakeEtwWorld()
-    sys.modules.update(world.modules())
-    E._platform = lambda: "win32"
-    E._windows_version = lambda: (10, 0, 19045)
-    E._pywintrace_installed = lambda: True
-    E._is_elevated = lambda: True
-    E._trace_control = lambda: world.control
-    E._process_started = world.process_started
-    world.processes[os.getpid()] = 1
+world = FakeEtwWorld()
+sys.modules.update(world.modules())
+for name, value in world.seams().items():
+    setattr(E, name, value)
+world.processes[os.getpid()] = 1
+"""
 
+TAIL_SCRIPT = WINDOWS_PRELUDE + textwrap.dedent("""
     def meanwhile():
         while not world.sessions:
             time.sleep(0.01)
@@ -1113,22 +1109,7 @@ def test_the_source_pushes_the_sequence_numbers_to_its_sink(windows):
 
 # --- leaving no session behind when the interpreter goes -----------------------------------------------------
 
-EXIT_SCRIPT = textwrap.dedent("""
-    import os, sys, threading
-    sys.path.insert(0, {repo!r})
-    import etwmon
-    from etwmon.sources import etw as E
-    from tests.etw_builders import FakeEtwWorld
-
-    world = FakeEtwWorld()
-    sys.modules.update(world.modules())
-    E._platform = lambda: "win32"
-    E._windows_version = lambda: (10, 0, 19045)
-    E._pywintrace_installed = lambda: True
-    E._is_elevated = lambda: True
-    E._trace_control = lambda: world.control
-    E._process_started = world.process_started
-    world.processes[os.getpid()] = 1
+EXIT_SCRIPT = WINDOWS_PRELUDE + textwrap.dedent("""
     if sys.argv[1] == "no-threading-hook":
         del threading._register_atexit
     world.on_stop = lambda name: print("stopped", name, flush=True)
