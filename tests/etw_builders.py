@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from etwmon.records import datetime_to_filetime
-from etwmon.sources import etw as E
+from etwmon.sources import _etw_control as C
 
 __all__ = [
     "KERNEL_PROCESS", "PROCESS", "THREAD", "IMAGE_LOAD", "DISK_IO", "T0",
@@ -549,9 +549,9 @@ class FakeEtwWorld:
         self.sessions[name].consumer.events.put(None)
 
     def process_started(self, pid: int) -> int | None:
-        """E._process_started over this world's process table."""
+        """etwmon.sources.etw._process_started over this world's process table."""
         if pid in self.unknown_pids:
-            raise E.SessionControlError(f"OpenProcess({pid})", 5)
+            raise C.SessionControlError(f"OpenProcess({pid})", 5)
         return self.processes.get(pid)
 
     def seams(self) -> dict[str, Any]:
@@ -601,35 +601,35 @@ class FakeEtwWorld:
 
 
 class FakeTraceControl:
-    """E.TraceControl over a FakeEtwWorld: query, stop and list sessions by name, failing as the world says."""
+    """TraceControl over a FakeEtwWorld: query, stop and list sessions by name, failing as the world says."""
 
     def __init__(self, world: FakeEtwWorld) -> None:
         self.world = world
 
-    def _status(self, name: str) -> "E.SessionStatus":
+    def _status(self, name: str) -> "C.SessionStatus":
         session = self.world.sessions[name]
         events_lost, buffers_lost = self.world.lost.get(name, (0, 0))
         props = session.properties.get().contents if hasattr(session, "properties") else None
-        return E.SessionStatus(name, events_lost, buffers_lost, getattr(props, "FlushTimer", 0),
+        return C.SessionStatus(name, events_lost, buffers_lost, getattr(props, "FlushTimer", 0),
                                getattr(props, "LogFileMode", 0), getattr(props, "BufferSize", 0))
 
-    def query(self, name: str, guid: str | None = None) -> "E.SessionStatus":
+    def query(self, name: str, guid: str | None = None) -> "C.SessionStatus":
         world = self.world
         with world.lock:
             world.queries.append(name)
             if world.query_errors:
-                raise E.SessionControlError(f"ControlTraceW(QUERY, {name!r})", world.query_errors.pop(0))
+                raise C.SessionControlError(f"ControlTraceW(QUERY, {name!r})", world.query_errors.pop(0))
             if name not in world.sessions:
-                raise E.SessionControlError(f"ControlTraceW(QUERY, {name!r})", E.ERROR_WMI_INSTANCE_NOT_FOUND)
+                raise C.SessionControlError(f"ControlTraceW(QUERY, {name!r})", C.ERROR_WMI_INSTANCE_NOT_FOUND)
             return self._status(name)
 
-    def stop(self, name: str, guid: str | None = None) -> "E.SessionStatus | None":
+    def stop(self, name: str, guid: str | None = None) -> "C.SessionStatus | None":
         world = self.world
         with world.lock:
             if world.stop_errors:
-                raise E.SessionControlError(f"ControlTraceW(STOP, {name!r})", world.stop_errors.pop(0))
+                raise C.SessionControlError(f"ControlTraceW(STOP, {name!r})", world.stop_errors.pop(0))
             if name not in world.sessions:
-                raise E.SessionControlError(f"ControlTraceW(STOP, {name!r})", E.ERROR_WMI_INSTANCE_NOT_FOUND)
+                raise C.SessionControlError(f"ControlTraceW(STOP, {name!r})", C.ERROR_WMI_INSTANCE_NOT_FOUND)
             final = self._status(name)
         world.stop_session(name)
         return final
@@ -638,13 +638,13 @@ class FakeTraceControl:
         world = self.world
         with world.lock:
             if world.list_error is not None:
-                raise E.SessionControlError("QueryAllTracesW", world.list_error)
+                raise C.SessionControlError("QueryAllTracesW", world.list_error)
             return list(world.sessions)
 
 
 class FakeAdvapi32:
     """ControlTraceW and QueryAllTracesW as ETW answers them, over real EVENT_TRACE_PROPERTIES memory, for testing
-    E.TraceControl's ctypes side: it checks the structure is set up as Microsoft's pages require (zeroed, with
+    TraceControl's ctypes side: it checks the structure is set up as Microsoft's pages require (zeroed, with
     Wnode.BufferSize covering both names and the name offsets after the structure) and writes back what ETW would.
     ``sessions``: name -> dict of EVENT_TRACE_PROPERTIES fields; ``status``: a status to return instead."""
 
@@ -680,7 +680,7 @@ class FakeAdvapi32:
         if self.status is not None:
             return self.status
         if name not in self.sessions:
-            return E.ERROR_WMI_INSTANCE_NOT_FOUND
+            return C.ERROR_WMI_INSTANCE_NOT_FOUND
         self._fill(props, name, self.sessions[name])
         if code == 1:  # EVENT_TRACE_CONTROL_STOP
             del self.sessions[name]
@@ -698,4 +698,4 @@ class FakeAdvapi32:
             self._fill(props, name, self.sessions[name])
         if self.status is not None:
             return self.status
-        return E.ERROR_MORE_DATA if len(names) > count else 0
+        return C.ERROR_MORE_DATA if len(names) > count else 0

@@ -22,6 +22,7 @@ import pytest
 import etwmon
 from etwmon import ImageLoad, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, parse
 from etwmon.records import EXIT_CODE_UNKNOWN
+from etwmon.sources import _etw_control as C
 from etwmon.sources import etw as E
 from etwmon.sources.etw import EtwEventError, EtwSource, NtPathMapper, to_records
 
@@ -776,6 +777,7 @@ import os, signal, sys, threading, time
 sys.path.insert(0, {repo!r})
 import etwmon
 from etwmon import cli
+from etwmon.sources import _etw_control as C
 from etwmon.sources import etw as E
 from tests.etw_builders import FakeEtwWorld
 
@@ -991,8 +993,8 @@ def test_windows_before_8_is_refused_with_the_reason(windows, monkeypatch):
 
 @pytest.mark.skipif(ctypes.sizeof(ctypes.c_void_p) != 8, reason="the x64 layout")
 def test_event_trace_properties_layout_is_evntrace_h_on_x64():
-    assert ctypes.sizeof(E._WNODE_HEADER) == 48 and ctypes.sizeof(E._EVENT_TRACE_PROPERTIES) == 120
-    offsets = {name: getattr(E._EVENT_TRACE_PROPERTIES, name).offset for name in
+    assert ctypes.sizeof(C._WNODE_HEADER) == 48 and ctypes.sizeof(C._EVENT_TRACE_PROPERTIES) == 120
+    offsets = {name: getattr(C._EVENT_TRACE_PROPERTIES, name).offset for name in
                ("BufferSize", "FlushTimer", "EventsLost", "RealTimeBuffersLost", "LoggerThreadId",
                 "LogFileNameOffset", "LoggerNameOffset")}
     assert offsets == {"BufferSize": 48, "FlushTimer": 68, "EventsLost": 88, "RealTimeBuffersLost": 100,
@@ -1002,20 +1004,20 @@ def test_event_trace_properties_layout_is_evntrace_h_on_x64():
 def test_trace_control_query_and_stop_check_the_status():
     api = B.FakeAdvapi32({"etwmon-1-2-3": {"EventsLost": 5, "RealTimeBuffersLost": 2, "FlushTimer": 1,
                                            "BufferSize": 64}})
-    control = E.TraceControl(api)
+    control = C.TraceControl(api)
     guid = "{0A1B2C3D-4E5F-4071-8293-A4B5C6D7E8F9}"
-    assert control.query("etwmon-1-2-3", guid) == E.SessionStatus("etwmon-1-2-3", 5, 2, 1, 0, 64)
-    assert api.calls[-1] == ("ControlTraceW", 0, "etwmon-1-2-3", 0, E.uuid.UUID(guid).bytes_le)
+    assert control.query("etwmon-1-2-3", guid) == C.SessionStatus("etwmon-1-2-3", 5, 2, 1, 0, 64)
+    assert api.calls[-1] == ("ControlTraceW", 0, "etwmon-1-2-3", 0, C.uuid.UUID(guid).bytes_le)
     api.status = 5
-    with pytest.raises(E.SessionControlError, match="QUERY.*error 5 \\(access denied\\)") as info:
+    with pytest.raises(C.SessionControlError, match="QUERY.*error 5 \\(access denied\\)") as info:
         control.query("etwmon-1-2-3")  # pywintrace's query() would have returned zeros here
     assert info.value.winerror == 5
-    api.status = E.ERROR_MORE_DATA
+    api.status = C.ERROR_MORE_DATA
     assert control.stop("etwmon-1-2-3") is None  # stopped, the final counters did not fit
     api.status = None
     assert control.stop("etwmon-1-2-3").events_lost == 5 and api.sessions == {}
     for call in (control.query, control.stop):
-        with pytest.raises(E.SessionControlError) as info:
+        with pytest.raises(C.SessionControlError) as info:
             call("etwmon-1-2-3")
         assert info.value.winerror == E.ERROR_WMI_INSTANCE_NOT_FOUND
 
@@ -1024,14 +1026,14 @@ def test_trace_control_query_and_stop_check_the_status():
 def test_trace_control_lists_every_session(count):
     names = [f"etwmon-{i}-abc-1" for i in range(count - 1)] + ["NT Kernel Logger"] * (count > 0)
     api = B.FakeAdvapi32({name: {"EventsLost": 0} for name in names})
-    assert E.TraceControl(api).sessions() == names
+    assert C.TraceControl(api).sessions() == names
     api.status = 5
-    with pytest.raises(E.SessionControlError, match="QueryAllTracesW"):
-        E.TraceControl(api).sessions()
+    with pytest.raises(C.SessionControlError, match="QueryAllTracesW"):
+        C.TraceControl(api).sessions()
 
 
 def test_trace_control_needs_windows_only_when_called():
-    control = E.TraceControl()  # creating it is fine anywhere
+    control = C.TraceControl()  # creating it is fine anywhere
     if sys.platform != "win32":
         with pytest.raises(AttributeError):
             control.sessions()
