@@ -27,6 +27,7 @@ from etwmon.sources import etw as E
 from etwmon.sources.etw import EtwEventError, EtwSource, NtPathMapper, to_records
 
 from . import etw_builders as B
+from .helpers import ListSink, read_until
 from .etw_builders import T0, FakeEtwWorld, FakeGUID, FakeWinError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,14 +388,7 @@ def windows(monkeypatch):
 
 
 def read_events(mon: etwmon.Monitor, count: int, timeout: float = 30.0) -> list[etwmon.Event]:
-    buf = bytearray(0x10000)
-    events: list[etwmon.Event] = []
-    deadline = time.monotonic() + timeout
-    while len(events) < count and time.monotonic() < deadline:
-        if mon.wait(0.5):
-            n = mon.readinto(buf)
-            events += parse(buf[:n])
-    return events
+    return read_until(mon, lambda events: len(events) >= count, timeout)
 
 
 def only_session(world: FakeEtwWorld):
@@ -550,25 +544,16 @@ def test_stop_is_etwmons_own_checked_stop_not_pywintraces(windows):
     assert not session.consumer.process_thread.is_alive() and source.stats()["left_running"] == 0
 
 
-class ListSink:
-    def __init__(self, fail_on_lost: bool = False) -> None:
-        self.records: list[bytes] = []
-        self.objects: list[bytes] = []  # what the source pushed, as it pushed it
-        self.lost: list[int] = []
-        self.notified = 0
-        self.fail_on_lost = fail_on_lost
+class KeepingSink(ListSink):
+    """A ListSink that also keeps the objects as the source pushed them (EtwRecords, with their attributes)."""
+
+    def __init__(self, lost_error: BaseException | None = None) -> None:
+        super().__init__(lost_error)
+        self.objects: list[bytes] = []
 
     def push(self, record: bytes) -> None:
-        self.records.append(bytes(record))
+        super().push(record)
         self.objects.append(record)
-
-    def push_lost(self, count: int) -> None:
-        if self.fail_on_lost:
-            raise RuntimeError("sink on fire")
-        self.lost.append(count)
-
-    def notify(self) -> None:
-        self.notified += 1
 
 
 def run_in_thread(source: EtwSource, sink) -> tuple[threading.Thread, list[BaseException]]:
@@ -590,7 +575,7 @@ def test_session_is_stopped_when_run_fails(windows):
     source.open()
     name, _ = only_session(windows)
     windows.lost[name] = (3, 0)
-    thread, errors = run_in_thread(source, ListSink(fail_on_lost=True))
+    thread, errors = run_in_thread(source, ListSink(lost_error=RuntimeError("sink on fire")))
     thread.join(30)
     assert not thread.is_alive() and [str(e) for e in errors] == ["sink on fire"]
     assert windows.sessions == {} and windows.stopped == [name] and no_fake_consumer_threads_left()
@@ -1100,7 +1085,7 @@ def test_the_source_pushes_the_sequence_numbers_to_its_sink(windows):
     source.open()
     windows.emit(B.kp_process_start(version=3, pid=50))
     windows.drain()
-    sink = ListSink()
+    sink = KeepingSink()
     thread, errors = run_in_thread(source, sink)
     assert wait_for(lambda: sink.objects)
     source.stop()
