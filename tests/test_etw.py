@@ -934,21 +934,34 @@ def test_cleanup_stops_only_what_no_running_etwmon_reads(windows):
     leftovers(windows)
     windows.processes[333] = 0xABC  # ...and 333 is the etwmon that started its session after all
     windows.stop_errors = [5]
-    done = EtwSource.cleanup()
-    assert done == ["could not stop ETW session 'etwmon-111-abc-1' (process 111, which started it, is gone): "
-                    "ControlTraceW(STOP, 'etwmon-111-abc-1') failed with Windows error 5 (access denied); try "
-                    "logman stop etwmon-111-abc-1 -ets"]
+    with pytest.raises(etwmon.Error) as info:  # `etwmon cleanup` exits non-zero with this
+        EtwSource.cleanup()
+    assert str(info.value) == (
+        "could not stop ETW session 'etwmon-111-abc-1' (process 111, which started it, is gone): "
+        "ControlTraceW(STOP, 'etwmon-111-abc-1') failed with Windows error 5 (access denied); try "
+        "logman stop etwmon-111-abc-1 -ets")
     assert EtwSource.cleanup() == ["stopped ETW session 'etwmon-111-abc-1' (process 111, which started it, is gone)"]
     assert EtwSource.cleanup() == [] and EtwSource.stale_state() == []
     assert live.session_name in windows.sessions and "etwmon-333-abc-2" in windows.sessions
     live.close()
 
 
+def test_etwmon_sources_shows_the_leftovers(windows, capsys):
+    from etwmon import cli
+
+    leftovers(windows)
+    assert cli.main(["sources"]) == 0
+    out = capsys.readouterr().out
+    assert "stale: ETW session 'etwmon-111-abc-1' is still running: process 111, which started it, is gone" in out
+    assert "etwmon-222-abc-1" not in out and "'etwmon cleanup' removes it" in out
+
+
 def test_when_sessions_cannot_be_listed(windows, caplog):
     windows.list_error = 5
     assert EtwSource.stale_state() == ["cannot list the ETW sessions to look for leftovers: QueryAllTracesW "
                                        "failed with Windows error 5 (access denied)"]
-    assert EtwSource.cleanup() == EtwSource.stale_state()
+    with pytest.raises(etwmon.Error, match="cannot list the ETW sessions.*QueryAllTracesW failed"):
+        EtwSource.cleanup()
     with caplog.at_level(logging.WARNING, logger="etwmon.sources.etw"):
         with etwmon.Monitor(source=EtwSource("kernel-process")):  # starting is not blocked by it
             assert len(windows.sessions) == 1

@@ -558,22 +558,22 @@ def _stale_sessions(control: TraceControl) -> list[tuple[str, str]]:
     return stale
 
 
-def _stop_stale(control: TraceControl) -> list[str]:
-    """Stop what ``_stale_sessions`` finds; one line per session for a person."""
-    done = []
+def _stop_stale(control: TraceControl) -> tuple[list[str], list[str]]:
+    """Stop what ``_stale_sessions`` finds: (what was done, what failed), one line per session for a person."""
+    done, failed = [], []
     for name, why in _stale_sessions(control):
         try:
             control.stop(name)
         except SessionControlError as exc:
             if exc.winerror != ERROR_WMI_INSTANCE_NOT_FOUND:
-                done.append(f"could not stop ETW session {name!r} ({why}): {exc}; try {_logman_stop(name)}")
+                failed.append(f"could not stop ETW session {name!r} ({why}): {exc}; try {_logman_stop(name)}")
                 continue
             done.append(f"ETW session {name!r} ({why}) had stopped already")
         else:
             done.append(f"stopped ETW session {name!r} ({why})")
         with _LIVE_LOCK:
             _LEFT_RUNNING.discard(name)
-    return done
+    return done, failed
 
 
 def _logman_stop(name: str) -> str:
@@ -732,13 +732,18 @@ class EtwSource(Source):
 
     @classmethod
     def cleanup(cls) -> list[str]:
-        """Stop what ``stale_state`` reports; never a session a running etwmon reads. [] off Windows."""
+        """Stop what ``stale_state`` reports; never a session a running etwmon reads. [] off Windows. Raises
+        ``etwmon.Error`` when the sessions cannot be listed or one of them would not stop (after stopping the
+        others; the message says what was done too)."""
         if _platform() != "win32":
             return []
         try:
-            return _stop_stale(_trace_control())
+            done, failed = _stop_stale(_trace_control())
         except SessionControlError as exc:
-            return [f"cannot list the ETW sessions to look for leftovers: {exc}"]
+            raise Error(f"cannot list the ETW sessions to look for leftovers: {exc}") from exc
+        if failed:
+            raise Error("; ".join(failed + done))
+        return done
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -777,10 +782,14 @@ class EtwSource(Source):
         # A killed etwmon's sessions hold slots (8 kernel-logger ones, two reserved, on the whole machine) until
         # reboot: free them before taking one, as the audit source removes its stale rules.
         try:
-            for line in _stop_stale(self._control):
-                log.warning("%s", line)
+            done, failed = _stop_stale(self._control)
         except SessionControlError as exc:
             log.warning("cannot look for ETW sessions a killed etwmon left running: %s", exc)
+            return
+        for line in done:
+            log.warning("%s", line)
+        for line in failed:
+            log.error("%s", line)
 
     def _make_session(self, etw: Any, trace_properties: Any, name: str) -> Any:
         common = dict(event_callback=self._on_event, ignore_exists_error=False)
