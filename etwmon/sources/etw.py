@@ -605,7 +605,7 @@ def _install_exit_hook() -> None:
         if _exit_hook_installed:
             return
         _exit_hook_installed = True
-    # pywintrace's consumer thread is not a daemon (etw.py:302) and the interpreter joins such threads *before*
+    # pywintrace 0.2.0's consumer thread is not a daemon (etw.py:302) and the interpreter joins such threads *before*
     # atexit handlers run, so an atexit handler alone would never get to stop the session and exit would hang.
     # threading's own exit hook runs before that join (it is how concurrent.futures shuts down its workers).
     register = getattr(threading, "_register_atexit", None)
