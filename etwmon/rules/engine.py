@@ -393,28 +393,28 @@ class _Compound:
 
 
 class _Side:
-    """The include or the exclude rules of one event type."""
+    """The include or the exclude rules of one event type: their names, and the rules that are not a plain OR of
+    conditions. The plain ones go into the event type's shared per-field indexes, with keys from ``key_base``."""
 
-    def __init__(self, present: bool, rules: Iterable[Rule]) -> None:
+    def __init__(self, present: bool, rules: Iterable[Rule], key_base: int,
+                 indexes: dict[str, _FieldIndex]) -> None:
         self.present = present
-        indexes: dict[str, _FieldIndex] = {}
         self.compounds: list[tuple[int, _Compound]] = []
         self.names: dict[int, tuple[Rule, str | None]] = {}
+        self.fields: set[str] = set()  # fields its plain rules read
         for rule in rules:
-            base = rule.index << _SHIFT
+            base = key_base | rule.index << _SHIFT
             if rule.relation == "or" and all(isinstance(item, Condition) for item in rule.items):
                 for position, condition in enumerate(rule.items):
                     key = base | position
                     indexes.setdefault(condition.field, _FieldIndex()).add(condition, key)
+                    self.fields.add(condition.field)
                     self.names[key] = (rule, condition.name or rule.name)
             else:
                 compound = _Compound(rule)
                 self.compounds.append((base, compound))
                 first_named = next((c.name for c in rule.items if isinstance(c, Condition) and c.name), None)
                 self.names[base] = (rule, rule.name or first_named)
-        for index in indexes.values():
-            index.finish()
-        self.indexes = sorted(indexes.items())
         self.compounds.sort(key=lambda item: item[0])
         self.gates = _Gates()
         for number, (_, compound) in enumerate(self.compounds):
@@ -422,21 +422,14 @@ class _Side:
         self.gates.finish()
 
     def fields_used(self) -> set[str]:
-        used = {name for name, _ in self.indexes}
+        used = set(self.fields)
         for _, compound in self.compounds:
             used |= compound.fields_used()
         return used
 
-    def evaluate(self, values: dict[str, str | None]) -> tuple[int, str | None]:
-        """(key of the first rule that matches, or _NO_HIT; a field left unknown, or None)."""
-        best = _NO_HIT
-        unknown = None
-        for name, index in self.indexes:
-            v = values[name]
-            if v is None:
-                unknown = unknown or name
-                continue
-            best = index.match(v, best)
+    def finish(self, values: dict[str, str | None], best: int, unknown: str | None) -> tuple[int, str | None]:
+        """Given the plain rules' first match ``best`` (or _NO_HIT) and a field they left unknown: (key of the
+        first rule of this side that matches, or _NO_HIT; a field left unknown, or None)."""
         compounds = self.compounds
         if not compounds:
             return best, unknown
@@ -461,15 +454,28 @@ class _Side:
         return best, unknown
 
 
+#: Include keys sort after every exclude key: one pass over a field's index finds the first exclude rule that
+#: matches (which wins) or else the first include rule.
+_INCLUDE_BASE = 1 << 50
+
+
 class _EventRules:
-    """Include and exclude sides of one Sysmon event type, and the fields they read."""
+    """Include and exclude sides of one Sysmon event type, one index per field for both, and the fields they
+    read."""
 
     def __init__(self, event: str, config: Config, rules: list[Rule]) -> None:
-        def side(onmatch: str) -> _Side:
-            return _Side((event, onmatch) in config.blocks, (r for r in rules if r.onmatch == onmatch))
+        indexes: dict[str, _FieldIndex] = {}
 
-        self.include = side("include")
-        self.exclude = side("exclude")
+        def side(onmatch: str, key_base: int) -> _Side:
+            return _Side((event, onmatch) in config.blocks, (r for r in rules if r.onmatch == onmatch), key_base,
+                         indexes)
+
+        self.exclude = side("exclude", 0)
+        self.include = side("include", _INCLUDE_BASE)
+        for index in indexes.values():
+            index.finish()
+        self.indexes = [(name, index, name in self.exclude.fields, name in self.include.fields)
+                        for name, index in sorted(indexes.items())]
         attributes = FIELDS[event]
         used = self.include.fields_used() | self.exclude.fields_used()
         self.fields = tuple((name, attributes[name]) for name in sorted(used))
@@ -488,17 +494,28 @@ class _EventRules:
 
     def decide(self, event: object) -> Verdict:
         values = self.values(event)
+        best = _NO_HIT
+        exclude_unknown = include_unknown = None
+        for name, index, excludes, includes in self.indexes:
+            v = values[name]
+            if v is None:
+                if excludes and exclude_unknown is None:
+                    exclude_unknown = name
+                if includes and include_unknown is None:
+                    include_unknown = name
+                continue
+            best = index.match(v, best)
         exclude = self.exclude
         unknown = None
         if exclude.present:
-            key, unknown = exclude.evaluate(values)
+            key, unknown = exclude.finish(values, best if best < _INCLUDE_BASE else _NO_HIT, exclude_unknown)
             if key != _NO_HIT:
                 rule, name = exclude.names[key]
                 return Verdict(False, rule, name)
         include = self.include
         if not include.present:
             return Verdict(True, unknown=unknown) if unknown else _KEEP
-        key, include_unknown = include.evaluate(values)
+        key, include_unknown = include.finish(values, best, include_unknown)
         if key == _NO_HIT:
             if include_unknown is None:
                 return _NOT_INCLUDED  # no include rule matched: definite, whatever the excludes did not know
