@@ -1,0 +1,259 @@
+"""Linux eBPF source: every process fork, thread create, exec and exit recorded in the kernel as it happens, with
+the exact argv, from a committed CO-RE BPF object (etwmon.bpf.c) loaded through ctypes on libbpf.so.1.
+
+The programs run on the tp_btf tracepoints sched_process_fork/exec/exit and write one event each into a BPF
+ring buffer, which this module reads through its mmap'ed pages. Events the ring had no room for are counted
+in the kernel per CPU and reach readers as RecordsLost, like the Monitor's own ring drops.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import select
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from ...errors import SourceUnavailable
+from ..base import Sink, Source
+from ._event import EVENT_SIZE, Enricher, EventDecoder, TaskDetails
+
+__all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH", "boot_to_wall_offset_ns"]
+
+log = logging.getLogger(__name__)
+
+#: The committed, reproducibly built object (build.sh next to it rebuilds it).
+OBJECT_PATH = Path(__file__).with_name("etwmon.bpf.o")
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+_PROGRAMS = ["etwmon_exit", "etwmon_exec", "etwmon_fork"]  # exits first: a task seen born is seen dying
+_LOCKDOWN = "/sys/kernel/security/lockdown"
+#: Linux 5.8: BPF ring buffers, bpf_ktime_get_boot_ns, CAP_BPF (tp_btf itself is 5.5).
+MIN_KERNEL = (5, 8)
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+_FIX = "use `--source netlink` (or source='netlink')"
+
+
+def boot_to_wall_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_BOOTTIME, from the tightest of a few bracketed readings (the error is half the
+    bracket, well under a microsecond). Adding it to a kernel boot timestamp gives the wall-clock time."""
+    best_span, offset = None, 0
+    for _ in range(7):
+        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        wall = time.time_ns()
+        after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        if best_span is None or after - before < best_span:
+            best_span, offset = after - before, wall - (before + after) // 2
+    return offset
+
+
+def _kernel_version(release: str | None = None) -> tuple[int, int]:
+    parts = (release or os.uname().release).split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class BpfSource(Source):
+    """Process and thread events from eBPF programs on the scheduler's tracepoints (Linux 5.8+, root).
+
+    Options: ``ring_size`` (bytes of the BPF ring buffer, a power of two of pages; default 8 MiB),
+    ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
+    0.001), ``enrich`` (``enrich(record, details) -> record``: called with each record and the kernel's
+    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing).
+    """
+
+    name: ClassVar[str] = "bpf"
+    lossy: ClassVar[bool] = False
+    delivers: ClassVar[frozenset[str]] = frozenset({
+        "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
+        "exit_code", "exact_loss_count",
+    })
+
+    def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
+                 enrich: Enricher | None = None) -> None:
+        super().__init__()
+        page = mmap.PAGESIZE
+        if (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < page
+                or ring_size & (ring_size - 1)):
+            raise ValueError(f"ring_size must be a power of two of at least {page} bytes, not {ring_size!r}")
+        if isinstance(batch_wait, bool) or not isinstance(batch_wait, (int, float)) or not 0 <= batch_wait <= 1:
+            raise ValueError(f"batch_wait must be 0..1 seconds, not {batch_wait!r}")
+        if enrich is not None and not callable(enrich):
+            raise TypeError("enrich must be callable or None")
+        self.ring_size = ring_size
+        self.batch_wait = float(batch_wait)
+        self.enrich = enrich
+        self._object = None
+        self._ring = None
+        self._lost = None
+        self._decoder: EventDecoder | None = None
+        self._wake_r = self._wake_w = -1
+        self._stopping = False
+        self._lost_reported = 0
+        self.wakeups = 0
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return "needs Linux (eBPF)"
+        caps = _effective_caps()
+        if os.geteuid() != 0 and not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
+            return f"needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs: run as root or {_FIX}"
+        if _kernel_version() < MIN_KERNEL:
+            return (f"the kernel is too old ({os.uname().release}; BPF ring buffers need Linux "
+                    f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}): {_FIX}")
+        if not os.path.exists(BTF_PATH):
+            return f"the kernel has no BTF ({BTF_PATH} is missing; it needs CONFIG_DEBUG_INFO_BTF=y): {_FIX}"
+        try:
+            with open(_LOCKDOWN) as f:
+                if "[confidentiality]" in f.read():
+                    return (f"kernel lockdown (confidentiality) forbids eBPF programs from reading kernel memory: "
+                            f"{_FIX}")
+        except OSError:
+            pass
+        try:
+            from ._libbpf import load_libbpf
+            load_libbpf()
+        except OSError as exc:
+            return f"libbpf.so.1 cannot be loaded ({exc}): install libbpf1 (apt-get install libbpf1) or {_FIX}"
+        if not OBJECT_PATH.is_file():
+            return f"the BPF object {OBJECT_PATH} is missing from this installation: reinstall etwmon or {_FIX}"
+        return None
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._object is not None:
+            return
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise SourceUnavailable(reason)
+        from ._libbpf import LoadedObject, PerCpuCounter, RingBuffer, load_libbpf
+        libbpf = load_libbpf()
+        cpus = libbpf.libbpf_num_possible_cpus()
+        try:
+            obj = LoadedObject(libbpf, str(OBJECT_PATH), _PROGRAMS,
+                               {"scratch": max(cpus, 1), "events": self.ring_size})
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
+        try:
+            self._ring = RingBuffer(obj.map_fd("events"), self.ring_size)
+            self._lost = PerCpuCounter(libbpf, obj.map_fd("lost"))
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+            obj.close()
+            raise
+        self._object = obj
+        self._lost_reported = 0
+        self._stopping = False
+        self._decoder = EventDecoder(self._no_sink, boot_to_wall_offset_ns(), self.enrich)
+
+    @staticmethod
+    def _no_sink(_: bytes) -> None:
+        raise RuntimeError("BpfSource: run() attaches the sink")
+
+    def run(self, sink: Sink) -> None:
+        ring, decoder = self._ring, self._decoder
+        if ring is None or decoder is None:
+            raise SourceUnavailable("BpfSource.run() before open()")
+        decoder.push = sink.push
+        poller = select.poll()
+        poller.register(ring.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wait = self.batch_wait
+        while not self._stopping:
+            if self._drain(sink):
+                continue
+            poller.poll()  # readable as soon as the ring holds anything (the kernel's adaptive wake-up)
+            self.wakeups += 1
+            if wait:
+                time.sleep(wait)  # let the burst behind the first event land: one wake-up per batch
+        self._drain(sink)
+
+    def _drain(self, sink: Sink) -> int:
+        """Decode everything committed in the ring, give the space back, report new kernel-side losses and
+        wake readers; returns the number of events.
+
+        The ring is read through its mmap'ed pages rather than libbpf's ring_buffer__consume: measured in an
+        exec storm here, a ctypes callback per record cost more (~2x reader CPU per event) than decoding in
+        place from the mapped pages with struct, as libbpf's own consumer does in C."""
+        ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
+        data, mask = ring.data, ring.mask
+        busy, discard = ring.BUSY, ring.DISCARD
+        cons = ring.consumer_pos()
+        prod = ring.producer_pos()
+        count = 0
+        while cons < prod:
+            while cons < prod:
+                at = cons & mask
+                length = int.from_bytes(data[at:at + 4], "little")
+                if length & busy:
+                    prod = cons  # not committed yet: the next pass takes it
+                    break
+                size = length & ~(busy | discard)
+                if not length & discard and size >= EVENT_SIZE:
+                    decode(data, at + 8)
+                    count += 1
+                cons += (size + 8 + 7) & ~7
+            ring.advance(cons)
+            prod = ring.producer_pos()
+        lost = self._lost.total()  # type: ignore[union-attr]
+        if lost > self._lost_reported:
+            sink.push_lost(lost - self._lost_reported)
+            self._lost_reported = lost
+            count += 1
+        if count:
+            sink.notify()
+        return count
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\1")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopping = True
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+        obj, self._object = self._object, None
+        if obj is not None:
+            obj.close()
+        self._lost = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+    def stats(self) -> dict[str, int]:
+        d = self._decoder
+        base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups}
+        if d is not None:
+            base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
+                        argv_unreadable=d.argv_unreadable)
+        return base
