@@ -437,6 +437,36 @@ def test_live_non_leader_thread_exec_gives_one_exec_and_no_phantom_exit(bpf_moni
     assert [e.tid for e in of_type(mine, ItemType.ThreadCreate)] == [tid]
 
 
+LEADER_LEAVES_FIRST_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static void *last(void *arg) { printf("%d\n", (int)syscall(SYS_gettid)); fflush(stdout); usleep(200000); exit(3); }
+int main(void) { pthread_t t; pthread_create(&t, NULL, last, NULL); pthread_exit(NULL); }
+"""
+
+
+@pytest.mark.root
+def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_process(bpf_monitor, tmp_path):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    require(cc is not None, "gcc is needed to build the test program")
+    (tmp_path / "leader.c").write_text(LEADER_LEAVES_FIRST_C)
+    subprocess.run([cc, "-pthread", "-o", str(tmp_path / "leader"), str(tmp_path / "leader.c")], check=True)
+    child = subprocess.Popen([str(tmp_path / "leader")], stdout=subprocess.PIPE, text=True)
+    tid = int(child.stdout.readline())
+    assert child.wait(10) == 3
+    child.stdout.close()
+    events = drain(bpf_monitor, exited(child.pid))
+    ends = [(e.type, getattr(e, "tid", None), e.exit_code) for e in events
+            if e.type in (ItemType.ThreadExit, ItemType.ProcessExit) and e.pid == child.pid]
+    # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
+    assert ends == [(ItemType.ThreadExit, child.pid, 0), (ItemType.ThreadExit, tid, 3),
+                    (ItemType.ProcessExit, None, 3)]
+
+
 @pytest.mark.root
 def test_live_two_instances_side_by_side(bpf_ok):
     with etwmon.Monitor(source="bpf") as one, etwmon.Monitor(source="bpf") as two:

@@ -193,9 +193,10 @@ class BpfSource(Source):
         """Decode everything committed in the ring, give the space back, report new kernel-side losses and
         wake readers; returns the number of events.
 
-        The ring is read through its mmap'ed pages rather than libbpf's ring_buffer__consume: measured in an
-        exec storm here, a ctypes callback per record cost more (~2x reader CPU per event) than decoding in
-        place from the mapped pages with struct, as libbpf's own consumer does in C."""
+        The ring is read through its mmap'ed pages rather than libbpf's ring_buffer__consume: measured here on
+        100 k thread events with the same decoder, the reader thread used 1.7-2.2 us per event this way and
+        2.4-2.7 us with ring_buffer__consume, whose ctypes callback per record costs more than walking the
+        records in place (what libbpf's consumer does in C, see its ringbuf.c)."""
         ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
         data, mask = ring.data, ring.mask
         busy, discard = ring.BUSY, ring.DISCARD
