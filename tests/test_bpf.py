@@ -22,6 +22,7 @@ from etwmon import ItemType, parse
 from etwmon.records import (
     FILETIME_UNIX_EPOCH, MAX_COMMAND_LINE, TRUNCATION_MARKER, command_line_from_argv, filetime_now,
 )
+from etwmon.clock import CLOCK_BOOTTIME, KernelClock
 from etwmon.sources import bpf as bpf_module
 from etwmon.sources.bpf import BpfSource, TaskDetails
 from etwmon.sources.bpf import _event as ev
@@ -88,7 +89,7 @@ def event(kind: int, *, flags: int = 0, ns: int = 5_000, pid: int = 100, tid: in
 
 def decode(*events: bytes, enrich=None) -> tuple[list, ev.EventDecoder]:
     records: list[bytes] = []
-    decoder = ev.EventDecoder(records.append, OFFSET, enrich)
+    decoder = ev.EventDecoder(records.append, KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET), enrich)
     for raw in events:
         decoder.decode(memoryview(raw), 0)
     return list(parse(b"".join(records))), decoder
@@ -197,8 +198,7 @@ def test_enrich_gets_the_kernels_details_of_every_record():
     ("no libbpf", "libbpf.so.1"),
 ])
 def test_unavailable_reasons_say_why_and_the_fix(monkeypatch, tmp_path, case, words):
-    monkeypatch.setattr(bpf_module.os, "geteuid", lambda: 1000 if case == "not root" else 0)
-    monkeypatch.setattr(bpf_module, "_effective_caps", lambda: 0)
+    monkeypatch.setattr(bpf_module, "has_capability", lambda cap: case != "not root")
     monkeypatch.setattr(bpf_module, "BTF_PATH", str(tmp_path / ("missing" if case == "no btf" else "btf")))
     (tmp_path / "btf").write_bytes(b"")
     monkeypatch.setattr(bpf_module, "_kernel_version", lambda: (5, 4) if case == "old kernel" else (6, 18))
@@ -217,8 +217,7 @@ def test_unavailable_reasons_say_why_and_the_fix(monkeypatch, tmp_path, case, wo
 
 
 def test_capabilities_instead_of_root_are_enough(monkeypatch):
-    monkeypatch.setattr(bpf_module.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(bpf_module, "_effective_caps", lambda: 1 << 39 | 1 << 38)  # CAP_BPF, CAP_PERFMON
+    monkeypatch.setattr(bpf_module, "has_capability", lambda cap: cap in (38, 39))  # CAP_PERFMON, CAP_BPF
     reason = BpfSource.unavailable_reason()
     assert reason is None or "root" not in reason
 

@@ -22,7 +22,7 @@ __all__ = ["open_source", "source_class", "available_sources", "auto_order", "So
 SOURCES: dict[str, str] = {
     "etw": "etwmon.sources.etw:EtwSource",
     "bpf": "etwmon.sources.bpf:BpfSource",
-    "linux": "etwmon.sources.audit:LinuxSource",
+    "linux": "etwmon.sources.linux:LinuxSource",
     "audit": "etwmon.sources.audit:AuditSource",
     "netlink": "etwmon.sources.netlink:NetlinkSource",
     "procfs": "etwmon.sources.procfs:ProcfsSource",

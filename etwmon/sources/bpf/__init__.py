@@ -8,7 +8,6 @@ in the kernel per CPU and reach readers as RecordsLost, like the Monitor's own r
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -18,11 +17,13 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from ...clock import CLOCK_BOOTTIME, KernelClock
 from ...errors import SourceUnavailable
+from .._linux import has_capability
 from ..base import Sink, Source
 from ._event import EVENT_SIZE, Enricher, EventDecoder, TaskDetails
 
-__all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH", "boot_to_wall_offset_ns"]
+__all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,10 @@ OBJECT_PATH = Path(__file__).with_name("etwmon.bpf.o")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 _PROGRAMS = ["etwmon_exit", "etwmon_exec", "etwmon_fork"]  # exits first: a task seen born is seen dying
 _LOCKDOWN = "/sys/kernel/security/lockdown"
-#: Linux 5.8: BPF ring buffers, bpf_ktime_get_boot_ns, CAP_BPF (tp_btf itself is 5.5).
-MIN_KERNEL = (5, 8)
+#: Linux 5.17: bpf_loop (the path walks); ring buffers, bpf_ktime_get_boot_ns and CAP_BPF are 5.8, tp_btf 5.5.
+MIN_KERNEL = (5, 17)
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 _FIX = "use `--source netlink` (or source='netlink')"
-
-
-def boot_to_wall_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_BOOTTIME, from the tightest of a few bracketed readings (the error is half the
-    bracket, well under a microsecond). Adding it to a kernel boot timestamp gives the wall-clock time."""
-    best_span, offset = None, 0
-    for _ in range(7):
-        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        wall = time.time_ns()
-        after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        if best_span is None or after - before < best_span:
-            best_span, offset = after - before, wall - (before + after) // 2
-    return offset
 
 
 def _kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -58,19 +46,8 @@ def _kernel_version(release: str | None = None) -> tuple[int, int]:
         return (0, 0)
 
 
-def _effective_caps() -> int:
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 class BpfSource(Source):
-    """Process and thread events from eBPF programs on the scheduler's tracepoints (Linux 5.8+, root).
+    """Process and thread events from eBPF programs on the scheduler's tracepoints (Linux 5.17+, root).
 
     Options: ``ring_size`` (bytes of the BPF ring buffer, a power of two of pages; default 8 MiB),
     ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
@@ -112,12 +89,11 @@ class BpfSource(Source):
     def unavailable_reason(cls) -> str | None:
         if not sys.platform.startswith("linux"):
             return "needs Linux (eBPF)"
-        caps = _effective_caps()
-        if os.geteuid() != 0 and not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
+        if not (has_capability(_CAP_SYS_ADMIN) or (has_capability(_CAP_BPF) and has_capability(_CAP_PERFMON))):
             return f"needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs: run as root or {_FIX}"
         if _kernel_version() < MIN_KERNEL:
-            return (f"the kernel is too old ({os.uname().release}; BPF ring buffers need Linux "
-                    f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}): {_FIX}")
+            return (f"the kernel is too old ({os.uname().release}; the eBPF programs need Linux "
+                    f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later): {_FIX}")
         if not os.path.exists(BTF_PATH):
             return f"the kernel has no BTF ({BTF_PATH} is missing; it needs CONFIG_DEBUG_INFO_BTF=y): {_FIX}"
         try:
@@ -165,7 +141,8 @@ class BpfSource(Source):
         self._object = obj
         self._lost_reported = 0
         self._stopping = False
-        self._decoder = EventDecoder(self._no_sink, boot_to_wall_offset_ns(), self.enrich)
+        # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once
+        self._decoder = EventDecoder(self._no_sink, KernelClock(CLOCK_BOOTTIME), self.enrich)
 
     @staticmethod
     def _no_sink(_: bytes) -> None:

@@ -9,8 +9,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from ...clock import KernelClock
 from ...records import (
-    FILETIME_UNIX_EPOCH, TRUNCATION_MARKER, command_line_from_argv, encode_process_create, encode_process_exec,
+    TRUNCATION_MARKER, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
 from .._proc import argv_of
@@ -109,14 +110,15 @@ Enricher = Callable[[bytes, TaskDetails], bytes]
 class EventDecoder:
     """Turns kernel events into records pushed into a sink, with kernel time mapped to FILETIME.
 
-    ``wall_offset_ns`` is CLOCK_REALTIME minus CLOCK_BOOTTIME, measured when the source opens. Records come out
+    ``clock`` maps the kernel's CLOCK_BOOTTIME stamps to FILETIME (its wall-clock offset measured when the source
+    opens and kept, so a wall-clock step does not reorder the stream). Records come out
     in ring order; two CPUs may stamp events a little out of that order, so a time earlier than the one before
     is raised to it (counted in ``time_raised``): the stream never goes backwards.
     """
 
-    def __init__(self, push: Callable[[bytes], None], wall_offset_ns: int, enrich: Enricher | None = None) -> None:
+    def __init__(self, push: Callable[[bytes], None], clock: KernelClock, enrich: Enricher | None = None) -> None:
         self.push = push
-        self.wall_offset_ns = wall_offset_ns
+        self.filetime = clock.filetime
         self.enrich = enrich
         self.last_filetime = 0
         self.time_raised = 0
@@ -128,7 +130,7 @@ class EventDecoder:
         """One event at ``offset`` of ``data`` (the ring's mapped pages)."""
         kind, flags, _, ns, pid, tid, ppid, cpid, ctid, code = _HEAD.unpack_from(data, offset)
         self.events += 1
-        ft = (ns + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH
+        ft = self.filetime(ns)
         if ft < self.last_filetime:
             ft = self.last_filetime
             self.time_raised += 1
