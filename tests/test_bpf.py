@@ -29,6 +29,7 @@ from etwmon.sources.bpf import _event as ev
 
 from . import cn_builders as cb
 from .conftest import require
+from .helpers import read_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -237,23 +238,6 @@ def test_options_are_checked():
 # --- live kernel (root) ----------------------------------------------------------------------------------------
 
 
-def drain(mon, until=None, timeout: float = 10.0) -> list:
-    """Read records until ``until(events)`` is true (or nothing more arrives when it is None)."""
-    buf = bytearray(1 << 20)
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        n = mon.readinto(buf)
-        if n:
-            events.extend(parse(bytes(buf[:n])))
-            continue
-        if until is not None and until(events):
-            return events
-        if not mon.wait(0.3) and until is None:
-            return events
-    return events
-
-
 def of_type(events, item_type):
     return [e for e in events if e.type == item_type]
 
@@ -327,7 +311,7 @@ def test_live_exit_codes_and_exec_argv(bpf_monitor):
     time.sleep(0.05)
     killed.kill()
     killed.wait()
-    events = drain(bpf_monitor, lambda evs: exited(code3.pid)(evs) and exited(killed.pid)(evs))
+    events = read_until(bpf_monitor, lambda evs: exited(code3.pid)(evs) and exited(killed.pid)(evs))
     exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
     assert exits[code3.pid] == 3 and exits[killed.pid] == 137
     mine = [e for e in events if getattr(e, "pid", None) == code3.pid]
@@ -342,7 +326,7 @@ def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
     child = subprocess.Popen(["sleep", "0.3"])
     child.wait()
     after = filetime_now()
-    events = drain(bpf_monitor, exited(child.pid))
+    events = read_until(bpf_monitor, exited(child.pid))
     mine = [e for e in events if getattr(e, "pid", None) == child.pid]
     for e in mine:
         assert before - 20_000 <= e.filetime <= after + 20_000, e  # within 2 ms of the wall clock around it
@@ -358,7 +342,7 @@ def test_live_threads(bpf_monitor):
             "print(t.native_id, flush=True); t.join()\n")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     tid = int(child.stdout)
-    events = drain(bpf_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs)
+    events = read_until(bpf_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs)
                    and any(e.type == ItemType.ProcessExit and e.pid != tid and e.pid in
                            {x.pid for x in evs if getattr(x, "tid", None) == tid} for e in evs))
     (create,) = [e for e in of_type(events, ItemType.ThreadCreate) if e.tid == tid]
@@ -377,7 +361,7 @@ def test_live_fork_without_exec_inherits_the_parents_argv_read_in_the_kernel(bpf
     child = subprocess.run([sys.executable, "-c", code, hostile, b"\xff\xferaw".decode("utf-8", "surrogateescape")],
                            capture_output=True, text=True, check=True)
     parent, grandchild = map(int, child.stdout.split())
-    events = drain(bpf_monitor, exited(grandchild))
+    events = read_until(bpf_monitor, exited(grandchild))
     (create,) = [e for e in of_type(events, ItemType.ProcessCreate) if e.pid == grandchild]
     assert (create.parent_pid, create.creating_pid, create.creating_tid) == (parent, parent, parent)
     assert create.argv == [sys.executable.encode(), b"-c", code.encode(), hostile.encode(), b"\xff\xferaw"]
@@ -395,7 +379,7 @@ def test_live_long_argv_exact_and_longer_marked_truncated(bpf_monitor):
         pid = os.posix_spawn(argv[0], argv, {})
         os.waitpid(pid, 0)
         pids[pid] = argv
-    events = drain(bpf_monitor, lambda evs: all(exited(p)(evs) for p in pids))
+    events = read_until(bpf_monitor, lambda evs: all(exited(p)(evs) for p in pids))
     execs = {e.pid: e for e in of_type(events, ItemType.ProcessExec) if e.pid in pids}
     by_argv = {id(argv): execs[pid] for pid, argv in pids.items()}
     assert by_argv[id(exact)].argv == exact and not by_argv[id(exact)].truncated
@@ -423,7 +407,7 @@ def test_live_non_leader_thread_exec_gives_one_exec_and_no_phantom_exit(bpf_moni
     tid = int(child.stdout.readline())
     assert child.wait(10) == 4
     child.stdout.close()
-    events = drain(bpf_monitor, exited(child.pid))
+    events = read_until(bpf_monitor, exited(child.pid))
     mine = [e for e in events if getattr(e, "pid", None) == child.pid]
     kinds = [e.type for e in mine]
     assert kinds.count(ItemType.ProcessExit) == 1 and kinds[-1] == ItemType.ProcessExit
@@ -458,7 +442,7 @@ def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_
     tid = int(child.stdout.readline())
     assert child.wait(10) == 3
     child.stdout.close()
-    events = drain(bpf_monitor, exited(child.pid))
+    events = read_until(bpf_monitor, exited(child.pid))
     ends = [(e.type, getattr(e, "tid", None), e.exit_code) for e in events
             if e.type in (ItemType.ThreadExit, ItemType.ProcessExit) and e.pid == child.pid]
     # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
@@ -472,7 +456,7 @@ def test_live_two_instances_side_by_side(bpf_ok):
         child = subprocess.Popen(["sh", "-c", "exit 3"])
         child.wait()
         for mon in (one, two):
-            events = drain(mon, exited(child.pid))
+            events = read_until(mon, exited(child.pid))
             assert [e.exit_code for e in of_type(events, ItemType.ProcessExit) if e.pid == child.pid] == [3]
         ids_one = one.source._object  # two loaded objects, not one shared
         assert ids_one is not two.source._object
@@ -487,7 +471,7 @@ def test_live_stop_and_an_exception_leave_nothing_attached(bpf_ok):
         during = bpf_fds()
         assert len(during["prog"] - before["prog"]) == 3 and len(during["link"] - before["link"]) == 3
         subprocess.run(["true"])
-        drain(mon, timeout=0.5)
+        read_until(mon, None, timeout=0.5)
     after = bpf_fds()
     assert after == before
     assert all_gone(during["prog"] - before["prog"])
@@ -549,7 +533,7 @@ def test_storm_of_2000_fork_exec_exit_is_exact_and_complete(bpf_monitor, storm_t
                          capture_output=True, text=True).stdout.split("\n")
     index = {int(line.split()[1]): int(line.split()[0]) for line in out[1:] if line}
     pids = collections.Counter(int(line.split()[1]) for line in out[1:] if line)
-    events = drain(bpf_monitor, lambda evs: sum(1 for e in evs if e.type == ItemType.ProcessExit and e.pid in pids)
+    events = read_until(bpf_monitor, lambda evs: sum(1 for e in evs if e.type == ItemType.ProcessExit and e.pid in pids)
                    >= 2000, timeout=60)
     stats = bpf_monitor.stats
     assert sum(pids.values()) == 2000
@@ -573,7 +557,7 @@ def test_storm_of_20000_threads_loses_nothing(bpf_monitor, storm_tools):
     out = subprocess.run([str(storm_tools["threads"]), "20000", "64"], check=True, capture_output=True,
                          text=True).stdout.split()
     pid, tids = int(out[0]), collections.Counter(map(int, out[1:]))
-    events = drain(bpf_monitor, exited(pid), timeout=60)
+    events = read_until(bpf_monitor, exited(pid), timeout=60)
     stats = bpf_monitor.stats
     assert sum(tids.values()) == 20000
     assert collections.Counter(e.tid for e in of_type(events, ItemType.ThreadCreate) if e.pid == pid) == tids
@@ -613,10 +597,10 @@ def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_o
         time.sleep(0.3)
         mon.stop()
         t1 = filetime_now()
-        events = drain(mon, timeout=10)
+        events = read_until(mon, None, timeout=10)
         stats = mon.stats
         mon.close()
-        everything = [e for e in drain(reference, timeout=2) if t0 <= e.filetime <= t1]
+        everything = [e for e in read_until(reference, None, timeout=2) if t0 <= e.filetime <= t1]
         assert reference.stats.lost == 0
     expected = collections.Counter({(ItemType.ProcessCreate, pid): n for pid, n in children.items()})
     expected.update({(ItemType.ProcessExit, pid): n for pid, n in children.items()})
