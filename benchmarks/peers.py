@@ -242,20 +242,27 @@ class ForkstatTool(Tool):
         self.kill()
         raise RuntimeError(f"forkstat did not start: {self._stderr_tail()}")
 
+    #: Seconds it may take to flush and exit after SIGINT.
+    STOP_TIMEOUT = 10.0
+
     def stop(self) -> Observed:
-        error = None if self.alive() else f"forkstat died with status {self.proc.returncode}"
+        error = None if self.alive() else f"{self.name} died with status {self.proc.returncode}"
         if self.alive():
-            self.proc.send_signal(signal.SIGINT)  # forkstat flushes its output and exits on SIGINT
+            self.proc.send_signal(signal.SIGINT)  # it flushes its output and exits on SIGINT
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                error = "forkstat did not exit on SIGINT (killed; its last output may be lost)"
+                error = f"{self.name} did not exit on SIGINT (killed; its last output may be lost)"
                 self.kill()
         self.stdout.close()
         self.stderr.close()
-        obs = parse_forkstat(self.out.read_text(errors="replace"), after=self.CANARY)
+        obs = self.parse(self.out.read_text(errors="replace"), after=self.CANARY)
         obs.error = error
         return obs
+
+    @staticmethod
+    def parse(text: str, after: str | None = None) -> Observed:
+        return parse_forkstat(text, after)
 
     def _stderr_tail(self) -> str:
         lines = (self.workdir / "forkstat.stderr").read_text().strip().splitlines()
@@ -322,20 +329,11 @@ class BpftraceTool(ForkstatTool):
         self.kill()
         raise RuntimeError(f"bpftrace did not start: {self._stderr_tail()}")
 
-    def stop(self) -> Observed:
-        error = None if self.alive() else f"bpftrace died with status {self.proc.returncode}"
-        if self.alive():
-            self.proc.send_signal(signal.SIGINT)  # bpftrace flushes its output and detaches on SIGINT
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                error = "bpftrace did not exit on SIGINT (killed; its last output may be lost)"
-                self.kill()
-        self.stdout.close()
-        self.stderr.close()
-        obs = parse_bpftrace(self.out.read_text(errors="replace"), after=self.CANARY)
-        obs.error = error
-        return obs
+    STOP_TIMEOUT = 30.0  # detaching its probes takes longer than forkstat's exit
+
+    @staticmethod
+    def parse(text: str, after: str | None = None) -> Observed:
+        return parse_bpftrace(text, after)
 
     def _stderr_tail(self) -> str:
         lines = [line for line in (self.workdir / "bpftrace.stderr").read_text().strip().splitlines()

@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from etwmon.sources.bpf import _event as ev
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import read_until
+from .helpers import fork_storm_while_stalled, of_type, read_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -238,10 +237,6 @@ def test_options_are_checked():
 # --- live kernel (root) ----------------------------------------------------------------------------------------
 
 
-def of_type(events, item_type):
-    return [e for e in events if e.type == item_type]
-
-
 def exited(pid: int):
     return lambda evs: any(e.type == ItemType.ProcessExit and e.pid == pid for e in evs)
 
@@ -256,13 +251,6 @@ def bpf_ok():
 def bpf_monitor(bpf_ok):
     with etwmon.Monitor(source="bpf", max_items=200_000) as mon:
         yield mon
-
-
-@pytest.fixture(scope="module")
-def storm_tools(tmp_path_factory):
-    tools = cb.compile_storm_tools(tmp_path_factory.mktemp("storm"))
-    require(tools is not None, "the storm generators need gcc (apt-get install gcc)")
-    return tools
 
 
 def bpf_fds(pid: int | str = "self") -> dict[str, set[int]]:
@@ -565,20 +553,6 @@ def test_storm_of_20000_threads_loses_nothing(bpf_monitor, storm_tools):
     assert stats.lost == 0 and stats.dropped == 0
 
 
-def gated(ring):
-    """Make ``ring.push`` wait until the returned event is set: the source thread stalls and stops reading
-    its BPF ring, as a slow consumer would."""
-    gate = threading.Event()
-    push = ring.push
-
-    def waiting_push(record) -> None:
-        gate.wait()
-        push(record)
-
-    ring.push = waiting_push
-    return gate
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_ok, storm_tools):
@@ -586,14 +560,7 @@ def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_o
         t0 = filetime_now()
         source = BpfSource(ring_size=4096)
         mon = etwmon.Monitor(source=source, max_items=200_000)
-        gate = gated(mon.ring)
-        mon.start()
-        try:
-            out = subprocess.run([str(storm_tools["forks"]), "400"], check=True, capture_output=True,
-                                 text=True).stdout.split("\n")
-        finally:
-            gate.set()
-        children = collections.Counter(int(line.split()[0]) for line in out[1:] if line)
+        children = fork_storm_while_stalled(mon, str(storm_tools["forks"]), 400)
         time.sleep(0.3)
         mon.stop()
         t1 = filetime_now()
