@@ -53,6 +53,9 @@ class BpfSource(Source):
     ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
     0.001), ``enrich`` (``enrich(record, details) -> record``: called with each record and the kernel's
     ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing).
+
+    Nothing outlives the process: the programs, their links and the maps are file descriptors of it, so
+    ``stale_state()`` has nothing to report even after a SIGKILL (the kernel frees them when it exits).
     """
 
     name: ClassVar[str] = "bpf"
