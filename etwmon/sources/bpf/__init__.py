@@ -13,7 +13,6 @@ import mmap
 import os
 import select
 import sys
-import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -159,15 +158,17 @@ class BpfSource(Source):
         poller = select.poll()
         poller.register(ring.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        wait = self.batch_wait
+        stopper = select.poll()  # the wait between passes, which stop() cuts short
+        stopper.register(self._wake_r, select.POLLIN)
+        wait_ms = self.batch_wait * 1000
         while not self._stopping:
             if not self._drain(sink):
                 poller.poll()  # readable as soon as the ring holds anything (the kernel's adaptive wake-up)
                 self.wakeups += 1
-            if wait:
+            if wait_ms:
                 # Let the events behind the first land, in a storm as after a wake-up: at most one pass (and
                 # one notify of readers) per batch_wait instead of one per event.
-                time.sleep(wait)
+                stopper.poll(wait_ms)
         self._drain(sink)
 
     def _drain(self, sink: Sink) -> int:
