@@ -13,6 +13,7 @@ import mmap
 import os
 import select
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -169,7 +170,12 @@ class BpfSource(Source):
                 # Let the events behind the first land, in a storm as after a wake-up: at most one pass (and
                 # one notify of readers) per batch_wait instead of one per event.
                 stopper.poll(wait_ms)
-        self._drain(sink)
+        # Detach first, then take what is left: every event the programs wrote is read or counted as lost
+        # (a source that has run is opened again before it runs again).
+        self._object.detach()  # type: ignore[union-attr]
+        time.sleep(0.002)  # a program already running on another CPU as it was detached finishes (microseconds)
+        while self._drain(sink):
+            pass
 
     def _drain(self, sink: Sink) -> int:
         """Decode what the ring holds now (one pass: a storm that keeps filling it must not keep readers

@@ -162,11 +162,15 @@ class LoadedObject:
             raise _errno_error(f"no map {name!r}", errno.ENOENT)
         return self.libbpf.bpf_map__fd(m)
 
-    def close(self) -> None:
-        """Detach every program and free the object (idempotent)."""
+    def detach(self) -> None:
+        """Detach every program (no more events); the maps stay readable until ``close()``. Idempotent."""
         links, self._links = self._links, []
         for link in reversed(links):
             self.libbpf.bpf_link__destroy(link)
+
+    def close(self) -> None:
+        """Detach every program and free the object (idempotent)."""
+        self.detach()
         obj, self._obj = self._obj, None
         if obj:
             self.libbpf.bpf_object__close(obj)
