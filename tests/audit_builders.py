@@ -251,6 +251,16 @@ def fake_source(kernel: FakeAuditKernel) -> AuditSource:
     return AuditSource(probe=False, transport_factory=kernel.factory)
 
 
+def until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds: waiting on a condition, not for a time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 # --- live kernel ---------------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from etwmon.sources.audit_protocol import (
 )
 
 from .audit_builders import (  # noqa: F401 (fixtures are used by name)
+    until,
     FakeAuditKernel, assert_restored, etwmon_rules, fake_source, live_audit, live_control, private_lock_dir,
 )
 from .conftest import require
@@ -47,16 +48,6 @@ def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     return data[data.rfind(b")") + 2:][:1].decode()
-
-
-def _until(predicate, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds: waiting on a condition, not for a time."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # --- the lock ---------------------------------------------------------------------------------------------------
@@ -262,7 +253,7 @@ def test_a_zombie_owner_is_gone():
         key = audit_state.RuleKey("etwmon", child.pid, start, 0, 64)
         assert key.owner_alive()
         child.send_signal(signal.SIGKILL)
-        assert _until(lambda: _state(child.pid) == "Z")  # killed, not reaped: the pid and its stat remain
+        assert until(lambda: _state(child.pid) == "Z")  # killed, not reaped: the pid and its stat remain
         assert not key.owner_alive()
         kernel = FakeAuditKernel(enabled=1, backlog_limit=DEFAULT)
         kernel.rules = [r.pack() for r in exec_rules(str(key))]
@@ -323,7 +314,7 @@ def _alone(mine: set[int], timeout: float = 60.0) -> None:
     """Wait until no other etwmon instance on this machine (someone else's tests) holds audit rules."""
     control = live_control()
     try:
-        alone = _until(lambda: not _others_alive(control, mine), timeout)
+        alone = until(lambda: not _others_alive(control, mine), timeout)
     finally:
         control.close()
     require(alone, "another etwmon instance kept running on this machine for a minute")
@@ -346,7 +337,7 @@ def test_live_killed_but_unreaped_instance_counts_as_gone(live_audit):
     owners.add(a.pid)
     try:
         a.send_signal(signal.SIGKILL)
-        assert _until(lambda: _state(a.pid) == "Z")  # a zombie: not reaped (no wait() yet)
+        assert until(lambda: _state(a.pid) == "Z")  # a zombie: not reaped (no wait() yet)
         control = live_control()
         try:
             assert len([k for _, k in etwmon_rules(control) if k.pid == a.pid]) == 2  # what A left
