@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -284,6 +285,19 @@ def test_without_an_audit_daemon_it_warns_that_records_reach_the_kernel_log(daem
     else:
         assert warned == ["etwmon audit: no audit daemon is registered, so the kernel also prints the exec records "
                           "etwmon asks for, command lines included, to the kernel log (dmesg; rate-limited)"]
+
+
+def test_cleanup_without_the_capabilities_says_why_and_fails():
+    argv = [sys.executable, "-m", "etwmon", "cleanup"]
+    if os.geteuid() == 0:  # drop every capability (uid 0 still reads the Python installed under /root)
+        setpriv = shutil.which("setpriv")
+        require(setpriv is not None, "setpriv (util-linux) is needed to drop capabilities")
+        argv = [setpriv, "--inh-caps=-all", "--bounding-set=-all", *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "etwmon: linux: cannot clean up: needs root (CAP_AUDIT_CONTROL and CAP_AUDIT_READ)" in done.stderr
+    assert "etwmon: audit: cannot clean up: needs root" in done.stderr
+    assert done.stdout == ""
 
 
 # --- live kernel -----------------------------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def test_sources_lists_every_source_with_reasons() -> None:
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert {r["name"] for r in rows} == set(SOURCES)
     for row in rows:
-        assert set(row) == {"name", "available", "reason", "lossy", "delivers", "auto"}
+        assert set(row) == {"name", "available", "reason", "lossy", "delivers", "auto", "stale"}
         assert (row["reason"] is None) == row["available"]
     assert sum(r["auto"] for r in rows) <= 1
     auto = [r for r in rows if r["auto"]]

@@ -159,7 +159,7 @@ class AuditSource(Source):
     def cleanup(cls) -> list[str]:
         reason = _unavailable_reason()
         if reason is not None:
-            raise SourceUnavailable(f"audit source: cannot clean up: {reason}")
+            raise SourceUnavailable(reason)
         try:
             control = AuditControl(_default_transport(0))
         except OSError as exc:
@@ -167,7 +167,7 @@ class AuditSource(Source):
         try:
             return audit_state.cleanup(control)
         except OSError as exc:
-            raise SourceUnavailable(f"audit source: cannot clean up: {exc}") from exc
+            raise SourceUnavailable(str(exc)) from exc
         finally:
             control.close()
 
