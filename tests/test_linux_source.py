@@ -17,8 +17,9 @@ from etwmon.sources.audit import AuditSource
 from etwmon.sources.linux import ExecJoin, LinuxSource
 
 from .audit_builders import (  # noqa: F401 (fixtures are used by name)
-    STORM_TAG, ListSink, assert_restored, exact, live_audit, read_storm, storm, storm_binary,
+    STORM_TAG, assert_restored, live_audit, read_storm, storm, storm_binary,
 )
+from .helpers import ListSink
 
 
 
@@ -174,22 +175,6 @@ def test_linux_source_sees_fork_threads_exec_exit_once_each(live_audit):
     assert kinds.count("ProcessCreate") == 1 and kinds.count("ProcessExit") == 1
     assert mine[-1].exit_code == 0
     assert stats["exec_matched"] >= 2
-    assert_restored(before, {os.getpid()})
-
-
-@pytest.mark.root
-@pytest.mark.slow
-def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
-    before, _ = live_audit
-    n = 3000
-    with Monitor(source="linux", max_items=200_000) as mon:
-        storm(storm_binary, n)
-        seen, lost, stats = read_storm(mon, n)
-    right = sum(exact(i, argv) for i, argv in seen.items())
-    print(f"\nlinux storm: exact {right}/{n}, lost {lost}, fallback {stats['exec_fallback']}")
-    assert right == len(seen)  # every command line reported is exact (a fallback read from /proc too)
-    assert len(seen) >= 0.999 * n  # and nearly all are there,
-    assert len(seen) + lost >= n  # whatever was missed counted
     assert_restored(before, {os.getpid()})
 
 
