@@ -36,7 +36,7 @@ from .helpers import ListSink
 
 @pytest.fixture(autouse=True)
 def private_lock_dir(request, tmp_path, monkeypatch):
-    """Tests against a fake kernel take a lock of their own; live ones share /run/etwmon with every instance."""
+    """Tests against a fake kernel take a lock of their own; live ones share /run/etwmon-audit with every instance."""
     if request.node.get_closest_marker("root") is None:
         lock_dir = tmp_path / "etwmon-lock"
         lock_dir.mkdir(mode=0o700)

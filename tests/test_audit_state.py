@@ -379,8 +379,9 @@ def test_live_backlog_is_raised_while_running_and_restored_after(live_audit):
         with Monitor(source="audit"):
             assert control.status().backlog_limit == DEFAULT
             assert control.status().enabled == 1
-        require(not _others_alive(control, owners),
-                "another etwmon instance started meanwhile (it restores the state when it stops)")
+        # An instance that started meanwhile inherited the state our key recorded: it restores it when it stops.
+        require(until(lambda: not _others_alive(control, owners), 120),
+                "another etwmon instance that started meanwhile kept running for two minutes")
         assert control.status().backlog_limit == start.backlog_limit
         assert control.status().enabled == start.enabled
     finally:
@@ -440,7 +441,7 @@ def _etwmon(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.root
 def test_live_kill_9_then_sources_shows_it_and_cleanup_restores(live_audit):
     before, owners = live_audit
-    for attempt in range(3):  # another etwmon instance starting meanwhile takes the work over: try again
+    for attempt in range(6):  # another etwmon instance starting meanwhile takes the work over: try again
         _alone(owners)
         a = _instance()
         owners.add(a.pid)
@@ -459,14 +460,16 @@ def test_live_kill_9_then_sources_shows_it_and_cleanup_restores(live_audit):
             gone = f"2 audit exec rules left by etwmon pid {a.pid}, which is gone"
             assert f"stale: {gone}" in listing.stdout and "'etwmon cleanup' removes it" in listing.stdout
             audit_row = next(row for row in as_json if row["name"] == "audit")
-            assert audit_row["stale"][0].startswith(gone)
+            assert [line for line in audit_row["stale"] if line.startswith(gone)]
             assert [row["stale"] for row in as_json if row["name"] == "netlink"] == [[]]
             assert first.returncode == 0, first.stderr
             assert removed in first.stdout
             assert not left
             now = control.status()
             assert (now.enabled, now.backlog_limit) == (before.enabled, before.backlog_limit)
-            assert (second.returncode, second.stdout) == (0, "nothing to clean up\n")
+            assert second.returncode == 0 and f"pid {a.pid}" not in second.stdout
+            if not etwmon_rules(control):  # (no one else's killed instance turned up meanwhile)
+                assert second.stdout == "nothing to clean up\n"
             return
         finally:
             control.close()
