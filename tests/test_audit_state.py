@@ -23,6 +23,7 @@ import pytest
 from etwmon import Monitor
 from etwmon.errors import SourceUnavailable
 from etwmon.sources import _linux, audit_state
+from etwmon.sources.audit import AuditSource
 from etwmon.sources.audit_protocol import (
     AUDIT_ADD_RULE, AUDIT_DEL_RULE, AUDIT_SET, AuditControl, AuditStatus, exec_rules,
 )
@@ -372,12 +373,11 @@ def test_live_backlog_is_raised_while_running_and_restored_after(live_audit):
     _alone(owners)
     control = live_control()
     try:
-        if before.backlog_limit >= DEFAULT:
-            control.set_status(backlog_limit=320)  # (the fixture puts the original back)
         start = control.status()
-        assert start.backlog_limit < DEFAULT
-        with Monitor(source="audit"):
-            assert control.status().backlog_limit == DEFAULT
+        # Above what is set now, so the source raises it (the test itself changes nothing: others may be testing)
+        target = DEFAULT if start.backlog_limit < DEFAULT else 2 * start.backlog_limit
+        with Monitor(source=AuditSource(backlog_limit=target)):
+            assert control.status().backlog_limit == target
             assert control.status().enabled == 1
         # An instance that started meanwhile inherited the state our key recorded: it restores it when it stops.
         require(until(lambda: not _others_alive(control, owners), 120),
