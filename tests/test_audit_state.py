@@ -474,3 +474,16 @@ def test_live_kill_9_then_sources_shows_it_and_cleanup_restores(live_audit):
         finally:
             control.close()
     require(False, "other etwmon instances kept starting on this machine during the test")
+
+
+@pytest.mark.root
+def test_live_warning_about_the_kernel_log_matches_the_kernel(live_audit, caplog):
+    control = live_control()
+    try:
+        daemon = control.status().pid
+    finally:
+        control.close()
+    with caplog.at_level(logging.WARNING, logger="etwmon.sources.audit"), Monitor(source="audit"):
+        pass
+    warned = [r for r in caplog.records if "to the kernel log" in r.getMessage()]
+    assert len(warned) == (0 if daemon else 1)  # no audit daemon here: the kernel printks the records
