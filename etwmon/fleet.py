@@ -869,9 +869,10 @@ class FleetConsumer:
 
     def _check(self, host: str, stats: HostStats, headers: Mapping[str, str], body: bytes) -> list:
         claimed = headers.get(H_HOST)
+        if claimed is None:
+            raise _BadMessage("malformed", f"no {H_HOST} header")
         if claimed != host:
-            raise _BadMessage("forged", f"a message on {host}'s subject says it is from "
-                                        f"{'nobody' if claimed is None else repr(claimed[:64])}")
+            raise _BadMessage("forged", f"a message on {host}'s subject says it is from {claimed[:64]!r}")
         boot = _header_token(headers, H_BOOT)
         run = _header_token(headers, H_RUN)
         seq = _header_int(headers, H_SEQ, 1)

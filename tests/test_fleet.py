@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -348,3 +349,276 @@ def test_shipper_sigkilled_and_restarted_the_consumer_reports_it(server, tmp_pat
     assert tids[:cut] == list(range(cut))
     assert tids[cut:] == list(range(len(tids) - cut))
     assert consumer.stats["killed"].restarts == 1
+
+
+def test_the_servers_consumer_deleted_under_the_reader_is_made_again_nothing_lost(server):
+    """What a leader change or a server losing its consumers looks like to the reader: it starts again right
+    after the last message it read."""
+    make_stream(server.url)
+    total = 4000
+
+    async def delete_consumers() -> int:
+        nc = await nats.connect(server.url)
+        try:
+            jsm = nc.jsm()
+            names = [c.name for c in await jsm.consumers_info(DEFAULT_STREAM)]
+            for name in names:
+                await jsm.delete_consumer(DEFAULT_STREAM, name)
+            return len(names)
+        finally:
+            await nc.close()
+
+    with FleetConsumer(server.url) as consumer:
+        shipper = ShipperThread(server.url, "h1", CounterSource(total=total, rate=2000))
+        col = Collector(consumer)
+        col.until(lambda c: len(c.tids.get("h1", [])) >= 1000)
+        assert asyncio.run(delete_consumers()) == 1
+        col.until(lambda c: len(c.tids.get("h1", [])) >= total)
+        shipper.stop()
+        col.take(consumer.read(0.3))
+    assert consumer.resets >= 1
+    assert col.tids["h1"] == list(range(total))
+    assert not col.lost and not col.notices
+
+
+# --- untrusted input ----------------------------------------------------------------------------------------
+
+
+def _headers(host, seq, count, total, run="0001-aa", boot="b00t", **extra):
+    h = {"Etwmon-Host": host, "Etwmon-Boot": boot, "Etwmon-Run": run, "Etwmon-Source": "test",
+         "Etwmon-Seq": str(seq), "Etwmon-Count": str(count), "Etwmon-Total": str(total),
+         "Nats-Msg-Id": f"{host}.{boot}.{run}.{seq}.{time.monotonic_ns()}"}
+    h.update(extra)
+    return {k: v for k, v in h.items() if v is not None}
+
+
+def _body(tids):
+    return b"".join(R.encode_thread_create(R.filetime_now(), t, 1) for t in tids)
+
+
+def _publish(url, messages):
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            return [await js.publish(subject, body, headers=headers) for subject, body, headers in messages]
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_garbage_truncated_and_forged_messages_are_counted_with_their_host_and_the_consumer_goes_on(server):
+    make_stream(server.url)
+    good = _body(range(10))
+    bad_size = bytearray(_body([0]))
+    bad_size[2:4] = (3).to_bytes(2, "little")  # Size 3: smaller than a header
+    s1, s2 = subject_for("h1"), subject_for("h2")
+    with FleetConsumer(server.url) as consumer:
+        _publish(server.url, [
+            (s1, good, _headers("h1", 1, 10, 10)),
+            (s1, random.Random(7).randbytes(333), _headers("h1", 2, 10, 20)),                        # garbage body
+            (s1, good[:-7], _headers("h1", 3, 10, 30)),                              # truncated
+            (s1, bytes(bad_size), _headers("h1", 3, 1, 31)),                         # bad Size
+            (s1, good, {}),                                                          # no headers at all
+            (s1, good, _headers("h1", 3, 10, 40, **{"Etwmon-Host": "h2"})),          # forged: says h2
+            (s1, good, _headers("h1", "x3", 10, 40)),                                # not a number
+            (s1, good, _headers("h1", 3, 10, 10 ** 30)),                             # absurd total
+            (s1, good, _headers("h1", 3, 9, 40)),                                    # count disagrees
+            (s1, good, _headers("h1", 3, 10, 40, run="0001-aa;x=1")),                # run not a token
+            (s2, b"\x00" * 15, _headers("h2", 1, 1, 1)),                             # half a header
+            (s1, _body(range(10, 20)), _headers("h1", 2, 10, 20)),                   # good again
+            (s1, _body(range(10, 20)), _headers("h1", 2, 10, 20)),                   # a duplicate batch
+            (s1, _body(range(30, 40)), _headers("h1", 4, 10, 40)),                   # batch 3 never came
+        ])
+        col = Collector(consumer)
+        col.until(lambda c: len(c.tids.get("h1", [])) >= 30)
+        col.take(consumer.read(0.3))
+    kinds = [(n.host, n.kind) for n in col.notices]
+    assert kinds.count(("h1", "malformed")) == 8 and kinds.count(("h1", "forged")) == 1
+    assert kinds.count(("h2", "malformed")) == 1
+    assert col.tids["h1"] == list(range(20)) + list(range(30, 40))
+    assert col.lost["h1"] == [(10, True)]  # the gap, exactly: batch 3's 10 records
+    stats = consumer.stats["h1"]
+    assert (stats.malformed, stats.duplicates, stats.batches_lost, stats.records_lost) == (9, 1, 1, 10)
+    assert consumer.stats["h2"].malformed == 1
+    forged = next(n for n in col.notices if n.kind == "forged")
+    assert "'h2'" in forged.message
+
+
+def test_a_retried_publish_is_stored_once(server):
+    make_stream(server.url)
+    headers = _headers("h1", 1, 3, 3)
+    acks = _publish(server.url, [(subject_for("h1"), _body(range(3)), headers)] * 2)
+    assert acks[0].seq == acks[1].seq and acks[1].duplicate and not acks[0].duplicate
+
+
+def test_a_durable_consumer_continues_where_it_stopped(server):
+    make_stream(server.url)
+    s1 = subject_for("h1")
+    _publish(server.url, [(s1, _body(range(i * 10, i * 10 + 10)), _headers("h1", i + 1, 10, 10 * i + 10))
+                          for i in range(3)])
+    with FleetConsumer(server.url, durable="central", since="all") as consumer:
+        col = Collector(consumer)
+        col.until(lambda c: len(c.tids.get("h1", [])) >= 30)
+        consumer.read(0.2)  # acknowledges what the last read returned
+    _publish(server.url, [(s1, _body(range(i * 10, i * 10 + 10)), _headers("h1", i + 1, 10, 10 * i + 10))
+                          for i in range(3, 5)])
+    with FleetConsumer(server.url, durable="central", since="all") as again:
+        col2 = Collector(again)
+        col2.until(lambda c: len(c.tids.get("h1", [])) >= 20)
+        col2.take(again.read(0.3))
+    assert col2.tids["h1"] == list(range(30, 50))
+    assert not col2.lost
+
+
+def test_since_replays_and_the_default_starts_from_now(server):
+    make_stream(server.url)
+    s1 = subject_for("h1")
+    _publish(server.url, [(s1, _body(range(5)), _headers("h1", 1, 5, 5))])
+    time.sleep(0.05)
+    with FleetConsumer(server.url) as from_now, FleetConsumer(server.url, since="all") as replay:
+        _publish(server.url, [(s1, _body(range(5, 8)), _headers("h1", 2, 3, 8))])
+        now_col, replay_col = Collector(from_now), Collector(replay)
+        now_col.until(lambda c: len(c.tids.get("h1", [])) >= 3)
+        replay_col.until(lambda c: len(c.tids.get("h1", [])) >= 8)
+    assert now_col.tids["h1"] == [5, 6, 7] and not now_col.lost  # the first batch seen sets where it starts
+    assert replay_col.tids["h1"] == list(range(8))
+
+
+def test_only_the_hosts_asked_for(server):
+    make_stream(server.url)
+    _publish(server.url, [(subject_for(h), _body([i]), _headers(h, 1, 1, 1)) for i, h in enumerate("abc")])
+    with FleetConsumer(server.url, hosts=["b", "c"], since="all") as consumer:
+        col = Collector(consumer)
+        col.until(lambda c: len(c.tids) >= 2)
+        col.take(consumer.read(0.3))
+    assert col.tids == {"b": [1], "c": [2]}
+
+
+# --- permissions and credentials ----------------------------------------------------------------------------
+
+PERMISSIONS = """
+authorization {
+  users: [
+    { user: h1, password: h1-secret, permissions: {
+        publish: { allow: ["etwmon.h1.events", "$JS.API.STREAM.INFO.ETWMON"] },
+        subscribe: { allow: ["_INBOX.>"] } } },
+    { user: reader, password: reader-secret }
+  ]
+}
+"""
+
+
+@pytest.fixture
+def locked_server(tmp_path):
+    s = NatsServer(tmp_path, extra=PERMISSIONS).start()
+    asyncio.run(_admin_stream(s.url))
+    yield s
+    s.stop(signal.SIGKILL)
+
+
+async def _admin_stream(url):
+    nc = await nats.connect(url, user="reader", password="reader-secret")
+    try:
+        await nc.jetstream().add_stream(name=DEFAULT_STREAM, subjects=["etwmon.*.events"])
+    finally:
+        await nc.close()
+
+
+def test_a_host_can_publish_only_to_its_own_subject(locked_server):
+    url = locked_server.url
+    h1 = FleetAuth(user="h1", password="h1-secret")
+    reader = FleetAuth(user="reader", password="reader-secret")
+    with FleetConsumer(url, auth=reader) as consumer:
+        own = ShipperThread(url, "h1", CounterSource(total=100, rate=0), auth=h1)
+        col = Collector(consumer)
+        col.until(lambda c: len(c.tids.get("h1", [])) >= 100)
+        own.stop()
+
+        async def publish_as_h1_to_h2():
+            errors = []
+
+            async def on_error(exc):
+                errors.append(str(exc))
+
+            nc = await nats.connect(url, user="h1", password="h1-secret", error_cb=on_error)
+            try:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.jetstream().publish(subject_for("h2"), _body([1]), headers=_headers("h2", 1, 1, 1),
+                                                 timeout=1)
+            finally:
+                await nc.close()
+            return errors
+
+        errors = asyncio.run(publish_as_h1_to_h2())
+        assert any("permissions violation" in e.lower() and "etwmon.h2.events" in e for e in errors)
+        # A Shipper with another host's id on h1's credentials stops with the reason.
+        impostor = ShipperThread(url, "h2", CounterSource(total=10, rate=0), auth=h1, publish_timeout=0.5)
+        impostor.thread.join(20)
+        assert isinstance(impostor.error, FleetError) and "etwmon.h2.events" in str(impostor.error)
+        impostor.monitor.close()
+        assert consumer.read(0.5) == []
+    assert "h2" not in consumer.stats
+
+
+def test_refused_credentials_are_one_clear_error(locked_server):
+    with pytest.raises(FleetError, match="refused the credentials"):
+        FleetConsumer(locked_server.url, auth=FleetAuth(user="h1", password="wrong")).open()
+
+
+def _cli(args, env, timeout=30):
+    return subprocess.run([sys.executable, "-m", "etwmon", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **env), timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [["ship", "--source", "procfs", "--host-id", "h1", "--to"], ["tail", "--from"]])
+def test_cli_refused_credentials_one_error_line(locked_server, command):
+    result = _cli([*command, locked_server.url], {"ETWMON_NATS_USER": "h1", "ETWMON_NATS_PASSWORD": "wrong"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and "refused the credentials" in lines[0], result.stderr
+    assert "wrong" not in result.stderr
+
+
+# --- names, times, auth files ---------------------------------------------------------------------------------
+
+
+def test_host_ids_are_single_subject_tokens():
+    assert check_host_id("web-01_a") == "web-01_a"
+    for bad in ("a.b", "a b", "*", ">", "", "x" * 129, "é"):
+        with pytest.raises(FleetError):
+            check_host_id(bad)
+    assert check_host_id(default_host_id())
+
+
+def test_parse_since():
+    now = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    assert parse_since("10m", now) == now - timedelta(minutes=10)
+    assert parse_since("1.5h", now) == now - timedelta(minutes=90)
+    assert parse_since("2026-12-01T09:00:00Z") == datetime(2026, 12, 1, 9, tzinfo=timezone.utc)
+    assert parse_since("2026-12-01T09:00:00") == datetime(2026, 12, 1, 9, tzinfo=timezone.utc)
+    assert parse_since("all") is None
+    with pytest.raises(ValueError):
+        parse_since("yesterday")
+
+
+def test_auth_from_a_private_file_then_the_environment(tmp_path):
+    path = tmp_path / "nats.env"
+    path.write_text("# the shipper's account\nETWMON_NATS_USER=h1\nETWMON_NATS_PASSWORD='s3cret'\n")
+    path.chmod(0o600)
+    auth = load_auth({"ETWMON_NATS_USER": "other", "ETWMON_NATS_TOKEN": "tok"}, str(path))
+    assert (auth.user, auth.password, auth.token) == ("h1", "s3cret", "tok")
+    assert "s3cret" not in repr(auth)
+    assert load_auth({"ETWMON_NATS_AUTH_FILE": str(path)}).user == "h1"
+    path.chmod(0o644)
+    with pytest.raises(FleetError, match="chmod 600"):
+        load_auth({}, str(path))
+    path.chmod(0o600)
+    link = tmp_path / "link.env"
+    link.symlink_to(path)
+    with pytest.raises(FleetError, match="cannot open"):
+        load_auth({}, str(link))
+    path.write_text("PASSWORD=x\n")
+    with pytest.raises(FleetError, match="line 1"):
+        load_auth({}, str(path))
