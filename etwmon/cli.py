@@ -374,6 +374,34 @@ def _build_parser() -> _Parser:
     tail.add_argument("--stats-interval", type=float, default=5.0, metavar="SECONDS",
                       help="seconds between --stats lines (default: 5)")
 
+    ship = commands.add_parser(
+        "ship", help="send this host's events to a NATS JetStream server (Ctrl-C to stop)",
+        description="Watch this host and publish its records, batch by batch, to etwmon.<host>.events on a "
+                    "JetStream stream (made if absent). Records wait in the ring while the server is away.",
+        epilog="Credentials: --auth-file or the ETWMON_NATS_* environment variables, never argv. "
+               "Reference: docs/fleet.md.")
+    ship.add_argument("--to", dest="servers", action="append", required=True, metavar="URL",
+                      help="nats://HOST:PORT (or tls://); repeat for the servers of a cluster")
+    ship.add_argument("--host-id", metavar="NAME", help="this host's name in the fleet (default: the hostname)")
+    ship.add_argument("--source", default="auto", choices=["auto", *SOURCES], help="event source (default: auto)")
+    ship.add_argument("--max-items", metavar="N", help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, "
+                                                      "else 100000: it holds the records while the server is away)")
+    ship.add_argument("--max-bytes", metavar="SIZE", help=f"ring capacity in bytes (default: ${ENV_MAX_BYTES})")
+    ship.add_argument("--stream", default="ETWMON", metavar="NAME", help="JetStream stream (default: ETWMON)")
+    ship.add_argument("--retention-age", default="7d", metavar="AGE",
+                      help="when making the stream: how long it keeps records, e.g. 12h, 7d (default: 7d)")
+    ship.add_argument("--retention-bytes", default="1G", metavar="SIZE",
+                      help="when making the stream: the most it keeps, oldest dropped first (default: 1G)")
+    ship.add_argument("--replicas", type=int, default=1, metavar="N",
+                      help="when making the stream: copies in a cluster (default: 1)")
+    ship.add_argument("--no-create-stream", action="store_true",
+                      help="never make the stream (an administrator does; see docs/fleet.md)")
+    ship.add_argument("--auth-file", metavar="FILE",
+                      help="ETWMON_NATS_* credentials, one NAME=value a line, mode 600 (default: "
+                           "$ETWMON_NATS_AUTH_FILE, else the environment)")
+    ship.add_argument("--batch-wait", type=float, default=DEFAULT_BATCH_WAIT, metavar="SECONDS",
+                      help=f"let a batch gather this long after its first record (default: {DEFAULT_BATCH_WAIT})")
+
     sources = commands.add_parser("sources", help="which event sources work here, and why the others don't",
                                   description="List the event sources, whether each works on this machine "
                                               "(and if not, why), what it delivers and whether it can miss "
@@ -591,6 +619,36 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     return EXIT_OK
 
 
+def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int:
+    from . import fleet
+    from .monitor import Monitor
+
+    max_items, max_bytes = _limits(args, environ)
+    try:
+        host = fleet.check_host_id(args.host_id) if args.host_id else fleet.default_host_id()
+        age = fleet.parse_duration(args.retention_age)
+    except (fleet.FleetError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    retention = _byte_size(args.retention_bytes, "--retention-bytes", MIN_MAX_BYTES)
+    if args.replicas < 1 or not 0 <= args.batch_wait <= MAX_BATCH_WAIT:
+        raise UsageError(f"--replicas must be at least 1 and --batch-wait from 0 to {MAX_BATCH_WAIT:g} seconds")
+    auth = fleet.load_auth(environ, args.auth_file)
+    fleet.log_to(err, PROG)
+    monitor = Monitor(source=args.source, max_items=100_000 if max_items is None else max_items, max_bytes=max_bytes)
+    shipper = fleet.Shipper(monitor, args.servers, host, stream=args.stream, auth=auth, max_age=age,
+                            max_bytes=retention, replicas=args.replicas, create_stream=not args.no_create_stream,
+                            batch_wait=args.batch_wait)
+    with monitor:
+        stats = shipper.run(stop_signals=True, on_ready=lambda: _say(
+            err, f"shipping to {shipper.describe()} (source: {monitor.source.name}, ring: "
+                 f"{monitor.ring.max_items} records); Ctrl-C to stop"))
+        ring = monitor.stats
+    unsent = f", {stats.unsent} unsent" if stats.unsent else ""
+    _say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} lost, "
+              f"{ring.dropped} dropped{unsent}")
+    return EXIT_RUNTIME if stats.unsent else EXIT_OK
+
+
 def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> tuple[float, int]:
     now = time.monotonic()
     stats = monitor.stats
@@ -649,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         if args.command == "sources":
             return _sources(args, out)
+        if args.command == "ship":
+            return _ship(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _say(err, f"error: {exc}")

@@ -33,8 +33,8 @@ from .records import (
 )
 
 __all__ = [
-    "FleetError", "FleetAuth", "load_auth", "Shipper", "ShipperStats", "FleetConsumer", "HostEvent",
-    "FleetNotice", "HostStats", "subject_for", "default_host_id", "check_host_id", "parse_since",
+    "FleetError", "FleetAuth", "load_auth", "Shipper", "ShipperStats", "FleetConsumer", "HostEvent", "FleetReader",
+    "FleetNotice", "HostStats", "subject_for", "default_host_id", "check_host_id", "parse_since", "parse_duration",
     "DEFAULT_STREAM", "SUBJECT_PATTERN", "AUTH_ENV",
 ]
 
@@ -113,15 +113,27 @@ _RELATIVE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
+def parse_duration(text: str) -> float:
+    """``30s``, ``10m``, ``2h``, ``7d`` or plain seconds → seconds; ``ValueError`` otherwise."""
+    match = _RELATIVE.fullmatch(text)
+    if match:
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a duration such as 3600, 90m, 12h or 7d, not {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"a duration must be more than 0, not {text!r}")
+    return value
+
+
 def parse_since(text: str, now: datetime | None = None) -> datetime | None:
     """``--since``: ``all`` (None: everything the stream holds), an ISO-8601 time (UTC when it names no zone)
     or an age such as ``30s``, ``10m``, ``2h``, ``1d``. ``ValueError`` otherwise."""
     if text.strip().lower() == "all":
         return None
-    match = _RELATIVE.fullmatch(text)
-    if match:
-        now = now or datetime.now(timezone.utc)
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    if _RELATIVE.fullmatch(text):
+        return (now or datetime.now(timezone.utc)) - timedelta(seconds=parse_duration(text))
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -171,7 +183,7 @@ class FleetAuth:
             opts["token"] = self.token
         if self.nkey_seed_file or self.creds_file:
             try:
-                import nkeys  # noqa: F401  (nats-py signs the server's nonce with it)
+                import nkeys  # noqa: F401 - nats-py signs the server's nonce with it
             except ImportError:
                 raise FleetError("nkey and credentials-file authentication need the nkeys package: "
                                  "pip install nkeys") from None
@@ -230,6 +242,20 @@ def load_auth(environ: Mapping[str, str] | None = None, path: str | None = None)
     return FleetAuth(**chosen)
 
 
+def log_to(stream, prog: str = "etwmon") -> None:
+    """Show this module's warnings (connection lost, back, refused batches) on ``stream``, one line each: for
+    the CLI, which has no logging set up."""
+    class Lines(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"{prog}: {record.levelname.lower()}: {record.getMessage()}"
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(Lines())
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.propagate = False
+
+
 def _describe_url(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)  # never repeat a password given in the URL
 
@@ -237,24 +263,27 @@ def _describe_url(url: str) -> str:
 async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
                    on_error: Callable[[Exception], None] | None = None, connect_timeout: float = 2.0,
                    reconnect_wait: float = 0.5, on_disconnect: Callable[[], None] | None = None,
-                   on_reconnect: Callable[[], None] | None = None):
-    """A nats-py connection that reconnects forever, or ``FleetError`` at once when the server refuses the
-    credentials (nats-py would retry those forever too)."""
+                   on_reconnect: Callable[[], None] | None = None, stop: asyncio.Event | None = None):
+    """A nats-py connection that reconnects forever (None if ``stop`` is set first), or ``FleetError`` at once
+    when the server refuses the credentials (nats-py would retry those forever too)."""
     nats = _nats()
     servers = [url] if isinstance(url, str) else list(url)
     refused: list[Exception] = []
     done = asyncio.get_running_loop().create_future()
+    said: set[str] = set()
 
     async def error_cb(exc: Exception) -> None:
-        text = str(exc).lower()
-        if "authorization violation" in text or "authentication" in text or "user authentication" in text:
+        text = str(exc)
+        if re.search(r"authorization violation|authentication", text, re.IGNORECASE):
             refused.append(exc)
             if not done.done():
                 done.set_result(None)
+            return
         if on_error is not None:
             on_error(exc)
-        else:
-            log.warning("nats: %s", exc)
+        elif text not in said:  # once each: a server that is away would repeat it every reconnect
+            said.add(text)
+            log.warning("nats: %s", text or type(exc).__name__)
 
     async def disconnected_cb() -> None:
         if on_disconnect is not None:
@@ -269,7 +298,16 @@ async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
         servers, name=name, error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
         allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait,
         connect_timeout=connect_timeout, **options))
-    await asyncio.wait([task, done], return_when=asyncio.FIRST_COMPLETED)
+    waits = [task, done] + ([asyncio.ensure_future(stop.wait())] if stop is not None else [])
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():  # stopped while still trying to reach the server
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        if not refused:
+            return None
     if refused:
         task.cancel()
         try:
@@ -280,7 +318,8 @@ async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
             await nc.close()
         raise FleetError(f"{', '.join(map(_describe_url, servers))} refused the credentials ({refused[0]}): "
                          "check the user/password, token, nkey or creds file") from None
-    done.cancel()
+    for w in waits[1:]:
+        w.cancel()
     return task.result()
 
 
@@ -356,6 +395,10 @@ class Shipper:
         self._seq = self._total = 0
         self._counts = dict(batches=0, records=0, bytes=0, lost_reported=0, retries=0, duplicates=0, unsent=0)
 
+    def describe(self) -> str:
+        servers = [self.url] if isinstance(self.url, str) else list(self.url)
+        return f"{', '.join(map(_describe_url, servers))} as {self.host} (stream {self.stream})"
+
     @property
     def stats(self) -> ShipperStats:
         return ShipperStats(host=self.host, run=self.run_id, connected=self._connected, **self._counts)
@@ -366,22 +409,34 @@ class Shipper:
         if loop is not None and event is not None:
             loop.call_soon_threadsafe(event.set)
 
-    def run(self, until: Callable[[], bool] | None = None) -> ShipperStats:
-        """Ship until ``stop()``, ``until()`` is true, or the Monitor stops; then send what is left. Blocks."""
-        return asyncio.run(self.run_async(until))
+    def run(self, until: Callable[[], bool] | None = None, stop_signals: bool = False,
+            on_ready: Callable[[], None] | None = None) -> ShipperStats:
+        """Ship until ``stop()``, ``until()`` is true, or the Monitor stops; then send what is left. Blocks.
+        With ``stop_signals`` (main thread only), SIGINT and SIGTERM mean ``stop()``; ``on_ready`` is called
+        once connected with the stream in place."""
+        return asyncio.run(self.run_async(until, stop_signals, on_ready))
 
-    async def run_async(self, until: Callable[[], bool] | None = None) -> ShipperStats:
+    async def run_async(self, until: Callable[[], bool] | None = None, stop_signals: bool = False,
+                        on_ready: Callable[[], None] | None = None) -> ShipperStats:
         nats = _nats()
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if stop_signals:
+            import signal
+
+            for number in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(number, self._stop.set)
 
         def on_error(exc: Exception) -> None:
             text = str(exc)
             if "permissions violation" in text.lower() and self.subject in text:
                 self._fatal = FleetError(f"the server does not let this user publish to {self.subject}: {text} "
                                          "(is --host-id the one its credentials are for?)")
-            else:
-                log.warning("nats: %s", text)
+            elif text not in said:
+                said.add(text)
+                log.warning("nats: %s", text or type(exc).__name__)
+
+        said: set[str] = set()
 
         def disconnected() -> None:
             self._connected = False
@@ -392,12 +447,16 @@ class Shipper:
             log.warning("reconnected to NATS")
 
         nc = await _connect(self.url, self.auth, f"etwmon-ship-{self.host}", on_error,
-                            on_disconnect=disconnected, on_reconnect=reconnected)
+                            on_disconnect=disconnected, on_reconnect=reconnected, stop=self._stop)
+        if nc is None:
+            return self.stats
         self._connected = True
         try:
             js = nc.jetstream(timeout=self.publish_timeout)
             if self.create_stream:
                 await self._ensure_stream(js, nats)
+            if on_ready is not None:
+                on_ready()
             await self._ship(js, nats, until)
         finally:
             self._connected = False
@@ -927,3 +986,169 @@ class FleetConsumer:
 
     def __repr__(self) -> str:
         return f"<FleetConsumer {_describe_url(str(self.url))} stream={self.stream} {self.filter_subject}>"
+
+
+class FleetReader:
+    """A FleetConsumer behind the reader contract ``etwmon tail`` drains (start/stop, wait/fileno, readinto
+    whole records, stats), so fleet tailing shares the local loop.
+
+    ``readinto`` gives one host's records per call (``host`` names it until the next call), a gap as a
+    RecordsLost record. Notices (malformed, forged, restarted) go to ``on_notice`` and count in
+    ``stats.parse_errors`` (malformed and forged). The consumer runs on a thread; it asks the server for more,
+    and so acknowledges what came before, only once everything it handed over has been read.
+    """
+
+    lossy = False
+
+    def __init__(self, consumer: FleetConsumer, on_notice: Callable[[FleetNotice], None] | None = None) -> None:
+        import threading
+
+        self.consumer = consumer
+        self.host: str | None = None
+        self._on_notice = on_notice
+        self._lock = threading.Lock()
+        self._chunks: list[tuple[str, bytes, int]] = []  # (host, whole records, how many) not yet read
+        self._taken = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._received = self._read = 0
+
+    def describe(self) -> str:
+        c = self.consumer
+        hosts = ", ".join(sorted(c.hosts)) if c.hosts else "all hosts"
+        start = ("from now on" if c.since is None else "everything kept" if c.since == "all"
+                 else f"since {c.since.isoformat()}")
+        durable = f", durable consumer {c.durable}" if c.durable else ""
+        return f"fleet: {_describe_url(str(c.url))} stream {c.stream}, {hosts}, {start}{durable}"
+
+    def start(self) -> "FleetReader":
+        import threading
+
+        if self._thread is None:
+            self.consumer.open()
+            self._thread = threading.Thread(target=self._run, name="etwmon-fleet", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                items = self.consumer.read(0.25)
+                chunks: list[tuple[str, list[bytes]]] = []
+                for item in items:
+                    if isinstance(item, FleetNotice):
+                        if self._on_notice is not None:
+                            self._on_notice(item)
+                        continue
+                    if chunks and chunks[-1][0] == item.host:
+                        chunks[-1][1].append(item.event.encode())
+                    else:
+                        chunks.append((item.host, [item.event.encode()]))
+                if not chunks:
+                    continue
+                with self._lock:
+                    self._chunks.extend((host, b"".join(parts), len(parts)) for host, parts in chunks)
+                    self._received += sum(len(parts) for _, parts in chunks)
+                    self._wake()
+                    # Ask for more (which acknowledges these) only once the reader has taken all of them.
+                    while self._chunks and not self._stopping.is_set():
+                        self._taken.wait(0.25)
+        except BaseException as exc:  # kept for the reader, like a Monitor's source error
+            log.error("fleet consumer failed: %r", exc)
+            self._error = exc
+        finally:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._w.send(b"\1")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._taken.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def close(self) -> None:
+        self.stop()
+        self.consumer.close()
+        for s in (self._r, self._w):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def readable(self) -> bool:
+        return bool(self._chunks) or self._error is not None
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import select
+
+        if not self.readable() and self.running:
+            select.select([self._r], [], [], timeout)
+        return self.readable()
+
+    def readinto(self, buffer) -> int:
+        if self._error is not None and not self._chunks:
+            error, self._error = self._error, None
+            raise error if isinstance(error, Error) else FleetError(f"the fleet consumer failed: {error!r}")
+        out = memoryview(buffer).cast("B") if memoryview(buffer).format != "B" else memoryview(buffer)
+        with self._lock:
+            try:
+                self._r.recv(4096)
+            except OSError:
+                pass
+            if not self._chunks:
+                self._taken.notify_all()
+                return 0
+            host, data, count = self._chunks[0]
+            if len(data) <= len(out):
+                n = len(data)
+                self._chunks.pop(0)
+            else:  # whole records only: the rest stays for the next call
+                index = record_headers(data)
+                ends = index["offset"] + index["Size"]
+                fit = ends[ends <= len(out)]
+                if not len(fit):
+                    from .errors import BufferTooSmall
+                    raise BufferTooSmall(int(ends[0]), len(out))
+                n = int(fit[-1])
+                self._chunks[0] = (host, data[n:], count - len(fit))
+                count = len(fit)
+            out[:n] = data[:n]
+            self.host = host
+            self._read += count
+            if self._chunks:
+                self._wake()
+            else:
+                self._taken.notify_all()
+            return n
+
+    @property
+    def stats(self):
+        from .monitor import MonitorStats
+
+        hosts = list(self.consumer.stats.values())
+        with self._lock:
+            items = sum(count for _, _, count in self._chunks)
+            size = sum(len(data) for _, data, _ in self._chunks)
+            received, read = self._received, self._read
+        # pushed/read count records (a gap's RecordsLost included); lost: what hosts reported and gaps held;
+        # nothing is dropped here (the stream keeps what is not read yet).
+        return MonitorStats(pushed=received, read=read, dropped=0, lost=sum(h.records_lost for h in hosts),
+                            items=items, bytes=size, max_items=max(items, 1), max_bytes=max(size, 1),
+                            source="fleet", parse_errors=sum(h.malformed for h in hosts))
