@@ -21,6 +21,7 @@ import re
 import socket
 import ssl
 import stat
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from .records import (
 )
 
 __all__ = [
-    "FleetError", "FleetAuth", "load_auth", "Shipper", "ShipperStats", "FleetConsumer", "HostEvent", "FleetReader",
+    "FleetError", "FleetAuth", "load_auth", "Shipper", "ShipperStats", "FleetConsumer", "HostBatch", "FleetReader",
     "FleetNotice", "HostStats", "subject_for", "default_host_id", "check_host_id", "parse_since", "parse_duration",
     "DEFAULT_STREAM", "SUBJECT_PATTERN", "AUTH_ENV",
 ]
@@ -60,6 +61,9 @@ H_TOTAL = "Etwmon-Total"  # events accounted for in the run up to this batch: re
 H_FIRST = "Etwmon-First-Time"
 H_LAST = "Etwmon-Last-Time"
 
+_LOST_TYPE_LOW = int(ItemType.RecordsLost) & 0xFF
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
 _HOST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -345,15 +349,19 @@ class ShipperStats:
 def _batch_summary(body: memoryview) -> tuple[int, int, int, int, int]:
     """(records, events accounted for, events reported lost, first time, last time) of a readinto batch:
     a RecordsLost record accounts for the records it counts, every other record for itself."""
-    index = record_headers(body)
-    if not len(index):
+    # The ring's own bytes (whole records, checked when pushed): a plain walk by Size is enough, and cheap.
+    end, offset, records, markers, lost, last_at = len(body), 0, 0, 0, 0, 0
+    while offset < end:
+        if body[offset] == _LOST_TYPE_LOW and body[offset + 1] == 0:
+            markers += 1
+            lost += _U32.unpack_from(body, offset + HEADER_SIZE)[0]
+        last_at = offset
+        offset += body[offset + 2] | (body[offset + 3] << 8)
+        records += 1
+    if not records:
         return 0, 0, 0, 0, 0
-    lost = 0
-    lost_at = index["offset"][index["Type"] == int(ItemType.RecordsLost)]
-    for offset in lost_at:
-        lost += int.from_bytes(body[offset + HEADER_SIZE:offset + HEADER_SIZE + 4], "little")
-    events = len(index) - len(lost_at) + lost
-    return len(index), events, lost, int(index["Time"][0]), int(index["Time"][-1])
+    return (records, records - markers + lost, lost, _I64.unpack_from(body, 8)[0],
+            _I64.unpack_from(body, last_at + 8)[0])
 
 
 class Shipper:
@@ -588,13 +596,21 @@ class Shipper:
 
 
 @dataclass(frozen=True)
-class HostEvent:
-    """One event of one host. A RecordsLost event made by the consumer (a gap in the host's batches) has
-    ``gap`` true; one the host sent (its ring dropped or its source missed records) has it false."""
+class HostBatch:
+    """One batch of one host, checked: its ``events`` and the same records as bytes (``data``, the wire
+    format, for readers of bytes). ``gap`` events were lost just before it (batches of this host that never
+    came, or were refused as malformed): then ``events`` and ``data`` start with a RecordsLost of that count,
+    made by the consumer. RecordsLost records the host sent itself (its ring dropped or its source missed
+    records) are among the events as they came."""
 
     host: str
-    event: Event
-    gap: bool = False
+    events: list[Event]
+    data: bytes
+    boot: str
+    run: str
+    seq: int
+    source: str
+    gap: int = 0
 
 
 @dataclass(frozen=True)
@@ -629,6 +645,9 @@ class _HostState:
     run: str
     seq: int
     total: int
+
+
+_MAX_LOST_COUNT = 0xFFFFFFFF  # RecordsLost's Count is a ULONG
 
 
 class _BadMessage(Exception):
@@ -666,7 +685,7 @@ class FleetConsumer:
     the server remembers, so a restarted reader continues after the last batch it acknowledged (a batch is
     acknowledged when the read() after the one that returned it is called, or at close()).
 
-    ``read`` returns ``HostEvent`` items (per host in order, duplicates dropped, a gap in a host's batch
+    ``read`` returns ``HostBatch`` items (per host in order, duplicates dropped, a gap in a host's batch
     sequence as a RecordsLost of the exact size) and ``FleetNotice`` items. It keeps going through server
     restarts and leader changes: when the server's consumer is gone or deliveries skip, it is made again
     from the stream sequence after the last message read.
@@ -834,7 +853,7 @@ class FleetConsumer:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def read(self, timeout: float | None = 1.0) -> list[HostEvent | FleetNotice]:
+    def read(self, timeout: float | None = 1.0) -> list[HostBatch | FleetNotice]:
         """What arrived, waiting up to ``timeout`` seconds for the first message ([] when nothing came)."""
         if self._nc is None:
             self.open()
@@ -944,8 +963,9 @@ class FleetConsumer:
         if len(events) != count:
             raise _BadMessage("malformed", f"batch {seq} of run {run} holds {len(events)} records, its "
                                            f"{H_COUNT} says {count}")
-        reported = sum(e.count for e in events if isinstance(e, RecordsLost))
-        in_batch = len(events) - sum(isinstance(e, RecordsLost) for e in events) + reported
+        markers = [e.count for e in events if e.type == ItemType.RecordsLost]
+        reported = sum(markers)
+        in_batch = len(events) - len(markers) + reported
         if total < in_batch:
             raise _BadMessage("malformed", f"batch {seq} of run {run}: {H_TOTAL} {total} is less than the "
                                            f"{in_batch} events it holds")
@@ -962,6 +982,8 @@ class FleetConsumer:
                                        f"the shipper started again (run {run} after {state.run} at batch "
                                        f"{state.seq}); what happened between the runs was not watched"))
                 gap = total - in_batch  # what this run sent before this batch, never seen here
+                if gap > _MAX_LOST_COUNT:
+                    raise _BadMessage("malformed", f"batch {seq} of run {run} claims {gap} events before it")
                 stats.batches_lost += seq - 1
             state = self._state[host] = _HostState(boot, run, seq, total)
         else:
@@ -972,16 +994,22 @@ class FleetConsumer:
                 raise _BadMessage("malformed", f"batch {seq} of run {run}: {H_TOTAL} {total} goes back "
                                                f"before batch {state.seq}'s {state.total}")
             if seq > state.seq + 1:
-                stats.batches_lost += seq - state.seq - 1
                 gap = total - in_batch - state.total
+                if gap > _MAX_LOST_COUNT:
+                    raise _BadMessage("malformed", f"batch {seq} of run {run} claims {gap} events were lost "
+                                                   "before it: more than a RecordsLost can say")
+                stats.batches_lost += seq - state.seq - 1
             state.seq, state.total = seq, total
+        data = body
         if gap:
             when = events[0].filetime if events else filetime_now()
-            out.append(HostEvent(host, RecordsLost(when, gap), gap=True))
+            marker = RecordsLost(when, gap)
+            events.insert(0, marker)
+            data = marker.encode() + body
         stats.batches += 1
-        stats.records += len(events)
+        stats.records += count
         stats.records_lost += gap + reported
-        out.extend(HostEvent(host, e) for e in events)
+        out.append(HostBatch(host, events, data, boot, run, seq, headers.get(H_SOURCE, "?")[:64], gap))
         return out
 
     def __repr__(self) -> str:
@@ -1037,22 +1065,18 @@ class FleetReader:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                items = self.consumer.read(0.25)
-                chunks: list[tuple[str, list[bytes]]] = []
-                for item in items:
-                    if isinstance(item, FleetNotice):
-                        if self._on_notice is not None:
-                            self._on_notice(item)
-                        continue
-                    if chunks and chunks[-1][0] == item.host:
-                        chunks[-1][1].append(item.event.encode())
-                    else:
-                        chunks.append((item.host, [item.event.encode()]))
+                chunks = []
+                for item in self.consumer.read(0.25):
+                    if isinstance(item, HostBatch):
+                        if item.events:
+                            chunks.append((item.host, item.data, len(item.events)))
+                    elif self._on_notice is not None:
+                        self._on_notice(item)
                 if not chunks:
                     continue
                 with self._lock:
-                    self._chunks.extend((host, b"".join(parts), len(parts)) for host, parts in chunks)
-                    self._received += sum(len(parts) for _, parts in chunks)
+                    self._chunks.extend(chunks)
+                    self._received += sum(count for _, _, count in chunks)
                     self._wake()
                     # Ask for more (which acknowledges these) only once the reader has taken all of them.
                     while self._chunks and not self._stopping.is_set():

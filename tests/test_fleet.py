@@ -21,7 +21,7 @@ nats = pytest.importorskip("nats", reason="nats-py is not installed (pip install
 
 from etwmon import records as R  # noqa: E402
 from etwmon.fleet import (  # noqa: E402
-    DEFAULT_STREAM, FleetAuth, FleetConsumer, FleetError, FleetNotice, HostEvent, Shipper, check_host_id,
+    DEFAULT_STREAM, FleetAuth, FleetConsumer, FleetError, FleetNotice, HostBatch, Shipper, check_host_id,
     default_host_id, load_auth, parse_since, subject_for,
 )
 from etwmon.monitor import Monitor  # noqa: E402
@@ -132,18 +132,22 @@ class Collector:
         self.tids: dict[str, list[int]] = {}
         self.lost: dict[str, list[tuple[int, bool]]] = {}
         self.notices: list[FleetNotice] = []
-        self.others: list[HostEvent] = []
+        self.others: list = []
 
     def take(self, items) -> None:
         for item in items:
             if isinstance(item, FleetNotice):
                 self.notices.append(item)
-            elif isinstance(item.event, R.RecordsLost):
-                self.lost.setdefault(item.host, []).append((item.event.count, item.gap))
-            elif isinstance(item.event, R.ThreadCreate):
-                self.tids.setdefault(item.host, []).append(item.event.tid)
-            else:
-                self.others.append(item)
+                continue
+            assert list(R.parse(item.data)) == item.events  # the bytes are the events
+            for i, event in enumerate(item.events):
+                if isinstance(event, R.RecordsLost):
+                    # The consumer's own gap report comes first in a batch with a gap.
+                    self.lost.setdefault(item.host, []).append((event.count, i == 0 and item.gap > 0))
+                elif isinstance(event, R.ThreadCreate):
+                    self.tids.setdefault(item.host, []).append(event.tid)
+                else:
+                    self.others.append((item.host, event))
 
     def until(self, done, timeout: float = 30.0, step=None) -> None:
         deadline = time.monotonic() + timeout
@@ -212,9 +216,9 @@ def test_a_real_source_shipped_and_tagged_with_its_host(server):
             deadline = time.monotonic() + 20
             while set(expected) - set(got) and time.monotonic() < deadline:
                 for item in consumer.read(0.5):
-                    if isinstance(item, HostEvent) and isinstance(item.event, R.ProcessExit):
-                        assert item.host == "real-host"
-                        got[item.event.pid] = item.event.exit_code
+                    if isinstance(item, HostBatch):
+                        assert item.host == "real-host" and item.source == "netlink"
+                        got.update((e.pid, e.exit_code) for e in item.events if isinstance(e, R.ProcessExit))
         assert {pid: got.get(pid) for pid in expected} == expected
     finally:
         shipper.stop()
