@@ -67,9 +67,11 @@ def ship(url: str, rate: float, seconds: float) -> None:
         def __init__(self) -> None:
             super().__init__()
             self._stop = threading.Event()
+            self.go = threading.Event()  # set once the shipper is connected: start-up is not latency
             self.pushed = 0
 
         def run(self, sink) -> None:
+            self.go.wait()
             start = time.monotonic()
             end = start + seconds
             encode, now = R.encode_thread_create, R.filetime_now
@@ -86,16 +88,21 @@ def ship(url: str, rate: float, seconds: float) -> None:
 
         def stop(self) -> None:
             self._stop.set()
+            self.go.set()
 
     source = PacedSource()
     with Monitor(source, max_items=1_000_000) as monitor:
         shipper = Shipper(monitor, url, "bench")
-        started = time.monotonic()
+        started = [float("inf")]
+
+        def ready() -> None:
+            started[0] = time.monotonic()
+            source.go.set()
 
         def done() -> bool:
-            return time.monotonic() > started + seconds + 0.2
+            return time.monotonic() > started[0] + seconds + 0.2
 
-        stats = shipper.run(until=done)
+        stats = shipper.run(until=done, on_ready=ready)
         ring = monitor.stats
     # The parent reads this line: what the host pushed, dropped, sent.
     print(f"pushed={source.pushed} dropped={ring.dropped} sent={stats.records} batches={stats.batches}", flush=True)

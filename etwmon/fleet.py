@@ -447,8 +447,9 @@ class Shipper:
         said: set[str] = set()
 
         def disconnected() -> None:
+            if self._connected:  # (not when closing)
+                log.warning("lost the connection to NATS; records wait in the ring")
             self._connected = False
-            log.warning("lost the connection to NATS; records wait in the ring")
 
         def reconnected() -> None:
             self._connected = True
@@ -648,6 +649,7 @@ class _HostState:
 
 
 _MAX_LOST_COUNT = 0xFFFFFFFF  # RecordsLost's Count is a ULONG
+_DRAIN_PULL = 0.02  # seconds a pull for more waits while messages flow (the latency it may add)
 
 
 class _BadMessage(Exception):
@@ -720,6 +722,7 @@ class FleetConsumer:
         self._next_consumer_seq = 1
         self._unacked = None  # the last message returned, acknowledged (with all before it) at the next read
         self._consumer_name = ""
+        self._flowing = False  # messages came at the last pull: ask for many, briefly
         self._closed = False
 
     # -- life cycle ---------------------------------------------------------------------------------------
@@ -875,23 +878,36 @@ class FleetConsumer:
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0.01:
                 return []
+            # nats-py's fetch(n) returns once n messages came or its timeout passed: asking for many while
+            # few flow would hold each for the whole timeout. So: wait for one (a pull that lingers, with
+            # heartbeats to tell "nothing new" from "gone"), then take what else is there with short pulls.
+            flowing = self._flowing
             try:
                 if self._sub is None:
                     await self._subscribe()
-                msgs = await self._sub.fetch(self.fetch_batch, timeout=min(max(left, 0.05), 1.0),
-                                             heartbeat=min(0.25, left / 2) if left > 0.1 else None)
+                if flowing:
+                    msgs = await self._sub.fetch(self.fetch_batch, timeout=_DRAIN_PULL)
+                else:
+                    wait = min(max(left, 0.05), 1.0)
+                    # The server refuses a heartbeat of half the pull's expiry or more.
+                    msgs = await self._sub.fetch(1, timeout=wait, heartbeat=wait / 4 if wait >= 0.2 else None)
             except nats.js.errors.FetchTimeoutError:
+                self._flowing = False
                 continue  # the consumer is there and had nothing
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                # No heartbeat either: the server is away or our consumer is gone (server restart, leader
-                # change, inactivity). Make it again once the server answers.
-                await self._probe()
+                self._flowing = False
+                if not flowing:
+                    # No heartbeat either: the server is away or our consumer is gone (server restart, leader
+                    # change, inactivity). Make it again once the server answers.
+                    await self._probe()
                 continue
             except (nats.errors.Error, OSError) as exc:
+                self._flowing = False
                 log.debug("fetch failed: %r", exc)
                 await asyncio.sleep(0.2)
                 await self._probe()
                 continue
+            self._flowing = True
             out: list = []
             for msg in msgs:
                 meta = msg.metadata
