@@ -407,6 +407,12 @@ def _build_parser() -> _Parser:
                                               "(and if not, why), what it delivers and whether it can miss "
                                               "events.")
     sources.add_argument("--json", action="store_true", help="one JSON object per source per line")
+
+    commands.add_parser("cleanup", help="remove what killed etwmon instances left in the kernel, and restore it",
+                        description="Remove what etwmon instances that were killed (kill -9) left in the kernel "
+                                    "(audit rules, audit enabled, a raised backlog limit) and restore the state "
+                                    "they recorded, without starting a monitor. What a running instance owns is "
+                                    "left alone. 'etwmon sources' shows what there is.")
     return parser
 
 
@@ -670,14 +676,25 @@ def _auto_choice(infos: list) -> str | None:
     return next((name for name in auto_order() if name in available), None)
 
 
+def _stale_state(name: str) -> list[str]:
+    """What killed instances of source ``name`` left behind (``Source.stale_state``); a broken probe says so."""
+    from .sources import source_class
+
+    try:
+        return source_class(name).stale_state()
+    except Exception as exc:  # one source's failure must not break the listing
+        return [f"cannot check: {type(exc).__name__}: {exc}"]
+
+
 def _sources(args: argparse.Namespace, out: TextIO) -> int:
     infos = available_sources()
     auto = _auto_choice(infos)
+    stale = {info.name: _stale_state(info.name) for info in infos}
     if args.json:
         for info in infos:
             out.write(json.dumps({"name": info.name, "available": info.available, "reason": info.reason,
                                   "lossy": info.lossy, "delivers": sorted(info.delivers),
-                                  "auto": info.name == auto}) + "\n")
+                                  "auto": info.name == auto, "stale": stale[info.name]}) + "\n")
         out.flush()
         return EXIT_OK
     width = max(len(info.name) for info in infos)
@@ -689,10 +706,35 @@ def _sources(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{mark} {info.name:<{width}}  {works}  {exact}  delivers: {delivers}\n")
         if not info.available:
             out.write(f"  {'':<{width}}  why not: {escape_text(info.reason or 'unknown')}\n")
+        for line in stale[info.name]:
+            out.write(f"  {'':<{width}}  stale: {escape_text(line)}\n")
     out.write("* = what --source auto picks here" if auto else "no source works here")
     out.write("; lossy = can miss events without counting them\n")
+    if any(stale.values()):
+        out.write("stale = left by a killed etwmon instance: 'etwmon cleanup' removes it\n")
     out.flush()
     return EXIT_OK
+
+
+def _cleanup(out: TextIO, err: TextIO) -> int:
+    """``Source.cleanup()`` of every registered source; what each did, one line each."""
+    from .sources import source_class
+
+    status, done = EXIT_OK, False
+    for name in SOURCES:
+        try:
+            lines = source_class(name).cleanup()
+        except (Error, OSError, ImportError) as exc:
+            _say(err, f"{name}: cannot clean up: {exc}")
+            status = EXIT_RUNTIME
+            continue
+        for line in lines:
+            out.write(f"{name}: {escape_text(line)}\n")
+            done = True
+    if not done and status == EXIT_OK:
+        out.write("nothing to clean up\n")
+    out.flush()
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -709,6 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sources(args, out)
         if args.command == "ship":
             return _ship(args, err, dict(os.environ))
+        if args.command == "cleanup":
+            return _cleanup(out, err)
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _say(err, f"error: {exc}")
