@@ -246,20 +246,6 @@ def load_auth(environ: Mapping[str, str] | None = None, path: str | None = None)
     return FleetAuth(**chosen)
 
 
-def log_to(stream, prog: str = "etwmon") -> None:
-    """Show this module's warnings (connection lost, back, refused batches) on ``stream``, one line each: for
-    the CLI, which has no logging set up."""
-    class Lines(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            return f"{prog}: {record.levelname.lower()}: {record.getMessage()}"
-
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(Lines())
-    handler.setLevel(logging.WARNING)
-    log.addHandler(handler)
-    log.propagate = False
-
-
 def _describe_url(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)  # never repeat a password given in the URL
 
