@@ -177,7 +177,7 @@ def _build_parser() -> _Parser:
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
                        help="event source (default: auto, the best that works here; see 'etwmon sources')")
-    tail_.add_argument("--json", dest="format", action="store_const", const="json",
+    tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
     tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
                        help="text (default), json, or ecs (Elastic Common Schema documents, one per line)")

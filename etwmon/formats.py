@@ -242,10 +242,8 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
     for attribute, path in _ECS_ENRICHMENT:
         value = getattr(event, attribute, None)
         if value is not None:
-            if isinstance(value, str):
-                _ecs_text(doc, path, value)
-            else:
-                _put(doc, path, value if isinstance(value, (int, float, bool)) else str(value))
+            # ECS keeps these as keywords (user.id too): text
+            _ecs_text(doc, path, value if isinstance(value, str) else str(value))
     return doc
 
 

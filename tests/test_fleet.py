@@ -4,8 +4,10 @@ reading every host's events back exactly once and in order, and whatever is lost
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -626,3 +628,43 @@ def test_auth_from_a_private_file_then_the_environment(tmp_path):
     path.write_text("PASSWORD=x\n")
     with pytest.raises(FleetError, match="line 1"):
         load_auth({}, str(path))
+
+
+# --- the command line end to end -------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_cli_ship_a_real_source_and_tail_from_it_as_json_ecs_and_text(server):
+    from .helpers import Watch, clean_env, etwmon_argv, new_tag, spawn
+
+    env = clean_env(PYTHONPATH=str(ROOT))
+    with Watch(etwmon_argv("ship", "--to", server.url, "--host-id", "cli-host", "--source", "netlink"),
+               env=env) as ship:
+        ship.wait_err(lambda l: b"shipping to" in l, what="the shipping line")
+        with Watch(etwmon_argv("tail", "--from", server.url, "--json", "--type", "exec"), env=env) as tail_json, \
+                Watch(etwmon_argv("tail", "--from", server.url, "--format", "ecs", "--host", "cli-host"),
+                      env=env) as tail_ecs:
+            for w in (tail_json, tail_ecs):
+                w.wait_err(lambda l: b"watching (fleet:" in l, what="the watching line")
+            tag = new_tag()
+            spawn(tag, code=3)
+            line = tail_json.wait_out(lambda l: tag.encode() in l, what="the exec as JSON")
+            obj = json.loads(line)
+            assert obj["host"] == "cli-host" and obj["type"] == "ProcessExec" and tag in obj["command_line"]
+            doc = json.loads(tail_ecs.wait_out(lambda l: tag.encode() in l and b"process-exec" in l))
+            assert doc["host"]["name"] == "cli-host" and tag in doc["process"]["args"]
+            _publish(server.url, [(subject_for("cli-host"), b"\xff" * 40, _headers("cli-host", 1, 1, 1))])
+            tail_json.wait_err(lambda l: b"host cli-host" in l and b"malformed" in l, what="the malformed warning")
+            assert tail_json.stop() == 0 and tail_ecs.stop() == 0
+        assert ship.stop() == 0
+    assert re.search(r"stopped: \d+ batches, \d+ records sent, 0 lost, 0 dropped", ship.stderr), ship.stderr
+    assert "Traceback" not in ship.stderr + tail_json.stderr + tail_ecs.stderr
+
+
+def test_cli_tail_from_options_belong_to_from():
+    result = _cli(["tail", "--host", "h1"], {})
+    assert result.returncode == 2 and "go with --from" in result.stderr
+    result = _cli(["tail", "--from", "nats://127.0.0.1:1", "--since", "yesterday"], {})
+    assert result.returncode == 2 and "--since" in result.stderr
+    result = _cli(["ship", "--to", "nats://127.0.0.1:1", "--host-id", "a.b"], {})
+    assert result.returncode == 2 and "subject" in result.stderr
