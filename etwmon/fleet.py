@@ -635,6 +635,9 @@ class _HostState:
 
 
 _MAX_LOST_COUNT = 0xFFFFFFFF  # RecordsLost's Count is a ULONG
+#: Seconds of pulls answered by nothing (no messages, no heartbeats) on a live connection before the consumer
+#: is made again: its server may have died (a cluster), or it was dropped.
+_SILENCE_RESET = 3.0
 _DRAIN_PULL = 0.02  # seconds a pull for more waits while messages flow (the latency it may add)
 
 
@@ -709,6 +712,7 @@ class FleetConsumer:
         self._unacked = None  # the last message returned, acknowledged (with all before it) at the next read
         self._consumer_name = ""
         self._flowing = False  # messages came at the last pull: ask for many, briefly
+        self._silent_since: float | None = None  # since when pulls get no answer, not even heartbeats
         self._closed = False
 
     # -- life cycle ---------------------------------------------------------------------------------------
@@ -879,7 +883,8 @@ class FleetConsumer:
                     msgs = await self._sub.fetch(1, timeout=wait, heartbeat=wait / 4 if wait >= 0.2 else None)
             except nats.js.errors.FetchTimeoutError:
                 self._flowing = False
-                continue  # the consumer is there and had nothing
+                self._silent_since = None  # it sent heartbeats: it is there, and had nothing
+                continue
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 self._flowing = False
                 if not flowing:
@@ -894,6 +899,7 @@ class FleetConsumer:
                 await self._probe()
                 continue
             self._flowing = True
+            self._silent_since = None
             out: list = []
             for msg in msgs:
                 meta = msg.metadata
@@ -913,17 +919,29 @@ class FleetConsumer:
                 return out
 
     async def _probe(self) -> None:
+        """A pull got no answer at all, not even a heartbeat. If the server says our consumer is gone, or it
+        stays silent while the connection is up (its consumer lived on a server that died), make it again."""
         nats = _nats()
+        now = time.monotonic()
+        if self._silent_since is None:
+            self._silent_since = now
+        why = None
         try:
-            await self._js.consumer_info(self.stream, self.durable or self._consumer_name, timeout=2)
+            await self._js.consumer_info(self.stream, self.durable or self._consumer_name, timeout=1)
         except nats.js.errors.NotFoundError:
-            try:
-                await self._reset("the server's consumer is gone")
-            except Exception as exc:
-                log.debug("cannot make the consumer again yet: %r", exc)
-                await asyncio.sleep(0.2)
-        except Exception as exc:  # server unreachable: nats-py is reconnecting
+            why = "the server's consumer is gone"
+        except Exception as exc:  # server unreachable (nats-py is reconnecting), or the cluster is electing
             log.debug("server not answering: %r", exc)
+            await asyncio.sleep(0.2)
+        if why is None and now - self._silent_since > _SILENCE_RESET and self._nc.is_connected:
+            why = f"no answer from the server's consumer for {now - self._silent_since:.0f} s"
+        if why is None:
+            return
+        try:
+            await self._reset(why)
+            self._silent_since = None
+        except Exception as exc:
+            log.debug("cannot make the consumer again yet: %r", exc)
             await asyncio.sleep(0.2)
 
     # -- checking one message ----------------------------------------------------------------------------
