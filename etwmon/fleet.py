@@ -253,14 +253,17 @@ def _describe_url(url: str) -> str:
 async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
                    on_error: Callable[[Exception], None] | None = None, connect_timeout: float = 2.0,
                    reconnect_wait: float = 0.5, on_disconnect: Callable[[], None] | None = None,
-                   on_reconnect: Callable[[], None] | None = None, stop: asyncio.Event | None = None):
+                   on_reconnect: Callable[[], None] | None = None, stop: asyncio.Event | None = None,
+                   give_up_after: float | None = None):
     """A nats-py connection that reconnects forever (None if ``stop`` is set first), or ``FleetError`` at once
-    when the server refuses the credentials (nats-py would retry those forever too)."""
+    when the server refuses the credentials (nats-py would retry those forever too), or when no server answered
+    within ``give_up_after`` seconds."""
     nats = _nats()
     servers = [url] if isinstance(url, str) else list(url)
     refused: list[Exception] = []
     done = asyncio.get_running_loop().create_future()
     said: set[str] = set()
+    reasons: set[str] = set()
 
     async def error_cb(exc: Exception) -> None:
         text = str(exc)
@@ -269,6 +272,8 @@ async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
             if not done.done():
                 done.set_result(None)
             return
+        if len(reasons) < 5:
+            reasons.add(text or type(exc).__name__)
         if on_error is not None:
             on_error(exc)
         elif text not in said:  # once each: a server that is away would repeat it every reconnect
@@ -289,15 +294,21 @@ async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
         allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait,
         connect_timeout=connect_timeout, **options))
     waits = [task, done] + ([asyncio.ensure_future(stop.wait())] if stop is not None else [])
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():  # stopped while still trying to reach the server
+    await asyncio.wait(waits, timeout=give_up_after, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():  # stopped, or gave up, while still trying to reach the server
         task.cancel()
         try:
             await task
         except BaseException:
             pass
-        if not refused:
+        for w in waits[1:]:
+            w.cancel()
+        if not refused and stop is not None and stop.is_set():
             return None
+        if not refused:
+            why = "; ".join(sorted(reasons)) or "no answer"
+            raise FleetError(f"cannot reach {', '.join(map(_describe_url, servers))} within {give_up_after:.0f} s "
+                             f"({why})") from None
     if refused:
         task.cancel()
         try:
@@ -674,7 +685,9 @@ class FleetConsumer:
     ``hosts``: only these hosts (default: all). ``since``: replay from this time (a datetime), or everything
     the stream holds (``since="all"``); default: only what arrives from now on. ``durable``: a consumer name
     the server remembers, so a restarted reader continues after the last batch it acknowledged (a batch is
-    acknowledged when the read() after the one that returned it is called, or at close()).
+    acknowledged when the read() after the one that returned it is called, or at close()). ``open()`` gives up
+    with ``FleetError`` when no server answers within ``connect_wait`` seconds; once connected it reconnects
+    forever.
 
     ``read`` returns ``HostBatch`` items (per host in order, duplicates dropped, a gap in a host's batch
     sequence as a RecordsLost of the exact size) and ``FleetNotice`` items. It keeps going through server
@@ -684,8 +697,9 @@ class FleetConsumer:
 
     def __init__(self, url: str | Sequence[str], *, hosts: Iterable[str] | None = None,
                  since: datetime | str | None = None, durable: str | None = None, stream: str = DEFAULT_STREAM,
-                 auth: FleetAuth | None = None, fetch_batch: int = 64) -> None:
+                 auth: FleetAuth | None = None, fetch_batch: int = 64, connect_wait: float = 10.0) -> None:
         self.url = url
+        self.connect_wait = connect_wait
         self.hosts = frozenset(check_host_id(h) for h in hosts) if hosts else None
         if isinstance(since, str):
             if since.strip().lower() != "all":
@@ -764,7 +778,7 @@ class FleetConsumer:
 
     async def _open(self) -> None:
         nats = _nats()
-        self._nc = await _connect(self.url, self.auth, "etwmon-tail", None)
+        self._nc = await _connect(self.url, self.auth, "etwmon-tail", None, give_up_after=self.connect_wait)
         self._js = self._nc.jetstream(timeout=5)
         try:
             await self._js.stream_info(self.stream)

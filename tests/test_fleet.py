@@ -668,3 +668,10 @@ def test_cli_tail_from_options_belong_to_from():
     assert result.returncode == 2 and "--since" in result.stderr
     result = _cli(["ship", "--to", "nats://127.0.0.1:1", "--host-id", "a.b"], {})
     assert result.returncode == 2 and "subject" in result.stderr
+
+
+def test_a_reader_with_no_server_gives_up_with_the_reason():
+    from .nats_servers import free_port
+
+    with pytest.raises(FleetError, match="cannot reach"):
+        FleetConsumer(f"nats://127.0.0.1:{free_port()}", connect_wait=1.0).open()
