@@ -186,11 +186,11 @@ class FleetAuth:
         if self.token is not None:
             opts["token"] = self.token
         if self.nkey_seed_file or self.creds_file:
-            try:
-                import nkeys  # noqa: F401 - nats-py signs the server's nonce with it
-            except ImportError:
+            import importlib.util
+
+            if importlib.util.find_spec("nkeys") is None:  # nats-py signs the server's nonce with it
                 raise FleetError("nkey and credentials-file authentication need the nkeys package: "
-                                 "pip install nkeys") from None
+                                 "pip install nkeys")
             if self.nkey_seed_file:
                 opts["nkeys_seed"] = self.nkey_seed_file
             if self.creds_file:
