@@ -5,9 +5,10 @@ The host is a child process: a Monitor over a paced source that stamps each reco
 ``FleetConsumer`` reading from now on. Figures: records/s end to end, records missing at the consumer
 (ring drops + gaps), and latency = the time the consumer's ``read`` returned a record minus the record's Time.
 Paced trials run at the rate of this machine's unthrottled thread storm (~50 k events/s); the unthrottled
-trial pushes as fast as the host can.
+trial pushes as fast as the host can. As root, the storm trial ships the live netlink source while the thread
+storm generator runs unthrottled, and scores the consumer against the tids the generator made.
 
-Also ``python fleet_bench.py --ship URL RATE SECONDS`` (the child's side).
+Also ``python fleet_bench.py --ship URL RATE SECONDS`` and ``--ship-source URL SOURCE`` (the child's side).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,6 +108,18 @@ def ship(url: str, rate: float, seconds: float) -> None:
         ring = monitor.stats
     # The parent reads this line: what the host pushed, dropped, sent.
     print(f"pushed={source.pushed} dropped={ring.dropped} sent={stats.records} batches={stats.batches}", flush=True)
+
+
+def ship_source(url: str, source: str) -> None:
+    """A live kernel source shipped until SIGTERM; says "ready" once connected, then its counts at the end."""
+    from etwmon.fleet import Shipper
+    from etwmon.monitor import Monitor
+
+    with Monitor(source, max_items=1_000_000) as monitor:
+        stats = Shipper(monitor, url, "storm").run(stop_signals=True, on_ready=lambda: print("ready", flush=True))
+        ring = monitor.stats
+    print(f"pushed={ring.pushed} dropped={ring.dropped} lost={ring.lost} sent={stats.records} "
+          f"batches={stats.batches}", flush=True)
 
 
 # --- the consumer's side ----------------------------------------------------------------------------------
@@ -207,22 +221,103 @@ def trial(url: str, rate: float, seconds: float) -> dict:
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": latencies[-1] if latencies else None}}
 
 
+def storm_problem() -> str | None:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return "needs root on Linux (the netlink source at full buffer size, as the storm benchmarks)"
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        return "needs gcc to build the storm generator"
+    return None
+
+
+def storm_trial(url: str, threads: int) -> dict:
+    """The netlink source on this machine shipped while the thread storm runs unthrottled: of the storm's
+    ThreadCreate/ThreadExit events (scored by the tids the generator made), how many the consumer got."""
+    import storm_bench
+    from etwmon.fleet import FleetConsumer, HostBatch
+    from etwmon.records import ItemType, filetime_now
+
+    exe = storm_bench.build_generators(HERE / ".build")["threads"]
+    consumer = FleetConsumer(url, hosts=["storm"]).open()
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--ship-source", url, "netlink"],
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+    seen: dict[int, int] = {}  # tid -> events seen (create + exit)
+    latencies: list[float] = []
+    lost = 0
+
+    def take(timeout: float, tids: Counter | None) -> int:
+        """Read once; how many of the storm's events came (any thread event while its tids are not known)."""
+        nonlocal lost
+        got = 0
+        for item in consumer.read(timeout):
+            if not isinstance(item, HostBatch):
+                continue
+            now = filetime_now()
+            for event in item.events:
+                if event.type in (ItemType.ThreadCreate, ItemType.ThreadExit):
+                    seen[event.tid] = seen.get(event.tid, 0) + 1
+                    latencies.append((now - event.filetime) / 10_000)
+                    got += tids is None or event.tid in tids
+                elif event.type == ItemType.RecordsLost:
+                    lost += event.count
+        return got
+
+    try:
+        assert child.stdout.readline().strip() == "ready", "the shipper did not start"
+        done: list = []
+        runner = threading.Thread(target=lambda: done.append(storm_bench.run_storm(exe, "threads", threads, 0)))
+        runner.start()
+        while runner.is_alive():  # the consumer reads while the storm runs
+            take(0.2, None)
+        runner.join()
+        storm = done[0]
+        made = Counter(storm.ids)
+        quiet_since = time.monotonic()
+        deadline = time.monotonic() + 60
+        while (time.monotonic() < deadline and time.monotonic() - quiet_since < 3
+               and sum(min(2 * n, seen.get(tid, 0)) for tid, n in made.items()) < 2 * storm.items):
+            if take(0.5, made):
+                quiet_since = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        counts = dict(part.split("=") for part in child.communicate(timeout=30)[0].split())
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        consumer.close()
+    # (a tid the kernel reused within the storm counts each time it was made)
+    expected = 2 * sum(made.values())
+    captured = sum(min(2 * n, seen.get(tid, 0)) for tid, n in made.items())
+    latencies.sort()
+    return {"threads": storm.items, "storm_events_per_s": storm.events_per_s, "expected": expected,
+            "captured": captured, "captured_pct": 100.0 * captured / expected if expected else None,
+            "lost_reported": lost, "dropped_on_host": int(counts.get("dropped", 0)),
+            "lost_by_source": int(counts.get("lost", 0)),
+            "latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None,
+                           "p99": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None}}
+
+
 def run(quick: bool) -> dict:
     why = problem()
     if why:
         progress(f"fleet: skipped: {why}")
         return {"status": "skipped", "reason": why}
     repeats, seconds = (1, 3.0) if quick else (3, 10.0)
+    threads = 50_000 if quick else 200_000
+    no_storm = storm_problem()
     with tempfile.TemporaryDirectory(prefix="etwmon-fleet-bench-") as tmp:
         server = _Server(Path(tmp))
         try:
             _make_stream(server.url)
-            paced, flat = [], []
+            paced, flat, storms = [], [], []
             for i in range(repeats):
                 progress(f"fleet: repeat {i + 1}/{repeats}: {GOAL_RATE} records/s for {seconds:.0f} s")
                 paced.append(trial(server.url, GOAL_RATE, seconds))
                 progress(f"fleet: repeat {i + 1}/{repeats}: unthrottled for {seconds:.0f} s")
                 flat.append(trial(server.url, 0, seconds))
+                if no_storm is None:
+                    progress(f"fleet: repeat {i + 1}/{repeats}: netlink through the fleet, {threads} threads "
+                             "unthrottled")
+                    storms.append(storm_trial(server.url, threads))
         finally:
             server.stop()
     missing = [t["missing"] for t in paced if t["missing"] is not None]
@@ -237,7 +332,12 @@ def run(quick: bool) -> dict:
         "paced_missing": summary(missing), "paced_p99_ms": summary(p99),
         "paced_p50_ms": summary([t["latency_ms"]["p50"] for t in paced if t["latency_ms"]["p50"] is not None]),
         "unthrottled_records_per_s": summary(flat_rates),
+        "storm": storms if no_storm is None else {"status": "skipped", "reason": no_storm},
     }
+    if storms:
+        result["storm_captured_pct"] = summary([t["captured_pct"] for t in storms if t["captured_pct"] is not None])
+        result["storm_events_per_s"] = summary([t["storm_events_per_s"] for t in storms])
+        result["storm_p99_ms"] = summary([t["latency_ms"]["p99"] for t in storms if t["latency_ms"]["p99"]])
     worst_missing = max(missing) if missing else None
     result["targets"] = [
         target("fleet", f"records missing at {GOAL_RATE // 1000} k/s", worst_missing, 0, "records",
@@ -246,12 +346,22 @@ def run(quick: bool) -> dict:
                higher_is_better=False),
         target("fleet", "unthrottled end to end", min(flat_rates) if flat_rates else None, GOAL_RATE, "records/s"),
     ]
+    if storms:
+        pct = [t["captured_pct"] for t in storms if t["captured_pct"] is not None]
+        p99s = [t["latency_ms"]["p99"] for t in storms if t["latency_ms"]["p99"] is not None]
+        result["targets"] += [
+            target("fleet", "thread storm via netlink, captured at the consumer", min(pct) if pct else None,
+                   100.0, "%"),
+            target("fleet", "thread storm via netlink, p99 latency", max(p99s) if p99s else None, GOAL_P99_MS,
+                   "ms", higher_is_better=False)]
     return result
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--ship":
         ship(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--ship-source":
+        ship_source(sys.argv[2], sys.argv[3])
     else:
         import json
 

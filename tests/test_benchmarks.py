@@ -126,8 +126,14 @@ def test_fleet_figures_are_complete_and_sane(quick_run):
         assert trial["missing"] == trial["pushed"] - trial["received"]
         lat = trial["latency_ms"]
         assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
-    assert {t["name"] for t in fleet["targets"]} == {"records missing at 50 k/s", "p99 latency at 50 k/s",
-                                                      "unthrottled end to end"}
+    names = {"records missing at 50 k/s", "p99 latency at 50 k/s", "unthrottled end to end"}
+    if isinstance(fleet["storm"], list):  # as root: the live netlink source through the fleet
+        names |= {"thread storm via netlink, captured at the consumer", "thread storm via netlink, p99 latency"}
+        for trial in fleet["storm"]:
+            assert 0 <= trial["captured"] <= trial["expected"] and trial["threads"] > 0
+    else:
+        assert fleet["storm"]["reason"] and not (IS_ROOT and REQUIRE_ROOT)
+    assert {t["name"] for t in fleet["targets"]} == names
 
 
 def test_plots_are_pngs(quick_run):
