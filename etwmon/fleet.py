@@ -1206,7 +1206,9 @@ class FleetReader:
             size = sum(len(data) for _, data, _ in self._chunks)
             received, read = self._received, self._read
         # pushed/read count records (a gap's RecordsLost included); lost: what hosts reported and gaps held;
-        # nothing is dropped here (the stream keeps what is not read yet).
+        # nothing is dropped here (the stream keeps what is not read yet). The caps: the most one pull can
+        # hand over (fetch_batch messages of at most NATS's 1 MiB payload), which is all this reader holds.
+        cap = self.consumer.fetch_batch << 20
         return MonitorStats(pushed=received, read=read, dropped=0, lost=sum(h.records_lost for h in hosts),
-                            items=items, bytes=size, max_items=max(items, 1), max_bytes=max(size, 1),
+                            items=items, bytes=size, max_items=cap // HEADER_SIZE, max_bytes=cap,
                             source="fleet", parse_errors=sum(h.malformed for h in hosts))
