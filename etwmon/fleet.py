@@ -396,6 +396,7 @@ class Shipper:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: FleetError | None = None
+        self._denied = ""  # the last permissions violation the server reported
         self._connected = False
         self._seq = self._total = 0
         self._counts = dict(batches=0, records=0, bytes=0, lost_reported=0, retries=0, duplicates=0, unsent=0)
@@ -434,6 +435,8 @@ class Shipper:
 
         def on_error(exc: Exception) -> None:
             text = str(exc)
+            if "permissions violation" in text.lower():
+                self._denied = text
             if "permissions violation" in text.lower() and self.subject in text:
                 self._fatal = FleetError(f"the server does not let this user publish to {self.subject}: {text} "
                                          "(is --host-id the one its credentials are for?)")
@@ -474,11 +477,16 @@ class Shipper:
 
     async def _ensure_stream(self, js, nats) -> None:
         api = nats.js.api
+        unanswered = (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.NoRespondersError)
         try:
             await js.stream_info(self.stream)
             return
         except nats.js.errors.NotFoundError:
             pass
+        except unanswered as exc:  # not allowed to ask, or JetStream busy (a cluster electing): publish anyway
+            log.warning("could not check stream %s (%s); publishing anyway", self.stream,
+                        self._denied or type(exc).__name__)
+            return
         config = api.StreamConfig(
             name=self.stream, subjects=[SUBJECT_PATTERN], max_age=self.max_age, max_bytes=self.max_bytes,
             storage=api.StorageType.FILE, num_replicas=self.replicas, duplicate_window=DUPLICATE_WINDOW,
@@ -487,6 +495,10 @@ class Shipper:
             await js.add_stream(config)
             log.info("created stream %s (%s, max age %.0f s, max %d bytes, %d replicas)", self.stream,
                      SUBJECT_PATTERN, self.max_age, self.max_bytes, self.replicas)
+        except unanswered as exc:
+            raise FleetError(f"there is no stream {self.stream} and making it got no answer "
+                             f"({self._denied or type(exc).__name__}): make it as an administrator and ship with "
+                             "--no-create-stream (docs/fleet.md)") from None
         except nats.js.errors.APIError as exc:
             if "already in use" in str(exc):  # a concurrent shipper made it first
                 return
@@ -565,6 +577,8 @@ class Shipper:
                 break
             except retryable as exc:
                 self._check_fatal()
+                if isinstance(exc, nats.js.errors.NoStreamResponseError) and not self._counts["retries"]:
+                    log.warning("no stream takes %s (yet?): make it (docs/fleet.md); retrying", self.subject)
                 self._counts["retries"] += 1
                 log.debug("publish of batch %d failed (%r); again in %.2f s", seq, exc, backoff)
             except nats.js.errors.APIError as exc:

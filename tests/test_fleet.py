@@ -734,3 +734,77 @@ def test_token_over_tls_with_a_ca_from_the_auth_file(tmp_path):
             FleetConsumer(url, auth=FleetAuth(token="t0ken-s3cret"), connect_wait=2.0).open()
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_host_that_may_not_make_the_stream_says_so(tmp_path):
+    s = NatsServer(tmp_path, extra=PERMISSIONS).start()
+    try:
+        shipper = ShipperThread(s.url, "h1", CounterSource(total=10, rate=0),
+                                auth=FleetAuth(user="h1", password="h1-secret"), publish_timeout=0.5)
+        shipper.thread.join(30)
+        assert isinstance(shipper.error, FleetError) and "--no-create-stream" in str(shipper.error)
+        shipper.monitor.close()
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+# --- the reader contract `etwmon tail` drains --------------------------------------------------------------------
+
+
+class _ScriptedConsumer:
+    """Stands in for a FleetConsumer: hands out the given reads, one per call, then nothing."""
+
+    def __init__(self, reads) -> None:
+        self.reads = list(reads)
+        self.stats: dict = {}
+        self.fetch_batch = 4
+        self.hosts, self.since, self.durable, self.url, self.stream = None, None, None, "nats://x", "S"
+        self.opened = self.closed = False
+
+    def open(self):
+        self.opened = True
+        return self
+
+    def read(self, timeout):
+        if self.reads:
+            return self.reads.pop(0)
+        time.sleep(min(timeout, 0.05))
+        return []
+
+    def close(self):
+        self.closed = True
+
+
+def _batch(host, tids, gap=0):
+    events = [R.ThreadCreate(R.filetime_now(), t, 1) for t in tids]
+    if gap:
+        events.insert(0, R.RecordsLost(R.filetime_now(), gap))
+    return HostBatch(host, events, b"".join(e.encode() for e in events), "boot", "run", 1, "test", gap)
+
+
+def test_fleet_reader_gives_one_hosts_whole_records_per_readinto():
+    from etwmon.fleet import FleetReader
+
+    notices = []
+    consumer = _ScriptedConsumer([[_batch("a", range(5)), FleetNotice("b", "malformed", "bad"),
+                                   _batch("b", range(100, 103), gap=7)], [_batch("a", range(5, 8))]])
+    reader = FleetReader(consumer, on_notice=notices.append).start()
+    try:
+        assert consumer.opened
+        buf = bytearray(24 * 2 + 10)  # two records and a bit: whole records only
+        got: list[tuple[str, object]] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 12 and time.monotonic() < deadline:
+            if not reader.wait(0.5):
+                continue
+            n = reader.readinto(buf)
+            assert n % 24 == 0 and n <= 48
+            got += [(reader.host, e) for e in R.parse(buf[:n])]
+        assert [(h, e.tid) for h, e in got if isinstance(e, R.ThreadCreate)] == \
+            [("a", t) for t in range(5)] + [("b", t) for t in range(100, 103)] + [("a", t) for t in range(5, 8)]
+        assert [(h, e.count) for h, e in got if isinstance(e, R.RecordsLost)] == [("b", 7)]
+        assert [n.kind for n in notices] == ["malformed"]
+        assert reader.stats.read == reader.stats.pushed == 12 and reader.stats.items == 0
+    finally:
+        reader.close()
+    assert consumer.closed and not reader.running
