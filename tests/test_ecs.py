@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from etwmon import records as R
 from etwmon.formats import ECS_VERSION, RENDERERS, ecs_line, event_to_ecs, host_renderer
+
+from .helpers import Watch, etwmon_argv, linux_only, new_tag, spawn
 
 T = R.datetime_to_filetime(R.filetime_to_datetime(134_000_000_000_000_000))
 
@@ -72,3 +75,15 @@ def test_identity_fields_when_present():
     assert doc["process"]["entity_id"] == "{6f1d2c3b-0000-0000-0000-000000000001}"
     assert "entity_id" not in doc["process"]["parent"]
     assert doc["user"] == {"name": "root", "id": "0"}
+
+
+@linux_only
+def test_tail_format_ecs_locally_names_this_host():
+    with Watch(etwmon_argv("tail", "--source", "procfs", "--format", "ecs")) as watch:
+        watch.ready()
+        tag = new_tag()
+        spawn(tag)
+        doc = json.loads(watch.wait_out(lambda line: tag.encode() in line, what="the ECS document"))
+        assert watch.stop() == 0
+    assert doc["host"]["name"] == socket.gethostname()
+    assert doc["event"]["category"] == ["process"] and tag in doc["process"]["command_line"]
