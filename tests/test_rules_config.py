@@ -248,3 +248,18 @@ def test_rules_check_lists_applied_and_ignored_rules_per_rule(tmp_path):
                              text=True, timeout=60)
     assert refused.returncode == 2 and "DOCTYPE" in refused.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_ship_loads_its_config_before_anything_and_tail_from_refuses_one(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text(BILLION_LAUGHS)
+    path.chmod(0o644)
+    ship = subprocess.run([sys.executable, "-m", "etwmon", "ship", "--to", "nats://127.0.0.1:1", "--source",
+                           "procfs", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert ship.returncode == 2 and "DOCTYPE" in ship.stderr and "shipping" not in ship.stderr
+    good = tmp_path / "good.xml"
+    good.write_text(GOOD)
+    good.chmod(0o644)
+    remote = subprocess.run([sys.executable, "-m", "etwmon", "tail", "--from", "nats://127.0.0.1:1", "--config",
+                             str(good)], capture_output=True, text=True, timeout=60)
+    assert remote.returncode == 2 and "ship --config" in remote.stderr
