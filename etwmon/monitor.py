@@ -200,6 +200,16 @@ class Monitor:
             signal.clear_if_drained()
         return n
 
+    def readinto_indexed(self, buffer, ends) -> tuple[int, int, int]:
+        """``readinto`` that also gives each record's end (``EventRing.readinto_indexed``): the service
+        passes batches on to its clients' queues with it."""
+        self._check_error()
+        result = self.ring.readinto_indexed(buffer, ends)
+        signal = self._signal
+        if signal is not None:
+            signal.clear_if_drained()
+        return result
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until records (or a RecordsLost report) are waiting, or ``timeout`` seconds pass; True if
         there is something to read. Returns at once when stopped.
