@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError"]
+__all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError", "ServiceUnavailable",
+           "ServiceRefused", "ProtocolError"]
 
 
 class Error(Exception):
@@ -36,3 +37,20 @@ class SourceUnavailable(Error):
 
 class SourceError(Error):
     """The source thread of a Monitor failed; the original exception is ``__cause__``."""
+
+
+class ServiceUnavailable(SourceUnavailable):
+    """No etwmon service answers at the socket path (none there, or a stale socket); the message says which."""
+
+
+class ServiceRefused(Error, PermissionError):
+    """The etwmon service (or the socket's permissions) refused this client; ``code`` is the reason's short
+    name (``not-allowed``, ``too-many-clients``, ``version``, ``bad-hello``, ``permission``)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class ProtocolError(Error):
+    """A peer broke the service protocol (docs/service.md): a bad frame, length or message."""
