@@ -335,6 +335,38 @@ def _positive_pid(text: str) -> int:
     return _whole_number(text, "--pid", 1)
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"--socket-mode must be octal permission bits such as 0660, not {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"--socket-mode must be from 0000 to 0777, not {text}")
+    return mode
+
+
+def _uid(text: str) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        if text.isdigit():
+            return int(text)
+        raise UsageError(f"--allow-uid: no user named {text!r}") from None
+
+
+def _gid(text: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        if text.isdigit():
+            return int(text)
+        raise UsageError(f"--allow-gid: no group named {text!r}") from None
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Watch processes and threads start and stop (SysMon-style records).")
     parser.add_argument("--version", action="version",
@@ -373,6 +405,39 @@ def _build_parser() -> _Parser:
                       help="print a status line (rate, ring fill, lost, dropped) on stderr periodically")
     tail.add_argument("--stats-interval", type=float, default=5.0, metavar="SECONDS",
                       help="seconds between --stats lines (default: 5)")
+
+    serve = commands.add_parser(
+        "serve", help="run as the service: one event source, served to clients on a Unix socket",
+        description="Run in the foreground as the etwmon service (fit for systemd: logs on stderr, SIGTERM "
+                    "stops, SIGHUP re-opens the log file, READY=1 to $NOTIFY_SOCKET). Clients read with "
+                    "'etwmon tail --connect' or etwmon.connect().",
+        epilog="Reference: docs/service.md.")
+    serve.add_argument("--socket", metavar="PATH", help="the socket to listen on (default: "
+                       "/run/etwmon/etwmon.sock, in a root-only directory etwmon creates)")
+    serve.add_argument("--source", default="auto", choices=["auto", *SOURCES],
+                       help="event source (default: auto, the best that works here)")
+    serve.add_argument("--max-items", metavar="N",
+                       help=f"the source's ring capacity in records (default: ${ENV_MAX_ITEMS}, else 100000)")
+    serve.add_argument("--max-bytes", metavar="SIZE",
+                       help=f"the source's ring capacity in bytes (default: ${ENV_MAX_BYTES}, else 1 KiB per record)")
+    serve.add_argument("--group", metavar="NAME", help="the group that owns the socket and may read events")
+    serve.add_argument("--socket-mode", metavar="OCTAL", type=_octal_mode,
+                       help="the socket's permission bits (default: 0600, or 0660 with --group)")
+    serve.add_argument("--allow-uid", dest="allow_uids", action="append", default=[], type=_uid, metavar="USER",
+                       help="a user (name or uid) allowed to read, besides root (repeatable)")
+    serve.add_argument("--allow-gid", dest="allow_gids", action="append", default=[], type=_gid, metavar="GROUP",
+                       help="a group (name or gid) whose members may read (repeatable)")
+    serve.add_argument("--max-clients", type=lambda t: _whole_number(t, "--max-clients", 1), default=64,
+                       metavar="N", help="connections at most; the next is refused (default: 64)")
+    serve.add_argument("--client-max-items", type=lambda t: _whole_number(t, "--client-max-items", 1),
+                       default=100_000, metavar="N", help="the largest queue a client may ask for, in records "
+                       "(default: 100000)")
+    serve.add_argument("--client-max-bytes", type=lambda t: _byte_size(t, "--client-max-bytes", MIN_MAX_BYTES),
+                       default=16 << 20, metavar="SIZE",
+                       help="the largest queue a client may ask for, in bytes (default: 16M)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="the least severe messages logged (default: info: also every connect/disconnect)")
+    serve.add_argument("--log-file", metavar="PATH", help="also log to this file (SIGHUP re-opens it)")
 
     sources = commands.add_parser("sources", help="which event sources work here, and why the others don't",
                                   description="List the event sources, whether each works on this machine "
@@ -604,6 +669,35 @@ def _print_stats(err: TextIO, monitor, shown: int, last: tuple[float, int]) -> t
     return now, stats.pushed
 
 
+def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int:
+    from .monitor import Monitor
+    from .service import DEFAULT_SOCKET, Server, ServerLimits
+    from .service.daemon import run, setup_logging
+
+    max_items, max_bytes = _limits(args, environ)
+    file_handler = setup_logging(args.log_level, args.log_file)
+    try:
+        monitor = Monitor(source=args.source, max_items=100_000 if max_items is None else max_items,
+                          max_bytes=max_bytes)
+    except (MemoryError, ValueError) as exc:
+        raise UsageError(f"cannot make a ring of {max_items} records / {max_bytes} bytes: {exc}") from None
+    server = Server(monitor, args.socket or DEFAULT_SOCKET, socket_mode=args.socket_mode, group=args.group,
+                    allow_uids=args.allow_uids, allow_gids=args.allow_gids,
+                    limits=ServerLimits(max_clients=args.max_clients, client_max_items=args.client_max_items,
+                                        client_max_bytes=args.client_max_bytes))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.start()
+    for warning in caught:
+        _say(err, f"warning: {warning.message}")
+    try:
+        server.open()
+        return run(server, file_handler)
+    finally:
+        server.close()
+        monitor.close()
+
+
 def _auto_choice(infos: list) -> str | None:
     """The source ``--source auto`` would pick here: the first available one in the picker's order."""
     from .sources import auto_order
@@ -649,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         if args.command == "sources":
             return _sources(args, out)
+        if args.command == "serve":
+            return _serve(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _say(err, f"error: {exc}")

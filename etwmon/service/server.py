@@ -198,6 +198,7 @@ class Server:
         self._stopping = False
         self._stop_reason = "the service is stopping"
         self._clients: dict[int, _Client] = {}
+        self._calls: deque = deque()
         self._numbers = 0
         self._batch = bytearray(_BATCH)
         self._batch_view = memoryview(self._batch)
@@ -283,6 +284,14 @@ class Server:
         except OSError:
             pass
 
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` in the serving thread at its next turn (from a signal handler or another thread)."""
+        self._calls.append(fn)
+        try:
+            self._wake_w.send(b"\1")
+        except OSError:
+            pass
+
     def serve_forever(self) -> None:
         """Run until ``stop()`` or the Monitor's source ends; then send each client what it has queued (for up
         to a second), an END message, and close the connections. Raises ``SourceError`` if the source failed
@@ -325,6 +334,12 @@ class Server:
             self._wake_r.recv(4096)
         except OSError:
             pass
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("a requested action failed")
 
     def _end_of_source(self) -> None:
         try:
