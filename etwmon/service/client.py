@@ -124,9 +124,22 @@ class Connection(EventReader):
         if self._sock is not None:
             return self
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self._timeout)
+        sock.setblocking(False)
+        deadline = time.monotonic() + self._timeout
         try:
-            sock.connect(self.path)
+            while True:
+                try:
+                    sock.connect(self.path)
+                    break
+                except BlockingIOError:
+                    # A Unix socket's backlog is full: the server is busy accepting; try again until timeout.
+                    if time.monotonic() >= deadline:
+                        raise ServiceUnavailable(f"the etwmon service at {self.path} did not accept the "
+                                                 f"connection within {self._timeout:g} s (its backlog is full)")
+                    time.sleep(0.01)
+        except ServiceUnavailable:
+            sock.close()
+            raise
         except FileNotFoundError:
             sock.close()
             raise ServiceUnavailable(f"no etwmon service at {self.path} (is 'etwmon serve' running? "
@@ -144,6 +157,7 @@ class Connection(EventReader):
                                      f"{exc.strerror or exc}") from None
         try:
             self._check_server(sock)
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 sock.sendall(P.json_frame(P.HELLO, self._hello))
             except (BrokenPipeError, ConnectionResetError):
@@ -151,7 +165,6 @@ class Connection(EventReader):
             self._sock = sock
             self._rbuf = bytearray(P.HEADER.size + P.MAX_CONTROL)
             self._rview = memoryview(self._rbuf)
-            deadline = time.monotonic() + self._timeout
             while not self._welcome:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -44,6 +44,8 @@ _FRAME_RECORDS = 256 * 1024  # record bytes per DATA frame (a largest record alw
 _FRAMES_PER_TURN = 4  # frames one client may send per loop turn, so a fast one cannot starve the others
 _RECV = 4096  # bytes read from one client per loop turn
 _STOP_DRAIN = 1.0  # seconds a stopping server keeps sending what clients have queued
+_REFUSAL_LOG_INTERVAL = 10.0
+_REFUSALS_LOGGED = 20  # refusals logged one by one per interval
 _MAX_FILTER_VALUES = 1024
 _MAX_PATTERN = 4096
 
@@ -205,6 +207,8 @@ class Server:
         self._batch_ends = np.zeros(_BATCH // HEADER_SIZE + 1, dtype=np.int64)
         self._source_error: str | None = None
         self.refused = 0  # connections refused (not allowed, too many, bad hello)
+        self._refusal_window = time.monotonic()
+        self._refusals_logged = self._refusals_unlogged = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
 
@@ -437,7 +441,7 @@ class Server:
 
     def _refuse(self, sock: socket.socket, code: str, message: str, who: str) -> None:
         self.refused += 1
-        log.warning("refused %s: %s", who, message)
+        self._log_refusal(who, message)
         try:
             sock.send(P.json_frame(P.REFUSED, {"code": code, "error": message}))
         except OSError:
@@ -531,9 +535,23 @@ class Server:
                  ", filtered" if client.keep is not None else "")
         self._flush(client)
 
+    def _log_refusal(self, who: str, message: str) -> None:
+        # A flood of connections must not flood the log: the first few per interval, then a count.
+        now = time.monotonic()
+        if now - self._refusal_window >= _REFUSAL_LOG_INTERVAL:
+            if self._refusals_unlogged:
+                log.warning("refused %d more connections in the last %.0f s (not logged one by one)",
+                            self._refusals_unlogged, now - self._refusal_window)
+            self._refusal_window, self._refusals_logged, self._refusals_unlogged = now, 0, 0
+        if self._refusals_logged < _REFUSALS_LOGGED:
+            self._refusals_logged += 1
+            log.warning("refused %s: %s", who, message)
+        else:
+            self._refusals_unlogged += 1
+
     def _refuse_live(self, client: _Client, code: str, message: str) -> None:
         self.refused += 1
-        log.warning("refused %s: %s", client.who(), message)
+        self._log_refusal(client.who(), message)
         self._say_and_close(client, P.json_frame(P.REFUSED, {"code": code, "error": message}))
 
     def _protocol_error(self, client: _Client, code: str, message: str) -> None:
