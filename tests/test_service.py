@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -573,3 +574,290 @@ def test_open_private_file_never_follows_a_symlink(sockdir):
         os.close(lock)
     finally:
         os.close(fd)
+
+
+# --- `etwmon serve` as a process: systemd behaviour, kills, access control, a live storm (root) ---------------
+
+
+class Daemon:
+    """``etwmon serve --source netlink`` on a temp socket, started the way systemd does (NOTIFY_SOCKET)."""
+
+    def __init__(self, sockdir: str, *args: str, name: str = "s.sock") -> None:
+        self.path = os.path.join(sockdir, name)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = tempfile.mktemp(prefix="notify-", dir=sockdir)
+        self.notify.bind(notify_path)
+        self.notify.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "etwmon", "serve", "--socket", self.path,
+                                      "--source", "netlink", *args],
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        try:
+            self.ready = self.notify.recv(4096).decode()
+        except socket.timeout:
+            self.proc.kill()
+            raise AssertionError("no READY=1 from etwmon serve: " + "".join(self.lines))
+
+    def _collect(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 20) -> int:
+        if sig is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        self.notify.close()
+        return code
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.mark.root
+def test_serve_notifies_systemd_logs_clients_reopens_logs_and_stops_on_sigterm(sockdir, daemons):
+    log_file = os.path.join(sockdir, "etwmon.log")
+    d = Daemon(sockdir, "--log-file", log_file)
+    daemons.append(d)
+    assert "READY=1" in d.ready and d.path in d.ready
+    conn = connect(d.path)
+    assert conn.source.name == "netlink"
+    os.rename(log_file, log_file + ".1")  # what logrotate does, then it sends SIGHUP
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: os.path.exists(log_file) and "re-opened" in Path(log_file).read_text(), what="log re-open")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.notify.recv(4096) == b"STOPPING=1"
+    assert d.stop(sig=None) == 0
+    read_until_end(conn)  # an END, not an error
+    assert not conn.running
+    conn.close()
+    log = d.log()
+    assert f"uid 0 (root), pid {os.getpid()}) connected" in log
+    assert f"pid {os.getpid()}) disconnected" in log and "SIGTERM received" in log
+    assert "connected" in Path(log_file + ".1").read_text()
+    assert not os.path.exists(d.path)  # the socket goes with the service
+
+
+@pytest.mark.root
+def test_a_killed_server_ends_its_clients_with_source_error_not_a_hang(sockdir, daemons):
+    d = Daemon(sockdir)
+    daemons.append(d)
+    waiting, reading = connect(d.path), connect(d.path)
+    outcome: dict = {}
+
+    def block_in_wait():
+        try:
+            while waiting.wait(None):
+                waiting.readinto(bytearray(0x10000))
+            outcome["wait"] = "returned"
+        except etwmon.SourceError as exc:
+            outcome["wait"] = exc
+
+    thread = threading.Thread(target=block_in_wait, daemon=True)
+    thread.start()
+    d.proc.kill()
+    d.proc.wait()
+    thread.join(10)
+    assert not thread.is_alive(), "a client blocked in wait() hung after the server was killed"
+    assert isinstance(outcome["wait"], etwmon.SourceError) and "killed" in str(outcome["wait"])
+    with pytest.raises(etwmon.SourceError, match="without an END"):
+        read_until_end(reading)
+    assert not reading.running
+    waiting.close()
+    reading.close()
+    # The killed server left its socket behind; the next one replaces it.
+    d2 = Daemon(sockdir)
+    daemons.append(d2)
+    with connect(d2.path) as conn:
+        assert conn.running
+    assert d2.stop() == 0
+
+
+CLIENT_LOOP = """
+import sys, etwmon
+conn = etwmon.connect(sys.argv[1])
+print("connected", flush=True)
+buf = bytearray(4096)
+while True:
+    conn.wait(1)
+    conn.readinto(buf)
+"""
+
+
+@pytest.mark.root
+def test_a_client_killed_mid_read_is_dropped_and_the_others_go_on(sockdir, daemons, storm_tools):
+    d = Daemon(sockdir)
+    daemons.append(d)
+    with connect(d.path, max_items=200_000, max_bytes=16 << 20) as other:
+        child = subprocess.Popen([sys.executable, "-c", CLIENT_LOOP, d.path], stdout=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert child.stdout.readline().strip() == "connected"
+        wait_for(lambda: other.stats.server.get("clients") == 2, what="two clients")
+        storm = subprocess.Popen([str(storm_tools["threads"]), "5000", "16"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.05)
+        child.kill()  # in the middle of its reading
+        child.wait()
+        out = storm.communicate(timeout=60)[0].split()
+        pid, tids = int(out[0]), {int(t) for t in out[1:]}
+        wait_for(lambda: f"pid {child.pid}) disconnected" in d.log(), what="the server to log the drop")
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while not tids <= seen:
+            assert time.monotonic() < deadline, f"{len(tids - seen)} storm threads never arrived"
+            for event in other.events(timeout=0.5):
+                if event.type == ItemType.ThreadExit and event.pid == pid:
+                    seen.add(event.tid)
+                if tids <= seen:
+                    break
+        s = other.stats
+        assert s.server["clients"] == 1 and s.dropped == 0 and s.lost == 0
+    assert d.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def storm_tools(tmp_path_factory):
+    tools = cb.compile_storm_tools(tmp_path_factory.mktemp("storm"))
+    require(tools is not None, "the storm generators need gcc (apt-get install gcc)")
+    return tools
+
+
+NOBODY_CLIENT = """
+import sys, etwmon
+try:
+    with etwmon.connect(sys.argv[1]) as conn:
+        print("ok", conn.source.name)
+except etwmon.ServiceRefused as exc:
+    print("refused", exc.code, exc)
+"""
+
+
+@pytest.fixture(scope="module")
+def nobody_python(tmp_path_factory):
+    """(interpreter, PYTHONPATH) that uid nobody can run: the system Python with Debian's numpy, and a copy of
+    this tree's etwmon in a directory anyone may read (the checkout may sit under a private home)."""
+    require(shutil.which("runuser") is not None, "needs runuser (util-linux)")
+    python = "/usr/bin/python3"
+    require(subprocess.run([python, "-c", "import numpy"], capture_output=True).returncode == 0,
+            "uid nobody needs a Python with numpy: apt-get install python3-numpy")
+    place = tempfile.mkdtemp(prefix="etwmon-nobody-")
+    shutil.copytree(ROOT / "etwmon", os.path.join(place, "etwmon"))
+    subprocess.run(["chmod", "-R", "a+rX", place], check=True)
+    yield python, place
+    shutil.rmtree(place)
+
+
+def run_as_nobody(nobody_python, path: str) -> str:
+    python, pythonpath = nobody_python
+    done = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={pythonpath}", python, "-c",
+                           NOBODY_CLIENT, path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def open_dir(sockdir):
+    os.chmod(sockdir, 0o755)  # so the socket's own mode and the credentials check decide
+    return sockdir
+
+
+@pytest.mark.root
+def test_an_unauthorized_uid_is_refused_naming_why(open_dir, daemons, nobody_python):
+    d = Daemon(open_dir, "--socket-mode", "0666")
+    daemons.append(d)
+    answer = run_as_nobody(nobody_python, d.path)
+    assert answer.startswith("refused not-allowed") and "uid 65534 (nobody)" in answer and "--allow-uid" in answer
+    assert "refused client" in d.log() and "uid 65534 (nobody)" in d.log()
+    assert d.stop() == 0
+
+
+@pytest.mark.root
+def test_an_allowed_uid_reads_and_the_socket_mode_alone_keeps_others_out(open_dir, daemons, nobody_python):
+    allowed = Daemon(open_dir, "--socket-mode", "0666", "--allow-uid", "nobody", name="a.sock")
+    daemons.append(allowed)
+    assert run_as_nobody(nobody_python, allowed.path) == "ok netlink"
+    assert "uid 65534 (nobody)" in allowed.log() and "connected" in allowed.log()
+    private = Daemon(open_dir, name="p.sock")  # default mode 0600
+    daemons.append(private)
+    assert stat.S_IMODE(os.stat(private.path).st_mode) == 0o600
+    answer = run_as_nobody(nobody_python, private.path)
+    assert answer.startswith("refused permission") and "0600 root:root" in answer
+    assert allowed.stop() == 0 and private.stop() == 0
+
+
+def split_records(data: bytes) -> list:
+    """Each record of a stream: its bytes, or ("lost", count) for a RecordsLost record."""
+    out = []
+    for offset, item, size, _ in R.record_headers(data).tolist():
+        if item == int(ItemType.RecordsLost):
+            out.append(("lost", struct.unpack_from("<I", data, offset + 16)[0]))
+        else:
+            out.append(data[offset:offset + size])
+    return out
+
+
+@pytest.mark.root
+def test_three_clients_under_a_storm_readers_get_everything_once_in_order_the_idle_ones_losses_add_up(
+        sockdir, daemons, storm_tools):
+    d = Daemon(sockdir, "--max-items", "1000000", "--max-bytes", "256M")
+    daemons.append(d)
+    a = connect(d.path, max_items=100_000, max_bytes=16 << 20)
+    b = connect(d.path, max_items=100_000, max_bytes=16 << 20)
+    idle = connect(d.path, max_items=1000)
+    streams: dict[str, bytes] = {}
+
+    def reader(name, conn):
+        streams[name] = read_until_end(conn, timeout=120)
+
+    threads = [threading.Thread(target=reader, args=(name, conn), daemon=True) for name, conn in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    storm = subprocess.run([str(storm_tools["threads"]), "20000", "64"], capture_output=True, text=True,
+                           timeout=120, check=True)
+    out = storm.stdout.split()
+    pid, tids = int(out[0]), [int(t) for t in out[1:]]
+    time.sleep(1.0)  # the storm's last events reach the queues
+    late = threading.Thread(target=reader, args=("idle", idle), daemon=True)
+    late.start()  # the idle client starts reading only now: its queue overflowed long ago
+    time.sleep(1.0)
+    assert d.stop() == 0
+    for t in threads + [late]:
+        t.join(120)
+        assert not t.is_alive()
+    full, second, lossy = (split_records(streams[k]) for k in ("a", "b", "idle"))
+    # The readers: nothing lost, every storm thread's create and exit, each once, the same order for both.
+    assert not [r for r in full if isinstance(r, tuple)] and not [r for r in second if isinstance(r, tuple)]
+    assert second == full[len(full) - len(second):]
+    events = list(etwmon.parse(b"".join(full)))
+    created = [e.tid for e in events if e.type == ItemType.ThreadCreate and e.pid == pid]
+    exited = [e.tid for e in events if e.type == ItemType.ThreadExit and e.pid == pid]
+    assert sorted(created) == sorted(tids) and sorted(exited) == sorted(tids)
+    assert len(set(full)) == len(full)  # exactly once
+    # The idle one: what it lost is reported where it was lost, and with the records it kept adds up to
+    # exactly the readers' stream since it connected.
+    reported = sum(r[1] for r in lossy if isinstance(r, tuple))
+    kept = [r for r in lossy if not isinstance(r, tuple)]
+    assert reported > 0 and len(kept) > 0
+    position = len(full) - (reported + len(kept))
+    assert position >= 0
+    for item in lossy:
+        if isinstance(item, tuple):
+            position += item[1]
+        else:
+            assert item == full[position], f"record {position} of the full stream is not where it should be"
+            position += 1
+    assert position == len(full)
+    for conn in (a, b, idle):
+        conn.close()
