@@ -101,12 +101,20 @@ def private_directory(path: str = RUN_DIR, group: int | None = None) -> int:
 
 def open_private_file(dir_fd: int, name: str, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0o600) -> int:
     """Open ``name`` inside a directory from ``private_directory`` without following a symlink, and check it
-    is a regular file owned by this user that nobody else can write (``SafeDirError`` otherwise)."""
-    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    is a regular file with one link, owned by this user, that nobody else can write (``SafeDirError``
+    otherwise, also for a symlink)."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SafeDirError(f"{name} is a symbolic link: remove it") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SafeDirError(f"{name} is not a regular file")
+        if st.st_nlink != 1:
+            raise SafeDirError(f"{name} has {st.st_nlink} hard links: remove it")
         if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise SafeDirError(f"{name} is {describe_mode(st)}: it must belong to uid {os.geteuid()} and be "
                                "writable by nobody else; remove it")

@@ -565,9 +565,13 @@ def test_open_private_file_never_follows_a_symlink(sockdir):
         victim = os.path.join(sockdir, "victim")
         Path(victim).write_text("keep")
         os.symlink(victim, "lock", dir_fd=fd)
-        with pytest.raises(OSError):
+        with pytest.raises(SafeDirError, match="symbolic link"):
             open_private_file(fd, "lock")
         assert Path(victim).read_text() == "keep"
+        os.unlink("lock", dir_fd=fd)
+        os.link(victim, "lock", dst_dir_fd=fd)
+        with pytest.raises(SafeDirError, match="hard links"):
+            open_private_file(fd, "lock")
         os.unlink("lock", dir_fd=fd)
         lock = open_private_file(fd, "lock")
         assert stat.S_IMODE(os.fstat(lock).st_mode) == 0o600
