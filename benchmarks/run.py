@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "storms", "cost", "memory")
+BENCHMARKS = ("ring", "service", "storms", "cost", "memory")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory")
 
 
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         import ring_bench
 
         benchmarks["ring"] = _guard("ring", lambda: ring_bench.run(args.quick))
+    if "service" in args.only:
+        import service_bench
+
+        benchmarks["service"] = _guard("service", lambda: service_bench.run(args.quick))
     if any(name in KERNEL_BENCHMARKS for name in args.only):
         run_kernel_benchmarks(args, benchmarks)
 

@@ -23,6 +23,7 @@ __all__ = ["EventRing", "RingStats", "DEFAULT_BYTES_PER_ITEM"]
 #: command line is 240 bytes), but never less than one largest record.
 DEFAULT_BYTES_PER_ITEM = 1024
 _LOST_SIZE = 24
+_SMALL_BATCH = 16  # push_batch of at most this many records pushes them one by one
 _MAX_LOST_COUNT = 0xFFFFFFFF
 
 
@@ -139,6 +140,25 @@ class EventRing:
         if k == 0:
             if len(view):
                 raise RecordFormatError(f"{len(view)} bytes of records but no record ends given")
+            return
+        if k <= _SMALL_BATCH:
+            # A few records (a quiet moment, the latency path): push() each is cheaper than the array work.
+            if int(ends[-1]) != len(view):
+                raise RecordFormatError(f"record ends do not cut {len(view)} bytes into records")
+            cuts = ends.tolist()
+            start = 0
+            for stop in cuts:  # all checked first: a bad batch changes nothing
+                size = stop - start
+                if size < HEADER_SIZE or view[start + 2] | (view[start + 3] << 8) != size:
+                    raise RecordFormatError(f"record ends do not cut {len(view)} bytes into records whose "
+                                            "headers say their sizes", start)
+                if size > self.max_bytes:
+                    raise RecordFormatError(f"a {size}-byte record cannot fit a ring of max_bytes={self.max_bytes}")
+                start = stop
+            start = 0
+            for stop in cuts:
+                self.push(view[start:stop])
+                start = stop
             return
         total = int(ends[-1])
         starts = np.empty(k, dtype=np.int64)

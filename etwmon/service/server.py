@@ -704,6 +704,11 @@ class Server:
         """Connections open now (said hello or not yet)."""
         return len(self._clients)
 
+    @property
+    def readers(self) -> int:
+        """Clients welcomed and reading now."""
+        return sum(c.ring is not None for c in self._clients.values())
+
 
 def _resolve_group(group: str | int) -> int:
     if isinstance(group, int):
