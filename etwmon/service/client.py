@@ -196,11 +196,13 @@ class Connection(EventReader):
                                  "etwmon service to trust", "untrusted-server")
 
     def stop(self) -> None:
-        """Leave the service (records already received stay readable); idempotent."""
+        """Leave the service (records already received stay readable, and ``stats`` keeps the last counters,
+        asked for on the way out); idempotent."""
         sock = self._sock
         if sock is None:
             return
-        if self._end is None and self._lost_connection is None:
+        if self.running:
+            self._refresh_stats()
             try:
                 sock.send(P.frame(P.BYE))
             except OSError:
@@ -450,24 +452,42 @@ class Connection(EventReader):
 
     # -- state -----------------------------------------------------------------------------------------
 
+    def _refresh_stats(self) -> None:
+        """Ask for the service's counters and wait (up to 2 s) for the answer; data that arrives before it is
+        kept for readinto."""
+        serial = self._stats_serial
+        try:
+            self._sock.send(P.frame(P.STATS_REQUEST))
+        except OSError:
+            return
+        deadline = time.monotonic() + _STATS_TIMEOUT
+        while self._stats_serial == serial and self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([self._sock], [], [], left)
+            if ready:
+                self._receive()
+        self._set_flag()
+
+    @property
+    def lossy(self) -> bool:
+        """True when the service's source can miss events without counting them (polling)."""
+        return bool(self.source and self.source.lossy)
+
+    def describe(self) -> str:
+        """What is read, for ``etwmon tail``'s "watching (...)" line."""
+        from ..formats import human_bytes
+
+        source = self.source.name if self.source else "?"
+        return (f"service: {self.path}, source: {source}, queue: {self._welcome.get('max_items', 0)} records / "
+                f"{human_bytes(int(self._welcome.get('max_bytes', 0)))}")
+
     @property
     def stats(self) -> ConnectionStats:
         """Counters, asking the service for fresh ones (up to 2 s) while connected."""
         if self.running:
-            serial = self._stats_serial
-            try:
-                self._sock.send(P.frame(P.STATS_REQUEST))
-            except OSError:
-                pass
-            deadline = time.monotonic() + _STATS_TIMEOUT
-            while self._stats_serial == serial and self.running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ready, _, _ = select.select([self._sock], [], [], left)
-                if ready:
-                    self._receive()
-            self._set_flag()
+            self._refresh_stats()
         s = self._stats
         local = sum(f.count - f.index for f in self._frames)
         pending = sum(len(f.data) - f.base for f in self._frames)

@@ -97,7 +97,7 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
 
 def _filter_from_hello(spec: Any):
     """An EventFilter from the HELLO's ``filter`` object (None for none); ProtocolError on anything wrong."""
-    from ..cli import EventFilter, parse_event_types
+    from ..filters import EventFilter, parse_event_types
 
     if spec is None:
         return None
