@@ -176,8 +176,8 @@ def _build_parser() -> _Parser:
                        help="event source (default: auto: the etwmon service's socket when one is there and you "
                             "are not root, else the best source that works here; see 'etwmon sources')")
     tail_.add_argument("--connect", metavar="PATH", nargs="?", const=_default_socket(),
-                       help="read from the etwmon service at the socket PATH (default: "
-                            f"{_default_socket()}) instead of a source of its own; --type, --pid, --match, --glob "
+                       help="read from the etwmon service at the socket PATH (default: $ETWMON_SOCKET, else "
+                            "/run/etwmon/etwmon.sock) instead of a source of its own; --type, --pid, --match, --glob "
                             "then filter in the service")
     tail_.add_argument("--json", action="store_true",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text")
@@ -219,8 +219,8 @@ def _build_parser() -> _Parser:
         epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the source's ring caps when the options are "
                "not given. Reference: docs/service.md.")
     serve.add_argument("--socket", metavar="PATH", default=_default_socket(),
-                       help=f"the socket to listen on (default: {_default_socket()}, in a root-only directory "
-                            "etwmon makes safely)")
+                       help="the socket to listen on (default: $ETWMON_SOCKET, else /run/etwmon/etwmon.sock, "
+                            "in a root-only directory etwmon makes safely)")
     serve.add_argument("--source", default="auto", choices=["auto", *SOURCES],
                        help="event source (default: auto, the best that works here)")
     serve.add_argument("--max-items", type=_whole_number(1), metavar="N",
@@ -280,9 +280,9 @@ def _error(err: TextIO, message: str) -> None:
 
 
 def _default_socket() -> str:
-    from .safedir import RUN_DIR
+    from .service.server import default_socket
 
-    return os.path.join(RUN_DIR, "etwmon.sock")  # etwmon.service.DEFAULT_SOCKET, without importing the service
+    return default_socket()
 
 
 def _service_here(err: TextIO) -> str | None:

@@ -865,3 +865,67 @@ def test_three_clients_under_a_storm_readers_get_everything_once_in_order_the_id
     assert position == len(full)
     for conn in (a, b, idle):
         conn.close()
+
+
+# --- etwmon tail over the service -----------------------------------------------------------------------------
+
+
+def start_tail(*args: str) -> tuple[subprocess.Popen, str]:
+    """``etwmon tail ARGS`` in a process of its own, once it says it is watching (that line is returned)."""
+    proc = subprocess.Popen([sys.executable, "-m", "etwmon", "tail", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    lines = []
+    while True:
+        line = proc.stderr.readline()
+        assert line, "etwmon tail ended before watching: " + "".join(lines)
+        lines.append(line)
+        if "watching (" in line:
+            return proc, line
+
+
+def test_tail_connect_prints_the_services_events_filtered_in_the_service(served):
+    proc, watching = start_tail("--connect", served.path, "--json", "--type", "exit", "--batch-wait", "0")
+    try:
+        assert f"service: {served.path}, source: feed" in watching
+        wait_for(lambda: served.server.readers == 1, what="the tail to connect")
+        served.source.feed(creates(0, 20) + [R.encode_process_exit(30 + i, i, i) for i in range(3)])
+        lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        assert [(o["type"], o["pid"], o["exit_code"]) for o in lines] == [("ProcessExit", i, i) for i in range(3)]
+        client = next(iter(served.server._clients.values()))
+        assert client.ring.stats.pushed == 3  # the 20 creates never crossed the socket
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "3 records, 3 shown, 0 lost, 0 dropped" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_tail_connect_to_nothing_says_so(sockdir):
+    done = subprocess.run([sys.executable, "-m", "etwmon", "tail", "--connect", os.path.join(sockdir, "none.sock")],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "no etwmon service at" in done.stderr
+
+
+@pytest.mark.root
+def test_tail_without_root_uses_the_services_socket_when_one_is_there(open_dir, daemons, nobody_python):
+    d = Daemon(open_dir, "--socket-mode", "0666", "--allow-uid", "nobody")
+    daemons.append(d)
+    python, pythonpath = nobody_python
+    proc = subprocess.Popen(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={pythonpath}",
+                             f"ETWMON_SOCKET={d.path}", python, "-m", "etwmon", "tail", "--json", "--pid",
+                             str(os.getpid()), "--descendants", "--batch-wait", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert f"service: {d.path}, source: netlink" in line, line + proc.stderr.read()
+        wait_for(lambda: "uid 65534 (nobody)" in d.log() and "reads" in d.log(), what="the tail to connect")
+        child = subprocess.run(["sh", "-c", "exit 7"])
+        assert child.returncode == 7
+        seen = []
+        while not any(o["type"] == "ProcessExit" and o.get("exit_code") == 7 for o in seen):
+            seen.append(json.loads(proc.stdout.readline()))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert d.stop() == 0

@@ -3,7 +3,7 @@ a Unix socket (its device); ``etwmon.connect()`` reads them with the Monitor's A
 
 from .client import Connection, ConnectionStats, connect
 from .protocol import VERSION as PROTOCOL_VERSION
-from .server import DEFAULT_SOCKET, Server, ServerLimits
+from .server import DEFAULT_SOCKET, ENV_SOCKET, Server, ServerLimits, default_socket
 
-__all__ = ["Connection", "ConnectionStats", "connect", "Server", "ServerLimits", "DEFAULT_SOCKET",
-           "PROTOCOL_VERSION"]
+__all__ = ["Connection", "ConnectionStats", "connect", "Server", "ServerLimits", "DEFAULT_SOCKET", "ENV_SOCKET",
+           "default_socket", "PROTOCOL_VERSION"]

@@ -25,7 +25,7 @@ from ..monitor import EventReader, MonitorStats
 from ..records import ItemType
 from ..safedir import describe_mode
 from . import protocol as P
-from .server import DEFAULT_SOCKET
+from .server import default_socket
 
 __all__ = ["Connection", "ConnectionStats", "connect", "SourceInfo"]
 
@@ -79,7 +79,7 @@ class Connection(EventReader):
                  types: str | Iterable[str] | None = None, pids: Iterable[int] | None = None,
                  descendants: bool = False, match: Sequence[str] = (), globs: Sequence[str] = (),
                  timeout: float = 5.0) -> None:
-        self.path = path or DEFAULT_SOCKET
+        self.path = path or default_socket()
         self._hello: dict[str, Any] = {"version": P.VERSION, "max_items": max_items, "max_bytes": max_bytes}
         spec: dict[str, Any] = {}
         if types is not None:
@@ -513,7 +513,8 @@ class Connection(EventReader):
 
 def connect(path: str | None = None, max_items: int = 10_000, max_bytes: int | None = None,
             **options: Any) -> Connection:
-    """Connect to the etwmon service at ``path`` (default ``/run/etwmon/etwmon.sock``) and return the started
+    """Connect to the etwmon service at ``path`` (default: $ETWMON_SOCKET, else /run/etwmon/etwmon.sock) and
+    return the started
     ``Connection`` (see there for the options). Use it like a Monitor: ``with etwmon.connect() as src: ...``."""
     return Connection(path, max_items=max_items, max_bytes=max_bytes, **options).start()
 

@@ -30,12 +30,19 @@ from ..ring import EventRing
 from ..safedir import RUN_DIR, SafeDirError, describe_mode, private_directory
 from . import protocol as P
 
-__all__ = ["Server", "DEFAULT_SOCKET", "ServerLimits"]
+__all__ = ["Server", "DEFAULT_SOCKET", "ENV_SOCKET", "ServerLimits", "default_socket"]
 
 log = logging.getLogger(__name__)
 
 #: Where ``etwmon serve`` listens and ``etwmon.connect()`` / ``etwmon tail`` look by default.
 DEFAULT_SOCKET = os.path.join(RUN_DIR, "etwmon.sock")
+#: An environment variable that moves that default (a second service, tests).
+ENV_SOCKET = "ETWMON_SOCKET"
+
+
+def default_socket(environ: dict[str, str] | None = None) -> str:
+    """The socket path used when none is given: $ETWMON_SOCKET, else /run/etwmon/etwmon.sock."""
+    return (os.environ if environ is None else environ).get(ENV_SOCKET, "").strip() or DEFAULT_SOCKET
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python 3.11 does not name it
 _UCRED = struct.Struct("3i")
