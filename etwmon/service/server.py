@@ -61,7 +61,8 @@ class ServerLimits:
     """The caps that bound what clients can make the server hold: at most ``max_clients`` connections (the
     next one is refused at once), each queue at most ``client_max_items`` records / ``client_max_bytes``
     bytes (a client asking for more gets these), ``hello_timeout`` seconds to say hello. The server's
-    memory for clients is at most about ``max_clients`` × (``client_max_bytes`` + 600 KiB)."""
+    memory for clients is at most about ``max_clients`` × (``client_max_bytes`` + 8 × ``client_max_items``
+    + 470 KiB)."""
 
     def __init__(self, max_clients: int = 64, client_max_items: int = 100_000,
                  client_max_bytes: int = 16 << 20, hello_timeout: float = 5.0) -> None:
