@@ -138,26 +138,19 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _user_id(text: str) -> int:
-    import pwd
+def _account(kind: str) -> Callable[[str], int]:
+    """A user (``kind="user"``) or group name, or a number, as its id."""
+    def account_id(text: str) -> int:
+        import grp
+        import pwd
 
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        if text.isdigit():
-            return int(text)
-        raise argparse.ArgumentTypeError(f"no user named {text!r}") from None
-
-
-def _group_id(text: str) -> int:
-    import grp
-
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        if text.isdigit():
-            return int(text)
-        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+        try:
+            return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
+        except KeyError:
+            if text.isdigit():
+                return int(text)
+            raise argparse.ArgumentTypeError(f"no {kind} named {text!r}") from None
+    return account_id
 
 
 def _build_parser() -> _Parser:
@@ -229,14 +222,14 @@ def _build_parser() -> _Parser:
     serve.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
                        help=f"the source's ring capacity in bytes (default: ${ENV_MAX_BYTES}, else 1 KiB per "
                             "record)")
-    serve.add_argument("--group", metavar="GROUP", type=_group_id,
+    serve.add_argument("--group", metavar="GROUP", type=_account("group"),
                        help="the group (name or gid) that owns the socket: its members may read events")
     serve.add_argument("--socket-mode", metavar="OCTAL", type=_octal_mode,
                        help="the socket's permission bits (default: 0600, or 0660 with --group)")
-    serve.add_argument("--allow-uid", dest="allow_uids", action="append", default=[], type=_user_id,
+    serve.add_argument("--allow-uid", dest="allow_uids", action="append", default=[], type=_account("user"),
                        metavar="USER", help="a user (name or uid) allowed to read besides root (repeatable); "
                                             "checked with the peer's credentials")
-    serve.add_argument("--allow-gid", dest="allow_gids", action="append", default=[], type=_group_id,
+    serve.add_argument("--allow-gid", dest="allow_gids", action="append", default=[], type=_account("group"),
                        metavar="GROUP", help="a group (name or gid) whose members may read (repeatable)")
     serve.add_argument("--max-clients", type=_whole_number(1), default=64, metavar="N",
                        help="connections at most; the next one is refused at once (default: 64)")

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import BufferTooSmall, RecordFormatError
 from .records import HEADER_SIZE, encode_records_lost, filetime_now
 
-__all__ = ["EventRing", "RingStats", "DEFAULT_BYTES_PER_ITEM"]
+__all__ = ["EventRing", "RingStats", "DEFAULT_BYTES_PER_ITEM", "writable_bytes"]
 
 #: With ``max_bytes=None`` the byte cap is ``max_items`` times this (a ProcessCreate with a 100-character
 #: command line is 240 bytes), but never less than one largest record.
@@ -25,6 +25,18 @@ DEFAULT_BYTES_PER_ITEM = 1024
 _LOST_SIZE = 24
 _SMALL_BATCH = 16  # push_batch of at most this many records pushes them one by one
 _MAX_LOST_COUNT = 0xFFFFFFFF
+
+
+def writable_bytes(buffer) -> memoryview:
+    """``buffer`` as a flat writable byte view, the way every ``readinto`` takes it; ``TypeError`` when it is
+    read-only."""
+    out = memoryview(buffer)
+    if out.readonly:
+        raise TypeError("readinto() needs a writable buffer (bytearray, memoryview, numpy array), "
+                        f"not read-only {type(buffer).__name__}")
+    if out.ndim != 1 or out.format != "B":
+        out = out.cast("B")
+    return out
 
 
 @dataclass(frozen=True)
@@ -274,12 +286,7 @@ class EventRing:
         return self._copy_out(buffer, ends)
 
     def _copy_out(self, buffer, index) -> tuple[int, int, int]:
-        out = memoryview(buffer)
-        if out.readonly:
-            raise TypeError("readinto() needs a writable buffer (bytearray, memoryview, numpy array), "
-                            f"not read-only {type(buffer).__name__}")
-        if out.ndim != 1 or out.format != "B":
-            out = out.cast("B")
+        out = writable_bytes(buffer)
         room = len(out)
         with self._lock:
             pos = records = lost = 0

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,10 +30,10 @@ from etwmon.records import ItemType
 from etwmon.safedir import SafeDirError, open_private_file, private_directory
 from etwmon.service import Server, ServerLimits, connect
 from etwmon.service import protocol as P
-from etwmon.sources.base import Source
 
 from . import cn_builders as cb
 from .conftest import require
+from .helpers import ScriptedSource
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
@@ -45,50 +44,26 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 # --- a source the test drives, and a server on a temp socket ------------------------------------------------
 
 
-class FeedSource(Source):
-    """Pushes exactly what the test hands it (records, or ints: source losses), then notifies."""
-
-    name = "feed"
-    delivers = frozenset({"process_create", "process_exit"})
-
-    def __init__(self) -> None:
-        self._queue: list = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self.fail_with: BaseException | None = None
-
-    def run(self, sink) -> None:
-        while not self._stopped.is_set():
-            self._wake.wait(0.05)
-            self._wake.clear()
-            with self._lock:
-                batch, self._queue = self._queue, []
-            for item in batch:
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, int):
-                    sink.push_lost(item)
-                else:
-                    sink.push(item)
-            if batch:
-                sink.notify()
-
-    def feed(self, items) -> None:
-        with self._lock:
-            self._queue.extend(items)
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
+def feed(source: ScriptedSource, items) -> None:
+    """Hand the scripted source records (bytes), source losses (ints) and failures (exceptions), in order."""
+    batch: list[bytes] = []
+    for item in items:
+        if isinstance(item, (bytes, bytearray)):
+            batch.append(item)
+            continue
+        if batch:
+            source.commands.put(("records", batch))
+            batch = []
+        source.commands.put(("fail", item) if isinstance(item, BaseException) else ("lost", item))
+    if batch:
+        source.commands.put(("records", batch))
 
 
 class Served:
-    """A Monitor on a FeedSource behind a Server on a temp socket, served from a thread."""
+    """A Monitor on a ScriptedSource behind a Server on a temp socket, served from a thread."""
 
     def __init__(self, path: str, **server_options) -> None:
-        self.source = FeedSource()
+        self.source = ScriptedSource()
         self.monitor = etwmon.Monitor(self.source, max_items=200_000, max_bytes=64 << 20).start()
         self.path = path
         self.server = Server(self.monitor, path, **server_options).open()
@@ -175,7 +150,7 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
 def test_records_cross_the_socket_byte_for_byte_in_order(served):
     records = creates(0, 3000) + [R.encode_process_exit(i, i, i % 256) for i in range(3000)]
     with connect(served.path, max_items=10_000) as conn:
-        served.source.feed(records)
+        feed(served.source, records)
         buf = bytearray(0x10000)
         got = bytearray()
         want = sum(map(len, records))
@@ -193,7 +168,7 @@ def test_first_record_that_does_not_fit_stays_for_next_time(served):
     with connect(served.path) as conn:
         records = [R.encode_process_create(1, 1, 1, 1, 1, "x" * 30), R.encode_process_exit(2, 2, 0),
                    R.encode_process_create(3, 3, 1, 1, 1, "y" * 100)]
-        served.source.feed(records)
+        feed(served.source, records)
         wait_for(lambda: conn.wait(0.2), what="records")
         sizes = [len(r) for r in records]
         buf = bytearray(sizes[0] + sizes[1] + 10)  # room for two and a bit: the third waits
@@ -208,7 +183,7 @@ def test_first_record_that_does_not_fit_stays_for_next_time(served):
 
 def test_a_slow_clients_losses_come_first_and_add_up_exactly(served):
     with connect(served.path, max_items=100) as slow, connect(served.path, max_items=10_000) as fast:
-        served.source.feed(creates(0, 1000))
+        feed(served.source, creates(0, 1000))
         got_fast = read_all(fast, 1000)
         assert [e.pid for e in got_fast] == list(range(1000))  # the other client is not touched
         wait_for(lambda: slow.stats.pushed == 1000, what="the slow client's queue to take all")
@@ -221,7 +196,7 @@ def test_a_slow_clients_losses_come_first_and_add_up_exactly(served):
 
 def test_the_servers_own_losses_reach_every_client_in_band(served):
     with connect(served.path) as a, connect(served.path) as b:
-        served.source.feed(creates(0, 5) + [7] + creates(5, 5))  # the source says it missed 7
+        feed(served.source, creates(0, 5) + [7] + creates(5, 5))  # the source says it missed 7
         for conn in (a, b):
             events = read_all(conn, 10)
             lost = [e for e in events if isinstance(e, etwmon.RecordsLost)]
@@ -234,7 +209,7 @@ def test_events_async_and_fileno_read_like_a_monitor(served):
     import asyncio
 
     with connect(served.path) as conn:
-        served.source.feed(creates(0, 50))
+        feed(served.source, creates(0, 50))
         # fileno() is readable while records wait, also those already received but not taken yet.
         assert select.select([conn.fileno()], [], [], 10)[0]
         small = bytearray(200)
@@ -251,15 +226,15 @@ def test_events_async_and_fileno_read_like_a_monitor(served):
                 if len(out) == n:
                     return out
 
-        served.source.feed(creates(100, 20))
+        feed(served.source, creates(100, 20))
         assert asyncio.run(asyncio.wait_for(take(20), 10)) == list(range(100, 120))
-        assert conn.source.name == "feed"
+        assert conn.source.name == "scripted"
 
 
 def test_server_side_filters_keep_filtered_events_off_the_socket(served):
     with connect(served.path, types="exit") as exits, connect(served.path, match=["needle"]) as matched, \
             connect(served.path) as everything:
-        served.source.feed(creates(0, 10) + creates(10, 2, "needle") + [R.encode_process_exit(20, 11, 0)]
+        feed(served.source, creates(0, 10) + creates(10, 2, "needle") + [R.encode_process_exit(20, 11, 0)]
                            + [R.encode_process_exit(21, 3, 0)])
         assert len(read_all(everything, 14)) == 14
         wait_for(lambda: exits.stats.pushed == 2, what="two exits queued")
@@ -291,7 +266,7 @@ def test_caps_beyond_the_servers_limits_are_cut_to_them(sockdir):
 
 def test_a_stopping_server_delivers_what_is_queued_then_ends_cleanly(served):
     conn = connect(served.path)
-    served.source.feed(creates(0, 500))
+    feed(served.source, creates(0, 500))
     wait_for(lambda: conn.stats.pushed == 500, what="records queued")
     served.stop()
     data = read_until_end(conn)
@@ -302,7 +277,7 @@ def test_a_stopping_server_delivers_what_is_queued_then_ends_cleanly(served):
 
 def test_a_failing_source_ends_every_client_with_source_error(served):
     conn = connect(served.path)
-    served.source.feed(creates(0, 3) + [RuntimeError("the kernel went away")])
+    feed(served.source, creates(0, 3) + [RuntimeError("the kernel went away")])
     with pytest.raises(etwmon.SourceError, match="the kernel went away"):
         read_until_end(conn)
     served.thread.join(10)
@@ -329,7 +304,7 @@ def test_a_stale_socket_is_replaced_but_a_live_server_is_not(sockdir):
     try:
         with connect(path) as conn:
             assert conn.running
-        other = etwmon.Monitor(FeedSource())
+        other = etwmon.Monitor(ScriptedSource())
         other.start()
         try:
             with pytest.raises(etwmon.Error, match="another etwmon service is listening"):
@@ -344,7 +319,7 @@ def test_a_stale_socket_is_replaced_but_a_live_server_is_not(sockdir):
 def test_something_else_at_the_socket_path_is_never_removed(sockdir):
     path = os.path.join(sockdir, "s.sock")
     Path(path).write_text("precious")
-    mon = etwmon.Monitor(FeedSource()).start()
+    mon = etwmon.Monitor(ScriptedSource()).start()
     try:
         with pytest.raises(SafeDirError, match="is not a socket"):
             Server(mon, path).open()
@@ -378,7 +353,7 @@ def refusal(sock: socket.socket) -> dict:
 
 def assert_still_serving(served) -> None:
     with connect(served.path) as conn:
-        served.source.feed(creates(0, 3))
+        feed(served.source, creates(0, 3))
         assert [e.pid for e in read_all(conn, 3)][-3:] == [0, 1, 2]
     assert served.thread.is_alive() and served.error is None
 
@@ -427,7 +402,7 @@ def test_a_client_that_never_reads_costs_a_bounded_queue_and_stalls_nobody(serve
         total = 0
         for round_ in range(10):
             batch = creates(total, 5000)
-            served.source.feed(batch)
+            feed(served.source, batch)
             total += len(batch)
             events = read_all(reader, 5000)
             assert [e.pid for e in events] == list(range(total - 5000, total))
@@ -886,9 +861,9 @@ def start_tail(*args: str) -> tuple[subprocess.Popen, str]:
 def test_tail_connect_prints_the_services_events_filtered_in_the_service(served):
     proc, watching = start_tail("--connect", served.path, "--json", "--type", "exit", "--batch-wait", "0")
     try:
-        assert f"service: {served.path}, source: feed" in watching
+        assert f"service: {served.path}, source: scripted" in watching
         wait_for(lambda: served.server.readers == 1, what="the tail to connect")
-        served.source.feed(creates(0, 20) + [R.encode_process_exit(30 + i, i, i) for i in range(3)])
+        feed(served.source, creates(0, 20) + [R.encode_process_exit(30 + i, i, i) for i in range(3)])
         lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
         assert [(o["type"], o["pid"], o["exit_code"]) for o in lines] == [("ProcessExit", i, i) for i in range(3)]
         client = next(iter(served.server._clients.values()))

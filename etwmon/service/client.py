@@ -7,7 +7,6 @@ so ``readinto`` finds how many whole records fit with one binary search and copi
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
@@ -20,9 +19,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import BufferTooSmall, Error, ProtocolError, ServiceRefused, ServiceUnavailable, SourceError
+from ..errors import BufferTooSmall, Error, ServiceRefused, ServiceUnavailable, SourceError
 from ..monitor import EventReader, MonitorStats
-from ..records import ItemType
+from ..ring import writable_bytes
 from ..safedir import describe_mode
 from . import protocol as P
 from .server import default_socket
@@ -375,12 +374,7 @@ class Connection(EventReader):
         RecordsLost record comes first. 0 when nothing is waiting; ``BufferTooSmall(needed)`` (consuming
         nothing) when not even one record fits. At the end of the stream: 0, and once ``SourceError`` if the
         service failed or the connection was lost (killed server)."""
-        out = memoryview(buffer)
-        if out.readonly:
-            raise TypeError("readinto() needs a writable buffer (bytearray, memoryview, numpy array), "
-                            f"not read-only {type(buffer).__name__}")
-        if out.ndim != 1 or out.format != "B":
-            out = out.cast("B")
+        out = writable_bytes(buffer)
         frames = self._frames
         if not frames:
             self._receive()
