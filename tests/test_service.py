@@ -194,7 +194,8 @@ def test_a_slow_clients_losses_come_first_and_add_up_exactly(served):
         assert (s.pushed, s.dropped, s.reported, s.read, s.lost) == (1000, 900, 900, 100, 0)
 
 
-def test_the_servers_own_losses_reach_every_client_in_band(served):
+def test_the_servers_own_losses_reach_every_client_in_band(served, caplog):
+    caplog.set_level("WARNING", logger="etwmon.service")
     with connect(served.path) as a, connect(served.path) as b:
         feed(served.source, creates(0, 5) + [7] + creates(5, 5))  # the source says it missed 7
         for conn in (a, b):
@@ -203,6 +204,7 @@ def test_the_servers_own_losses_reach_every_client_in_band(served):
             assert sum(e.count for e in lost) == 7
             assert [e.pid for e in events if not isinstance(e, etwmon.RecordsLost)] == list(range(10))
             assert conn.stats.lost == 7 and conn.stats.reported == 7
+    assert "lost 7 records" in caplog.text  # and the service's log says so
 
 
 def test_events_async_and_fileno_read_like_a_monitor(served):

@@ -71,7 +71,7 @@ class Connection(EventReader):
     limits; ``max_bytes=None``: 1 KiB per record). ``types`` (e.g. ``"process,exec"``), ``pids``,
     ``descendants``, ``match``, ``globs``: a filter the server applies, so filtered events do not cross the
     socket (the meaning is ``etwmon tail``'s --type/--pid/--descendants/--match/--glob). A RecordsLost report
-    always passes.
+    always passes. Read it from one thread at a time (a Monitor takes several).
     """
 
     def __init__(self, path: str | None = None, max_items: int = 10_000, max_bytes: int | None = None, *,

@@ -51,7 +51,9 @@ _FRAME_RECORDS = 256 * 1024  # record bytes per DATA frame (a largest record alw
 _FRAMES_PER_TURN = 4  # frames one client may send per loop turn, so a fast one cannot starve the others
 _RECV = 4096  # bytes read from one client per loop turn
 _STOP_DRAIN = 1.0  # seconds a stopping server keeps sending what clients have queued
+_ACCEPT_PAUSE = 0.5  # seconds without accepting after accept() fails (out of descriptors)
 _REFUSAL_LOG_INTERVAL = 10.0
+_LOSS_LOG_INTERVAL = 10.0  # the Monitor's losses are logged at most this often, summed
 _REFUSALS_LOGGED = 20  # refusals logged one by one per interval
 _MAX_FILTER_VALUES = 1024
 _MAX_PATTERN = 4096
@@ -215,6 +217,9 @@ class Server:
         self._batch_ends = np.zeros(_BATCH // HEADER_SIZE + 1, dtype=np.int64)
         self._source_error: str | None = None
         self.refused = 0  # connections refused (not allowed, too many, bad hello)
+        self._accept_paused_until = 0.0
+        self._lost_unlogged = 0
+        self._lost_logged_at = 0.0
         self._refusal_window = time.monotonic()
         self._refusals_logged = self._refusals_unlogged = 0
 
@@ -329,6 +334,9 @@ class Server:
                     if events & selectors.EVENT_WRITE and client.number in self._clients:
                         self._flush(client)
             self._expire_hellos()
+            if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                self._selector.register(self._listener, selectors.EVENT_READ, "listen")
             if not self.monitor.running and not self.monitor.readable():
                 self._end_of_source()
         self._shut_down()
@@ -337,6 +345,8 @@ class Server:
 
     def _next_timeout(self) -> float:
         deadlines = [c.deadline for c in self._clients.values() if c.deadline is not None]
+        if self._accept_paused_until:
+            deadlines.append(self._accept_paused_until)
         if not deadlines:
             return 1.0
         return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
@@ -384,6 +394,7 @@ class Server:
         if lost:  # the Monitor's own losses (ring drops, source losses) reach every client in-band too
             for client in live:
                 client.ring.push_lost(lost)
+            self._log_loss(lost)
         if count <= first or not live:
             return
         data = self._batch_view[offset:n]
@@ -404,6 +415,15 @@ class Server:
                     if keep(event):
                         push(data[start:stop])
 
+    def _log_loss(self, lost: int) -> None:
+        self._lost_unlogged += lost
+        now = time.monotonic()
+        if now - self._lost_logged_at >= _LOSS_LOG_INTERVAL:
+            m = self.monitor.stats
+            log.warning("the source's side lost %d records (ring full or source overrun; %d lost and %d dropped "
+                        "since the start): every client is told in-band", self._lost_unlogged, m.lost, m.dropped)
+            self._lost_unlogged, self._lost_logged_at = 0, now
+
     # -- connections -----------------------------------------------------------------------------------
 
     def _accept(self) -> None:
@@ -412,8 +432,10 @@ class Server:
                 sock, _addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, go on serving the ones we have
-                log.warning("cannot accept a connection: %s", exc)
+            except OSError as exc:  # EMFILE and friends: pause accepting (no busy loop), serve the ones we have
+                log.warning("cannot accept connections for a moment: %s", exc.strerror or exc)
+                self._selector.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
                 return
             sock.setblocking(False)
             try:
