@@ -585,7 +585,8 @@ class Server:
         self._say_and_close(client, P.json_frame(P.REFUSED, {"code": code, "error": message}))
 
     def _protocol_error(self, client: _Client, code: str, message: str) -> None:
-        log.warning("%s broke the protocol: %s", client.who(), message)
+        self.refused += 1
+        self._log_refusal(client.who(), f"it broke the protocol: {message}")
         self._say_and_close(client, P.json_frame(P.REFUSED, {"code": code, "error": message}))
 
     def _say_and_close(self, client: _Client, last: bytes) -> None:
@@ -693,8 +694,11 @@ class Server:
             client.ending = P.json_frame(P.END, {"reason": self._stop_reason, "error": bool(self._source_error)})
             self._flush(client)
         deadline = time.monotonic() + _STOP_DRAIN
-        self._selector.unregister(self._listener)
-        self._selector.unregister(self.monitor.fileno())  # stopped: readable for good now
+        for what in (self._listener, self.monitor.fileno()):  # not accepting; the stopped Monitor stays readable
+            try:
+                self._selector.unregister(what)
+            except (KeyError, ValueError):
+                pass
         while self._clients and time.monotonic() < deadline:
             for key, events in self._selector.select(max(0.0, deadline - time.monotonic())):
                 client = key.data
