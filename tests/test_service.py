@@ -509,15 +509,16 @@ def test_private_directory_is_made_safe_and_refuses_what_is_not(sockdir):
     fd = private_directory(target, group=os.getegid())
     os.close(fd)
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o710  # the group may reach a socket, not list
-    fd = private_directory(target)
+    fd = private_directory(target)  # e.g. the audit lock while the service runs: accepted, left as it is
     os.close(fd)
-    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o710  # never tightened behind another user's back
-    os.chmod(target, 0o775)
-    with pytest.raises(SafeDirError, match="writable by others"):
-        private_directory(target)
+    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o710
+    for mode in (0o750, 0o711, 0o730, 0o775):
+        os.chmod(target, mode)
+        with pytest.raises(SafeDirError, match=f"mode is {mode:04o}, not 0700"):
+            private_directory(target)
     link = os.path.join(sockdir, "link")
     os.symlink(target, link)
-    with pytest.raises(SafeDirError, match="symlink"):
+    with pytest.raises(SafeDirError, match="symbolic link"):
         private_directory(link)
     os.chmod(sockdir, 0o777)
     try:
@@ -532,7 +533,7 @@ def test_private_directory_refuses_one_owned_by_another_user(sockdir):
     target = os.path.join(sockdir, "planted")
     os.mkdir(target, 0o700)
     os.chown(target, 65534, 65534)
-    with pytest.raises(SafeDirError, match="belongs to uid 65534"):
+    with pytest.raises(SafeDirError, match="owned by uid 65534, not by root"):
         private_directory(target)
 
 
@@ -906,3 +907,15 @@ def test_tail_without_root_uses_the_services_socket_when_one_is_there(open_dir, 
         proc.terminate()
         proc.wait(30)
     assert d.stop() == 0
+
+
+def test_the_audit_lock_and_the_services_socket_share_one_safe_directory(sockdir, monkeypatch):
+    from etwmon.sources import audit_state
+
+    where = os.path.join(sockdir, "run")
+    os.close(private_directory(where, group=os.getegid()))  # as `etwmon serve --group G` leaves /run/etwmon
+    monkeypatch.setattr(audit_state, "LOCK_DIR", where)
+    with audit_state.StateLock():
+        pass
+    assert stat.S_IMODE(os.lstat(where).st_mode) == 0o710  # the service's group keeps its way to the socket
+    assert stat.S_IMODE(os.lstat(os.path.join(where, audit_state.LOCK_NAME)).st_mode) == 0o600
