@@ -162,6 +162,7 @@ def test_records_cross_the_socket_byte_for_byte_in_order(served):
         assert bytes(got) == b"".join(records)
         s = conn.stats
         assert (s.read, s.dropped, s.lost, s.reported, s.items) == (6000, 0, 0, 0, 0)
+        assert s.source_stats == served.monitor.stats.source_stats and s.server["pushed"] == 6000
 
 
 def test_first_record_that_does_not_fit_stays_for_next_time(served):

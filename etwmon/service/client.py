@@ -493,7 +493,9 @@ class Connection(EventReader):
             lost=int(s.get("lost", 0)), items=items,
             bytes=int(s.get("bytes", 0)) + pending, max_items=int(self._welcome.get("max_items", 0)),
             max_bytes=int(self._welcome.get("max_bytes", 0)), source=self.source.name if self.source else "",
-            parse_errors=0, source_stats={}, reported=self._reported, server=dict(s.get("server", {})))
+            parse_errors=int(s.get("server", {}).get("parse_errors", 0)),
+            source_stats=dict(s.get("server", {}).get("source_stats", {})), reported=self._reported,
+            server=dict(s.get("server", {})))
 
     @property
     def granted(self) -> dict[str, Any]:

@@ -622,7 +622,8 @@ class Server:
             "bytes": s.bytes, "max_items": s.max_items, "max_bytes": s.max_bytes,
             "server": {"source": m.source, "pushed": m.pushed, "read": m.read, "dropped": m.dropped, "lost": m.lost,
                        "items": m.items, "parse_errors": m.parse_errors, "clients": len(self._clients),
-                       "refused": self.refused}})
+                       "refused": self.refused,
+                       "source_stats": {k: v for k, v in m.source_stats.items() if isinstance(v, (int, float, str))}}})
 
     def _next_frame(self, client: _Client) -> bool:
         """Put the next frame into ``client.out``; False when there is nothing to send."""
