@@ -234,7 +234,7 @@ def run(quick: bool = False) -> dict:
     if not sys.platform.startswith("linux"):
         return {"status": "skipped", "reason": "the service is Linux-only (Unix socket with SO_PEERCRED)"}
     count = 100_000 if quick else 400_000
-    repeats = 3 if quick else 5
+    repeats = 5 if quick else 9
     lat_count = 500 if quick else 3000
     paced = 0.002 if quick else 0.001
     records = make_records(count)
