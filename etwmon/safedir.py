@@ -10,14 +10,13 @@ can neither list the directory nor put anything in it.
 from __future__ import annotations
 
 import errno
-import grp
 import os
-import pwd
 import stat
 
 from .errors import Error
 
-__all__ = ["RUN_DIR", "SafeDirError", "private_directory", "open_private_file", "unsafe_reason", "describe_mode"]
+__all__ = ["RUN_DIR", "SafeDirError", "private_directory", "open_private_file", "unsafe_reason", "describe_mode",
+           "user_name", "group_name"]
 
 #: Where etwmon keeps its runtime files when it runs as root.
 RUN_DIR = "/run/etwmon"
@@ -31,17 +30,29 @@ class SafeDirError(Error, PermissionError):
     message names the path and what is wrong."""
 
 
+def user_name(uid: int) -> str:
+    """The user's name, or the number when it has none."""
+    import pwd  # (Unix only; etwmon imports on Windows too)
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    """The group's name, or the number when it has none."""
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def describe_mode(st: os.stat_result) -> str:
     """``0710 root:etwmon`` style text for messages."""
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        owner = str(st.st_uid)
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = str(st.st_gid)
-    return f"{stat.S_IMODE(st.st_mode):04o} {owner}:{group}"
+    return f"{stat.S_IMODE(st.st_mode):04o} {user_name(st.st_uid)}:{group_name(st.st_gid)}"
 
 
 def unsafe_reason(st: os.stat_result, directory: bool) -> str | None:

@@ -9,10 +9,8 @@ messages, never reading, a thousand connections) costs a bounded amount and neve
 from __future__ import annotations
 
 import errno
-import grp
 import logging
 import os
-import pwd
 import selectors
 import socket
 import stat
@@ -27,7 +25,7 @@ from .. import __version__
 from ..errors import Error, ProtocolError, SourceError
 from ..records import HEADER_SIZE, MAX_RECORD_SIZE, parse
 from ..ring import EventRing
-from ..safedir import RUN_DIR, SafeDirError, describe_mode, private_directory
+from ..safedir import RUN_DIR, SafeDirError, describe_mode, group_name, private_directory, user_name
 from . import protocol as P
 
 __all__ = ["Server", "DEFAULT_SOCKET", "ENV_SOCKET", "ServerLimits", "default_socket"]
@@ -77,17 +75,13 @@ class ServerLimits:
 
 
 def _user(uid: int) -> str:
-    try:
-        return f"{uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return str(uid)
+    name = user_name(uid)
+    return f"{uid} ({name})" if name != str(uid) else name
 
 
 def _group(gid: int) -> str:
-    try:
-        return f"{gid} ({grp.getgrgid(gid).gr_name})"
-    except KeyError:
-        return str(gid)
+    name = group_name(gid)
+    return f"{gid} ({name})" if name != str(gid) else name
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
@@ -748,6 +742,8 @@ class Server:
 def _resolve_group(group: str | int) -> int:
     if isinstance(group, int):
         return group
+    import grp
+
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
