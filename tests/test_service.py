@@ -618,13 +618,25 @@ def test_serve_notifies_systemd_logs_clients_reopens_logs_and_stops_on_sigterm(s
     assert "READY=1" in d.ready and d.path in d.ready
     conn = connect(d.path)
     assert conn.source.name == "netlink"
+    outcome: dict = {}
+
+    def keep_reading():  # a client that reads, as a real one does: it gets everything, then the END
+        try:
+            read_until_end(conn, timeout=60)
+            outcome["end"] = conn._end
+        except BaseException as exc:
+            outcome["end"] = exc
+
+    reader = threading.Thread(target=keep_reading, daemon=True)
+    reader.start()
     os.rename(log_file, log_file + ".1")  # what logrotate does, then it sends SIGHUP
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: os.path.exists(log_file) and "re-opened" in Path(log_file).read_text(), what="log re-open")
     d.proc.send_signal(signal.SIGTERM)
     assert d.notify.recv(4096) == b"STOPPING=1"
     assert d.stop(sig=None) == 0
-    read_until_end(conn)  # an END, not an error
+    reader.join(60)
+    assert outcome["end"] == {"reason": "SIGTERM received", "error": False}  # an END, not an error
     assert not conn.running
     conn.close()
     log = d.log()
