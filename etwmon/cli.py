@@ -510,10 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # a source module that cannot load here
         _error(err, f"the {getattr(args, 'source', '?')} source cannot be loaded: {exc}")
         return EXIT_RUNTIME
+    except Error as exc:  # etwmon's own errors name the fix (a ServiceRefused or SafeDirError is a PermissionError too)
+        _error(err, str(exc))
+        return EXIT_RUNTIME
     except PermissionError as exc:
         _error(err, f"{exc.strerror or exc}: run as root (or Administrator), or use --source procfs")
         return EXIT_RUNTIME
-    except (Error, OSError) as exc:
+    except OSError as exc:
         _error(err, str(exc))
         return EXIT_RUNTIME
     except KeyboardInterrupt:  # before the tail loop took the signals over (e.g. while argparse ran)

@@ -932,3 +932,29 @@ def test_the_audit_lock_and_the_services_socket_share_one_safe_directory(sockdir
         pass
     assert stat.S_IMODE(os.lstat(where).st_mode) == 0o710  # the service's group keeps its way to the socket
     assert stat.S_IMODE(os.lstat(os.path.join(where, audit_state.LOCK_NAME)).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--socket-mode", "999"], "must be octal"),
+    (["--socket-mode", "1777"], "from 0000 to 0777"),
+    (["--group", "no-such-group-etwmon"], "no group named"),
+    (["--allow-uid", "no-such-user-etwmon"], "no user named"),
+    (["--max-clients", "0"], "at least 1"),
+    (["--client-max-bytes", "1K"], "at least 65536"),
+])
+def test_serve_usage_errors_are_one_line_naming_the_fix(args, words):
+    done = subprocess.run([sys.executable, "-m", "etwmon", "serve", "--socket", "/nonexistent/x.sock", *args],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_serve_refuses_a_socket_directory_anyone_may_write(sockdir):
+    open_to_all = os.path.join(sockdir, "open")
+    os.mkdir(open_to_all)
+    os.chmod(open_to_all, 0o777)  # writable by anyone, not sticky: the socket could be swapped
+    done = subprocess.run([sys.executable, "-m", "etwmon", "serve", "--source", "procfs", "--socket",
+                           os.path.join(open_to_all, "s.sock")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "writable by others" in done.stderr, done.stderr
+    assert "run as root" not in done.stderr  # the message names the real fix, nothing else
+    assert not os.listdir(open_to_all)

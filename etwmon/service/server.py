@@ -229,8 +229,9 @@ class Server:
             st = os.fstat(dir_fd)
             if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
                 os.close(dir_fd)
-                raise SafeDirError(f"{directory} is writable by others ({describe_mode(st)}): anyone could swap "
-                                   "the socket; put it in a directory only root can write")
+                raise SafeDirError(f"refusing {directory} for the socket: it is writable by others "
+                                   f"({describe_mode(st)}), so anyone could swap the socket; put it in a directory "
+                                   "only root can write")
         try:
             self._remove_stale(dir_fd, name)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
