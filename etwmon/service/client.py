@@ -251,7 +251,8 @@ class Connection(EventReader):
             self._detach()  # handed-out frames point into the receive buffer, about to be reused
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
-        elif self._rend == len(self._rbuf):  # keep the partial frame, make room behind it
+        elif len(self._rbuf) - self._rend < P.HEADER.size + self._max_frame or self._rend == len(self._rbuf):
+            # Keep the partial frame, with room behind it for a whole one (the buffer holds two).
             size = self._rend - self._rstart
             self._rbuf[:size] = self._rbuf[self._rstart:self._rend]
             self._rstart, self._rend = 0, size
