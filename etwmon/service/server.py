@@ -223,7 +223,13 @@ class Server:
         """Create the socket directory (for the default path) and the socket, and listen."""
         directory, name = os.path.split(self.path)
         if directory == RUN_DIR:
-            dir_fd = private_directory(RUN_DIR, group=self.gid)
+            try:
+                dir_fd = private_directory(RUN_DIR, group=self.gid)
+            except PermissionError as exc:
+                if isinstance(exc, SafeDirError):
+                    raise
+                raise SafeDirError(f"cannot make {RUN_DIR} ({exc.strerror}): run 'etwmon serve' as root, or give "
+                                   "--socket PATH in a directory of your own") from None
         else:
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             st = os.fstat(dir_fd)
