@@ -958,3 +958,23 @@ def test_serve_refuses_a_socket_directory_anyone_may_write(sockdir):
     assert done.returncode == 1 and "writable by others" in done.stderr, done.stderr
     assert "run as root" not in done.stderr  # the message names the real fix, nothing else
     assert not os.listdir(open_to_all)
+
+
+@pytest.mark.root
+def test_group_members_read_through_the_sockets_group_and_supplementary_groups_count(open_dir, daemons,
+                                                                                    nobody_python):
+    grouped = Daemon(open_dir, "--group", "nogroup", name="g.sock")  # nobody's own group
+    daemons.append(grouped)
+    st_ = os.stat(grouped.path)
+    assert stat.S_IMODE(st_.st_mode) == 0o660 and st_.st_gid == 65534
+    assert run_as_nobody(nobody_python, grouped.path) == "ok netlink"
+    # --allow-gid with a group the client has only as a supplementary one (SO_PEERGROUPS)
+    supplementary = Daemon(open_dir, "--socket-mode", "0666", "--allow-gid", "daemon", name="s.sock")
+    daemons.append(supplementary)
+    python, pythonpath = nobody_python
+    done = subprocess.run(["runuser", "-u", "nobody", "-g", "nogroup", "-G", "daemon", "--", "env",
+                           f"PYTHONPATH={pythonpath}", python, "-c", NOBODY_CLIENT, supplementary.path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok netlink", done.stdout + done.stderr
+    assert run_as_nobody(nobody_python, supplementary.path).startswith("refused not-allowed")  # without it: no
+    assert grouped.stop() == 0 and supplementary.stop() == 0
