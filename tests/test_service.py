@@ -31,7 +31,6 @@ from etwmon.safedir import SafeDirError, open_private_file, private_directory
 from etwmon.service import Server, ServerLimits, connect
 from etwmon.service import protocol as P
 
-from . import cn_builders as cb
 from .conftest import require
 from .helpers import ScriptedSource
 
@@ -720,13 +719,6 @@ def test_a_client_killed_mid_read_is_dropped_and_the_others_go_on(sockdir, daemo
         s = other.stats
         assert s.server["clients"] == 1 and s.dropped == 0 and s.lost == 0
     assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def storm_tools(tmp_path_factory):
-    tools = cb.compile_storm_tools(tmp_path_factory.mktemp("storm"))
-    require(tools is not None, "the storm generators need gcc (apt-get install gcc)")
-    return tools
 
 
 NOBODY_CLIENT = """
