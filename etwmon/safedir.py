@@ -1,5 +1,6 @@
-"""Safe places for root's runtime files: the private directory /run/etwmon (the service's socket, the audit
-source's lock) and files in it, created and opened without following symlinks and checked after opening.
+"""Safe places for root's runtime files: private directories such as /run/etwmon (the service's socket) and
+/run/etwmon-audit (the audit source's lock) and files in them, created and opened without following symlinks
+and checked after opening.
 
 Everything is opened relative to a directory descriptor that was checked (``O_DIRECTORY | O_NOFOLLOW``, then
 ``fstat``), so a name swapped for a symlink between a check and a use is never followed. The one looser bit
