@@ -9,8 +9,6 @@ import os
 import signal
 import socket
 import sys
-from typing import Callable
-
 from ..errors import SourceError
 from .server import Server
 
@@ -91,10 +89,9 @@ def sd_notify(message: str, environ: dict[str, str] | None = None) -> bool:
         return False
 
 
-def run(server: Server, file_handler: ReopenableFileHandler | None = None,
-        reload: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (clean stop) with SIGHUP re-opening the log file (and calling ``reload``,
-    e.g. the rules); tell systemd when ready and when stopping. The server is open and its Monitor started.
+def run(server: Server, file_handler: ReopenableFileHandler | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (clean stop) with SIGHUP re-opening the log file; tell systemd when ready and
+    when stopping. The server is open and its Monitor started.
     Returns the exit status: 0 after a clean stop, 1 when the source failed."""
 
     def stop(signum: int, frame: object) -> None:
@@ -109,8 +106,6 @@ def run(server: Server, file_handler: ReopenableFileHandler | None = None,
             log.info("SIGHUP: re-opened the log file %s", file_handler.baseFilename)
         else:
             log.info("SIGHUP: logging goes to stderr, nothing to re-open")
-        if reload is not None:
-            reload()
 
     previous = {number: signal.signal(number, handler) for number, handler in
                 ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, hangup))}
