@@ -160,6 +160,32 @@ def sections(results: dict, markdown: bool) -> list[str]:
             if mem.get("error"):
                 out.append(f"error: {mem['error']}")
 
+    service = b.get("service")
+    if service:
+        out += ["", h("Service: one Monitor through the Unix socket vs read in-process")]
+        if service["status"] != "ok":
+            out.append(_status_line(service))
+        else:
+            p = service["params"]
+            out.append(f"{p['records']:,} records ({p['volume_bytes'] / MIB:.1f} MiB, {p['mean_record_bytes']} bytes "
+                       f"on average) pushed as fast as a source can, read with {p['read_size'] // 1024} KiB "
+                       f"readinto; {p['repeats']} repeats. Server and clients are separate processes; the load average "
+                       f"was {p.get('load_average_1min', 0):.1f} on {results['machine']['cores']} cores.")
+            out.append("")
+            rows = [[r["path"], stat(r["records_per_s"], 0), stat(r["MBps"], 1),
+                     (stat(r["vs_inprocess"], 2) + " x") if r["vs_inprocess"] else "–"] for r in service["throughput"]]
+            out += _table(["path", "records/s (each client)", "MB/s", "vs in-process"], rows, markdown)
+            lat = service["latency"]
+            out.append("")
+            out.append(f"Latency, push to reader, {p['latency_records']} records {p['latency_spacing_ms']:g} ms "
+                       "apart (µs):")
+            out.append("")
+            out += _table(["path", "p50", "p99", "max"],
+                          [[name, f"{lat[key]['p50']:.0f}", f"{lat[key]['p99']:.0f}", f"{lat[key]['max']:.0f}"]
+                           for name, key in (("in-process", "inprocess_us"), ("socket", "socket_us"))]
+                          + [["added by the socket", f"{lat['added_p50_us']:.0f}", f"{lat['added_p99_us']:.0f}", ""]],
+                          markdown)
+
     fleet = b.get("fleet")
     if fleet:
         out += ["", h("Fleet: one host through a local nats-server (JetStream, file storage) to a consumer")]
@@ -247,6 +273,13 @@ _METHOD = [
     "one by one, copies each that fits and pushes the first that does not back at the head). Each is drained "
     "with the same bytearray; the ceiling is plain slice copies of the same volume out of a large numpy array "
     "into that buffer. The garbage collector is off during every timed section.",
+    "- **Service**: a synthetic source pushes the ring benchmark's records as fast as it can into a Monitor; the "
+    "baseline reads that Monitor in the same process with 64 KiB `readinto`, the socket cases run `etwmon`'s "
+    "Server in a process of its own and 1 or 4 client processes reading with `etwmon.connect().readinto` "
+    "(64 KiB). Time runs from the first push to the last record at the (slowest) client; caps are above the "
+    "volume, so nothing is dropped (a run that drops is an error). Latency: one 24-byte record every few ms "
+    "stamped with CLOCK_MONOTONIC at its push, measured at the reader; the socket's addition is the difference "
+    "of the percentiles.",
     "- **Storms**: generators in C (`benchmarks/generators/`, built with gcc at run time) fork+exec "
     "`/bin/true storm-<i>`, fork children that exit at once, or pthread_create+join threads that exit at "
     "once, paced to a rate (unthrottled = the machine's maximum). Each prints the pids/tids it made: the "

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "rules", "storms", "cost", "memory", "fleet")
+BENCHMARKS = ("ring", "service", "rules", "storms", "cost", "memory", "fleet")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory")
 
 
@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         import ring_bench
 
         benchmarks["ring"] = _guard("ring", lambda: ring_bench.run(args.quick))
+    if "service" in args.only:
+        import service_bench
+
+        benchmarks["service"] = _guard("service", lambda: service_bench.run(args.quick))
     if "rules" in args.only:
         if _importable("defusedxml"):
             import rules_bench

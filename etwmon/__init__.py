@@ -4,7 +4,10 @@ A kernel event source feeds a bounded ring of SysMon-compatible binary records; 
 ``readinto``, whole records at a time, and ``parse`` turns the bytes into Event objects.
 """
 
-from .errors import BufferTooSmall, Error, RecordFormatError, SourceError, SourceUnavailable
+from .errors import (
+    BufferTooSmall, Error, ProtocolError, RecordFormatError, ServiceRefused, ServiceUnavailable, SourceError,
+    SourceUnavailable,
+)
 from .records import (
     Event, ImageLoad, ItemType, ProcessCreate, ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
     UnknownRecord, parse, parse_arrays,
@@ -14,10 +17,11 @@ from .ring import EventRing, RingStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "BufferTooSmall", "Error", "RecordFormatError", "SourceError", "SourceUnavailable",
+    "BufferTooSmall", "Error", "RecordFormatError", "SourceError", "SourceUnavailable", "ServiceUnavailable",
+    "ServiceRefused", "ProtocolError",
     "Event", "ImageLoad", "ItemType", "ProcessCreate", "ProcessExec", "ProcessExit", "RecordsLost",
     "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_arrays",
-    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "__version__",
+    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "__version__",
 ]
 
 
@@ -26,6 +30,9 @@ def __getattr__(name: str):
     if name in ("Monitor", "MonitorStats"):
         from . import monitor
         return getattr(monitor, name)
+    if name in ("connect", "Connection"):
+        from . import service
+        return getattr(service, name)
     if name == "open_source":
         from .sources import open_source
         return open_source

@@ -1,6 +1,6 @@
 """The ``etwmon`` command line: argument parsing and wiring. ``etwmon tail`` prints process and thread events as
-they happen (text for people, JSON lines for jq), ``etwmon sources`` says which event sources work on this machine
-and why not.
+they happen (text for people, JSON lines for jq), ``etwmon serve`` runs the service that serves them on a Unix
+socket, ``etwmon sources`` says which event sources work on this machine and why not.
 
 Usage reference: docs/cli.md. How an event looks lives in ``etwmon.formats``, which events pass in
 ``etwmon.filters``, the tail loop (over any ``etwmon.tail.Reader``) in ``etwmon.tail``.
@@ -36,6 +36,8 @@ ENV_MAX_BYTES = "ETWMON_MAX_BYTES"
 MIN_MAX_BYTES = 0x10000
 DEFAULT_MAX_ITEMS = 10_000
 SHIP_MAX_ITEMS = 100_000
+#: The service's source ring: it feeds every client, so it gets room for a burst while the server is busy.
+DEFAULT_SERVE_MAX_ITEMS = 100_000
 #: ``tail --batch-wait``: how long to gather events behind the first before printing (a person does not see
 #: 10 ms; a storm costs about half the CPU), and the most it may be (the ring keeps filling meanwhile).
 DEFAULT_BATCH_WAIT = 0.01
@@ -163,6 +165,31 @@ def _nats_options(command: argparse.ArgumentParser) -> None:
                               "$ETWMON_NATS_AUTH_FILE, else the ETWMON_NATS_* environment variables)")
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be octal permission bits such as 0660, not {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be from 0000 to 0777, not {text}")
+    return mode
+
+
+def _account(kind: str) -> Callable[[str], int]:
+    """A user (``kind="user"``) or group name, or a number, as its id."""
+    def account_id(text: str) -> int:
+        import grp
+        import pwd
+
+        try:
+            return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
+        except KeyError:
+            if text.isdigit():
+                return int(text)
+            raise argparse.ArgumentTypeError(f"no {kind} named {text!r}") from None
+    return account_id
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Watch processes and threads start and stop (SysMon-style records).")
     parser.add_argument("--version", action="version",
@@ -176,7 +203,12 @@ def _build_parser() -> _Parser:
         epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the ring caps when the options are not "
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
-                       help="event source (default: auto, the best that works here; see 'etwmon sources')")
+                       help="event source (default: auto: the etwmon service's socket when one is there and you "
+                            "are not root, else the best source that works here; see 'etwmon sources')")
+    tail_.add_argument("--connect", metavar="PATH", nargs="?", const=_default_socket(),
+                       help="read from the etwmon service at the socket PATH (default: $ETWMON_SOCKET, else "
+                            "/run/etwmon/etwmon.sock) instead of a source of its own; --type, --pid, --match, --glob "
+                            "then filter in the service")
     tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
     tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
@@ -258,6 +290,47 @@ def _build_parser() -> _Parser:
                                               "events.")
     sources.add_argument("--json", action="store_true", help="one JSON object per source per line")
 
+    serve = commands.add_parser(
+        "serve", help="run as the service: one event source, served to clients on a Unix socket",
+        description="Run in the foreground as the etwmon service (fit for systemd: logs on stderr with levels, "
+                    "SIGTERM stops, SIGHUP re-opens the log file, READY=1 to $NOTIFY_SOCKET). Clients read with "
+                    "'etwmon tail --connect' or etwmon.connect().",
+        epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the source's ring caps when the options are "
+               "not given. Reference: docs/service.md.")
+    serve.add_argument("--socket", metavar="PATH", default=_default_socket(),
+                       help="the socket to listen on (default: $ETWMON_SOCKET, else /run/etwmon/etwmon.sock, "
+                            "in a root-only directory etwmon makes safely)")
+    serve.add_argument("--source", default="auto", choices=["auto", *SOURCES],
+                       help="event source (default: auto, the best that works here)")
+    serve.add_argument("--max-items", type=_whole_number(1), metavar="N",
+                       help=f"the source's ring capacity in records (default: ${ENV_MAX_ITEMS}, else "
+                            f"{DEFAULT_SERVE_MAX_ITEMS})")
+    serve.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
+                       help=f"the source's ring capacity in bytes (default: ${ENV_MAX_BYTES}, else 1 KiB per "
+                            "record)")
+    serve.add_argument("--group", metavar="GROUP", type=_account("group"),
+                       help="the group (name or gid) that owns the socket: its members may read events")
+    serve.add_argument("--socket-mode", metavar="OCTAL", type=_octal_mode,
+                       help="the socket's permission bits (default: 0600, or 0660 with --group)")
+    serve.add_argument("--allow-uid", dest="allow_uids", action="append", default=[], type=_account("user"),
+                       metavar="USER", help="a user (name or uid) allowed to read besides root (repeatable); "
+                                            "checked with the peer's credentials")
+    serve.add_argument("--allow-gid", dest="allow_gids", action="append", default=[], type=_account("group"),
+                       metavar="GROUP", help="a group (name or gid) whose members may read (repeatable)")
+    serve.add_argument("--max-clients", type=_whole_number(1), default=64, metavar="N",
+                       help="connections at most; the next one is refused at once (default: 64)")
+    serve.add_argument("--client-max-items", type=_whole_number(1), default=100_000, metavar="N",
+                       help="the largest queue a client may have, in records (default: 100000)")
+    serve.add_argument("--client-max-bytes", type=_byte_size, default=16 << 20, metavar="SIZE",
+                       help="the largest queue a client may have, in bytes (default: 16M); clients' memory is "
+                            "at most about --max-clients times this")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="the least severe messages logged (default: info: also every connect and disconnect)")
+    serve.add_argument("--log-file", metavar="PATH", help="also log to this file (SIGHUP re-opens it)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="Sysmon-style rules (XML, see docs/rules.md) applied before any client sees an event; "
+                            "SIGHUP reloads it (a refused file keeps the rules in force)")
+
     commands.add_parser("cleanup", help="remove what killed etwmon instances left in the kernel, and restore it",
                         description="Remove what etwmon instances that were killed (kill -9) left in the kernel "
                                     "(audit rules, audit enabled, a raised backlog limit) and restore the state "
@@ -298,29 +371,78 @@ def _error(err: TextIO, message: str) -> None:
 # --- commands --------------------------------------------------------------------------------------------------
 
 
-def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO) -> Reader:
-    """What ``etwmon tail`` reads from: a Monitor on a local source, or with --from the fleet's stream.
-    (A service connection is chosen here too: each is a ``Reader``.)"""
+def _default_socket() -> str:
+    from .service.server import default_socket
+
+    return default_socket()
+
+
+def _service_here(err: TextIO) -> str | None:
+    """The service's default socket when ``etwmon tail`` should use it: not root, and a socket is there."""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return None
+    path = _default_socket()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        say(err, f"note: {os.path.dirname(path)} is not open to you, so an etwmon service there cannot be used "
+                 "(ask to be added to its group); using a source of its own")
+        return None
+    except OSError:
+        return None
+    import stat as stat_
+
+    return path if stat_.S_ISSOCK(st.st_mode) else None
+
+
+def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO) -> tuple[Reader, bool]:
+    """What ``etwmon tail`` reads from, and whether tail filters itself: with --from the fleet's stream; a service
+    connection (``--connect``, or the service's socket when not root and it is there), filtered in the service;
+    else a Monitor on a local source. Each is a ``Reader``."""
     if args.servers and args.config:
         raise UsageError("--config applies rules where the events are read from the kernel; with --from they "
                          "are the shipping host's: etwmon ship --config FILE")
     if args.servers:
+        if args.connect is not None:
+            raise UsageError("--from and --connect are two places to read from: give one")
         from . import fleet
 
         consumer = fleet.FleetConsumer(args.servers, hosts=args.hosts, since=args.since, durable=args.durable,
                                        stream=args.stream, auth=fleet.load_auth(environ, args.auth_file))
         return fleet.FleetReader(consumer, on_notice=lambda notice: say(
             err, f"warning: host {notice.host}: {notice.kind} message: {escape_text(notice.message)}"
-            if notice.kind != "restarted" else f"warning: host {notice.host}: {escape_text(notice.message)}"))
+            if notice.kind != "restarted" else f"warning: host {notice.host}: {escape_text(notice.message)}")), True
     if args.hosts or args.since or args.durable:
         raise UsageError("--host, --since and --durable go with --from (they choose what to read of the fleet)")
-    from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
-
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
+    path = args.connect
+    if path is None and args.source == "auto" and not args.config:
+        path = _service_here(err)
+        if path is not None:
+            from .errors import ServiceRefused, ServiceUnavailable
+            from .service import Connection
+
+            try:
+                return Connection(path, items, max_bytes, **_service_filter(args)).start(), False
+            except (ServiceUnavailable, ServiceRefused) as exc:
+                say(err, f"note: not using the etwmon service: {exc}; using a source of its own")
+    elif path is not None:
+        if args.source != "auto":
+            raise UsageError("--connect reads the service's source; give --source to 'etwmon serve' instead")
+        if args.config:
+            raise UsageError("--config applies rules where the events are read from the kernel; with --connect "
+                             "they are the service's: etwmon serve --config FILE")
+        from .service import Connection
+
+        return Connection(path, items, max_bytes, **_service_filter(args)), False
+    from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
+
     rules = _load_rules(args.config) if args.config else None
     try:
-        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules)
+        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
@@ -328,11 +450,20 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
                          f"give a smaller --max-bytes or --max-items (or {ENV_MAX_BYTES}/{ENV_MAX_ITEMS})") from None
 
 
+def _service_filter(args: argparse.Namespace) -> dict:
+    """tail's filter options as ``Connection`` options: the service filters, so only those events cross."""
+    types = None
+    if args.types:
+        types = sorted({t.name for t in frozenset().union(*args.types)})
+    return {"types": types, "pids": args.pids, "descendants": args.descendants, "match": args.substrings,
+            "globs": args.globs}
+
+
 def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, str]) -> int:
     if args.descendants and not args.pids:
         raise UsageError("--descendants needs --pid (whose descendants to follow)")
     types = frozenset().union(*args.types) if args.types else None
-    reader = _open_reader(args, environ, err)
+    reader, filter_here = _open_reader(args, environ, err)
     if args.servers:  # every line says whose event it is: the host of the batch being shown
         render = host_renderer(args.format, lambda: reader.host)
     elif args.format == "ecs":
@@ -340,10 +471,10 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         render = host_renderer("ecs", lambda: here)
     else:
         render = RENDERERS[args.format]
+    keep = EventFilter(types=types, pids=args.pids, descendants=args.descendants, substrings=args.substrings,
+                       globs=args.globs) if filter_here else (lambda event: True)
     options = TailOptions(
-        render=render,
-        keep=EventFilter(types=types, pids=args.pids, descendants=args.descendants, substrings=args.substrings,
-                         globs=args.globs),
+        render=render, keep=keep,
         batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None)
     return tail(reader, options, out, err)
 
@@ -402,6 +533,39 @@ def _rules_check(args: argparse.Namespace, out: TextIO) -> int:
             out.write(escape_text(line) + "\n")
     out.flush()
     return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int:
+    import warnings
+
+    from .monitor import Monitor
+    from .service import Server, ServerLimits
+    from .service.daemon import run, setup_logging
+
+    max_items, max_bytes = _limits(args, environ)
+    file_handler = setup_logging(args.log_level, args.log_file)
+    items = DEFAULT_SERVE_MAX_ITEMS if max_items is None else max_items
+    try:
+        monitor = Monitor(source=args.source, max_items=items, max_bytes=max_bytes,
+                          rules=_load_rules(args.config) if args.config else None)
+    except (MemoryError, ValueError) as exc:
+        raise UsageError(f"cannot allocate a ring of {items} records: {exc}; give a smaller --max-bytes or "
+                         "--max-items") from None
+    server = Server(monitor, args.socket, socket_mode=args.socket_mode, group=args.group,
+                    allow_uids=args.allow_uids, allow_gids=args.allow_gids,
+                    limits=ServerLimits(max_clients=args.max_clients, client_max_items=args.client_max_items,
+                                        client_max_bytes=args.client_max_bytes))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monitor.start()
+        for warning in caught:
+            say(err, f"warning: {cli_terms(str(warning.message))}")
+        server.open()
+        return run(server, file_handler, rules_path=args.config)
+    finally:
+        server.close()
+        monitor.close()
 
 
 def _auto_choice(infos: list) -> str | None:
@@ -514,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules_check(args, out)
         if args.command == "ship":
             return _ship(args, err, dict(os.environ))
+        if args.command == "serve":
+            return _serve(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _error(err, str(exc))
@@ -531,10 +697,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # a source module that cannot load here
         _error(err, f"the {getattr(args, 'source', '?')} source cannot be loaded: {exc}")
         return EXIT_RUNTIME
+    except Error as exc:  # etwmon's own errors name the fix (a ServiceRefused or SafeDirError is a PermissionError too)
+        _error(err, str(exc))
+        return EXIT_RUNTIME
     except PermissionError as exc:
         _error(err, f"{exc.strerror or exc}: run as root (or Administrator), or use --source procfs")
         return EXIT_RUNTIME
-    except (Error, OSError) as exc:
+    except OSError as exc:
         _error(err, str(exc))
         return EXIT_RUNTIME
     except KeyboardInterrupt:  # before the tail loop took the signals over (e.g. while argparse ran)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError", "RulesError",
-           "RuleConfigError"]
+           "RuleConfigError", "ServiceUnavailable", "ServiceRefused", "ProtocolError"]
 
 
 class Error(Exception):
@@ -46,3 +46,20 @@ class RulesError(Error):
 class RuleConfigError(RulesError, ValueError):
     """A rules configuration was refused: unreadable, too big, not well-formed, hostile (DTDs, entities) or not
     a valid Sysmon configuration. The message names the file and line; nothing was started."""
+
+
+class ServiceUnavailable(SourceUnavailable):
+    """No etwmon service answers at the socket path (none there, or a stale socket); the message says which."""
+
+
+class ServiceRefused(Error, PermissionError):
+    """The etwmon service (or the socket's permissions) refused this client; ``code`` is the reason's short
+    name (``not-allowed``, ``too-many-clients``, ``version``, ``bad-hello``, ``permission``)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class ProtocolError(Error):
+    """A peer broke the service protocol (docs/service.md): a bad frame, length or message."""

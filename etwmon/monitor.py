@@ -25,7 +25,7 @@ from .sources import Source, open_source
 if TYPE_CHECKING:
     from .rules import RuleSet
 
-__all__ = ["Monitor", "MonitorStats"]
+__all__ = ["Monitor", "MonitorStats", "EventReader"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,73 @@ class _Wakeup:
         self._w.close()
 
 
-class Monitor:
+class EventReader:
+    """What every reader of records offers on top of ``readinto``/``wait``/``fileno``/``running``/``readable``:
+    parsed events, blocking or ``async``. A Monitor and a service connection (``etwmon.connect``) are both
+    one, so the same code reads either."""
+
+    running: bool
+
+    def readinto(self, buffer) -> int:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        raise NotImplementedError
+
+    def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
+        """Parsed events as they come. Ends when the monitor stops, or when ``timeout`` seconds pass with
+        nothing new (``timeout=None``: wait forever)."""
+        buf = bytearray(bufsize)
+        while True:
+            n = self.readinto(buf)
+            if n:
+                yield from parse(bytes(buf[:n]))
+                continue
+            if not self.running:
+                return
+            if not self.wait(timeout) and timeout is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        """``async for event in monitor``: events as they come, without blocking the event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        fd = self.fileno()
+        try:
+            loop.add_reader(fd, ready.set)
+            has_reader = True
+        except (NotImplementedError, AttributeError):  # e.g. the Proactor loop on Windows
+            has_reader = False
+        buf = bytearray(0x10000)
+        try:
+            while True:
+                n = self.readinto(buf)
+                if n:
+                    for event in parse(bytes(buf[:n])):
+                        yield event
+                    continue
+                if not self.running:
+                    return
+                if has_reader:
+                    ready.clear()
+                    if not self.readable():
+                        await ready.wait()
+                else:
+                    await loop.run_in_executor(None, self.wait, 0.2)
+        finally:
+            if has_reader:
+                loop.remove_reader(fd)
+
+
+class Monitor(EventReader):
     """Watch processes and threads: ``Monitor(source="auto", max_items=10_000, max_bytes=None, **options)``.
 
     ``source`` is a name known to ``etwmon.sources.open_source`` or a ``Source`` object; extra keyword options
@@ -238,6 +304,16 @@ class Monitor:
             wakeup.clear_if_drained()
         return n
 
+    def readinto_indexed(self, buffer, ends) -> tuple[int, int, int]:
+        """``readinto`` that also gives each record's end (``EventRing.readinto_indexed``): the service
+        passes batches on to its clients' queues with it."""
+        self._check_error()
+        result = self.ring.readinto_indexed(buffer, ends)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.clear_if_drained()
+        return result
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until records (or a RecordsLost report) are waiting, or ``timeout`` seconds pass; True if
         there is something to read. Returns at once when stopped.
@@ -280,51 +356,6 @@ class Monitor:
             raise Error("the Monitor is not started: call start() or use it as a context manager first")
         return wakeup.fileno()
 
-    def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
-        """Parsed events as they come. Ends when the monitor stops, or when ``timeout`` seconds pass with
-        nothing new (``timeout=None``: wait forever)."""
-        buf = bytearray(bufsize)
-        while True:
-            n = self.readinto(buf)
-            if n:
-                yield from parse(bytes(buf[:n]))
-                continue
-            if not self.running:
-                return
-            if not self.wait(timeout) and timeout is not None:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        """``async for event in monitor``: events as they come, without blocking the event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        fd = self.fileno()
-        try:
-            loop.add_reader(fd, ready.set)
-            has_reader = True
-        except (NotImplementedError, AttributeError):  # e.g. the Proactor loop on Windows
-            has_reader = False
-        buf = bytearray(0x10000)
-        try:
-            while True:
-                n = self.readinto(buf)
-                if n:
-                    for event in parse(bytes(buf[:n])):
-                        yield event
-                    continue
-                if not self.running:
-                    return
-                if has_reader:
-                    ready.clear()
-                    if not self.readable():
-                        await ready.wait()
-                else:
-                    await loop.run_in_executor(None, self.wait, 0.2)
-        finally:
-            if has_reader:
-                loop.remove_reader(fd)
 
     # -- state -----------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ one binary search over the slot table and moves them with one or two slice copie
 from __future__ import annotations
 
 import threading
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +17,26 @@ import numpy as np
 from .errors import BufferTooSmall, RecordFormatError
 from .records import HEADER_SIZE, encode_records_lost, filetime_now
 
-__all__ = ["EventRing", "RingStats", "DEFAULT_BYTES_PER_ITEM"]
+__all__ = ["EventRing", "RingStats", "DEFAULT_BYTES_PER_ITEM", "writable_bytes"]
 
 #: With ``max_bytes=None`` the byte cap is ``max_items`` times this (a ProcessCreate with a 100-character
 #: command line is 240 bytes), but never less than one largest record.
 DEFAULT_BYTES_PER_ITEM = 1024
 _LOST_SIZE = 24
+_SMALL_BATCH = 16  # push_batch of at most this many records pushes them one by one
 _MAX_LOST_COUNT = 0xFFFFFFFF
+
+
+def writable_bytes(buffer) -> memoryview:
+    """``buffer`` as a flat writable byte view, the way every ``readinto`` takes it; ``TypeError`` when it is
+    read-only."""
+    out = memoryview(buffer)
+    if out.readonly:
+        raise TypeError("readinto() needs a writable buffer (bytearray, memoryview, numpy array), "
+                        f"not read-only {type(buffer).__name__}")
+    if out.ndim != 1 or out.format != "B":
+        out = out.cast("B")
+    return out
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,98 @@ class EventRing:
         size = view[2] | (view[3] << 8)
         raise RecordFormatError(f"record header says Size {size} but the record is {len(view)} bytes")
 
+    def push_batch(self, data, ends) -> None:
+        """Append the whole records of ``data`` (back to back) at once, as ``push`` of each in order would,
+        under one lock and with bulk copies: how the service fans one batch out to every client's queue.
+
+        ``ends`` (ascending integers, e.g. what ``readinto_indexed`` wrote) says where each record ends in
+        ``data``; the last must be ``len(data)``. When the batch alone exceeds a cap only its newest records
+        stay, the others count as dropped. Raises ``RecordFormatError`` (changing nothing) when a record's
+        Size disagrees with ``ends`` or a record is larger than ``max_bytes``.
+        """
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        ends = np.asarray(ends, dtype=np.int64)
+        k = len(ends)
+        if k == 0:
+            if len(view):
+                raise RecordFormatError(f"{len(view)} bytes of records but no record ends given")
+            return
+        if k <= _SMALL_BATCH:
+            # A few records (a quiet moment, the latency path): push() each is cheaper than the array work.
+            if int(ends[-1]) != len(view):
+                raise RecordFormatError(f"record ends do not cut {len(view)} bytes into records")
+            cuts = ends.tolist()
+            start = 0
+            for stop in cuts:  # all checked first: a bad batch changes nothing
+                size = stop - start
+                if size < HEADER_SIZE or view[start + 2] | (view[start + 3] << 8) != size:
+                    raise RecordFormatError(f"record ends do not cut {len(view)} bytes into records whose "
+                                            "headers say their sizes", start)
+                if size > self.max_bytes:
+                    raise RecordFormatError(f"a {size}-byte record cannot fit a ring of max_bytes={self.max_bytes}")
+                start = stop
+            start = 0
+            for stop in cuts:
+                self.push(view[start:stop])
+                start = stop
+            return
+        total = int(ends[-1])
+        starts = np.empty(k, dtype=np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1]
+        sizes = ends - starts
+        if total != len(view) or int(sizes.min()) < HEADER_SIZE:
+            raise RecordFormatError(f"record ends do not cut {len(view)} bytes into records of at least "
+                                    f"{HEADER_SIZE} bytes")
+        raw = np.frombuffer(view, dtype=np.uint8)
+        said = raw[starts + 2].astype(np.int64) | (raw[starts + 3].astype(np.int64) << 8)
+        bad = np.flatnonzero(said != sizes)
+        if len(bad):
+            i = int(bad[0])
+            raise RecordFormatError(f"record header says Size {int(said[i])} but the record is "
+                                    f"{int(sizes[i])} bytes", int(starts[i]))
+        cap, max_items = self.max_bytes, self.max_items
+        if int(sizes.max()) > cap:
+            raise RecordFormatError(f"a {int(sizes.max())}-byte record cannot fit a ring of max_bytes={cap}")
+        # The newest part of the batch that fits both caps on its own: the rest is dropped at once.
+        first = max(0, k - max_items)
+        if total - int(starts[first]) > cap:
+            first = int(np.searchsorted(starts, total - cap, side="left"))
+        keep = k - first
+        begin = int(starts[first])
+        n = total - begin
+        with self._lock:
+            start = self._tail_pos
+            end = start + n
+            if first:
+                # Even the batch's own older records did not fit: nothing held before them can stay.
+                self._make_room_for(end, max_items)
+            elif self._count + keep > max_items or end - self._head_pos > cap:
+                self._make_room_for(end, keep)
+            at = start % cap
+            if at + n <= cap:
+                self._mem[at:at + n] = view[begin:total]
+            else:
+                part = cap - at
+                self._mem[at:] = view[begin:begin + part]
+                self._mem[:n - part] = view[begin + part:total]
+            slot = self._tail_slot
+            span = min(keep, max_items - slot)
+            positions = ends[first:] + (start - begin)
+            self._ends[slot:slot + span] = positions[:span]
+            if span < keep:
+                self._ends[:keep - span] = positions[span:]
+            self._tail_slot = (slot + keep) % max_items
+            self._count += keep
+            self._tail_pos = end
+            self._dropped += first
+            self._pending_lost += first
+
     def _make_room(self, end: int) -> None:
-        """Drop the oldest records until the one ending at stream position ``end`` fits (lock held)."""
+        """Drop the oldest records until the one ending at stream position ``end`` fits (lock held). A loop:
+        one push usually drops one record, and this is the cheapest way to drop one."""
         cap, max_items, ends = self.max_bytes, self.max_items, self._endv
         head, head_pos, count, dropped = self._head, self._head_pos, self._count, 0
         while count and (count == max_items or end - head_pos > cap):
@@ -135,6 +238,30 @@ class EventRing:
         self._dropped += dropped
         self._pending_lost += dropped
 
+    def _make_room_for(self, end: int, items: int) -> None:
+        """``_make_room`` for a batch of ``items`` records ending at ``end``, which may drop thousands (a client
+        that does not read): record ends ascend in stream order, so it is one binary search, not a loop."""
+        cap, max_items, ends = self.max_bytes, self.max_items, self._endv
+        head, head_pos, count = self._head, self._head_pos, self._count
+        drop = max(0, count + items - max_items)
+        need = end - cap  # the oldest record kept must start at or after this stream position
+        if head_pos < need:
+            hi = min(head + count, max_items)
+            i = bisect_left(ends, need, head, hi)
+            if i < hi:
+                by_bytes = i - head + 1
+            else:
+                by_bytes = hi - head + bisect_left(ends, need, 0, head + count - max_items) + 1
+            drop = max(drop, by_bytes)
+        drop = min(drop, count)
+        if drop:
+            last = (head + drop - 1) % max_items
+            self._head_pos = int(ends[last])
+            self._head = (last + 1) % max_items
+            self._count = count - drop
+            self._dropped += drop
+            self._pending_lost += drop
+
     # -- readers ---------------------------------------------------------------------------------------
 
     def readinto(self, buffer) -> int:
@@ -144,22 +271,35 @@ class EventRing:
         RecordsLost record. Returns 0 when the ring is empty; raises ``BufferTooSmall`` (consuming nothing)
         when not even one record fits, and ``TypeError`` for a read-only buffer.
         """
-        out = memoryview(buffer)
-        if out.readonly:
-            raise TypeError("readinto() needs a writable buffer (bytearray, memoryview, numpy array), "
-                            f"not read-only {type(buffer).__name__}")
-        if out.ndim != 1 or out.format != "B":
-            out = out.cast("B")
+        return self._copy_out(buffer, None)[0]
+
+    def readinto_indexed(self, buffer, ends: np.ndarray) -> tuple[int, int, int]:
+        """``readinto`` that also says where each record it copied ends, for passing the batch on whole
+        (``push_batch``, the service) without walking the records again.
+
+        ``ends`` is a writable int64 array with room for ``len(buffer) // 16 + 1`` entries; entry i gets the
+        end offset of record i in ``buffer``. Returns (bytes, records, lost): ``lost`` is the count of the
+        leading RecordsLost record (then record 0), or 0 when there is none.
+        """
+        if len(ends) < len(memoryview(buffer).cast("B")) // HEADER_SIZE + 1:
+            raise ValueError(f"ends needs room for len(buffer) // {HEADER_SIZE} + 1 entries")
+        return self._copy_out(buffer, ends)
+
+    def _copy_out(self, buffer, index) -> tuple[int, int, int]:
+        out = writable_bytes(buffer)
         room = len(out)
         with self._lock:
-            pos = 0
+            pos = records = lost = 0
             if self._pending_lost:
                 if room < _LOST_SIZE:
                     raise BufferTooSmall(_LOST_SIZE, room)
-                part = min(self._pending_lost, _MAX_LOST_COUNT)
-                out[:_LOST_SIZE] = encode_records_lost(filetime_now(), part)
-                self._pending_lost -= part
+                lost = min(self._pending_lost, _MAX_LOST_COUNT)
+                out[:_LOST_SIZE] = encode_records_lost(filetime_now(), lost)
+                self._pending_lost -= lost
                 pos = _LOST_SIZE
+                if index is not None:
+                    index[0] = _LOST_SIZE
+                    records = 1
             count, max_items, cap = self._count, self.max_items, self.max_bytes
             head, head_pos = self._head, self._head_pos
             ends = self._endv
@@ -177,6 +317,9 @@ class EventRing:
                     first = cap - at
                     out[pos:pos + first] = self._mem[at:]
                     out[pos + first:pos + nbytes] = self._mem[:nbytes - first]
+                if index is not None:
+                    index[records:records + j - head] = self._ends[head:j] + (pos - head_pos)
+                    records += j - head
                 pos += nbytes
                 head_pos += nbytes
                 count -= j - head
@@ -187,7 +330,7 @@ class EventRing:
             self._head, self._head_pos, self._count = head, head_pos, count
             if pos == 0 and count:
                 raise BufferTooSmall(ends[head] - head_pos, room)
-            return pos
+            return pos, records, lost
 
     # -- state -----------------------------------------------------------------------------------------
 

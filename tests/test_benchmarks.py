@@ -56,7 +56,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "rules", "storms", "cost", "memory", "fleet"]
+    assert list(data["benchmarks"]) == ["ring", "service", "rules", "storms", "cost", "memory", "fleet"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -79,6 +79,26 @@ def test_ring_figures_are_complete_and_sane(quick_run):
     names = {t["name"] for t in ring["targets"]}
     assert names == {"readinto 64 KiB vs naive list", "readinto 1 MiB vs copy ceiling", "push rate",
                      "push vs deque append"}
+
+
+def test_service_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    service = json.loads((out / "latest.json").read_text())["benchmarks"]["service"]
+    if service["status"] == "skipped":
+        assert not sys.platform.startswith("linux"), service["reason"]
+        pytest.skip(service["reason"])
+    assert [row["clients"] for row in service["throughput"]] == [0, 1, 4]
+    for row in service["throughput"]:
+        _stat_ok(row["records_per_s"], low=1e-9)
+        _stat_ok(row["MBps"], low=1e-9)
+        if row["clients"]:
+            _stat_ok(row["vs_inprocess"], low=1e-9)
+    for key in ("inprocess_us", "socket_us"):
+        lat = service["latency"][key]
+        assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"] and lat["n"] == service["params"]["latency_records"]
+    assert {t["name"] for t in service["targets"]} == {"socket to 1 client vs in-process (64 KiB reads)",
+                                                     "socket to each of 4 clients vs in-process",
+                                                     "latency the socket adds (p99)"}
 
 
 def test_rules_figures_are_complete_and_sane(quick_run):

@@ -84,6 +84,41 @@ class RingMachine(RuleBasedStateMachine):
         self.ring.push(record)
         self.model.push(record)
 
+    @rule(sizes=st.lists(st.sampled_from([24, 40, 42, 56, 64, 100, 160, 250]), max_size=30))
+    def push_batch(self, sizes):
+        # The same as pushing each in order, whatever the caps (the service fans batches out with it).
+        records = []
+        for size in sizes:
+            self.seq += 1
+            records.append(record_of_size(size, self.seq))
+        ends = np.cumsum([len(r) for r in records], dtype=np.int64)
+        if any(len(r) > self.model.max_bytes for r in records):
+            before = self.ring.stats
+            with pytest.raises(etwmon.RecordFormatError):
+                self.ring.push_batch(b"".join(records), ends)
+            assert self.ring.stats == before
+            return
+        self.ring.push_batch(b"".join(records), ends)
+        for record in records:
+            self.model.push(record)
+
+    @rule(size=st.integers(0, 700))
+    def readinto_indexed(self, size):
+        buf = bytearray(size)
+        ends = np.full(size // 16 + 1, -1, dtype=np.int64)
+        try:
+            expected = self.model.readinto(size)
+        except etwmon.BufferTooSmall as want:
+            with pytest.raises(etwmon.BufferTooSmall) as got:
+                self.ring.readinto_indexed(buf, ends)
+            assert got.value.needed == want.needed
+            return
+        n, count, lost = self.ring.readinto_indexed(buf, ends)
+        assert normalized(bytes(buf[:n])) == normalized(expected)
+        headers = R.record_headers(buf[:n])
+        assert ends[:count].tolist() == (headers["offset"] + headers["Size"]).tolist()
+        assert lost == (next(etwmon.parse(buf[:24])).count if count and headers["Type"][0] == LOST else 0)
+
     @rule(size=st.integers(0, 700))
     def readinto(self, size):
         buf = bytearray(size + 5)
@@ -116,6 +151,19 @@ TestRingAgainstModel.settings = settings(max_examples=300, stateful_step_count=6
 
 
 # --- the book's behaviours, one by one -------------------------------------------------------------------
+
+
+def test_push_batch_rejects_ends_that_disagree_with_the_sizes():
+    ring = EventRing()
+    data = record_of_size(40, 1) + record_of_size(24, 2)
+    for ends in ([40, 63], [24, 64], [64], [40, 60, 64]):
+        with pytest.raises(etwmon.RecordFormatError):
+            ring.push_batch(data, ends)
+    with pytest.raises(etwmon.RecordFormatError):
+        ring.push_batch(data, [])
+    assert ring.stats.pushed == 0
+    ring.push_batch(data, [40, 64])
+    assert ring.readinto(bytearray(100)) == 64
 
 
 def test_empty_ring_reads_zero():

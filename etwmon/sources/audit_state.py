@@ -12,11 +12,11 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 
 from ..errors import SourceUnavailable
+from ..safedir import SafeDirError, open_private_file, private_directory
 from ._linux import live_process_start
 from .audit_protocol import AuditControl, AuditRule, AuditStatus
 
@@ -86,62 +86,27 @@ def etwmon_rules(control: AuditControl, prefix: str) -> list[tuple[AuditRule, Ru
 # --- the lock ----------------------------------------------------------------------------------------------------
 
 
-def _problem(st: os.stat_result, directory: bool) -> str | None:
-    """What makes a lock directory or file unsafe to trust, or None."""
-    euid = os.geteuid()
-    if directory and not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    if not directory and not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
-    if st.st_uid != euid:
-        return f"it is owned by uid {st.st_uid}, not by {'root' if euid == 0 else f'uid {euid}'}"
-    mode = stat.S_IMODE(st.st_mode)
-    if directory and mode & 0o077:
-        return f"its mode is {mode:04o}, not 0700"
-    if not directory and mode & 0o022:
-        return f"it is group or world writable (mode {mode:04o})"
-    if not directory and st.st_nlink != 1:
-        return f"it has {st.st_nlink} hard links"
-    return None
-
-
 def _open_lock_file(directory: str, name: str) -> int:
-    """The lock file, made safely: the directory created 0700 (or found so, owned by us) and opened without
-    following a link, then the file in it opened relative to that directory, never through a link, and checked
-    to be a regular file of ours that nobody else may write."""
+    """The lock file, made safely (``etwmon.safedir``, shared with the service's socket): the directory created
+    0700 (or found 0700/0710, owned by us) and opened without following a link, then the file in it opened
+    relative to that directory, never through a link, and checked to be a regular file of ours that nobody else
+    may write."""
     path = os.path.join(directory, name)
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
+        dir_fd = private_directory(directory)
+    except SafeDirError as exc:
+        raise SourceUnavailable(f"audit source: the lock directory: {exc}") from exc
     except OSError as exc:
         raise SourceUnavailable(f"audit source: cannot create the lock directory {directory} ({exc.strerror}); "
                                 "etwmon does not change the audit state without its lock") from exc
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_private_file(dir_fd, name, os.O_RDWR | os.O_CREAT, 0o600, path=path)
+    except SafeDirError as exc:
+        raise SourceUnavailable(f"audit source: the lock file: {exc}") from exc
     except OSError as exc:
-        why = "it is a symbolic link or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) \
-            else exc.strerror
-        raise SourceUnavailable(f"audit source: refusing the lock directory {directory}: {why}; remove it "
-                                "(etwmon makes it again, root-only)") from exc
-    try:
-        problem = _problem(os.fstat(dir_fd), directory=True)
-        if problem is not None:
-            raise SourceUnavailable(f"audit source: refusing the lock directory {directory}: {problem}; remove it "
-                                    "(etwmon makes it again, root-only)")
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, 0o600,
-                         dir_fd=dir_fd)
-        except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise SourceUnavailable(f"audit source: refusing the lock file {path}: {why}; remove it") from exc
+        raise SourceUnavailable(f"audit source: refusing the lock file {path}: {exc.strerror}; remove it") from exc
     finally:
         os.close(dir_fd)
-    problem = _problem(os.fstat(fd), directory=False)
-    if problem is not None:
-        os.close(fd)
-        raise SourceUnavailable(f"audit source: refusing the lock file {path}: {problem}; remove it")
-    return fd
 
 
 class StateLock:
