@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from .errors import Error, SourceError
+from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
@@ -35,6 +36,9 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
+    #: The identity stage's counters (processes, known, evicted, evicted_live, unknown_parent, no_guid); {} when
+    #: it is off.
+    identity: dict[str, int] = field(default_factory=dict)
 
 
 class _Sink:
@@ -92,11 +96,20 @@ class Monitor:
     ``source`` is a name known to ``etwmon.sources.open_source`` or a ``Source`` object; extra keyword options
     go to the source. Use as a context manager or call ``start()``/``stop()`` (both idempotent). Records stay
     readable after ``stop()`` until drained.
+
+    ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
+    and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
+    (``etwmon.identity``); ``max_processes`` bounds its process table. ``identity=False`` gives the book's
+    records and spares the cost.
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
+                 *, identity: bool = True, max_processes: int = DEFAULT_MAX_PROCESSES,
                  **source_options: Any) -> None:
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
+        self._identity = bool(identity)
+        self._max_processes = max_processes
+        self._stage: IdentityStage | None = None
         self._source_spec = source
         self._source_options = source_options
         self._source: Source | None = source if isinstance(source, Source) else None
@@ -117,9 +130,15 @@ class Monitor:
                 if self._source_options:
                     raise TypeError("source options go to the Source object itself, not to Monitor")
                 self._source = self._source_spec
+                self._source.details = self._identity
                 self._source.open()
             else:
-                self._source = open_source(self._source_spec, **self._source_options)
+                self._source = open_source(self._source_spec, details=self._identity, **self._source_options)
+            self._stage = None
+            if self._identity:
+                # Seeded after open(): a process that starts in between is both in the seed and in the events.
+                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
+                self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._signal is None:
                 self._signal = _Signal(self.ring)
@@ -131,7 +150,10 @@ class Monitor:
 
     def _run(self, source: Source, signal: _Signal) -> None:
         try:
-            source.run(_Sink(self.ring, signal))
+            sink = _Sink(self.ring, signal)
+            if self._stage is not None:
+                sink = self._stage.attach(sink)
+            source.run(sink)
         except BaseException as exc:  # kept for the reader: never die silently
             log.error("etwmon source %r failed: %r", source.name, exc)
             self._error = exc
@@ -286,12 +308,20 @@ class Monitor:
 
     # -- state -----------------------------------------------------------------------------------------
 
+    def ancestors(self, guid: str) -> list[ProcessInfo]:
+        """The parents of the process whose ProcessGuid is ``guid``, nearest first, up to the first one the
+        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage."""
+        if self._stage is None:
+            raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
+        return self._stage.ancestors(guid)
+
     @property
     def stats(self) -> MonitorStats:
         ring = self.ring.stats
         extra = self._source.stats() if self._source is not None else {}
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
-                            parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra))
+                            parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
+                            identity=self._stage.stats() if self._stage is not None else {})
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -30,6 +30,7 @@ __all__ = [
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "record_headers",
     "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
+    "with_fields", "block_fields", "field_value", "TAG_ORDER",
     "guid_text", "guid_bytes",
 ]
 
@@ -241,7 +242,7 @@ _TAG_FIELDS: dict[int, tuple[str, str]] = {
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-_TAG_ORDER = (1, 2, 5, 11, 14, 15, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 3, 4, 6, 10, 12, 13, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -270,6 +271,7 @@ def _value_bytes(kind: str, value) -> bytes:
 
 
 def _field_value(kind: str, data: bytes):
+    """A field's value bytes as the Event attribute (None if it is malformed)."""
     if kind == "text":
         return data.decode("utf-16-le", "surrogatepass")
     if kind == "guid":
@@ -382,6 +384,17 @@ def with_fields(record: bytes, flags: int, fields: Sequence[tuple[int, bytes]]) 
     whose command line leaves too little room has the command line cut (see ``with_details``)."""
     item = record[0] | (record[1] << 8)
     base = _base_size(record)
+    length = EXTENSION_HEADER_SIZE
+    for _, value in fields:
+        length += 4 + len(value)
+    if base + length <= MAX_RECORD_SIZE and (item in _BASE_SIZE or item == 1 or item == 101):
+        pack = _TLV.pack
+        parts = [_HEADER.pack(item, base + length, _I64.unpack_from(record, 8)[0]), record[HEADER_SIZE:base],
+                 _EXT_HEADER.pack(EXTENSION_VERSION, length, int(flags))]
+        for tag, value in fields:
+            parts.append(pack(tag, len(value)))
+            parts.append(value)
+        return b"".join(parts)
     if item == 1 or item == 101:
         time, pid, parent_pid, creating_tid, creating_pid = _TIME_PIDS.unpack_from(record, 8)
         return _create_with_block(item, time, pid, parent_pid, creating_pid, creating_tid,
@@ -391,6 +404,29 @@ def with_fields(record: bytes, flags: int, fields: Sequence[tuple[int, bytes]]) 
     block = _block(flags, fields, MAX_RECORD_SIZE - base)
     return _HEADER.pack(item, base + len(block), _I64.unpack_from(record, 8)[0]) + bytes(record[HEADER_SIZE:base]) \
         + block
+
+
+def block_fields(record) -> tuple[int, list[tuple[int, bytes]]]:
+    """(flags, [(tag, value bytes), ...]) of a record's extension block as written; (0, []) when it has none
+    (or one of a version this reader does not know)."""
+    base = _base_size(record)
+    size = record[2] | (record[3] << 8)
+    if size - base < EXTENSION_HEADER_SIZE:
+        return 0, []
+    version, length, flags = _EXT_HEADER.unpack_from(record, base)
+    if version != EXTENSION_VERSION or base + length > size:
+        return 0, []
+    out = []
+    pos, stop = base + EXTENSION_HEADER_SIZE, base + length
+    unpack = _TLV.unpack_from
+    while pos + 4 <= stop:
+        tag, n = unpack(record, pos)
+        pos += 4
+        if pos + n > stop:
+            break
+        out.append((tag, bytes(record[pos:pos + n])))
+        pos += n
+    return flags, out
 
 
 def with_details(record: bytes, details: Details) -> bytes:
@@ -664,6 +700,12 @@ def _details_of(event: Event) -> Details | None:
     if not flags and all(v is None for v in values.values()):
         return None
     return Details(flags=flags, **values)
+
+
+def field_value(tag: int, data: bytes):
+    """The Event attribute value of one field of an extension block (its tag and value bytes)."""
+    known = _TAG_FIELDS.get(tag)
+    return None if known is None else _field_value(known[1], data)
 
 
 def _parse_block(view: memoryview, start: int, end: int, allowed: frozenset[str]) -> dict:

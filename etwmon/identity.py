@@ -1,0 +1,371 @@
+"""Who is this process: ProcessGuid, a bounded table of the processes the monitor knows, and the stage that puts
+both into every record (the extension block) on the source's thread, before the ring.
+
+ProcessGuid (128 bits, shown as Sysmon shows it: ``{hhhhhhhh-bbbb-bbbb-pppp-ppppssssssss}``):
+
+- bytes 0-3: the host tag, the first 4 bytes of SHA-256 of what names the host (``/etc/machine-id`` on Linux),
+- bytes 4-7: the boot tag, the first 4 bytes of SHA-256 of the host name and the boot's id (the kernel's random
+  ``boot_id``, new at every boot),
+- bytes 8-11: the process id, big-endian (so it reads as hex in the text form),
+- bytes 12-15: the low 32 bits of the process's start time as a FILETIME (100 ns ticks).
+
+So a process has one guid on its create, its execs, its threads and its exit (the table hands out the guid it
+gave at the start), two processes that share a pid differ (they start at different times: the low 32 bits of
+100 ns ticks repeat only every 429.5 s, to the tick), and the same pid and start on another host or after a reboot
+differ in the tags. The start time is the one the source knows for the process: the kernel's timestamp of the
+fork, or /proc's start time (clock ticks) for a process that ran before the monitor started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from .records import (
+    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, with_fields,
+)
+
+__all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "DEFAULT_MAX_PROCESSES"]
+
+log = logging.getLogger(__name__)
+
+#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed).
+DEFAULT_MAX_PROCESSES = 65536
+#: How far apart two start times of one pid may be and still be one process: the kernel's fork timestamp and
+#: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
+_SAME_START = 250_000  # 25 ms in FILETIME ticks
+
+_PID_START = struct.Struct(">II")
+_PIDS = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_Q = struct.Struct("<q")
+_TLV = struct.Struct("<HH")
+
+_GUID, _PGUID = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
+_IMAGE, _CWD, _UID, _USER = (int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory), int(ExtensionTag.Uid),
+                             int(ExtensionTag.User))
+_PIMAGE, _PCMD, _PUSER = (int(ExtensionTag.ParentImage), int(ExtensionTag.ParentCommandLine),
+                          int(ExtensionTag.ParentUser))
+_START, _LIFETIME = int(ExtensionTag.StartTime), int(ExtensionTag.Lifetime)
+#: Tags the stage writes itself; a source's value for them is replaced by the table's.
+_STAGE_TAGS = frozenset({_GUID, _PGUID, _PIMAGE, _PCMD, _PUSER, _START})
+_UNKNOWN_PARENT = int(EventFlags.UNKNOWN_PARENT)
+_SEEDED = int(EventFlags.SEEDED)
+_PROCFS = int(EventFlags.PROCFS)
+
+
+def guid_prefix(host_and_boot: bytes) -> bytes:
+    """The first 8 bytes of every ProcessGuid of this host and boot (``host_and_boot``: host id, NUL, boot id)."""
+    host, _, boot = bytes(host_and_boot).partition(b"\0")
+    return hashlib.sha256(host).digest()[:4] + hashlib.sha256(host + b"\0" + boot).digest()[:4]
+
+
+def make_guid(prefix: bytes, pid: int, start_filetime: int) -> bytes:
+    """The 16 bytes of a ProcessGuid (see the module's doc)."""
+    return prefix + _PID_START.pack(pid & 0xFFFFFFFF, start_filetime & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process as the table knows it (``Monitor.ancestors`` returns these); None = unknown."""
+
+    process_guid: str
+    pid: int
+    parent_process_guid: str | None
+    parent_pid: int
+    start_filetime: int
+    image: str | None
+    command_line: str | None
+    user: str | None
+    uid: int | None
+    exited: bool
+    seeded: bool
+
+
+class _Entry:
+    """A process in the table. Text is kept as the UTF-16 bytes the block carries, so a child's parent fields
+    and a thread's block are copied, not re-encoded."""
+
+    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "thread_block",
+                 "parent_tail", "exited", "seeded", "from_proc")
+
+    def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent_guid: bytes | None) -> None:
+        self.pid = pid
+        self.guid = guid
+        self.start = start
+        self.ppid = ppid
+        self.parent_guid = parent_guid
+        self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...)
+        self.command_line = b""  # UTF-16LE
+        self.thread_block: list[tuple[int, bytes]] = [(_GUID, guid)]
+        self.parent_tail: list[tuple[int, bytes]] = []  # parent_image, parent_user, parent_command_line
+        self.exited = False
+        self.seeded = False
+        self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
+
+    def child_tail(self) -> list[tuple[int, bytes]]:
+        """The parent fields a child of this process carries (in block order: image, user, command line)."""
+        out = []
+        image = self.fields.get(_IMAGE)
+        if image is not None:
+            out.append((_PIMAGE, image))
+        user = self.fields.get(_USER)
+        if user is not None:
+            out.append((_PUSER, user))
+        out.append((_PCMD, self.command_line))
+        return out
+
+    def info(self) -> ProcessInfo:
+        f = self.fields
+        text = (lambda tag: field_value(tag, f[tag]) if tag in f else None)
+        return ProcessInfo(
+            process_guid=guid_text(self.guid), pid=self.pid,
+            parent_process_guid=guid_text(self.parent_guid) if self.parent_guid else None, parent_pid=self.ppid,
+            start_filetime=self.start, image=text(_IMAGE),
+            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=text(_USER),
+            uid=text(_UID), exited=self.exited, seeded=self.seeded)
+
+
+class ProcessTable:
+    """The processes the monitor knows, bounded like the ring: live ones by pid, and every one by guid for
+    ancestry. When full, the oldest exited process is forgotten first, then the oldest live one; both are
+    counted (``evicted``, ``evicted_live``)."""
+
+    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 2:
+            raise ValueError(f"max_processes must be at least 2, not {max_processes!r}")
+        self.max_processes = max_processes
+        self.live: dict[int, _Entry] = {}
+        self.by_guid: dict[bytes, _Entry] = {}
+        self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
+        self.evicted = 0
+        self.evicted_live = 0
+
+    def __len__(self) -> int:
+        return len(self.by_guid)
+
+    def add(self, entry: _Entry) -> None:
+        old = self.live.get(entry.pid)
+        if old is not None:
+            self.exit(old)  # the pid was reused and we never saw the old process end (a lost event)
+        if len(self.by_guid) >= self.max_processes:
+            self._make_room()
+        self.live[entry.pid] = entry
+        self.by_guid[entry.guid] = entry
+
+    def exit(self, entry: _Entry) -> None:
+        if self.live.get(entry.pid) is entry:
+            del self.live[entry.pid]
+        if not entry.exited:
+            entry.exited = True
+            self._exited[entry.guid] = None
+
+    def _make_room(self) -> None:
+        while len(self.by_guid) >= self.max_processes:
+            if self._exited:
+                guid = next(iter(self._exited))
+                del self._exited[guid]
+                self.by_guid.pop(guid, None)
+                self.evicted += 1
+                continue
+            guid, entry = next(iter(self.by_guid.items()))
+            del self.by_guid[guid]
+            if self.live.get(entry.pid) is entry:
+                del self.live[entry.pid]
+            self.evicted += 1
+            self.evicted_live += 1
+
+    def get(self, guid: bytes) -> _Entry | None:
+        return self.by_guid.get(guid)
+
+    def ancestors(self, guid: bytes) -> list[_Entry]:
+        """The chain of parents of ``guid``, nearest first, as far as the table knows it."""
+        out: list[_Entry] = []
+        entry = self.by_guid.get(guid)
+        seen = {guid}
+        while entry is not None and entry.parent_guid is not None and entry.parent_guid not in seen:
+            seen.add(entry.parent_guid)
+            entry = self.by_guid.get(entry.parent_guid)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+
+class IdentityStage:
+    """A Sink in front of another: puts the ProcessGuid, the parent's guid and fields, and the table's view of
+    the process into the extension block of each process and thread record, then passes it on.
+
+    What a source knows itself (its own block: image, cwd, uid, ...) is kept; the stage adds what only the table
+    knows. A process it never saw start (it started before ``seed``, or its fork was lost) has no guid, and a
+    child of one is flagged UNKNOWN_PARENT: nothing is guessed. A fork's child runs its parent's program until
+    it execs, so a ProcessCreate without an image of its own carries the parent's.
+    """
+
+    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+        if sink is not None:
+            self.attach(sink)
+        self.prefix = guid_prefix(host_and_boot)
+        self.table = ProcessTable(max_processes)
+        self.unknown_parent = 0  # creates/execs whose parent was not in the table
+        self.no_guid = 0  # records of a process the table did not know (no guid could be given)
+        self._lock = threading.Lock()  # seed() and ancestors() against the source thread's changes
+
+    def attach(self, sink) -> "IdentityStage":
+        """Pass records on to ``sink`` from now on; returns itself (the Sink to give the source)."""
+        self.sink = sink
+        self.notify = sink.notify
+        self.push_lost = sink.push_lost
+        self._push = sink.push
+        return self
+
+    # -- seeding ----------------------------------------------------------------------------------------
+
+    def seed(self, processes: Iterable[tuple[int, int, str, object]]) -> int:
+        """Fill the table with the processes running now: (pid, ppid, command line, records.Details with at
+        least start_filetime), parents before or after their children. Returns how many were taken."""
+        rows = []
+        for pid, ppid, command_line, details in processes:
+            start = getattr(details, "start_filetime", None)
+            if start is None:
+                continue
+            rows.append((pid, ppid, command_line, details, start))
+        rows.sort(key=lambda r: r[4])  # parents started before their children
+        n = 0
+        with self._lock:
+            table = self.table
+            for pid, ppid, command_line, details, start in rows:
+                old = table.live.get(pid)
+                if old is not None and abs(old.start - start) <= _SAME_START:
+                    continue  # the source already told us about it
+                entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, None)
+                parent = table.live.get(ppid)
+                if parent is not None:
+                    entry.parent_guid = parent.guid
+                    entry.parent_tail = parent.child_tail()
+                entry.seeded = True
+                entry.from_proc = _PROCFS
+                for tag, value in details.fields():
+                    if tag not in _STAGE_TAGS:
+                        entry.fields[tag] = value
+                entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
+                table.add(entry)
+                n += 1
+        return n
+
+    # -- the Sink side (the source's thread) ------------------------------------------------------------
+
+    def push(self, record: bytes) -> None:
+        item = record[0]
+        if record[1] or item > 4 or item == 0:
+            if item == 101 and record[1] == 0:
+                self._push(self._create(record, False))
+                return
+            self._push(record)  # ImageLoad, RecordsLost, unknown types pass unchanged
+            return
+        if item == 1:
+            self._push(self._create(record, True))
+        elif item == 2:
+            self._push(self._exit(record))
+        else:  # 3, 4: a thread of a process
+            entry = self.table.live.get(_U32.unpack_from(record, 20)[0])
+            if entry is None:
+                self.no_guid += 1
+                self._push(record)
+            else:
+                self._push(with_fields(record, 0, entry.thread_block))
+
+    def _create(self, record: bytes, fork: bool) -> bytes:
+        pid, ppid = _PIDS.unpack_from(record, 16)
+        time = _Q.unpack_from(record, 8)[0]
+        flags, given = block_fields(record) if len(record) > 40 + 2 * (record[32] | record[33] << 8) else (0, [])
+        own = {}
+        start_given = None
+        for tag, value in given:
+            if tag == _START:
+                start_given = _Q.unpack(value)[0] if len(value) == 8 else None
+            elif tag not in _STAGE_TAGS:
+                own[tag] = value
+        table = self.table
+        entry = table.live.get(pid)
+        if fork:
+            start = time if start_given is None else start_given
+            same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
+        else:
+            start = start_given
+            same = entry is not None and (start is None or abs(entry.start - start) <= _SAME_START)
+        if not same:
+            if start is None:  # an exec of a process we never saw start, and the source cannot say when
+                self.no_guid += 1
+                return record
+            parent = table.live.get(ppid)
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, None)
+            if parent is not None:
+                entry.parent_guid = parent.guid
+                entry.parent_tail = parent.child_tail()
+                if fork and _IMAGE not in own and _IMAGE in parent.fields:
+                    own[_IMAGE] = parent.fields[_IMAGE]  # a fork runs its parent's program
+                    flags |= parent.from_proc
+            with self._lock:
+                table.add(entry)
+        entry.fields.update(own)
+        if own:
+            entry.from_proc = flags & _PROCFS
+        entry.command_line = bytes(record[34:34 + 2 * (record[32] | record[33] << 8)])
+        if entry.parent_guid is None:
+            flags |= _UNKNOWN_PARENT
+            self.unknown_parent += 1
+        if entry.seeded:
+            flags |= _SEEDED
+        fields = [(_GUID, entry.guid)]
+        if entry.parent_guid is not None:
+            fields.append((_PGUID, entry.parent_guid))
+        f = entry.fields
+        for tag in (5, 11):
+            if tag in f:
+                fields.append((tag, f[tag]))
+        fields.append((_START, _Q.pack(entry.start)))
+        for tag in (3, 4, 6, 10, 12, 13):
+            if tag in f:
+                fields.append((tag, f[tag]))
+        fields += entry.parent_tail
+        return with_fields(record, flags, fields)
+
+    def _exit(self, record: bytes) -> bytes:
+        pid = _U32.unpack_from(record, 16)[0]
+        entry = self.table.live.get(pid)
+        if entry is None:
+            self.no_guid += 1
+            return record
+        with self._lock:
+            self.table.exit(entry)
+        time = _Q.unpack_from(record, 8)[0]
+        fields = [(_GUID, entry.guid), (_START, _Q.pack(entry.start)),
+                  (_LIFETIME, _U64.pack(max(time - entry.start, 0) // 10))]
+        image = entry.fields.get(_IMAGE)
+        if image is not None:
+            fields.append((_IMAGE, image))
+        return with_fields(record, _SEEDED if entry.seeded else 0, fields)
+
+    # -- the reader's side --------------------------------------------------------------------------------
+
+    def ancestors(self, guid: str) -> list[ProcessInfo]:
+        """The parents of the process ``guid`` (text form), nearest first, up to the first the table does not
+        know (pid 1's guid ends the chain on a system whose processes all started after the monitor's seed)."""
+        with self._lock:
+            return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
+
+    def process(self, guid: str) -> ProcessInfo | None:
+        """What the table knows of the process ``guid``, or None."""
+        with self._lock:
+            entry = self.table.get(guid_bytes(guid))
+            return entry.info() if entry is not None else None
+
+    def stats(self) -> dict[str, int]:
+        table = self.table
+        return {"processes": len(table.live), "known": len(table), "evicted": table.evicted,
+                "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid}
