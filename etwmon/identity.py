@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .records import (
-    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, with_fields,
+    TAG_ORDER, EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, with_fields,
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "DEFAULT_MAX_PROCESSES"]
@@ -103,21 +103,20 @@ class _Entry:
         self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...)
         self.command_line = b""  # UTF-16LE
         self.thread_block: list[tuple[int, bytes]] = [(_GUID, guid)]
-        self.parent_tail: list[tuple[int, bytes]] = []  # parent_image, parent_user, parent_command_line
+        self.parent_tail: dict[int, bytes] = {}  # parent_image, parent_user, parent_command_line
         self.exited = False
         self.seeded = False
         self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
 
-    def child_tail(self) -> list[tuple[int, bytes]]:
-        """The parent fields a child of this process carries (in block order: image, user, command line)."""
-        out = []
+    def child_tail(self) -> dict[int, bytes]:
+        """The parent fields a child of this process carries: its image, user and command line."""
+        out = {_PCMD: self.command_line}
         image = self.fields.get(_IMAGE)
         if image is not None:
-            out.append((_PIMAGE, image))
+            out[_PIMAGE] = image
         user = self.fields.get(_USER)
         if user is not None:
-            out.append((_PUSER, user))
-        out.append((_PCMD, self.command_line))
+            out[_PUSER] = user
         return out
 
     def info(self) -> ProcessInfo:
@@ -321,18 +320,13 @@ class IdentityStage:
             self.unknown_parent += 1
         if entry.seeded:
             flags |= _SEEDED
-        fields = [(_GUID, entry.guid)]
+        f = dict(entry.fields)
+        f[_GUID] = entry.guid
         if entry.parent_guid is not None:
-            fields.append((_PGUID, entry.parent_guid))
-        f = entry.fields
-        for tag in (5, 11):
-            if tag in f:
-                fields.append((tag, f[tag]))
-        fields.append((_START, _Q.pack(entry.start)))
-        for tag in (3, 4, 6, 10, 12, 13):
-            if tag in f:
-                fields.append((tag, f[tag]))
-        fields += entry.parent_tail
+            f[_PGUID] = entry.parent_guid
+        f[_START] = _Q.pack(entry.start)
+        f.update(entry.parent_tail)
+        fields = [(tag, f[tag]) for tag in TAG_ORDER if tag in f]
         return with_fields(record, flags, fields)
 
     def _exit(self, record: bytes) -> bytes:

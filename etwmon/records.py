@@ -211,7 +211,7 @@ class ExtensionTag(enum.IntEnum):
     ParentProcessGuid = 2  # 16 bytes
     Image = 3  # text: the executable's full path
     CurrentDirectory = 4  # text
-    Uid = 5  # ULONG: the (real) user id on Linux
+    Uid = 5  # ULONG: the effective user id on Linux
     User = 6  # text: the user name (Linux, when it resolves), the account or SID (Windows)
     ParentImage = 7  # text
     ParentCommandLine = 8  # text
@@ -222,6 +222,7 @@ class ExtensionTag(enum.IntEnum):
     ContainerId = 13  # text: the container id the cgroup path names
     StartTime = 14  # LONGLONG FILETIME: when the process started
     Lifetime = 15  # ULONGLONG microseconds from start to exit (ProcessExit)
+    RuleName = 16  # text: the name of the rule that matched the event (Sysmon's RuleName)
 
 
 EXTENSION_VERSION = 1
@@ -239,10 +240,11 @@ _TAG_FIELDS: dict[int, tuple[str, str]] = {
     4: ("current_directory", "text"), 5: ("uid", "u32"), 6: ("user", "text"), 7: ("parent_image", "text"),
     8: ("parent_command_line", "text"), 9: ("parent_user", "text"), 10: ("tty", "text"), 11: ("session", "u32"),
     12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
+    16: ("rule_name", "text"),
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 16, 3, 4, 6, 10, 12, 13, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -306,6 +308,7 @@ class Details:
     container_id: str | None = None
     start_filetime: int | None = None
     lifetime: timedelta | None = None
+    rule_name: str | None = None
     flags: int = 0
 
     def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
@@ -474,7 +477,8 @@ def _with(record: bytes, details: Details | None) -> bytes:
 
 
 def encode_process_exit(time: int, pid: int, exit_code: int, details: Details | None = None) -> bytes:
-    """A ProcessExitInfo record (+ the extension block: process_guid, image, start_filetime, lifetime)."""
+    """A ProcessExitInfo record (+ the extension block: process_guid, image, start_filetime, lifetime,
+    rule_name)."""
     return _with(_PROCESS_EXIT.pack(2, 24, time, pid, exit_code & 0xFFFFFFFF), details)
 
 
@@ -561,6 +565,7 @@ class ProcessCreate(Event):
     cgroup: str | None = None
     container_id: str | None = None
     start_filetime: int | None = None
+    rule_name: str | None = None
     flags: EventFlags = EventFlags(0)
 
     @property
@@ -609,6 +614,7 @@ class ProcessExit(Event):
     image: str | None = None
     start_filetime: int | None = None
     lifetime: timedelta | None = None
+    rule_name: str | None = None
     flags: EventFlags = EventFlags(0)
 
     def details(self) -> Details | None:

@@ -23,7 +23,7 @@ FULL = Details(
     process_guid=GUID, parent_process_guid=PARENT, image="/usr/bin/python3.11", current_directory="/srv/caf\u00e9",
     uid=65534, user="nobody", parent_image="/usr/bin/bash", parent_command_line="bash -c 'python3 x.py'",
     parent_user="root", tty="pts/3", session=4711, cgroup="/system.slice/docker-ab12.scope", container_id="ab12",
-    start_filetime=T0 - 5, flags=int(EventFlags.PROCFS),
+    start_filetime=T0 - 5, rule_name="technique_id=T1059", flags=int(EventFlags.PROCFS),
 )
 
 
@@ -46,7 +46,7 @@ def test_every_field_round_trips_and_encode_gives_the_same_bytes():
     create, exec_, tcreate, texit, exit_, bare = events
     for name in ("process_guid", "parent_process_guid", "image", "current_directory", "uid", "user",
                  "parent_image", "parent_command_line", "parent_user", "tty", "session", "cgroup", "container_id",
-                 "start_filetime"):
+                 "start_filetime", "rule_name"):
         assert getattr(create, name) == getattr(FULL, name), name
     assert create.flags == EventFlags.PROCFS and not create.truncated
     assert create.command_line == "python3 x.py" and create.start_time is not None
@@ -61,6 +61,9 @@ def test_every_field_round_trips_and_encode_gives_the_same_bytes():
     redacted = dataclasses.replace(create, command_line="python3 [redacted]", parent_command_line="bash [x]")
     (again,) = etwmon.parse(redacted.encode())
     assert again == redacted and again.user == "nobody"
+    named = dataclasses.replace(exit_, rule_name="exits")
+    (again,) = etwmon.parse(named.encode())
+    assert again.rule_name == "exits" and again.process_guid == GUID
 
 
 def test_a_record_without_details_is_the_books_record():
