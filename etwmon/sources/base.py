@@ -12,9 +12,10 @@ from typing import Any, ClassVar, Protocol
 __all__ = ["Sink", "Source", "CAPABILITIES", "DETAIL_CAPABILITIES"]
 
 #: The details (Event attributes of the extension block) a source can deliver; the identity stage adds
-#: process_guid, parent_process_guid and the parent fields for every source.
+#: process_guid, parent_process_guid, start_time and the parent fields for every process it saw start (or
+#: found in the source's process_snapshot).
 DETAIL_CAPABILITIES = frozenset({
-    "image", "current_directory", "uid", "user", "tty", "session", "cgroup", "container_id", "start_time",
+    "image", "current_directory", "uid", "user", "tty", "session", "cgroup", "container_id",
 })
 
 #: What a source can deliver (``Source.delivers``), pinned per source by tests/test_contracts.py. A detail name

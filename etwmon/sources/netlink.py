@@ -421,7 +421,7 @@ class NetlinkSource(Source):
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "process_snapshot", "details_from_proc", "image", "current_directory",
-        "uid", "user", "tty", "session", "cgroup", "container_id", "start_time",
+        "uid", "user", "tty", "session", "cgroup", "container_id",
     })
 
     #: Messages decoded between two ``sink.notify()`` calls while the socket never runs dry.

@@ -66,7 +66,7 @@ class ProcfsSource(Source):
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "process_snapshot", "details_from_proc", "image", "current_directory", "uid", "user", "tty", "session",
-        "cgroup", "container_id", "start_time",
+        "cgroup", "container_id",
     })
 
     def __init__(self, *, interval: float = DEFAULT_INTERVAL, threads: bool = True, proc_root: str = "/proc") -> None:
