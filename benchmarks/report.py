@@ -141,6 +141,23 @@ def sections(results: dict, markdown: bool) -> list[str]:
             if mem.get("error"):
                 out.append(f"error: {mem['error']}")
 
+    ident = b.get("identity")
+    if ident:
+        out += ["", h("Identity stage: CPU per event with it on vs off, per source")]
+        if ident["status"] != "ok":
+            out.append(_status_line(ident))
+        else:
+            p = ident["params"]
+            out.append(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
+                       f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
+                       "utime+stime per 1000 events it delivered.")
+            out.append("")
+            rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
+                     (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
+                     "; ".join(r["errors"])[:80]] for r in ident["rows"]]
+            out += _table(["source", "storm", "CPU ms / 1k ev, off", "on", "on / off", "captured % (on)", "errors"],
+                          rows, markdown)
+
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]

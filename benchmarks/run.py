@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "storms", "cost", "memory")
-KERNEL_BENCHMARKS = ("storms", "cost", "memory")
+BENCHMARKS = ("ring", "storms", "cost", "memory", "identity")
+KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +77,7 @@ def _importable(module: str) -> bool:
 
 
 def run_kernel_benchmarks(args: argparse.Namespace, results: dict) -> None:
+    import identity_bench
     import memory_bench
     import peers
     import storm_bench
@@ -118,6 +119,12 @@ def run_kernel_benchmarks(args: argparse.Namespace, results: dict) -> None:
         else:
             source = "netlink" if any(t.name == "etwmon-netlink" for t in etwmon_tools) else etwmon_tools[0].source
             results["memory"] = _guard("memory", lambda: memory_bench.run(workdir, exes, source, args.quick))
+    if "identity" in wanted:
+        if not etwmon_tools:
+            results["identity"] = {"status": "skipped", "reason": "no etwmon kernel source works here"}
+        else:
+            results["identity"] = _guard("identity", lambda: identity_bench.run(etwmon_tools, exes, max_rates,
+                                                                                  args.quick))
 
 
 def _guard(name: str, fn) -> dict:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 from .records import (
-    TAG_ORDER, EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, with_fields,
+    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "DEFAULT_MAX_PROCESSES"]
@@ -88,46 +87,54 @@ class ProcessInfo:
 
 
 class _Entry:
-    """A process in the table. Text is kept as the UTF-16 bytes the block carries, so a child's parent fields
-    and a thread's block are copied, not re-encoded."""
+    """A process in the table. Its details are kept as the packed fields the block carries (Tag, Length,
+    value), so a record costs a join and a child's parent fields are made once, not per record."""
 
-    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "thread_block",
-                 "parent_tail", "exited", "seeded", "from_proc")
+    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "head", "start_field",
+                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc")
 
-    def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent_guid: bytes | None) -> None:
+    def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent: "_Entry | None") -> None:
         self.pid = pid
         self.guid = guid
         self.start = start
         self.ppid = ppid
-        self.parent_guid = parent_guid
-        self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...)
+        self.parent_guid = parent.guid if parent is not None else None
+        self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...), packed
         self.command_line = b""  # UTF-16LE
-        self.thread_block: list[tuple[int, bytes]] = [(_GUID, guid)]
-        self.parent_tail: dict[int, bytes] = {}  # parent_image, parent_user, parent_command_line
+        # The packed ProcessGuid (and ParentProcessGuid) that start every block of this process, and its StartTime.
+        self.head = [pack_field(_GUID, guid)] + ([pack_field(_PGUID, parent.guid)] if parent is not None else [])
+        self.start_field = pack_field(_START, _Q.pack(start))
+        self.thread_block = [self.head[0]]
+        self.parent_tail = parent.child_tail() if parent is not None else []
+        self.tail: list[bytes] | None = None  # child_tail(), made when a first child needs it
         self.exited = False
         self.seeded = False
         self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
 
-    def child_tail(self) -> dict[int, bytes]:
-        """The parent fields a child of this process carries: its image, user and command line."""
-        out = {_PCMD: self.command_line}
-        image = self.fields.get(_IMAGE)
-        if image is not None:
-            out[_PIMAGE] = image
-        user = self.fields.get(_USER)
-        if user is not None:
-            out[_PUSER] = user
-        return out
+    def child_tail(self) -> list[bytes]:
+        """The packed parent fields a child of this process carries: image, user, command line (block order)."""
+        tail = self.tail
+        if tail is None:
+            tail = []
+            image = self.fields.get(_IMAGE)
+            if image is not None:
+                tail.append(pack_field(_PIMAGE, image[4:]))
+            user = self.fields.get(_USER)
+            if user is not None:
+                tail.append(pack_field(_PUSER, user[4:]))
+            tail.append(pack_field(_PCMD, self.command_line))
+            self.tail = tail
+        return tail
 
     def info(self) -> ProcessInfo:
         f = self.fields
-        text = (lambda tag: field_value(tag, f[tag]) if tag in f else None)
+        value = (lambda tag: field_value(tag, f[tag][4:]) if tag in f else None)
         return ProcessInfo(
             process_guid=guid_text(self.guid), pid=self.pid,
             parent_process_guid=guid_text(self.parent_guid) if self.parent_guid else None, parent_pid=self.ppid,
-            start_filetime=self.start, image=text(_IMAGE),
-            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=text(_USER),
-            uid=text(_UID), exited=self.exited, seeded=self.seeded)
+            start_filetime=self.start, image=value(_IMAGE),
+            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=value(_USER),
+            uid=value(_UID), exited=self.exited, seeded=self.seeded)
 
 
 class ProcessTable:
@@ -212,7 +219,8 @@ class IdentityStage:
         self.table = ProcessTable(max_processes)
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
-        self._lock = threading.Lock()  # seed() and ancestors() against the source thread's changes
+        # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
+        # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
 
     def attach(self, sink) -> "IdentityStage":
         """Pass records on to ``sink`` from now on; returns itself (the Sink to give the source)."""
@@ -235,25 +243,20 @@ class IdentityStage:
             rows.append((pid, ppid, command_line, details, start))
         rows.sort(key=lambda r: r[4])  # parents started before their children
         n = 0
-        with self._lock:
-            table = self.table
-            for pid, ppid, command_line, details, start in rows:
-                old = table.live.get(pid)
-                if old is not None and abs(old.start - start) <= _SAME_START:
-                    continue  # the source already told us about it
-                entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, None)
-                parent = table.live.get(ppid)
-                if parent is not None:
-                    entry.parent_guid = parent.guid
-                    entry.parent_tail = parent.child_tail()
-                entry.seeded = True
-                entry.from_proc = _PROCFS
-                for tag, value in details.fields():
-                    if tag not in _STAGE_TAGS:
-                        entry.fields[tag] = value
-                entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
-                table.add(entry)
-                n += 1
+        table = self.table
+        for pid, ppid, command_line, details, start in rows:
+            old = table.live.get(pid)
+            if old is not None and abs(old.start - start) <= _SAME_START:
+                continue  # the source already told us about it
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, table.live.get(ppid))
+            entry.seeded = True
+            entry.from_proc = _PROCFS
+            for tag, value in details.fields():
+                if tag not in _STAGE_TAGS:
+                    entry.fields[tag] = pack_field(tag, value)
+            entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
+            table.add(entry)
+            n += 1
         return n
 
     # -- the Sink side (the source's thread) ------------------------------------------------------------
@@ -276,23 +279,25 @@ class IdentityStage:
                 self.no_guid += 1
                 self._push(record)
             else:
-                self._push(with_fields(record, 0, entry.thread_block))
+                self._push(with_packed(record, 0, entry.thread_block))
 
     def _create(self, record: bytes, fork: bool) -> bytes:
         pid, ppid = _PIDS.unpack_from(record, 16)
-        time = _Q.unpack_from(record, 8)[0]
-        flags, given = block_fields(record) if len(record) > 40 + 2 * (record[32] | record[33] << 8) else (0, [])
-        own = {}
+        chars = record[32] | record[33] << 8
+        own: dict[int, bytes] = {}
         start_given = None
-        for tag, value in given:
-            if tag == _START:
-                start_given = _Q.unpack(value)[0] if len(value) == 8 else None
-            elif tag not in _STAGE_TAGS:
-                own[tag] = value
+        flags = 0
+        if len(record) > 40 + 2 * chars:  # the source wrote details of its own
+            flags, given = block_fields(record, packed=True)
+            for tag, field_ in given:
+                if tag == _START:
+                    start_given = _Q.unpack_from(field_, 4)[0] if len(field_) == 12 else None
+                elif tag not in _STAGE_TAGS:
+                    own[tag] = field_
         table = self.table
         entry = table.live.get(pid)
         if fork:
-            start = time if start_given is None else start_given
+            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
             same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
         else:
             start = start_given
@@ -302,32 +307,34 @@ class IdentityStage:
                 self.no_guid += 1
                 return record
             parent = table.live.get(ppid)
-            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, None)
-            if parent is not None:
-                entry.parent_guid = parent.guid
-                entry.parent_tail = parent.child_tail()
-                if fork and _IMAGE not in own and _IMAGE in parent.fields:
-                    own[_IMAGE] = parent.fields[_IMAGE]  # a fork runs its parent's program
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, parent)
+            if fork and parent is not None and _IMAGE not in own:
+                image = parent.fields.get(_IMAGE)
+                if image is not None:
+                    own[_IMAGE] = image  # a fork runs its parent's program
                     flags |= parent.from_proc
-            with self._lock:
-                table.add(entry)
-        entry.fields.update(own)
+            table.add(entry)
         if own:
+            entry.fields.update(own)
             entry.from_proc = flags & _PROCFS
-        entry.command_line = bytes(record[34:34 + 2 * (record[32] | record[33] << 8)])
+        entry.command_line = record[34:34 + 2 * chars]
+        entry.tail = None
         if entry.parent_guid is None:
             flags |= _UNKNOWN_PARENT
             self.unknown_parent += 1
         if entry.seeded:
             flags |= _SEEDED
-        f = dict(entry.fields)
-        f[_GUID] = entry.guid
-        if entry.parent_guid is not None:
-            f[_PGUID] = entry.parent_guid
-        f[_START] = _Q.pack(entry.start)
-        f.update(entry.parent_tail)
-        fields = [(tag, f[tag]) for tag in TAG_ORDER if tag in f]
-        return with_fields(record, flags, fields)
+        f = entry.fields
+        packed = list(entry.head)
+        for tag in (5, 11):
+            if tag in f:
+                packed.append(f[tag])
+        packed.append(entry.start_field)
+        for tag in (16, 3, 4, 6, 10, 12, 13):
+            if tag in f:
+                packed.append(f[tag])
+        packed += entry.parent_tail
+        return with_packed(record, flags, packed)
 
     def _exit(self, record: bytes) -> bytes:
         pid = _U32.unpack_from(record, 16)[0]
@@ -335,29 +342,25 @@ class IdentityStage:
         if entry is None:
             self.no_guid += 1
             return record
-        with self._lock:
-            self.table.exit(entry)
-        time = _Q.unpack_from(record, 8)[0]
-        fields = [(_GUID, entry.guid), (_START, _Q.pack(entry.start)),
-                  (_LIFETIME, _U64.pack(max(time - entry.start, 0) // 10))]
+        self.table.exit(entry)
+        lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
+        packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
         image = entry.fields.get(_IMAGE)
         if image is not None:
-            fields.append((_IMAGE, image))
-        return with_fields(record, _SEEDED if entry.seeded else 0, fields)
+            packed.append(image)
+        return with_packed(record, _SEEDED if entry.seeded else 0, packed)
 
     # -- the reader's side --------------------------------------------------------------------------------
 
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process ``guid`` (text form), nearest first, up to the first the table does not
         know (pid 1's guid ends the chain on a system whose processes all started after the monitor's seed)."""
-        with self._lock:
-            return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
+        return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
 
     def process(self, guid: str) -> ProcessInfo | None:
         """What the table knows of the process ``guid``, or None."""
-        with self._lock:
-            entry = self.table.get(guid_bytes(guid))
-            return entry.info() if entry is not None else None
+        entry = self.table.get(guid_bytes(guid))
+        return entry.info() if entry is not None else None
 
     def stats(self) -> dict[str, int]:
         table = self.table

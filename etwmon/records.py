@@ -30,7 +30,7 @@ __all__ = [
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "record_headers",
     "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
-    "with_fields", "block_fields", "field_value", "TAG_ORDER",
+    "with_fields", "with_packed", "pack_field", "block_fields", "field_value", "TAG_ORDER",
     "guid_text", "guid_bytes",
 ]
 
@@ -409,9 +409,33 @@ def with_fields(record: bytes, flags: int, fields: Sequence[tuple[int, bytes]]) 
         + block
 
 
-def block_fields(record) -> tuple[int, list[tuple[int, bytes]]]:
+def pack_field(tag: int, value: bytes) -> bytes:
+    """One field of an extension block, Tag and Length included (what ``with_packed`` takes)."""
+    return _TLV.pack(tag, len(value)) + value
+
+
+def with_packed(record: bytes, flags: int, packed: Sequence[bytes]) -> bytes:
+    """``with_fields`` for fields already packed with ``pack_field`` (in block order): the identity stage keeps
+    them packed, so a record costs one join. Falls back to ``with_fields`` (which cuts) when they do not fit."""
+    item = record[0] | (record[1] << 8)
+    if item == 1 or item == 101:
+        base = PROCESS_CREATE_DTYPE.itemsize + 2 * (record[32] | (record[33] << 8))
+    else:
+        base = _BASE_SIZE.get(item, 0)
+        if not base:
+            raise ValueError(f"records of type {item} carry no extension block")
+    length = EXTENSION_HEADER_SIZE
+    for field_ in packed:
+        length += len(field_)
+    if base + length > MAX_RECORD_SIZE:
+        return with_fields(record, flags, [(_TLV.unpack_from(f)[0], f[4:]) for f in packed])
+    return b"".join((_HEADER.pack(item, base + length, _I64.unpack_from(record, 8)[0]), record[HEADER_SIZE:base],
+                     _EXT_HEADER.pack(EXTENSION_VERSION, length, flags), *packed))
+
+
+def block_fields(record, packed: bool = False) -> tuple[int, list[tuple[int, bytes]]]:
     """(flags, [(tag, value bytes), ...]) of a record's extension block as written; (0, []) when it has none
-    (or one of a version this reader does not know)."""
+    (or one of a version this reader does not know). ``packed``: each field whole, Tag and Length included."""
     base = _base_size(record)
     size = record[2] | (record[3] << 8)
     if size - base < EXTENSION_HEADER_SIZE:
@@ -427,7 +451,7 @@ def block_fields(record) -> tuple[int, list[tuple[int, bytes]]]:
         pos += 4
         if pos + n > stop:
             break
-        out.append((tag, bytes(record[pos:pos + n])))
+        out.append((tag, bytes(record[pos - 4 if packed else pos:pos + n])))
         pos += n
     return flags, out
 
