@@ -401,7 +401,7 @@ def no_fake_consumer_threads_left() -> bool:
 
 def test_kernel_process_session_end_to_end(windows):
     source = EtwSource("kernel-process", map_path=MAPPER)
-    with etwmon.Monitor(source=source) as mon:
+    with etwmon.Monitor(source=source, identity=False) as mon:  # the source's own records
         name, session = only_session(windows)
         assert re.fullmatch(rf"etwmon-{os.getpid()}-\d+", name) and source.session_name == name
         (provider,) = session.providers
@@ -444,7 +444,7 @@ def test_kernel_process_without_images(windows):
 
 def test_private_kernel_logger_sessions(windows):
     first, second = EtwSource(map_path=MAPPER), EtwSource(images=False, buffer_kb=128)
-    with etwmon.Monitor(source=first) as mon, etwmon.Monitor(source=second):
+    with etwmon.Monitor(source=first, identity=False) as mon, etwmon.Monitor(source=second, identity=False):
         assert len(windows.sessions) == 2  # private sessions live side by side
         one_session, other = windows.sessions[first.session_name], windows.sessions[second.session_name]
         for session, flags, kb in ((one_session, 0x7, 64), (other, 0x3, 128)):
