@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from .errors import Error, SourceError
+from .formats import human_bytes
 from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
@@ -42,15 +43,15 @@ class MonitorStats(RingStats):
 
 
 class _Sink:
-    """What the source thread pushes into: the ring, plus the wake-up signal for readers."""
+    """What the source thread pushes into: the ring, plus the wake-up descriptor for readers."""
 
-    def __init__(self, ring: EventRing, signal: "_Signal") -> None:
+    def __init__(self, ring: EventRing, wakeup: "_Wakeup") -> None:
         self.push = ring.push
         self.push_lost = ring.push_lost
-        self.notify = signal.set
+        self.notify = wakeup.set
 
 
-class _Signal:
+class _Wakeup:
     """A level-triggered "records are waiting" flag that select() can watch (a socket pair works on every OS)."""
 
     def __init__(self, ring: EventRing) -> None:
@@ -114,7 +115,7 @@ class Monitor:
         self._source_options = source_options
         self._source: Source | None = source if isinstance(source, Source) else None
         self._thread: threading.Thread | None = None
-        self._signal: _Signal | None = None
+        self._wakeup: _Wakeup | None = None
         self._error: BaseException | None = None
         self._error_reported = False
         self._lifecycle = threading.Lock()
@@ -140,17 +141,17 @@ class Monitor:
                 self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
                 self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
-            if self._signal is None:
-                self._signal = _Signal(self.ring)
-            signal = self._signal
-            self._thread = threading.Thread(target=self._run, args=(self._source, signal),
+            if self._wakeup is None:
+                self._wakeup = _Wakeup(self.ring)
+            wakeup = self._wakeup
+            self._thread = threading.Thread(target=self._run, args=(self._source, wakeup),
                                             name=f"etwmon-{self._source.name}", daemon=True)
             self._thread.start()
             return self
 
-    def _run(self, source: Source, signal: _Signal) -> None:
+    def _run(self, source: Source, wakeup: _Wakeup) -> None:
         try:
-            sink = _Sink(self.ring, signal)
+            sink = _Sink(self.ring, wakeup)
             if self._stage is not None:
                 sink = self._stage.attach(sink)
             source.run(sink)
@@ -158,12 +159,12 @@ class Monitor:
             log.error("etwmon source %r failed: %r", source.name, exc)
             self._error = exc
         finally:
-            signal.set(force=True)  # wake readers so they see records, the error, or the end
+            wakeup.set(force=True)  # wake readers so they see records, the error, or the end
 
     def stop(self) -> None:
         """Stop the source and release its thread and descriptors. Records already read in stay readable."""
         with self._lifecycle:
-            thread, source, signal = self._thread, self._source, self._signal
+            thread, source, wakeup = self._thread, self._source, self._wakeup
             if thread is None:
                 return
             source.stop()
@@ -172,7 +173,7 @@ class Monitor:
                 log.error("etwmon source %r did not stop within %.0f s", source.name, _STOP_TIMEOUT)
             source.close()
             self._thread = None
-            signal.set(force=True)  # wake anyone still waiting: running is over
+            wakeup.set(force=True)  # wake anyone still waiting: running is over
 
     @property
     def running(self) -> bool:
@@ -194,9 +195,9 @@ class Monitor:
         read in stay readable)."""
         self.stop()
         with self._lifecycle:
-            if self._signal is not None:
-                self._signal.close()
-                self._signal = None
+            if self._wakeup is not None:
+                self._wakeup.close()
+                self._wakeup = None
 
     def __del__(self) -> None:
         try:
@@ -217,9 +218,9 @@ class Monitor:
         thread failed: once at once, then again whenever the ring is empty."""
         self._check_error()
         n = self.ring.readinto(buffer)
-        signal = self._signal
-        if signal is not None:
-            signal.clear_if_drained()
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.clear_if_drained()
         return n
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -232,14 +233,14 @@ class Monitor:
         self._check_error()
         if self.ring.readable():
             return True
-        signal = self._signal
-        if signal is None or not self.running:
+        wakeup = self._wakeup
+        if wakeup is None or not self.running:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout
         while True:
             try:
-                select.select([signal], [], [], left)
+                select.select([wakeup], [], [], left)
             except (ValueError, OSError):  # closed by a concurrent stop()
                 return self.ring.readable()
             self._check_error()
@@ -247,18 +248,22 @@ class Monitor:
                 return True
             if not self.running:
                 return False
-            signal.clear_if_drained()  # woken with nothing to read (a reader on another thread took it)
+            wakeup.clear_if_drained()  # woken with nothing to read (a reader on another thread took it)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
 
+    def readable(self) -> bool:
+        """True when ``readinto`` would return something now (records, or a RecordsLost report)."""
+        return self.ring.readable()
+
     def fileno(self) -> int:
         """A descriptor that is readable while records are waiting (for select/selectors/event loops)."""
-        signal = self._signal
-        if signal is None:
+        wakeup = self._wakeup
+        if wakeup is None:
             raise Error("the Monitor is not started: call start() or use it as a context manager first")
-        return signal.fileno()
+        return wakeup.fileno()
 
     def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
         """Parsed events as they come. Ends when the monitor stops, or when ``timeout`` seconds pass with
@@ -298,7 +303,7 @@ class Monitor:
                     return
                 if has_reader:
                     ready.clear()
-                    if not self.ring.readable():
+                    if not self.readable():
                         await ready.wait()
                 else:
                     await loop.run_in_executor(None, self.wait, 0.2)
@@ -314,6 +319,16 @@ class Monitor:
         if self._stage is None:
             raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
         return self._stage.ancestors(guid)
+
+    @property
+    def lossy(self) -> bool:
+        """True when the source in use can miss events without counting them (procfs polling)."""
+        return self._source is not None and self._source.lossy
+
+    def describe(self) -> str:
+        """What this monitor watches, for a person: ``source: netlink, ring: 10000 records / 9.8 MiB``."""
+        name = self._source.name if self._source else self._source_spec
+        return f"source: {name}, ring: {self.ring.max_items} records / {human_bytes(self.ring.max_bytes)}"
 
     @property
     def stats(self) -> MonitorStats:

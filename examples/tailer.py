@@ -10,7 +10,7 @@ import signal
 import sys
 
 from etwmon import Error, ItemType, Monitor, parse
-from etwmon.cli import escape_text  # command lines are attacker-controlled: never print them raw
+from etwmon.formats import escape_text  # command lines are attacker-controlled: never print them raw
 from etwmon.records import EXIT_CODE_UNKNOWN
 from etwmon.sources import SOURCES
 

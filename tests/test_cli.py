@@ -7,18 +7,15 @@ dropped for the unprivileged case. Small pure functions (escaping, JSON form, fi
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -26,162 +23,21 @@ from typing import Callable
 import pytest
 
 from etwmon import records as R
-from etwmon.cli import EventFilter, escape_text, event_to_json, format_event, parse_event_types
+from etwmon.filters import EventFilter, parse_event_types
+from etwmon.formats import escape_text, event_to_json, format_event, json_line
 from etwmon.records import ItemType, parse
-from etwmon.sources import SOURCES, source_class
+from etwmon.sources import SOURCES
 
-from .conftest import require
-
-PY = sys.executable
-WAIT = 20.0  # seconds; generous because the machine is shared, never a timing assertion
-ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-SUMMARY = re.compile(r"etwmon: (?:stopped|the source stopped): (\d+) records, (\d+) shown, (\d+) lost, "
-                     r"(\d+) dropped")
-ESC_TITLE = "\x1b]0;pwned\x07"
-ESC_CLEAR = "\x1b[2J"
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
-
-
-# --- running things as a user would ---------------------------------------------------------------------------
-
-
-def etwmon_argv(*args: str) -> list[str]:
-    return [PY, "-m", "etwmon", *args]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ETWMON_MAX_")}
-    env.update(extra)
-    return env
-
-
-def unprivileged(argv: list[str]) -> list[str]:
-    """``argv`` without any capability: as root, setpriv empties the bounding set (uid 0 keeps reading the
-    Python installed under /root); as a normal user, unchanged."""
-    if os.geteuid() != 0:
-        return argv
-    setpriv = shutil.which("setpriv")
-    require(setpriv is not None, "setpriv (util-linux) is needed to drop capabilities")
-    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", *argv]
-
-
-def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env or clean_env(),
-                          timeout=timeout)
-
-
-def new_tag() -> str:
-    return f"tag-{uuid.uuid4().hex[:12]}"
-
-
-def spawn(tag: str, *extra: str | bytes, code: int = 7, seconds: float = 0.4) -> int:
-    """Run ``sh -c 'sleep S; exit CODE' TAG EXTRA...`` to its end and return its pid. The sleep keeps it alive
-    long enough for /proc readers (the proc connector reads the command line at exec; procfs polls)."""
-    argv = [b"sh", b"-c", f"sleep {seconds}; exit {code}".encode(), tag.encode(),
-            *(os.fsencode(a) for a in extra)]
-    child = subprocess.Popen(argv)
-    assert child.wait(timeout=WAIT) == code
-    return child.pid
-
-
-class Watch:
-    """A long-running command (``etwmon tail`` or the tailer) with its output collected line by line."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env or clean_env())
-        self.out: list[bytes] = []
-        self.err: list[bytes] = []
-        self._changed = threading.Condition()
-        self._readers = [threading.Thread(target=self._collect, args=(s, d), daemon=True)
-                         for s, d in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for reader in self._readers:
-            reader.start()
-
-    def _collect(self, stream, lines: list[bytes]) -> None:
-        for line in iter(stream.readline, b""):
-            with self._changed:
-                lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _wait(self, lines: list[bytes], test: Callable[[bytes], bool], timeout: float, what: str) -> bytes:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in lines[seen:]:
-                    if test(line):
-                        return line
-                seen = len(lines)
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
-                    raise AssertionError(f"no {what} within {timeout:.0f} s; exit status {self.proc.poll()}; "
-                                         f"stderr: {self.stderr!r}; last stdout: {self.out[-5:]!r}")
-                self._changed.wait(min(left, 0.5))
-
-    def ready(self, timeout: float = WAIT) -> str:
-        """Wait for the "watching ... (source: NAME" line on stderr; return the source name."""
-        line = self._wait(self.err, lambda l: b"watching" in l, timeout, "'watching' line on stderr")
-        match = re.search(rb"source: (\w+)", line)
-        assert match, line
-        return match.group(1).decode()
-
-    def wait_out(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
-        return self._wait(self.out, test, timeout, what)
-
-    def wait_err(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
-        return self._wait(self.err, test, timeout, what)
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = WAIT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            status = self.proc.wait(timeout)
-        finally:
-            self.kill()
-        for reader in self._readers:
-            reader.join(5)
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def stdout(self) -> bytes:
-        return b"".join(self.out)
-
-    @property
-    def stderr(self) -> str:
-        return b"".join(self.err).decode("utf-8", "replace")
-
-    def json_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.out]
-
-    def __enter__(self) -> "Watch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-
-def delivers(source: str) -> frozenset[str]:
-    return source_class(source).delivers
+from .helpers import (
+    ESC_CLEAR, ESC_TITLE, ISO_UTC, PY, SUMMARY, WAIT, ScriptedSource, Watch, assert_clean_stderr, clean_env,
+    delivers, etwmon_argv, linux_only, new_tag, run, spawn, unprivileged,
+)
 
 
 def summary_of(stderr: str) -> tuple[int, int, int, int]:
     match = SUMMARY.search(stderr)
     assert match, f"no summary line in stderr: {stderr!r}"
     return tuple(int(g) for g in match.groups())  # records, shown, lost, dropped
-
-
-def assert_clean_stderr(stderr: str) -> None:
-    for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "KeyboardInterrupt"):
-        assert noise not in stderr, stderr
 
 
 def events_of(lines: list[dict], pid: int) -> list[dict]:
@@ -226,18 +82,13 @@ def test_json_form_round_trips_bytes_and_is_ascii() -> None:
     assert base64.b64decode(obj["command_line_base64"]) == command_line.encode("utf-8", "surrogateescape")
     assert b"\xff\xfe-bad" in base64.b64decode(obj["command_line_base64"])
     assert "\ufffd\ufffd-bad" in obj["command_line"] and "caf\u00e9" in obj["command_line"]
-    line = cli_json_line(event)
+    line = json_line(event)
     assert line.isascii() and "\x1b" not in line and "\\udc" not in line
     assert json.loads(line) == obj
     # Valid UTF-8 command lines carry no base64 twin.
     (plain,) = parse(R.encode_process_exec(t, 5, 1, 1, 1, "caf\u00e9 \u202e"))
     assert "command_line_base64" not in event_to_json(plain)
     assert event_to_json(plain)["command_line"] == "caf\u00e9 \u202e"
-
-
-def cli_json_line(event) -> str:
-    from etwmon.cli import _json_line
-    return _json_line(event)
 
 
 def test_json_and_text_forms_of_every_record_type() -> None:
@@ -333,17 +184,21 @@ def test_sources_lists_every_source_with_reasons() -> None:
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert {r["name"] for r in rows} == set(SOURCES)
     for row in rows:
-        assert set(row) == {"name", "available", "reason", "lossy", "delivers", "auto"}
+        assert set(row) == {"name", "available", "reason", "lossy", "delivers", "auto", "stale"}
         assert (row["reason"] is None) == row["available"]
-    assert sum(r["auto"] for r in rows) <= 1
-    auto = [r for r in rows if r["auto"]]
-    assert not auto or auto[0]["available"]
+        assert isinstance(row["stale"], list) and all(isinstance(line, str) for line in row["stale"])
+    # procfs works wherever these tests run (Linux), so auto always has a pick: exactly one row, one that works.
+    auto = [r["name"] for r in rows if r["auto"]]
+    assert len(auto) == 1, rows
+    assert next(r for r in rows if r["name"] == auto[0])["available"]
     text = run(etwmon_argv("sources"))
     assert text.returncode == 0
     for row in rows:
-        assert re.search(rf"^[ *] {row['name']} ", text.stdout.decode(), re.M)
+        mark = "*" if row["name"] == auto[0] else " "
+        assert re.search(rf"^{re.escape(mark)} {row['name']} ", text.stdout.decode(), re.M)
         if not row["available"]:
             assert row["reason"] in text.stdout.decode()
+            assert "source='" not in row["reason"]  # command-line terms: --source NAME
 
 
 @linux_only
@@ -366,18 +221,24 @@ def test_source_etw_on_linux_is_one_line_naming_windows() -> None:
 @pytest.mark.parametrize("args, env, says", [
     (["--source", "nosuch"], {}, "invalid choice: 'nosuch'"),
     (["--type", "forks"], {}, "unknown event type 'forks'"),
-    (["--pid", "abc"], {}, "--pid must be a whole number"),
-    (["--pid", "0"], {}, "--pid must be at least 1"),
+    (["--pid", "abc"], {}, "argument --pid: must be a whole number"),
+    (["--pid", "0"], {}, "argument --pid: must be at least 1"),
     (["--descendants"], {}, "--descendants needs --pid"),
-    (["--stats-interval", "0"], {}, "--stats-interval must be more than 0"),
-    (["--stats-interval", "soon"], {}, "invalid float value: 'soon'"),
-    (["--batch-wait", "-0.1"], {}, "--batch-wait must be from 0 to 1 seconds"),
-    (["--batch-wait", "5"], {}, "--batch-wait must be from 0 to 1 seconds"),
-    (["--batch-wait", "nan"], {}, "--batch-wait must be from 0 to 1 seconds"),
-    (["--max-items", "0"], {}, "--max-items must be at least 1"),
-    (["--max-items", "lots"], {}, "--max-items must be a whole number, not 'lots'"),
-    (["--max-bytes", "1K"], {}, "--max-bytes must be at least 65536 bytes"),
-    (["--max-bytes", "12 parsecs"], {}, "--max-bytes must be a size in bytes"),
+    (["--stats-interval", "0"], {}, "argument --stats-interval: must be more than 0 and at most 86400 seconds"),
+    (["--stats-interval", "inf"], {}, "argument --stats-interval: must be more than 0 and at most 86400 seconds"),
+    (["--stats-interval", "1e300"], {}, "argument --stats-interval: must be more than 0 and at most 86400"),
+    (["--stats-interval", "nan"], {}, "argument --stats-interval: must be more than 0 and at most 86400"),
+    (["--stats-interval", "soon"], {}, "argument --stats-interval: must be a number of seconds"),
+    (["--batch-wait", "-0.1"], {}, "argument --batch-wait: must be from 0 to 1 seconds"),
+    (["--batch-wait", "5"], {}, "argument --batch-wait: must be from 0 to 1 seconds"),
+    (["--batch-wait", "nan"], {}, "argument --batch-wait: must be from 0 to 1 seconds"),
+    (["--max-items", "0"], {}, "argument --max-items: must be at least 1"),
+    (["--max-items", "lots"], {}, "argument --max-items: must be a whole number, not 'lots'"),
+    (["--max-bytes", "1K"], {}, "argument --max-bytes: must be at least 65536 bytes"),
+    (["--max-bytes", "12 parsecs"], {}, "argument --max-bytes: must be a size in bytes"),
+    # More than any address space: numpy cannot have it, whatever the overcommit setting.
+    (["--max-bytes", "1000000G"], {}, "cannot allocate a ring of 10000 records / 1000000.0 GiB: not enough "
+                                      "memory; give a smaller --max-bytes"),
     ([], {"ETWMON_MAX_ITEMS": "abc"}, "ETWMON_MAX_ITEMS must be a whole number, not 'abc'"),
     ([], {"ETWMON_MAX_ITEMS": "-5"}, "ETWMON_MAX_ITEMS must be at least 1"),
     ([], {"ETWMON_MAX_BYTES": "100"}, "ETWMON_MAX_BYTES must be at least 65536 bytes"),
@@ -451,9 +312,8 @@ def test_procfs_unprivileged_text_and_no_privilege_error() -> None:
 def test_tail_gathers_the_events_that_follow_the_first_into_one_batch(batch_wait: float, monkeypatch) -> None:
     """``--batch-wait``: once records are there, the events arriving during the wait join the same read."""
     import etwmon
-    from etwmon import cli
+    from etwmon import tail
 
-    from .test_monitor import ScriptedSource
 
     source = ScriptedSource()
     slept: list[float] = []
@@ -465,9 +325,9 @@ def test_tail_gathers_the_events_that_follow_the_first_into_one_batch(batch_wait
         source.commands.put(("ack", done))
         assert done.wait(WAIT)
 
-    monkeypatch.setattr(cli, "_sleep", sleep)
+    monkeypatch.setattr(tail, "_sleep", sleep)
     with etwmon.Monitor(source=source) as mon:
-        waiter = cli._Waiter(mon, io.StringIO(), batch_wait)
+        waiter = tail._Waiter(mon, None, tail.StopSignals(), batch_wait)
         source.send(1)
         waiter.wait(WAIT)
         buf = bytearray(1 << 16)
@@ -687,8 +547,11 @@ def test_broken_pipe_ends_quietly() -> None:
     proc = subprocess.Popen(etwmon_argv("tail", "--json"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=clean_env())
     try:
-        ready = proc.stderr.readline()
-        assert b"watching" in ready, ready
+        start_up = []
+        while not start_up or b"watching" not in start_up[-1]:  # warnings may come first
+            line = proc.stderr.readline()
+            assert line, start_up
+            start_up.append(line)
         tag = new_tag()
         spawn(tag)
         first = proc.stdout.readline()  # like `head -n 1`: one line, then the reader goes away

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import select
 import threading
 import time
@@ -12,59 +11,9 @@ import time
 import pytest
 
 import etwmon
-from etwmon import records as R
 from etwmon.sources.base import Source
 
-
-class ScriptedSource(Source):
-    """Pushes what the test hands it, when the test says so; can be told to fail."""
-
-    name = "scripted"
-    delivers = frozenset({"process_exit"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.commands: queue.Queue = queue.Queue()
-        self.opened = self.closed = 0
-        self.lost = 0
-
-    def open(self) -> None:
-        self.opened += 1
-
-    def run(self, sink) -> None:
-        while True:
-            command = self.commands.get()
-            if command is None:
-                return
-            kind, value = command
-            if kind == "records":
-                for record in value:
-                    sink.push(record)
-                sink.notify()
-            elif kind == "lost":
-                self.lost += value
-                sink.push_lost(value)
-                sink.notify()
-            elif kind == "fail":
-                raise value
-            elif kind == "notify":  # a notify() after pushing nothing (a combined source that holds a record)
-                sink.notify()
-            elif kind == "ack":  # tell the test everything before this was done
-                value.set()
-            elif kind == "gate":  # go on when the test says so
-                value.wait(10)
-
-    def stop(self) -> None:
-        self.commands.put(None)
-
-    def close(self) -> None:
-        self.closed += 1
-
-    def stats(self) -> dict[str, int]:
-        return {"lost": self.lost, "parse_errors": 0}
-
-    def send(self, *pids: int) -> None:
-        self.commands.put(("records", [R.encode_process_exit(R.filetime_now(), pid, 0) for pid in pids]))
+from .helpers import ScriptedSource, drain
 
 
 class UnavailableSource(Source):
@@ -72,14 +21,6 @@ class UnavailableSource(Source):
 
     def open(self) -> None:
         raise etwmon.SourceUnavailable("never works: use another source")
-
-
-def drain(mon: etwmon.Monitor) -> list[etwmon.Event]:
-    buf = bytearray(1 << 16)
-    out = []
-    while (n := mon.readinto(buf)):
-        out += etwmon.parse(buf[:n])
-    return out
 
 
 def test_a_notify_without_records_wakes_no_one():

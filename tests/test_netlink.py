@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from . import cn_builders as cb
 from .conftest import require
+from .helpers import ListSink, read_until
 
 import etwmon
 from etwmon import ItemType, parse
@@ -31,27 +32,6 @@ from etwmon.sources.netlink import (
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the proc connector is Linux only")
 
 OFFSET = 1_000_000_000_000  # wall clock minus monotonic, fixed for exact times in parser tests
-
-
-class ListSink:
-    """A Sink that keeps everything (parser tests)."""
-
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.lost: list[int] = []
-        self.notified = 0
-
-    def push(self, record: bytes) -> None:
-        self.records.append(bytes(record))
-
-    def push_lost(self, count: int) -> None:
-        self.lost.append(count)
-
-    def notify(self) -> None:
-        self.notified += 1
-
-    def events(self) -> list:
-        return list(parse(b"".join(self.records)))
 
 
 def decoder(tmp_path=None, **options) -> tuple[ProcEventDecoder, ListSink]:
@@ -357,23 +337,6 @@ def test_enobufs_is_resolved_by_the_gaps_that_follow_and_never_double_counted():
 # --- live kernel (root) ------------------------------------------------------------------------------------------
 
 
-def drain(mon, until=None, timeout: float = 10.0) -> list:
-    """Read records until ``until(events)`` is true (or nothing more arrives when it is None)."""
-    buf = bytearray(1 << 20)
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        n = mon.readinto(buf)
-        if n:
-            events.extend(parse(bytes(buf[:n])))
-            continue
-        if until is not None and until(events):
-            return events
-        if not mon.wait(0.3) and until is None:
-            return events
-    return events
-
-
 def of_type(events, item_type):
     return [e for e in events if e.type == item_type]
 
@@ -400,7 +363,7 @@ def test_live_exit_codes(netlink_monitor):
     time.sleep(0.05)
     killed.kill()
     killed.wait()
-    events = drain(mon, lambda evs: {killed.pid, exited.pid} <= {e.pid for e in of_type(evs, ItemType.ProcessExit)})
+    events = read_until(mon, lambda evs: {killed.pid, exited.pid} <= {e.pid for e in of_type(evs, ItemType.ProcessExit)})
     exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
     assert exits[exited.pid] == 3
     assert exits[killed.pid] == 137
@@ -418,7 +381,7 @@ def test_live_thread_create_and_exit(netlink_monitor):
         pids = {e.pid for e in evs if e.type == ItemType.ThreadCreate and e.tid == tid}
         return any(e.type == ItemType.ProcessExit and e.pid in pids for e in evs)
 
-    events = drain(netlink_monitor, process_ended)
+    events = read_until(netlink_monitor, process_ended)
     creates = [e for e in of_type(events, ItemType.ThreadCreate) if e.tid == tid]
     exits = [e for e in of_type(events, ItemType.ThreadExit) if e.tid == tid]
     assert len(creates) == 1 and len(exits) == 1
@@ -435,7 +398,7 @@ def test_live_fork_without_exec_has_the_right_parent_and_inherited_command_line(
             "os.waitpid(pid, 0); print(os.getpid(), pid, flush=True)\n")
     child = subprocess.run([sys.executable, "-c", code, "marker-arg"], capture_output=True, text=True, check=True)
     parent, grandchild = map(int, child.stdout.split())
-    events = drain(netlink_monitor, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == grandchild
+    events = read_until(netlink_monitor, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == grandchild
                                                     for e in evs))
     (create,) = [e for e in of_type(events, ItemType.ProcessCreate) if e.pid == grandchild]
     assert (create.parent_pid, create.creating_pid, create.creating_tid) == (parent, parent, parent)
@@ -451,7 +414,7 @@ def test_live_exec_command_line_and_times_close_to_the_wall_clock(netlink_monito
     child = subprocess.Popen(["sleep", "0.3"])
     child.wait()
     after = filetime_now()
-    events = drain(netlink_monitor, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid
+    events = read_until(netlink_monitor, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid
                                                     for e in evs))
     mine = [e for e in events if getattr(e, "pid", None) == child.pid]
     (exec_,) = of_type(mine, ItemType.ProcessExec)
@@ -470,13 +433,13 @@ def test_live_options_exec_events_false_and_cmdline_false():
     with etwmon.Monitor(source="netlink", exec_events=False) as mon:
         child = subprocess.Popen(["sleep", "0.05"])
         child.wait()
-        events = drain(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs))
+        events = read_until(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs))
     assert [e.type for e in events if getattr(e, "pid", None) == child.pid] == [
         ItemType.ProcessCreate, ItemType.ProcessExit]
     with etwmon.Monitor(source="netlink", cmdline=False) as mon:
         child = subprocess.Popen(["sleep", "0.05"])
         child.wait()
-        events = drain(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs))
+        events = read_until(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs))
     (exec_,) = [e for e in of_type(events, ItemType.ProcessExec) if e.pid == child.pid]
     assert exec_.command_line == "sleep"
 
@@ -556,7 +519,7 @@ class _RefusingSocket:
 def test_unprivileged_user_on_an_older_kernel_is_told_what_to_do(monkeypatch):
     from etwmon.sources import netlink
     monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(netlink, "_effective_caps", lambda: 0)
+    monkeypatch.setattr(netlink, "has_capability", lambda cap: False)
     monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)
     reason = NetlinkSource.unavailable_reason()
     assert "root" in reason and "6.6" in reason and "source='procfs'" in reason
@@ -567,7 +530,7 @@ def test_unprivileged_user_on_an_older_kernel_is_told_what_to_do(monkeypatch):
 def test_cap_net_admin_alone_is_enough(monkeypatch):
     from etwmon.sources import netlink
     monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(netlink, "_effective_caps", lambda: 1 << 12)
+    monkeypatch.setattr(netlink, "has_capability", lambda cap: cap == 12)
     monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)  # never probed
     assert NetlinkSource.unavailable_reason() is None
 
@@ -583,7 +546,7 @@ def test_storm_of_2000_fork_exec_exit_children_loses_nothing(storm_tools):
         out = subprocess.run([str(storm_tools["forkexec"]), "2000", "8", true, "storm-%d"], check=True,
                              capture_output=True, text=True).stdout.split("\n")
         pids = collections.Counter(int(line.split()[1]) for line in out[1:] if line)
-        events = drain(mon, lambda evs: sum(1 for e in evs if e.type == ItemType.ProcessExit and e.pid in pids)
+        events = read_until(mon, lambda evs: sum(1 for e in evs if e.type == ItemType.ProcessExit and e.pid in pids)
                        >= sum(pids.values()), timeout=60)
         stats = mon.stats
     assert sum(pids.values()) == 2000
@@ -602,7 +565,7 @@ def test_storm_of_20000_threads_loses_nothing(storm_tools):
         out = subprocess.run([str(storm_tools["threads"]), "20000", "64"], check=True, capture_output=True,
                              text=True).stdout.split()
         pid, tids = int(out[0]), collections.Counter(map(int, out[1:]))
-        events = drain(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == pid for e in evs),
+        events = read_until(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == pid for e in evs),
                        timeout=60)
         stats = mon.stats
     assert sum(tids.values()) == 20000
@@ -693,7 +656,7 @@ def test_forced_loss_small_socket_buffer_counts_exactly_what_is_missing(storm_to
         children = collections.Counter(int(line.split()[0]) for line in out[1:] if line)
         time.sleep(0.3)
         mon.stop()
-        events = drain(mon, timeout=10)
+        events = read_until(mon, None, timeout=10)
         stats, windows, received = mon.stats, source.sequence_windows(), source.stats()["received"]
         mon.close()
     finally:
@@ -731,7 +694,7 @@ def test_forced_loss_tiny_ring_nobody_reads_reports_every_dropped_record(storm_t
         children = collections.Counter(int(line.split()[0]) for line in out[1:] if line)
         time.sleep(0.5)
         mon.stop()
-        events = drain(mon, timeout=10)
+        events = read_until(mon, None, timeout=10)
         stats = mon.stats
     records = [e for e in events if e.type != ItemType.RecordsLost]
     lost_reports = sum(e.count for e in of_type(events, ItemType.RecordsLost))

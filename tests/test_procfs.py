@@ -12,30 +12,13 @@ import time
 import pytest
 
 import etwmon
-from etwmon import ItemType, parse
+from etwmon import ItemType
 from etwmon.records import EXIT_CODE_UNKNOWN, FILETIME_UNIX_EPOCH
 from etwmon.sources.procfs import ProcfsSource
 
+from .helpers import ListSink, drain, read_until
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-
-    def push(self, record: bytes) -> None:
-        self.records.append(bytes(record))
-
-    def push_lost(self, count: int) -> None:
-        raise AssertionError("procfs cannot count losses")
-
-    def notify(self) -> None:
-        pass
-
-    def take(self) -> list:
-        events = list(parse(b"".join(self.records)))
-        self.records.clear()
-        return events
 
 
 def write_process(root, pid: int, comm: bytes, ppid: int, start: int, argv: list[bytes] | None = None,
@@ -70,7 +53,7 @@ def fake_proc(tmp_path):
     write_process(tmp_path, 1, b"init", 0, 1, [b"/sbin/init"])
     source = ProcfsSource(proc_root=str(tmp_path))
     source.open()
-    return tmp_path, source, ListSink()
+    return tmp_path, source, ListSink(lost_error=AssertionError("procfs cannot count losses"))
 
 
 def test_baseline_is_silent_then_creates_and_exits_are_reported(fake_proc):
@@ -144,7 +127,7 @@ def test_options_are_checked():
 def test_stop_returns_promptly_even_with_a_long_interval():
     source = ProcfsSource(interval=30)
     source.open()
-    runner = threading.Thread(target=source.run, args=(ListSink(),))
+    runner = threading.Thread(target=source.run, args=(ListSink(lost_error=AssertionError("procfs cannot count losses")),))
     runner.start()
     time.sleep(0.1)
     t0 = time.monotonic()
@@ -168,17 +151,15 @@ CHILD = textwrap.dedent("""
 
 def watch_a_child(interval: float = 0.05, preexec_fn=None) -> tuple[int, int, list]:
     """Start a Python child holding a thread for 0.6 s under a procfs Monitor; (pid, tid, events)."""
-    buf = bytearray(1 << 20)
     with etwmon.Monitor(source="procfs", interval=interval) as mon:
         child = subprocess.Popen([sys.executable, "-c", CHILD, "procfs-probe"], stdout=subprocess.PIPE, text=True,
                                  preexec_fn=preexec_fn)
         tid = int(child.stdout.readline())
         child.wait()
-        time.sleep(5 * interval)
+        # Until the poller has seen it end (its exit is the last of its events), then what is left.
+        events = read_until(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs))
         mon.stop()
-        events = []
-        while n := mon.readinto(buf):
-            events.extend(parse(bytes(buf[:n])))
+        events += drain(mon)
     return child.pid, tid, events
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli import (
+from .helpers import (
     ESC_CLEAR, ESC_TITLE, PY, WAIT, Watch, assert_clean_stderr, delivers, linux_only, new_tag, run, spawn,
     unprivileged,
 )

@@ -7,9 +7,9 @@ import functools
 import os
 import pwd
 import re
-import time
 
-from ..records import FILETIME_UNIX_EPOCH, Details, EventFlags
+from ..clock import CLOCK_BOOTTIME, KernelClock
+from ..records import Details, EventFlags
 
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
@@ -50,6 +50,13 @@ def parse_stat(data: bytes) -> tuple[bytes, int, int] | None:
         return data[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def stat_state(data: bytes) -> str | None:
+    """The state letter from /proc/<pid>/stat (R, S, D, Z for a zombie, X for dead, ...), or None."""
+    close_paren = data.rfind(b")")
+    state = data[close_paren + 2:close_paren + 3] if close_paren >= 0 else b""
+    return state.decode("ascii", "replace") if state else None
 
 
 def clock_tick_ns() -> int:
@@ -171,24 +178,14 @@ def host_and_boot_id(proc: str = "/proc") -> bytes:
     return host.strip() + b"\0" + boot.strip()
 
 
-def boot_to_wall_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_BOOTTIME: what turns /proc start times into wall-clock times."""
-    boottime = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
-    return time.time_ns() - time.clock_gettime_ns(boottime)
-
-
-def start_filetime(start_ticks: int, tick_ns: int, boot_to_wall: int) -> int:
-    """FILETIME of a /proc start time (clock ticks since boot)."""
-    return (start_ticks * tick_ns + boot_to_wall) // 100 + FILETIME_UNIX_EPOCH
-
-
-def details_now(proc: str, pid: int, stat: tuple[bytes, int, int, int, int], tick_ns: int, boot_to_wall: int,
-                flags: int = EventFlags.PROCFS) -> Details:
-    """``records.Details`` of ``pid`` from /proc now (``stat`` from ``stat_details``): start time, session and
-    terminal from stat, then ``process_details``; flagged as read after the fact."""
+def details_now(proc: str, pid: int, stat: tuple[bytes, int, int, int, int], tick_ns: int,
+                boot_clock: KernelClock, flags: int = EventFlags.PROCFS) -> Details:
+    """``records.Details`` of ``pid`` from /proc now (``stat`` from ``stat_details``; ``boot_clock`` a
+    ``KernelClock(CLOCK_BOOTTIME)`` for its start time): start time, session and terminal from stat, then
+    ``process_details``; flagged as read after the fact."""
     _, _, session, tty_nr, start = stat
-    return Details(start_filetime=start_filetime(start, tick_ns, boot_to_wall), session=session,
-                   tty=tty_name(tty_nr), flags=int(flags), **process_details(proc, pid))
+    return Details(start_filetime=boot_clock.filetime(start * tick_ns), session=session, tty=tty_name(tty_nr),
+                   flags=int(flags), **process_details(proc, pid))
 
 
 def snapshot(proc: str = "/proc") -> list[tuple[int, int, str, Details]]:
@@ -196,7 +193,7 @@ def snapshot(proc: str = "/proc") -> list[tuple[int, int, str, Details]]:
     when a monitor starts."""
     from ..records import command_line_from_argv
 
-    tick, offset = clock_tick_ns(), boot_to_wall_ns()
+    tick, boot_clock = clock_tick_ns(), KernelClock(CLOCK_BOOTTIME)
     out = []
     try:
         names = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
@@ -209,5 +206,5 @@ def snapshot(proc: str = "/proc") -> list[tuple[int, int, str, Details]]:
             continue  # gone already
         raw = read_proc(f"{proc}/{pid}/cmdline")
         line = command_line_from_argv(argv_of(raw) if raw else [stat[0]])
-        out.append((pid, stat[1], line, details_now(proc, pid, stat, tick, offset, EventFlags.SEEDED)))
+        out.append((pid, stat[1], line, details_now(proc, pid, stat, tick, boot_clock, EventFlags.SEEDED)))
     return out

@@ -1,0 +1,164 @@
+"""How an event looks to a person or a program: one line of text, a JSON object, a JSON line.
+
+One place for it: ``etwmon tail`` renders with these, and so do the service and the fleet consumer, so an event
+reads the same everywhere. Everything a process controls (command lines, image names) is escaped before it can
+reach a terminal (``escape_text``); the JSON form is exact (bytes that are not UTF-8 ride along in base64).
+Field names are documented in docs/cli.md and stable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Callable
+
+from .records import (
+    EXIT_CODE_UNKNOWN, Event, ImageLoad, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
+    UnknownRecord, filetime_to_datetime,
+)
+
+__all__ = ["escape_text", "format_event", "event_to_json", "json_line", "RENDERERS", "human_bytes"]
+
+# --- escaping: what a process controls never reaches a terminal raw ------------------------------------------
+
+# C0 controls, DEL and C1 controls (a terminal acts on them: ESC sequences retitle, clear, move the cursor);
+# Unicode format characters that reorder or hide text (bidi embeddings/overrides/isolates, zero-width
+# characters, invisible operators, tag characters); line/paragraph separators; lone surrogates (bytes that were
+# not UTF-8, kept by surrogateescape, or broken UTF-16). All of these are in Unicode categories Cc/Cf/Cs/Zl/Zp,
+# so str.isprintable() is a correct fast path.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
+    "\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def _escape_char(match: re.Match) -> str:
+    c = ord(match.group())
+    if c < 0x80:
+        return f"\\x{c:02x}"
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"\\x{c - 0xDC00:02x}"  # a byte that was not UTF-8, shown as that byte
+    if c <= 0xFFFF:
+        return f"\\u{c:04x}"
+    return f"\\U{c:08x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` made safe for a terminal: control and invisible format characters become visible escapes.
+
+    ``\\xNN`` is one byte (an ASCII control such as ESC ``\\x1b``, or a byte that was not UTF-8); ``\\uNNNN`` /
+    ``\\UNNNNNNNN`` is a Unicode character (C1 controls, bidi overrides, zero-width characters, ...).
+    Backslashes are left alone so Windows paths stay readable: the text form is for eyes, the JSON form is
+    exact.
+    """
+    if text.isprintable():
+        return text
+    return _UNSAFE.sub(_escape_char, text)
+
+
+# --- event formatting ------------------------------------------------------------------------------------------
+
+
+def _exit_code(code: int) -> int | None:
+    return None if code == EXIT_CODE_UNKNOWN else code
+
+
+def _local_clock(filetime: int) -> str:
+    return filetime_to_datetime(filetime).astimezone().strftime("%H:%M:%S.%f")[:-3]
+
+
+def _iso_utc(filetime: int) -> str:
+    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_event(event: Event) -> str:
+    """One line of ``etwmon tail`` text output: local time, record type, ``key=value`` fields, the command
+    line last (escaped). A RecordsLost record is a WARNING line with the count."""
+    when = _local_clock(event.filetime)
+    if isinstance(event, ProcessCreate):  # ProcessExec too
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid} "
+                f"cmd={escape_text(event.command_line)}")
+    if isinstance(event, ProcessExit):
+        code = _exit_code(event.exit_code)
+        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}"
+    if isinstance(event, ThreadExit):
+        code = _exit_code(event.exit_code)
+        return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
+    if isinstance(event, ThreadCreate):
+        return f"{when} {'ThreadCreate':<13} tid={event.tid} pid={event.pid}"
+    if isinstance(event, ImageLoad):
+        return (f"{when} {'ImageLoad':<13} pid={event.pid} address=0x{event.load_address:x} "
+                f"size={event.image_size} image={escape_text(event.image_name)}")
+    if isinstance(event, RecordsLost):
+        return f"{when} WARNING: {event.count} records lost here (ring full or source overrun)"
+    if isinstance(event, UnknownRecord):
+        return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
+    return f"{when} {escape_text(repr(event))}"
+
+
+def _json_text(text: str) -> tuple[str, str | None]:
+    """(valid Unicode text, None), or when ``text`` holds bytes that are not UTF-8: (the text with U+FFFD in
+    their place, base64 of the exact bytes). jq turns lone-surrogate escapes into U+FFFD, so they can't carry
+    the bytes."""
+    try:
+        text.encode("utf-8")
+        return text, None
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the original bytes (os.fsdecode on Linux)
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")  # broken UTF-16 from Windows: kept as WTF-8
+    return raw.decode("utf-8", "replace"), base64.b64encode(raw).decode("ascii")
+
+
+def _put_text(obj: dict, key: str, text: str) -> None:
+    obj[key], exact = _json_text(text)
+    if exact is not None:
+        obj[key + "_base64"] = exact
+
+
+def event_to_json(event: Event) -> dict:
+    """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
+    obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
+    if isinstance(event, ProcessCreate):
+        obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
+                   creating_tid=event.creating_tid)
+        _put_text(obj, "command_line", event.command_line)
+        obj["truncated"] = event.truncated
+    elif isinstance(event, ProcessExit):
+        obj.update(pid=event.pid, exit_code=_exit_code(event.exit_code))
+    elif isinstance(event, ThreadExit):
+        obj.update(tid=event.tid, pid=event.pid, exit_code=_exit_code(event.exit_code))
+    elif isinstance(event, ThreadCreate):
+        obj.update(tid=event.tid, pid=event.pid)
+    elif isinstance(event, ImageLoad):
+        # A string: jq reads numbers as doubles, which cannot hold every 64-bit address.
+        obj.update(pid=event.pid, image_size=event.image_size, load_address=f"0x{event.load_address:x}")
+        _put_text(obj, "image_name", event.image_name)
+    elif isinstance(event, RecordsLost):
+        obj["count"] = event.count
+    elif isinstance(event, UnknownRecord):
+        obj.update(type="Unknown", item_type=event.item_type,
+                   data_base64=base64.b64encode(event.data).decode("ascii"))
+    return obj
+
+
+def json_line(event: Event) -> str:
+    """The JSON object of one event as one line of ASCII text (no newline)."""
+    # ensure_ascii: the line is pure ASCII, so no control character (not even DEL or C1) reaches a terminal.
+    return json.dumps(event_to_json(event), ensure_ascii=True, separators=(",", ":"))
+
+
+#: ``etwmon tail`` output forms by name: each turns one event into one line (without the newline).
+RENDERERS: dict[str, Callable[[Event], str]] = {"text": format_event, "json": json_line}
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for a person: ``512 B``, ``9.8 MiB``."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

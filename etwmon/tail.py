@@ -1,0 +1,466 @@
+"""The ``etwmon tail`` loop: drain a ``Reader``, keep the events a filter passes, write each as one whole line,
+report stats and a summary on stderr.
+
+A ``Monitor`` is a Reader; a service connection (``tail --connect``) or a fleet consumer (``tail --from``) is
+another object with the same few methods, so every way of tailing shares this one loop. Stop signals (SIGINT,
+SIGTERM, SIGHUP) only count themselves and wake the loop through a descriptor (``signal.set_wakeup_fd``): the
+loop stops where it chooses, so output ends on a line boundary, also when stdout is a full pipe nobody reads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, TextIO
+
+from .formats import human_bytes
+from .records import Event, ItemType, parse
+
+if TYPE_CHECKING:
+    from .monitor import MonitorStats
+
+__all__ = ["Reader", "TailOptions", "tail", "say", "silence_stdout", "PROG", "READ_SIZE", "STOP_WRITE_WAIT"]
+
+PROG = "etwmon"
+READ_SIZE = 0x10000  # the book's client buffer: any record fits
+#: After a stop signal, how long stdout may take nothing before the rest is given up (and counted as not written).
+STOP_WRITE_WAIT = 1.0
+# A write of at most PIPE_BUF bytes to a pipe is atomic: it goes in whole or not at all, so whole lines up to this
+# size never reach a reader in part. Longer lines go in pieces of this size, each after poll() says there is room.
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+_FILE_CHUNK = 0x10000  # a regular file never blocks: bigger writes, fewer calls
+_sleep = time.sleep  # (tests replace it)
+
+
+class Reader(Protocol):
+    """What ``tail`` drains: a ``Monitor`` (local source), and later a service connection or a fleet consumer.
+
+    ``readinto`` keeps the ring's contract (whole records, a RecordsLost record after losses); ``stats`` has at
+    least ``read``, ``lost``, ``dropped``, ``items``, ``pushed``, ``bytes``, ``max_items``, ``max_bytes``,
+    ``parse_errors`` and ``source`` (a ``MonitorStats``)."""
+
+    def start(self) -> object:
+        """Begin delivering; raises ``etwmon.Error`` (e.g. ``SourceUnavailable``) when it cannot."""
+
+    def stop(self) -> None:
+        """Stop delivering; what was delivered stays readable."""
+
+    def close(self) -> None:
+        """``stop()`` and release everything; idempotent."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until something is readable or ``timeout`` passes; True if something is."""
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Whole records into ``buffer``; 0 when there is nothing."""
+
+    def readable(self) -> bool:
+        """True when ``readinto`` would return something now."""
+
+    def fileno(self) -> int:
+        """A descriptor that is readable while records are waiting (for poll)."""
+
+    @property
+    def running(self) -> bool:
+        """False once delivery has ended (stopped, or the source ended)."""
+
+    @property
+    def lossy(self) -> bool:
+        """True when events can be missed without being counted (polling)."""
+
+    @property
+    def stats(self) -> "MonitorStats":
+        """The counters the summary and the stats lines report."""
+
+    def describe(self) -> str:
+        """What is watched, for the "watching (...)" line, e.g. ``source: netlink, ring: 10000 records / 9.8 MiB``."""
+
+
+@dataclass(frozen=True)
+class TailOptions:
+    """How ``tail`` shows events: ``render`` one event as one line (``etwmon.formats.RENDERERS``), ``keep``
+    the ones to show (``etwmon.filters.EventFilter``), ``batch_wait`` seconds to let a batch gather after its
+    first record, ``stats_interval`` seconds between stats lines (None: none)."""
+
+    render: Callable[[Event], str]
+    keep: Callable[[Event], bool] = lambda event: True
+    batch_wait: float = 0.0
+    stats_interval: float | None = None
+
+
+def say(err: TextIO, message: str) -> None:
+    """One ``etwmon: ...`` line on stderr; a stderr that is gone is not an error."""
+    try:
+        err.write(f"{PROG}: {message}\n")
+        err.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def silence_stdout() -> None:
+    """The reader went away: point stdout at /dev/null so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _fd_of(stream: TextIO) -> int | None:
+    try:
+        stream.flush()
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP ask ``tail`` to stop: the handler only counts them, and the loop stops at a
+    point it chooses (the source then releases what it set up in the kernel, e.g. audit rules). A second signal
+    means stop now: what is not written yet is given up. A signal the caller set to be ignored (``nohup``, a
+    background job) stays ignored. Handlers are restored by ``restore()``."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: list[tuple[int, object]] = []
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._saved_wakeup_fd = -1
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    @property
+    def forced(self) -> bool:
+        return self.count > 1
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python runs signal handlers in the main thread only; a caller on another thread keeps its own
+        for name in self.NAMES:
+            number = getattr(signal, name, None)
+            if number is None:
+                continue
+            previous = signal.getsignal(number)
+            if previous is signal.SIG_IGN:
+                continue
+            signal.signal(number, self._handler)
+            self._saved.append((number, signal.SIG_DFL if previous is None else previous))
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._saved_wakeup_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        self._wake = (r, w)
+
+    def fileno(self) -> int | None:
+        """Readable after a signal came (until ``clear()``); None when not installed."""
+        return None if self._wake is None else self._wake[0].fileno()
+
+    def clear(self) -> None:
+        if self._wake is not None:
+            try:
+                while self._wake[0].recv(512):
+                    pass
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        for number, previous in self._saved:
+            signal.signal(number, previous)
+        self._saved.clear()
+        if self._wake is not None:
+            signal.set_wakeup_fd(self._saved_wakeup_fd)
+            for sock in self._wake:
+                sock.close()
+            self._wake = None
+
+
+class _Waiter:
+    """Block until the reader has records, a timeout passes, a stop signal comes, or stdout's reader is gone.
+
+    ``poll`` sees POLLERR on a pipe whose reader closed, so ``etwmon tail | head -n 1`` ends as soon as head
+    exits, even when no further event comes to fail a write. Without ``poll`` (Windows): ``Reader.wait`` in
+    short slices, so a stop signal is seen within 0.2 s.
+    """
+
+    def __init__(self, reader: Reader, out_fd: int | None, signals: StopSignals, batch_wait: float) -> None:
+        self._reader = reader
+        self._signals = signals
+        self._batch_wait = batch_wait
+        self._poll = select.poll() if hasattr(select, "poll") else None
+        self._out_fd = -1
+        if self._poll is None:
+            return
+        self._poll.register(reader.fileno(), select.POLLIN)
+        if signals.fileno() is not None:
+            self._poll.register(signals.fileno(), select.POLLIN)
+        try:
+            if out_fd is not None and stat.S_ISFIFO(os.fstat(out_fd).st_mode):
+                self._poll.register(out_fd, 0)  # POLLERR/POLLHUP are always reported
+                self._out_fd = out_fd
+        except OSError:
+            pass
+
+    def wait(self, timeout: float | None) -> None:
+        if self._poll is None:
+            self._reader.wait(0.2 if timeout is None else min(timeout, 0.2))
+        else:
+            ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+            for fd, flags in self._poll.poll(ms):
+                if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
+                    raise BrokenPipeError("the reader of stdout went away")
+                if fd == self._signals.fileno():
+                    self._signals.clear()
+        if self._batch_wait and not self._signals.requested and self._reader.readable():
+            # Records are there: give the ones right behind them a moment to join the batch. One wake-up per
+            # batch instead of per event halves the CPU in a storm; the source keeps reading the kernel meanwhile.
+            _sleep(self._batch_wait)
+
+
+class _LineWriter:
+    """Writes lines to stdout so that each reaches the reader whole or not at all.
+
+    Whole lines go out with ``os.write`` in chunks of at most PIPE_BUF bytes, each after poll() says stdout has
+    room: such a write to a pipe is atomic, so a stop signal (or a reader that stopped reading) always finds the
+    output on a line boundary. A line longer than PIPE_BUF goes in pieces and, once begun, is finished (only a
+    second stop signal cuts it). After a stop signal, a stdout that takes nothing for ``STOP_WRITE_WAIT`` seconds
+    is given up: the lines left are counted, not half-written. Without a descriptor (a StringIO, Windows):
+    ``stream.write`` per line.
+    """
+
+    def __init__(self, out: TextIO, signals: StopSignals) -> None:
+        self.shown = 0  # events written whole
+        self.unwritten_reason = ""
+        self._out = out
+        self._signals = signals
+        self._encoding = getattr(out, "encoding", None) or "utf-8"
+        self._errors = getattr(out, "errors", None) or "strict"
+        self._pending: deque[tuple[bytes | str, bool]] = deque()  # (line with its newline, is an event)
+        self._offset = 0  # bytes of the first pending line already written
+        self._poll = None
+        self.fd = _fd_of(out) if hasattr(select, "poll") else None
+        self._chunk = _PIPE_BUF
+        if self.fd is not None:
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLOUT)
+            if signals.fileno() is not None:
+                self._poll.register(signals.fileno(), select.POLLIN)
+            try:
+                if stat.S_ISREG(os.fstat(self.fd).st_mode):
+                    self._chunk = _FILE_CHUNK
+            except OSError:
+                pass
+
+    @property
+    def unwritten(self) -> int:
+        """Events taken from the reader that were not written (stdout blocked after a stop signal, or closed)."""
+        return sum(is_event for _, is_event in self._pending)
+
+    def add(self, events: list[Event], render: Callable[[Event], str]) -> None:
+        encode = self.fd is not None
+        for event in events:
+            line = render(event) + "\n"
+            self._pending.append((line.encode(self._encoding, self._errors) if encode else line,
+                                  event.type != ItemType.RecordsLost))
+
+    def flush(self, stopping: bool = False) -> bool:
+        """Write what is pending; True when all of it is out. Returns False early, on a line boundary: when a
+        stop signal came (``stopping`` False), or when a second one came or stdout took nothing for
+        ``STOP_WRITE_WAIT`` seconds (``stopping`` True: the final drain)."""
+        if self.fd is None:
+            return self._flush_stream(stopping)
+        pending, signals = self._pending, self._signals
+        while pending:
+            at_boundary = self._offset == 0
+            if signals.forced or (at_boundary and signals.requested and not stopping):
+                return False
+            if not self._writable(stopping, at_boundary):
+                return False
+            head = pending[0][0]
+            if self._offset or len(head) >= self._chunk:
+                chunk = head[self._offset:self._offset + self._chunk]
+            else:
+                parts, size = [], 0
+                for line, _ in pending:
+                    if size + len(line) > self._chunk:
+                        break
+                    parts.append(line)
+                    size += len(line)
+                chunk = b"".join(parts)
+            try:
+                self._advance(os.write(self.fd, chunk))
+            except BrokenPipeError:
+                self.unwritten_reason = "stdout closed"
+                raise
+        return True
+
+    def _writable(self, stopping: bool, at_boundary: bool) -> bool:
+        signals = self._signals
+        timeout = STOP_WRITE_WAIT * 1000 if stopping else None
+        while True:
+            ready = self._poll.poll(timeout)
+            if not ready:  # only when stopping
+                if at_boundary:
+                    self.unwritten_reason = "stdout blocked"
+                    return False
+                continue  # part of a line is out: finish it (a second signal cuts it)
+            writable = False
+            for fd, flags in ready:
+                if fd == self.fd:
+                    writable = True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
+                else:
+                    signals.clear()
+            if writable:
+                return True
+            if signals.forced or (at_boundary and signals.requested and not stopping):
+                return False
+
+    def _advance(self, n: int) -> None:
+        pending = self._pending
+        while n:
+            line, is_event = pending[0]
+            left = len(line) - self._offset
+            if n < left:
+                self._offset += n
+                return
+            pending.popleft()
+            n -= left
+            self._offset = 0
+            self.shown += is_event
+
+    def _flush_stream(self, stopping: bool) -> bool:
+        pending, signals = self._pending, self._signals
+        while pending:
+            if signals.forced or (signals.requested and not stopping):
+                return False
+            line, is_event = pending[0]
+            try:
+                self._out.write(line)
+                self._out.flush()
+            except BrokenPipeError:
+                self.unwritten_reason = "stdout closed"
+                raise
+            pending.popleft()
+            self.shown += is_event
+        return True
+
+
+def tail(reader: Reader, options: TailOptions, out: TextIO, err: TextIO) -> int:
+    """Start ``reader`` and show its events on ``out`` until a stop signal, the end of the source, or a closed
+    stdout; then a summary line on ``err``. Returns the exit status (0); errors of the reader propagate."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        return _Tail(reader, options, out, err, signals).run()
+    finally:
+        signals.restore()
+
+
+class _Tail:
+    def __init__(self, reader: Reader, options: TailOptions, out: TextIO, err: TextIO,
+                 signals: StopSignals) -> None:
+        self.reader, self.options, self.err, self.signals = reader, options, err, signals
+        self.writer = _LineWriter(out, signals)
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
+
+    def run(self) -> int:
+        reader = self.reader
+        try:
+            self._start()
+            ended = self._follow()
+        except BrokenPipeError:
+            silence_stdout()
+            ended = "stdout closed"
+        except BaseException:
+            reader.close()
+            raise
+        reader.close()
+        self._summary(ended)
+        return 0
+
+    def _start(self) -> None:
+        reader, err = self.reader, self.err
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reader.start()
+        for warning in caught:
+            say(err, f"warning: {warning.message}")
+        if reader.lossy:
+            say(err, f"warning: the {reader.stats.source} source polls and can miss short-lived processes "
+                     "without counting them")
+        # Last of the start-up lines: from here on every event is seen (scripts may wait for it).
+        say(err, f"watching ({reader.describe()}); Ctrl-C to stop")
+
+    def _take(self) -> int:
+        """Read one batch and hand the kept events to the writer; the byte count read."""
+        n = self.reader.readinto(self._buf)
+        if n:
+            keep = self.options.keep
+            events = [event for event in parse(self._view[:n]) if keep(event)]
+            if events:
+                self.writer.add(events, self.options.render)
+        return n
+
+    def _follow(self) -> str:
+        """Show batches until a stop signal or the end of the source; how it ended, for the summary."""
+        reader, signals, writer = self.reader, self.signals, self.writer
+        waiter = _Waiter(reader, writer.fd, signals, self.options.batch_wait)
+        interval = self.options.stats_interval
+        next_stats = time.monotonic() + interval if interval else None
+        last = (time.monotonic(), 0)
+        while not signals.requested:
+            n = self._take()
+            if n and not writer.flush():
+                break  # a stop signal, between two lines
+            if next_stats is not None and time.monotonic() >= next_stats:
+                last = self._print_stats(last)
+                next_stats = time.monotonic() + interval
+            if n:
+                continue
+            if not reader.running:
+                if reader.readable():  # pushed just before it ended
+                    continue
+                return "the source stopped"
+            waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
+        # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
+        reader.stop()
+        while writer.flush(stopping=True) and not signals.forced and self._take():
+            pass
+        return "stopped"
+
+    def _print_stats(self, last: tuple[float, int]) -> tuple[float, int]:
+        now = time.monotonic()
+        stats = self.reader.stats
+        then, pushed_then = last
+        rate = (stats.pushed - pushed_then) / max(now - then, 1e-9)
+        fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
+        parse_errors = f", {stats.parse_errors} parse errors" if stats.parse_errors else ""
+        say(self.err, f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
+                      f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {stats.lost} lost, {stats.dropped} dropped, "
+                      f"{self.writer.shown} shown{parse_errors}")
+        return now, stats.pushed
+
+    def _summary(self, ended: str) -> None:
+        stats, writer = self.reader.stats, self.writer
+        unread = f", {stats.items} unread" if stats.items else ""
+        unwritten = writer.unwritten
+        not_written = f", {unwritten} not written ({writer.unwritten_reason})" if unwritten else ""
+        say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {stats.lost} lost, "
+                      f"{stats.dropped} dropped{unread}{not_written}")

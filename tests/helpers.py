@@ -1,0 +1,302 @@
+"""What several test modules share: a Sink that keeps what a source pushes, read loops over a Monitor, a scripted
+source, and running ``etwmon`` (or the tailer) as a user runs it, with tagged child processes to watch."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Callable
+
+import pytest
+
+import etwmon
+from etwmon import records as R
+from etwmon.records import Event, parse
+from etwmon.sources.base import Source
+
+from .conftest import require
+
+# --- driving a source or a Monitor directly -----------------------------------------------------------------------
+
+
+class ListSink:
+    """A Sink that keeps every record a source pushes and every loss it reports (thread-safe).
+
+    ``lost_error``: raise it from ``push_lost`` instead (a source that cannot count losses must never call it;
+    or a sink that fails, to test how the source copes)."""
+
+    def __init__(self, lost_error: BaseException | None = None) -> None:
+        self.records: list[bytes] = []
+        self.lost: list[int] = []
+        self.notified = 0
+        self.lost_error = lost_error
+        self._lock = threading.Lock()
+
+    def push(self, record: bytes) -> None:
+        with self._lock:
+            self.records.append(bytes(record))
+
+    def push_lost(self, count: int) -> None:
+        if self.lost_error is not None:
+            raise self.lost_error
+        with self._lock:
+            self.lost.append(count)
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    @property
+    def lost_total(self) -> int:
+        return sum(self.lost)
+
+    def events(self) -> list[Event]:
+        """Everything pushed so far, parsed."""
+        with self._lock:
+            return list(parse(b"".join(self.records)))
+
+    def take(self) -> list[Event]:
+        """Everything pushed since the last take(), parsed."""
+        with self._lock:
+            records, self.records = self.records, []
+        return list(parse(b"".join(records)))
+
+
+def drain(mon: etwmon.Monitor, bufsize: int = 1 << 20) -> list[Event]:
+    """Every event readable right now (no waiting)."""
+    buf = bytearray(bufsize)
+    events: list[Event] = []
+    while n := mon.readinto(buf):
+        events += parse(bytes(buf[:n]))
+    return events
+
+
+def read_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool] | None, timeout: float = 20.0,
+               keep: Callable[[Event], bool] | None = None, quiet: float = 0.3,
+               bufsize: int = 1 << 20) -> list[Event]:
+    """Read events (waiting for more in ``mon.wait``) until ``until(events)`` is true or ``timeout`` passes, and
+    return them; the caller's assertion says what was missing. ``until=None``: until nothing more comes within
+    ``quiet`` seconds. ``keep`` keeps only some events (memory, on a busy machine)."""
+    buf = bytearray(bufsize)
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        n = mon.readinto(buf)
+        if n:
+            got = parse(bytes(buf[:n]))
+            events += got if keep is None else [e for e in got if keep(e)]
+            continue
+        if until is not None and until(events):
+            return events
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return events
+        if not mon.wait(min(left, quiet)) and until is None:
+            return events
+        if not mon.running and not mon.readable():
+            return events
+
+
+class ScriptedSource(Source):
+    """Pushes what the test hands it, when the test says so; can be told to fail."""
+
+    name = "scripted"
+    delivers = frozenset({"process_exit"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: queue.Queue = queue.Queue()
+        self.opened = self.closed = 0
+        self.lost = 0
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def run(self, sink) -> None:
+        while True:
+            command = self.commands.get()
+            if command is None:
+                return
+            kind, value = command
+            if kind == "records":
+                for record in value:
+                    sink.push(record)
+                sink.notify()
+            elif kind == "lost":
+                self.lost += value
+                sink.push_lost(value)
+                sink.notify()
+            elif kind == "fail":
+                raise value
+            elif kind == "notify":  # a notify() after pushing nothing (a combined source that holds a record)
+                sink.notify()
+            elif kind == "ack":  # tell the test everything before this was done
+                value.set()
+            elif kind == "gate":  # go on when the test says so
+                value.wait(10)
+
+    def stop(self) -> None:
+        self.commands.put(None)
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"lost": self.lost, "parse_errors": 0}
+
+    def send(self, *pids: int) -> None:
+        self.commands.put(("records", [R.encode_process_exit(R.filetime_now(), pid, 0) for pid in pids]))
+
+
+# --- running etwmon as a user would ----------------------------------------------------------------------------
+
+PY = sys.executable
+WAIT = 20.0  # seconds; generous because the machine is shared, never a timing assertion
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+SUMMARY = re.compile(r"etwmon: (?:stopped|the source stopped|stdout closed): (\d+) records, (\d+) shown, (\d+) lost, "
+                     r"(\d+) dropped")
+ESC_TITLE = "\x1b]0;pwned\x07"
+ESC_CLEAR = "\x1b[2J"
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
+
+
+def etwmon_argv(*args: str) -> list[str]:
+    return [PY, "-m", "etwmon", *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETWMON_MAX_")}
+    env.update(extra)
+    return env
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` without any capability: as root, setpriv empties the bounding set (uid 0 keeps reading the
+    Python installed under /root); as a normal user, unchanged."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    require(setpriv is not None, "setpriv (util-linux) is needed to drop capabilities")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", *argv]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env or clean_env(),
+                          timeout=timeout)
+
+
+def new_tag() -> str:
+    return f"tag-{uuid.uuid4().hex[:12]}"
+
+
+def spawn(tag: str, *extra: str | bytes, code: int = 7, seconds: float = 0.4) -> int:
+    """Run ``sh -c 'sleep S; exit CODE' TAG EXTRA...`` to its end and return its pid. The sleep keeps it alive
+    long enough for /proc readers (the proc connector reads the command line at exec; procfs polls)."""
+    argv = [b"sh", b"-c", f"sleep {seconds}; exit {code}".encode(), tag.encode(),
+            *(os.fsencode(a) for a in extra)]
+    child = subprocess.Popen(argv)
+    assert child.wait(timeout=WAIT) == code
+    return child.pid
+
+
+class Watch:
+    """A long-running command (``etwmon tail`` or the tailer) with its output collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env or clean_env())
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._collect, args=(s, d), daemon=True)
+                         for s, d in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, stream, lines: list[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            with self._changed:
+                lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait(self, lines: list[bytes], test: Callable[[bytes], bool], timeout: float, what: str) -> bytes:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in lines[seen:]:
+                    if test(line):
+                        return line
+                seen = len(lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
+                    raise AssertionError(f"no {what} within {timeout:.0f} s; exit status {self.proc.poll()}; "
+                                         f"stderr: {self.stderr!r}; last stdout: {self.out[-5:]!r}")
+                self._changed.wait(min(left, 0.5))
+
+    def ready(self, timeout: float = WAIT) -> str:
+        """Wait for the "watching ... (source: NAME" line on stderr; return the source name."""
+        line = self._wait(self.err, lambda l: b"watching" in l, timeout, "'watching' line on stderr")
+        match = re.search(rb"source: (\w+)", line)
+        assert match, line
+        return match.group(1).decode()
+
+    def wait_out(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
+        return self._wait(self.out, test, timeout, what)
+
+    def wait_err(self, test: Callable[[bytes], bool], timeout: float = WAIT, what: str = "expected line") -> bytes:
+        return self._wait(self.err, test, timeout, what)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = WAIT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            status = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        for reader in self._readers:
+            reader.join(5)
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def stdout(self) -> bytes:
+        return b"".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self.err).decode("utf-8", "replace")
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.out]
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def delivers(source: str) -> frozenset[str]:
+    from etwmon.sources import source_class
+    return source_class(source).delivers
+
+
+def assert_clean_stderr(stderr: str) -> None:
+    for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "KeyboardInterrupt"):
+        assert noise not in stderr, stderr
