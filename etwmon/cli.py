@@ -140,6 +140,8 @@ def _build_parser() -> _Parser:
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
                        help="event source (default: auto, the best that works here; see 'etwmon sources')")
+    tail_.add_argument("--no-identity", dest="identity", action="store_false",
+                       help="the book's records only: no ProcessGuid, user, image or parent fields (less CPU per event)")
     tail_.add_argument("--json", action="store_true",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text")
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
@@ -210,7 +212,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str]) -> Reader:
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
     try:
-        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes)
+        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, identity=args.identity)
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
