@@ -14,6 +14,10 @@ gave at the start), two processes that share a pid differ (they start at differe
 100 ns ticks repeat only every 429.5 s, to the tick), and the same pid and start on another host or after a reboot
 differ in the tags. The start time is the one the source knows for the process: the kernel's timestamp of the
 fork, or /proc's start time (clock ticks) for a process that ran before the monitor started.
+
+On Windows, where ETW's Kernel-Process events carry the kernel's ProcessSequenceNumber (unique until reboot),
+bytes 8-15 are that number instead (``guid_from_sequence``), so a process's guid and its parent's come from the
+kernel itself, even for a parent that started before the monitor.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from .records import (
     EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
 )
 
-__all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "DEFAULT_MAX_PROCESSES"]
+__all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
+           "DEFAULT_MAX_PROCESSES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ _SAME_START = 250_000  # 25 ms in FILETIME ticks
 
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
+_SEQUENCE = struct.Struct(">Q")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _Q = struct.Struct("<q")
@@ -67,6 +73,12 @@ def guid_prefix(host_and_boot: bytes) -> bytes:
 def make_guid(prefix: bytes, pid: int, start_filetime: int) -> bytes:
     """The 16 bytes of a ProcessGuid (see the module's doc)."""
     return prefix + _PID_START.pack(pid & 0xFFFFFFFF, start_filetime & 0xFFFFFFFF)
+
+
+def guid_from_sequence(prefix: bytes, sequence: int) -> bytes:
+    """The 16 bytes of a ProcessGuid on Windows, where the kernel numbers processes itself and never reuses a
+    number until reboot (Kernel-Process's ProcessSequenceNumber): the prefix, then that number big-endian."""
+    return prefix + _SEQUENCE.pack(sequence & 0xFFFFFFFFFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -296,6 +308,9 @@ class IdentityStage:
                     own[tag] = field_
         table = self.table
         entry = table.live.get(pid)
+        sequence = getattr(record, "process_sequence_number", None)  # ETW's (etwmon.sources.etw.EtwRecord)
+        if sequence is not None:
+            return self._create_numbered(record, pid, ppid, chars, flags, own, start_given, sequence)
         if fork:
             start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
             same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
@@ -314,12 +329,36 @@ class IdentityStage:
                     own[_IMAGE] = image  # a fork runs its parent's program
                     flags |= parent.from_proc
             table.add(entry)
+        return self._describe(record, entry, chars, flags, own)
+
+    def _create_numbered(self, record: bytes, pid: int, ppid: int, chars: int, flags: int, own: dict,
+                         start_given: int | None, sequence: int) -> bytes:
+        """A process the kernel numbered (ETW): its guid and its parent's come from the numbers."""
+        table = self.table
+        guid = guid_from_sequence(self.prefix, sequence)
+        entry = table.get(guid)
+        if entry is None:
+            parent = table.live.get(ppid)
+            parent_sequence = getattr(record, "parent_process_sequence_number", None)
+            if parent_sequence is not None and (parent is None or parent.guid != guid_from_sequence(
+                    self.prefix, parent_sequence)):
+                parent = None  # the table's process with that pid is not the parent the kernel names
+            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
+            entry = _Entry(pid, guid, start, ppid, parent)
+            if parent is None and parent_sequence is not None:  # known by number, not in the table
+                entry.parent_guid = guid_from_sequence(self.prefix, parent_sequence)
+                entry.head.append(pack_field(_PGUID, entry.parent_guid))
+            table.add(entry)
+        return self._describe(record, entry, chars, flags, own)
+
+    def _describe(self, record: bytes, entry: _Entry, chars: int, flags: int, own: dict) -> bytes:
+        """The record with the block the table and the source's details make for ``entry``."""
         if own:
             entry.fields.update(own)
             entry.from_proc = flags & _PROCFS
         entry.command_line = record[34:34 + 2 * chars]
         entry.tail = None
-        if entry.parent_guid is None:
+        if not entry.parent_tail:  # the parent's fields are unknown (its guid may be known, from ETW's numbers)
             flags |= _UNKNOWN_PARENT
             self.unknown_parent += 1
         if entry.seeded:
@@ -339,6 +378,13 @@ class IdentityStage:
     def _exit(self, record: bytes) -> bytes:
         pid = _U32.unpack_from(record, 16)[0]
         entry = self.table.live.get(pid)
+        sequence = getattr(record, "process_sequence_number", None)
+        if sequence is not None:
+            guid = guid_from_sequence(self.prefix, sequence)
+            if entry is None or entry.guid != guid:
+                entry = self.table.get(guid)
+            if entry is None:  # a process that started before the monitor: the kernel's number still names it
+                return with_packed(record, 0, [pack_field(_GUID, guid)])
         if entry is None:
             self.no_guid += 1
             return record

@@ -192,3 +192,25 @@ def test_the_table_is_bounded_and_counts_what_it_forgets():
     assert sink.events()[-1].process_guid is None
     with pytest.raises(ValueError):
         IdentityStage(ListSink(), HOST, 1)
+
+
+def test_etw_sequence_numbers_make_the_guids_even_for_a_parent_started_before_the_monitor():
+    from etwmon.identity import guid_from_sequence
+    from etwmon.sources.etw import to_records
+
+    from .etw_builders import kp_process_start, kp_process_stop, kp_thread_start
+
+    st, sink = stage()
+    for event in (kp_process_start(version=3, pid=6312, ppid=4420, session=2), kp_thread_start(pid=6312, tid=7720),
+                  kp_process_stop(pid=6312, exit_code=0)):
+        for record in to_records(event, details=True):
+            st.push(record)
+    create, thread, exit_ = sink.events()
+    own, parent = (R.guid_text(guid_from_sequence(guid_prefix(HOST), n)) for n in (1234, 1200))
+    assert create.process_guid == thread.process_guid == exit_.process_guid == own
+    assert create.parent_process_guid == parent  # the kernel's number, though the table never saw 4420
+    assert create.flags & EventFlags.UNKNOWN_PARENT and create.parent_image is None  # its fields are unknown
+    assert create.session == 2 and create.image.endswith("notepad.exe") and exit_.image == create.image
+    # Without the identity stage's request, the source's records stay the book's.
+    (plain,) = to_records(kp_process_start(version=3))
+    assert len(plain) == 40 + 2 * int.from_bytes(plain[32:34], "little")
