@@ -157,6 +157,11 @@ def sections(results: dict, markdown: bool) -> list[str]:
                      "; ".join(r["errors"])[:80]] for r in ident["rows"]]
             out += _table(["source", "storm", "CPU ms / 1k ev, off", "on", "on / off", "captured % (on)", "errors"],
                           rows, markdown)
+            alone = ident.get("stage_alone_us") or {}
+            if alone:
+                out.append("")
+                out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
+                           + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
 
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
