@@ -387,8 +387,15 @@ class IdentityStage:
             if entry is None:  # a process that started before the monitor: the kernel's number still names it
                 return with_packed(record, 0, [pack_field(_GUID, guid)])
         if entry is None:
-            self.no_guid += 1
-            return record
+            start = self._start_in(record)
+            if start is None:
+                self.no_guid += 1
+                return record
+            # A process that started before the monitor, and the source knows when (bpf): that names it.
+            guid = make_guid(self.prefix, pid, start)
+            lifetime = max(_Q.unpack_from(record, 8)[0] - start, 0) // 10
+            return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _Q.pack(start)),
+                                           pack_field(_LIFETIME, _U64.pack(lifetime))])
         self.table.exit(entry)
         lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
         packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
@@ -396,6 +403,16 @@ class IdentityStage:
         if image is not None:
             packed.append(image)
         return with_packed(record, _SEEDED if entry.seeded else 0, packed)
+
+    @staticmethod
+    def _start_in(record: bytes) -> int | None:
+        """The StartTime a source put in a record's own block, if any."""
+        if len(record) <= 24:
+            return None
+        for tag, field_ in block_fields(record, packed=True)[1]:
+            if tag == _START and len(field_) == 12:
+                return _Q.unpack_from(field_, 4)[0]
+        return None
 
     # -- the reader's side --------------------------------------------------------------------------------
 

@@ -160,6 +160,14 @@ def test_what_the_source_knows_is_kept_and_stage_fields_are_the_tables():
     assert ev.encode() == sink.records[-1]  # written in block order: parse and encode agree byte for byte
 
 
+def test_an_exit_the_source_dates_is_named_though_the_table_never_saw_the_process():
+    st, sink = stage()
+    st.push(R.encode_process_exit(T + 20_000_000, 88, 0, Details(start_filetime=T)))  # as bpf writes it
+    (exit_,) = sink.events()
+    assert exit_.process_guid == R.guid_text(make_guid(guid_prefix(HOST), 88, T))
+    assert exit_.lifetime == timedelta(seconds=2)
+
+
 def test_an_exec_of_a_process_never_seen_and_without_a_start_has_no_guid():
     st, sink = stage()
     st.push(R.encode_process_exec(T, 77, 1, 77, 77, "x"))
