@@ -3,6 +3,7 @@ and ancestry. The live tests per source are in tests/test_identity_live.py."""
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 
@@ -222,3 +223,29 @@ def test_etw_sequence_numbers_make_the_guids_even_for_a_parent_started_before_th
     # Without the identity stage's request, the source's records stay the book's.
     (plain,) = to_records(kp_process_start(version=3))
     assert len(plain) == 40 + 2 * int.from_bytes(plain[32:34], "little")
+
+
+def test_the_bpf_sources_kernel_facts_become_the_block():
+    from etwmon.clock import CLOCK_BOOTTIME, KernelClock
+    from etwmon.sources.bpf import _event as bpf_event
+    from etwmon.sources.bpf._details import task_enricher, tty_name
+
+    clock = KernelClock(CLOCK_BOOTTIME, offset_ns=0)
+    enrich = task_enricher(clock)
+
+    def task(kind, flags=0, exe=b"/usr/bin/sleep", cwd=b"/srv/\xff", tty=b"pts3"):
+        return bpf_event.TaskDetails(kind, flags, 5_000, 42, 42, 1, 3_000, 1_000, 0, 65534, 0, 0, None, None, 7,
+                                     b"sleep", tty, b"/bin/sleep", exe, cwd)
+
+    (ev,) = etwmon.parse(enrich(R.encode_process_exec(T, 42, 1, 42, 42, "sleep 1"), task(bpf_event.EXEC)))
+    assert (ev.image, ev.current_directory, ev.uid, ev.user, ev.tty) == (
+        "/usr/bin/sleep", os.fsdecode(b"/srv/\xff"), 65534, "nobody", "pts/3")
+    assert ev.start_filetime == clock.filetime(3_000) and ev.flags == 0  # the kernel's, not /proc's: no PROCFS
+    (cut,) = etwmon.parse(enrich(R.encode_process_exec(T, 42, 1, 42, 42, "x"),
+                                 task(bpf_event.EXEC, flags=bpf_event.EXE_TRUNCATED, tty=b"")))
+    assert cut.image is None and cut.flags & EventFlags.TRUNCATED and cut.tty is None  # unknown, not shown cut
+    (end,) = etwmon.parse(enrich(R.encode_process_exit(T, 42, 0), task(bpf_event.EXIT_PROCESS)))
+    assert end.start_filetime == clock.filetime(3_000)
+    thread = R.encode_thread_create(T, 43, 42)
+    assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread
+    assert tty_name(b"tty1") == "tty1" and tty_name(None) is None
