@@ -247,5 +247,5 @@ def test_the_bpf_sources_kernel_facts_become_the_block():
     (end,) = etwmon.parse(enrich(R.encode_process_exit(T, 42, 0), task(bpf_event.EXIT_PROCESS)))
     assert end.start_filetime == clock.filetime(3_000)
     thread = R.encode_thread_create(T, 43, 42)
-    assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread
+    assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread and enrich.threads is False  # not even called
     assert tty_name(b"tty1") == "tty1" and tty_name(None) is None

@@ -68,4 +68,5 @@ def task_enricher(boot_clock: KernelClock) -> Callable[[bytes, TaskDetails], byt
             fields.append(pack_field(_TTY, tty.encode("utf-16-le")))
         return with_packed(record, flags, fields)
 
+    enrich.threads = False  # type: ignore[attr-defined]  # (the stage names a thread's process itself)
     return enrich
