@@ -164,6 +164,30 @@ def sections(results: dict, markdown: bool) -> list[str]:
                 out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
                            + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
 
+    fleet = b.get("fleet")
+    if fleet:
+        out += ["", h("Fleet: one host through a local nats-server (JetStream, file storage) to a consumer")]
+        if fleet["status"] != "ok":
+            out.append(_status_line(fleet))
+        else:
+            p = fleet["params"]
+            out.append(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
+                       f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
+                       f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
+                       "Latency: the consumer's read() returning the record minus the record's Time.")
+            out.append("")
+            out += _table(["trial", "records/s", "missing", "p50 ms", "p99 ms"], [
+                [f"paced {p['paced_rate']:,}/s", stat(fleet["paced_records_per_s"], 0), stat(fleet["paced_missing"], 0),
+                 stat(fleet["paced_p50_ms"], 1), stat(fleet["paced_p99_ms"], 1)],
+                ["unthrottled", stat(fleet["unthrottled_records_per_s"], 0), "", "", ""]], markdown)
+            if isinstance(fleet.get("storm"), dict):
+                out.append(f"thread storm through the fleet: {_status_line(fleet['storm'])}")
+            elif fleet.get("storm"):
+                out.append("")
+                out += _table(["thread storm, netlink → fleet", "storm events/s", "captured %", "p99 ms"], [
+                    ["unthrottled", stat(fleet["storm_events_per_s"], 0), stat(fleet["storm_captured_pct"], 2),
+                     stat(fleet["storm_p99_ms"], 1)]], markdown)
+
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
@@ -214,6 +238,13 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 
 _METHOD = [
+    "- **Fleet**: a child process runs a Monitor over a source that pushes ThreadCreate records stamped with "
+    "the time they are pushed (at 50 k/s, this machine's unthrottled thread storm, or as fast as it can), shipped "
+    "by `etwmon.fleet.Shipper` to a nats-server on loopback (JetStream, file storage); this process reads them "
+    "with a `FleetConsumer`. Missing = pushed minus received (ring drops and gaps included); records/s over the "
+    "consumer's first to last read. As root, the storm trial ships the live netlink source while the thread storm "
+    "runs unthrottled; captured = the ThreadCreate/ThreadExit events of the tids the generator made that reached "
+    "the consumer.",
     "- **Ring**: one process, the same encoded records (ProcessCreate with ~50-character command lines "
     "alternating with ProcessExit) pushed one per call into `EventRing` and into a naive port of the book's "
     "list (a `collections.deque` under a lock, count cap dropping the oldest, and a `readinto` that pops records "

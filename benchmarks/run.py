@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "storms", "cost", "memory", "identity")
+BENCHMARKS = ("ring", "storms", "cost", "memory", "identity", "fleet")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
 
 
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         benchmarks["ring"] = _guard("ring", lambda: ring_bench.run(args.quick))
     if any(name in KERNEL_BENCHMARKS for name in args.only):
         run_kernel_benchmarks(args, benchmarks)
+    if "fleet" in args.only:
+        import fleet_bench
+
+        benchmarks["fleet"] = _guard("fleet", lambda: fleet_bench.run(args.quick))
 
     results = {
         "suite": "etwmon benchmarks",

@@ -56,7 +56,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "storms", "cost", "memory", "identity"]
+    assert list(data["benchmarks"]) == ["ring", "storms", "cost", "memory", "identity", "fleet"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -132,6 +132,28 @@ def test_identity_cost_pairs_each_source_with_itself_without_the_stage(quick_run
             or ident["params"]["repeats"] > 1
     names = {t["name"] for t in ident["targets"]}
     assert any("etwmon-netlink" in n for n in names) or not IS_ROOT
+
+
+def test_fleet_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    fleet = json.loads((out / "latest.json").read_text())["benchmarks"]["fleet"]
+    if fleet["status"] != "ok":
+        assert not REQUIRE_ROOT, f"fleet: {fleet.get('reason') or fleet.get('error')}"  # CI has nats-server
+        pytest.skip(f"fleet: {fleet['reason']}")
+    for trial in fleet["paced"] + fleet["unthrottled"]:
+        assert trial["pushed"] and trial["pushed"] > 0
+        assert trial["received"] + trial["lost"] <= trial["pushed"]
+        assert trial["missing"] == trial["pushed"] - trial["received"]
+        lat = trial["latency_ms"]
+        assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+    names = {"records missing at 50 k/s", "p99 latency at 50 k/s", "unthrottled end to end"}
+    if isinstance(fleet["storm"], list):  # as root: the live netlink source through the fleet
+        names |= {"thread storm via netlink, captured at the consumer", "thread storm via netlink, p99 latency"}
+        for trial in fleet["storm"]:
+            assert 0 <= trial["captured"] <= trial["expected"] and trial["threads"] > 0
+    else:
+        assert fleet["storm"]["reason"] and not (IS_ROOT and REQUIRE_ROOT)
+    assert {t["name"] for t in fleet["targets"]} == names
 
 
 def test_plots_are_pngs(quick_run):
