@@ -76,6 +76,24 @@ def sections(results: dict, markdown: bool) -> list[str]:
             out += _table(["readinto buffer", "ring MB/s", "naive MB/s", "ceiling MB/s", "ring / naive",
                            "ring / ceiling"], rows, markdown)
 
+    rules = b.get("rules")
+    if rules:
+        out += ["", h("Rules: a Sysmon configuration of ~500 rules, per event")]
+        if rules["status"] != "ok":
+            out.append(_status_line(rules))
+        else:
+            p = rules["params"]
+            out.append(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
+                       f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
+                       f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
+            out.append("")
+            out += _table(["what", "µs per event"], [
+                ["RuleSet.decide, ~500 rules", stat(rules["decide_us"], 2)],
+                ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
+                ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
+                ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
+                ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+
     storms = b.get("storms")
     if storms:
         out += ["", h("Storms: kernel to readinto, one monitor at a time")]

@@ -205,6 +205,10 @@ def _build_parser() -> _Parser:
                        help="only processes whose command line contains TEXT (repeatable: any)")
     tail_.add_argument("--glob", dest="globs", action="append", default=[], metavar="PATTERN",
                        help="only processes whose whole command line matches the glob PATTERN (repeatable: any)")
+    tail_.add_argument("--config", metavar="FILE",
+                       help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
+                            "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
+                            "with 'etwmon rules check FILE')")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
                        help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {DEFAULT_MAX_ITEMS})")
     tail_.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
@@ -229,6 +233,9 @@ def _build_parser() -> _Parser:
     ship.add_argument("--host-id", type=_host_id, metavar="NAME",
                       help="this host's name in the fleet (default: the hostname, dots made '_')")
     ship.add_argument("--source", default="auto", choices=["auto", *SOURCES], help="event source (default: auto)")
+    ship.add_argument("--config", metavar="FILE",
+                      help="a Sysmon XML configuration: ship only what its rules keep, command lines redacted "
+                           "before they leave this host (docs/rules.md)")
     ship.add_argument("--max-items", type=_whole_number(1), metavar="N",
                       help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {SHIP_MAX_ITEMS}: the ring "
                            "holds the records while the server is away)")
@@ -258,6 +265,16 @@ def _build_parser() -> _Parser:
                                     "(audit rules, audit enabled, a raised backlog limit) and restore the state "
                                     "they recorded, without starting a monitor. What a running instance owns is "
                                     "left alone. 'etwmon sources' shows what there is.")
+
+    rules = commands.add_parser("rules", help="Sysmon XML configurations: check what etwmon applies",
+                                description="Work with Sysmon XML configurations (docs/rules.md).")
+    rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    rules_commands.required = True
+    check = rules_commands.add_parser("check", help="what of FILE is applied, what is ignored and why, per rule",
+                                      description="Load FILE as 'tail --config' would and list every rule: "
+                                                  "applied, or ignored and why. Exit 0 if it loads, 2 if refused.")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="one JSON object per rule per line")
     return parser
 
 
@@ -286,6 +303,9 @@ def _error(err: TextIO, message: str) -> None:
 def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO) -> Reader:
     """What ``etwmon tail`` reads from: a Monitor on a local source, or with --from the fleet's stream.
     (A service connection is chosen here too: each is a ``Reader``.)"""
+    if args.servers and args.config:
+        raise UsageError("--config applies rules where the events are read from the kernel; with --from they "
+                         "are the shipping host's: etwmon ship --config FILE")
     if args.servers:
         from . import fleet
 
@@ -300,8 +320,10 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
 
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
+    rules = _load_rules(args.config) if args.config else None
     try:
-        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, identity=args.identity)
+        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
+                       identity=args.identity)
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
@@ -335,8 +357,9 @@ def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int
 
     max_items, max_bytes = _limits(args, environ)
     auth = fleet.load_auth(environ, args.auth_file)
+    rules = _load_rules(args.config) if args.config else None
     monitor = Monitor(source=args.source, max_items=SHIP_MAX_ITEMS if max_items is None else max_items,
-                      max_bytes=max_bytes)
+                      max_bytes=max_bytes, rules=rules)
     shipper = fleet.Shipper(monitor, args.servers, args.host_id, stream=args.stream, auth=auth,
                             max_age=args.retention_age, max_bytes=args.retention_bytes, replicas=args.replicas,
                             create_stream=not args.no_create_stream, batch_wait=args.batch_wait)
@@ -349,6 +372,39 @@ def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int
     say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} lost, "
              f"{ring.dropped} dropped{unsent}")
     return EXIT_RUNTIME if stats.unsent else EXIT_OK
+
+
+def _load_rules(path: str):
+    """The RuleSet of ``tail --config`` (its warnings reach stderr through the library's log)."""
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+
+    try:
+        return RuleSet.load(path)
+    except RuleConfigError as exc:
+        raise UsageError(f"--config: {exc}") from None
+
+
+def _rules_check(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+    from .rules.check import check_lines, check_records
+
+    logger = logging.getLogger("etwmon.rules")  # the report below says it all, once
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    try:
+        rules = RuleSet.load(args.file)
+    except RuleConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        for record in check_records(rules):
+            out.write(json.dumps(record, ensure_ascii=True) + "\n")
+    else:
+        for line in check_lines(rules):
+            out.write(escape_text(line) + "\n")
+    out.flush()
+    return EXIT_OK
 
 
 def _auto_choice(infos: list) -> str | None:
@@ -457,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sources(args, out)
         if args.command == "cleanup":
             return _cleanup(out, err)
+        if args.command == "rules":
+            return _rules_check(args, out)
         if args.command == "ship":
             return _ship(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))

@@ -78,12 +78,13 @@ def format_event(event: Event) -> str:
     line last (escaped). A RecordsLost record is a WARNING line with the count."""
     when = _local_clock(event.filetime)
     if isinstance(event, ProcessCreate):  # ProcessExec too
-        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_who(event)} "
-                f"cmd={escape_text(event.command_line)}")
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_who(event)}"
+                f"{_rule_text(event)} cmd={escape_text(event.command_line)}")
     if isinstance(event, ProcessExit):
         code = _exit_code(event.exit_code)
         image = f" image={escape_text(event.image)}" if event.image is not None else ""
-        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{image}"
+        return (f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{image}"
+                f"{_rule_text(event)}")
     if isinstance(event, ThreadExit):
         code = _exit_code(event.exit_code)
         return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
@@ -110,6 +111,12 @@ def _who(event: ProcessCreate) -> str:
     if event.image is not None:
         out += f" image={escape_text(event.image)}"
     return out
+
+
+def _rule_text(event: Event) -> str:
+    """`` rule=NAME`` when rules named the event (``tail --config``)."""
+    name = getattr(event, "rule_name", None)
+    return "" if name is None else f" rule={escape_text(name)}"
 
 
 def _json_text(text: str) -> tuple[str, str | None]:
@@ -172,6 +179,9 @@ def _put_details(obj: dict, event: Event, names: tuple[str, ...]) -> None:
 def event_to_json(event: Event) -> dict:
     """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
     obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
+    rule_name = getattr(event, "rule_name", None)
+    if rule_name is not None:  # the Sysmon rule that included it (tail --config)
+        obj["rule_name"] = rule_name
     if isinstance(event, ProcessCreate):
         obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
                    creating_tid=event.creating_tid)

@@ -56,7 +56,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "storms", "cost", "memory", "identity", "fleet"]
+    assert list(data["benchmarks"]) == ["ring", "rules", "storms", "cost", "memory", "identity", "fleet"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -79,6 +79,19 @@ def test_ring_figures_are_complete_and_sane(quick_run):
     names = {t["name"] for t in ring["targets"]}
     assert names == {"readinto 64 KiB vs naive list", "readinto 1 MiB vs copy ceiling", "push rate",
                      "push vs deque append"}
+
+
+def test_rules_figures_are_complete_and_sane(quick_run):
+    out, proc, _, _ = quick_run
+    rules = json.loads((out / "latest.json").read_text())["benchmarks"]["rules"]
+    assert rules["status"] == "ok", rules
+    assert 400 <= rules["params"]["rules"] <= 600
+    assert 0 < rules["params"]["events_kept"] < rules["params"]["events"]
+    for key in ("decide_us", "decide_one_rule_us", "stage_us", "plain_sink_us"):
+        _stat_ok(rules[key], low=1e-9)
+    assert {t["name"] for t in rules["targets"]} == {"evaluation per process event, ~500 rules",
+                                                       "stage added per record (mixed stream, decoding included)"}
+    assert "== Rules" in proc.stdout
 
 
 def test_every_target_has_a_verdict(quick_run):
