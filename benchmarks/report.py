@@ -185,6 +185,27 @@ def sections(results: dict, markdown: bool) -> list[str]:
                            for name, key in (("in-process", "inprocess_us"), ("socket", "socket_us"))]
                           + [["added by the socket", f"{lat['added_p50_us']:.0f}", f"{lat['added_p99_us']:.0f}", ""]],
                           markdown)
+    ident = b.get("identity")
+    if ident:
+        out += ["", h("Identity stage: CPU per event with it on vs off, per source")]
+        if ident["status"] != "ok":
+            out.append(_status_line(ident))
+        else:
+            p = ident["params"]
+            out.append(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
+                       f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
+                       "utime+stime per 1000 events it delivered.")
+            out.append("")
+            rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
+                     (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
+                     "; ".join(r["errors"])[:80]] for r in ident["rows"]]
+            out += _table(["source", "storm", "CPU ms / 1k ev, off", "on", "on / off", "captured % (on)", "errors"],
+                          rows, markdown)
+            alone = ident.get("stage_alone_us") or {}
+            if alone:
+                out.append("")
+                out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
+                           + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
 
     fleet = b.get("fleet")
     if fleet:

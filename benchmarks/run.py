@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "service", "rules", "storms", "cost", "memory", "fleet")
-KERNEL_BENCHMARKS = ("storms", "cost", "memory")
+BENCHMARKS = ("ring", "service", "rules", "storms", "cost", "memory", "identity", "fleet")
+KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +100,7 @@ def run_kernel_benchmarks(args: argparse.Namespace, results: dict) -> None:
 
 
 def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list[str], reasons: dict) -> None:
+    import identity_bench
     import memory_bench
     import peers
     import storm_bench
@@ -138,6 +139,12 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
             runs = [_guard("memory", lambda s=s: memory_bench.run(workdir, exes, s, args.quick)) for s in chosen]
             results["memory"] = dict(runs[0], more=runs[1:])
             results["memory"]["targets"] = [t for r in runs for t in r.get("targets", [])]
+    if "identity" in wanted:
+        if not etwmon_tools:
+            results["identity"] = {"status": "skipped", "reason": "no etwmon kernel source works here"}
+        else:
+            results["identity"] = _guard("identity", lambda: identity_bench.run(etwmon_tools, exes, max_rates,
+                                                                                  args.quick))
 
 
 def _guard(name: str, fn) -> dict:

@@ -112,7 +112,7 @@ def _drain_latency(reader, count: int) -> np.ndarray:
 def inprocess_throughput(records: list[bytes], volume: int) -> float:
     go = threading.Event()
     source = BurstSource(records, go)
-    with etwmon.Monitor(source, max_items=len(records) + 16, max_bytes=volume + MIB) as mon:
+    with etwmon.Monitor(source, max_items=len(records) + 16, max_bytes=volume + MIB, identity=False) as mon:
         go.set()
         end = _drain_volume(mon, volume)
         if mon.stats.dropped or mon.stats.lost:
@@ -123,7 +123,7 @@ def inprocess_throughput(records: list[bytes], volume: int) -> float:
 def inprocess_latency(count: int, paced: float) -> np.ndarray:
     go = threading.Event()
     source = BurstSource(None, go, paced=paced, count=count)
-    with etwmon.Monitor(source, max_items=count + 16) as mon:
+    with etwmon.Monitor(source, max_items=count + 16, identity=False) as mon:
         go.set()
         return _drain_latency(mon, count)
 
@@ -192,7 +192,7 @@ def _serve_child(path: str, mode: str, count: int, clients: int, paced: float) -
     else:
         volume = count * 24
         source = BurstSource(None, go, paced=paced, count=count)
-    monitor = etwmon.Monitor(source, max_items=count + 16, max_bytes=volume + MIB).start()
+    monitor = etwmon.Monitor(source, max_items=count + 16, max_bytes=volume + MIB, identity=False).start()
     server = Server(monitor, path, limits=ServerLimits(client_max_items=count + 16,
                                                        client_max_bytes=volume + MIB)).open()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -41,7 +41,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     from etwmon.errors import Error
     from etwmon.records import filetime_now, record_headers
 
-    monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes)
+    monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
+                      identity=args.identity == "on")
     monitor.start()
     chunks: list[tuple[int, bytes]] = []  # (FILETIME when readinto returned, the bytes it gave)
     keep = not args.discard
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max-bytes", type=int, default=None)
     e.add_argument("--buffer", type=int, default=1 << 20, help="readinto buffer size")
     e.add_argument("--discard", action="store_true", help="keep nothing (the memory benchmark)")
+    e.add_argument("--identity", choices=("on", "off"), default="on",
+                   help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost")
     e.add_argument("--stall-after", type=float, default=None,
                    help="stop reading after this many seconds, so the ring fills to its caps")
     p = sub.add_parser("pyroute2")

@@ -209,6 +209,8 @@ def _build_parser() -> _Parser:
                        help="read from the etwmon service at the socket PATH (default: $ETWMON_SOCKET, else "
                             "/run/etwmon/etwmon.sock) instead of a source of its own; --type, --pid, --match, --glob "
                             "then filter in the service")
+    tail_.add_argument("--no-identity", dest="identity", action="store_false",
+                       help="the book's records only: no ProcessGuid, user, image or parent fields (less CPU per event)")
     tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
     tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
@@ -442,7 +444,8 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
 
     rules = _load_rules(args.config) if args.config else None
     try:
-        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules), True
+        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
+                       identity=args.identity), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)

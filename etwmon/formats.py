@@ -14,8 +14,8 @@ import re
 from typing import Callable
 
 from .records import (
-    EXIT_CODE_UNKNOWN, Event, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate,
-    ThreadExit, UnknownRecord, filetime_to_datetime,
+    EXIT_CODE_UNKNOWN, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost,
+    ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
 )
 
 __all__ = ["escape_text", "format_event", "event_to_json", "json_line", "event_to_ecs", "ecs_line", "ECS_VERSION",
@@ -78,11 +78,13 @@ def format_event(event: Event) -> str:
     line last (escaped). A RecordsLost record is a WARNING line with the count."""
     when = _local_clock(event.filetime)
     if isinstance(event, ProcessCreate):  # ProcessExec too
-        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_rule_text(event)} "
-                f"cmd={escape_text(event.command_line)}")
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_who(event)}"
+                f"{_rule_text(event)} cmd={escape_text(event.command_line)}")
     if isinstance(event, ProcessExit):
         code = _exit_code(event.exit_code)
-        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{_rule_text(event)}"
+        image = f" image={escape_text(event.image)}" if event.image is not None else ""
+        return (f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{image}"
+                f"{_rule_text(event)}")
     if isinstance(event, ThreadExit):
         code = _exit_code(event.exit_code)
         return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
@@ -96,6 +98,19 @@ def format_event(event: Event) -> str:
     if isinstance(event, UnknownRecord):
         return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
     return f"{when} {escape_text(repr(event))}"
+
+
+def _who(event: ProcessCreate) -> str:
+    """`` user=... image=...`` of a process event, the ones the identity stage knows (user: the name, else the
+    uid; names and paths are escaped: a process chooses them)."""
+    out = ""
+    if event.user is not None:
+        out += f" user={escape_text(event.user)}"
+    elif event.uid is not None:
+        out += f" user={event.uid}"
+    if event.image is not None:
+        out += f" image={escape_text(event.image)}"
+    return out
 
 
 def _rule_text(event: Event) -> str:
@@ -126,6 +141,41 @@ def _put_text(obj: dict, key: str, text: str) -> None:
         obj[key + "_base64"] = exact
 
 
+# The identity stage's attributes in JSON, in this order; null = unknown. Text fields a process controls get a
+# ``_base64`` twin when they hold bytes that are not UTF-8, like command_line; start_time is ISO-8601 UTC like
+# time, lifetime seconds (a number), flags a list of EventFlags names.
+_PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_directory", "uid", "user",
+                    "parent_image", "parent_command_line", "parent_user", "tty", "session", "cgroup",
+                    "container_id", "start_time", "rule_name", "flags")
+_EXIT_DETAILS = ("process_guid", "image", "start_time", "lifetime", "rule_name", "flags")
+_THREAD_DETAILS = ("process_guid", "flags")
+_TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
+                           "parent_user", "tty", "cgroup", "container_id", "rule_name"})
+
+
+def _put_details(obj: dict, event: Event, names: tuple[str, ...]) -> None:
+    """The identity fields, all of them (null = unknown) when the record has an extension block; none when it
+    has not (``--no-identity``, or a writer without one), so the book's records keep their short form."""
+    if event.details() is None:  # type: ignore[attr-defined]
+        return
+    for name in names:
+        if name == "start_time":
+            start = event.start_filetime  # type: ignore[attr-defined]
+            obj[name] = None if start is None else _iso_utc(start)
+        elif name == "lifetime":
+            lifetime = event.lifetime  # type: ignore[attr-defined]
+            obj[name] = None if lifetime is None else lifetime.total_seconds()
+        elif name == "flags":  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
+            flags = event.flags  # type: ignore[attr-defined]
+            obj[name] = [f.name for f in EventFlags if f in flags]
+        else:
+            value = getattr(event, name)
+            if value is not None and name in _TEXT_DETAILS:
+                _put_text(obj, name, value)
+            else:
+                obj[name] = value
+
+
 def event_to_json(event: Event) -> dict:
     """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
     obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
@@ -137,12 +187,16 @@ def event_to_json(event: Event) -> dict:
                    creating_tid=event.creating_tid)
         _put_text(obj, "command_line", event.command_line)
         obj["truncated"] = event.truncated
+        _put_details(obj, event, _PROCESS_DETAILS)
     elif isinstance(event, ProcessExit):
         obj.update(pid=event.pid, exit_code=_exit_code(event.exit_code))
+        _put_details(obj, event, _EXIT_DETAILS)
     elif isinstance(event, ThreadExit):
         obj.update(tid=event.tid, pid=event.pid, exit_code=_exit_code(event.exit_code))
+        _put_details(obj, event, _THREAD_DETAILS)
     elif isinstance(event, ThreadCreate):
         obj.update(tid=event.tid, pid=event.pid)
+        _put_details(obj, event, _THREAD_DETAILS)
     elif isinstance(event, ImageLoad):
         # A string: jq reads numbers as doubles, which cannot hold every 64-bit address.
         obj.update(pid=event.pid, image_size=event.image_size, load_address=f"0x{event.load_address:x}")

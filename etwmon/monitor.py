@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
+from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
@@ -40,6 +41,9 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
+    #: The identity stage's counters (processes, known, evicted, evicted_live, unknown_parent, no_guid); {} when
+    #: it is off.
+    identity: dict[str, int] = field(default_factory=dict)
     #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
     rules: dict[str, Any] = field(default_factory=dict)
 
@@ -166,15 +170,24 @@ class Monitor(EventReader):
     go to the source. Use as a context manager or call ``start()``/``stop()`` (both idempotent). Records stay
     readable after ``stop()`` until drained.
 
+    ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
+    and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
+    (``etwmon.identity``); ``max_processes`` bounds its process table. ``identity=False`` gives the book's
+    records and spares the cost.
+
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
     one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
-                 rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, **source_options: Any) -> None:
+                 rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
+                 max_processes: int = DEFAULT_MAX_PROCESSES, **source_options: Any) -> None:
         self._rules = _load_rules(rules)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
+        self._identity = bool(identity)
+        self._max_processes = max_processes
+        self._stage: IdentityStage | None = None
         self._source_spec = source
         self._source_options = source_options
         self._source: Source | None = source if isinstance(source, Source) else None
@@ -195,9 +208,15 @@ class Monitor(EventReader):
                 if self._source_options:
                     raise TypeError("source options go to the Source object itself, not to Monitor")
                 self._source = self._source_spec
+                self._source.details = self._identity
                 self._source.open()
             else:
-                self._source = open_source(self._source_spec, **self._source_options)
+                self._source = open_source(self._source_spec, details=self._identity, **self._source_options)
+            self._stage = None
+            if self._identity:
+                # Seeded after open(): a process that starts in between is both in the seed and in the events.
+                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
+                self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._wakeup is None:
                 self._wakeup = _Wakeup(self.ring)
@@ -208,12 +227,15 @@ class Monitor(EventReader):
             return self
 
     def _sink(self, wakeup: _Wakeup) -> Any:
-        """What the source pushes into: the ring, behind the rules stage when there are rules."""
+        """What the source pushes into: the ring, behind the rules stage when there are rules, behind the
+        identity stage when it is on."""
         sink: Any = _Sink(self.ring, wakeup)
         if self._rules is not None:
             from .rules import RulesStage
 
             sink = self._rules_stage = RulesStage(sink, self._rules)
+        if self._stage is not None:  # source -> identity -> rules -> ring: rules see the identity fields
+            sink = self._stage.attach(sink)
         return sink
 
     def _run(self, source: Source, wakeup: _Wakeup, sink: Any) -> None:
@@ -359,6 +381,13 @@ class Monitor(EventReader):
 
     # -- state -----------------------------------------------------------------------------------------
 
+    def ancestors(self, guid: str) -> list[ProcessInfo]:
+        """The parents of the process whose ProcessGuid is ``guid``, nearest first, up to the first one the
+        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage."""
+        if self._stage is None:
+            raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
+        return self._stage.ancestors(guid)
+
     @property
     def lossy(self) -> bool:
         """True when the source in use can miss events without counting them (procfs polling)."""
@@ -378,7 +407,8 @@ class Monitor(EventReader):
         stage = self._rules_stage
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
                             parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
-                            rules=stage.stats() if stage is not None else {})
+                            rules=stage.stats() if stage is not None else {},
+                            identity=self._stage.stats() if self._stage is not None else {})
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 import shlex
 import struct
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, fields as _dc_fields
 from datetime import datetime, timedelta, timezone
 from typing import ClassVar, Iterator, Sequence, Union
 
@@ -28,6 +29,9 @@ __all__ = [
     "encode_thread_create", "encode_thread_exit", "encode_image_load", "encode_records_lost",
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "record_headers",
+    "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
+    "with_fields", "with_packed", "pack_field", "block_fields", "field_value", "TAG_ORDER",
+    "guid_text", "guid_bytes",
 ]
 
 
@@ -144,20 +148,325 @@ def command_line_from_argv(argv: Sequence[Union[bytes, str]]) -> str:
 def _utf16(text: str, limit: int) -> bytes:
     """UTF-16LE of ``text`` (lone surrogates kept, so non-UTF-8 bytes survive), cut to ``limit`` code units
     with TRUNCATION_MARKER at the end when it is longer."""
-    data = text.encode("utf-16-le", "surrogatepass")
+    return _cut_utf16(text.encode("utf-16-le", "surrogatepass"), limit)
+
+
+_MARKER_UTF16 = TRUNCATION_MARKER.encode("utf-16-le")
+
+
+def _cut_utf16(data: bytes, limit: int) -> bytes:
+    """UTF-16LE ``data`` cut to ``limit`` code units, TRUNCATION_MARKER at the end, when it is longer."""
     if len(data) <= 2 * limit:
         return data
     keep = 2 * (limit - len(TRUNCATION_MARKER))
-    if 0xD800 <= int.from_bytes(data[keep - 2:keep], "little") <= 0xDBFF:
+    if keep > 0 and 0xD800 <= int.from_bytes(data[keep - 2:keep], "little") <= 0xDBFF:
         keep -= 2  # don't split a surrogate pair
-    return data[:keep] + TRUNCATION_MARKER.encode("utf-16-le")
+    return data[:max(keep, 0)] + _MARKER_UTF16
+
+
+# --- the extension block -----------------------------------------------------------------------------------
+#
+# Appended to a record after what the book's layout puts there (after the NUL-terminated command line and the
+# tail padding of ProcessCreateInfo, i.e. at sizeof(ProcessCreateInfo) + 2 * CommandLineLength; at 24 in
+# ProcessExit/ThreadCreate, at 32 in ThreadExit). Size covers it, so the book's client, which walks by Size
+# and reads only the fixed fields, never sees it, and one event stays one record.
+#
+#   ExtensionHeader: USHORT Version (1), USHORT Length (the whole block, header included), ULONG Flags
+#   then fields until Length: USHORT Tag, USHORT Length (bytes of the value), the value (no padding)
+#
+# A field that is absent is unknown. Text is UTF-16LE without a NUL, GUIDs are the 16 bytes of a Windows GUID
+# (Data1..3 little-endian), integers little-endian. Readers skip tags they do not know (newer writers may add
+# some); a block whose Version is not 1 is skipped whole.
+
+
+class EventFlags(enum.IntFlag):
+    """Quality flags of one event (``Event.flags``): what a reader should know before trusting its details."""
+
+    #: A text field (the command line or a detail) was cut to fit the 64 KiB record; it ends with TRUNCATION_MARKER.
+    TRUNCATED = 0x1
+    #: The details were read from /proc after the event, not taken from the kernel at the event: the process
+    #: may have changed in between (another exec, chdir, setuid), or a detail may be missing because it exited.
+    PROCFS = 0x2
+    #: The parent is not in the process table (it exited before we knew it, or it was evicted): parent fields
+    #: are unknown and parent_process_guid may be too.
+    UNKNOWN_PARENT = 0x4
+    #: The process was running before the monitor started: its details come from the start-up snapshot.
+    SEEDED = 0x8
+
+
+class ExtensionTag(enum.IntEnum):
+    """The Tag of each field of the extension block, and the Event attribute it fills."""
+
+    ProcessGuid = 1  # 16 bytes
+    ParentProcessGuid = 2  # 16 bytes
+    Image = 3  # text: the executable's full path
+    CurrentDirectory = 4  # text
+    Uid = 5  # ULONG: the effective user id on Linux
+    User = 6  # text: the user name (Linux, when it resolves), the account or SID (Windows)
+    ParentImage = 7  # text
+    ParentCommandLine = 8  # text
+    ParentUser = 9  # text
+    Tty = 10  # text, e.g. "pts/3"
+    Session = 11  # ULONG: the session id (Linux: the session leader's pid; Windows: the session number)
+    Cgroup = 12  # text: the cgroup v2 path
+    ContainerId = 13  # text: the container id the cgroup path names
+    StartTime = 14  # LONGLONG FILETIME: when the process started
+    Lifetime = 15  # ULONGLONG microseconds from start to exit (ProcessExit)
+    RuleName = 16  # text: the name of the rule that matched the event (Sysmon's RuleName)
+
+
+EXTENSION_VERSION = 1
+EXTENSION_HEADER_SIZE = 8
+_EXT_HEADER = struct.Struct("<HHI")
+_TIME_PIDS = struct.Struct("<qIIII")  # Time, ProcessId, ParentProcessId, CreatingThreadId, CreatingProcessId
+_BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4: THREAD_EXIT_DTYPE.itemsize}
+_TLV = struct.Struct("<HH")
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+_U32_ = struct.Struct("<I")
+# Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, us (microseconds as a timedelta).
+_TAG_FIELDS: dict[int, tuple[str, str]] = {
+    1: ("process_guid", "guid"), 2: ("parent_process_guid", "guid"), 3: ("image", "text"),
+    4: ("current_directory", "text"), 5: ("uid", "u32"), 6: ("user", "text"), 7: ("parent_image", "text"),
+    8: ("parent_command_line", "text"), 9: ("parent_user", "text"), 10: ("tty", "text"), 11: ("session", "u32"),
+    12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
+    16: ("rule_name", "text"),
+}
+# The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
+# when a record has little room left it is the least important text that is cut.
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 16, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+_TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
+#: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
+_TEXT_RESERVE = 8192
+
+
+def guid_text(data: bytes) -> str:
+    """16 GUID bytes as Sysmon writes a ProcessGuid: ``{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}``."""
+    return "{" + str(uuid.UUID(bytes_le=bytes(data))) + "}"
+
+
+def guid_bytes(text: str) -> bytes:
+    """The 16 bytes of a GUID written as ``guid_text`` does (braces optional)."""
+    return uuid.UUID(text.strip("{}")).bytes_le
+
+
+def _value_bytes(kind: str, value) -> bytes:
+    if kind == "text":
+        return value.encode("utf-16-le", "surrogatepass")
+    if kind == "guid":
+        return guid_bytes(value) if isinstance(value, str) else bytes(value)
+    if kind == "u32":
+        return _U32_.pack(value & 0xFFFFFFFF)
+    if kind == "i64":
+        return _I64.pack(value)
+    return _U64.pack(value // timedelta(microseconds=1))  # "us": a timedelta
+
+
+def _field_value(kind: str, data: bytes):
+    """A field's value bytes as the Event attribute (None if it is malformed)."""
+    if kind == "text":
+        return data.decode("utf-16-le", "surrogatepass")
+    if kind == "guid":
+        return guid_text(data) if len(data) == 16 else None
+    if kind == "u32":
+        return _U32_.unpack(data)[0] if len(data) == 4 else None
+    if kind == "i64":
+        return _I64.unpack(data)[0] if len(data) == 8 else None
+    return timedelta(microseconds=_U64.unpack(data)[0]) if len(data) == 8 else None
+
+
+@dataclass(frozen=True)
+class Details:
+    """What the extension block of one record says; None = unknown (the field is left out of the block).
+
+    Sources that know details exactly at the event, and the identity stage, hand one of these to the encoders
+    (or to ``with_details``). Text is as in the Event attributes; ``process_guid`` in ``guid_text`` form.
+    """
+
+    process_guid: str | None = None
+    parent_process_guid: str | None = None
+    image: str | None = None
+    current_directory: str | None = None
+    uid: int | None = None
+    user: str | None = None
+    parent_image: str | None = None
+    parent_command_line: str | None = None
+    parent_user: str | None = None
+    tty: str | None = None
+    session: int | None = None
+    cgroup: str | None = None
+    container_id: str | None = None
+    start_filetime: int | None = None
+    lifetime: timedelta | None = None
+    rule_name: str | None = None
+    flags: int = 0
+
+    def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
+        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes)."""
+        out = []
+        for tag in _TAG_ORDER:
+            name, kind = _TAG_FIELDS[tag]
+            value = getattr(self, name)
+            if value is not None and (allowed is None or name in allowed):
+                out.append((tag, _value_bytes(kind, value)))
+        return out
+
+
+def _block(flags: int, fields: Sequence[tuple[int, bytes]], room: int) -> bytes:
+    """An extension block of at most ``room`` bytes: fields in the order given, text that does not fit cut
+    (TRUNCATION_MARKER, EventFlags.TRUNCATED) or, with no room even for the marker, left out (unknown)."""
+    parts = []
+    used = EXTENSION_HEADER_SIZE
+    pack = _TLV.pack
+    for tag, value in fields:
+        need = 4 + len(value)
+        if used + need > room:
+            flags |= EventFlags.TRUNCATED
+            units = (room - used - 4) // 2
+            if tag not in _TEXT_TAGS or units <= len(TRUNCATION_MARKER):
+                continue
+            value = _cut_utf16(value, units)
+            need = 4 + len(value)
+        parts.append(pack(tag, len(value)))
+        parts.append(value)
+        used += need
+    if used > room:
+        return b""
+    return _EXT_HEADER.pack(EXTENSION_VERSION, used, int(flags)) + b"".join(parts)
+
+
+def _fields_size(fields: Sequence[tuple[int, bytes]]) -> tuple[int, int]:
+    """(bytes of the fixed-size fields, bytes of the text fields) of a block's fields, TLV headers included."""
+    fixed = text = 0
+    for tag, value in fields:
+        if tag in _TEXT_TAGS:
+            text += 4 + len(value)
+        else:
+            fixed += 4 + len(value)
+    return fixed, text
+
+
+def _create_with_block(item: int, time: int, pid: int, parent_pid: int, creating_pid: int, creating_tid: int,
+                       text: bytes, flags: int, fields: Sequence[tuple[int, bytes]]) -> bytes:
+    """A ProcessCreate/ProcessExec record with an extension block; ``text`` is the command line's UTF-16LE.
+    When both do not fit in 64 KiB the command line is cut first to leave room for the fixed fields and up
+    to _TEXT_RESERVE bytes of detail text, then the details' text is cut."""
+    fixed, strings = _fields_size(fields)
+    room_for_text = MAX_RECORD_SIZE - PROCESS_CREATE_DTYPE.itemsize - EXTENSION_HEADER_SIZE - fixed \
+        - min(strings, _TEXT_RESERVE)
+    if len(text) > room_for_text:
+        text = _cut_utf16(text, room_for_text // 2)
+        flags |= EventFlags.TRUNCATED
+    base = PROCESS_CREATE_DTYPE.itemsize + len(text)
+    block = _block(flags, fields, MAX_RECORD_SIZE - base)
+    return (_PROCESS_CREATE_HEAD.pack(item, base + len(block), time, pid, parent_pid, creating_tid, creating_pid,
+                                      len(text) // 2) + text + _CREATE_TAIL + block)
+
+
+def _base_size(record) -> int:
+    """Where a record's extension block starts (its Size when it has none)."""
+    item = record[0] | (record[1] << 8)
+    if item == 1 or item == 101:
+        return PROCESS_CREATE_DTYPE.itemsize + 2 * (record[32] | (record[33] << 8))
+    return _BASE_SIZE.get(item, len(record))
+
+
+def with_fields(record: bytes, flags: int, fields: Sequence[tuple[int, bytes]]) -> bytes:
+    """``record`` with its extension block replaced by one of ``flags`` and ``fields`` ((tag, value bytes) in
+    block order, e.g. from ``Details.fields()``): the identity stage's fast path. A ProcessCreate/ProcessExec
+    whose command line leaves too little room has the command line cut (see ``with_details``)."""
+    item = record[0] | (record[1] << 8)
+    base = _base_size(record)
+    length = EXTENSION_HEADER_SIZE
+    for _, value in fields:
+        length += 4 + len(value)
+    if base + length <= MAX_RECORD_SIZE and (item in _BASE_SIZE or item == 1 or item == 101):
+        pack = _TLV.pack
+        parts = [_HEADER.pack(item, base + length, _I64.unpack_from(record, 8)[0]), record[HEADER_SIZE:base],
+                 _EXT_HEADER.pack(EXTENSION_VERSION, length, int(flags))]
+        for tag, value in fields:
+            parts.append(pack(tag, len(value)))
+            parts.append(value)
+        return b"".join(parts)
+    if item == 1 or item == 101:
+        time, pid, parent_pid, creating_tid, creating_pid = _TIME_PIDS.unpack_from(record, 8)
+        return _create_with_block(item, time, pid, parent_pid, creating_pid, creating_tid,
+                                  bytes(record[_CMDLINE_OFFSET:base - len(_CREATE_TAIL)]), flags, fields)
+    if item not in _BASE_SIZE:
+        raise ValueError(f"records of type {item} carry no extension block")
+    block = _block(flags, fields, MAX_RECORD_SIZE - base)
+    return _HEADER.pack(item, base + len(block), _I64.unpack_from(record, 8)[0]) + bytes(record[HEADER_SIZE:base]) \
+        + block
+
+
+def pack_field(tag: int, value: bytes) -> bytes:
+    """One field of an extension block, Tag and Length included (what ``with_packed`` takes)."""
+    return _TLV.pack(tag, len(value)) + value
+
+
+def with_packed(record: bytes, flags: int, packed: Sequence[bytes]) -> bytes:
+    """``with_fields`` for fields already packed with ``pack_field`` (in block order): the identity stage keeps
+    them packed, so a record costs one join. Falls back to ``with_fields`` (which cuts) when they do not fit."""
+    item = record[0] | (record[1] << 8)
+    if item == 1 or item == 101:
+        base = PROCESS_CREATE_DTYPE.itemsize + 2 * (record[32] | (record[33] << 8))
+    else:
+        base = _BASE_SIZE.get(item, 0)
+        if not base:
+            raise ValueError(f"records of type {item} carry no extension block")
+    length = EXTENSION_HEADER_SIZE
+    for field_ in packed:
+        length += len(field_)
+    if base + length > MAX_RECORD_SIZE:
+        return with_fields(record, flags, [(_TLV.unpack_from(f)[0], f[4:]) for f in packed])
+    return b"".join((_HEADER.pack(item, base + length, _I64.unpack_from(record, 8)[0]), record[HEADER_SIZE:base],
+                     _EXT_HEADER.pack(EXTENSION_VERSION, length, flags), *packed))
+
+
+def block_fields(record, packed: bool = False) -> tuple[int, list[tuple[int, bytes]]]:
+    """(flags, [(tag, value bytes), ...]) of a record's extension block as written; (0, []) when it has none
+    (or one of a version this reader does not know). ``packed``: each field whole, Tag and Length included."""
+    base = _base_size(record)
+    size = record[2] | (record[3] << 8)
+    if size - base < EXTENSION_HEADER_SIZE:
+        return 0, []
+    version, length, flags = _EXT_HEADER.unpack_from(record, base)
+    if version != EXTENSION_VERSION or base + length > size:
+        return 0, []
+    out = []
+    pos, stop = base + EXTENSION_HEADER_SIZE, base + length
+    unpack = _TLV.unpack_from
+    while pos + 4 <= stop:
+        tag, n = unpack(record, pos)
+        pos += 4
+        if pos + n > stop:
+            break
+        out.append((tag, bytes(record[pos - 4 if packed else pos:pos + n])))
+        pos += n
+    return flags, out
+
+
+def with_details(record: bytes, details: Details) -> bytes:
+    """``record`` (one encoded ProcessCreate, ProcessExec, ProcessExit, ThreadCreate or ThreadExit) with its
+    extension block replaced by ``details``; fields the record type does not carry are left out. Where the
+    command line and the details do not both fit in 64 KiB, the command line is cut to leave room for the fixed
+    fields and 8 KiB of detail text, then detail text is cut; both visibly (TRUNCATION_MARKER, TRUNCATED)."""
+    item = record[0] | (record[1] << 8)
+    allowed = _EXTENSION_ATTRS.get(item)
+    if allowed is None:
+        raise ValueError(f"records of type {item} carry no extension block")
+    return with_fields(record, details.flags, details.fields(allowed))
 
 
 # --- encoders (the one place records are packed) -----------------------------------------------------------
 
 
 def _encode_create(item: int, time: int, pid: int, parent_pid: int, creating_pid: int, creating_tid: int,
-                   command_line: str) -> bytes:
+                   command_line: str, details: Details | None = None) -> bytes:
+    if details is not None:
+        return _create_with_block(item, time, pid, parent_pid, creating_pid, creating_tid,
+                                  command_line.encode("utf-16-le", "surrogatepass"), details.flags,
+                                  details.fields(_CREATE_ATTRS))
     text = _utf16(command_line, MAX_COMMAND_LINE)
     size = PROCESS_CREATE_DTYPE.itemsize + len(text)
     return _PROCESS_CREATE_HEAD.pack(item, size, time, pid, parent_pid, creating_tid, creating_pid,
@@ -165,27 +474,36 @@ def _encode_create(item: int, time: int, pid: int, parent_pid: int, creating_pid
 
 
 def encode_process_create(time: int, pid: int, parent_pid: int, creating_pid: int, creating_tid: int,
-                          command_line: str) -> bytes:
-    """A ProcessCreateInfo record; Size = sizeof(ProcessCreateInfo) + command-line bytes, NUL-terminated."""
-    return _encode_create(1, time, pid, parent_pid, creating_pid, creating_tid, command_line)
+                          command_line: str, details: Details | None = None) -> bytes:
+    """A ProcessCreateInfo record; Size = sizeof(ProcessCreateInfo) + command-line bytes, NUL-terminated,
+    plus the extension block when ``details`` are given."""
+    return _encode_create(1, time, pid, parent_pid, creating_pid, creating_tid, command_line, details)
 
 
 def encode_process_exec(time: int, pid: int, parent_pid: int, creating_pid: int, creating_tid: int,
-                        command_line: str) -> bytes:
+                        command_line: str, details: Details | None = None) -> bytes:
     """A ProcessExec record (extension 101): ProcessCreateInfo's layout for a Linux exec."""
-    return _encode_create(101, time, pid, parent_pid, creating_pid, creating_tid, command_line)
+    return _encode_create(101, time, pid, parent_pid, creating_pid, creating_tid, command_line, details)
 
 
-def encode_process_exit(time: int, pid: int, exit_code: int) -> bytes:
-    return _PROCESS_EXIT.pack(2, 24, time, pid, exit_code & 0xFFFFFFFF)
+def _with(record: bytes, details: Details | None) -> bytes:
+    return record if details is None else with_details(record, details)
 
 
-def encode_thread_create(time: int, tid: int, pid: int) -> bytes:
-    return _THREAD_CREATE.pack(3, 24, time, tid, pid)
+def encode_process_exit(time: int, pid: int, exit_code: int, details: Details | None = None) -> bytes:
+    """A ProcessExitInfo record (+ the extension block: process_guid, image, start_filetime, lifetime,
+    rule_name)."""
+    return _with(_PROCESS_EXIT.pack(2, 24, time, pid, exit_code & 0xFFFFFFFF), details)
 
 
-def encode_thread_exit(time: int, tid: int, pid: int, exit_code: int) -> bytes:
-    return _THREAD_EXIT.pack(4, 32, time, tid, pid, exit_code & 0xFFFFFFFF)
+def encode_thread_create(time: int, tid: int, pid: int, details: Details | None = None) -> bytes:
+    """A ThreadCreateInfo record (+ the extension block: the process's process_guid)."""
+    return _with(_THREAD_CREATE.pack(3, 24, time, tid, pid), details)
+
+
+def encode_thread_exit(time: int, tid: int, pid: int, exit_code: int, details: Details | None = None) -> bytes:
+    """A ThreadExitInfo record (+ the extension block: the process's process_guid)."""
+    return _with(_THREAD_EXIT.pack(4, 32, time, tid, pid, exit_code & 0xFFFFFFFF), details)
 
 
 def encode_image_load(time: int, pid: int, image_size: int, load_address: int, image_name: str) -> bytes:
@@ -238,12 +556,31 @@ def _split_command_line(line: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ProcessCreate(Event):
+    """A process was created (or, as ProcessExec, exec'd). The attributes after ``command_line`` come from the
+    record's extension block; None means unknown (see ``flags`` for how far to trust what is known)."""
+
     type: ClassVar[ItemType] = ItemType.ProcessCreate
     pid: int
     parent_pid: int
     creating_pid: int
     creating_tid: int
     command_line: str
+    process_guid: str | None = None
+    parent_process_guid: str | None = None
+    image: str | None = None
+    current_directory: str | None = None
+    uid: int | None = None
+    user: str | None = None
+    parent_image: str | None = None
+    parent_command_line: str | None = None
+    parent_user: str | None = None
+    tty: str | None = None
+    session: int | None = None
+    cgroup: str | None = None
+    container_id: str | None = None
+    start_filetime: int | None = None
+    rule_name: str | None = None
+    flags: EventFlags = EventFlags(0)
 
     @property
     def argv(self) -> list[bytes]:
@@ -258,12 +595,21 @@ class ProcessCreate(Event):
 
     @property
     def truncated(self) -> bool:
-        """True when the command line was cut to fit the 64 KiB record."""
-        return self.command_line.endswith(TRUNCATION_MARKER)
+        """True when the command line (or a detail) was cut to fit the 64 KiB record."""
+        return self.command_line.endswith(TRUNCATION_MARKER) or bool(self.flags & EventFlags.TRUNCATED)
+
+    @property
+    def start_time(self) -> datetime | None:
+        """When the process started (aware UTC), if the source knows."""
+        return None if self.start_filetime is None else filetime_to_datetime(self.start_filetime)
+
+    def details(self) -> Details | None:
+        """The extension block's content, or None when the record has none."""
+        return _details_of(self)
 
     def encode(self) -> bytes:
         return _encode_create(int(self.type), self.filetime, self.pid, self.parent_pid, self.creating_pid,
-                              self.creating_tid, self.command_line)
+                              self.creating_tid, self.command_line, _details_of(self))
 
 
 @dataclass(frozen=True)
@@ -278,9 +624,18 @@ class ProcessExit(Event):
     type: ClassVar[ItemType] = ItemType.ProcessExit
     pid: int
     exit_code: int
+    process_guid: str | None = None
+    image: str | None = None
+    start_filetime: int | None = None
+    lifetime: timedelta | None = None
+    rule_name: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        return _details_of(self)
 
     def encode(self) -> bytes:
-        return encode_process_exit(self.filetime, self.pid, self.exit_code)
+        return encode_process_exit(self.filetime, self.pid, self.exit_code, _details_of(self))
 
 
 @dataclass(frozen=True)
@@ -288,9 +643,14 @@ class ThreadCreate(Event):
     type: ClassVar[ItemType] = ItemType.ThreadCreate
     tid: int
     pid: int
+    process_guid: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        return _details_of(self)
 
     def encode(self) -> bytes:
-        return encode_thread_create(self.filetime, self.tid, self.pid)
+        return encode_thread_create(self.filetime, self.tid, self.pid, _details_of(self))
 
 
 @dataclass(frozen=True)
@@ -299,9 +659,14 @@ class ThreadExit(Event):
     tid: int
     pid: int
     exit_code: int
+    process_guid: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        return _details_of(self)
 
     def encode(self) -> bytes:
-        return encode_thread_exit(self.filetime, self.tid, self.pid, self.exit_code)
+        return encode_thread_exit(self.filetime, self.tid, self.pid, self.exit_code, _details_of(self))
 
 
 @dataclass(frozen=True)
@@ -337,6 +702,55 @@ class UnknownRecord(Event):
 
     def encode(self) -> bytes:
         return self.data
+
+
+#: Per record type, the Event attributes its extension block can carry.
+_EXTENSION_ATTRS: dict[int, frozenset[str]] = {
+    int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & frozenset(n for n, _ in _TAG_FIELDS.values())
+    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit)
+}
+_CREATE_ATTRS = _EXTENSION_ATTRS[1]
+_DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.items()}
+
+
+def _details_of(event: Event) -> Details | None:
+    """The Details an event's attributes describe, or None when it has none (no block is written then)."""
+    values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)]}
+    flags = int(event.flags)  # type: ignore[attr-defined]
+    if not flags and all(v is None for v in values.values()):
+        return None
+    return Details(flags=flags, **values)
+
+
+def field_value(tag: int, data: bytes):
+    """The Event attribute value of one field of an extension block (its tag and value bytes)."""
+    known = _TAG_FIELDS.get(tag)
+    return None if known is None else _field_value(known[1], data)
+
+
+def _parse_block(view: memoryview, start: int, end: int, allowed: frozenset[str]) -> dict:
+    """The Event attributes of the extension block in ``view[start:end]`` ({} if there is none or it is of a
+    version this reader does not know); a field that runs past the block ends it."""
+    if end - start < EXTENSION_HEADER_SIZE:
+        return {}
+    version, length, flags = _EXT_HEADER.unpack_from(view, start)
+    if version != EXTENSION_VERSION or length < EXTENSION_HEADER_SIZE or start + length > end:
+        return {}
+    out: dict = {"flags": EventFlags(flags)}
+    pos, stop = start + EXTENSION_HEADER_SIZE, start + length
+    unpack = _TLV.unpack_from
+    while pos + 4 <= stop:
+        tag, size = unpack(view, pos)
+        pos += 4
+        if pos + size > stop:
+            break
+        known = _TAG_FIELDS.get(tag)
+        if known is not None and known[0] in allowed:
+            value = _field_value(known[1], bytes(view[pos:pos + size]))
+            if value is not None:
+                out[known[0]] = value
+        pos += size
+    return out
 
 
 # --- parsing ---------------------------------------------------------------------------------------------
@@ -396,15 +810,33 @@ def parse(buffer) -> Iterator[Event]:
     for offset, item, size, ft in _walk(view):
         body = offset + HEADER_SIZE
         if item == 2:
-            yield ProcessExit(ft, *_U32X2.unpack_from(view, body))
+            if size > 24:
+                yield ProcessExit(ft, *_U32X2.unpack_from(view, body),
+                                  **_parse_block(view, offset + 24, offset + size, _EXTENSION_ATTRS[2]))
+            else:
+                yield ProcessExit(ft, *_U32X2.unpack_from(view, body))
         elif item == 1 or item == 101:
             pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(view, body)
             text = _wstr(view, offset + _CMDLINE_OFFSET, chars)
-            yield (ProcessCreate if item == 1 else ProcessExec)(ft, pid, ppid, cpid, ctid, text)
+            cls = ProcessCreate if item == 1 else ProcessExec
+            base = PROCESS_CREATE_DTYPE.itemsize + 2 * chars
+            if size > base:
+                yield cls(ft, pid, ppid, cpid, ctid, text,
+                          **_parse_block(view, offset + base, offset + size, _CREATE_ATTRS))
+            else:
+                yield cls(ft, pid, ppid, cpid, ctid, text)
         elif item == 3:
-            yield ThreadCreate(ft, *_U32X2.unpack_from(view, body))
+            if size > 24:
+                yield ThreadCreate(ft, *_U32X2.unpack_from(view, body),
+                                   **_parse_block(view, offset + 24, offset + size, _EXTENSION_ATTRS[3]))
+            else:
+                yield ThreadCreate(ft, *_U32X2.unpack_from(view, body))
         elif item == 4:
-            yield ThreadExit(ft, *_U32X3.unpack_from(view, body))
+            if size > 32:
+                yield ThreadExit(ft, *_U32X3.unpack_from(view, body),
+                                 **_parse_block(view, offset + 32, offset + size, _EXTENSION_ATTRS[4]))
+            else:
+                yield ThreadExit(ft, *_U32X3.unpack_from(view, body))
         elif item == 100:
             yield RecordsLost(ft, _U32.unpack_from(view, body)[0])
         elif item == 5:

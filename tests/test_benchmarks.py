@@ -56,7 +56,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "service", "rules", "storms", "cost", "memory", "fleet"]
+    assert list(data["benchmarks"]) == ["ring", "service", "rules", "storms", "cost", "memory", "identity", "fleet"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -145,6 +145,26 @@ def test_storm_trials_are_scored_against_ground_truth(quick_run):
             assert 0 <= trial["cmdline_right"] <= trial["items"]
         if trial["tool"].startswith("etwmon-") and trial["latency_us"]:
             assert 0 <= trial["latency_us"]["p50"] <= trial["latency_us"]["p99"] <= trial["latency_us"]["max"]
+
+
+def test_identity_cost_pairs_each_source_with_itself_without_the_stage(quick_run):
+    out, _, _, _ = quick_run
+    ident = json.loads((out / "latest.json").read_text())["benchmarks"]["identity"]
+    if ident["status"] != "ok":
+        pytest.skip(f"identity: {ident['reason']}")
+    assert ident["rows"] and {t["benchmark"] for t in ident["targets"]} == {"identity"}
+    for row in ident["rows"]:
+        assert row["kind"] in ("threads", "fork", "exec")
+        if row["ratio"] is None:
+            assert row["errors"], row  # a pair without figures says why
+            continue
+        _stat_ok(row["ratio"], low=1e-9)
+        _stat_ok(row["cpu_on"], low=1e-9)
+        _stat_ok(row["cpu_off"], low=1e-9)
+        assert row["ratio"]["median"] == pytest.approx(row["cpu_on"]["median"] / row["cpu_off"]["median"], rel=1e-9) \
+            or ident["params"]["repeats"] > 1
+    names = {t["name"] for t in ident["targets"]}
+    assert any("etwmon-netlink" in n for n in names) or not IS_ROOT
 
 
 def test_fleet_figures_are_complete_and_sane(quick_run):

@@ -114,6 +114,34 @@ def test_json_and_text_forms_of_every_record_type() -> None:
     assert all(re.match(r"^\d\d:\d\d:\d\d\.\d{3} ", t) for t in texts)
 
 
+def test_json_and_text_carry_the_identity_fields() -> None:
+    t = R.filetime_now()
+    guid, parent = "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}", "{00000001-0002-0003-0405-060708090a0b}"
+    details = R.Details(process_guid=guid, parent_process_guid=parent, image="/usr/bin/sleep",
+                        current_directory=os.fsdecode(b"/srv/\xff"), uid=65534, user="nobody",
+                        parent_image="/usr/bin/bash", parent_command_line="bash -c 'sleep 1'", start_filetime=t - 10,
+                        flags=int(R.EventFlags.PROCFS | R.EventFlags.SEEDED))
+    records = b"".join([
+        R.encode_process_exec(t, 10, 9, 10, 10, "sleep 1", details),
+        R.encode_process_exit(t + 15_000_000, 10, 0, R.Details(process_guid=guid, image="/usr/bin/sleep\x1b[2J",
+                                                               lifetime=timedelta(seconds=1.5))),
+        R.encode_thread_create(t, 11, 10, R.Details(process_guid=guid)),
+    ])
+    exec_, exit_, thread = [event_to_json(e) for e in parse(records)]
+    assert (exec_["process_guid"], exec_["parent_process_guid"], exec_["image"], exec_["uid"], exec_["user"]) == (
+        guid, parent, "/usr/bin/sleep", 65534, "nobody")
+    assert (exec_["parent_image"], exec_["parent_command_line"]) == ("/usr/bin/bash", "bash -c 'sleep 1'")
+    assert base64.b64decode(exec_["current_directory_base64"]) == b"/srv/\xff"  # bytes survive, like argv
+    assert exec_["tty"] is None and exec_["cgroup"] is None and exec_["container_id"] is None  # unknown
+    assert exec_["flags"] == ["PROCFS", "SEEDED"] and exec_["start_time"].endswith("Z")
+    assert (exit_["process_guid"], exit_["lifetime"]) == (guid, 1.5)
+    assert thread["process_guid"] == guid
+    assert json.loads(json_line(parse(records).__next__())) == exec_
+    text = [format_event(e) for e in parse(records)]
+    assert "user=nobody image=/usr/bin/sleep cmd=sleep 1" in text[0]
+    assert text[1].endswith(r"image=/usr/bin/sleep\x1b[2J") and "\x1b" not in "".join(text)
+
+
 def test_event_type_names() -> None:
     assert parse_event_types("process_create,exec") == {ItemType.ProcessCreate, ItemType.ProcessExec}
     assert parse_event_types("ProcessExit, thread") == {ItemType.ProcessExit, ItemType.ThreadCreate,
@@ -291,7 +319,9 @@ def test_procfs_unprivileged_text_and_no_privilege_error() -> None:
         assert "can miss short-lived processes" in w.stderr  # a lossy source says so
         pid = spawn(tag, code=3, seconds=0.6)
         line = w.wait_out(lambda l: tag.encode() in l, what=f"a line with {tag}")
-        assert re.match(rb"^\d\d:\d\d:\d\d\.\d{3} Process(Create|Exec) +pid=%d ppid=\d+ cmd=sh -c " % pid, line)
+        # (user= and image= when the identity stage knows them: an unprivileged reader of /proc may not)
+        assert re.match(rb"^\d\d:\d\d:\d\d\.\d{3} Process(Create|Exec) +pid=%d ppid=\d+( user=\S+)?( image=\S+)? "
+                        rb"cmd=sh -c " % pid, line)
         w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None,
                    what=f"the exit of {pid}")
         status = w.stop()

@@ -9,6 +9,8 @@ one is not.
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 import time
@@ -18,9 +20,9 @@ import pytest
 
 import etwmon
 from etwmon import ItemType, parse
-from etwmon.records import EXIT_CODE_UNKNOWN
+from etwmon.records import EXIT_CODE_UNKNOWN, EventFlags
 from etwmon.sources import SOURCES, source_class
-from etwmon.sources.base import CAPABILITIES
+from etwmon.sources.base import CAPABILITIES, DETAIL_CAPABILITIES
 
 from .conftest import require
 
@@ -113,3 +115,32 @@ def test_the_records_match_the_declaration(name, tmp_path):
     if "process_exit" in cls.delivers:
         expected = {3} if "exit_code" in cls.delivers else {EXIT_CODE_UNKNOWN}
         assert codes == expected, f"{name}: exit codes {codes}"
+
+    # The details (identity stage on, the default): what the source declares is on the child's last program,
+    # right; what it does not declare is unknown. tty and container_id depend on where the tests run (no
+    # terminal, no container), so only their absence is pinned.
+    starts = [e for e in events if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec)
+              and "second" in e.command_line]
+    assert starts, f"{name}: no event of the child's second program"
+    last = starts[-1]
+    expected_values = {
+        "image": os.path.realpath(sys.executable), "current_directory": os.getcwd(), "uid": os.geteuid(),
+        "user": pwd.getpwuid(os.geteuid()).pw_name, "session": os.getsid(0),
+    }
+    for detail in sorted(DETAIL_CAPABILITIES):
+        value = getattr(last, detail)
+        if detail not in cls.delivers:
+            assert value is None, f"{name} does not declare {detail} and delivered {value!r}"
+        elif detail in expected_values:
+            assert value == expected_values[detail], (name, detail, value)
+        elif detail not in ("tty", "container_id"):
+            assert value is not None, f"{name} declares {detail} and delivered none"
+    assert bool(last.flags & EventFlags.PROCFS) == ("details_from_proc" in cls.delivers), (name, last.flags)
+    # One ProcessGuid on everything the source says about the child, when the source saw it start.
+    guids = {e.process_guid for e in events}
+    if "process_create" in cls.delivers:
+        assert len(guids) == 1 and None not in guids, f"{name}: guids {guids}"
+    else:
+        assert len(guids - {None}) <= 1, f"{name}: guids {guids}"
+    if "process_snapshot" in cls.delivers:  # its parent (this process) ran before the monitor: seeded
+        assert last.parent_process_guid is not None and not last.flags & EventFlags.UNKNOWN_PARENT

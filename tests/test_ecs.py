@@ -65,13 +65,11 @@ def test_lines_are_ascii_json_and_renderers_tag_the_host():
 
 
 def test_identity_fields_when_present():
-    class Enriched(R.ProcessCreate):  # what the identity stage adds, by name
-        process_guid = "{6f1d2c3b-0000-0000-0000-000000000001}"
-        parent_process_guid = None
-        user = "root"
-        uid = 0
-
-    doc = event_to_ecs(Enriched(T, 10, 1, 1, 2, "/bin/true"))
+    # What the identity stage adds (the event's extension-block attributes), through the wire and back.
+    record = R.encode_process_create(T, 10, 1, 1, 2, "/bin/true", R.Details(
+        process_guid="{6f1d2c3b-0000-0000-0000-000000000001}", user="root", uid=0))
+    (enriched,) = R.parse(record)
+    doc = event_to_ecs(enriched)
     assert doc["process"]["entity_id"] == "{6f1d2c3b-0000-0000-0000-000000000001}"
     assert "entity_id" not in doc["process"]["parent"]
     assert doc["user"] == {"name": "root", "id": "0"}

@@ -402,7 +402,7 @@ def no_fake_consumer_threads_left() -> bool:
 
 def test_kernel_process_session_end_to_end(windows):
     source = EtwSource("kernel-process", map_path=MAPPER)
-    with etwmon.Monitor(source=source) as mon:
+    with etwmon.Monitor(source=source, identity=False) as mon:  # the source's own records
         name, session = only_session(windows)
         assert re.fullmatch(rf"etwmon-{os.getpid()}-{OWN_START:x}-\d+", name) and source.session_name == name
         (provider,) = session.providers
@@ -446,7 +446,7 @@ def test_kernel_process_without_images(windows):
 
 def test_private_kernel_logger_sessions(windows):
     first, second = EtwSource(map_path=MAPPER), EtwSource(images=False, buffer_kb=128)
-    with etwmon.Monitor(source=first) as mon, etwmon.Monitor(source=second):
+    with etwmon.Monitor(source=first, identity=False) as mon, etwmon.Monitor(source=second, identity=False):
         assert len(windows.sessions) == 2  # private sessions live side by side
         one_session, other = windows.sessions[first.session_name], windows.sessions[second.session_name]
         for session, flags, kb in ((one_session, 0x7, 64), (other, 0x3, 128)):
@@ -651,7 +651,7 @@ def test_losses_add_up_over_restarts(windows, monkeypatch):
 
 def test_a_record_the_ring_refuses_is_counted_lost(windows):
     source = EtwSource("kernel-process")
-    with etwmon.Monitor(source=source, max_bytes=600) as mon:  # an ImageLoad record is 640 bytes
+    with etwmon.Monitor(source=source, max_bytes=600, identity=False) as mon:  # an ImageLoad record is 640 bytes
         windows.emit(B.kp_image_load(), B.kp_process_stop(pid=42))
         events = read_events(mon, 2)
         assert RecordsLost in [type(e) for e in events] and ProcessExit(T0, 42, 0) in events
@@ -1068,7 +1068,7 @@ def test_both_providers_in_one_stream(windows):
     # No mode needed to read an event: each names its provider. (A kernel-process session gets no classic events
     # on Windows; this shows the reading does not depend on the session.)
     source = EtwSource("kernel-process", map_path=MAPPER)
-    with etwmon.Monitor(source=source) as mon:
+    with etwmon.Monitor(source=source, identity=False) as mon:  # the source's own records
         windows.emit(B.kl_process(1, pid=0x18A8, ppid=0x1144, command_line="app.exe -x"),
                      B.pywintrace_030(B.kp_process_stop(pid=6312, exit_code=3)), B.kl_thread(2, pid=1, tid=2))
         events = read_events(mon, 3)

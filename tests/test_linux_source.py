@@ -129,10 +129,14 @@ def test_join_exec_chain_of_one_pid_matches_in_order():
 
 
 def test_linux_source_declares_the_union():
+    from etwmon.sources.base import DETAIL_CAPABILITIES
     from etwmon.sources.netlink import NetlinkSource
 
     assert LinuxSource.name == "linux" and not LinuxSource.lossy
-    assert LinuxSource.delivers == NetlinkSource.delivers | AuditSource.delivers
+    # The details are audit's (exact): what only netlink's /proc reads give is not declared.
+    from_proc = {"details_from_proc", "session", "cgroup", "container_id"}
+    assert LinuxSource.delivers == (NetlinkSource.delivers - from_proc) | AuditSource.delivers
+    assert DETAIL_CAPABILITIES & AuditSource.delivers <= LinuxSource.delivers
     with pytest.raises(TypeError):
         LinuxSource(nonsense=1)  # type: ignore[call-arg]
 

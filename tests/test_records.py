@@ -78,11 +78,12 @@ def test_process_create_size_is_sizeof_plus_command_line_and_nul_terminated():
     assert record[34 + 2 * len(text):36 + 2 * len(text)] == b"\0\0"
 
 
-def _build_c_client(tmp_path: Path) -> Path:
+def _build_c_client(tmp_path: Path, *defines: str) -> Path:
     gcc = shutil.which("gcc")
     require(gcc is not None, "gcc is not installed: the C client test needs it")
-    exe = tmp_path / "sysmon_client"
-    subprocess.run([gcc, "-std=c11", "-O1", "-Wall", "-Werror", "-o", str(exe), str(C_CLIENT)], check=True)
+    exe = tmp_path / ("sysmon_client" + "".join(defines))
+    subprocess.run([gcc, "-std=c11", "-O1", "-Wall", "-Werror", *defines, "-o", str(exe), str(C_CLIENT)],
+                   check=True)
     return exe
 
 

@@ -63,7 +63,7 @@ class Served:
 
     def __init__(self, path: str, **server_options) -> None:
         self.source = ScriptedSource()
-        self.monitor = etwmon.Monitor(self.source, max_items=200_000, max_bytes=64 << 20).start()
+        self.monitor = etwmon.Monitor(self.source, max_items=200_000, max_bytes=64 << 20, identity=False).start()
         self.path = path
         self.server = Server(self.monitor, path, **server_options).open()
         self.error: BaseException | None = None
@@ -306,7 +306,7 @@ def test_a_stale_socket_is_replaced_but_a_live_server_is_not(sockdir):
     try:
         with connect(path) as conn:
             assert conn.running
-        other = etwmon.Monitor(ScriptedSource())
+        other = etwmon.Monitor(ScriptedSource(), identity=False)
         other.start()
         try:
             with pytest.raises(etwmon.Error, match="another etwmon service is listening"):
@@ -321,7 +321,7 @@ def test_a_stale_socket_is_replaced_but_a_live_server_is_not(sockdir):
 def test_something_else_at_the_socket_path_is_never_removed(sockdir):
     path = os.path.join(sockdir, "s.sock")
     Path(path).write_text("precious")
-    mon = etwmon.Monitor(ScriptedSource()).start()
+    mon = etwmon.Monitor(ScriptedSource(), identity=False).start()
     try:
         with pytest.raises(SafeDirError, match="is not a socket"):
             Server(mon, path).open()

@@ -76,8 +76,9 @@ def auto_order() -> list[str]:
     return list(_AUTO.get(sys.platform, ["procfs"]))
 
 
-def open_source(name: str = "auto", **options: Any) -> Source:
-    """Create and open a source. ``name`` is "auto" or one of ``SOURCES``; options go to the source.
+def open_source(name: str = "auto", *, details: bool = False, **options: Any) -> Source:
+    """Create and open a source. ``name`` is "auto" or one of ``SOURCES``; options go to the source;
+    ``details``: have it read the details it declares for the identity stage (``Source.details``).
 
     "auto" picks ETW on Windows; on Linux the eBPF source (root, a kernel with BTF), else the audit+proc-connector
     source (root, audit usable), else the proc connector (root, or any user since Linux 6.6), else ``/proc``
@@ -89,6 +90,7 @@ def open_source(name: str = "auto", **options: Any) -> Source:
         if reason is not None:
             raise SourceUnavailable(f"source {name!r} is unavailable: {reason}")
         source = cls(**options)
+        source.details = details
         source.open()
         return source
     why: list[str] = []
@@ -102,6 +104,7 @@ def open_source(name: str = "auto", **options: Any) -> Source:
         reason = _reason(cls)
         if reason is None:
             source = cls(**options) if i == 0 or not options else _with_known(cls, options)
+            source.details = details
             try:
                 source.open()
             except SourceUnavailable as exc:

@@ -1,8 +1,15 @@
-"""Reading /proc the way both Linux sources need: whole small files that may vanish, argv, stat fields."""
+"""Reading /proc the way the Linux sources need: whole small files that may vanish, argv, stat fields, and the
+details of a process (image, cwd, user, terminal, cgroup) for the identity stage."""
 
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import re
+
+from ..clock import CLOCK_BOOTTIME, KernelClock
+from ..records import Details, EventFlags
 
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
@@ -58,3 +65,146 @@ def clock_tick_ns() -> int:
         return 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     except (ValueError, OSError, AttributeError):
         return 10_000_000
+
+
+# --- the details of a process, for the identity stage (image, cwd, user, tty, session, cgroup) ---------------
+
+
+def stat_details(data: bytes) -> tuple[bytes, int, int, int, int] | None:
+    """(comm, ppid, session, tty_nr, starttime in clock ticks) from /proc/<pid>/stat, or None."""
+    close_paren = data.rfind(b")")
+    if data.find(b"(") < 0 or close_paren < 0:
+        return None
+    fields = data[close_paren + 2:].split()
+    try:
+        return (data[data.find(b"(") + 1:close_paren], int(fields[1]), int(fields[3]), int(fields[4]),
+                int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def tty_name(tty_nr: int) -> str | None:
+    """The controlling terminal's name from stat's tty_nr (None: no terminal), as ps shows it."""
+    if not tty_nr:
+        return None
+    major, minor = (tty_nr >> 8) & 0xFFF, (tty_nr & 0xFF) | ((tty_nr >> 12) & 0xFFF00)
+    if 136 <= major <= 143:
+        return f"pts/{minor + (major - 136) * 256}"
+    if major == 4:
+        return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
+    return f"{major}:{minor}"
+
+
+@functools.lru_cache(maxsize=1024)
+def user_name(uid: int) -> str | None:
+    """The name of ``uid`` in the user database, None when it has none (the number is all there is)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def effective_uid(status: bytes) -> int | None:
+    """The effective uid from /proc/<pid>/status (its "Uid:" line: real, effective, saved, fs)."""
+    at = status.find(b"\nUid:")
+    if at < 0:
+        return None
+    try:
+        return int(status[at + 5:status.index(b"\n", at + 5)].split()[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+#: A container runtime's id in a cgroup path: 64 hex digits (docker, containerd, cri-o, podman).
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+
+
+def container_id(cgroup: str) -> str | None:
+    """The container id a cgroup v2 path names, or None when it is not a container's."""
+    match = _CONTAINER_ID.search(cgroup)
+    return match.group(1) if match else None
+
+
+def cgroup_path(data: bytes) -> str | None:
+    """The cgroup v2 path from /proc/<pid>/cgroup (its "0::" line)."""
+    for line in data.splitlines():
+        if line.startswith(b"0::"):
+            return os.fsdecode(line[3:])
+    return None
+
+
+def process_details(proc: str, pid: int) -> dict:
+    """What /proc says now about ``pid``'s image, cwd, effective uid and user, cgroup (and container): the
+    keyword arguments of ``records.Details``; what cannot be read (gone, kernel thread, no permission) is left
+    out. Read after the event, so the caller flags it (EventFlags.PROCFS) and checks the start time."""
+    out: dict = {}
+    image = _readlink(f"{proc}/{pid}/exe")
+    if image is not None:
+        out["image"] = os.fsdecode(image)
+    cwd = _readlink(f"{proc}/{pid}/cwd")
+    if cwd is not None:
+        out["current_directory"] = os.fsdecode(cwd)
+    status = read_proc(f"{proc}/{pid}/status", 4096)
+    uid = effective_uid(status) if status else None
+    if uid is not None:
+        out["uid"] = uid
+        name = user_name(uid)
+        if name is not None:
+            out["user"] = name
+    cgroup = read_proc(f"{proc}/{pid}/cgroup", 4096)
+    path = cgroup_path(cgroup) if cgroup else None
+    if path is not None:
+        out["cgroup"] = path
+        cid = container_id(path)
+        if cid is not None:
+            out["container_id"] = cid
+    return out
+
+
+def host_and_boot_id(proc: str = "/proc") -> bytes:
+    """What names this host and this boot: /etc/machine-id and the kernel's random boot_id (a new one every
+    boot); the hostname when there is no machine-id."""
+    host = read_proc("/etc/machine-id", 256) or read_proc("/var/lib/dbus/machine-id", 256)
+    if not host:
+        host = os.uname().nodename.encode()
+    boot = read_proc(f"{proc}/sys/kernel/random/boot_id", 256) or b""
+    return host.strip() + b"\0" + boot.strip()
+
+
+def details_now(proc: str, pid: int, stat: tuple[bytes, int, int, int, int], tick_ns: int,
+                boot_clock: KernelClock, flags: int = EventFlags.PROCFS) -> Details:
+    """``records.Details`` of ``pid`` from /proc now (``stat`` from ``stat_details``; ``boot_clock`` a
+    ``KernelClock(CLOCK_BOOTTIME)`` for its start time): start time, session and terminal from stat, then
+    ``process_details``; flagged as read after the fact."""
+    _, _, session, tty_nr, start = stat
+    return Details(start_filetime=boot_clock.filetime(start * tick_ns), session=session, tty=tty_name(tty_nr),
+                   flags=int(flags), **process_details(proc, pid))
+
+
+def snapshot(proc: str = "/proc") -> list[tuple[int, int, str, Details]]:
+    """Every process running now as (pid, ppid, command line, Details): what the identity stage is seeded with
+    when a monitor starts."""
+    from ..records import command_line_from_argv
+
+    tick, boot_clock = clock_tick_ns(), KernelClock(CLOCK_BOOTTIME)
+    out = []
+    try:
+        names = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
+    except OSError:
+        return out
+    for pid in names:
+        data = read_proc(f"{proc}/{pid}/stat", 1024)
+        stat = stat_details(data) if data else None
+        if stat is None:
+            continue  # gone already
+        raw = read_proc(f"{proc}/{pid}/cmdline")
+        line = command_line_from_argv(argv_of(raw) if raw else [stat[0]])
+        out.append((pid, stat[1], line, details_now(proc, pid, stat, tick, boot_clock, EventFlags.SEEDED)))
+    return out

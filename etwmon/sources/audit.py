@@ -15,10 +15,13 @@ import select
 import socket
 import sys
 import threading
+import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
+from ..clock import CLOCK_BOOTTIME, KernelClock
 from ..errors import SourceUnavailable
+from ..records import Details
 from . import audit_state
 from ._linux import CAP_AUDIT_CONTROL, CAP_AUDIT_READ, has_capability, live_process_start, netlink_socket_drops
 from .audit_protocol import (
@@ -27,6 +30,7 @@ from .audit_protocol import (
 )
 from .audit_records import EventAssembler, ExecEvent, SerialTracker, decode_value, parse_fields
 from .audit_state import RuleKey
+from ._proc import clock_tick_ns, host_and_boot_id, parse_stat, read_proc, snapshot
 from .base import Sink, Source
 
 __all__ = ["AuditSource"]
@@ -34,6 +38,9 @@ __all__ = ["AuditSource"]
 log = logging.getLogger(__name__)
 
 DEFAULT_RCVBUF = 32 << 20
+#: How far (FILETIME ticks) a /proc start time may lie after audit's time of the exec and still be the process
+#: that exec'd: audit's clock is the coarse wall clock, to the millisecond.
+_START_SLACK = 200_000
 
 
 def _default_transport(groups: int) -> Transport:
@@ -95,7 +102,8 @@ class AuditSource(Source):
     lossy = False
     # The loss count is an upper bound, not exact: the kernel's lost counter covers audit records of every
     # kind, and serial gaps cover events of every kind (docs/audit.md).
-    delivers = frozenset({"process_exec", "command_line"})
+    delivers = frozenset({"process_exec", "command_line", "image", "current_directory", "uid", "user", "tty",
+                          "process_snapshot"})
 
     #: How often the kernel's lost counter is polled and missing serials are settled.
     TICK = 0.25
@@ -105,6 +113,8 @@ class AuditSource(Source):
                  rcvbuf: int = DEFAULT_RCVBUF, probe: bool = True,
                  transport_factory: TransportFactory | None = None) -> None:
         super().__init__()
+        self._boot_clock = KernelClock(CLOCK_BOOTTIME)  # /proc start times, for the identity stage
+        self._tick_ns = clock_tick_ns()
         if ":" in key or not key:
             raise ValueError(f"key must be a non-empty string without ':', not {key!r}")
         self.key_prefix = key
@@ -453,10 +463,31 @@ class AuditSource(Source):
                     if msg_type == AUDIT_TRUSTED_APP and self._marker and self._marker in rec.body:
                         self._marker_serial = rec.serial
                 for event in done:
-                    yield event, event.encode()
+                    yield event, event.encode(self._details_of(event))
                 offset += (length + 3) & ~3
             if sock is None:
                 return
+
+    def _details_of(self, event: ExecEvent) -> Details | None:
+        """The exec's details for the identity stage (None when it is off): what SYSCALL and CWD say, and the
+        process's start time from /proc when it is the process that exec'd (it started before the exec), so
+        the stage can name the process even though audit never saw its fork."""
+        if not self.details:
+            return None
+        details = event.details()
+        data = read_proc(f"/proc/{event.pid}/stat", 1024)
+        parsed = parse_stat(data) if data else None
+        if parsed is not None:
+            start = self._boot_clock.filetime(parsed[2] * self._tick_ns)
+            if start <= event.filetime + _START_SLACK:  # a later start is a reused pid: not this process
+                details = dataclasses.replace(details, start_filetime=start)
+        return details
+
+    def host_and_boot_id(self) -> bytes:
+        return host_and_boot_id()
+
+    def process_snapshot(self) -> list:
+        return snapshot()
 
     def _emit(self, sink: Sink, event: ExecEvent, record: bytes) -> None:
         sink.push(record)
@@ -486,7 +517,7 @@ class AuditSource(Source):
             if now >= next_tick:
                 next_tick = now + self.TICK
                 for event in self._assembler.expire(now):
-                    self._emit(sink, event, event.encode())
+                    self._emit(sink, event, event.encode(self._details_of(event)))
                     pushed = True
                 self._handle_config_changes()
                 if now >= next_status:
@@ -501,7 +532,7 @@ class AuditSource(Source):
             self._emit(sink, event, record)
         self._mark("stop", None, sink, timeout=0.5)
         for event in self._assembler.expire(everything=True):
-            self._emit(sink, event, event.encode())
+            self._emit(sink, event, event.encode(self._details_of(event)))
         self._poll_status()
         self._report_lost(sink)
         sink.notify()

@@ -8,6 +8,7 @@ The EXECVE record's shape (quoted or hex arguments, long ones split into ``aN[i]
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Callable
 
 from .. import records
 from ..clock import filetime_from_unix_ns
+from ._proc import user_name
 from .audit_protocol import (
     AUDIT_CONFIG_CHANGE, AUDIT_CWD, AUDIT_EOE, AUDIT_EXECVE, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL,
     EXEC_SYSCALL_NUMBERS,
@@ -96,6 +98,8 @@ class ExecEvent:
     pid: int = 0
     ppid: int = 0
     uid: int = -1
+    euid: int = -1
+    tty: str | None = None  # as audit writes it: "pts0", "tty1", "(none)"
     comm: bytes | None = None
     exe: bytes | None = None
     key: bytes | None = None
@@ -140,10 +144,27 @@ class ExecEvent:
         argv = self.argv()
         return records.command_line_from_argv(argv if argv is not None else [])
 
-    def encode(self) -> bytes:
-        """The ProcessExec record: pid is the process (tgid), its parent, and itself as the creator."""
+    def details(self) -> records.Details:
+        """What the SYSCALL and CWD records say of the process at the exec, exactly: the executable, the
+        directory, the effective uid and its user name, the terminal."""
+        uid = self.euid if self.euid >= 0 else None
+        return records.Details(
+            image=os.fsdecode(self.exe) if self.exe else None,
+            current_directory=os.fsdecode(self.cwd) if self.cwd else None,
+            uid=uid, user=user_name(uid) if uid is not None else None, tty=_tty_name(self.tty))
+
+    def encode(self, details: records.Details | None = None) -> bytes:
+        """The ProcessExec record: pid is the process (tgid), its parent, and itself as the creator; with
+        ``details`` (e.g. ``details()``), its extension block."""
         return records.encode_process_exec(self.filetime, self.pid, self.ppid, self.pid, self.pid,
-                                           self.command_line())
+                                           self.command_line(), details)
+
+
+def _tty_name(tty: str | None) -> str | None:
+    """audit's tty field ("pts0", "tty1", "(none)") as ps writes it ("pts/0", "tty1", None)."""
+    if not tty or tty == "(none)":
+        return None
+    return "pts/" + tty[3:] if tty.startswith("pts") else tty
 
 
 class SerialTracker:
@@ -215,7 +236,7 @@ class SerialTracker:
 #: The SYSCALL record's fields an ExecEvent keeps, and how each is written (arch in hex, strings quoted or hex).
 _SYSCALL_FIELDS: dict[str, Callable[[str], object]] = {
     "arch": lambda v: int(v, 16), "syscall": int, "success": lambda v: v == "yes", "pid": int, "ppid": int,
-    "uid": int, "comm": decode_value, "exe": decode_value, "key": decode_value,
+    "uid": int, "euid": int, "tty": str, "comm": decode_value, "exe": decode_value, "key": decode_value,
 }
 
 

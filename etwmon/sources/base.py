@@ -6,15 +6,26 @@ A source never touches the ring directly: it pushes encoded records (``etwmon.re
 
 from __future__ import annotations
 
+import socket
 from typing import Any, ClassVar, Protocol
 
-__all__ = ["Sink", "Source", "CAPABILITIES"]
+__all__ = ["Sink", "Source", "CAPABILITIES", "DETAIL_CAPABILITIES"]
 
-#: What a source can deliver (``Source.delivers``), pinned per source by tests/test_contracts.py.
+#: The details (Event attributes of the extension block) a source can deliver; the identity stage adds
+#: process_guid, parent_process_guid, start_time and the parent fields for every process it saw start (or
+#: found in the source's process_snapshot).
+DETAIL_CAPABILITIES = frozenset({
+    "image", "current_directory", "uid", "user", "tty", "session", "cgroup", "container_id",
+})
+
+#: What a source can deliver (``Source.delivers``), pinned per source by tests/test_contracts.py. A detail name
+#: means the source knows it exactly at the event; with "details_from_proc" too, it reads it from /proc after the
+#: event instead (a race, flagged on each event as EventFlags.PROCFS). "process_snapshot": it can list the
+#: processes running when it starts, so the identity stage knows the parents of what follows.
 CAPABILITIES = frozenset({
     "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "image_load",
-    "command_line", "exit_code", "exact_loss_count",
-})
+    "command_line", "exit_code", "exact_loss_count", "details_from_proc", "process_snapshot",
+}) | DETAIL_CAPABILITIES
 
 
 class Sink(Protocol):
@@ -62,6 +73,20 @@ class Source:
     def cleanup(cls) -> list[str]:
         """Remove what ``stale_state()`` reports and restore what was recorded; returns what was done, one line
         each. Never touches what a live instance owns. ``etwmon cleanup`` calls it."""
+        return []
+
+    #: Set by the Monitor before ``open()``: True when its identity stage is on, so the source reads the details
+    #: it declares (image, cwd, user, ...) and puts them in its records; False spares that cost.
+    details: bool = False
+
+    def host_and_boot_id(self) -> bytes:
+        """What names this host and this boot (host id, NUL, boot id), for ProcessGuids. The default knows
+        only the host name, so guids of two boots of one host can only differ by their start times."""
+        return socket.gethostname().encode() + b"\0"
+
+    def process_snapshot(self) -> list[tuple[int, int, str, Any]]:
+        """The processes running now, as (pid, ppid, command line, ``records.Details`` with start_filetime),
+        read after ``open()`` so that nothing starts unseen in between; [] when the source cannot list them."""
         return []
 
     def __init__(self, **options: Any) -> None:

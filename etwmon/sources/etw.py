@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import Error, SourceError, SourceUnavailable
 from ..records import (
-    EXIT_CODE_UNKNOWN, encode_image_load, encode_process_create, encode_process_exit, encode_thread_create,
+    EXIT_CODE_UNKNOWN, Details, encode_image_load, encode_process_create, encode_process_exit, encode_thread_create,
     encode_thread_exit,
 )
 from ._etw_control import (
@@ -266,7 +266,7 @@ def _sequence(fields: Mapping[str, Any], name: str) -> int | None:
 
 
 def to_records(event: Any, *, map_path: Callable[[str], str] | None = None,
-               rundown: bool = False) -> list[EtwRecord]:
+               rundown: bool = False, details: bool = False) -> list[EtwRecord]:
     """The records for one pywintrace callback argument ``(event_id, dict)``: usually one, none for events
     etwmon does not record (unknown ids, image unloads, rundown ends, other providers).
 
@@ -277,16 +277,18 @@ def to_records(event: Any, *, map_path: Callable[[str], str] | None = None,
 
     ``map_path`` turns NT device paths into drive-letter paths (``NtPathMapper``); by default names stay as
     ETW gave them. ``rundown=True`` records the kernel logger's start-of-session snapshot (DCStart) of running
-    processes, threads and images as creations with creating process and thread 0.
+    processes, threads and images as creations with creating process and thread 0. ``details=True`` (the
+    identity stage is on) puts what the event says of a new process beyond the book's fields into the record's
+    extension block: its session (both providers) and its image path (Kernel-Process's ImageName).
     Raises ``EtwEventError`` when a field it needs is missing or unreadable.
     """
     mapper = map_path or _same_path
     fields, header = _split(event)
     provider = _provider(header)
     if provider == _KP:
-        return _kernel_process(fields, header, mapper)
+        return _kernel_process(fields, header, mapper, details)
     if provider in (_PROCESS, _THREAD, _IMAGE):
-        return _kernel_logger(provider, fields, header, mapper, rundown)
+        return _kernel_logger(provider, fields, header, mapper, rundown, details)
     return []
 
 
@@ -298,7 +300,7 @@ def _event_id(header: Mapping[str, Any]) -> int:
 
 
 def _kernel_process(fields: Mapping[str, Any], header: Mapping[str, Any],
-                    mapper: Callable[[str], str]) -> list[EtwRecord]:
+                    mapper: Callable[[str], str], details: bool = False) -> list[EtwRecord]:
     # Field names: the Microsoft-Windows-Kernel-Process manifest. ProcessStart versions 0-3 only add fields
     # (v1 Flags; v2 ImageChecksum, TimeDateStamp, PackageFullName, PackageRelativeAppId; v3 sequence numbers,
     # token elevation, MandatoryLabel), ProcessStop v2 adds ProcessSequenceNumber, ThreadStart/Stop v1
@@ -312,7 +314,9 @@ def _kernel_process(fields: Mapping[str, Any], header: Mapping[str, Any],
         image = mapper(_text(fields, "ImageName"))
         record = encode_process_create(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ParentProcessID"),
                                        _unsigned(header, "ProcessId"), _unsigned(header, "ThreadId"),
-                                       _quoted(image))
+                                       _quoted(image),
+                                       Details(image=image, session=_sequence(fields, "SessionID")) if details
+                                       else None)
         return [EtwRecord(record, _sequence(fields, "ProcessSequenceNumber"),
                           _sequence(fields, "ParentProcessSequenceNumber"))]
     if event_id == _KP_PROCESS_STOP:
@@ -329,7 +333,7 @@ def _kernel_process(fields: Mapping[str, Any], header: Mapping[str, Any],
 
 
 def _kernel_logger(provider: str, fields: Mapping[str, Any], header: Mapping[str, Any],
-                   mapper: Callable[[str], str], rundown: bool) -> list[EtwRecord]:
+                   mapper: Callable[[str], str], rundown: bool, details: bool = False) -> list[EtwRecord]:
     # Classic MOF classes (learn.microsoft.com/windows/win32/etw): Process_TypeGroup1 (types 1 Start, 2 End,
     # 3 DCStart, 4 DCEnd, 39 Defunct; ProcessId and ParentId are Format("x"), ExitStatus a sint32, ImageFileName
     # the ANSI file name, CommandLine wide), Thread_TypeGroup1 (1/2/3/4; ProcessId, TThreadId Format("x")),
@@ -350,7 +354,9 @@ def _kernel_logger(provider: str, fields: Mapping[str, Any], header: Mapping[str
             creating_tid = 0 if snapshot else _unsigned(header, "ThreadId")
             return [EtwRecord(encode_process_create(when, _unsigned(fields, "ProcessId"),
                                                     _unsigned(fields, "ParentId"), creating_pid, creating_tid,
-                                                    command_line))]
+                                                    command_line,
+                                                    Details(session=_sequence(fields, "SessionId")) if details
+                                                    else None))]
         if opcode == _END:
             return [EtwRecord(encode_process_exit(_time(header), _unsigned(fields, "ProcessId"),
                                                   _status(fields, "ExitStatus")))]
@@ -648,8 +654,10 @@ class EtwSource(Source):
 
     name = "etw"
     lossy = False
+    # session: both providers' SessionID; the image path only Kernel-Process has (the kernel logger's
+    # ImageFileName is a bare file name), so it is not declared.
     delivers = frozenset({"process_create", "process_exit", "thread_create", "thread_exit", "image_load",
-                          "command_line", "exit_code"})
+                          "command_line", "exit_code", "session"})
 
     def __init__(self, mode: str = DEFAULT_MODE, *, images: bool = True, rundown: bool = False,
                  session_name: str | None = None, buffer_kb: int = 64,
@@ -879,7 +887,7 @@ class EtwSource(Source):
         counts = self._counts
         counts["events"] += 1
         try:
-            records = to_records(event, map_path=self._map_path, rundown=self.rundown)
+            records = to_records(event, map_path=self._map_path, rundown=self.rundown, details=self.details)
         except Exception as exc:  # EtwEventError, or a bug here: either way the event is counted, not fatal
             counts["parse_errors"] += 1
             n = counts["parse_errors"]

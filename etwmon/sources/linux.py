@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 _TYPE_PID = struct.Struct("<h14xI")  # ItemHeader.Type, then the first ULONG after the header
 _TYPE_TID_PID = struct.Struct("<h14xII")
+_PARENT = struct.Struct("<20xI")  # ProcessCreateInfo.ParentProcessId
 _TIME_OFFSET = 8  # ItemHeader.Time
 _EXEC, _PROCESS_EXIT, _THREAD_CREATE, _THREAD_EXIT = (int(records.ItemType.ProcessExec),
                                                       int(records.ItemType.ProcessExit),
                                                       int(records.ItemType.ThreadCreate),
                                                       int(records.ItemType.ThreadExit))
+_PROCESS_CREATE = int(records.ItemType.ProcessCreate)
 
 
 def _with_time_of(record: bytes, other: bytes) -> bytes:
@@ -87,6 +89,7 @@ class ExecJoin:
         # Audit execs pushed without their proc connector exec: if that turns up late (its reader was behind),
         # it is the same exec, not a new one (until max_wait).
         self._audit_alone: dict[int, deque[float]] = {}
+        self._behind: dict[int, int] = {}  # child pid -> the parent whose exec its records wait behind
         self.matched = 0  # execs both reported: audit's pushed
         self.fallback = 0  # proc connector execs audit never reported: pushed as they were
         self.audit_only = 0  # audit execs the proc connector never reported (its losses are counted there)
@@ -97,34 +100,70 @@ class ExecJoin:
     def netlink_push(self, record: bytes) -> None:
         item, pid = _record_pid(record)
         pending = self._pending
-        if item != _EXEC and pid not in pending:  # the common case: only this thread adds to pending
-            self.sink.push(record)
+        if item != _EXEC and pid not in pending and not self._behind and (
+                item != _PROCESS_CREATE or _PARENT.unpack_from(record)[0] not in pending):
+            self.sink.push(record)  # the common case: only this thread adds to pending
             return
         with self._lock:
-            if item == _EXEC:
-                early = self._early_audit.get(pid)
-                if early:
-                    _, exact = early.popleft()
-                    if not early:
-                        del self._early_audit[pid]
-                    self.matched += 1
-                    self.sink.push(_with_time_of(exact, record))
-                    return
-                alone = self._audit_alone.get(pid)
-                if alone:
-                    alone.popleft()
-                    if not alone:
-                        del self._audit_alone[pid]
-                    self.late += 1
-                    return
-                pending.setdefault(pid, deque()).append(_Pending(time.monotonic() + self.hold, bytes(record)))
-                return
-            waiting = pending.get(pid)
+            self._netlink_locked(bytes(record), item, pid)
+
+    def _netlink_locked(self, record: bytes, item: int, pid: int) -> None:
+        pending = self._pending
+        parent = self._behind.get(pid)
+        if parent is not None:  # its create waits behind its parent's exec: so does everything after it
+            waiting = pending.get(parent)
             if waiting:
-                waiting[-1].held.append(bytes(record))
+                waiting[-1].held.append(record)
                 self.held += 1
                 return
+            del self._behind[pid]
+        if item == _PROCESS_CREATE:
+            # A child forked after its parent's exec must not reach the reader before that exec (the identity
+            # stage takes the child's parent fields from what the parent runs then).
+            ppid = _PARENT.unpack_from(record)[0]
+            ahead = ppid if ppid in pending else self._behind.get(ppid)  # (the parent itself may wait behind one)
+            waiting = pending.get(ahead) if ahead is not None and ppid != pid else None
+            if waiting:
+                waiting[-1].held.append(record)
+                self._behind[pid] = ahead
+                self.held += 1
+                return
+        if item == _EXEC:
+            early = self._early_audit.get(pid)
+            if early:
+                _, exact = early.popleft()
+                if not early:
+                    del self._early_audit[pid]
+                self.matched += 1
+                self.sink.push(_with_time_of(exact, record))
+                return
+            alone = self._audit_alone.get(pid)
+            if alone:
+                alone.popleft()
+                if not alone:
+                    del self._audit_alone[pid]
+                self.late += 1
+                return
+            pending.setdefault(pid, deque()).append(_Pending(time.monotonic() + self.hold, record))
+            return
+        waiting = pending.get(pid)
+        if waiting:
+            waiting[-1].held.append(record)
+            self.held += 1
+            return
         self.sink.push(record)
+
+    def _release(self, parent: int, held: list[bytes]) -> None:
+        """The records that waited behind ``parent``'s exec, now that it is pushed: its own go out in order; its
+        children's go through the join again (a child's exec still waits for audit's record of it)."""
+        for record in held:
+            item, pid = _record_pid(record)
+            if pid == parent:
+                self.sink.push(record)
+                continue
+            if self._behind.get(pid) == parent:
+                del self._behind[pid]
+            self._netlink_locked(record, item, pid)
 
     # The audit thread.
     def audit_push(self, record: bytes) -> None:
@@ -137,8 +176,7 @@ class ExecJoin:
                     del self._pending[pid]
                 self.matched += 1
                 self.sink.push(_with_time_of(record, first.record))
-                for held in first.held:
-                    self.sink.push(held)
+                self._release(pid, first.held)
             else:
                 self._early_audit.setdefault(pid, deque()).append((time.monotonic() + self.hold, bytes(record)))
         if self.on_exec is not None:
@@ -162,8 +200,7 @@ class ExecJoin:
                     entry = queue.popleft()
                     self.fallback += 1
                     self.sink.push(entry.record)
-                    for held in entry.held:
-                        self.sink.push(held)
+                    self._release(pid, entry.held)
                     pushed = True
                 if not queue:
                     del self._pending[pid]
@@ -226,7 +263,10 @@ class LinuxSource(Source):
     name = "linux"
     # Loss is the proc connector's exact count: an exec audit misses still comes through as a fallback record.
     lossy = NetlinkSource.lossy
-    delivers = NetlinkSource.delivers | AuditSource.delivers
+    # The details are audit's, exact; netlink's /proc reads only fill the execs audit did not report (those
+    # carry EventFlags.PROCFS), so session, cgroup and container id are not declared.
+    delivers = (NetlinkSource.delivers - {"details_from_proc", "session", "cgroup", "container_id"}) \
+        | AuditSource.delivers
 
     def __init__(self, *, exec_wait: float = 2.0, rcvbuf: int = 8 << 20, audit_rcvbuf: int = DEFAULT_RCVBUF,
                  key: str = DEFAULT_KEY, backlog_limit: int = DEFAULT_BACKLOG_LIMIT, probe: bool = True) -> None:
@@ -259,6 +299,7 @@ class LinuxSource(Source):
         return AuditSource.cleanup()
 
     def open(self) -> None:
+        self.netlink.details = self.audit.details = self.details
         self.netlink.open()
         try:
             self.audit.open()
@@ -266,6 +307,12 @@ class LinuxSource(Source):
             self.netlink.close()
             raise
         self._stop.clear()
+
+    def host_and_boot_id(self) -> bytes:
+        return self.netlink.host_and_boot_id()
+
+    def process_snapshot(self) -> list:
+        return self.netlink.process_snapshot()
 
     def _exact_line_for_children(self, pid: int, record: bytes) -> None:
         """Children forked later inherit audit's exact command line rather than one read from /proc."""

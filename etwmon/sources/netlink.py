@@ -21,11 +21,14 @@ from typing import Callable, ClassVar
 from .. import clock
 from ..errors import SourceUnavailable
 from ..records import (
-    command_line_from_argv, encode_process_create, encode_process_exec,
+    Details, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
 from ._linux import CAP_NET_ADMIN, has_capability, set_receive_buffer
-from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
+from ._proc import (
+    argv_of, clock_tick_ns, details_now, host_and_boot_id, parse_stat, read_proc, snapshot,
+    stat_details,
+)
 from .base import Sink, Source
 
 __all__ = [
@@ -107,14 +110,17 @@ class ProcEventDecoder:
 
     def __init__(self, sink: Sink | None = None, *, exec_events: bool = True, cmdline: bool = True,
                  clock_offset_ns: int | None = None, max_cached: int = 65536,
-                 proc_root: str = "/proc") -> None:
+                 proc_root: str = "/proc", details: bool = False) -> None:
         self.attach(sink)
         self.exec_events = exec_events
         self.cmdline = cmdline
+        #: Read the exec'd process's image, cwd, user, terminal and cgroup from /proc (for the identity stage).
+        self.details = details
         # The kernel stamps events with ktime_get_ns(), i.e. CLOCK_MONOTONIC: its offset to the wall clock is
         # measured once, when the source opens.
         self.clock = clock.KernelClock(clock.CLOCK_MONOTONIC, offset_ns=clock_offset_ns)
         self._boot_offset_ns = clock.clock_offset_ns(clock.CLOCK_MONOTONIC, reference=clock.CLOCK_BOOTTIME)
+        self._boot_clock = clock.KernelClock(clock.CLOCK_BOOTTIME)  # for /proc start times
         self._tick_ns = clock_tick_ns()
         self._proc = proc_root
         self.max_cached = max_cached
@@ -220,12 +226,12 @@ class ProcEventDecoder:
             if not self.exec_events:
                 self.command_lines.pop(b, None)  # stale now; read again from /proc when it forks
                 return
-            parent, line = self._exec_info(b, ts)
+            parent, line, details = self._exec_info(b, ts)
             lines = self.command_lines
             if len(lines) >= self.max_cached and b not in lines:
                 self._evict_oldest()
             lines[b] = line
-            self._push(encode_process_exec(self.clock.filetime(ts), b, parent, b, a, line))
+            self._push(encode_process_exec(self.clock.filetime(ts), b, parent, b, a, line, details))
         # UID, GID, SID, PTRACE, COMM, COREDUMP and acks make no record.
 
     def _evict_oldest(self) -> None:
@@ -301,11 +307,14 @@ class ProcEventDecoder:
         self._boot_offset_ns = clock.clock_offset_ns(clock.CLOCK_MONOTONIC, reference=clock.CLOCK_BOOTTIME)
         return starttime_ticks * self._tick_ns - self._boot_offset_ns <= event_ns + _START_SLACK_NS
 
-    def _exec_info(self, pid: int, event_ns: int) -> tuple[int, str]:
-        """(parent pid, command line) of the process that exec'd, read from /proc, never another process's.
+    def _exec_info(self, pid: int, event_ns: int) -> tuple[int, str, Details | None]:
+        """(parent pid, command line, details or None) of the process that exec'd, read from /proc, never
+        another process's.
 
-        cmdline is read before stat: if stat then shows a process that started before the exec, the pid was not
-        reused in between (pids are not handed back to an older process), so the cmdline was this process's.
+        cmdline is read before stat and the details after it: if stat then shows a process that started before
+        the exec, the pid was not reused in between (pids are not handed back to an older process), so the
+        cmdline was this process's. The details are read last, so they may describe a later state (another
+        exec, or none if it exited): they are flagged EventFlags.PROCFS.
         """
         proc = self._proc
         if not self.cmdline:
@@ -315,15 +324,18 @@ class ProcEventDecoder:
         else:
             raw = read_proc(f"{proc}/{pid}/cmdline")
         stat = read_proc(f"{proc}/{pid}/stat", 1024)
-        parsed = parse_stat(stat) if stat else None
-        if parsed is None or not self._same_process(parsed[2], event_ns):
+        parsed = stat_details(stat) if stat else None
+        if parsed is None or not self._same_process(parsed[4], event_ns):
             self.cmdline_gone += 1
-            return 0, ""
-        comm, ppid, _ = parsed
+            return 0, "", None
+        comm, ppid = parsed[0], parsed[1]
+        details = None
+        if self.details:
+            details = details_now(proc, pid, parsed, self._tick_ns, self._boot_clock)
         if raw:
-            return ppid, command_line_from_argv(argv_of(raw))
+            return ppid, command_line_from_argv(argv_of(raw)), details
         self.cmdline_comm += 1  # an exited process (zombie) has no cmdline left, but still its comm
-        return ppid, command_line_from_argv([comm])
+        return ppid, command_line_from_argv([comm]), details
 
     def _inherited_command_line(self, parent_tgid: int, event_ns: int) -> str:
         """The command line a forked child starts with: its parent's, from /proc when we have not seen it."""
@@ -376,7 +388,8 @@ class NetlinkSource(Source):
     lossy: ClassVar[bool] = False
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
-        "exit_code", "exact_loss_count",
+        "exit_code", "exact_loss_count", "process_snapshot", "details_from_proc", "image", "current_directory",
+        "uid", "user", "tty", "session", "cgroup", "container_id",
     })
 
     #: Messages decoded between two ``sink.notify()`` calls while the socket never runs dry.
@@ -430,7 +443,8 @@ class NetlinkSource(Source):
         try:
             self.rcvbuf_granted = set_receive_buffer(sock, self.rcvbuf, "etwmon netlink")
             sock.bind((0, CN_IDX_PROC))
-            self._decoder = ProcEventDecoder(exec_events=self.exec_events, cmdline=self.cmdline)
+            self._decoder = ProcEventDecoder(exec_events=self.exec_events, cmdline=self.cmdline,
+                                             details=self.details)
             self._sock = sock
             self._subscribe()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -650,6 +664,12 @@ class NetlinkSource(Source):
                 os.write(self._wake_w, b"\1")
             except OSError:
                 pass
+
+    def host_and_boot_id(self) -> bytes:
+        return host_and_boot_id()
+
+    def process_snapshot(self) -> list:
+        return snapshot()
 
     def set_command_line(self, tgid: int, command_line: str) -> None:
         """Use ``command_line`` for ``tgid`` from now on: the ProcessCreate of children it forks later carries

@@ -15,10 +15,12 @@ from typing import ClassVar
 from ..clock import CLOCK_BOOTTIME, KernelClock, filetime_now
 from ..errors import SourceUnavailable
 from ..records import (
-    EXIT_CODE_UNKNOWN, command_line_from_argv, encode_process_create, encode_process_exec, encode_process_exit,
-    encode_thread_create, encode_thread_exit,
+    EXIT_CODE_UNKNOWN, Details, command_line_from_argv, encode_process_create, encode_process_exec,
+    encode_process_exit, encode_thread_create, encode_thread_exit,
 )
-from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
+from ._proc import (
+    argv_of, clock_tick_ns, details_now, host_and_boot_id, parse_stat, read_proc, snapshot, stat_details,
+)
 from .base import Sink, Source
 
 __all__ = ["ProcfsSource", "DEFAULT_INTERVAL"]
@@ -62,6 +64,8 @@ class ProcfsSource(Source):
     lossy: ClassVar[bool] = True
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
+        "process_snapshot", "details_from_proc", "image", "current_directory", "uid", "user", "tty", "session",
+        "cgroup", "container_id",
     })
 
     def __init__(self, *, interval: float = DEFAULT_INTERVAL, threads: bool = True, proc_root: str = "/proc") -> None:
@@ -113,6 +117,18 @@ class ProcfsSource(Source):
         """FILETIME of a start time from /proc (clock ticks since boot, CLOCK_BOOTTIME)."""
         return boot_clock.filetime(start_ticks * self._tick_ns)
 
+    def _details(self, pid: int, stat: tuple, boot_clock: KernelClock) -> Details | None:
+        """What /proc says of the process now, for the identity stage (when it is on)."""
+        if not self.details:
+            return None
+        return details_now(self._proc, pid, stat, self._tick_ns, boot_clock)
+
+    def host_and_boot_id(self) -> bytes:
+        return host_and_boot_id(self._proc)
+
+    def process_snapshot(self) -> list:
+        return snapshot(self._proc)
+
     def _command_line(self, pid: int, comm: bytes) -> str:
         raw = read_proc(f"{self._proc}/{pid}/cmdline")
         if raw:
@@ -129,10 +145,11 @@ class ProcfsSource(Source):
         creates: list[tuple[int, bytes]] = []  # (start ticks, record), sorted before pushing
         later: list[bytes] = []  # execs and exits, stamped with the time we noticed them
         for pid in _numeric_entries(proc):
-            st = _stat(f"{proc}/{pid}/stat")
-            if st is None:
+            data = read_proc(f"{proc}/{pid}/stat", 1024)
+            full = stat_details(data) if data else None
+            if full is None:
                 continue  # gone between listing and reading: it never existed for us
-            comm, ppid, start = st
+            comm, ppid, _, _, start = full
             old = known.get(pid)
             if old is not None and old.start != start:  # the pid was reused between two looks
                 later.extend(self._exit_records(pid, old, now_ft))
@@ -142,9 +159,10 @@ class ProcfsSource(Source):
                 if report:
                     creates.append((start, encode_process_create(
                         self._filetime_of_start(start, boot_clock), pid, ppid, ppid, 0,
-                        self._command_line(pid, comm))))
+                        self._command_line(pid, comm), self._details(pid, full, boot_clock))))
             elif report and old.comm != comm:  # an exec gives the process its new program's name
-                later.append(encode_process_exec(now_ft, pid, ppid, pid, pid, self._command_line(pid, comm)))
+                later.append(encode_process_exec(now_ft, pid, ppid, pid, pid, self._command_line(pid, comm),
+                                                 self._details(pid, full, boot_clock)))
             current[pid] = entry
             if self.threads:
                 self._threads(pid, entry, old, creates, later, now_ft, boot_clock, report)

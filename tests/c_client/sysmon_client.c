@@ -1,10 +1,13 @@
 /* A C client of the book's SysMonPublic.h layout (x64): reads a buffer that etwmon's readinto filled and prints
  * every record's fields, one line each, so a test can compare them with etwmon.parse. The structs are written
- * after the layout table, not generated from etwmon, and the asserts pin offsets and sizes. */
+ * after the layout table, not generated from etwmon, and the asserts pin offsets and sizes.
+ * Built as is, it is the book's client: it walks by Size and never looks past the fixed fields, so it ignores
+ * etwmon's extension block. Built with -DREAD_EXTENSION it also prints the block (after the README's table). */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef uint16_t WCHAR;
 typedef uint16_t USHORT;
@@ -24,6 +27,10 @@ struct ThreadExitInfo { struct ThreadCreateInfo base; ULONG ExitCode; };
 struct ImageLoadInfo { struct ItemHeader h; ULONG ProcessId; ULONG ImageSize; ULONG64 LoadAddress;
                        WCHAR ImageFileName[301]; };
 struct RecordsLostInfo { struct ItemHeader h; ULONG Count; };
+/* etwmon's extension block: at sizeof(ProcessCreateInfo) + 2 * CommandLineLength in a ProcessCreate/Exec, at
+ * sizeof(the struct) in ProcessExit, ThreadCreate and ThreadExit; then Tag/Length/value fields, unaligned. */
+struct ExtensionHeader { USHORT Version; USHORT Length; ULONG Flags; };
+struct ExtensionField { USHORT Tag; USHORT Length; };
 
 _Static_assert(sizeof(struct ItemHeader) == 16, "ItemHeader");
 _Static_assert(offsetof(struct ItemHeader, Size) == 2, "Size");
@@ -41,12 +48,39 @@ _Static_assert(sizeof(struct ImageLoadInfo) == 640, "ImageLoadInfo");
 _Static_assert(offsetof(struct ImageLoadInfo, LoadAddress) == 24, "LoadAddress");
 _Static_assert(offsetof(struct ImageLoadInfo, ImageFileName) == 32, "ImageFileName");
 _Static_assert(sizeof(struct RecordsLostInfo) == 24, "RecordsLostInfo");
+_Static_assert(sizeof(struct ExtensionHeader) == 8, "ExtensionHeader");
+_Static_assert(sizeof(struct ExtensionField) == 4, "ExtensionField");
 
 /* Prints UTF-16 code units as hex so the test compares them exactly, whatever they hold. */
 static void print_wchars(const WCHAR *s, size_t n) {
     for (size_t i = 0; i < n; i++) printf("%s%04x", i ? "." : "", (unsigned)s[i]);
     if (n == 0) printf("-");
 }
+
+#ifdef READ_EXTENSION
+/* Prints " ext=VERSION/FLAGS" and every field as " TAG:hex bytes" (memcpy: the fields are not aligned). */
+static void print_extension(const unsigned char *record, size_t base) {
+    const struct ItemHeader *header = (const struct ItemHeader *)record;
+    if (header->Size < base + sizeof(struct ExtensionHeader)) return;
+    struct ExtensionHeader ext;
+    memcpy(&ext, record + base, sizeof ext);
+    printf(" ext=%u/%u", (unsigned)ext.Version, (unsigned)ext.Flags);
+    if (ext.Version != 1 || base + ext.Length > header->Size) return;
+    size_t pos = base + sizeof ext, end = base + ext.Length;
+    while (pos + sizeof(struct ExtensionField) <= end) {
+        struct ExtensionField field;
+        memcpy(&field, record + pos, sizeof field);
+        pos += sizeof field;
+        if (pos + field.Length > end) break;
+        printf(" %u:", (unsigned)field.Tag);
+        for (size_t i = 0; i < field.Length; i++) printf("%02x", record[pos + i]);
+        pos += field.Length;
+    }
+}
+#define EXTENSION(base) print_extension((const unsigned char *)header, (base))
+#else
+#define EXTENSION(base) ((void)0)
+#endif
 
 int main(int argc, char **argv) {
     if (argc != 2) { fprintf(stderr, "usage: %s FILE\n", argv[0]); return 2; }
@@ -69,21 +103,25 @@ int main(int argc, char **argv) {
                    info->CreatingProcessId, info->CommandLineLength);
             print_wchars(info->CommandLine, info->CommandLineLength);
             printf(" nul=%u", (unsigned)info->CommandLine[info->CommandLineLength]);
+            EXTENSION(sizeof(struct ProcessCreateInfo) + 2 * (size_t)info->CommandLineLength);
             break;
         }
         case ProcessExit: {
             const struct ProcessExitInfo *info = (const void *)header;
             printf("%u %u", info->ProcessId, info->ExitCode);
+            EXTENSION(sizeof(struct ProcessExitInfo));
             break;
         }
         case ThreadCreate: {
             const struct ThreadCreateInfo *info = (const void *)header;
             printf("%u %u", info->ThreadId, info->ProcessId);
+            EXTENSION(sizeof(struct ThreadCreateInfo));
             break;
         }
         case ThreadExit: {
             const struct ThreadExitInfo *info = (const void *)header;
             printf("%u %u %u", info->base.ThreadId, info->base.ProcessId, info->ExitCode);
+            EXTENSION(sizeof(struct ThreadExitInfo));
             break;
         }
         case ImageLoad: {

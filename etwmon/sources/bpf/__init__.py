@@ -21,6 +21,8 @@ from ...clock import CLOCK_BOOTTIME, KernelClock
 from ...errors import SourceUnavailable
 from .._linux import has_capability
 from ..base import Sink, Source
+from .._proc import host_and_boot_id, snapshot
+from ._details import task_enricher
 from ._event import EVENT_SIZE, Enricher, EventDecoder, TaskDetails
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
@@ -62,7 +64,7 @@ class BpfSource(Source):
     lossy: ClassVar[bool] = False
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
-        "exit_code", "exact_loss_count",
+        "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
@@ -145,7 +147,17 @@ class BpfSource(Source):
         self._lost_reported = 0
         self._stopping = False
         # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once
-        self._decoder = EventDecoder(self._no_sink, KernelClock(CLOCK_BOOTTIME), self.enrich)
+        boot_clock = KernelClock(CLOCK_BOOTTIME)
+        enrich = self.enrich
+        if enrich is None and self.details:  # the identity stage is on: the kernel's facts go in the records
+            enrich = task_enricher(boot_clock)
+        self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
+
+    def host_and_boot_id(self) -> bytes:
+        return host_and_boot_id()
+
+    def process_snapshot(self) -> list:
+        return snapshot()
 
     @staticmethod
     def _no_sink(_: bytes) -> None:

@@ -1,0 +1,432 @@
+"""Who is this process: ProcessGuid, a bounded table of the processes the monitor knows, and the stage that puts
+both into every record (the extension block) on the source's thread, before the ring.
+
+ProcessGuid (128 bits, shown as Sysmon shows it: ``{hhhhhhhh-bbbb-bbbb-pppp-ppppssssssss}``):
+
+- bytes 0-3: the host tag, the first 4 bytes of SHA-256 of what names the host (``/etc/machine-id`` on Linux),
+- bytes 4-7: the boot tag, the first 4 bytes of SHA-256 of the host name and the boot's id (the kernel's random
+  ``boot_id``, new at every boot),
+- bytes 8-11: the process id, big-endian (so it reads as hex in the text form),
+- bytes 12-15: the low 32 bits of the process's start time as a FILETIME (100 ns ticks).
+
+So a process has one guid on its create, its execs, its threads and its exit (the table hands out the guid it
+gave at the start), two processes that share a pid differ (they start at different times: the low 32 bits of
+100 ns ticks repeat only every 429.5 s, to the tick), and the same pid and start on another host or after a reboot
+differ in the tags. The start time is the one the source knows for the process: the kernel's timestamp of the
+fork, or /proc's start time (clock ticks) for a process that ran before the monitor started.
+
+On Windows, where ETW's Kernel-Process events carry the kernel's ProcessSequenceNumber (unique until reboot),
+bytes 8-15 are that number instead (``guid_from_sequence``), so a process's guid and its parent's come from the
+kernel itself, even for a parent that started before the monitor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+from .records import (
+    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
+)
+
+__all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
+           "DEFAULT_MAX_PROCESSES"]
+
+log = logging.getLogger(__name__)
+
+#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed). About
+#: 1.4 KB each (measured: an exec'd process with image, cwd, user, cgroup), so at most ~23 MB.
+DEFAULT_MAX_PROCESSES = 16384
+#: How far apart two start times of one pid may be and still be one process: the kernel's fork timestamp and
+#: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
+_SAME_START = 250_000  # 25 ms in FILETIME ticks
+
+_PID_START = struct.Struct(">II")
+_PIDS = struct.Struct("<II")
+_SEQUENCE = struct.Struct(">Q")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_Q = struct.Struct("<q")
+_TLV = struct.Struct("<HH")
+
+_GUID, _PGUID = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
+_IMAGE, _CWD, _UID, _USER = (int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory), int(ExtensionTag.Uid),
+                             int(ExtensionTag.User))
+_PIMAGE, _PCMD, _PUSER = (int(ExtensionTag.ParentImage), int(ExtensionTag.ParentCommandLine),
+                          int(ExtensionTag.ParentUser))
+_START, _LIFETIME = int(ExtensionTag.StartTime), int(ExtensionTag.Lifetime)
+#: Tags the stage writes itself; a source's value for them is replaced by the table's.
+_STAGE_TAGS = frozenset({_GUID, _PGUID, _PIMAGE, _PCMD, _PUSER, _START})
+_UNKNOWN_PARENT = int(EventFlags.UNKNOWN_PARENT)
+_SEEDED = int(EventFlags.SEEDED)
+_PROCFS = int(EventFlags.PROCFS)
+
+
+def guid_prefix(host_and_boot: bytes) -> bytes:
+    """The first 8 bytes of every ProcessGuid of this host and boot (``host_and_boot``: host id, NUL, boot id)."""
+    host, _, boot = bytes(host_and_boot).partition(b"\0")
+    return hashlib.sha256(host).digest()[:4] + hashlib.sha256(host + b"\0" + boot).digest()[:4]
+
+
+def make_guid(prefix: bytes, pid: int, start_filetime: int) -> bytes:
+    """The 16 bytes of a ProcessGuid (see the module's doc)."""
+    return prefix + _PID_START.pack(pid & 0xFFFFFFFF, start_filetime & 0xFFFFFFFF)
+
+
+def guid_from_sequence(prefix: bytes, sequence: int) -> bytes:
+    """The 16 bytes of a ProcessGuid on Windows, where the kernel numbers processes itself and never reuses a
+    number until reboot (Kernel-Process's ProcessSequenceNumber): the prefix, then that number big-endian."""
+    return prefix + _SEQUENCE.pack(sequence & 0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process as the table knows it (``Monitor.ancestors`` returns these); None = unknown."""
+
+    process_guid: str
+    pid: int
+    parent_process_guid: str | None
+    parent_pid: int
+    start_filetime: int
+    image: str | None
+    command_line: str | None
+    user: str | None
+    uid: int | None
+    exited: bool
+    seeded: bool
+
+
+class _Entry:
+    """A process in the table. Its details are kept as the packed fields the block carries (Tag, Length,
+    value), so a record costs a join and a child's parent fields are made once, not per record."""
+
+    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "head", "start_field",
+                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc")
+
+    def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent: "_Entry | None") -> None:
+        self.pid = pid
+        self.guid = guid
+        self.start = start
+        self.ppid = ppid
+        self.parent_guid = parent.guid if parent is not None else None
+        self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...), packed
+        self.command_line = b""  # UTF-16LE
+        # The packed ProcessGuid (and ParentProcessGuid) that start every block of this process, and its StartTime.
+        self.head = [pack_field(_GUID, guid)] + ([pack_field(_PGUID, parent.guid)] if parent is not None else [])
+        self.start_field = pack_field(_START, _Q.pack(start))
+        self.thread_block = [self.head[0]]
+        self.parent_tail = parent.child_tail() if parent is not None else []
+        self.tail: list[bytes] | None = None  # child_tail(), made when a first child needs it
+        self.exited = False
+        self.seeded = False
+        self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
+
+    def child_tail(self) -> list[bytes]:
+        """The packed parent fields a child of this process carries: image, user, command line (block order)."""
+        tail = self.tail
+        if tail is None:
+            tail = []
+            image = self.fields.get(_IMAGE)
+            if image is not None:
+                tail.append(pack_field(_PIMAGE, image[4:]))
+            user = self.fields.get(_USER)
+            if user is not None:
+                tail.append(pack_field(_PUSER, user[4:]))
+            tail.append(pack_field(_PCMD, self.command_line))
+            self.tail = tail
+        return tail
+
+    def info(self) -> ProcessInfo:
+        f = self.fields
+        value = (lambda tag: field_value(tag, f[tag][4:]) if tag in f else None)
+        return ProcessInfo(
+            process_guid=guid_text(self.guid), pid=self.pid,
+            parent_process_guid=guid_text(self.parent_guid) if self.parent_guid else None, parent_pid=self.ppid,
+            start_filetime=self.start, image=value(_IMAGE),
+            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=value(_USER),
+            uid=value(_UID), exited=self.exited, seeded=self.seeded)
+
+
+class ProcessTable:
+    """The processes the monitor knows, bounded like the ring: live ones by pid, and every one by guid for
+    ancestry. When full, the oldest exited process is forgotten first, then the oldest live one; both are
+    counted (``evicted``, ``evicted_live``)."""
+
+    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 2:
+            raise ValueError(f"max_processes must be at least 2, not {max_processes!r}")
+        self.max_processes = max_processes
+        self.live: dict[int, _Entry] = {}
+        self.by_guid: dict[bytes, _Entry] = {}
+        self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
+        self.evicted = 0
+        self.evicted_live = 0
+
+    def __len__(self) -> int:
+        return len(self.by_guid)
+
+    def add(self, entry: _Entry) -> None:
+        old = self.live.get(entry.pid)
+        if old is not None:
+            self.exit(old)  # the pid was reused and we never saw the old process end (a lost event)
+        if len(self.by_guid) >= self.max_processes:
+            self._make_room()
+        self.live[entry.pid] = entry
+        self.by_guid[entry.guid] = entry
+
+    def exit(self, entry: _Entry) -> None:
+        if self.live.get(entry.pid) is entry:
+            del self.live[entry.pid]
+        if not entry.exited:
+            entry.exited = True
+            self._exited[entry.guid] = None
+
+    def _make_room(self) -> None:
+        while len(self.by_guid) >= self.max_processes:
+            if self._exited:
+                guid = next(iter(self._exited))
+                del self._exited[guid]
+                self.by_guid.pop(guid, None)
+                self.evicted += 1
+                continue
+            guid, entry = next(iter(self.by_guid.items()))
+            del self.by_guid[guid]
+            if self.live.get(entry.pid) is entry:
+                del self.live[entry.pid]
+            self.evicted += 1
+            self.evicted_live += 1
+
+    def get(self, guid: bytes) -> _Entry | None:
+        return self.by_guid.get(guid)
+
+    def ancestors(self, guid: bytes) -> list[_Entry]:
+        """The chain of parents of ``guid``, nearest first, as far as the table knows it."""
+        out: list[_Entry] = []
+        entry = self.by_guid.get(guid)
+        seen = {guid}
+        while entry is not None and entry.parent_guid is not None and entry.parent_guid not in seen:
+            seen.add(entry.parent_guid)
+            entry = self.by_guid.get(entry.parent_guid)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+
+class IdentityStage:
+    """A Sink in front of another: puts the ProcessGuid, the parent's guid and fields, and the table's view of
+    the process into the extension block of each process and thread record, then passes it on.
+
+    What a source knows itself (its own block: image, cwd, uid, ...) is kept; the stage adds what only the table
+    knows. A process it never saw start (it started before ``seed``, or its fork was lost) has no guid, and a
+    child of one is flagged UNKNOWN_PARENT: nothing is guessed. A fork's child runs its parent's program until
+    it execs, so a ProcessCreate without an image of its own carries the parent's.
+    """
+
+    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+        if sink is not None:
+            self.attach(sink)
+        self.prefix = guid_prefix(host_and_boot)
+        self.table = ProcessTable(max_processes)
+        self.unknown_parent = 0  # creates/execs whose parent was not in the table
+        self.no_guid = 0  # records of a process the table did not know (no guid could be given)
+        # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
+        # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
+
+    def attach(self, sink) -> "IdentityStage":
+        """Pass records on to ``sink`` from now on; returns itself (the Sink to give the source)."""
+        self.sink = sink
+        self.notify = sink.notify
+        self.push_lost = sink.push_lost
+        self._push = sink.push
+        return self
+
+    # -- seeding ----------------------------------------------------------------------------------------
+
+    def seed(self, processes: Iterable[tuple[int, int, str, object]]) -> int:
+        """Fill the table with the processes running now: (pid, ppid, command line, records.Details with at
+        least start_filetime), parents before or after their children. Returns how many were taken."""
+        rows = []
+        for pid, ppid, command_line, details in processes:
+            start = getattr(details, "start_filetime", None)
+            if start is None:
+                continue
+            rows.append((pid, ppid, command_line, details, start))
+        rows.sort(key=lambda r: r[4])  # parents started before their children
+        n = 0
+        table = self.table
+        for pid, ppid, command_line, details, start in rows:
+            old = table.live.get(pid)
+            if old is not None and abs(old.start - start) <= _SAME_START:
+                continue  # the source already told us about it
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, table.live.get(ppid))
+            entry.seeded = True
+            entry.from_proc = _PROCFS
+            for tag, value in details.fields():
+                if tag not in _STAGE_TAGS:
+                    entry.fields[tag] = pack_field(tag, value)
+            entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
+            table.add(entry)
+            n += 1
+        return n
+
+    # -- the Sink side (the source's thread) ------------------------------------------------------------
+
+    def push(self, record: bytes) -> None:
+        item = record[0]
+        if record[1] or item > 4 or item == 0:
+            if item == 101 and record[1] == 0:
+                self._push(self._create(record, False))
+                return
+            self._push(record)  # ImageLoad, RecordsLost, unknown types pass unchanged
+            return
+        if item == 1:
+            self._push(self._create(record, True))
+        elif item == 2:
+            self._push(self._exit(record))
+        else:  # 3, 4: a thread of a process
+            entry = self.table.live.get(_U32.unpack_from(record, 20)[0])
+            if entry is None:
+                self.no_guid += 1
+                self._push(record)
+            else:
+                self._push(with_packed(record, 0, entry.thread_block))
+
+    def _create(self, record: bytes, fork: bool) -> bytes:
+        pid, ppid = _PIDS.unpack_from(record, 16)
+        chars = record[32] | record[33] << 8
+        own: dict[int, bytes] = {}
+        start_given = None
+        flags = 0
+        if len(record) > 40 + 2 * chars:  # the source wrote details of its own
+            flags, given = block_fields(record, packed=True)
+            for tag, field_ in given:
+                if tag == _START:
+                    start_given = _Q.unpack_from(field_, 4)[0] if len(field_) == 12 else None
+                elif tag not in _STAGE_TAGS:
+                    own[tag] = field_
+        table = self.table
+        entry = table.live.get(pid)
+        sequence = getattr(record, "process_sequence_number", None)  # ETW's (etwmon.sources.etw.EtwRecord)
+        if sequence is not None:
+            return self._create_numbered(record, pid, ppid, chars, flags, own, start_given, sequence)
+        if fork:
+            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
+            same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
+        else:
+            start = start_given
+            same = entry is not None and (start is None or abs(entry.start - start) <= _SAME_START)
+        if not same:
+            if start is None:  # an exec of a process we never saw start, and the source cannot say when
+                self.no_guid += 1
+                return record
+            parent = table.live.get(ppid)
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, parent)
+            if fork and parent is not None and _IMAGE not in own:
+                image = parent.fields.get(_IMAGE)
+                if image is not None:
+                    own[_IMAGE] = image  # a fork runs its parent's program
+                    flags |= parent.from_proc
+            table.add(entry)
+        return self._describe(record, entry, chars, flags, own)
+
+    def _create_numbered(self, record: bytes, pid: int, ppid: int, chars: int, flags: int, own: dict,
+                         start_given: int | None, sequence: int) -> bytes:
+        """A process the kernel numbered (ETW): its guid and its parent's come from the numbers."""
+        table = self.table
+        guid = guid_from_sequence(self.prefix, sequence)
+        entry = table.get(guid)
+        if entry is None:
+            parent = table.live.get(ppid)
+            parent_sequence = getattr(record, "parent_process_sequence_number", None)
+            if parent_sequence is not None and (parent is None or parent.guid != guid_from_sequence(
+                    self.prefix, parent_sequence)):
+                parent = None  # the table's process with that pid is not the parent the kernel names
+            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
+            entry = _Entry(pid, guid, start, ppid, parent)
+            if parent is None and parent_sequence is not None:  # known by number, not in the table
+                entry.parent_guid = guid_from_sequence(self.prefix, parent_sequence)
+                entry.head.append(pack_field(_PGUID, entry.parent_guid))
+            table.add(entry)
+        return self._describe(record, entry, chars, flags, own)
+
+    def _describe(self, record: bytes, entry: _Entry, chars: int, flags: int, own: dict) -> bytes:
+        """The record with the block the table and the source's details make for ``entry``."""
+        if own:
+            entry.fields.update(own)
+            entry.from_proc = flags & _PROCFS
+        entry.command_line = record[34:34 + 2 * chars]
+        entry.tail = None
+        if not entry.parent_tail:  # the parent's fields are unknown (its guid may be known, from ETW's numbers)
+            flags |= _UNKNOWN_PARENT
+            self.unknown_parent += 1
+        if entry.seeded:
+            flags |= _SEEDED
+        f = entry.fields
+        packed = list(entry.head)
+        for tag in (5, 11):
+            if tag in f:
+                packed.append(f[tag])
+        packed.append(entry.start_field)
+        for tag in (16, 3, 4, 6, 10, 12, 13):
+            if tag in f:
+                packed.append(f[tag])
+        packed += entry.parent_tail
+        return with_packed(record, flags, packed)
+
+    def _exit(self, record: bytes) -> bytes:
+        pid = _U32.unpack_from(record, 16)[0]
+        entry = self.table.live.get(pid)
+        sequence = getattr(record, "process_sequence_number", None)
+        if sequence is not None:
+            guid = guid_from_sequence(self.prefix, sequence)
+            if entry is None or entry.guid != guid:
+                entry = self.table.get(guid)
+            if entry is None:  # a process that started before the monitor: the kernel's number still names it
+                return with_packed(record, 0, [pack_field(_GUID, guid)])
+        if entry is None:
+            start = self._start_in(record)
+            if start is None:
+                self.no_guid += 1
+                return record
+            # A process that started before the monitor, and the source knows when (bpf): that names it.
+            guid = make_guid(self.prefix, pid, start)
+            lifetime = max(_Q.unpack_from(record, 8)[0] - start, 0) // 10
+            return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _Q.pack(start)),
+                                           pack_field(_LIFETIME, _U64.pack(lifetime))])
+        self.table.exit(entry)
+        lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
+        packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
+        image = entry.fields.get(_IMAGE)
+        if image is not None:
+            packed.append(image)
+        return with_packed(record, _SEEDED if entry.seeded else 0, packed)
+
+    @staticmethod
+    def _start_in(record: bytes) -> int | None:
+        """The StartTime a source put in a record's own block, if any."""
+        if len(record) <= 24:
+            return None
+        for tag, field_ in block_fields(record, packed=True)[1]:
+            if tag == _START and len(field_) == 12:
+                return _Q.unpack_from(field_, 4)[0]
+        return None
+
+    # -- the reader's side --------------------------------------------------------------------------------
+
+    def ancestors(self, guid: str) -> list[ProcessInfo]:
+        """The parents of the process ``guid`` (text form), nearest first, up to the first the table does not
+        know (pid 1's guid ends the chain on a system whose processes all started after the monitor's seed)."""
+        return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
+
+    def process(self, guid: str) -> ProcessInfo | None:
+        """What the table knows of the process ``guid``, or None."""
+        entry = self.table.get(guid_bytes(guid))
+        return entry.info() if entry is not None else None
+
+    def stats(self) -> dict[str, int]:
+        table = self.table
+        return {"processes": len(table.live), "known": len(table), "evicted": table.evicted,
+                "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid}

@@ -1,0 +1,251 @@
+"""The identity stage on synthetic records: ProcessGuid, the process table (seed, reuse, eviction), parent fields
+and ancestry. The live tests per source are in tests/test_identity_live.py."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+
+import pytest
+
+import etwmon
+from etwmon import records as R
+from etwmon.identity import IdentityStage, guid_prefix, make_guid
+from etwmon.records import Details, EventFlags
+
+HOST = b"machine-a\0boot-1"
+T = 134_000_000_000_000_000
+SYSMON_GUID = re.compile(r"^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$")
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.lost = 0
+
+    def push(self, record: bytes) -> None:
+        self.records.append(bytes(record))
+
+    def push_lost(self, count: int) -> None:
+        self.lost += count
+
+    def notify(self) -> None:
+        pass
+
+    def events(self) -> list:
+        return list(etwmon.parse(b"".join(self.records)))
+
+
+def stage(max_processes: int = 1000) -> tuple[IdentityStage, ListSink]:
+    sink = ListSink()
+    return IdentityStage(sink, HOST, max_processes), sink
+
+
+def fork(st, t, pid, ppid, line="", details=None):
+    st.push(R.encode_process_create(t, pid, ppid, ppid, ppid, line, details))
+
+
+def exec_(st, t, pid, ppid, line, image, **more):
+    st.push(R.encode_process_exec(t, pid, ppid, pid, pid, line, Details(image=image, flags=int(EventFlags.PROCFS),
+                                                                          **more)))
+
+
+def test_guid_depends_on_host_boot_pid_and_start():
+    prefix = guid_prefix(HOST)
+    base = make_guid(prefix, 100, T)
+    assert len(base) == 16 and R.guid_bytes(R.guid_text(base)) == base
+    assert SYSMON_GUID.match(R.guid_text(base))
+    others = {make_guid(prefix, 101, T), make_guid(prefix, 100, T + 1), make_guid(guid_prefix(b"machine-b\0boot-1"), 100, T),
+              make_guid(guid_prefix(b"machine-a\0boot-2"), 100, T)}
+    assert base not in others and len(others) == 4
+    assert make_guid(prefix, 100, T) == base  # deterministic
+    # The host tag is the same on both boots, the boot tag differs.
+    assert guid_prefix(b"machine-a\0boot-2")[:4] == prefix[:4] != guid_prefix(b"machine-b\0boot-1")[:4]
+
+
+def test_one_guid_on_create_exec_threads_and_exit_with_the_image_and_lifetime():
+    st, sink = stage()
+    fork(st, T, 10, 1, "init")
+    exec_(st, T + 1, 10, 1, "bash -c x", "/usr/bin/bash", uid=0, user="root", current_directory="/root")
+    st.push(R.encode_thread_create(T + 2, 11, 10))
+    st.push(R.encode_thread_exit(T + 3, 11, 10, 0))
+    st.push(R.encode_process_exit(T + 15_000_000, 10, 0))
+    create, exec_ev, tc, te, exit_ = sink.events()
+    assert create.process_guid and SYSMON_GUID.match(create.process_guid)
+    assert create.process_guid == exec_ev.process_guid == tc.process_guid == te.process_guid == exit_.process_guid
+    assert exec_ev.image == exit_.image == "/usr/bin/bash" and exec_ev.user == "root" and exec_ev.uid == 0
+    assert exec_ev.current_directory == "/root" and exec_ev.flags & EventFlags.PROCFS
+    assert exit_.lifetime == timedelta(seconds=1.5) and exit_.start_filetime == T == create.start_filetime
+    assert create.flags & EventFlags.UNKNOWN_PARENT  # pid 1 was never seen: nothing is made up for it
+    assert create.parent_process_guid is None and create.parent_image is None
+    assert st.stats()["unknown_parent"] == 2
+
+
+def test_a_reused_pid_gets_a_new_guid_and_each_exit_its_own():
+    st, sink = stage()
+    fork(st, T, 50, 1)
+    st.push(R.encode_process_exit(T + 10, 50, 0))
+    fork(st, T + 5_000_000, 50, 1)
+    st.push(R.encode_process_exit(T + 6_000_000, 50, 0))
+    c1, e1, c2, e2 = sink.events()
+    assert c1.process_guid != c2.process_guid
+    assert (e1.process_guid, e2.process_guid) == (c1.process_guid, c2.process_guid)
+
+
+def test_a_lost_exit_does_not_give_the_new_process_the_old_guid():
+    st, sink = stage()
+    fork(st, T, 50, 1)
+    fork(st, T + 5_000_000, 50, 1)  # the exit in between was lost
+    exec_(st, T + 6_000_000, 50, 1, "ls", "/bin/ls", start_filetime=T + 5_000_000)
+    c1, c2, x = sink.events()
+    assert c1.process_guid != c2.process_guid == x.process_guid
+    # An exec whose start the source knows to be another process's is a new process, not the old guid.
+    exec_(st, T + 9_000_000, 50, 1, "ls", "/bin/ls", start_filetime=T + 8_000_000)
+    assert sink.events()[-1].process_guid not in (c1.process_guid, c2.process_guid)
+
+
+def test_a_grandchild_carries_its_parents_image_and_command_line():
+    st, sink = stage()
+    fork(st, T, 20, 1)
+    exec_(st, T + 1, 20, 1, "bash -c 'sleep 1'", "/usr/bin/bash", user="alice")
+    fork(st, T + 2, 21, 20, "bash -c 'sleep 1'")
+    exec_(st, T + 3, 21, 20, "sleep 1", "/usr/bin/sleep")
+    _, bash, child_fork, sleep = sink.events()
+    assert child_fork.image == "/usr/bin/bash"  # a fork runs its parent's program until it execs
+    assert child_fork.flags & EventFlags.PROCFS  # ... as known from /proc
+    for ev in (child_fork, sleep):
+        assert ev.parent_process_guid == bash.process_guid
+        assert (ev.parent_image, ev.parent_command_line, ev.parent_user) == ("/usr/bin/bash", bash.command_line, "alice")
+        assert not ev.flags & EventFlags.UNKNOWN_PARENT
+    assert sleep.image == "/usr/bin/sleep" and sleep.process_guid == child_fork.process_guid
+
+
+def test_a_process_whose_parent_ran_before_the_monitor_gets_it_from_the_seed():
+    st, sink = stage()
+    seeded = st.seed([
+        (1, 0, "/sbin/init", Details(start_filetime=T - 100, image="/sbin/init", uid=0, user="root")),
+        (300, 1, "sshd: alice", Details(start_filetime=T - 50, image="/usr/sbin/sshd", user="alice")),
+        (301, 300, "gone", Details()),  # no start time: cannot be given a guid
+    ])
+    assert seeded == 2
+    fork(st, T, 400, 300, "sshd: alice")
+    st.push(R.encode_process_exit(T + 10, 300, 0))
+    create, parent_exit = sink.events()
+    assert (create.parent_image, create.parent_command_line, create.parent_user) == (
+        "/usr/sbin/sshd", "sshd: alice", "alice")
+    assert create.parent_process_guid == parent_exit.process_guid and parent_exit.flags & EventFlags.SEEDED
+    assert parent_exit.image == "/usr/sbin/sshd" and parent_exit.lifetime == timedelta(microseconds=6)
+    chain = st.ancestors(create.process_guid)
+    assert [(p.pid, p.image, p.seeded) for p in chain] == [(300, "/usr/sbin/sshd", True), (1, "/sbin/init", True)]
+    assert chain[0].exited and not chain[1].exited  # an exited parent stays in the chain while there is room
+    assert chain[0].process_guid == create.parent_process_guid and chain[1].command_line == "/sbin/init"
+
+
+def test_a_fork_the_seed_already_saw_keeps_the_seeds_guid():
+    st, sink = stage()
+    st.seed([(500, 1, "x", Details(start_filetime=T - 2))])  # /proc's start, cut to a clock tick
+    fork(st, T, 500, 1, "x")
+    (create,) = sink.events()
+    assert create.process_guid == R.guid_text(make_guid(guid_prefix(HOST), 500, T - 2))
+
+
+def test_what_the_source_knows_is_kept_and_stage_fields_are_the_tables():
+    st, sink = stage()
+    fork(st, T, 20, 1)
+    st.push(R.encode_process_exec(T + 1, 20, 1, 20, 20, "x", Details(
+        image="/x", uid=7, cgroup="/a", parent_image="/not/the/parent", process_guid="{" + "0" * 8 + "-0000-0000-0000-" + "0" * 12 + "}")))
+    _, ev = sink.events()
+    assert (ev.image, ev.uid, ev.cgroup) == ("/x", 7, "/a")
+    assert ev.parent_image is None and ev.process_guid == sink.events()[0].process_guid
+    assert ev.encode() == sink.records[-1]  # written in block order: parse and encode agree byte for byte
+
+
+def test_an_exit_the_source_dates_is_named_though_the_table_never_saw_the_process():
+    st, sink = stage()
+    st.push(R.encode_process_exit(T + 20_000_000, 88, 0, Details(start_filetime=T)))  # as bpf writes it
+    (exit_,) = sink.events()
+    assert exit_.process_guid == R.guid_text(make_guid(guid_prefix(HOST), 88, T))
+    assert exit_.lifetime == timedelta(seconds=2)
+
+
+def test_an_exec_of_a_process_never_seen_and_without_a_start_has_no_guid():
+    st, sink = stage()
+    st.push(R.encode_process_exec(T, 77, 1, 77, 77, "x"))
+    st.push(R.encode_thread_create(T, 78, 77))
+    st.push(R.encode_process_exit(T, 77, 0))
+    assert all(e.process_guid is None for e in sink.events())
+    assert st.stats()["no_guid"] == 3
+
+
+def test_other_records_pass_unchanged_and_losses_go_through():
+    st, sink = stage()
+    lost, image = R.encode_records_lost(T, 5), R.encode_image_load(T, 1, 2, 3, "x")
+    st.push(lost)
+    st.push(image)
+    st.push_lost(3)
+    assert sink.records == [lost, image] and sink.lost == 3
+
+
+def test_the_table_is_bounded_and_counts_what_it_forgets():
+    st, sink = stage(max_processes=4)
+    for pid in range(100, 103):
+        fork(st, T + pid, pid, 1)
+    st.push(R.encode_process_exit(T + 200, 101, 0))
+    for pid in range(103, 106):
+        fork(st, T + pid, pid, 1)
+    stats = st.stats()
+    # 6 processes into 4 places: the exited one goes first, then the oldest live one.
+    assert stats["known"] == 4 and stats["evicted"] == 2 and stats["evicted_live"] == 1
+    st.push(R.encode_process_exit(T + 300, 100, 0))  # evicted while alive: its exit cannot be named any more
+    assert sink.events()[-1].process_guid is None
+    with pytest.raises(ValueError):
+        IdentityStage(ListSink(), HOST, 1)
+
+
+def test_etw_sequence_numbers_make_the_guids_even_for_a_parent_started_before_the_monitor():
+    from etwmon.identity import guid_from_sequence
+    from etwmon.sources.etw import to_records
+
+    from .etw_builders import kp_process_start, kp_process_stop, kp_thread_start
+
+    st, sink = stage()
+    for event in (kp_process_start(version=3, pid=6312, ppid=4420, session=2), kp_thread_start(pid=6312, tid=7720),
+                  kp_process_stop(pid=6312, exit_code=0)):
+        for record in to_records(event, details=True):
+            st.push(record)
+    create, thread, exit_ = sink.events()
+    own, parent = (R.guid_text(guid_from_sequence(guid_prefix(HOST), n)) for n in (1234, 1200))
+    assert create.process_guid == thread.process_guid == exit_.process_guid == own
+    assert create.parent_process_guid == parent  # the kernel's number, though the table never saw 4420
+    assert create.flags & EventFlags.UNKNOWN_PARENT and create.parent_image is None  # its fields are unknown
+    assert create.session == 2 and create.image.endswith("notepad.exe") and exit_.image == create.image
+    # Without the identity stage's request, the source's records stay the book's.
+    (plain,) = to_records(kp_process_start(version=3))
+    assert len(plain) == 40 + 2 * int.from_bytes(plain[32:34], "little")
+
+
+def test_the_bpf_sources_kernel_facts_become_the_block():
+    from etwmon.clock import CLOCK_BOOTTIME, KernelClock
+    from etwmon.sources.bpf import _event as bpf_event
+    from etwmon.sources.bpf._details import task_enricher, tty_name
+
+    clock = KernelClock(CLOCK_BOOTTIME, offset_ns=0)
+    enrich = task_enricher(clock)
+
+    def task(kind, flags=0, exe=b"/usr/bin/sleep", cwd=b"/srv/\xff", tty=b"pts3"):
+        return bpf_event.TaskDetails(kind, flags, 5_000, 42, 42, 1, 3_000, 1_000, 0, 65534, 0, 0, None, None, 7,
+                                     b"sleep", tty, b"/bin/sleep", exe, cwd)
+
+    (ev,) = etwmon.parse(enrich(R.encode_process_exec(T, 42, 1, 42, 42, "sleep 1"), task(bpf_event.EXEC)))
+    assert (ev.image, ev.current_directory, ev.uid, ev.user, ev.tty) == (
+        "/usr/bin/sleep", os.fsdecode(b"/srv/\xff"), 65534, "nobody", "pts/3")
+    assert ev.start_filetime == clock.filetime(3_000) and ev.flags == 0  # the kernel's, not /proc's: no PROCFS
+    (cut,) = etwmon.parse(enrich(R.encode_process_exec(T, 42, 1, 42, 42, "x"),
+                                 task(bpf_event.EXEC, flags=bpf_event.EXE_TRUNCATED, tty=b"")))
+    assert cut.image is None and cut.flags & EventFlags.TRUNCATED and cut.tty is None  # unknown, not shown cut
+    (end,) = etwmon.parse(enrich(R.encode_process_exit(T, 42, 0), task(bpf_event.EXIT_PROCESS)))
+    assert end.start_filetime == clock.filetime(3_000)
+    thread = R.encode_thread_create(T, 43, 42)
+    assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread and enrich.threads is False  # not even called
+    assert tty_name(b"tty1") == "tty1" and tty_name(None) is None
