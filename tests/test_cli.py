@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -562,6 +563,8 @@ def test_broken_pipe_ends_quietly() -> None:
             proc.wait()
     assert status == 0, err
     assert_clean_stderr(err)
+    records, shown, lost, dropped = summary_of(err)  # the counts are reported even so (on stderr)
+    assert "etwmon: stdout closed: " in err and shown >= 1 and records >= shown
 
 
 @pytest.mark.root
@@ -580,3 +583,53 @@ def test_broken_pipe_in_a_shell_pipeline() -> None:
     assert pipeline.returncode == 0
     assert len(out.splitlines()) == 1 and json.loads(out)["type"]
     assert_clean_stderr(err.decode())
+    records, shown, lost, dropped = summary_of(err.decode())  # `etwmon tail | head`: the summary still comes
+    assert shown >= 1 and records >= shown
+
+
+@linux_only
+def test_ctrl_c_with_a_reader_that_stopped_reading_leaves_whole_lines_only() -> None:
+    """stdout is a pipe whose reader stopped reading: it fills, etwmon blocks writing, then SIGINT. etwmon must end
+    on its own (the reader never resumes before it exits) and the pipe must hold whole JSON lines only; what
+    could not be written is counted in the summary."""
+    import fcntl
+    import select
+    import termios
+
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, 4096)  # one page: a few lines fill it
+    proc = subprocess.Popen(unprivileged(etwmon_argv("tail", "--json", "--source", "procfs")),
+                            stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE, env=clean_env())
+    try:
+        for line in iter(proc.stderr.readline, b""):  # the lossy-source warning, then the "watching" line
+            if b"watching" in line:
+                break
+        # Five children with 3000-character command lines: ~35 KB of JSON, far more than the pipe holds. They
+        # live 1 s, so the poller sees each of them.
+        children = [subprocess.Popen(["sh", "-c", "sleep 1", new_tag(), "x" * 3000]) for _ in range(5)]
+        for child in children:
+            assert child.wait(WAIT) == 0
+        deadline = time.monotonic() + WAIT
+        while select.select([], [w], [], 0)[1]:  # our copy of the write end: writable until the pipe is full
+            assert time.monotonic() < deadline, "the pipe never filled"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(WAIT)  # nobody reads: it must still end
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(w)
+    left = bytearray(4)
+    fcntl.ioctl(r, termios.FIONREAD, left)
+    with os.fdopen(r, "rb") as reader:
+        data = reader.read()
+    assert status == 0, err
+    assert_clean_stderr(err)
+    assert int.from_bytes(left, sys.byteorder) == len(data) > 0
+    assert data.endswith(b"\n"), data[-200:]
+    lines = [json.loads(line) for line in data.splitlines()]  # every line whole
+    records, shown, lost, dropped = summary_of(err)
+    assert shown == sum(e["type"] != "RecordsLost" for e in lines)
+    assert re.search(r", [1-9]\d* not written \(stdout blocked\)", err), err
