@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -170,6 +171,12 @@ def _build_parser() -> _Parser:
                                               "(and if not, why), what it delivers and whether it can miss "
                                               "events.")
     sources.add_argument("--json", action="store_true", help="one JSON object per source per line")
+
+    commands.add_parser("cleanup", help="remove what killed etwmon instances left in the kernel, and restore it",
+                        description="Remove what etwmon instances that were killed (kill -9) left in the kernel "
+                                    "(audit rules, audit enabled, a raised backlog limit) and restore the state "
+                                    "they recorded, without starting a monitor. What a running instance owns is "
+                                    "left alone. 'etwmon sources' shows what there is.")
     return parser
 
 
@@ -231,15 +238,26 @@ def _auto_choice(infos: list) -> str | None:
     return next((name for name in auto_order() if name in available), None)
 
 
+def _stale_state(name: str) -> list[str]:
+    """What killed instances of source ``name`` left behind (``Source.stale_state``); a broken probe says so."""
+    from .sources import source_class
+
+    try:
+        return source_class(name).stale_state()
+    except Exception as exc:  # one source's failure must not break the listing
+        return [f"cannot check: {type(exc).__name__}: {exc}"]
+
+
 def _sources(args: argparse.Namespace, out: TextIO) -> int:
     infos = available_sources()
     auto = _auto_choice(infos)
+    stale = {info.name: _stale_state(info.name) for info in infos}
     if args.json:
         for info in infos:
             reason = None if info.reason is None else cli_terms(info.reason)
             out.write(json.dumps({"name": info.name, "available": info.available, "reason": reason,
                                   "lossy": info.lossy, "delivers": sorted(info.delivers),
-                                  "auto": info.name == auto}) + "\n")
+                                  "auto": info.name == auto, "stale": stale[info.name]}) + "\n")
         out.flush()
         return EXIT_OK
     width = max(len(info.name) for info in infos)
@@ -251,10 +269,56 @@ def _sources(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{mark} {info.name:<{width}}  {works}  {exact}  delivers: {delivers}\n")
         if not info.available:
             out.write(f"  {'':<{width}}  why not: {escape_text(cli_terms(info.reason or 'unknown'))}\n")
+        for line in stale[info.name]:
+            out.write(f"  {'':<{width}}  stale: {escape_text(line)}\n")
     out.write("* = what --source auto picks here" if auto else "no source works here")
     out.write("; lossy = can miss events without counting them\n")
+    if any(stale.values()):
+        out.write("stale = left by a killed etwmon instance: 'etwmon cleanup' removes it\n")
     out.flush()
     return EXIT_OK
+
+
+def _cleanup(out: TextIO, err: TextIO) -> int:
+    """``Source.cleanup()`` of every registered source; what each did, one line each."""
+    from .sources import source_class
+
+    status, done = EXIT_OK, False
+    for name in SOURCES:
+        try:
+            lines = source_class(name).cleanup()
+        except (Error, OSError, ImportError) as exc:
+            say(err, f"{name}: cannot clean up: {exc}")
+            status = EXIT_RUNTIME
+            continue
+        for line in lines:
+            out.write(f"{name}: {escape_text(line)}\n")
+            done = True
+    if not done and status == EXIT_OK:
+        out.write("nothing to clean up\n")
+    out.flush()
+    return status
+
+
+class _CliLogFormat(logging.Formatter):
+    """The library's log lines in the CLI's own form: ``etwmon: warning: ...``, one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith(f"{PROG} "):  # "etwmon audit: ..." -> "audit: ..."
+            message = message[len(PROG) + 1:]
+        return f"{PROG}: {record.levelname.lower()}: {message}"
+
+
+def _log_to(err: TextIO) -> None:
+    """Library warnings (and worse) reach stderr as CLI lines; a handler a caller installed is left alone."""
+    logger = logging.getLogger(PROG)
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(_CliLogFormat())
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,10 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
+    _log_to(err)
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "sources":
             return _sources(args, out)
+        if args.command == "cleanup":
+            return _cleanup(out, err)
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _error(err, str(exc))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import enum
 import shlex
 import struct
-import time as _time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import ClassVar, Iterator, Sequence, Union
 
 import numpy as np
 
+from .clock import FILETIME_UNIX_EPOCH, filetime_from_unix_ns, filetime_now
 from .errors import RecordFormatError
 
 __all__ = [
@@ -116,19 +116,9 @@ _CREATE_TAIL = b"\0" * (PROCESS_CREATE_DTYPE.itemsize - _CMDLINE_OFFSET)
 
 # --- time ------------------------------------------------------------------------------------------------
 
-#: FILETIME of 1970-01-01 00:00 UTC: 100 ns ticks since 1601-01-01.
-FILETIME_UNIX_EPOCH = 116_444_736_000_000_000
+# FILETIME_UNIX_EPOCH, filetime_now and filetime_from_unix_ns live in etwmon.clock (re-exported here: they
+# are part of the wire format's vocabulary).
 _FILETIME_ORIGIN = datetime(1601, 1, 1, tzinfo=timezone.utc)
-
-
-def filetime_now() -> int:
-    """Now as a FILETIME (what ``KeQuerySystemTimePrecise`` returns)."""
-    return _time.time_ns() // 100 + FILETIME_UNIX_EPOCH
-
-
-def filetime_from_unix_ns(ns: int) -> int:
-    """Nanoseconds since the Unix epoch to FILETIME."""
-    return ns // 100 + FILETIME_UNIX_EPOCH
 
 
 def filetime_to_datetime(filetime: int) -> datetime:

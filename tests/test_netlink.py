@@ -519,7 +519,7 @@ class _RefusingSocket:
 def test_unprivileged_user_on_an_older_kernel_is_told_what_to_do(monkeypatch):
     from etwmon.sources import netlink
     monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(netlink, "_effective_caps", lambda: 0)
+    monkeypatch.setattr(netlink, "has_capability", lambda cap: False)
     monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)
     reason = NetlinkSource.unavailable_reason()
     assert "root" in reason and "6.6" in reason and "source='procfs'" in reason
@@ -530,7 +530,7 @@ def test_unprivileged_user_on_an_older_kernel_is_told_what_to_do(monkeypatch):
 def test_cap_net_admin_alone_is_enough(monkeypatch):
     from etwmon.sources import netlink
     monkeypatch.setattr(netlink.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(netlink, "_effective_caps", lambda: 1 << 12)
+    monkeypatch.setattr(netlink, "has_capability", lambda cap: cap == 12)
     monkeypatch.setattr(netlink.socket, "socket", _RefusingSocket)  # never probed
     assert NetlinkSource.unavailable_reason() is None
 

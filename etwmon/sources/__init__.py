@@ -21,7 +21,7 @@ __all__ = ["open_source", "source_class", "available_sources", "auto_order", "So
 #: name -> "module:Class". A new source is one module in this folder and one line here.
 SOURCES: dict[str, str] = {
     "etw": "etwmon.sources.etw:EtwSource",
-    "linux": "etwmon.sources.audit:LinuxSource",
+    "linux": "etwmon.sources.linux:LinuxSource",
     "audit": "etwmon.sources.audit:AuditSource",
     "netlink": "etwmon.sources.netlink:NetlinkSource",
     "procfs": "etwmon.sources.procfs:ProcfsSource",

@@ -45,6 +45,13 @@ def parse_stat(data: bytes) -> tuple[bytes, int, int] | None:
         return None
 
 
+def stat_state(data: bytes) -> str | None:
+    """The state letter from /proc/<pid>/stat (R, S, D, Z for a zombie, X for dead, ...), or None."""
+    close_paren = data.rfind(b")")
+    state = data[close_paren + 2:close_paren + 3] if close_paren >= 0 else b""
+    return state.decode("ascii", "replace") if state else None
+
+
 def clock_tick_ns() -> int:
     """Nanoseconds per clock tick, the unit of /proc start times."""
     try:

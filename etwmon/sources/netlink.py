@@ -18,11 +18,13 @@ import threading
 import time
 from typing import Callable, ClassVar
 
+from .. import clock
 from ..errors import SourceUnavailable
 from ..records import (
-    FILETIME_UNIX_EPOCH, command_line_from_argv, encode_process_create, encode_process_exec,
+    command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
+from ._linux import CAP_NET_ADMIN, has_capability, set_receive_buffer
 from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
 from .base import Sink, Source
 
@@ -57,8 +59,6 @@ PROC_EVENT_COREDUMP = 0x40000000
 PROC_EVENT_EXIT = 0x80000000
 
 _NLMSG_NOOP, _NLMSG_ERROR, _NLMSG_DONE, _NLMSG_OVERRUN = 1, 2, 3, 4
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-_CAP_NET_ADMIN = 12
 
 # nlmsghdr (16) + cn_msg (20) + proc_event (40): what every proc connector message is, in host byte order.
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -91,26 +91,6 @@ def shell_exit_code(wait_status: int) -> int:
     return 128 + signal if signal else (wait_status >> 8) & 0xFF
 
 
-def _boot_offset_ns() -> int:
-    """CLOCK_BOOTTIME minus CLOCK_MONOTONIC (the time spent suspended), for /proc start times."""
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    if boottime is None:
-        return 0
-    return time.clock_gettime_ns(boottime) - time.monotonic_ns()
-
-
-def _wall_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC, the smallest of a few bracketed readings."""
-    best_span, offset = None, 0
-    for _ in range(5):
-        before = time.monotonic_ns()
-        wall = time.time_ns()
-        after = time.monotonic_ns()
-        if best_span is None or after - before < best_span:
-            best_span, offset = after - before, wall - (before + after) // 2
-    return offset
-
-
 class ProcEventDecoder:
     """Turns raw proc connector messages into records pushed into a Sink, counting what the kernel lost.
 
@@ -131,10 +111,10 @@ class ProcEventDecoder:
         self.attach(sink)
         self.exec_events = exec_events
         self.cmdline = cmdline
-        # FILETIME = (timestamp_ns + wall_offset) // 100 + epoch; the kernel stamps events with ktime_get_ns(),
-        # i.e. CLOCK_MONOTONIC, so the wall-clock offset is measured once, when the source opens.
-        self.wall_offset_ns = _wall_offset_ns() if clock_offset_ns is None else clock_offset_ns
-        self._boot_offset_ns = _boot_offset_ns()
+        # The kernel stamps events with ktime_get_ns(), i.e. CLOCK_MONOTONIC: its offset to the wall clock is
+        # measured once, when the source opens.
+        self.clock = clock.KernelClock(clock.CLOCK_MONOTONIC, offset_ns=clock_offset_ns)
+        self._boot_offset_ns = clock.clock_offset_ns(clock.CLOCK_MONOTONIC, reference=clock.CLOCK_BOOTTIME)
         self._tick_ns = clock_tick_ns()
         self._proc = proc_root
         self.max_cached = max_cached
@@ -215,7 +195,7 @@ class ProcEventDecoder:
         if what == PROC_EVENT_FORK:
             # a = parent_pid, b = parent_tgid, c = child_pid, d = child_tgid
             if c != d:
-                self._push(encode_thread_create((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH, c, d))
+                self._push(encode_thread_create(self.clock.filetime(ts), c, d))
                 return
             lines = self.command_lines
             line = lines.get(b)
@@ -224,13 +204,12 @@ class ProcEventDecoder:
             if len(lines) >= self.max_cached:
                 self._evict_oldest()
             lines[d] = line
-            self._push(encode_process_create((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
-                                                 d, b, b, a, line))
+            self._push(encode_process_create(self.clock.filetime(ts), d, b, b, a, line))
         elif what == PROC_EVENT_EXIT:
             # a = pid, b = tgid, c = exit_code (a raw wait status)
             signal = c & 0x7F
             code = 128 + signal if signal else (c >> 8) & 0xFF
-            time_ = (ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH
+            time_ = self.clock.filetime(ts)
             if a == b:
                 self.command_lines.pop(b, None)
                 self._push(encode_process_exit(time_, b, code))
@@ -246,8 +225,7 @@ class ProcEventDecoder:
             if len(lines) >= self.max_cached and b not in lines:
                 self._evict_oldest()
             lines[b] = line
-            self._push(encode_process_exec((ts + self.wall_offset_ns) // 100 + FILETIME_UNIX_EPOCH,
-                                               b, parent, b, a, line))
+            self._push(encode_process_exec(self.clock.filetime(ts), b, parent, b, a, line))
         # UID, GID, SID, PTRACE, COMM, COREDUMP and acks make no record.
 
     def _evict_oldest(self) -> None:
@@ -319,7 +297,8 @@ class ProcEventDecoder:
         start_ns = starttime_ticks * self._tick_ns - self._boot_offset_ns
         if start_ns <= event_ns + _START_SLACK_NS:
             return True
-        self._boot_offset_ns = _boot_offset_ns()  # the machine may have been suspended since we measured
+        # The machine may have been suspended since we measured.
+        self._boot_offset_ns = clock.clock_offset_ns(clock.CLOCK_MONOTONIC, reference=clock.CLOCK_BOOTTIME)
         return starttime_ticks * self._tick_ns - self._boot_offset_ns <= event_ns + _START_SLACK_NS
 
     def _exec_info(self, pid: int, event_ns: int) -> tuple[int, str]:
@@ -361,17 +340,6 @@ class ProcEventDecoder:
 
 def _no_sink(_: object) -> None:
     raise RuntimeError("ProcEventDecoder has no sink: call attach(sink) first")
-
-
-def _effective_caps() -> int | None:
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _probe_unprivileged() -> str | None:
@@ -442,8 +410,7 @@ class NetlinkSource(Source):
             return "needs Linux (the proc connector is a Linux kernel interface)"
         if not hasattr(socket, "AF_NETLINK"):
             return "this Python has no AF_NETLINK sockets"
-        caps = _effective_caps()
-        if os.geteuid() == 0 or (caps is not None and caps >> _CAP_NET_ADMIN & 1):
+        if has_capability(CAP_NET_ADMIN):
             return None
         return _probe_unprivileged()
 
@@ -461,7 +428,7 @@ class NetlinkSource(Source):
             raise SourceUnavailable(f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs "
                                     "CONFIG_CONNECTOR and CONFIG_PROC_EVENTS; use source='procfs'") from exc
         try:
-            self._set_rcvbuf(sock)
+            self.rcvbuf_granted = set_receive_buffer(sock, self.rcvbuf, "etwmon netlink")
             sock.bind((0, CN_IDX_PROC))
             self._decoder = ProcEventDecoder(exec_events=self.exec_events, cmdline=self.cmdline)
             self._sock = sock
@@ -478,20 +445,6 @@ class NetlinkSource(Source):
         # can be lost: without it a CPU whose first messages overflowed the buffer would lose them uncounted.
         self._emit_markers()
         self._stopping = False
-
-    def _set_rcvbuf(self, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.rcvbuf)
-        except OSError:  # not CAP_NET_ADMIN: capped by net.core.rmem_max
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            except OSError as exc:
-                log.warning("etwmon netlink: cannot set the receive buffer to %d bytes: %s", self.rcvbuf, exc)
-        self.rcvbuf_granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if self.rcvbuf_granted < 2 * self.rcvbuf:  # the kernel doubles what it grants
-            log.warning("etwmon netlink: the socket receive buffer is %d bytes, not %d: net.core.rmem_max caps "
-                        "it without CAP_NET_ADMIN; bursts may overflow it (every loss is counted)",
-                        self.rcvbuf_granted, 2 * self.rcvbuf)
 
     @staticmethod
     def _send_op(sock: socket.socket, op: int, cookie: int = 0) -> None:

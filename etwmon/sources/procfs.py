@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ..clock import CLOCK_BOOTTIME, KernelClock, filetime_now
 from ..errors import SourceUnavailable
 from ..records import (
-    EXIT_CODE_UNKNOWN, FILETIME_UNIX_EPOCH, command_line_from_argv, encode_process_create, encode_process_exec,
-    encode_process_exit, encode_thread_create, encode_thread_exit, filetime_now,
+    EXIT_CODE_UNKNOWN, command_line_from_argv, encode_process_create, encode_process_exec, encode_process_exit,
+    encode_thread_create, encode_thread_exit,
 )
 from ._proc import argv_of, clock_tick_ns, parse_stat, read_proc
 from .base import Sink, Source
@@ -109,9 +109,9 @@ class ProcfsSource(Source):
         if records:
             sink.notify()
 
-    def _filetime_of_start(self, start_ticks: int, boot_to_wall_ns: int) -> int:
+    def _filetime_of_start(self, start_ticks: int, boot_clock: KernelClock) -> int:
         """FILETIME of a start time from /proc (clock ticks since boot, CLOCK_BOOTTIME)."""
-        return (start_ticks * self._tick_ns + boot_to_wall_ns) // 100 + FILETIME_UNIX_EPOCH
+        return boot_clock.filetime(start_ticks * self._tick_ns)
 
     def _command_line(self, pid: int, comm: bytes) -> str:
         raw = read_proc(f"{self._proc}/{pid}/cmdline")
@@ -124,8 +124,7 @@ class ProcfsSource(Source):
         ``known``. Creations carry their start time from /proc; exits and execs the time they were noticed."""
         proc = self._proc
         now_ft = filetime_now()
-        boottime = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
-        boot_to_wall_ns = time.time_ns() - time.clock_gettime_ns(boottime)
+        boot_clock = KernelClock(CLOCK_BOOTTIME)  # measured at each look: the wall clock may have been set
         current: dict[int, _Process] = {}
         creates: list[tuple[int, bytes]] = []  # (start ticks, record), sorted before pushing
         later: list[bytes] = []  # execs and exits, stamped with the time we noticed them
@@ -142,13 +141,13 @@ class ProcfsSource(Source):
             if old is None:
                 if report:
                     creates.append((start, encode_process_create(
-                        self._filetime_of_start(start, boot_to_wall_ns), pid, ppid, ppid, 0,
+                        self._filetime_of_start(start, boot_clock), pid, ppid, ppid, 0,
                         self._command_line(pid, comm))))
             elif report and old.comm != comm:  # an exec gives the process its new program's name
                 later.append(encode_process_exec(now_ft, pid, ppid, pid, pid, self._command_line(pid, comm)))
             current[pid] = entry
             if self.threads:
-                self._threads(pid, entry, old, creates, later, now_ft, boot_to_wall_ns, report)
+                self._threads(pid, entry, old, creates, later, now_ft, boot_clock, report)
         for pid, old in known.items():
             if report and pid not in current:
                 later.extend(self._exit_records(pid, old, now_ft))
@@ -156,7 +155,7 @@ class ProcfsSource(Source):
         return current, [r for _, r in creates] + later
 
     def _threads(self, pid: int, entry: _Process, old: _Process | None, creates: list, later: list,
-                 now_ft: int, boot_to_wall_ns: int, report: bool) -> None:
+                 now_ft: int, boot_clock: KernelClock, report: bool) -> None:
         proc = self._proc
         before = old.threads if old is not None else {}
         for tid in _numeric_entries(f"{proc}/{pid}/task"):
@@ -170,7 +169,7 @@ class ProcfsSource(Source):
                 start = st[2]
                 if report:
                     creates.append((start, encode_thread_create(
-                        self._filetime_of_start(start, boot_to_wall_ns), tid, pid)))
+                        self._filetime_of_start(start, boot_clock), tid, pid)))
             entry.threads[tid] = start
         for tid in before:
             if report and tid not in entry.threads:
