@@ -62,6 +62,6 @@ def run(workdir: Path, exes: dict[str, Path], source: str, quick: bool) -> dict:
         "growth": growth, "growth_bound": bound,
         "ring": {"pushed": seen.extra.get("pushed"), "dropped": seen.extra.get("ring_dropped"),
                  "source_lost": seen.extra.get("source_lost"), "lost_reported_in_stream": seen.lost_reported},
-        "targets": [target("memory", "RSS growth over the storm (ring caps + 16 MiB allowed)", growth / MIB,
+        "targets": [target("memory", f"etwmon-{source}: RSS growth over the storm (ring caps + 16 MiB allowed)", growth / MIB,
                            bound / MIB, "MiB", higher_is_better=False)],
     }

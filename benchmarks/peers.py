@@ -1,5 +1,5 @@
-"""The monitors the storm benchmarks compare: etwmon (one per Linux source), forkstat and pyroute2's
-ProcEventSocket, each run as its own process and driven the same way (start, wait until subscribed, storm,
+"""The monitors the storm benchmarks compare: etwmon (one per Linux source), forkstat, pyroute2's
+ProcEventSocket and bpftrace (an eBPF peer of etwmon's bpf source), each run as its own process and driven the same way (start, wait until subscribed, storm,
 stop, collect what it saw); plus the setup step that installs missing peers.
 
 Every tool's output is reduced to the same observations: ``create`` ids (process or thread), ``exit`` ids,
@@ -93,7 +93,7 @@ def etwmon_sources() -> dict[str, tuple[str | None, frozenset[str]]]:
     from etwmon.sources import SOURCES, source_class
 
     found: dict[str, tuple[str | None, frozenset[str]]] = {}
-    for name in ("netlink", "linux", "audit"):
+    for name in ("bpf", "netlink", "linux", "audit"):
         if name not in SOURCES:
             continue
         try:  # one source that fails to load must not hide the others
@@ -242,24 +242,128 @@ class ForkstatTool(Tool):
         self.kill()
         raise RuntimeError(f"forkstat did not start: {self._stderr_tail()}")
 
+    #: Seconds it may take to flush and exit after SIGINT.
+    STOP_TIMEOUT = 10.0
+
     def stop(self) -> Observed:
-        error = None if self.alive() else f"forkstat died with status {self.proc.returncode}"
+        error = None if self.alive() else f"{self.name} died with status {self.proc.returncode}"
         if self.alive():
-            self.proc.send_signal(signal.SIGINT)  # forkstat flushes its output and exits on SIGINT
+            self.proc.send_signal(signal.SIGINT)  # it flushes its output and exits on SIGINT
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                error = "forkstat did not exit on SIGINT (killed; its last output may be lost)"
+                error = f"{self.name} did not exit on SIGINT (killed; its last output may be lost)"
                 self.kill()
         self.stdout.close()
         self.stderr.close()
-        obs = parse_forkstat(self.out.read_text(errors="replace"), after=self.CANARY)
+        obs = self.parse(self.out.read_text(errors="replace"), after=self.CANARY)
         obs.error = error
         return obs
+
+    @staticmethod
+    def parse(text: str, after: str | None = None) -> Observed:
+        return parse_forkstat(text, after)
 
     def _stderr_tail(self) -> str:
         lines = (self.workdir / "forkstat.stderr").read_text().strip().splitlines()
         return lines[-1] if lines else ""
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def ensure_bpftrace() -> tuple[str | None, bool]:
+    """Make bpftrace runnable: installed, and tracefs mounted (its tracepoint probes need it). Returns the
+    reason it is not (or None) and whether tracefs was mounted here (so the caller unmounts it afterwards)."""
+    if not shutil.which("bpftrace"):
+        return "bpftrace is not installed (apt-get install bpftrace)", False
+    if (TRACEFS / "events").is_dir():
+        return None, False
+    if os.geteuid() != 0:
+        return "bpftrace needs root", False
+    progress(f"setup: mount -t tracefs nodev {TRACEFS} (bpftrace's tracepoints need it; unmounted afterwards)")
+    ok, why = _run_quiet(["mount", "-t", "tracefs", "nodev", str(TRACEFS)])
+    if not ok or not (TRACEFS / "events").is_dir():
+        return f"cannot mount tracefs for bpftrace: {why}", False
+    return None, True
+
+
+def unmount_tracefs() -> None:
+    _run_quiet(["umount", str(TRACEFS)])
+
+
+#: execsnoop's way (argv joined at execve entry) plus the scheduler tracepoints etwmon's bpf source uses.
+#: bpftrace 0.17 does not parse rawtracepoint probes, so these are the classic tracepoints.
+BPFTRACE_SCRIPT = r"""
+tracepoint:sched:sched_process_fork { printf("fork %d %d\n", args->parent_pid, args->child_pid); }
+tracepoint:syscalls:sys_enter_execve { printf("argv %d ", pid); join(args->argv); }
+tracepoint:sched:sched_process_exec { printf("exec %d\n", pid); }
+tracepoint:sched:sched_process_exit { printf("exit %d\n", args->pid); }
+"""
+
+
+class BpftraceTool(ForkstatTool):
+    """bpftrace running an execsnoop-style script on the sched_process_* tracepoints, its output (fully
+    buffered, as forkstat's) written to a file and parsed afterwards."""
+
+    name = "bpftrace"
+    CANARY = "etwmon-bench-bpftrace-canary"
+
+    def start(self) -> None:
+        script = self.workdir / "etwmon-peer.bt"
+        script.write_text(BPFTRACE_SCRIPT)
+        self.out = self.workdir / "bpftrace.out"
+        self.stdout = open(self.out, "w")
+        self.stderr = open(self.workdir / "bpftrace.stderr", "w")
+        self.proc = subprocess.Popen(["bpftrace", "-B", "full", str(script)], stdin=subprocess.DEVNULL,
+                                     stdout=self.stdout, stderr=self.stderr)
+        # Its "Attaching N probes..." comes before the probes are attached; canaries until one's argv shows
+        # in the output (the first buffer-full) prove it is listening.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and self.alive():
+            if self.CANARY in self.out.read_text(errors="replace"):
+                self.cpu_start = cpu_seconds(self.pid)
+                return
+            for _ in range(20):
+                subprocess.run(["/bin/true", self.CANARY])
+        self.kill()
+        raise RuntimeError(f"bpftrace did not start: {self._stderr_tail()}")
+
+    STOP_TIMEOUT = 30.0  # detaching its probes takes longer than forkstat's exit
+
+    @staticmethod
+    def parse(text: str, after: str | None = None) -> Observed:
+        return parse_bpftrace(text, after)
+
+    def _stderr_tail(self) -> str:
+        lines = [line for line in (self.workdir / "bpftrace.stderr").read_text().strip().splitlines()
+                 if "RLIMIT_MEMLOCK" not in line]  # its memlock warning is harmless on 5.11+ kernels
+        return lines[-1] if lines else ""
+
+
+def parse_bpftrace(text: str, after: str | None = None) -> Observed:
+    """BPFTRACE_SCRIPT's lines: "fork <parent> <child>", "argv <pid> <args joined by spaces>", "exec <pid>"
+    (an exec that succeeded: the argv seen last at its execve entry is its command line), "exit <tid>"."""
+    obs = Observed()
+    lines = text.splitlines()
+    if after:
+        marks = [i for i, line in enumerate(lines) if after in line]
+        lines = lines[marks[-1] + 1:] if marks else lines
+    argv: dict[int, tuple[str, ...]] = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            continue
+        event, pid = parts[0], int(parts[1])
+        if event == "fork" and len(parts) >= 3 and parts[2].isdigit():
+            obs.create.append(int(parts[2]))
+        elif event == "argv":
+            argv[pid] = tuple(parts[2:])
+        elif event == "exec":
+            obs.exec.append((pid, argv.pop(pid, None)))
+        elif event == "exit":
+            obs.exit.append(pid)
+    return obs
 
 
 def parse_forkstat(text: str, after: str | None = None) -> Observed:
@@ -294,12 +398,12 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def make_tools(workdir: Path, forkstat_reason: str | None, pyroute2_reason: str | None,
-               sources: dict[str, tuple[str | None, frozenset[str]]], max_items: int, max_bytes: int | None
-               ) -> tuple[list[Tool], dict[str, str]]:
+               sources: dict[str, tuple[str | None, frozenset[str]]], max_items: int, max_bytes: int | None,
+               bpftrace_reason: str | None = "not requested") -> tuple[list[Tool], dict[str, str]]:
     """The tools that can run here, and for the others the reason they are skipped."""
     tools: list[Tool] = []
     skipped: dict[str, str] = {}
-    for source in ("netlink", "linux", "audit"):
+    for source in ("bpf", "netlink", "linux", "audit"):
         name = f"etwmon-{source}"
         reason, delivers = sources.get(source, ("etwmon has no such source", frozenset()))
         if reason is not None:
@@ -314,4 +418,8 @@ def make_tools(workdir: Path, forkstat_reason: str | None, pyroute2_reason: str 
         skipped["pyroute2"] = pyroute2_reason
     else:
         tools.append(Pyroute2Tool(workdir))
+    if bpftrace_reason:
+        skipped["bpftrace"] = bpftrace_reason
+    else:
+        tools.append(BpftraceTool(workdir))
     return tools, skipped

@@ -125,6 +125,7 @@ def sections(results: dict, markdown: bool) -> list[str]:
     mem = b.get("memory")
     if mem:
         out += ["", h("Memory: etwmon RSS during a storm")]
+    for mem in ([mem] + list(mem.get("more", []))) if mem else []:
         if mem["status"] not in ("ok", "error") or "rss_start" not in mem:
             out.append(_status_line(mem))
         else:

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
 from .formats import human_bytes
 from .records import Event, ItemType, parse
@@ -29,7 +29,8 @@ from .records import Event, ItemType, parse
 if TYPE_CHECKING:
     from .monitor import MonitorStats
 
-__all__ = ["Reader", "TailOptions", "tail", "say", "silence_stdout", "PROG", "READ_SIZE", "STOP_WRITE_WAIT"]
+__all__ = ["Reader", "TailOptions", "tail", "say", "silence_stdout", "lost_text", "PROG", "READ_SIZE",
+           "STOP_WRITE_WAIT"]
 
 PROG = "etwmon"
 READ_SIZE = 0x10000  # the book's client buffer: any record fits
@@ -40,6 +41,14 @@ STOP_WRITE_WAIT = 1.0
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 _FILE_CHUNK = 0x10000  # a regular file never blocks: bigger writes, fewer calls
 _sleep = time.sleep  # (tests replace it)
+
+
+def lost_text(stats: Any) -> str:
+    """How many events were lost, and whether that is all of them: a source that could not read its kernel's
+    loss counters (``loss_unknown`` in its stats, e.g. an ETW session that did not answer) says so."""
+    if (getattr(stats, "source_stats", None) or {}).get("loss_unknown"):
+        return f"at least {stats.lost} lost (the source could not read all of its loss counters)"
+    return f"{stats.lost} lost"
 
 
 class Reader(Protocol):
@@ -455,7 +464,7 @@ class _Tail:
         fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
         parse_errors = f", {stats.parse_errors} parse errors" if stats.parse_errors else ""
         say(self.err, f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
-                      f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {stats.lost} lost, {stats.dropped} dropped, "
+                      f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {lost_text(stats)}, {stats.dropped} dropped, "
                       f"{self.writer.shown} shown{parse_errors}")
         return now, stats.pushed
 
@@ -464,5 +473,5 @@ class _Tail:
         unread = f", {stats.items} unread" if stats.items else ""
         unwritten = writer.unwritten
         not_written = f", {unwritten} not written ({writer.unwritten_reason})" if unwritten else ""
-        say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {stats.lost} lost, "
+        say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {lost_text(stats)}, "
                       f"{stats.dropped} dropped{unread}{not_written}")

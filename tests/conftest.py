@@ -40,3 +40,13 @@ def require(condition: bool, reason: str) -> None:
     if REQUIRE_ROOT:
         pytest.fail(f"ETWMON_REQUIRE_ROOT=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def storm_tools(tmp_path_factory):
+    """The C storm generators of tests/cn_builders.py (forkexec, threads, forks), built once per run."""
+    from . import cn_builders
+
+    tools = cn_builders.compile_storm_tools(tmp_path_factory.mktemp("storm"))
+    require(tools is not None, "the storm generators need gcc (apt-get install gcc)")
+    return tools

@@ -1,5 +1,7 @@
-"""Builders of the ``(event_id, dict)`` pairs pywintrace 0.2.0 calls back with, and a fake pywintrace to run the
-ETW source on Linux: ETW can never run here, so these shapes are the whole test of the Windows path.
+"""Builders of the ``(event_id, dict)`` pairs pywintrace 0.2.0 calls back with (``pywintrace_030`` turns one into
+0.3.0's shape), a fake pywintrace, and a stand-in for the machine's ETW (sessions that can die, fail to stop or to
+answer a query, orphans left by killed processes) to run the ETW source on Linux: ETW can never run here, so
+these shapes are the whole test of the Windows path.
 
 Shapes, from pywintrace 0.2.0's etw/etw.py: the dict holds 'EventHeader' (EVENT_HEADER as a dict, etw.py:744-764),
 every payload field by name as the string TdhFormatProperty printed (etw.py:547-594; never converted to int, see
@@ -19,23 +21,26 @@ How TDH prints each kind of value (the parts etwmon reads are marked *):
 from __future__ import annotations
 
 import copy
+import ctypes
 import itertools
 import logging
 import queue
+import re
 import threading
 import types
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from etwmon.records import datetime_to_filetime
+from etwmon.sources import _etw_control as C
 
 __all__ = [
     "KERNEL_PROCESS", "PROCESS", "THREAD", "IMAGE_LOAD", "DISK_IO", "T0",
     "dec", "hex32", "pointer", "sint32", "filetime_text",
     "header", "pywintrace_event", "without", "replaced",
     "kp_process_start", "kp_process_stop", "kp_thread_start", "kp_thread_stop", "kp_image_load", "kp_event",
-    "kl_process", "kl_thread", "kl_image", "classic_event",
-    "FakeEtwWorld", "FakeWinError",
+    "kl_process", "kl_thread", "kl_image", "classic_event", "pywintrace_030",
+    "FakeEtwWorld", "FakeWinError", "FakeTraceControl", "FakeAdvapi32", "OrphanSession",
 ]
 
 # Provider / event-class GUIDs as pywintrace prints them: str(GUID) -> StringFromCLSID -> "{UPPER-CASE}".
@@ -116,6 +121,27 @@ def replaced(event: tuple[int, dict], name: str, value: Any, *, in_header: bool 
     not format, etw.py:577)."""
     event_id, out = copy.deepcopy(event)
     (out["EventHeader"] if in_header else out)[name] = value
+    return event_id, out
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def pywintrace_030(event: tuple[int, dict], *, session_name: str = "etwmon-1-1-1",
+                   strings: tuple[str, ...] = ()) -> tuple[int, dict]:
+    """``event`` as pywintrace 0.3.0 delivers it. Its TDH_CONVERTER_LOOKUP step converts values of the integer
+    out types (INT, UNSIGNEDINT, LONG, UNSIGNEDLONG) with int(), so those arrive as ints; hex, pointer, PID and
+    TID out types stay the printed strings. Which out type each manifest field has is not known here, so every
+    decimal field becomes an int except the ones named in ``strings``. 0.3.0 also passes EventDescriptor.Opcode
+    as the event id when the session is named "NT Kernel Logger" (EventConsumer.kernel_trace)."""
+    event_id, out = copy.deepcopy(event)
+    for name, value in out.items():
+        if name in ("EventHeader", "Description", "Task Name") or name in strings:
+            continue
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            out[name] = int(value)
+    if session_name.lower() == "nt kernel logger":
+        event_id = out["EventHeader"]["EventDescriptor"]["Opcode"]
     return event_id, out
 
 
@@ -316,7 +342,7 @@ class FakeTraceProperties:
         wnode = types.SimpleNamespace(Guid=FakeGUID(), Flags=0x00020000, BufferSize=0)
         self._contents = types.SimpleNamespace(
             Wnode=wnode, BufferSize=ring_buf_size, MinimumBuffers=min_buffers, MaximumBuffers=max_buffers,
-            LogFileMode=EVENT_TRACE_REAL_TIME_MODE, EnableFlags=0, EventsLost=0, RealTimeBuffersLost=0)
+            LogFileMode=EVENT_TRACE_REAL_TIME_MODE, FlushTimer=0, EnableFlags=0, EventsLost=0, RealTimeBuffersLost=0)
 
     def get(self):
         return types.SimpleNamespace(contents=self._contents)
@@ -407,6 +433,7 @@ class FakeEventConsumer:
         self.events.put(None)
         if self.process_thread is not None:
             self.process_thread.join()
+        self.session.world.readers_stopped.append(self.session.session_name)
 
 
 class FakeETW:
@@ -462,23 +489,44 @@ class FakeETW:
         self.world.stop_session(self.session_name)
 
 
+class OrphanSession:
+    """A session some other process started and left running (a killed etwmon, another tool)."""
+
+    def __init__(self, name: str) -> None:
+        self.session_name = name
+
+
 class FakeEtwWorld:
-    """The machine's ETW as the fake pywintrace sees it."""
+    """The machine's ETW as the fake pywintrace and FakeTraceControl see it, plus the process table.
+
+    Switches: ``query_errors`` / ``stop_errors`` (winerror codes the next ControlTraceW QUERY / STOP calls fail
+    with, one per call), ``list_error`` (QueryAllTracesW fails), ``lost`` (a session's EventsLost and
+    RealTimeBuffersLost), ``processes`` (pid -> start FILETIME; a pid not there is gone), ``unknown_pids`` (Windows
+    will not say whether they run). ``kill`` stops a session from outside etwmon."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.sessions: dict[str, FakeETW] = {}
+        self.sessions: dict[str, Any] = {}
         self.stopped: list[str] = []
+        self.killed: list[str] = []
+        self.readers_stopped: list[str] = []
         self.created: list[FakeETW] = []
         self.enabled: list[tuple[str, FakeProviderInfo]] = []
         self.handles = itertools.count(0x1000)
         self.start_error: OSError | None = None
         self.enable_error: OSError | None = None
         self.provider_stop_error: OSError | None = None
-        self.query_failures = 0
+        self.query_failures = 0  # pywintrace's own ETW.query() (etwmon does not use it): zeros
+        self.query_errors: list[int] = []
+        self.stop_errors: list[int] = []
+        self.list_error: int | None = None
+        self.queries: list[str] = []
         self.lost: dict[str, tuple[int, int]] = {}
+        self.processes: dict[int, int] = {}
+        self.unknown_pids: set[int] = set()
         self.callback_errors: list[BaseException] = []
         self.on_stop: Callable[[str], None] | None = None
+        self.control = FakeTraceControl(self)
 
     def stop_session(self, name: str) -> None:
         with self.lock:
@@ -486,6 +534,32 @@ class FakeEtwWorld:
             self.stopped.append(name)
         if self.on_stop is not None:
             self.on_stop(name)
+
+    def kill(self, name: str, *, reader_ends: bool = True) -> None:
+        """``logman stop <name> -ets`` from another console: the session goes; with ``reader_ends`` pywintrace's
+        reader thread ends too (ProcessTrace returned), as it does when ProcessTrace fails."""
+        with self.lock:
+            session = self.sessions.pop(name)
+            self.killed.append(name)
+        if reader_ends and session.consumer is not None:
+            session.consumer.events.put(None)
+
+    def end_reader(self, name: str) -> None:
+        """pywintrace's reader thread ends while the session itself keeps running."""
+        self.sessions[name].consumer.events.put(None)
+
+    def process_started(self, pid: int) -> int | None:
+        """etwmon.sources.etw._process_started over this world's process table."""
+        if pid in self.unknown_pids:
+            raise C.SessionControlError(f"OpenProcess({pid})", 5)
+        return self.processes.get(pid)
+
+    def seams(self) -> dict[str, Any]:
+        """The etwmon.sources.etw attributes to replace so that the ETW source sees an elevated Windows 10 with
+        pywintrace installed, and this world's ETW and process table."""
+        return {"_platform": lambda: "win32", "_windows_version": lambda: (10, 0, 19045),
+                "_pywintrace_installed": lambda: True, "_is_elevated": lambda: True,
+                "_trace_control": lambda: self.control, "_process_started": self.process_started}
 
     def modules(self) -> dict[str, types.ModuleType]:
         """sys.modules entries that make ``import etw`` and ``from etw.etw import TraceProperties`` find the fake."""
@@ -524,3 +598,104 @@ class FakeEtwWorld:
         target.consumer.events.put(done)
         if not done.wait(30):
             raise AssertionError("the fake consumer did not get through its events")
+
+
+class FakeTraceControl:
+    """TraceControl over a FakeEtwWorld: query, stop and list sessions by name, failing as the world says."""
+
+    def __init__(self, world: FakeEtwWorld) -> None:
+        self.world = world
+
+    def _status(self, name: str) -> "C.SessionStatus":
+        session = self.world.sessions[name]
+        events_lost, buffers_lost = self.world.lost.get(name, (0, 0))
+        props = session.properties.get().contents if hasattr(session, "properties") else None
+        return C.SessionStatus(name, events_lost, buffers_lost, getattr(props, "FlushTimer", 0),
+                               getattr(props, "LogFileMode", 0), getattr(props, "BufferSize", 0))
+
+    def query(self, name: str, guid: str | None = None) -> "C.SessionStatus":
+        world = self.world
+        with world.lock:
+            world.queries.append(name)
+            if world.query_errors:
+                raise C.SessionControlError(f"ControlTraceW(QUERY, {name!r})", world.query_errors.pop(0))
+            if name not in world.sessions:
+                raise C.SessionControlError(f"ControlTraceW(QUERY, {name!r})", C.ERROR_WMI_INSTANCE_NOT_FOUND)
+            return self._status(name)
+
+    def stop(self, name: str, guid: str | None = None) -> "C.SessionStatus | None":
+        world = self.world
+        with world.lock:
+            if world.stop_errors:
+                raise C.SessionControlError(f"ControlTraceW(STOP, {name!r})", world.stop_errors.pop(0))
+            if name not in world.sessions:
+                raise C.SessionControlError(f"ControlTraceW(STOP, {name!r})", C.ERROR_WMI_INSTANCE_NOT_FOUND)
+            final = self._status(name)
+        world.stop_session(name)
+        return final
+
+    def sessions(self) -> list[str]:
+        world = self.world
+        with world.lock:
+            if world.list_error is not None:
+                raise C.SessionControlError("QueryAllTracesW", world.list_error)
+            return list(world.sessions)
+
+
+class FakeAdvapi32:
+    """ControlTraceW and QueryAllTracesW as ETW answers them, over real EVENT_TRACE_PROPERTIES memory, for testing
+    TraceControl's ctypes side: it checks the structure is set up as Microsoft's pages require (zeroed, with
+    Wnode.BufferSize covering both names and the name offsets after the structure) and writes back what ETW would.
+    ``sessions``: name -> dict of EVENT_TRACE_PROPERTIES fields; ``status``: a status to return instead."""
+
+    def __init__(self, sessions: dict[str, dict[str, int]] | None = None) -> None:
+        self.sessions = sessions if sessions is not None else {}
+        self.status: int | None = None
+        self.calls: list[tuple] = []
+
+    @staticmethod
+    def _checked(props) -> int:
+        size = ctypes.sizeof(props)
+        wnode = props.Wnode.BufferSize
+        if props.LoggerNameOffset < size or props.LogFileNameOffset < size or \
+                max(props.LoggerNameOffset, props.LogFileNameOffset) + 2048 > wnode:
+            return 24  # ERROR_BAD_LENGTH
+        if props.EventsLost or props.RealTimeBuffersLost or props.LogFileMode:
+            raise AssertionError("the structure was not zeroed before use")
+        return 0
+
+    @staticmethod
+    def _fill(props, name: str, fields: dict[str, int]) -> None:
+        for key, value in fields.items():
+            setattr(props, key, value)
+        encoded = name.encode("utf-16-le") + b"\0\0"
+        ctypes.memmove(ctypes.addressof(props) + props.LoggerNameOffset, encoded, len(encoded))
+
+    def ControlTraceW(self, handle, name, props_pointer, code):  # noqa: N802 - the Windows name
+        props = props_pointer.contents
+        self.calls.append(("ControlTraceW", handle, name, code, bytes(props.Wnode.Guid)))
+        bad = self._checked(props)
+        if bad:
+            return bad
+        if self.status is not None:
+            return self.status
+        if name not in self.sessions:
+            return C.ERROR_WMI_INSTANCE_NOT_FOUND
+        self._fill(props, name, self.sessions[name])
+        if code == 1:  # EVENT_TRACE_CONTROL_STOP
+            del self.sessions[name]
+        return 0
+
+    def QueryAllTracesW(self, array, count, found_pointer):  # noqa: N802
+        self.calls.append(("QueryAllTracesW", count))
+        names = list(self.sessions)
+        found_pointer.contents.value = len(names)
+        for i, name in enumerate(names[:count]):
+            props = array[i].contents
+            bad = self._checked(props)
+            if bad:
+                return bad
+            self._fill(props, name, self.sessions[name])
+        if self.status is not None:
+            return self.status
+        return C.ERROR_MORE_DATA if len(names) > count else 0

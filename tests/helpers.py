@@ -3,6 +3,7 @@ source, and running ``etwmon`` (or the tailer) as a user runs it, with tagged ch
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -321,3 +322,34 @@ def assert_auto_picked(source: str) -> None:
 def assert_clean_stderr(stderr: str) -> None:
     for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "KeyboardInterrupt"):
         assert noise not in stderr, stderr
+
+
+def gated(ring) -> threading.Event:
+    """Make ``ring.push`` wait until the returned event is set: the source thread stalls and stops reading its
+    kernel buffer (socket, BPF ring), as a slow consumer of its own would."""
+    gate = threading.Event()
+    push = ring.push
+
+    def waiting_push(record) -> None:
+        gate.wait()
+        push(record)
+
+    ring.push = waiting_push
+    return gate
+
+
+def fork_storm_while_stalled(mon: etwmon.Monitor, forks: str, n: int) -> collections.Counter:
+    """Start ``mon`` with its ring gated (``gated``), run the ``forks`` generator (tests/cn_builders.py) for ``n``
+    children while its source is stalled, then let it go: the children's pids, counted (pids can repeat)."""
+    gate = gated(mon.ring)
+    mon.start()
+    try:
+        out = subprocess.run([forks, str(n)], check=True, capture_output=True, text=True).stdout.split("\n")
+    finally:
+        gate.set()
+    return collections.Counter(int(line.split()[0]) for line in out[1:] if line)
+
+
+def of_type(events: list[Event], item_type: R.ItemType) -> list[Event]:
+    """The events of one record type."""
+    return [e for e in events if e.type == item_type]

@@ -410,6 +410,9 @@ def test_ctrl_c_shows_what_was_captured_before_it() -> None:
             w.proc.send_signal(signal.SIGINT)  # pending: it arrives with the queued events
         finally:
             w.proc.send_signal(signal.SIGCONT)
+        # That one Ctrl-C ends it: a second one from w.stop() would mean "stop now, give up the rest" (a race
+        # the test must not run).
+        w.proc.wait(WAIT)
         status = w.stop()
     assert status == 0, w.stderr
     exits = {e["pid"] for e in w.json_lines() if e["type"] == "ProcessExit"}

@@ -193,9 +193,12 @@ def test_linux_source_storm_is_exact_and_complete(live_audit, storm_binary):
 
 
 @pytest.mark.root
-def test_auto_prefers_the_linux_source(live_audit):
+def test_auto_prefers_the_linux_source(live_audit, monkeypatch):
     from etwmon.sources import open_source
+    from etwmon.sources.bpf import BpfSource
 
+    # auto tries bpf first (tests/test_bpf.py); where it cannot work, linux comes next
+    monkeypatch.setattr(BpfSource, "unavailable_reason", classmethod(lambda cls: "not here"))
     source = open_source("auto")
     try:
         assert source.name == "linux"

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import ListSink, read_until
+from .helpers import ListSink, fork_storm_while_stalled, of_type, read_until
 
 import etwmon
 from etwmon import ItemType, parse
@@ -405,21 +405,10 @@ def test_stop_decodes_what_is_queued_while_time_allows_and_counts_the_rest_as_lo
 # --- live kernel (root) ------------------------------------------------------------------------------------------
 
 
-def of_type(events, item_type):
-    return [e for e in events if e.type == item_type]
-
-
 @pytest.fixture
 def netlink_monitor():
     with etwmon.Monitor(source="netlink", max_items=200_000) as mon:
         yield mon
-
-
-@pytest.fixture(scope="module")
-def storm_tools(tmp_path_factory):
-    tools = cb.compile_storm_tools(tmp_path_factory.mktemp("storm"))
-    require(tools is not None, "the storm generators need gcc (apt-get install gcc)")
-    return tools
 
 
 @pytest.mark.root
@@ -725,20 +714,6 @@ class ReferenceListener:
         return lost
 
 
-def gated(ring):
-    """Make ``ring.push`` wait until the returned event is set: the source thread stalls and stops reading
-    its socket, as a slow consumer of its own would."""
-    gate = threading.Event()
-    push = ring.push
-
-    def waiting_push(record) -> None:
-        gate.wait()
-        push(record)
-
-    ring.push = waiting_push
-    return gate
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_forced_loss_small_socket_buffer_counts_exactly_what_is_missing(storm_tools):
@@ -746,14 +721,7 @@ def test_forced_loss_small_socket_buffer_counts_exactly_what_is_missing(storm_to
     try:
         source = NetlinkSource(rcvbuf=4096)
         mon = etwmon.Monitor(source=source, max_items=200_000)
-        gate = gated(mon.ring)
-        mon.start()
-        try:
-            out = subprocess.run([str(storm_tools["forks"]), "400"], check=True, capture_output=True,
-                                 text=True).stdout.split("\n")
-        finally:
-            gate.set()
-        children = collections.Counter(int(line.split()[0]) for line in out[1:] if line)
+        children = fork_storm_while_stalled(mon, str(storm_tools["forks"]), 400)
         time.sleep(0.3)
         mon.stop()
         events = read_until(mon, None, timeout=10)

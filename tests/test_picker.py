@@ -111,7 +111,7 @@ def test_available_sources_says_why_not(fake_registry):
 def test_auto_order_is_the_documented_preference():
     order = sources.auto_order()
     if sys.platform.startswith("linux"):
-        assert order == ["linux", "netlink", "procfs"]
+        assert order == ["bpf", "linux", "netlink", "procfs"]
     elif sys.platform == "win32":
         assert order == ["etw"]
     order.append("mutated")  # a copy: the picker's table is not changed through it

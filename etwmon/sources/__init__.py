@@ -21,6 +21,7 @@ __all__ = ["open_source", "source_class", "available_sources", "auto_order", "So
 #: name -> "module:Class". A new source is one module in this folder and one line here.
 SOURCES: dict[str, str] = {
     "etw": "etwmon.sources.etw:EtwSource",
+    "bpf": "etwmon.sources.bpf:BpfSource",
     "linux": "etwmon.sources.linux:LinuxSource",
     "audit": "etwmon.sources.audit:AuditSource",
     "netlink": "etwmon.sources.netlink:NetlinkSource",
@@ -28,7 +29,7 @@ SOURCES: dict[str, str] = {
 }
 
 #: What "auto" tries, best first, per platform; the last one is the fallback.
-_AUTO = {"win32": ["etw"], "linux": ["linux", "netlink", "procfs"]}
+_AUTO = {"win32": ["etw"], "linux": ["bpf", "linux", "netlink", "procfs"]}
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,9 @@ def auto_order() -> list[str]:
 def open_source(name: str = "auto", **options: Any) -> Source:
     """Create and open a source. ``name`` is "auto" or one of ``SOURCES``; options go to the source.
 
-    "auto" picks ETW on Windows; on Linux the audit+proc-connector source (root, audit usable), else the proc
-    connector (root, or any user since Linux 6.6), else ``/proc`` polling with a ``RuntimeWarning`` saying why.
+    "auto" picks ETW on Windows; on Linux the eBPF source (root, a kernel with BTF), else the audit+proc-connector
+    source (root, audit usable), else the proc connector (root, or any user since Linux 6.6), else ``/proc``
+    polling with a ``RuntimeWarning`` saying why.
     """
     if name != "auto":
         cls = source_class(name)

@@ -1,32 +1,43 @@
-"""Windows source: process, thread and image-load events from ETW through pywintrace 0.2.0, as SysMon records.
+"""Windows source: process, thread and image-load events from ETW through pywintrace, as SysMon records.
 
-``to_records`` turns one pywintrace callback argument into records; the tests drive it with recorded event
-shapes. This module imports on any OS (``etw`` is imported only in ``open()``), but it has never run against a
-live Windows session: see docs/windows.md for what is verified and how.
+``to_records`` turns one pywintrace callback argument into records, choosing by the event's provider; the tests
+drive it with recorded event shapes of pywintrace 0.2.0 (PyPI) and 0.3.0 (the repository). Sessions are queried
+and stopped by etwmon's own checked ``ControlTraceW`` calls (``TraceControl``, in ``_etw_control``). This module
+imports on any OS (``etw`` and ``advapi32`` are loaded only on use), but it has never run against a live Windows
+session: see docs/windows.md for what is verified and how.
 """
 
-# Where the shapes come from (pywintrace 0.2.0 from PyPI, file etw/etw.py unless said otherwise):
+# Where the shapes come from (pywintrace's etw/etw.py at tags v0.2.0 and v0.3.0; line numbers are 0.2.0's):
 # - The callback gets one tuple ``(event_id, out)``: EventConsumer._processEvent calls
-#   ``self.event_callback((event_id, out))`` (etw.py:839), event_id = EventHeader.EventDescriptor.Id (etw.py:736).
+#   ``self.event_callback((event_id, out))`` (etw.py:839). event_id is EventHeader.EventDescriptor.Id (0.2.0,
+#   etw.py:736); 0.3.0 passes EventDescriptor.Opcode instead when the session is named "NT Kernel Logger". So
+#   etwmon reads the id and the opcode from the EventDescriptor, never from the tuple.
 # - ``out['EventHeader']`` is a dict of the EVENT_HEADER fields (etw.py:744-764): ints for ThreadId, ProcessId,
 #   TimeStamp (a LARGE_INTEGER, evntcons.py EVENT_HEADER), the EventDescriptor as a dict {Id, Version, Channel,
 #   Level, Opcode, Task, Keyword}, ProviderId and ActivityId as str(GUID) = "{XXXXXXXX-...}" (GUID.py __str__).
 # - TimeStamp is a FILETIME: the consumer opens the session with PROCESS_TRACE_MODE_REAL_TIME |
 #   PROCESS_TRACE_MODE_EVENT_RECORD (etw.py:275) and without PROCESS_TRACE_MODE_RAW_TIMESTAMP, so ProcessTrace
 #   converts time stamps to system time.
-# - Payload fields are the strings TdhFormatProperty produced, by property name (etw.py:547-594): the
-#   TDH_CONVERTER_LOOKUP step (etw.py:591) only converts when ``type(data)`` already *is* the converter, which
-#   a str never is, so every value stays a str. A field TDH could not format is None (etw.py:577); a parse failure
-#   of the whole event still calls back, with the header and whatever fields were read (etw.py:822-839).
-# - Classic (MOF) kernel events arrive with EventDescriptor.Id 0 and the event type in EventDescriptor.Opcode
-#   (pywintrace PR #26 says so; 0.2.0 still passes Id as event_id), ProviderId = the event class GUID.
+# - Payload fields are what TdhFormatProperty printed, by property name (etw.py:547-594). In 0.2.0 the
+#   TDH_CONVERTER_LOOKUP step (etw.py:591) only converts when ``type(data)`` already *is* the converter, which a
+#   str never is, so every value stays a str. 0.3.0 inverted that test: values whose out type is INT,
+#   UNSIGNEDINT, LONG or UNSIGNEDLONG arrive as ints (int() of the printed decimal), hex and pointer out types stay
+#   "0x..." strings. In both, a field TDH could not format is None (etw.py:577); a parse failure of the whole event
+#   still calls back, with the header and whatever fields were read (etw.py:822-839).
+# - Classic (MOF) kernel events arrive with EventDescriptor.Id 0 and the event type in EventDescriptor.Opcode,
+#   ProviderId = the event class GUID.
 # - NT Kernel Logger: EventProvider.start (etw.py:134-175) takes providers[0].guid as Wnode.Guid and
 #   providers[0].any_bitmask as EnableFlags when the session name is "NT Kernel Logger"; ERROR_ALREADY_EXISTS on
-#   StartTraceW marks the session as someone else's so stop() leaves it alone (etw.py:173, 200-205).
-# - ETW.stop() is provider.stop() then consumer.stop() (etw.py:966-976); the consumer thread is NOT a daemon
-#   (etw.py:302), so a session left running keeps the interpreter from exiting.
-# - ETW.query() returns the session's EVENT_TRACE_PROPERTIES (EventsLost, RealTimeBuffersLost...) (etw.py:988).
-# - etw/common.py:59 calls logging.basicConfig(level=logging.ERROR) at import; _import_pywintrace undoes it.
+#   StartTraceW marks the session as someone else's (etw.py:173, 200-205).
+# - ETW(properties=...) uses the TraceProperties given (so etwmon sets FlushTimer itself); without it pywintrace
+#   builds one from ring_buf_size.
+# - The consumer thread is NOT a daemon in 0.2.0 (etw.py:302), so a session left running keeps the interpreter
+#   from exiting; 0.3.0 made it one. EventConsumer._run loops on ProcessTrace and sets end_capture when it fails,
+#   so a session that ends under it ends the thread without a word.
+# - ETW.query() and ETW.control_stop() ignore ControlTraceW's status (a failed query reads as zeros), which is why
+#   etwmon makes those calls itself (TraceControl); EventProvider.stop() checks it but raises before
+#   consumer.stop() runs.
+# - 0.2.0's etw/common.py:59 calls logging.basicConfig(level=logging.ERROR) at import; _import_pywintrace undoes it.
 
 from __future__ import annotations
 
@@ -47,11 +58,16 @@ from ..records import (
     EXIT_CODE_UNKNOWN, encode_image_load, encode_process_create, encode_process_exit, encode_thread_create,
     encode_thread_exit,
 )
+from ._etw_control import (
+    ERROR_ACCESS_DENIED, ERROR_WMI_INSTANCE_NOT_FOUND, SessionControlError, SessionStatus,
+    TraceControl, process_started,
+)
 from .base import Sink, Source
 
 __all__ = [
-    "EtwSource", "EtwEventError", "NtPathMapper", "to_records", "MODES", "DEFAULT_MODE",
-    "KERNEL_PROCESS_GUID", "KERNEL_LOGGER_NAME",
+    "EtwSource", "EtwEventError", "EtwRecord", "NtPathMapper", "to_records", "MODES", "DEFAULT_MODE",
+    "KERNEL_PROCESS_GUID", "KERNEL_LOGGER_NAME", "SESSION_PREFIX", "FLUSH_TIMER_SECONDS", "TraceControl",
+    "SessionStatus", "SessionControlError",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,10 +93,18 @@ EVENT_TRACE_FLAG_THREAD = 0x2
 EVENT_TRACE_FLAG_IMAGE_LOAD = 0x4
 EVENT_TRACE_SYSTEM_LOGGER_MODE = 0x02000000  # etw/evntrace.py; Windows 8+
 
-# winerror.h codes pywintrace raises as OSError(winerror=...)
-ERROR_ACCESS_DENIED = 5
+# winerror.h codes pywintrace raises as OSError(winerror=...) (TraceControl's are in _etw_control)
 ERROR_ALREADY_EXISTS = 183
 ERROR_NO_SYSTEM_RESOURCES = 1450
+
+#: Every session etwmon names itself is ``etwmon-<pid>-<process start, hex>-<n>``: the owner and its start time
+#: tell a session left by a killed etwmon from one a running etwmon still reads.
+SESSION_PREFIX = "etwmon-"
+#: EVENT_TRACE_PROPERTIES.FlushTimer: ETW delivers a buffer that is not full after at most this many seconds, so
+#: a quiet machine's process events are not held until a 64 KiB buffer fills.
+FLUSH_TIMER_SECONDS = 1
+#: EVENT_TRACE_SYSTEM_LOGGER_MODE (private kernel sessions) came with Windows 8 = NT 6.2.
+MIN_WINDOWS = (6, 2)
 
 #: "kernel-logger": classic SystemTraceProvider events (command lines); "kernel-process": the
 #: Microsoft-Windows-Kernel-Process manifest provider (no command lines).
@@ -104,11 +128,12 @@ class EtwEventError(Error, ValueError):
     ``parse_errors`` and drops the event; ``to_records`` raises it so callers see why."""
 
 
-# --- reading pywintrace's strings ---------------------------------------------------------------------------
+# --- reading pywintrace's values ----------------------------------------------------------------------------
 
 # TdhFormatProperty writes integers in decimal (xs:unsignedInt, win:PID, sint32 can be negative) or as "0x" hex
 # (win:HexInt32/64, MOF Format("x"), pointers). Accept both, around whitespace, with leading zeros ("010" is ten,
-# where int("010", 0) would fail) and nothing else: no underscores, no octal, no floats.
+# where int("010", 0) would fail) and nothing else: no underscores, no octal, no floats. pywintrace 0.3.0 hands
+# over ints for integer out types: taken as they are (bools and floats are not numbers here).
 _NUMBER = re.compile(r"\s*([+-]?)(?:0[xX]([0-9A-Fa-f]+)|([0-9]+))\s*\Z")
 
 
@@ -157,8 +182,9 @@ def _text(fields: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _split(event: Any) -> tuple[int, Mapping[str, Any], Mapping[str, Any]]:
-    """(event_id, payload, EventHeader) of one callback argument, checked."""
+def _split(event: Any) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """(payload, EventHeader) of one callback argument, checked. The tuple's event id is not used: what it holds
+    depends on the pywintrace version and the session's name, the EventDescriptor does not."""
     if not isinstance(event, (tuple, list)) or len(event) != 2:
         raise EtwEventError(f"expected the (event_id, dict) pair pywintrace calls back with, got {type(event)}")
     event_id, data = event
@@ -167,7 +193,7 @@ def _split(event: Any) -> tuple[int, Mapping[str, Any], Mapping[str, Any]]:
     header = data.get("EventHeader")
     if not isinstance(header, Mapping):
         raise EtwEventError("EventHeader is missing")
-    return event_id, data, header
+    return data, header
 
 
 def _time(header: Mapping[str, Any]) -> int:
@@ -207,63 +233,108 @@ _KP = KERNEL_PROCESS_GUID.strip("{}")
 _PROCESS, _THREAD, _IMAGE = (g.strip("{}") for g in (PROCESS_GUID, THREAD_GUID, IMAGE_LOAD_GUID))
 
 
-def to_records(event: Any, mode: str = DEFAULT_MODE, *, map_path: Callable[[str], str] | None = None,
-               rundown: bool = False) -> list[bytes]:
+class EtwRecord(bytes):
+    """One encoded record (bytes, as every source pushes) that also carries what ETW says about the process
+    beyond the wire format, for the stages between the source and the ring (identity):
+
+    - ``process_sequence_number``: Microsoft-Windows-Kernel-Process's ProcessSequenceNumber (ProcessStart v3,
+      ProcessStop v2), a number Windows never reuses until reboot, unlike the pid;
+    - ``parent_process_sequence_number``: ParentProcessSequenceNumber (ProcessStart v3).
+
+    Each is an int, or None when the event does not carry it (classic kernel events, older versions, a field
+    TDH could not format). The ring stores only the bytes.
+    """
+
+    process_sequence_number: int | None
+    parent_process_sequence_number: int | None
+
+    def __new__(cls, record: bytes, process_sequence_number: int | None = None,
+                parent_process_sequence_number: int | None = None) -> "EtwRecord":
+        self = super().__new__(cls, record)
+        self.process_sequence_number = process_sequence_number
+        self.parent_process_sequence_number = parent_process_sequence_number
+        return self
+
+
+def _sequence(fields: Mapping[str, Any], name: str) -> int | None:
+    """An optional UInt64 sequence number: None when absent or unreadable (it is extra knowledge, never a
+    reason to drop the event it comes with)."""
+    try:
+        return _unsigned(fields, name, _U64)
+    except EtwEventError:
+        return None
+
+
+def to_records(event: Any, *, map_path: Callable[[str], str] | None = None,
+               rundown: bool = False) -> list[EtwRecord]:
     """The records for one pywintrace callback argument ``(event_id, dict)``: usually one, none for events
     etwmon does not record (unknown ids, image unloads, rundown ends, other providers).
 
+    The provider in ``EventHeader.ProviderId`` decides how the event is read: Microsoft-Windows-Kernel-Process
+    by EventDescriptor.Id, the classic kernel event classes (Process, Thread, Image_Load) by
+    EventDescriptor.Opcode, so events of both kinds can come through one call, and the pywintrace version (0.2.0
+    strings, 0.3.0 typed ints and its Opcode-as-event-id for "NT Kernel Logger") does not matter.
+
     ``map_path`` turns NT device paths into drive-letter paths (``NtPathMapper``); by default names stay as
-    ETW gave them. ``rundown=True`` (kernel-logger mode) records the kernel logger's start-of-session snapshot
-    (DCStart) of running processes, threads and images as creations with creating process and thread 0.
-    Raises ``EtwEventError`` when a field it needs is missing or unreadable; ``ValueError`` for an unknown mode.
+    ETW gave them. ``rundown=True`` records the kernel logger's start-of-session snapshot (DCStart) of running
+    processes, threads and images as creations with creating process and thread 0.
+    Raises ``EtwEventError`` when a field it needs is missing or unreadable.
     """
     mapper = map_path or _same_path
-    if mode == "kernel-process":
-        return _kernel_process(event, mapper)
-    if mode == "kernel-logger":
-        return _kernel_logger(event, mapper, rundown)
-    raise ValueError(f"unknown ETW mode {mode!r}; choose one of {', '.join(MODES)}")
+    fields, header = _split(event)
+    provider = _provider(header)
+    if provider == _KP:
+        return _kernel_process(fields, header, mapper)
+    if provider in (_PROCESS, _THREAD, _IMAGE):
+        return _kernel_logger(provider, fields, header, mapper, rundown)
+    return []
 
 
-def _kernel_process(event: Any, mapper: Callable[[str], str]) -> list[bytes]:
+def _event_id(header: Mapping[str, Any]) -> int:
+    descriptor = header.get("EventDescriptor")
+    if not isinstance(descriptor, Mapping):
+        raise EtwEventError("EventHeader.EventDescriptor is missing")
+    return _unsigned(descriptor, "Id", 0xFFFF)
+
+
+def _kernel_process(fields: Mapping[str, Any], header: Mapping[str, Any],
+                    mapper: Callable[[str], str]) -> list[EtwRecord]:
     # Field names: the Microsoft-Windows-Kernel-Process manifest. ProcessStart versions 0-3 only add fields
     # (v1 Flags; v2 ImageChecksum, TimeDateStamp, PackageFullName, PackageRelativeAppId; v3 sequence numbers,
     # token elevation, MandatoryLabel), ProcessStop v2 adds ProcessSequenceNumber, ThreadStart/Stop v1
-    # SubProcessTag (and CycleTime): the ones read here are in every version.
-    event_id, fields, header = _split(event)
+    # SubProcessTag (and CycleTime): the ones needed here are in every version, the sequence numbers optional.
+    event_id = _event_id(header)
     if event_id not in (_KP_PROCESS_START, _KP_PROCESS_STOP, _KP_THREAD_START, _KP_THREAD_STOP, _KP_IMAGE_LOAD):
-        return []
-    if _provider(header) != _KP:
         return []
     when = _time(header)
     if event_id == _KP_PROCESS_START:
         # Logged in the creating thread's context, like the book's process-notify callback: the header names it.
         image = mapper(_text(fields, "ImageName"))
-        return [encode_process_create(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ParentProcessID"),
-                                      _unsigned(header, "ProcessId"), _unsigned(header, "ThreadId"),
-                                      _quoted(image))]
+        record = encode_process_create(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ParentProcessID"),
+                                       _unsigned(header, "ProcessId"), _unsigned(header, "ThreadId"),
+                                       _quoted(image))
+        return [EtwRecord(record, _sequence(fields, "ProcessSequenceNumber"),
+                          _sequence(fields, "ParentProcessSequenceNumber"))]
     if event_id == _KP_PROCESS_STOP:
-        return [encode_process_exit(when, _unsigned(fields, "ProcessID"), _status(fields, "ExitCode"))]
+        record = encode_process_exit(when, _unsigned(fields, "ProcessID"), _status(fields, "ExitCode"))
+        return [EtwRecord(record, _sequence(fields, "ProcessSequenceNumber"))]
     if event_id == _KP_THREAD_START:
-        return [encode_thread_create(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID"))]
+        return [EtwRecord(encode_thread_create(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID")))]
     if event_id == _KP_THREAD_STOP:  # ThreadStop carries no exit status
-        return [encode_thread_exit(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID"),
-                                   EXIT_CODE_UNKNOWN)]
+        return [EtwRecord(encode_thread_exit(when, _unsigned(fields, "ThreadID"), _unsigned(fields, "ProcessID"),
+                                             EXIT_CODE_UNKNOWN))]
     # ImageLoad: ImageBase and ImageSize are win:Pointer (printed "0x..."), ProcessID a UInt32.
-    return [encode_image_load(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ImageSize"),
-                              _unsigned(fields, "ImageBase", _U64), mapper(_text(fields, "ImageName")))]
+    return [EtwRecord(encode_image_load(when, _unsigned(fields, "ProcessID"), _unsigned(fields, "ImageSize"),
+                                        _unsigned(fields, "ImageBase", _U64), mapper(_text(fields, "ImageName"))))]
 
 
-def _kernel_logger(event: Any, mapper: Callable[[str], str], rundown: bool) -> list[bytes]:
+def _kernel_logger(provider: str, fields: Mapping[str, Any], header: Mapping[str, Any],
+                   mapper: Callable[[str], str], rundown: bool) -> list[EtwRecord]:
     # Classic MOF classes (learn.microsoft.com/windows/win32/etw): Process_TypeGroup1 (types 1 Start, 2 End,
     # 3 DCStart, 4 DCEnd, 39 Defunct; ProcessId and ParentId are Format("x"), ExitStatus a sint32, ImageFileName
     # the ANSI file name, CommandLine wide), Thread_TypeGroup1 (1/2/3/4; ProcessId, TThreadId Format("x")),
     # Image_Load (10 Load, 2 Unload, 3 DCStart, 4 DCEnd; ImageBase/ImageSize pointers, ProcessId decimal, FileName
     # an NT path). Opcodes overlap between classes, so the class GUID in ProviderId decides.
-    _, fields, header = _split(event)
-    provider = _provider(header)
-    if provider not in (_PROCESS, _THREAD, _IMAGE):
-        return []
     opcode = _opcode(header)
     snapshot = opcode == _DC_START
     if snapshot and not rundown:
@@ -277,23 +348,25 @@ def _kernel_logger(event: Any, mapper: Callable[[str], str], rundown: bool) -> l
             # A rundown entry was not created by the thread logging it: creating process/thread 0.
             creating_pid = 0 if snapshot else _unsigned(header, "ProcessId")
             creating_tid = 0 if snapshot else _unsigned(header, "ThreadId")
-            return [encode_process_create(when, _unsigned(fields, "ProcessId"), _unsigned(fields, "ParentId"),
-                                          creating_pid, creating_tid, command_line)]
+            return [EtwRecord(encode_process_create(when, _unsigned(fields, "ProcessId"),
+                                                    _unsigned(fields, "ParentId"), creating_pid, creating_tid,
+                                                    command_line))]
         if opcode == _END:
-            return [encode_process_exit(_time(header), _unsigned(fields, "ProcessId"),
-                                        _status(fields, "ExitStatus"))]
+            return [EtwRecord(encode_process_exit(_time(header), _unsigned(fields, "ProcessId"),
+                                                  _status(fields, "ExitStatus")))]
         return []
     if provider == _THREAD:
         if opcode == _START or snapshot:
-            return [encode_thread_create(_time(header), _unsigned(fields, "TThreadId"),
-                                         _unsigned(fields, "ProcessId"))]
+            return [EtwRecord(encode_thread_create(_time(header), _unsigned(fields, "TThreadId"),
+                                                   _unsigned(fields, "ProcessId")))]
         if opcode == _END:  # the classic Thread End carries no exit status either
-            return [encode_thread_exit(_time(header), _unsigned(fields, "TThreadId"),
-                                       _unsigned(fields, "ProcessId"), EXIT_CODE_UNKNOWN)]
+            return [EtwRecord(encode_thread_exit(_time(header), _unsigned(fields, "TThreadId"),
+                                                 _unsigned(fields, "ProcessId"), EXIT_CODE_UNKNOWN))]
         return []
     if opcode == _IMAGE_LOAD or snapshot:
-        return [encode_image_load(_time(header), _unsigned(fields, "ProcessId"), _unsigned(fields, "ImageSize"),
-                                  _unsigned(fields, "ImageBase", _U64), mapper(_text(fields, "FileName")))]
+        return [EtwRecord(encode_image_load(_time(header), _unsigned(fields, "ProcessId"),
+                                            _unsigned(fields, "ImageSize"), _unsigned(fields, "ImageBase", _U64),
+                                            mapper(_text(fields, "FileName"))))]
     return []
 
 
@@ -371,7 +444,7 @@ class NtPathMapper:
 
 
 # --- where this can run -------------------------------------------------------------------------------------
-# Seams: tests replace these three to play Windows on Linux.
+# Seams: the tests replace these (tests/etw_builders.py FakeEtwWorld.seams) to play Windows on Linux.
 
 
 def _platform() -> str:
@@ -389,6 +462,26 @@ def _is_elevated() -> bool:
         return bool(ctypes.windll.shell32.IsUserAnAdmin())  # type: ignore[attr-defined]
     except (ImportError, AttributeError, OSError):
         return False
+
+
+_process_started = process_started  # pid -> start FILETIME, None when gone
+
+
+def _trace_control() -> TraceControl:
+    """The TraceControl the source uses (a seam: the tests give one over their stand-in)."""
+    global _TRACE_CONTROL
+    if _TRACE_CONTROL is None:
+        _TRACE_CONTROL = TraceControl()
+    return _TRACE_CONTROL
+
+
+_TRACE_CONTROL: TraceControl | None = None
+
+
+def _windows_version() -> tuple[int, int, int]:
+    """(major, minor, build) of Windows itself, not the version shown to an unmanifested program (a seam)."""
+    info = sys.getwindowsversion()  # type: ignore[attr-defined]
+    return tuple(getattr(info, "platform_version", (info.major, info.minor, info.build)))[:3]  # type: ignore
 
 
 _INSTALL = "pip install etwmon[etw]"
@@ -416,6 +509,77 @@ def _import_pywintrace() -> tuple[Any, Any]:
     return etw, TraceProperties
 
 
+# --- sessions etwmon left behind ----------------------------------------------------------------------------
+
+_SESSION_NAME = re.compile(re.escape(SESSION_PREFIX) + r"(\d+)-([0-9a-f]+)-(\d+)")
+_LEFT_RUNNING: set[str] = set()  # sessions this process tried to stop and could not (under _LIVE_LOCK)
+_own_start: int | None = None
+
+
+def _own_start_time() -> int:
+    """This process's start (FILETIME) for its session names; 0 when Windows will not say (then a session of this
+    pid is never taken for another process's)."""
+    global _own_start
+    if _own_start is None:
+        try:
+            _own_start = _process_started(os.getpid()) or 0
+        except Exception as exc:  # AttributeError off Windows, SessionControlError
+            log.debug("cannot read this process's start time: %r", exc)
+            _own_start = 0
+    return _own_start
+
+
+def _stale_sessions(control: TraceControl) -> list[tuple[str, str]]:
+    """(name, why) of every etwmon session no running etwmon reads: its owner is gone, its pid now belongs to
+    another process, or this process failed to stop it. Raises ``SessionControlError`` if listing fails."""
+    with _LIVE_LOCK:
+        live = {source.session_name for source in _LIVE}
+        left_running = set(_LEFT_RUNNING)
+    stale = []
+    for name in control.sessions():
+        match = _SESSION_NAME.fullmatch(name)
+        if match is None or name in live:
+            continue
+        pid, started, _ = int(match[1]), int(match[2], 16), match[3]
+        if name in left_running:
+            stale.append((name, "stopping it failed earlier in this process"))
+            continue
+        if pid == os.getpid() and started == _own_start_time():
+            continue  # this process's, being started or stopped right now
+        try:
+            now = _process_started(pid)
+        except Exception as exc:  # cannot tell: leave it alone
+            log.debug("cannot tell whether process %d still runs: %r", pid, exc)
+            continue
+        if now is None:
+            stale.append((name, f"process {pid}, which started it, is gone"))
+        elif started and now != started:
+            stale.append((name, f"process {pid}, which started it, has exited and its pid was reused"))
+    return stale
+
+
+def _stop_stale(control: TraceControl) -> tuple[list[str], list[str]]:
+    """Stop what ``_stale_sessions`` finds: (what was done, what failed), one line per session for a person."""
+    done, failed = [], []
+    for name, why in _stale_sessions(control):
+        try:
+            control.stop(name)
+        except SessionControlError as exc:
+            if exc.winerror != ERROR_WMI_INSTANCE_NOT_FOUND:
+                failed.append(f"could not stop ETW session {name!r} ({why}): {exc}; try {_logman_stop(name)}")
+                continue
+            done.append(f"ETW session {name!r} ({why}) had stopped already")
+        else:
+            done.append(f"stopped ETW session {name!r} ({why})")
+        with _LIVE_LOCK:
+            _LEFT_RUNNING.discard(name)
+    return done, failed
+
+
+def _logman_stop(name: str) -> str:
+    return f'logman stop "{name}" -ets' if " " in name else f"logman stop {name} -ets"
+
+
 # --- sessions alive in this process, stopped at exit --------------------------------------------------------
 
 _LIVE: set["EtwSource"] = set()
@@ -441,7 +605,7 @@ def _install_exit_hook() -> None:
         if _exit_hook_installed:
             return
         _exit_hook_installed = True
-    # pywintrace's consumer thread is not a daemon (etw.py:302) and the interpreter joins such threads *before*
+    # pywintrace 0.2.0's consumer thread is not a daemon (etw.py:302) and the interpreter joins such threads *before*
     # atexit handlers run, so an atexit handler alone would never get to stop the session and exit would hang.
     # threading's own exit hook runs before that join (it is how concurrent.futures shuts down its workers).
     register = getattr(threading, "_register_atexit", None)
@@ -454,7 +618,7 @@ def _install_exit_hook() -> None:
 
 
 def _new_session_name() -> str:
-    return f"etwmon-{os.getpid()}-{next(_session_numbers)}"
+    return f"{SESSION_PREFIX}{os.getpid()}-{_own_start_time():x}-{next(_session_numbers)}"
 
 
 # --- the source ---------------------------------------------------------------------------------------------
@@ -466,8 +630,8 @@ class EtwSource(Source):
     """ETW process, thread and image-load events (Windows, administrator, ``pip install etwmon[etw]``).
 
     ``mode="kernel-logger"`` (default): a private SystemTraceProvider session (Windows 8+) named
-    ``etwmon-<pid>-<n>`` with the process, thread and image-load flags; ProcessCreate records carry the real
-    command line. ``session_name="NT Kernel Logger"`` uses the single system-wide kernel logger instead.
+    ``etwmon-<pid>-<process start>-<n>`` with the process, thread and image-load flags; ProcessCreate records
+    carry the real command line. ``session_name="NT Kernel Logger"`` uses the single system-wide kernel logger instead.
     ``mode="kernel-process"``: the Microsoft-Windows-Kernel-Process provider; it has no command line, so a
     ProcessCreate's command line is the program's path.
 
@@ -475,6 +639,11 @@ class EtwSource(Source):
     threads and images already running when the session starts, as creations with creating process/thread 0.
     ``buffer_kb`` is the size of each ETW buffer (non-paged memory, two or more per CPU). ``map_path`` turns NT
     device paths into drive-letter paths (default: ``NtPathMapper()`` on Windows, unchanged elsewhere).
+
+    Every ``loss_poll_seconds`` the session is queried for what ETW lost; a session that no longer answers, or
+    whose reader thread ended, ends ``run`` with ``SourceError`` naming the session. Records pushed are
+    ``EtwRecord`` (bytes with the Kernel-Process sequence numbers). ``open`` first stops etwmon sessions that a
+    killed etwmon left running (``stale_state``/``cleanup`` do the same on request).
     """
 
     name = "etw"
@@ -514,16 +683,23 @@ class EtwSource(Source):
         self._map_path = map_path
         self._loss_poll_seconds = loss_poll_seconds
         self._session: Any = None
+        self._session_guid: str | None = None  # Wnode.Guid of the session, when etwmon chose it
+        self._control: TraceControl | None = None
         self._session_lock = threading.Lock()
         self._lock = threading.Lock()  # the sink (and everything pushed into it)
         self._sink: Sink | None = None
         self._pending: list[bytes] = []
         self._pending_overflow = 0  # this session's records beyond _PENDING_LIMIT, not yet reported
         self._session_lost = (0, 0)  # this session's (EventsLost, RealTimeBuffersLost) already counted
+        # Whether this session's loss counters have been read since it started or since a query failed: until
+        # then what it lost is unknown, never "0". Sessions that ended unknown keep the total a lower bound.
+        self._loss_known = False
+        self._loss_unknown_ended = False
+        self._query_warned = False
         self._stop = threading.Event()
         self._counts = dict.fromkeys(
             ("events", "records", "ignored", "parse_errors", "events_lost", "buffers_lost", "pending_lost",
-             "refused"), 0)
+             "refused", "query_failures", "left_running"), 0)
 
     # -- availability -------------------------------------------------------------------------------------
 
@@ -532,11 +708,42 @@ class EtwSource(Source):
         if _platform() != "win32":
             return (f"needs Windows (ETW); on Linux use source='netlink' or 'procfs'. On Windows: {_INSTALL} "
                     "and run from an elevated (administrator) prompt")
+        version = _windows_version()
+        if tuple(version[:2]) < MIN_WINDOWS:
+            return (f"needs Windows 8 or later (its private kernel session, EVENT_TRACE_SYSTEM_LOGGER_MODE, came "
+                    f"with Windows 8); this is Windows {'.'.join(map(str, version))}")
         if not _pywintrace_installed():
             return f"pywintrace (the ETW binding) is not installed: {_INSTALL}"
         if not _is_elevated():
             return "ETW kernel sessions need an administrator: run from an elevated (administrator) prompt"
         return None
+
+    @classmethod
+    def stale_state(cls) -> list[str]:
+        """etwmon ETW sessions still running that no running etwmon reads (their process is gone, its pid
+        reused, or stopping them failed), one line each; [] off Windows."""
+        if _platform() != "win32":
+            return []
+        try:
+            stale = _stale_sessions(_trace_control())
+        except SessionControlError as exc:
+            return [f"cannot list the ETW sessions to look for leftovers: {exc}"]
+        return [f"ETW session {name!r} is still running: {why}" for name, why in stale]
+
+    @classmethod
+    def cleanup(cls) -> list[str]:
+        """Stop what ``stale_state`` reports; never a session a running etwmon reads. [] off Windows. Raises
+        ``etwmon.Error`` when the sessions cannot be listed or one of them would not stop (after stopping the
+        others; the message says what was done too)."""
+        if _platform() != "win32":
+            return []
+        try:
+            done, failed = _stop_stale(_trace_control())
+        except SessionControlError as exc:
+            raise Error(f"cannot list the ETW sessions to look for leftovers: {exc}") from exc
+        if failed:
+            raise Error("; ".join(failed + done))
+        return done
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -549,10 +756,13 @@ class EtwSource(Source):
             if self._session is not None:
                 return
         etw, trace_properties = _import_pywintrace()
+        self._control = _trace_control()
+        self._stop_leftovers()
         self._stop.clear()
         with self._lock:
             self._pending, self._pending_overflow = [], 0
         self._session_lost = (0, 0)  # ETW's counters start again with each session
+        self._loss_known, self._query_warned = False, False
         name = self._requested_name or _new_session_name()
         session = self._make_session(etw, trace_properties, name)
         self.session_name = name
@@ -568,28 +778,46 @@ class EtwSource(Source):
             raise self._start_error(exc) from exc
         log.info("ETW session %r started (%s)", name, self.mode)
 
+    def _stop_leftovers(self) -> None:
+        # A killed etwmon's sessions hold slots (8 kernel-logger ones, two reserved, on the whole machine) until
+        # reboot: free them before taking one, as the audit source removes its stale rules.
+        try:
+            done, failed = _stop_stale(self._control)
+        except SessionControlError as exc:
+            log.warning("cannot look for ETW sessions a killed etwmon left running: %s", exc)
+            return
+        for line in done:
+            log.warning("%s", line)
+        for line in failed:
+            log.error("%s", line)
+
     def _make_session(self, etw: Any, trace_properties: Any, name: str) -> Any:
         common = dict(event_callback=self._on_event, ignore_exists_error=False)
+        # etwmon's own TraceProperties for every session: buffer size, and FlushTimer so that a buffer with a
+        # few process events in it is delivered within a second instead of when it fills.
+        properties = trace_properties(ring_buf_size=self.buffer_kb)
+        props = properties.get().contents
+        props.FlushTimer = FLUSH_TIMER_SECONDS
+        self._session_guid = None
         if self.mode == "kernel-process":
             keywords = KEYWORD_PROCESS | KEYWORD_THREAD | (KEYWORD_IMAGE if self.images else 0)
             provider = etw.ProviderInfo("Microsoft-Windows-Kernel-Process", etw.GUID(KERNEL_PROCESS_GUID),
                                         level=TRACE_LEVEL_INFORMATION, any_keywords=keywords)
-            return etw.ETW(session_name=name, ring_buf_size=self.buffer_kb, providers=[provider], **common)
+            return etw.ETW(session_name=name, properties=properties, providers=[provider], **common)
         flags = EVENT_TRACE_FLAG_PROCESS | EVENT_TRACE_FLAG_THREAD | (
             EVENT_TRACE_FLAG_IMAGE_LOAD if self.images else 0)
         if name.lower() == KERNEL_LOGGER_NAME.lower():
             # pywintrace's kernel path: providers[0].guid -> Wnode.Guid, any_bitmask -> EnableFlags.
+            self._session_guid = SYSTEM_TRACE_CONTROL_GUID
             provider = etw.ProviderInfo(KERNEL_LOGGER_NAME, etw.GUID(SYSTEM_TRACE_CONTROL_GUID), any_keywords=flags)
-            return etw.ETW(session_name=KERNEL_LOGGER_NAME, ring_buf_size=self.buffer_kb, providers=[provider],
-                           **common)
+            return etw.ETW(session_name=KERNEL_LOGGER_NAME, properties=properties, providers=[provider], **common)
         # A private SystemTraceProvider session ("Configuring and Starting a SystemTraceProvider Session",
         # Windows 8+): LogFileMode with EVENT_TRACE_SYSTEM_LOGGER_MODE, the flags in EnableFlags, a fresh GUID
         # (never SystemTraceControlGuid), no provider to enable.
-        properties = trace_properties(ring_buf_size=self.buffer_kb)
-        props = properties.get().contents
+        self._session_guid = "{%s}" % uuid.uuid4()
         props.LogFileMode |= EVENT_TRACE_SYSTEM_LOGGER_MODE
         props.EnableFlags = flags
-        props.Wnode.Guid = etw.GUID("{%s}" % uuid.uuid4())
+        props.Wnode.Guid = etw.GUID(self._session_guid)
         return etw.ETW(session_name=name, properties=properties, providers=[], **common)
 
     def _is_shared_logger(self) -> bool:
@@ -629,8 +857,7 @@ class EtwSource(Source):
                 sink.notify()
         try:
             while not self._stop.wait(self._loss_poll_seconds):
-                self._poll_losses()
-            self._poll_losses()  # the last word before the session goes
+                self._check_session()
         finally:
             self._teardown()
             with self._lock:
@@ -652,7 +879,7 @@ class EtwSource(Source):
         counts = self._counts
         counts["events"] += 1
         try:
-            records = to_records(event, self.mode, map_path=self._map_path, rundown=self.rundown)
+            records = to_records(event, map_path=self._map_path, rundown=self.rundown)
         except Exception as exc:  # EtwEventError, or a bug here: either way the event is counted, not fatal
             counts["parse_errors"] += 1
             n = counts["parse_errors"]
@@ -685,31 +912,57 @@ class EtwSource(Source):
             counts["records"] += pushed
             sink.notify()
 
-    # -- losses ETW reports -------------------------------------------------------------------------------
+    # -- the session's health and losses ------------------------------------------------------------------
 
-    def _poll_losses(self) -> None:
+    def _check_session(self) -> None:
+        """Read what ETW lost since last time, and end ``run`` with ``SourceError`` if the session is gone: it no
+        longer answers a query, or pywintrace's reader thread ended (it stops without a word when ProcessTrace
+        returns, e.g. after ``logman stop``)."""
+        session, name = self._session, self.session_name
+        if session is None or self._control is None:
+            return
+        thread = getattr(getattr(session, "consumer", None), "process_thread", None)
+        reader_ended = thread is not None and not thread.is_alive()
+        try:
+            status = self._control.query(name, self._session_guid)
+        except SessionControlError as exc:
+            if exc.winerror == ERROR_WMI_INSTANCE_NOT_FOUND:
+                if self._stop.is_set():
+                    return
+                self._loss_known = False  # what it lost since the last query went with it
+                raise SourceError(f"ETW session {name!r} is no longer running: something stopped it from outside "
+                                  f"etwmon (`logman stop`, another tool) or Windows ended it; what it lost since "
+                                  f"it last answered is unknown") from exc
+            self._query_failed(exc)
+        else:
+            self._account(status)
+        if reader_ended and not self._stop.is_set():
+            raise SourceError(f"ETW session {name!r} delivers no more events: pywintrace's reader thread ended "
+                              "(ProcessTrace returned)")
+
+    def _query_failed(self, exc: SessionControlError) -> None:
+        self._counts["query_failures"] += 1
+        self._loss_known = False
+        if not self._query_warned:  # once per session: the loss count is unknown until a query works again
+            self._query_warned = True
+            log.warning("cannot read ETW session %r's loss counters (%s): the loss count is unknown until a "
+                        "query works again", self.session_name, exc)
+
+    def _account(self, status: SessionStatus) -> None:
         """Push what ETW says it lost since last time: EventsLost (events it could not buffer) exactly, and
         RealTimeBuffersLost (whole buffers dropped because the consumer fell behind) as one per buffer, a lower
-        bound, since a buffer's event count is gone with it."""
-        session = self._session
-        if session is None:
-            return
-        try:
-            props = session.query()
-            events_lost = int(getattr(props, "EventsLost", 0) or 0)
-            buffers_lost = int(getattr(props, "RealTimeBuffersLost", 0) or 0)
-        except Exception as exc:  # a failed query says nothing about losses; the next one will
-            log.debug("ETW session query failed: %r", exc)
-            return
-        counts = self._counts
-        # A session's counters only grow; a failed query reads as zeros, so keep the highest seen (no double
-        # counting when the next query works again).
+        bound, since a buffer's event count is gone with it. A session's counters only grow, so a query that
+        works after failed ones catches up on what happened meanwhile."""
+        if not self._loss_known and self._query_warned:
+            log.info("ETW session %r answers again: its loss count is complete again", self.session_name)
+        self._loss_known = True
         seen_events, seen_buffers = self._session_lost
-        new_events = max(events_lost - seen_events, 0)
-        new_buffers = max(buffers_lost - seen_buffers, 0)
+        new_events = max(status.events_lost - seen_events, 0)
+        new_buffers = max(status.buffers_lost - seen_buffers, 0)
         if not (new_events or new_buffers):
             return
         self._session_lost = (seen_events + new_events, seen_buffers + new_buffers)
+        counts = self._counts
         counts["events_lost"] += new_events
         counts["buffers_lost"] += new_buffers
         log.warning("ETW session %r lost %d events and %d buffers", self.session_name, new_events, new_buffers)
@@ -721,46 +974,69 @@ class EtwSource(Source):
     def stats(self) -> dict[str, int]:
         """``events`` seen, ``records`` made, ``ignored`` (events that make no record), ``parse_errors``,
         ``lost`` = ``events_lost`` + ``buffers_lost`` (ETW's; a lower bound when buffers were lost) +
-        ``pending_lost`` (held between open and run past the limit) + ``refused`` (records the sink refused)."""
+        ``pending_lost`` (held between open and run past the limit) + ``refused`` (records the sink refused).
+
+        ``loss_unknown`` is 1 when ``lost`` may be short of the truth because ETW's counters could not be read:
+        the running session has not answered a query yet or its last query failed, or an earlier session ended
+        that way. ``query_failures`` counts failed queries, ``left_running`` sessions that could not be stopped.
+        """
         counts = dict(self._counts)
         counts["lost"] = (counts["events_lost"] + counts["buffers_lost"] + counts["pending_lost"]
                           + counts["refused"])
+        running_unknown = self._session is not None and not self._loss_known
+        counts["loss_unknown"] = int(self._loss_unknown_ended or running_unknown)
         return counts
 
     # -- teardown -----------------------------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        """Stop the session if this source still has one; idempotent, any thread but pywintrace's own."""
+        """Stop the session if this source still has one; idempotent, any thread but pywintrace's own.
+
+        The session is stopped by name with etwmon's checked ControlTraceW (its final counters are the last
+        word on losses), then pywintrace's reader. pywintrace's own ETW.stop() is not used: when its first
+        step fails it raises before stopping the reader, and its fallback ignores the status."""
         with self._session_lock:
             session, self._session = self._session, None
         if session is None:
             return
         with _LIVE_LOCK:
             _LIVE.discard(self)
-        try:
-            session.stop()
-        except Exception as exc:
-            log.warning("stopping ETW session %r failed (%r); stopping it by name", self.session_name, exc)
-            self._force_stop(session)
-        else:
-            log.info("ETW session %r stopped", self.session_name)
+        self._stop_session()
+        self._stop_reader(session)
+        if not self._loss_known:
+            self._loss_unknown_ended = True
 
-    def _force_stop(self, session: Any) -> None:
-        # ETW.stop() is provider.stop() then consumer.stop(); when the first raises the second never runs and
-        # the session (and pywintrace's non-daemon thread) would live on. Stop the session by name - only ours,
-        # never a shared NT Kernel Logger we did not start - then the consumer.
-        if not self._is_shared_logger():
-            try:
-                session.control_stop(session.properties)
-            except Exception as exc:
-                log.error("ETW session %r may still be running (%r): logman stop %s -ets",
-                          self.session_name, exc, self.session_name)
+    def _stop_session(self) -> None:
+        name = self.session_name or ""
+        if self._control is None:
+            return
+        try:
+            final = self._control.stop(name, self._session_guid)
+        except SessionControlError as exc:
+            if exc.winerror == ERROR_WMI_INSTANCE_NOT_FOUND:
+                log.info("ETW session %r had stopped already", name)
+            else:
+                self._left_running(name, exc)
+            return
+        if final is not None:
+            self._account(final)
+        log.info("ETW session %r stopped", name)
+
+    def _left_running(self, name: str, exc: SessionControlError) -> None:
+        self._counts["left_running"] += 1
+        with _LIVE_LOCK:
+            _LEFT_RUNNING.add(name)
+        log.error("ETW session %r is still running: stopping it failed (%s). It holds one of the machine's few "
+                  "session slots: stop it with `etwmon cleanup` or `%s`", name, exc, _logman_stop(name))
+
+    def _stop_reader(self, session: Any) -> None:
         consumer = getattr(session, "consumer", None)
-        if consumer is not None:
-            try:
-                consumer.stop()
-            except Exception as exc:
-                log.error("ETW consumer of %r did not stop: %r", self.session_name, exc)
+        if consumer is None or getattr(consumer, "process_thread", None) is None:
+            return
+        try:
+            consumer.stop()  # CloseTrace makes ProcessTrace return; then the thread is joined
+        except Exception as exc:
+            log.error("the reader of ETW session %r did not stop: %r", self.session_name, exc)
 
     def _abandon(self, session: Any, exc: BaseException) -> None:
         """A start that failed half-way: stop whatever part of the session did start."""
@@ -771,22 +1047,6 @@ class EtwSource(Source):
         if getattr(exc, "winerror", None) == ERROR_ALREADY_EXISTS:
             return  # the session that exists is not ours: leave it alone
         provider = getattr(session, "provider", None)
-        started = getattr(getattr(provider, "session_handle", None), "value", None)
-        if self._is_shared_logger() and not started:
-            provider = None  # StartTraceW failed: stopping "NT Kernel Logger" by name could hit another tool's
-        if provider is not None:
-            try:
-                provider.stop()  # pywintrace skips sessions it did not start (etw.py:200-205)
-            except Exception as stop_exc:
-                log.debug("provider.stop() after a failed start: %r", stop_exc)
-                if not self._is_shared_logger():
-                    try:
-                        session.control_stop(session.properties)
-                    except Exception:
-                        pass
-        consumer = getattr(session, "consumer", None)
-        if consumer is not None and getattr(consumer, "process_thread", None) is not None:
-            try:
-                consumer.stop()
-            except Exception:
-                pass
+        if getattr(getattr(provider, "session_handle", None), "value", None):  # StartTraceW worked
+            self._stop_session()
+        self._stop_reader(session)

@@ -1,0 +1,241 @@
+"""libbpf 1.x through ctypes: open, size, load and attach etwmon's BPF object, and map its ring buffer.
+
+Only the calls etwmon needs, with their C signatures from libbpf 1.1's ``libbpf.h``; libbpf reports errors as
+NULL or a negative errno (its 1.0 behaviour), turned into ``OSError`` here. Everything the kernel holds for a
+loaded object is a file descriptor of this process, so closing the object or the process dying (even by
+SIGKILL) detaches the programs and frees the maps: nothing is pinned, nothing outlives its owner.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import mmap
+import os
+import platform
+import struct
+from typing import Any
+
+__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "LIBBPF_SONAME"]
+
+log = logging.getLogger(__name__)
+
+LIBBPF_SONAME = "libbpf.so.1"
+
+_c_void_p, _c_char_p, _c_int, _c_uint32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
+# libbpf_print_fn_t: int (*)(enum libbpf_print_level level, const char *fmt, va_list args). A va_list is passed
+# as a pointer on x86-64 (an array type there), so vsnprintf can format it; elsewhere only the format is logged.
+_PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
+_VA_LIST_IS_POINTER = platform.machine() in ("x86_64", "AMD64")
+
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "bpf_object__open_file": (_c_void_p, [_c_char_p, _c_void_p]),
+    "bpf_object__load": (_c_int, [_c_void_p]),
+    "bpf_object__close": (None, [_c_void_p]),
+    "bpf_object__find_map_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+    "bpf_object__find_program_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+    "bpf_map__set_max_entries": (_c_int, [_c_void_p, _c_uint32]),
+    "bpf_map__max_entries": (_c_uint32, [_c_void_p]),
+    "bpf_map__fd": (_c_int, [_c_void_p]),
+    "bpf_program__attach": (_c_void_p, [_c_void_p]),
+    "bpf_link__destroy": (_c_int, [_c_void_p]),
+    "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+    "libbpf_num_possible_cpus": (_c_int, []),
+    "libbpf_set_print": (_c_void_p, [_c_void_p]),
+}
+
+
+class Libbpf:
+    """The loaded shared library with typed functions."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        libc_name = ctypes.util.find_library("c") or "libc.so.6"
+        self._vsnprintf = ctypes.CDLL(libc_name).vsnprintf
+        self._vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+        self._messages: list[str] = []
+        self._print_buffer = ctypes.create_string_buffer(1 << 20)
+        self._print = _PRINT_FN(self._on_print)  # kept alive as long as libbpf may call it
+
+    def _on_print(self, level: int, fmt: bytes | None, args: int | None) -> int:
+        if fmt is None:
+            return 0
+        if _VA_LIST_IS_POINTER and args:
+            buf = self._print_buffer
+            self._vsnprintf(buf, len(buf), fmt, args)
+            text = buf.value.decode("utf-8", "replace")
+            if len(text) > 4000:  # the verifier's log comes as one message: its end says what failed
+                text = "...\n" + text[-4000:]
+        else:
+            text = fmt.decode("utf-8", "replace")
+        self._messages.append(text.rstrip("\n"))
+        del self._messages[:-200]  # the verifier's log can be long: the end says what failed
+        return 0
+
+    def capture(self) -> "_Capture":
+        """Route libbpf's messages to this object while a call runs (restored afterwards, as libbpf's print
+        function is process-wide); ``messages()`` gives them."""
+        return _Capture(self)
+
+    def messages(self) -> str:
+        return "\n".join(self._messages[-20:])
+
+
+class _Capture:
+    def __init__(self, libbpf: Libbpf) -> None:
+        self.libbpf = libbpf
+        self.previous: int | None = None
+
+    def __enter__(self) -> "_Capture":
+        self.libbpf._messages.clear()
+        self.previous = self.libbpf.libbpf_set_print(ctypes.cast(self.libbpf._print, _c_void_p))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.libbpf.libbpf_set_print(self.previous)
+
+
+_LIBBPF: Libbpf | None = None
+
+
+def load_libbpf() -> Libbpf:
+    """libbpf.so.1 (Debian: the libbpf1 package), loaded once; OSError when it is not installed."""
+    global _LIBBPF
+    if _LIBBPF is None:
+        _LIBBPF = Libbpf(ctypes.CDLL(LIBBPF_SONAME, use_errno=True))
+    return _LIBBPF
+
+
+def _errno_error(what: str, code: int, detail: str = "") -> OSError:
+    code = abs(code) or errno.EINVAL
+    message = f"{what}: {os.strerror(code)}"
+    if detail:
+        message += f"\n{detail}"
+    return OSError(code, message)
+
+
+class LoadedObject:
+    """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it."""
+
+    def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int]) -> None:
+        self.libbpf = libbpf
+        self._obj: int | None = None
+        self._links: list[int] = []
+        lb = libbpf
+        with lb.capture():
+            obj = lb.bpf_object__open_file(path.encode(), None)
+            if not obj:
+                raise _errno_error(f"cannot open {path}", ctypes.get_errno(), lb.messages())
+            self._obj = obj
+            try:
+                for name, entries in max_entries.items():
+                    rc = lb.bpf_object__find_map_by_name(obj, name.encode())
+                    if not rc:
+                        raise _errno_error(f"no map {name!r} in {path}", errno.ENOENT)
+                    err = lb.bpf_map__set_max_entries(rc, entries)
+                    if err:
+                        raise _errno_error(f"cannot size map {name!r} to {entries}", err)
+                err = lb.bpf_object__load(obj)
+                if err:
+                    raise _errno_error("the kernel refused the BPF object", err, lb.messages())
+                for name in programs:
+                    prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+                    if not prog:
+                        raise _errno_error(f"no program {name!r} in {path}", errno.ENOENT)
+                    link = lb.bpf_program__attach(prog)
+                    if not link:
+                        raise _errno_error(f"cannot attach {name!r}", ctypes.get_errno(), lb.messages())
+                    self._links.append(link)
+            except BaseException:
+                self.close()
+                raise
+
+    def map_fd(self, name: str) -> int:
+        m = self.libbpf.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise _errno_error(f"no map {name!r}", errno.ENOENT)
+        return self.libbpf.bpf_map__fd(m)
+
+    def detach(self) -> None:
+        """Detach every program (no more events); the maps stay readable until ``close()``. Idempotent."""
+        links, self._links = self._links, []
+        for link in reversed(links):
+            self.libbpf.bpf_link__destroy(link)
+
+    def close(self) -> None:
+        """Detach every program and free the object (idempotent)."""
+        self.detach()
+        obj, self._obj = self._obj, None
+        if obj:
+            self.libbpf.bpf_object__close(obj)
+
+
+class PerCpuCounter:
+    """One u64 slot of a BPF_MAP_TYPE_PERCPU_ARRAY, summed over the CPUs."""
+
+    def __init__(self, libbpf: Libbpf, fd: int) -> None:
+        self._lookup = libbpf.bpf_map_lookup_elem
+        self._fd = fd
+        self._cpus = libbpf.libbpf_num_possible_cpus()
+        self._key = ctypes.c_uint32(0)
+        self._values = (ctypes.c_uint64 * max(self._cpus, 1))()
+        self._key_p = ctypes.cast(ctypes.byref(self._key), _c_void_p)
+        self._values_p = ctypes.cast(self._values, _c_void_p)
+
+    def total(self) -> int:
+        if self._lookup(self._fd, self._key_p, self._values_p):
+            raise _errno_error("cannot read the loss counter", ctypes.get_errno())
+        return sum(self._values)
+
+
+class RingBuffer:
+    """A BPF ring buffer map read through its mmap'ed pages, as libbpf's ringbuf.c consumer does.
+
+    Layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (we write it), page 1 producer_pos (the kernel
+    writes it), then the data pages, mapped twice in a row so a record that wraps is contiguous. Each record
+    has an 8-byte header: its length with bit 31 "busy" (not committed yet) and bit 30 "discarded", then the
+    sample, padded to 8 bytes.
+    """
+
+    BUSY = 1 << 31
+    DISCARD = 1 << 30
+
+    def __init__(self, fd: int, size: int) -> None:
+        page = mmap.PAGESIZE
+        self.fd = fd
+        self.size = size
+        self.mask = size - 1
+        self._consumer = mmap.mmap(fd, page, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=0)
+        try:
+            self._producer = mmap.mmap(fd, page + 2 * size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                                       offset=page)
+        except BaseException:
+            self._consumer.close()
+            raise
+        self.data = memoryview(self._producer)[page:]
+        self._pos = ctypes.c_uint64.from_buffer(self._consumer)  # the consumer position, stored in place
+        self._producer_view = memoryview(self._producer)
+
+    def consumer_pos(self) -> int:
+        return self._pos.value
+
+    def producer_pos(self) -> int:
+        return struct.unpack_from("<Q", self._producer_view, 0)[0]
+
+    def advance(self, pos: int) -> None:
+        """Give the space up to ``pos`` back to the kernel."""
+        self._pos.value = pos
+
+    def close(self) -> None:
+        del self._pos
+        self.data.release()
+        self._producer_view.release()
+        self._producer.close()
+        self._consumer.close()

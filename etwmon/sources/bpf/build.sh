@@ -1,0 +1,23 @@
+#!/bin/sh
+# Rebuild etwmon.bpf.o from etwmon.bpf.c, reproducibly: the same source, clang major and libbpf headers give
+# the same bytes (CI rebuilds it and compares with the committed object).
+#   sh etwmon/sources/bpf/build.sh [OUTDIR]      (default: next to this script)
+# Needs clang 14 and llvm 14 (Debian 12: apt-get install clang-14 llvm-14) and libbpf's headers
+# (libbpf-dev 1.1). Debug paths are mapped to "." and DWARF is stripped; .BTF and .BTF.ext (the types and
+# line info CO-RE and the verifier use) stay.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=$(mkdir -p "${1:-$here}" && cd "${1:-$here}" && pwd)
+clang=${CLANG:-clang-14}
+strip=${LLVM_STRIP:-llvm-strip-14}
+major=$("$clang" -dumpversion | cut -d. -f1)
+if [ "$major" != 14 ]; then
+    echo "build.sh: $clang is clang $major; the committed object is built with clang 14" >&2
+    exit 1
+fi
+cd "$here"
+"$clang" -target bpf -O2 -g -mcpu=v3 -Wall -Werror \
+    -fdebug-prefix-map="$here"=. -fno-ident \
+    -c etwmon.bpf.c -o "$out/etwmon.bpf.o.tmp"
+"$strip" -g "$out/etwmon.bpf.o.tmp"
+mv "$out/etwmon.bpf.o.tmp" "$out/etwmon.bpf.o"

@@ -1,0 +1,64 @@
+/* The event the etwmon eBPF program writes into its ring buffer: the one layout shared by the kernel side
+ * (etwmon.bpf.c) and the Python reader (etwmon/sources/bpf/_event.py mirrors it; tests/test_bpf.py checks the
+ * mirror against this struct's BTF in the committed object).
+ *
+ * One event per kernel tracepoint hit. Small events (thread create, exits) are the fixed part only;
+ * process creates and execs add a variable tail: argv (argv_len bytes, the raw NUL-separated strings from
+ * the task's mm), then filename_len bytes of bprm->filename (exec only), exe_len bytes of the executable's
+ * path, cwd_len bytes of the working directory. No strings are NUL-terminated in the tail. sizeof is a
+ * multiple of 8, so the tail starts right after the fixed part.
+ */
+#ifndef ETWMON_EVENT_H
+#define ETWMON_EVENT_H
+
+/* What happened (etwmon_event.kind). */
+#define ETWMON_FORK_PROCESS 1  /* a new process (child pid == tgid) */
+#define ETWMON_FORK_THREAD 2   /* a new thread in an existing process */
+#define ETWMON_EXEC 3          /* a successful exec: the process runs a new program */
+#define ETWMON_EXIT_THREAD 4   /* a thread ended and the process lives on */
+#define ETWMON_EXIT_PROCESS 5  /* the last thread of a process ended (signal->live reached 0) */
+
+/* Quality flags (etwmon_event.flags). */
+#define ETWMON_ARGV_TRUNCATED 0x0001  /* argv was longer than ETWMON_ARGV_MAX: the tail holds its first bytes */
+#define ETWMON_ARGV_FAULT 0x0002      /* argv could not be read (pages not present); the tail holds none */
+#define ETWMON_NO_MM 0x0004           /* a kernel thread: no argv at all */
+#define ETWMON_EXE_TRUNCATED 0x0008   /* the exe path is cut (deeper than the walk or longer than its buffer) */
+#define ETWMON_CWD_TRUNCATED 0x0010   /* likewise for the working directory */
+#define ETWMON_LEADER_REPLACED 0x0020 /* EXIT_THREAD of the old leader during a non-leader thread's exec: tid is
+                                       * the thread id that goes away (the exec'ing thread takes the leader's) */
+#define ETWMON_FILENAME_TRUNCATED 0x0040
+#define ETWMON_NO_TTY 0x0080          /* no controlling terminal (tty is empty) */
+
+#define ETWMON_ARGV_MAX 32768   /* bytes of argv read: more than a record's 32,747 UTF-16 code units can hold */
+#define ETWMON_PATH_MAX 4096    /* bytes of each path (filename, exe, cwd) */
+#define ETWMON_PATH_DEPTH 32    /* path components walked up from a dentry */
+
+struct etwmon_event {
+	__u16 kind;            /* ETWMON_* above */
+	__u16 flags;           /* ETWMON_ARGV_TRUNCATED, ... */
+	__u32 size;            /* bytes of this event, fixed part and tail */
+	__u64 time_ns;         /* bpf_ktime_get_boot_ns() at the event: CLOCK_BOOTTIME */
+	__u32 pid;             /* tgid of the process the event is about */
+	__u32 tid;             /* the thread the event is about */
+	__u32 ppid;            /* tgid of its real parent */
+	__u32 creating_pid;    /* tgid of the task that caused it (the forking or exec'ing one) */
+	__u32 creating_tid;    /* its thread id (at exec: the id it had before exec, the tracepoint's old_pid) */
+	__u32 exit_code;       /* exits: the raw wait status (exit status << 8 | signal) */
+	__u64 start_boottime;  /* task->start_boottime, ns since boot (as /proc/<pid>/stat's starttime) */
+	__u64 parent_start_boottime;
+	__u64 cgroup_id;       /* the task's cgroup v2 id (kernfs node id; what bpf_get_current_cgroup_id gives) */
+	__u32 uid, euid, gid, egid;  /* real and effective ids, in the initial user namespace */
+	__u32 loginuid;        /* audit login uid; 4294967295 when unset */
+	__u32 sessionid;       /* audit session id; 4294967295 when unset */
+	__u32 argv_len;        /* bytes of argv in the tail */
+	__u32 argv_full_len;   /* arg_end - arg_start: bytes argv really has */
+	__u16 filename_len;    /* bytes of bprm->filename in the tail (exec only) */
+	__u16 exe_len;         /* bytes of the executable's path in the tail */
+	__u16 cwd_len;         /* bytes of the working directory in the tail */
+	__u16 reserved;
+	char comm[16];         /* task->comm, NUL-padded */
+	char tty[32];          /* name of the controlling tty (e.g. "pts3"), NUL-padded; empty when none */
+	/* the tail follows: argv, filename, exe, cwd (see above) */
+};
+
+#endif /* ETWMON_EVENT_H */

@@ -1,0 +1,582 @@
+"""The eBPF source: the committed object and its rebuild, the decoder on kernel-shaped events, and the live kernel."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import etwmon
+from etwmon import ItemType, parse
+from etwmon.records import (
+    FILETIME_UNIX_EPOCH, MAX_COMMAND_LINE, TRUNCATION_MARKER, command_line_from_argv, filetime_now,
+)
+from etwmon.clock import CLOCK_BOOTTIME, KernelClock
+from etwmon.sources import bpf as bpf_module
+from etwmon.sources.bpf import BpfSource, TaskDetails
+from etwmon.sources.bpf import _event as ev
+
+from . import cn_builders as cb
+from .conftest import require
+from .helpers import fork_storm_while_stalled, of_type, read_until
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
+
+BPF_DIR = Path(bpf_module.__file__).parent
+OFFSET = 1_000_000_000_000  # wall clock minus boot time, fixed for exact times in decoder tests
+
+
+# --- the committed object ----------------------------------------------------------------------------------------
+
+
+def test_the_committed_object_rebuilds_byte_for_byte(tmp_path):
+    """CI's proof that etwmon.bpf.o is what etwmon.bpf.c compiles to with the documented command."""
+    for tool in ("clang-14", "llvm-strip-14"):
+        require(shutil.which(tool) is not None, f"{tool} is needed to rebuild the BPF object (apt-get install "
+                                                "clang-14 llvm-14 libbpf-dev)")
+    require(Path("/usr/include/bpf/bpf_helpers.h").is_file(), "libbpf-dev's headers are needed to rebuild")
+    subprocess.run(["sh", str(BPF_DIR / "build.sh"), str(tmp_path)], check=True, cwd=tmp_path)
+    rebuilt = (tmp_path / "etwmon.bpf.o").read_bytes()
+    committed = (BPF_DIR / "etwmon.bpf.o").read_bytes()
+    assert rebuilt == committed, "etwmon.bpf.o differs from its source: run etwmon/sources/bpf/build.sh"
+    sections = subprocess.run(["llvm-readelf-14", "-S", str(tmp_path / "etwmon.bpf.o")], capture_output=True,
+                              text=True).stdout if shutil.which("llvm-readelf-14") else ""
+    if sections:
+        assert ".BTF.ext" in sections and " .BTF " in sections and ".debug_info" not in sections
+
+
+def test_the_python_layout_is_the_struct_the_object_was_built_with():
+    require(shutil.which("bpftool") is not None, "bpftool is needed to read the object's BTF")
+    dump = json.loads(subprocess.run(["bpftool", "btf", "dump", "file", str(BPF_DIR / "etwmon.bpf.o"), "-j"],
+                                     check=True, capture_output=True, text=True).stdout)
+    (struct_,) = [t for t in dump["types"] if t.get("name") == "etwmon_event" and t["kind"] == "STRUCT"]
+    assert struct_["size"] == ev.EVENT_SIZE
+    offsets, at = [], 0
+    for name, code in ev.FIELDS:
+        size = struct.calcsize("<" + code)
+        offsets.append((name, at * 8))
+        at += size
+    assert [(m["name"], m["bits_offset"]) for m in struct_["members"]] == offsets
+
+
+# --- the decoder on kernel-shaped events -------------------------------------------------------------------------
+
+
+def event(kind: int, *, flags: int = 0, ns: int = 5_000, pid: int = 100, tid: int | None = None, ppid: int = 1,
+          cpid: int = 0, ctid: int = 0, code: int = 0, argv: bytes = b"", argv_full: int | None = None,
+          filename: bytes = b"", exe: bytes = b"", cwd: bytes = b"", comm: bytes = b"prog",
+          tty: bytes = b"") -> bytes:
+    """A struct etwmon_event as the kernel side writes it."""
+    tail = argv + filename + exe + cwd
+    fields = dict(kind=kind, flags=flags, size=ev.EVENT_SIZE + len(tail), time_ns=ns, pid=pid,
+                  tid=pid if tid is None else tid, ppid=ppid, creating_pid=cpid, creating_tid=ctid, exit_code=code,
+                  start_boottime=1_000, parent_start_boottime=500, cgroup_id=77, uid=1000, euid=0, gid=1001,
+                  egid=0, loginuid=0xFFFFFFFF, sessionid=3, argv_len=len(argv),
+                  argv_full_len=len(argv) if argv_full is None else argv_full, filename_len=len(filename),
+                  exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty)
+    return ev.EVENT.pack(*(fields[name] for name, _ in ev.FIELDS)) + tail
+
+
+def decode(*events: bytes, enrich=None) -> tuple[list, ev.EventDecoder]:
+    records: list[bytes] = []
+    decoder = ev.EventDecoder(records.append, KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET), enrich)
+    for raw in events:
+        decoder.decode(memoryview(raw), 0)
+    return list(parse(b"".join(records))), decoder
+
+
+def filetime(ns: int) -> int:
+    return (ns + OFFSET) // 100 + FILETIME_UNIX_EPOCH
+
+
+def test_fork_of_a_process_carries_the_parents_argv_and_a_thread_fork_is_a_thread_create():
+    argv = b"python3\0-c\0two words\0"
+    (create, thread), _ = decode(event(ev.FORK_PROCESS, pid=200, ppid=100, cpid=100, ctid=101, argv=argv),
+                                 event(ev.FORK_THREAD, ns=6_000, pid=100, tid=201, cpid=100, ctid=100))
+    assert create.type == ItemType.ProcessCreate
+    assert (create.pid, create.parent_pid, create.creating_pid, create.creating_tid) == (200, 100, 100, 101)
+    assert create.argv == [b"python3", b"-c", b"two words"] and create.filetime == filetime(5_000)
+    assert thread.type == ItemType.ThreadCreate and (thread.tid, thread.pid) == (201, 100)
+    assert thread.filetime == filetime(6_000)
+
+
+@pytest.mark.parametrize("status, code", [
+    (cb.wait_status_exited(0), 0), (cb.wait_status_exited(3), 3), (cb.wait_status_signaled(signal.SIGKILL), 137),
+    (cb.wait_status_signaled(signal.SIGSEGV, core=True), 139),
+])
+def test_exit_codes_are_what_a_shell_reports(status, code):
+    (thread_exit, process_exit), _ = decode(event(ev.EXIT_THREAD, pid=300, tid=301, code=status),
+                                            event(ev.EXIT_PROCESS, pid=300, code=status))
+    assert thread_exit.type == ItemType.ThreadExit and (thread_exit.tid, thread_exit.exit_code) == (301, code)
+    assert process_exit.type == ItemType.ProcessExit and (process_exit.pid, process_exit.exit_code) == (300, code)
+
+
+def test_a_last_thread_that_is_not_the_leader_ends_as_a_thread_and_then_the_process():
+    # The leader left first (pthread_exit, status 0); thread 402 ends the process with exit(3).
+    out, _ = decode(event(ev.EXIT_PROCESS, pid=400, tid=402, code=cb.wait_status_exited(3),
+                          ctid=cb.wait_status_exited(3)))
+    assert [(e.type, getattr(e, "tid", None), e.exit_code) for e in out] == [
+        (ItemType.ThreadExit, 402, 3), (ItemType.ProcessExit, None, 3)]
+
+
+def test_exec_gives_the_argv_exactly_with_hostile_and_non_utf8_bytes():
+    argv = [b"/bin/echo", b"x\ny", b"", b"\xff\xfe", b"caf\xc3\xa9", b"$(id); `id` | 'q\"", b"-"]
+    (e,), _ = decode(event(ev.EXEC, pid=500, ppid=1, cpid=500, ctid=501, argv=b"\0".join(argv) + b"\0"))
+    assert e.type == ItemType.ProcessExec and e.argv == argv and not e.truncated
+    assert (e.pid, e.parent_pid, e.creating_pid, e.creating_tid) == (500, 1, 500, 501)
+
+
+def test_argv_cut_in_the_kernel_is_marked_even_when_the_text_would_fit():
+    # 16,384 two-byte characters: 32 KiB read, more there; as text only 16 k code units, so the record has room.
+    part = "é".encode() * (ev.ARGV_MAX // 2)
+    (e,), d = decode(event(ev.EXEC, flags=ev.ARGV_TRUNCATED, argv=b"prog\0" + part[:ev.ARGV_MAX - 5],
+                           argv_full=ev.ARGV_MAX * 2))
+    assert e.truncated and e.command_line.endswith(TRUNCATION_MARKER)
+    assert e.command_line.count(TRUNCATION_MARKER) == 1 and d.argv_truncated == 1
+    assert e.argv[0] == b"prog" and part.startswith(e.argv[1][:100])
+
+
+def test_a_command_line_too_long_for_the_record_is_cut_visibly_once():
+    (e,), _ = decode(event(ev.EXEC, flags=ev.ARGV_TRUNCATED, argv=b"A" * ev.ARGV_MAX))
+    assert e.truncated and len(e.command_line) == MAX_COMMAND_LINE
+    assert e.command_line.count(TRUNCATION_MARKER) == 1
+
+
+def test_kernel_threads_and_unreadable_argv_fall_back_to_the_comm():
+    (k, f), d = decode(event(ev.FORK_PROCESS, flags=ev.NO_MM, comm=b"kworker/0:1"),
+                       event(ev.EXEC, flags=ev.ARGV_FAULT, comm=b"prog"))
+    assert k.command_line == "kworker/0:1" and f.command_line == "prog" and d.argv_unreadable == 1
+
+
+def test_time_never_goes_backwards():
+    out, d = decode(event(ev.FORK_THREAD, ns=10_000, tid=2), event(ev.FORK_THREAD, ns=9_000, tid=3),
+                    event(ev.FORK_THREAD, ns=11_000, tid=4))
+    assert [e.filetime for e in out] == [filetime(10_000), filetime(10_000), filetime(11_000)]
+    assert d.time_raised == 1
+
+
+def test_unknown_kinds_make_no_record():
+    out, d = decode(event(99))
+    assert out == [] and d.events == 1
+
+
+def test_enrich_gets_the_kernels_details_of_every_record():
+    seen: list[TaskDetails] = []
+
+    def enrich(record: bytes, details: TaskDetails) -> bytes:
+        seen.append(details)
+        return record
+
+    out, _ = decode(event(ev.EXEC, pid=7, argv=b"a\0", filename=b"/usr/bin/a", exe=b"/usr/bin/a.real",
+                          cwd=b"/home/x", tty=b"pts3"),
+                    event(ev.FORK_THREAD, pid=7, tid=8), enrich=enrich)
+    assert len(out) == 2
+    exec_, thread = seen
+    assert (exec_.filename, exec_.exe, exec_.cwd, exec_.tty) == (b"/usr/bin/a", b"/usr/bin/a.real", b"/home/x",
+                                                                  b"pts3")
+    assert (exec_.uid, exec_.euid, exec_.gid, exec_.egid, exec_.loginuid, exec_.sessionid) == (1000, 0, 1001, 0,
+                                                                                               None, 3)
+    assert (exec_.start_boottime, exec_.parent_start_boottime, exec_.cgroup_id) == (1_000, 500, 77)
+    assert thread.tid == 8 and thread.exe is None and thread.tty is None
+
+
+# --- availability --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, words", [
+    ("not root", "root"), ("no btf", "BTF"), ("old kernel", "too old"), ("lockdown", "lockdown"),
+    ("no libbpf", "libbpf.so.1"),
+])
+def test_unavailable_reasons_say_why_and_the_fix(monkeypatch, tmp_path, case, words):
+    monkeypatch.setattr(bpf_module, "has_capability", lambda cap: case != "not root")
+    monkeypatch.setattr(bpf_module, "BTF_PATH", str(tmp_path / ("missing" if case == "no btf" else "btf")))
+    (tmp_path / "btf").write_bytes(b"")
+    monkeypatch.setattr(bpf_module, "_kernel_version", lambda: (5, 4) if case == "old kernel" else (6, 18))
+    lockdown = tmp_path / "lockdown"
+    lockdown.write_text("none integrity [confidentiality]\n" if case == "lockdown" else "[none] integrity\n")
+    monkeypatch.setattr(bpf_module, "_LOCKDOWN", str(lockdown))
+    from etwmon.sources.bpf import _libbpf
+
+    def no_libbpf():
+        raise OSError("libbpf.so.1: cannot open shared object file")
+
+    if case == "no libbpf":
+        monkeypatch.setattr(_libbpf, "load_libbpf", no_libbpf)
+    reason = BpfSource.unavailable_reason()
+    assert reason is not None and words in reason and "--source netlink" in reason
+
+
+def test_capabilities_instead_of_root_are_enough(monkeypatch):
+    monkeypatch.setattr(bpf_module, "has_capability", lambda cap: cap in (38, 39))  # CAP_PERFMON, CAP_BPF
+    reason = BpfSource.unavailable_reason()
+    assert reason is None or "root" not in reason
+
+
+def test_options_are_checked():
+    for bad in (0, 1000, 3 * 4096, True, "big"):
+        with pytest.raises(ValueError):
+            BpfSource(ring_size=bad)
+    with pytest.raises(ValueError):
+        BpfSource(batch_wait=-1)
+    with pytest.raises(TypeError):
+        BpfSource(enrich=3)
+    with pytest.raises(TypeError):
+        BpfSource(nonsense=1)
+
+
+# --- live kernel (root) ----------------------------------------------------------------------------------------
+
+
+def exited(pid: int):
+    return lambda evs: any(e.type == ItemType.ProcessExit and e.pid == pid for e in evs)
+
+
+@pytest.fixture(scope="module")
+def bpf_ok():
+    reason = BpfSource.unavailable_reason()
+    require(reason is None, f"bpf: {reason}")
+
+
+@pytest.fixture
+def bpf_monitor(bpf_ok):
+    with etwmon.Monitor(source="bpf", max_items=200_000) as mon:
+        yield mon
+
+
+def bpf_fds(pid: int | str = "self") -> dict[str, set[int]]:
+    """The BPF programs and links a process holds, by kernel id, from /proc/<pid>/fdinfo."""
+    out: dict[str, set[int]] = {"prog": set(), "link": set()}
+    base = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(base):
+        try:
+            info = Path(base, fd).read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        if "link_id" in fields:
+            out["link"].add(int(fields["link_id"]))
+        elif "prog_id" in fields and "prog_type" in fields:
+            out["prog"].add(int(fields["prog_id"]))
+    return out
+
+
+def all_gone(prog_ids, timeout: float = 5.0) -> bool:
+    """Whether the kernel freed these programs within ``timeout`` (it frees them after an RCU grace period)."""
+    deadline = time.monotonic() + timeout
+    while any(prog_exists(i) for i in prog_ids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def prog_exists(prog_id: int) -> bool:
+    from etwmon.sources.bpf._libbpf import load_libbpf
+    fn = load_libbpf().lib.bpf_prog_get_fd_by_id
+    fn.argtypes, fn.restype = [ctypes.c_uint32], ctypes.c_int
+    fd = fn(prog_id)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
+
+
+@pytest.mark.root
+def test_live_exit_codes_and_exec_argv(bpf_monitor):
+    code3 = subprocess.Popen(["sh", "-c", "exit 3"])
+    code3.wait()
+    killed = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    events = read_until(bpf_monitor, lambda evs: exited(code3.pid)(evs) and exited(killed.pid)(evs))
+    exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
+    assert exits[code3.pid] == 3 and exits[killed.pid] == 137
+    mine = [e for e in events if getattr(e, "pid", None) == code3.pid]
+    assert [e.type for e in mine] == [ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit]
+    assert mine[1].argv == [b"sh", b"-c", b"exit 3"] and mine[1].parent_pid == os.getpid()
+    assert bpf_monitor.stats.lost == 0
+
+
+@pytest.mark.root
+def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
+    before = filetime_now()
+    child = subprocess.Popen(["sleep", "0.3"])
+    child.wait()
+    after = filetime_now()
+    events = read_until(bpf_monitor, exited(child.pid))
+    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    for e in mine:
+        assert before - 20_000 <= e.filetime <= after + 20_000, e  # within 2 ms of the wall clock around it
+    assert 0.29 <= (mine[-1].filetime - mine[1].filetime) / 1e7 < 2.0  # exec -> exit: the 0.3 s it slept
+    times = [e.filetime for e in events]
+    assert times == sorted(times)
+
+
+@pytest.mark.root
+def test_live_threads(bpf_monitor):
+    code = ("import threading, time\n"
+            "t = threading.Thread(target=time.sleep, args=(0.1,)); t.start()\n"
+            "print(t.native_id, flush=True); t.join()\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    tid = int(child.stdout)
+    events = read_until(bpf_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs)
+                   and any(e.type == ItemType.ProcessExit and e.pid != tid and e.pid in
+                           {x.pid for x in evs if getattr(x, "tid", None) == tid} for e in evs))
+    (create,) = [e for e in of_type(events, ItemType.ThreadCreate) if e.tid == tid]
+    (exit_,) = [e for e in of_type(events, ItemType.ThreadExit) if e.tid == tid]
+    assert create.pid == exit_.pid != tid and exit_.exit_code == 0
+    assert [e.exit_code for e in of_type(events, ItemType.ProcessExit) if e.pid == create.pid] == [0]
+
+
+@pytest.mark.root
+def test_live_fork_without_exec_inherits_the_parents_argv_read_in_the_kernel(bpf_monitor):
+    code = ("import os\n"
+            "pid = os.fork()\n"
+            "if pid == 0: os._exit(5)\n"
+            "os.waitpid(pid, 0); print(os.getpid(), pid, flush=True)\n")
+    hostile = "it's \"quoted\" $(id)\n\ttab"
+    child = subprocess.run([sys.executable, "-c", code, hostile, b"\xff\xferaw".decode("utf-8", "surrogateescape")],
+                           capture_output=True, text=True, check=True)
+    parent, grandchild = map(int, child.stdout.split())
+    events = read_until(bpf_monitor, exited(grandchild))
+    (create,) = [e for e in of_type(events, ItemType.ProcessCreate) if e.pid == grandchild]
+    assert (create.parent_pid, create.creating_pid, create.creating_tid) == (parent, parent, parent)
+    assert create.argv == [sys.executable.encode(), b"-c", code.encode(), hostile.encode(), b"\xff\xferaw"]
+    assert [e.exit_code for e in of_type(events, ItemType.ProcessExit) if e.pid == grandchild] == [5]
+    assert not [e for e in of_type(events, ItemType.ProcessExec) if e.pid == grandchild]
+
+
+@pytest.mark.root
+def test_live_long_argv_exact_and_longer_marked_truncated(bpf_monitor):
+    exact = [b"/bin/true", b"x" * 20_480, b"a b\n\xff" * 100]
+    wide = [b"/bin/true", "é".encode() * 20_000]  # 40,000 bytes: cut in the kernel, though the text would fit
+    huge = [b"/bin/true", b"A" * 100_000, b"tail"]
+    pids = {}
+    for argv in (exact, wide, huge):
+        pid = os.posix_spawn(argv[0], argv, {})
+        os.waitpid(pid, 0)
+        pids[pid] = argv
+    events = read_until(bpf_monitor, lambda evs: all(exited(p)(evs) for p in pids))
+    execs = {e.pid: e for e in of_type(events, ItemType.ProcessExec) if e.pid in pids}
+    by_argv = {id(argv): execs[pid] for pid, argv in pids.items()}
+    assert by_argv[id(exact)].argv == exact and not by_argv[id(exact)].truncated
+    for argv in (wide, huge):
+        e = by_argv[id(argv)]
+        assert e.truncated and e.command_line.count(TRUNCATION_MARKER) == 1
+        assert command_line_from_argv(argv).startswith(e.command_line[:-len(TRUNCATION_MARKER) - 1])
+    assert len(by_argv[id(huge)].command_line) == MAX_COMMAND_LINE
+
+
+NON_LEADER_EXEC = r"""
+import os, threading
+def run():
+    print(threading.get_native_id(), flush=True)
+    os.execv("/bin/sh", ["/bin/sh", "-c", "exit 4", "non-leader-exec"])
+t = threading.Thread(target=run)
+t.start()
+t.join()
+"""
+
+
+@pytest.mark.root
+def test_live_non_leader_thread_exec_gives_one_exec_and_no_phantom_exit(bpf_monitor):
+    child = subprocess.Popen([sys.executable, "-c", NON_LEADER_EXEC], stdout=subprocess.PIPE, text=True)
+    tid = int(child.stdout.readline())
+    assert child.wait(10) == 4
+    child.stdout.close()
+    events = read_until(bpf_monitor, exited(child.pid))
+    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    kinds = [e.type for e in mine]
+    assert kinds.count(ItemType.ProcessExit) == 1 and kinds[-1] == ItemType.ProcessExit
+    assert mine[-1].exit_code == 4
+    sh = [e for e in of_type(mine, ItemType.ProcessExec) if e.argv[0] == b"/bin/sh"]
+    assert len(sh) == 1 and sh[0].argv == [b"/bin/sh", b"-c", b"exit 4", b"non-leader-exec"]
+    assert sh[0].creating_tid == tid  # the thread that called exec
+    # The thread that exec'd gave up its id for the leader's: that id ends once, the leader's never does.
+    assert [e.tid for e in of_type(mine, ItemType.ThreadExit)] == [tid]
+    assert [e.tid for e in of_type(mine, ItemType.ThreadCreate)] == [tid]
+
+
+LEADER_LEAVES_FIRST_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static void *last(void *arg) { printf("%d\n", (int)syscall(SYS_gettid)); fflush(stdout); usleep(200000); exit(3); }
+int main(void) { pthread_t t; pthread_create(&t, NULL, last, NULL); pthread_exit(NULL); }
+"""
+
+
+@pytest.mark.root
+def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_process(bpf_monitor, tmp_path):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    require(cc is not None, "gcc is needed to build the test program")
+    (tmp_path / "leader.c").write_text(LEADER_LEAVES_FIRST_C)
+    subprocess.run([cc, "-pthread", "-o", str(tmp_path / "leader"), str(tmp_path / "leader.c")], check=True)
+    child = subprocess.Popen([str(tmp_path / "leader")], stdout=subprocess.PIPE, text=True)
+    tid = int(child.stdout.readline())
+    assert child.wait(10) == 3
+    child.stdout.close()
+    events = read_until(bpf_monitor, exited(child.pid))
+    ends = [(e.type, getattr(e, "tid", None), e.exit_code) for e in events
+            if e.type in (ItemType.ThreadExit, ItemType.ProcessExit) and e.pid == child.pid]
+    # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
+    assert ends == [(ItemType.ThreadExit, child.pid, 0), (ItemType.ThreadExit, tid, 3),
+                    (ItemType.ProcessExit, None, 3)]
+
+
+@pytest.mark.root
+def test_live_two_instances_side_by_side(bpf_ok):
+    with etwmon.Monitor(source="bpf") as one, etwmon.Monitor(source="bpf") as two:
+        child = subprocess.Popen(["sh", "-c", "exit 3"])
+        child.wait()
+        for mon in (one, two):
+            events = read_until(mon, exited(child.pid))
+            assert [e.exit_code for e in of_type(events, ItemType.ProcessExit) if e.pid == child.pid] == [3]
+        ids_one = one.source._object  # two loaded objects, not one shared
+        assert ids_one is not two.source._object
+    held = bpf_fds()
+    assert not held["prog"] and not held["link"]
+
+
+@pytest.mark.root
+def test_live_stop_and_an_exception_leave_nothing_attached(bpf_ok):
+    before = bpf_fds()
+    with etwmon.Monitor(source="bpf") as mon:
+        during = bpf_fds()
+        assert len(during["prog"] - before["prog"]) == 3 and len(during["link"] - before["link"]) == 3
+        subprocess.run(["true"])
+        read_until(mon, None, timeout=0.5)
+    after = bpf_fds()
+    assert after == before
+    assert all_gone(during["prog"] - before["prog"])
+
+    def broken(record: bytes, details: TaskDetails) -> bytes:
+        raise RuntimeError("enrichment failed")
+
+    mon = etwmon.Monitor(source=BpfSource(enrich=broken))
+    mon.start()
+    try:
+        subprocess.run(["true"])
+        with pytest.raises(etwmon.SourceError):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                mon.wait(0.2)
+                mon.readinto(bytearray(1 << 16))
+    finally:
+        mon.close()
+    assert bpf_fds() == before
+
+
+KILLED_CHILD = r"""
+import json, os, sys, time
+from etwmon.sources.bpf import BpfSource
+source = BpfSource()
+source.open()
+ids = []
+for fd in os.listdir("/proc/self/fdinfo"):
+    try:
+        info = open(f"/proc/self/fdinfo/{fd}").read()
+    except OSError:
+        continue
+    fields = dict(l.split(":", 1) for l in info.splitlines() if ":" in l)
+    if "prog_id" in fields and "prog_type" in fields and "link_id" not in fields:
+        ids.append(int(fields["prog_id"]))
+print(json.dumps(ids), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.root
+def test_live_sigkill_leaves_no_program_attached(bpf_ok):
+    env = dict(os.environ, PYTHONPATH=str(Path(etwmon.__file__).parent.parent))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ids = json.loads(child.stdout.readline())
+        assert len(ids) == 3 and all(prog_exists(i) for i in ids)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert all_gone(ids)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_storm_of_2000_fork_exec_exit_is_exact_and_complete(bpf_monitor, storm_tools):
+    out = subprocess.run([str(storm_tools["forkexec"]), "2000", "8", "/bin/true", "bpf-storm-%d"], check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    index = {int(line.split()[1]): int(line.split()[0]) for line in out[1:] if line}
+    pids = collections.Counter(int(line.split()[1]) for line in out[1:] if line)
+    events = read_until(bpf_monitor, lambda evs: sum(1 for e in evs if e.type == ItemType.ProcessExit and e.pid in pids)
+                   >= 2000, timeout=60)
+    stats = bpf_monitor.stats
+    assert sum(pids.values()) == 2000
+    for item in (ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit):
+        assert collections.Counter(e.pid for e in of_type(events, item) if e.pid in pids) == pids, item
+    # pids can repeat within a storm; every exec's argv is exactly one of those its pid ran
+    wanted = collections.defaultdict(set)
+    for line in out[1:]:
+        if line:
+            i, pid = map(int, line.split())
+            wanted[pid].add(f"bpf-storm-{i}".encode())
+    for e in of_type(events, ItemType.ProcessExec):
+        if e.pid in pids:
+            assert e.argv[0] == b"/bin/true" and e.argv[1] in wanted[e.pid] and len(e.argv) == 2
+    assert index and stats.lost == 0 and stats.dropped == 0 and not of_type(events, ItemType.RecordsLost)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_storm_of_20000_threads_loses_nothing(bpf_monitor, storm_tools):
+    out = subprocess.run([str(storm_tools["threads"]), "20000", "64"], check=True, capture_output=True,
+                         text=True).stdout.split()
+    pid, tids = int(out[0]), collections.Counter(map(int, out[1:]))
+    events = read_until(bpf_monitor, exited(pid), timeout=60)
+    stats = bpf_monitor.stats
+    assert sum(tids.values()) == 20000
+    assert collections.Counter(e.tid for e in of_type(events, ItemType.ThreadCreate) if e.pid == pid) == tids
+    assert collections.Counter(e.tid for e in of_type(events, ItemType.ThreadExit) if e.pid == pid) == tids
+    assert stats.lost == 0 and stats.dropped == 0
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_ok, storm_tools):
+    with etwmon.Monitor(source="bpf", max_items=500_000, ring_size=64 << 20) as reference:
+        t0 = filetime_now()
+        source = BpfSource(ring_size=4096)
+        mon = etwmon.Monitor(source=source, max_items=200_000)
+        children = fork_storm_while_stalled(mon, str(storm_tools["forks"]), 400)
+        time.sleep(0.3)
+        mon.stop()
+        t1 = filetime_now()
+        events = read_until(mon, None, timeout=10)
+        stats = mon.stats
+        mon.close()
+        everything = [e for e in read_until(reference, None, timeout=2) if t0 <= e.filetime <= t1]
+        assert reference.stats.lost == 0
+    expected = collections.Counter({(ItemType.ProcessCreate, pid): n for pid, n in children.items()})
+    expected.update({(ItemType.ProcessExit, pid): n for pid, n in children.items()})
+    seen = collections.Counter((e.type, e.pid) for e in events
+                               if e.type in (ItemType.ProcessCreate, ItemType.ProcessExit) and e.pid in children)
+    missing = sum((expected - seen).values())
+    others = sum(1 for e in everything if getattr(e, "pid", None) not in children)
+    assert missing > 0, "a one-page ring behind a stalled reader should have overflowed"
+    # Every storm event that did not arrive is counted; the rest of the count is others' events meanwhile.
+    assert missing <= stats.lost <= missing + others
+    assert sum(e.count for e in of_type(events, ItemType.RecordsLost)) == stats.lost + stats.dropped
+    assert stats.dropped == 0
