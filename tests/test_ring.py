@@ -305,6 +305,7 @@ def test_one_producer_two_readers_every_record_once_or_counted_dropped():
     produce()
     for t in readers:
         t.join(120)
+    assert not any(t.is_alive() for t in readers), "a reader never finished (it would have read nothing more)"
     assert not errors
     got = np.concatenate([np.concatenate(s) if s else np.array([], dtype=np.int64) for s in seen])
     stats = ring.stats
