@@ -4,6 +4,7 @@ per-process CPU time and RSS read from /proc."""
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -168,3 +169,15 @@ def target(benchmark: str, name: str, value: float | None, goal: float, unit: st
     """One goal and how the run did against it."""
     return {"benchmark": benchmark, "name": name, "value": value, "goal": goal, "unit": unit,
             "op": ">=" if higher_is_better else "<=", "result": verdict(value, goal, higher_is_better)}
+
+
+def timed(fn) -> float:
+    """Seconds ``fn()`` takes, with the garbage collector kept out of the measurement (for every contender)."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()

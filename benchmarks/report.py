@@ -76,6 +76,24 @@ def sections(results: dict, markdown: bool) -> list[str]:
             out += _table(["readinto buffer", "ring MB/s", "naive MB/s", "ceiling MB/s", "ring / naive",
                            "ring / ceiling"], rows, markdown)
 
+    rules = b.get("rules")
+    if rules:
+        out += ["", h("Rules: a Sysmon configuration of ~500 rules, per event")]
+        if rules["status"] != "ok":
+            out.append(_status_line(rules))
+        else:
+            p = rules["params"]
+            out.append(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
+                       f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
+                       f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
+            out.append("")
+            out += _table(["what", "µs per event"], [
+                ["RuleSet.decide, ~500 rules", stat(rules["decide_us"], 2)],
+                ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
+                ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
+                ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
+                ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+
     storms = b.get("storms")
     if storms:
         out += ["", h("Storms: kernel to readinto, one monitor at a time")]
@@ -142,6 +160,30 @@ def sections(results: dict, markdown: bool) -> list[str]:
             if mem.get("error"):
                 out.append(f"error: {mem['error']}")
 
+    fleet = b.get("fleet")
+    if fleet:
+        out += ["", h("Fleet: one host through a local nats-server (JetStream, file storage) to a consumer")]
+        if fleet["status"] != "ok":
+            out.append(_status_line(fleet))
+        else:
+            p = fleet["params"]
+            out.append(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
+                       f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
+                       f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
+                       "Latency: the consumer's read() returning the record minus the record's Time.")
+            out.append("")
+            out += _table(["trial", "records/s", "missing", "p50 ms", "p99 ms"], [
+                [f"paced {p['paced_rate']:,}/s", stat(fleet["paced_records_per_s"], 0), stat(fleet["paced_missing"], 0),
+                 stat(fleet["paced_p50_ms"], 1), stat(fleet["paced_p99_ms"], 1)],
+                ["unthrottled", stat(fleet["unthrottled_records_per_s"], 0), "", "", ""]], markdown)
+            if isinstance(fleet.get("storm"), dict):
+                out.append(f"thread storm through the fleet: {_status_line(fleet['storm'])}")
+            elif fleet.get("storm"):
+                out.append("")
+                out += _table(["thread storm, netlink → fleet", "storm events/s", "captured %", "p99 ms"], [
+                    ["unthrottled", stat(fleet["storm_events_per_s"], 0), stat(fleet["storm_captured_pct"], 2),
+                     stat(fleet["storm_p99_ms"], 1)]], markdown)
+
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
@@ -192,6 +234,13 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 
 _METHOD = [
+    "- **Fleet**: a child process runs a Monitor over a source that pushes ThreadCreate records stamped with "
+    "the time they are pushed (at 50 k/s, this machine's unthrottled thread storm, or as fast as it can), shipped "
+    "by `etwmon.fleet.Shipper` to a nats-server on loopback (JetStream, file storage); this process reads them "
+    "with a `FleetConsumer`. Missing = pushed minus received (ring drops and gaps included); records/s over the "
+    "consumer's first to last read. As root, the storm trial ships the live netlink source while the thread storm "
+    "runs unthrottled; captured = the ThreadCreate/ThreadExit events of the tids the generator made that reached "
+    "the consumer.",
     "- **Ring**: one process, the same encoded records (ProcessCreate with ~50-character command lines "
     "alternating with ProcessExit) pushed one per call into `EventRing` and into a naive port of the book's "
     "list (a `collections.deque` under a lock, count cap dropping the oldest, and a `readinto` that pops records "

@@ -3,14 +3,12 @@ the copy ceiling (plain slice copies of the same volume), all in the same proces
 
 from __future__ import annotations
 
-import gc
 import threading
-import time
 from collections import deque
 
 import numpy as np
 
-from common import progress, summary, target
+from common import progress, summary, target, timed as _timed
 from etwmon.records import encode_process_create, encode_process_exit, filetime_now
 from etwmon.ring import EventRing
 
@@ -65,18 +63,6 @@ def make_records(count: int) -> list[bytes]:
         else:
             records.append(encode_process_exit(now + i, pid - 1, 0))
     return records
-
-
-def _timed(fn) -> float:
-    """Seconds ``fn()`` takes, with the garbage collector kept out of the measurement (for every contender)."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def _push_all(push, records: list[bytes]) -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "storms", "cost", "memory")
+BENCHMARKS = ("ring", "rules", "storms", "cost", "memory", "fleet")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory")
 
 
@@ -163,8 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         import ring_bench
 
         benchmarks["ring"] = _guard("ring", lambda: ring_bench.run(args.quick))
+    if "rules" in args.only:
+        if _importable("defusedxml"):
+            import rules_bench
+
+            benchmarks["rules"] = _guard("rules", lambda: rules_bench.run(args.quick))
+        else:
+            benchmarks["rules"] = {"status": "skipped", "reason": "needs defusedxml: pip install 'etwmon[rules]'"}
+            progress(f"rules: skipped: {benchmarks['rules']['reason']}")
     if any(name in KERNEL_BENCHMARKS for name in args.only):
         run_kernel_benchmarks(args, benchmarks)
+    if "fleet" in args.only:
+        import fleet_bench
+
+        benchmarks["fleet"] = _guard("fleet", lambda: fleet_bench.run(args.quick))
 
     results = {
         "suite": "etwmon benchmarks",

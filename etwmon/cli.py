@@ -14,13 +14,14 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 from typing import Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
 from .errors import Error, SourceError, SourceUnavailable
 from .filters import EventFilter, parse_event_types
-from .formats import RENDERERS, escape_text, human_bytes
+from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
 from .sources import SOURCES, available_sources
@@ -34,6 +35,7 @@ ENV_MAX_BYTES = "ETWMON_MAX_BYTES"
 #: The smallest --max-bytes: one largest record (Size is a USHORT) must fit, or the source would fail on it.
 MIN_MAX_BYTES = 0x10000
 DEFAULT_MAX_ITEMS = 10_000
+SHIP_MAX_ITEMS = 100_000
 #: ``tail --batch-wait``: how long to gather events behind the first before printing (a person does not see
 #: 10 ms; a storm costs about half the CPU), and the most it may be (the ring keeps filling meanwhile).
 DEFAULT_BATCH_WAIT = 0.01
@@ -126,6 +128,41 @@ def _limits(args: argparse.Namespace, environ: dict[str, str]) -> tuple[int | No
     return items, size
 
 
+def _host_id(text: str) -> str:
+    from .fleet import FleetError, check_host_id
+
+    try:
+        return check_host_id(text)
+    except FleetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _since(text: str):
+    from .fleet import parse_since
+
+    try:
+        return parse_since(text) or "all"
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    from .fleet import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _nats_options(command: argparse.ArgumentParser) -> None:
+    """What ``ship`` and ``tail --from`` share: the stream and where the credentials are."""
+    command.add_argument("--stream", default="ETWMON", metavar="NAME", help="JetStream stream (default: ETWMON)")
+    command.add_argument("--auth-file", metavar="FILE",
+                         help="NATS credentials as ETWMON_NATS_*=value lines, mode 600 (default: "
+                              "$ETWMON_NATS_AUTH_FILE, else the ETWMON_NATS_* environment variables)")
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Watch processes and threads start and stop (SysMon-style records).")
     parser.add_argument("--version", action="version",
@@ -140,8 +177,21 @@ def _build_parser() -> _Parser:
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
                        help="event source (default: auto, the best that works here; see 'etwmon sources')")
-    tail_.add_argument("--json", action="store_true",
-                       help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text")
+    tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
+                       help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
+    tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
+                       help="text (default), json, or ecs (Elastic Common Schema documents, one per line)")
+    tail_.add_argument("--from", dest="servers", action="append", metavar="URL",
+                       help="read the fleet's events from NATS JetStream at nats://HOST:PORT instead of a local "
+                            "source (repeat for a cluster's servers); see docs/fleet.md")
+    tail_.add_argument("--host", dest="hosts", action="append", type=_host_id, metavar="NAME",
+                       help="with --from: only this host's events (repeatable)")
+    tail_.add_argument("--since", type=_since, metavar="TIME",
+                       help="with --from: replay from TIME (10m, 2h, 1d, an ISO-8601 time, or all) instead of "
+                            "starting with what arrives from now on")
+    tail_.add_argument("--durable", metavar="NAME",
+                       help="with --from: a consumer name the server remembers, to continue where it stopped")
+    _nats_options(tail_)
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
                        help="only these event types, comma-separated: process_create, process_exec, process_exit, "
                             "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image")
@@ -153,6 +203,10 @@ def _build_parser() -> _Parser:
                        help="only processes whose command line contains TEXT (repeatable: any)")
     tail_.add_argument("--glob", dest="globs", action="append", default=[], metavar="PATTERN",
                        help="only processes whose whole command line matches the glob PATTERN (repeatable: any)")
+    tail_.add_argument("--config", metavar="FILE",
+                       help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
+                            "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
+                            "with 'etwmon rules check FILE')")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
                        help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {DEFAULT_MAX_ITEMS})")
     tail_.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
@@ -166,6 +220,38 @@ def _build_parser() -> _Parser:
     tail_.add_argument("--stats-interval", type=_seconds(0, MAX_STATS_INTERVAL, False), default=5.0,
                        metavar="SECONDS", help="seconds between --stats lines (default: 5)")
 
+    ship = commands.add_parser(
+        "ship", help="send this host's events to a NATS JetStream server (Ctrl-C to stop)",
+        description="Watch this host and publish its records, batch by batch, to etwmon.<host>.events on a "
+                    "JetStream stream (made if absent). Records wait in the ring while the server is away.",
+        epilog="Credentials: --auth-file or the ETWMON_NATS_* environment variables, never argv. "
+               "Reference: docs/fleet.md.")
+    ship.add_argument("--to", dest="servers", action="append", required=True, metavar="URL",
+                      help="nats://HOST:PORT (or tls://); repeat for the servers of a cluster")
+    ship.add_argument("--host-id", type=_host_id, metavar="NAME",
+                      help="this host's name in the fleet (default: the hostname, dots made '_')")
+    ship.add_argument("--source", default="auto", choices=["auto", *SOURCES], help="event source (default: auto)")
+    ship.add_argument("--config", metavar="FILE",
+                      help="a Sysmon XML configuration: ship only what its rules keep, command lines redacted "
+                           "before they leave this host (docs/rules.md)")
+    ship.add_argument("--max-items", type=_whole_number(1), metavar="N",
+                      help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {SHIP_MAX_ITEMS}: the ring "
+                           "holds the records while the server is away)")
+    ship.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
+                      help=f"ring capacity in bytes (default: ${ENV_MAX_BYTES}, else 1 KiB per record)")
+    ship.add_argument("--retention-age", type=_duration, default=7 * 86400.0, metavar="AGE",
+                      help="when making the stream: how long it keeps records, e.g. 12h, 7d (default: 7d)")
+    ship.add_argument("--retention-bytes", type=_byte_size, default=1 << 30, metavar="SIZE",
+                      help="when making the stream: the most it keeps, oldest dropped first (default: 1G)")
+    ship.add_argument("--replicas", type=_whole_number(1), default=1, metavar="N",
+                      help="when making the stream: copies in a cluster (default: 1)")
+    ship.add_argument("--no-create-stream", action="store_true",
+                      help="never make the stream (an administrator does; see docs/fleet.md)")
+    ship.add_argument("--batch-wait", type=_seconds(0, MAX_BATCH_WAIT, True), default=DEFAULT_BATCH_WAIT,
+                      metavar="SECONDS",
+                      help=f"let a batch gather this long after its first record (default: {DEFAULT_BATCH_WAIT})")
+    _nats_options(ship)
+
     sources = commands.add_parser("sources", help="which event sources work here, and why the others don't",
                                   description="List the event sources, whether each works on this machine "
                                               "(and if not, why), what it delivers and whether it can miss "
@@ -177,6 +263,16 @@ def _build_parser() -> _Parser:
                                     "(audit rules, audit enabled, a raised backlog limit) and restore the state "
                                     "they recorded, without starting a monitor. What a running instance owns is "
                                     "left alone. 'etwmon sources' shows what there is.")
+
+    rules = commands.add_parser("rules", help="Sysmon XML configurations: check what etwmon applies",
+                                description="Work with Sysmon XML configurations (docs/rules.md).")
+    rules_commands = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    rules_commands.required = True
+    check = rules_commands.add_parser("check", help="what of FILE is applied, what is ignored and why, per rule",
+                                      description="Load FILE as 'tail --config' would and list every rule: "
+                                                  "applied, or ignored and why. Exit 0 if it loads, 2 if refused.")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="one JSON object per rule per line")
     return parser
 
 
@@ -202,15 +298,29 @@ def _error(err: TextIO, message: str) -> None:
 # --- commands --------------------------------------------------------------------------------------------------
 
 
-def _open_reader(args: argparse.Namespace, environ: dict[str, str]) -> Reader:
-    """What ``etwmon tail`` reads from: a Monitor on a local source. (A service connection and a fleet consumer
-    are chosen here too: each is a ``Reader``.)"""
+def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO) -> Reader:
+    """What ``etwmon tail`` reads from: a Monitor on a local source, or with --from the fleet's stream.
+    (A service connection is chosen here too: each is a ``Reader``.)"""
+    if args.servers and args.config:
+        raise UsageError("--config applies rules where the events are read from the kernel; with --from they "
+                         "are the shipping host's: etwmon ship --config FILE")
+    if args.servers:
+        from . import fleet
+
+        consumer = fleet.FleetConsumer(args.servers, hosts=args.hosts, since=args.since, durable=args.durable,
+                                       stream=args.stream, auth=fleet.load_auth(environ, args.auth_file))
+        return fleet.FleetReader(consumer, on_notice=lambda notice: say(
+            err, f"warning: host {notice.host}: {notice.kind} message: {escape_text(notice.message)}"
+            if notice.kind != "restarted" else f"warning: host {notice.host}: {escape_text(notice.message)}"))
+    if args.hosts or args.since or args.durable:
+        raise UsageError("--host, --since and --durable go with --from (they choose what to read of the fleet)")
     from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
 
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
+    rules = _load_rules(args.config) if args.config else None
     try:
-        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes)
+        return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules)
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
@@ -222,12 +332,76 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     if args.descendants and not args.pids:
         raise UsageError("--descendants needs --pid (whose descendants to follow)")
     types = frozenset().union(*args.types) if args.types else None
+    reader = _open_reader(args, environ, err)
+    if args.servers:  # every line says whose event it is: the host of the batch being shown
+        render = host_renderer(args.format, lambda: reader.host)
+    elif args.format == "ecs":
+        here = socket.gethostname()
+        render = host_renderer("ecs", lambda: here)
+    else:
+        render = RENDERERS[args.format]
     options = TailOptions(
-        render=RENDERERS["json" if args.json else "text"],
+        render=render,
         keep=EventFilter(types=types, pids=args.pids, descendants=args.descendants, substrings=args.substrings,
                          globs=args.globs),
         batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None)
-    return tail(_open_reader(args, environ), options, out, err)
+    return tail(reader, options, out, err)
+
+
+def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int:
+    from . import fleet
+    from .monitor import Monitor
+
+    max_items, max_bytes = _limits(args, environ)
+    auth = fleet.load_auth(environ, args.auth_file)
+    rules = _load_rules(args.config) if args.config else None
+    monitor = Monitor(source=args.source, max_items=SHIP_MAX_ITEMS if max_items is None else max_items,
+                      max_bytes=max_bytes, rules=rules)
+    shipper = fleet.Shipper(monitor, args.servers, args.host_id, stream=args.stream, auth=auth,
+                            max_age=args.retention_age, max_bytes=args.retention_bytes, replicas=args.replicas,
+                            create_stream=not args.no_create_stream, batch_wait=args.batch_wait)
+    with monitor:
+        stats = shipper.run(stop_signals=True, on_ready=lambda: say(
+            err, f"shipping to {shipper.describe()} (source: {monitor.source.name}, ring: "
+                 f"{monitor.ring.max_items} records); Ctrl-C to stop"))
+        ring = monitor.stats
+    unsent = f", {stats.unsent} not sent (the server stayed away)" if stats.unsent else ""
+    say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} lost, "
+             f"{ring.dropped} dropped{unsent}")
+    return EXIT_RUNTIME if stats.unsent else EXIT_OK
+
+
+def _load_rules(path: str):
+    """The RuleSet of ``tail --config`` (its warnings reach stderr through the library's log)."""
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+
+    try:
+        return RuleSet.load(path)
+    except RuleConfigError as exc:
+        raise UsageError(f"--config: {exc}") from None
+
+
+def _rules_check(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import RuleConfigError
+    from .rules import RuleSet
+    from .rules.check import check_lines, check_records
+
+    logger = logging.getLogger("etwmon.rules")  # the report below says it all, once
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    try:
+        rules = RuleSet.load(args.file)
+    except RuleConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        for record in check_records(rules):
+            out.write(json.dumps(record, ensure_ascii=True) + "\n")
+    else:
+        for line in check_lines(rules):
+            out.write(escape_text(line) + "\n")
+    out.flush()
+    return EXIT_OK
 
 
 def _auto_choice(infos: list) -> str | None:
@@ -336,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sources(args, out)
         if args.command == "cleanup":
             return _cleanup(out, err)
+        if args.command == "rules":
+            return _rules_check(args, out)
+        if args.command == "ship":
+            return _ship(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _error(err, str(exc))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError"]
+__all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError", "RulesError",
+           "RuleConfigError"]
 
 
 class Error(Exception):
@@ -36,3 +37,12 @@ class SourceUnavailable(Error):
 
 class SourceError(Error):
     """The source thread of a Monitor failed; the original exception is ``__cause__``."""
+
+
+class RulesError(Error):
+    """Rules cannot be used here (e.g. the ``rules`` extra, defusedxml, is not installed)."""
+
+
+class RuleConfigError(RulesError, ValueError):
+    """A rules configuration was refused: unreadable, too big, not well-formed, hostile (DTDs, entities) or not
+    a valid Sysmon configuration. The message names the file and line; nothing was started."""

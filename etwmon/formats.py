@@ -1,4 +1,4 @@
-"""How an event looks to a person or a program: one line of text, a JSON object, a JSON line.
+"""How an event looks to a person or a program: one line of text, a JSON object, a JSON line, an ECS document.
 
 One place for it: ``etwmon tail`` renders with these, and so do the service and the fleet consumer, so an event
 reads the same everywhere. Everything a process controls (command lines, image names) is escaped before it can
@@ -14,11 +14,12 @@ import re
 from typing import Callable
 
 from .records import (
-    EXIT_CODE_UNKNOWN, Event, ImageLoad, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
-    UnknownRecord, filetime_to_datetime,
+    EXIT_CODE_UNKNOWN, Event, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate,
+    ThreadExit, UnknownRecord, filetime_to_datetime,
 )
 
-__all__ = ["escape_text", "format_event", "event_to_json", "json_line", "RENDERERS", "human_bytes"]
+__all__ = ["escape_text", "format_event", "event_to_json", "json_line", "event_to_ecs", "ecs_line", "ECS_VERSION",
+           "host_renderer", "RENDERERS", "human_bytes"]
 
 # --- escaping: what a process controls never reaches a terminal raw ------------------------------------------
 
@@ -77,11 +78,11 @@ def format_event(event: Event) -> str:
     line last (escaped). A RecordsLost record is a WARNING line with the count."""
     when = _local_clock(event.filetime)
     if isinstance(event, ProcessCreate):  # ProcessExec too
-        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid} "
+        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_rule_text(event)} "
                 f"cmd={escape_text(event.command_line)}")
     if isinstance(event, ProcessExit):
         code = _exit_code(event.exit_code)
-        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}"
+        return f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{_rule_text(event)}"
     if isinstance(event, ThreadExit):
         code = _exit_code(event.exit_code)
         return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
@@ -95,6 +96,12 @@ def format_event(event: Event) -> str:
     if isinstance(event, UnknownRecord):
         return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
     return f"{when} {escape_text(repr(event))}"
+
+
+def _rule_text(event: Event) -> str:
+    """`` rule=NAME`` when rules named the event (``tail --config``)."""
+    name = getattr(event, "rule_name", None)
+    return "" if name is None else f" rule={escape_text(name)}"
 
 
 def _json_text(text: str) -> tuple[str, str | None]:
@@ -122,6 +129,9 @@ def _put_text(obj: dict, key: str, text: str) -> None:
 def event_to_json(event: Event) -> dict:
     """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
     obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
+    rule_name = getattr(event, "rule_name", None)
+    if rule_name is not None:  # the Sysmon rule that included it (tail --config)
+        obj["rule_name"] = rule_name
     if isinstance(event, ProcessCreate):
         obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
                    creating_tid=event.creating_tid)
@@ -151,8 +161,123 @@ def json_line(event: Event) -> str:
     return json.dumps(event_to_json(event), ensure_ascii=True, separators=(",", ":"))
 
 
+# --- Elastic Common Schema ----------------------------------------------------------------------------------
+
+#: The ECS version the ``ecs`` form follows; docs/fleet.md has the mapping (and OCSF's, on paper).
+ECS_VERSION = "8.11.0"
+
+# Record type → (event.category, event.type, event.action).
+_ECS_KINDS: dict[ItemType, tuple[list[str], list[str], str]] = {
+    ItemType.ProcessCreate: (["process"], ["start"], "process-create"),
+    ItemType.ProcessExec: (["process"], ["start"], "process-exec"),
+    ItemType.ProcessExit: (["process"], ["end"], "process-exit"),
+    ItemType.ThreadCreate: (["process"], ["start"], "thread-create"),
+    ItemType.ThreadExit: (["process"], ["end"], "thread-exit"),
+    ItemType.ImageLoad: (["library"], ["start"], "image-load"),
+    ItemType.RecordsLost: (["process"], ["info"], "records-lost"),
+}
+# Enrichment attributes (None = unknown, left out) → where ECS puts them.
+_ECS_ENRICHMENT = (
+    ("process_guid", ("process", "entity_id")), ("parent_process_guid", ("process", "parent", "entity_id")),
+    ("image", ("process", "executable")), ("current_directory", ("process", "working_directory")),
+    ("parent_image", ("process", "parent", "executable")),
+    ("parent_command_line", ("process", "parent", "command_line")),
+    ("uid", ("user", "id")), ("user", ("user", "name")), ("container_id", ("container", "id")),
+)
+
+
+def _put(obj: dict, path: tuple[str, ...], value: object) -> None:
+    for key in path[:-1]:
+        obj = obj.setdefault(key, {})
+    obj[path[-1]] = value
+
+
+def _ecs_text(obj: dict, path: tuple[str, ...], text: str) -> None:
+    value, exact = _json_text(text)
+    _put(obj, path, value)
+    if exact is not None:  # the exact bytes, under etwmon's own namespace
+        _put(obj, ("etwmon", "_".join(path[1:]) + "_base64"), exact)
+
+
+def event_to_ecs(event: Event, host: str | None = None) -> dict:
+    """The event as an Elastic Common Schema document (nested objects): ``@timestamp``, ``event.*``,
+    ``process.*``, ``host.name`` (``host``, when given); what ECS has no field for goes under ``etwmon.*``."""
+    category, kind, action = _ECS_KINDS.get(event.type, (["process"], ["info"], "unknown"))
+    doc: dict = {"@timestamp": _iso_utc(event.filetime), "ecs": {"version": ECS_VERSION},
+                 "event": {"kind": "event", "category": category, "type": kind, "action": action,
+                           "module": "etwmon", "code": str(int(event.type))}}
+    if host is not None:
+        doc["host"] = {"name": host}
+    process: dict = {}
+    if isinstance(event, ProcessCreate):  # ProcessExec too
+        process.update(pid=event.pid, parent={"pid": event.parent_pid})
+        doc["process"] = process
+        _ecs_text(doc, ("process", "command_line"), event.command_line)
+        try:
+            process["args"] = [a.decode("utf-8", "replace") for a in event.argv]
+        except UnicodeEncodeError:  # broken UTF-16 from Windows: not shell-quoted argv anyway
+            process["args"] = [doc["process"]["command_line"]]
+        process["args_count"] = len(process["args"])
+        _put(doc, ("etwmon", "creating_pid"), event.creating_pid)
+        _put(doc, ("etwmon", "creating_tid"), event.creating_tid)
+        if event.truncated:
+            _put(doc, ("etwmon", "truncated"), True)
+    elif isinstance(event, ProcessExit):
+        process["pid"] = event.pid
+        code = _exit_code(event.exit_code)
+        if code is not None:
+            process["exit_code"] = code
+    elif isinstance(event, (ThreadCreate, ThreadExit)):
+        process.update(pid=event.pid, thread={"id": event.tid})
+        if isinstance(event, ThreadExit):
+            code = _exit_code(event.exit_code)
+            if code is not None:
+                _put(doc, ("etwmon", "thread_exit_code"), code)
+    elif isinstance(event, ImageLoad):
+        process["pid"] = event.pid
+        doc["process"] = process
+        _ecs_text(doc, ("dll", "path"), event.image_name)
+        doc["dll"]["name"] = re.split(r"[\\/]", doc["dll"]["path"])[-1]
+        _put(doc, ("etwmon", "image_size"), event.image_size)
+        _put(doc, ("etwmon", "load_address"), f"0x{event.load_address:x}")
+    elif isinstance(event, RecordsLost):
+        doc["message"] = f"{event.count} records lost here (ring full or source overrun)"
+        _put(doc, ("etwmon", "records_lost"), event.count)
+    elif isinstance(event, UnknownRecord):
+        _put(doc, ("etwmon", "item_type"), event.item_type)
+        _put(doc, ("etwmon", "data_base64"), base64.b64encode(event.data).decode("ascii"))
+    if process and "process" not in doc:
+        doc["process"] = process
+    for attribute, path in _ECS_ENRICHMENT:
+        value = getattr(event, attribute, None)
+        if value is not None:
+            # ECS keeps these as keywords (user.id too): text
+            _ecs_text(doc, path, value if isinstance(value, str) else str(value))
+    return doc
+
+
+def ecs_line(event: Event, host: str | None = None) -> str:
+    """``event_to_ecs`` as one line of ASCII JSON (no newline)."""
+    return json.dumps(event_to_ecs(event, host), ensure_ascii=True, separators=(",", ":"))
+
+
+def host_renderer(form: str, host: Callable[[], str | None]) -> Callable[[Event], str]:
+    """The ``form`` renderer (a RENDERERS name) with each event's host, asked of ``host()`` per event (a fleet
+    reader names the host of the batch being shown): text puts the host first, json adds ``"host"``, ecs sets
+    ``host.name``."""
+    if form == "text":
+        return lambda event: f"{escape_text(host() or '?')} {format_event(event)}"
+    if form == "json":
+        def line(event: Event) -> str:
+            return json.dumps({"host": host(), **event_to_json(event)}, ensure_ascii=True, separators=(",", ":"))
+        return line
+    if form == "ecs":
+        return lambda event: ecs_line(event, host())
+    raise ValueError(f"unknown output form {form!r}; choose from {', '.join(sorted(RENDERERS))}")
+
+
 #: ``etwmon tail`` output forms by name: each turns one event into one line (without the newline).
-RENDERERS: dict[str, Callable[[Event], str]] = {"text": format_event, "json": json_line}
+RENDERERS: dict[str, Callable[[Event], str]] = {"text": format_event, "json": json_line, "ecs": ecs_line}
 
 
 def human_bytes(n: float) -> str:

@@ -8,18 +8,22 @@ empty. An exception in the source thread is kept and raised to the reader as ``S
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
+
+if TYPE_CHECKING:
+    from .rules import RuleSet
 
 __all__ = ["Monitor", "MonitorStats"]
 
@@ -36,6 +40,8 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
+    #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
+    rules: dict[str, Any] = field(default_factory=dict)
 
 
 class _Sink:
@@ -93,10 +99,15 @@ class Monitor:
     ``source`` is a name known to ``etwmon.sources.open_source`` or a ``Source`` object; extra keyword options
     go to the source. Use as a context manager or call ``start()``/``stop()`` (both idempotent). Records stay
     readable after ``stop()`` until drained.
+
+    ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
+    one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
-                 **source_options: Any) -> None:
+                 rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, **source_options: Any) -> None:
+        self._rules = _load_rules(rules)
+        self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._source_spec = source
         self._source_options = source_options
@@ -125,14 +136,23 @@ class Monitor:
             if self._wakeup is None:
                 self._wakeup = _Wakeup(self.ring)
             wakeup = self._wakeup
-            self._thread = threading.Thread(target=self._run, args=(self._source, wakeup),
+            self._thread = threading.Thread(target=self._run, args=(self._source, wakeup, self._sink(wakeup)),
                                             name=f"etwmon-{self._source.name}", daemon=True)
             self._thread.start()
             return self
 
-    def _run(self, source: Source, wakeup: _Wakeup) -> None:
+    def _sink(self, wakeup: _Wakeup) -> Any:
+        """What the source pushes into: the ring, behind the rules stage when there are rules."""
+        sink: Any = _Sink(self.ring, wakeup)
+        if self._rules is not None:
+            from .rules import RulesStage
+
+            sink = self._rules_stage = RulesStage(sink, self._rules)
+        return sink
+
+    def _run(self, source: Source, wakeup: _Wakeup, sink: Any) -> None:
         try:
-            source.run(_Sink(self.ring, wakeup))
+            source.run(sink)
         except BaseException as exc:  # kept for the reader: never die silently
             log.error("etwmon source %r failed: %r", source.name, exc)
             self._error = exc
@@ -152,6 +172,23 @@ class Monitor:
             source.close()
             self._thread = None
             wakeup.set(force=True)  # wake anyone still waiting: running is over
+
+    def set_rules(self, rules: Union["RuleSet", str, "os.PathLike[str]"]) -> None:
+        """Use other rules from the next record on (a path is read first: a refused configuration raises
+        ``RuleConfigError`` and the rules in force stay). For a reload on SIGHUP. A monitor started without
+        rules gets them at its next start()."""
+        new = _load_rules(rules)
+        if new is None:
+            raise TypeError("set_rules() needs a RuleSet or the path of a configuration")
+        self._rules = new
+        stage = self._rules_stage
+        if stage is not None:
+            stage.replace(new)
+
+    @property
+    def rules(self) -> "RuleSet | None":
+        """The RuleSet in force (None: every record goes to the ring)."""
+        return self._rules
 
     @property
     def running(self) -> bool:
@@ -299,16 +336,32 @@ class Monitor:
     def describe(self) -> str:
         """What this monitor watches, for a person: ``source: netlink, ring: 10000 records / 9.8 MiB``."""
         name = self._source.name if self._source else self._source_spec
-        return f"source: {name}, ring: {self.ring.max_items} records / {human_bytes(self.ring.max_bytes)}"
+        rules = f", rules: {self._rules.source}" if self._rules is not None else ""
+        return (f"source: {name}, ring: {self.ring.max_items} records / {human_bytes(self.ring.max_bytes)}"
+                f"{rules}")
 
     @property
     def stats(self) -> MonitorStats:
         ring = self.ring.stats
         extra = self._source.stats() if self._source is not None else {}
+        stage = self._rules_stage
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
-                            parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra))
+                            parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
+                            rules=stage.stats() if stage is not None else {})
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         name = self._source.name if self._source else self._source_spec
         return f"<Monitor source={name!r} {state} {self.ring!r}>"
+
+
+def _load_rules(rules: Any) -> "RuleSet | None":
+    if rules is None:
+        return None
+    from .rules import RuleSet
+
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, (str, os.PathLike)):
+        return RuleSet.load(rules)
+    raise TypeError(f"rules must be a RuleSet or the path of a configuration, not {type(rules).__name__}")

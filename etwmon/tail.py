@@ -473,5 +473,9 @@ class _Tail:
         unread = f", {stats.items} unread" if stats.items else ""
         unwritten = writer.unwritten
         not_written = f", {unwritten} not written ({writer.unwritten_reason})" if unwritten else ""
+        judged = getattr(stats, "rules", None)
+        by_rules = (f"; rules kept {judged['kept']} of {judged['evaluated']} process events ({judged['undecided']} "
+                    f"undecided), dropped {judged['followers_dropped']} thread events with their process"
+                    if judged else "")
         say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {lost_text(stats)}, "
-                      f"{stats.dropped} dropped{unread}{not_written}")
+                      f"{stats.dropped} dropped{unread}{not_written}{by_rules}")

@@ -31,11 +31,12 @@ from etwmon.sources.audit_records import EventAssembler
 from etwmon.sources.audit_state import RuleKey
 
 from .conftest import require
+from .helpers import ListSink
 
 
 @pytest.fixture(autouse=True)
 def private_lock_dir(request, tmp_path, monkeypatch):
-    """Tests against a fake kernel take a lock of their own; live ones share /run/etwmon with every instance."""
+    """Tests against a fake kernel take a lock of their own; live ones share /run/etwmon-audit with every instance."""
     if request.node.get_closest_marker("root") is None:
         lock_dir = tmp_path / "etwmon-lock"
         lock_dir.mkdir(mode=0o700)
@@ -251,6 +252,16 @@ def fake_source(kernel: FakeAuditKernel) -> AuditSource:
     return AuditSource(probe=False, transport_factory=kernel.factory)
 
 
+def until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds: waiting on a condition, not for a time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 # --- live kernel ---------------------------------------------------------------------------------------------
 
 
@@ -315,26 +326,6 @@ def assert_restored(before: AuditStatus, gone_pids: set[int]) -> None:
             assert now.backlog_limit == before.backlog_limit
     finally:
         control.close()
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.lost = 0
-        self.lock = threading.Lock()
-
-    def push(self, record: bytes) -> None:
-        with self.lock:
-            self.records.append(bytes(record))
-
-    def push_lost(self, count: int) -> None:
-        self.lost += count
-
-    def notify(self) -> None:
-        pass
-
-    def events(self):
-        return list(records.parse(b"".join(self.records)))
 
 
 class _KeepingAuditSource(AuditSource):
@@ -447,6 +438,20 @@ def read_storm(mon: Monitor, n: int, keep: list | None = None) -> tuple[dict[int
         if keep is not None:
             keep += events
     return seen, lost, mon.stats.source_stats
+
+
+def run_storm(source: str, binary: str, n: int) -> tuple[str, dict[int, list[bytes]], int, dict]:
+    """An exec storm of ``n`` children watched by a Monitor of ``source``: the storm's own report, then what
+    ``read_storm`` returns."""
+    with Monitor(source=source, max_items=200_000) as mon:
+        out = storm(binary, n)
+        return (out, *read_storm(mon, n))
+
+
+def assert_storm_exact(seen: dict[int, list[bytes]], lost: int, n: int) -> None:
+    assert all(exact(i, argv) for i, argv in seen.items())  # every command line reported is exact,
+    assert len(seen) >= 0.999 * n  # nearly all are there,
+    assert len(seen) + lost >= n  # and whatever was missed was counted
 
 
 def storm_argvs(events) -> dict[int, list[bytes]]:

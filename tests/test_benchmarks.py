@@ -61,7 +61,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "storms", "cost", "memory"]
+    assert list(data["benchmarks"]) == ["ring", "rules", "storms", "cost", "memory", "fleet"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -89,6 +89,19 @@ def test_ring_figures_are_complete_and_sane(quick_run):
     names = {t["name"] for t in ring["targets"]}
     assert names == {"readinto 64 KiB vs naive list", "readinto 1 MiB vs copy ceiling", "push rate",
                      "push vs deque append"}
+
+
+def test_rules_figures_are_complete_and_sane(quick_run):
+    out, proc, _, _ = quick_run
+    rules = json.loads((out / "latest.json").read_text())["benchmarks"]["rules"]
+    assert rules["status"] == "ok", rules
+    assert 400 <= rules["params"]["rules"] <= 600
+    assert 0 < rules["params"]["events_kept"] < rules["params"]["events"]
+    for key in ("decide_us", "decide_one_rule_us", "stage_us", "plain_sink_us"):
+        _stat_ok(rules[key], low=1e-9)
+    assert {t["name"] for t in rules["targets"]} == {"evaluation per process event, ~500 rules",
+                                                       "stage added per record (mixed stream, decoding included)"}
+    assert "== Rules" in proc.stdout
 
 
 def test_every_target_has_a_verdict(quick_run):
@@ -127,6 +140,28 @@ def test_storm_trials_are_scored_against_ground_truth(quick_run):
             assert 0 <= trial["cmdline_right"] <= trial["items"]
         if trial["tool"].startswith("etwmon-") and trial["latency_us"]:
             assert 0 <= trial["latency_us"]["p50"] <= trial["latency_us"]["p99"] <= trial["latency_us"]["max"]
+
+
+def test_fleet_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    fleet = json.loads((out / "latest.json").read_text())["benchmarks"]["fleet"]
+    if fleet["status"] != "ok":
+        assert not REQUIRE_ROOT, f"fleet: {fleet.get('reason') or fleet.get('error')}"  # CI has nats-server
+        pytest.skip(f"fleet: {fleet['reason']}")
+    for trial in fleet["paced"] + fleet["unthrottled"]:
+        assert trial["pushed"] and trial["pushed"] > 0
+        assert trial["received"] + trial["lost"] <= trial["pushed"]
+        assert trial["missing"] == trial["pushed"] - trial["received"]
+        lat = trial["latency_ms"]
+        assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+    names = {"records missing at 50 k/s", "p99 latency at 50 k/s", "unthrottled end to end"}
+    if isinstance(fleet["storm"], list):  # as root: the live netlink source through the fleet
+        names |= {"thread storm via netlink, captured at the consumer", "thread storm via netlink, p99 latency"}
+        for trial in fleet["storm"]:
+            assert 0 <= trial["captured"] <= trial["expected"] and trial["threads"] > 0
+    else:
+        assert fleet["storm"]["reason"] and not (IS_ROOT and REQUIRE_ROOT)
+    assert {t["name"] for t in fleet["targets"]} == names
 
 
 def test_plots_are_pngs(quick_run):

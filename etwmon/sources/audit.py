@@ -125,8 +125,8 @@ class AuditSource(Source):
         self._marker: str | None = None
         self._marker_serial: int | None = None
         self._daemon_at_start = 0  # the audit daemon's pid at open (0: none registered)
-        self.assembler = EventAssembler()
-        self.serials = SerialTracker()
+        self._assembler = EventAssembler()
+        self._serials = SerialTracker()
         self._lost_base = 0
         self._kernel_lost = 0
         self._counts = {"execs": 0, "records": 0, "overruns": 0, "rules_restored": 0}
@@ -159,7 +159,7 @@ class AuditSource(Source):
     def cleanup(cls) -> list[str]:
         reason = _unavailable_reason()
         if reason is not None:
-            raise SourceUnavailable(f"audit source: cannot clean up: {reason}")
+            raise SourceUnavailable(reason)
         try:
             control = AuditControl(_default_transport(0))
         except OSError as exc:
@@ -167,7 +167,7 @@ class AuditSource(Source):
         try:
             return audit_state.cleanup(control)
         except OSError as exc:
-            raise SourceUnavailable(f"audit source: cannot clean up: {exc}") from exc
+            raise SourceUnavailable(str(exc)) from exc
         finally:
             control.close()
 
@@ -185,8 +185,8 @@ class AuditSource(Source):
         self._stop.clear()
         self._early, self._marker, self._marker_serial = [], None, None
         self._set_backlog = None
-        missing, self.serials = self.serials.missing, SerialTracker()
-        self.serials.missing = missing
+        missing, self._serials = self._serials.missing, SerialTracker()
+        self._serials.missing = missing
         try:
             with audit_state.StateLock():
                 self._open_locked(control)
@@ -313,7 +313,7 @@ class AuditSource(Source):
             log.info("etwmon audit: the %s marker did not come back within %.1f s", what, timeout)
             return
         if what == "stop":
-            self.serials.settle(self._marker_serial)  # type: ignore[arg-type]
+            self._serials.settle(self._marker_serial)  # type: ignore[arg-type]
 
     def _run_probe(self, timeout: float = 3.0) -> None:
         """Exec /bin/true once and wait for its audit event, so a source that would never see anything (a
@@ -418,8 +418,8 @@ class AuditSource(Source):
         assert self._log is not None
         sock = getattr(self._log, "sock", None)
         view = memoryview(buf)
-        assembler = self.assembler
-        serials = self.serials
+        assembler = self._assembler
+        serials = self._serials
         while True:
             try:
                 if sock is not None:
@@ -485,14 +485,14 @@ class AuditSource(Source):
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + self.TICK
-                for event in self.assembler.expire(now):
+                for event in self._assembler.expire(now):
                     self._emit(sink, event, event.encode())
                     pushed = True
                 self._handle_config_changes()
                 if now >= next_status:
                     next_status = now + self.STATUS_EVERY
                     self._poll_status()
-                self.serials.tick()
+                self._serials.tick()
                 pushed |= self._report_lost(sink)
             if pushed:
                 sink.notify()
@@ -500,7 +500,7 @@ class AuditSource(Source):
         for event, record in self._drain(buf):
             self._emit(sink, event, record)
         self._mark("stop", None, sink, timeout=0.5)
-        for event in self.assembler.expire(everything=True):
+        for event in self._assembler.expire(everything=True):
             self._emit(sink, event, event.encode())
         self._poll_status()
         self._report_lost(sink)
@@ -527,7 +527,7 @@ class AuditSource(Source):
 
     def _handle_config_changes(self) -> None:
         """Put our rules back if someone deleted them (``auditctl -D``) while we run."""
-        changes, self.assembler.config_changes = self.assembler.config_changes, []
+        changes, self._assembler.config_changes = self._assembler.config_changes, []
         if not changes or self._control is None or self._key is None:
             return
         mine = str(self._key)
@@ -549,7 +549,7 @@ class AuditSource(Source):
                 return
 
     def _lost_total(self) -> int:
-        return self._kernel_lost + self.serials.missing + self.assembler.incomplete
+        return self._kernel_lost + self._serials.missing + self._assembler.incomplete
 
     def _report_lost(self, sink: Sink) -> bool:
         with self._lock:
@@ -562,12 +562,12 @@ class AuditSource(Source):
         return False
 
     def stats(self) -> dict[str, int]:
-        a = self.assembler
+        a = self._assembler
         out = {
             "lost": self._lost_total(),
             "parse_errors": a.parse_errors,
             "kernel_lost": self._kernel_lost,
-            "serial_gaps": self.serials.missing,
+            "serial_gaps": self._serials.missing,
             "incomplete": a.incomplete,
             "flushed": a.flushed,
             "failed_execs": a.failed,

@@ -29,9 +29,11 @@ DEFAULT_KEY = "etwmon"
 #: less in audit_log_start for kauditd, and a short stall of the reader does not lose records.
 DEFAULT_BACKLOG_LIMIT = 8192
 
-#: The lock's home: a directory only root can enter, so nobody else can plant a link or hold the lock there.
-LOCK_DIR = "/run/etwmon"
-LOCK_NAME = "audit.lock"
+#: The lock's home: a directory only root can enter, so nobody else can plant a link or hold the lock there. Not
+#: /run/etwmon: that is the service's (systemd makes it 0710 for the socket's group and removes it at stop, which
+#: would swap the lock file under a running instance).
+LOCK_DIR = "/run/etwmon-audit"
+LOCK_NAME = "lock"
 #: Seconds to wait for another instance that holds the lock (it holds it only while it changes audit).
 LOCK_TIMEOUT = 10.0
 

@@ -1,0 +1,265 @@
+"""Reading configurations: hostile, malformed, oversized or unsafe files are refused with a clear error naming the
+file and line, and nothing is started (no Monitor, no `tail`)."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("defusedxml")
+
+from etwmon import Monitor  # noqa: E402
+from etwmon.errors import RuleConfigError, RulesError  # noqa: E402
+from etwmon.rules import MAX_CONFIG_BYTES, RuleSet  # noqa: E402
+
+GOOD = ('<Sysmon schemaversion="4.90"><EventFiltering><RuleGroup name="" groupRelation="or">'
+        '<ProcessCreate onmatch="include"><CommandLine condition="contains">x</CommandLine></ProcessCreate>'
+        '</RuleGroup></EventFiltering></Sysmon>')
+
+BILLION_LAUGHS = '''<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+]>
+<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">
+<CommandLine condition="contains">&lol4;</CommandLine></ProcessCreate></EventFiltering></Sysmon>'''
+
+EXTERNAL_ENTITY = '''<?xml version="1.0"?>
+<!DOCTYPE Sysmon [<!ENTITY secret SYSTEM "file:///etc/passwd">]>
+<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">
+<CommandLine condition="contains">&secret;</CommandLine></ProcessCreate></EventFiltering></Sysmon>'''
+
+EXTERNAL_DTD = '''<?xml version="1.0"?>
+<!DOCTYPE Sysmon SYSTEM "http://127.0.0.1:9/sysmon.dtd">
+<Sysmon schemaversion="4.90"><EventFiltering/></Sysmon>'''
+
+
+def body(text: str) -> str:
+    return f'<Sysmon schemaversion="4.90"><EventFiltering>{text}</EventFiltering></Sysmon>'
+
+
+# (configuration, words the error must contain)
+REFUSED = [
+    (BILLION_LAUGHS, ["DOCTYPE", "entities"]),
+    (EXTERNAL_ENTITY, ["DOCTYPE"]),
+    (EXTERNAL_DTD, ["DOCTYPE"]),
+    ('<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">', ["line 1",
+                                                                                        "not well-formed"]),
+    ("<Sysmon>\n<EventFiltering>\n</Sysmon>", ["line 3", "not well-formed"]),
+    ("", ["not well-formed"]),
+    ("<NotSysmon/>", ["root element must be <Sysmon>"]),
+    (body('<ProcessCreate onmatch="include">\n<Image condition="starts with">x</Image></ProcessCreate>'),
+     ["line 2", "unknown condition 'starts with'", "begin with"]),
+    (body('<ProcessCreate onmatch="include"><Imagepath>x</Imagepath></ProcessCreate>'),
+     ["ProcessCreate has no field 'Imagepath'", "Image"]),
+    (body('<ProcessTerminate onmatch="include"><CommandLine>x</CommandLine></ProcessTerminate>'),
+     ["ProcessTerminate has no field 'CommandLine'"]),
+    (body('<ProcessCreat onmatch="include"/>'), ["unknown event type <ProcessCreat>"]),
+    (body('<ProcessCreate onmatch="maybe"/>'), ["onmatch", "'maybe'"]),
+    (body('<ProcessCreate/>'), ["onmatch", "None"]),
+    (body('<RuleGroup groupRelation="xor"><ProcessCreate onmatch="include"/></RuleGroup>'),
+     ["groupRelation", "'xor'"]),
+    (body('<ProcessCreate onmatch="include"><Rule groupRelation="and"/></ProcessCreate>'), ["empty <Rule>"]),
+    (body('<ProcessCreate onmatch="include"><Rule><Rule><Image>x</Image></Rule></Rule></ProcessCreate>'),
+     ["<Rule> may not contain a <Rule>"]),
+    (body('<ProcessCreate onmatch="include"><Image condition="is any">;;</Image></ProcessCreate>'),
+     ["needs a ;-separated list"]),
+    (body('<ProcessCreate onmatch="include"><ProcessId condition="less than">abc</ProcessId></ProcessCreate>'),
+     ["ProcessId is a number"]),
+    (body('<ProcessCreate onmatch="include"><Image><x/></Image></ProcessCreate>'), ["may not contain elements"]),
+    (body('') + '<Redaction><Redact>(unclosed</Redact></Redaction>', ["well-formed"]),
+    ('<Sysmon><EventFiltering/><Redaction><Redact>(unclosed</Redact></Redaction></Sysmon>',
+     ["not a valid regular expression"]),
+    ('<Sysmon><EventFiltering/><Redaction><Redact>(a+)+b</Redact></Redaction></Sysmon>',
+     ["nests repetitions", "exponential"]),
+    ('<Sysmon><EventFiltering/><Redaction><Redact>(?:--pw=(\\w+\\s?)*)</Redact></Redaction></Sysmon>',
+     ["nests repetitions"]),
+    ('<Sysmon><EventFiltering/><Redaction><Redact></Redact></Redaction></Sysmon>', ["empty <Redact>"]),
+    ('<Sysmon><EventFiltering/><Redaction><Mask>x</Mask></Redaction></Sysmon>', ["<Redact> elements"]),
+    ('<Sysmon><EventFiltering/><EventFiltering/></Sysmon>', ["more than one <EventFiltering>"]),
+    ("<Sysmon>" + "<a>" * 20 + "</a>" * 20 + "</Sysmon>", ["nested more than"]),
+]
+
+
+@pytest.mark.parametrize("text,words", REFUSED, ids=range(len(REFUSED)))
+def test_refused_with_a_clear_error(text, words):
+    with pytest.raises(RuleConfigError) as caught:
+        RuleSet.from_xml(text, "my.xml")
+    message = str(caught.value)
+    assert message.startswith("my.xml")
+    for word in words:
+        assert word in message, message
+
+
+def test_billion_laughs_is_refused_before_any_expansion(tmp_path):
+    # Nine levels would be 10^9 "lol"s: refused at the DOCTYPE, so this returns at once with little memory.
+    deep = BILLION_LAUGHS.replace("]>", "".join(
+        f' <!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">\n' for i in range(5, 10)) + "]>").replace("&lol4;", "&lol9;")
+    with pytest.raises(RuleConfigError, match="DOCTYPE"):
+        RuleSet.from_xml(deep)
+
+
+def test_a_redaction_pattern_that_could_backtrack_badly_is_refused_but_plain_ones_load():
+    ok = RuleSet.from_xml('<Sysmon><EventFiltering/><Redaction><Redact>(--password[= ])(\\S+)</Redact>'
+                          '<Redact>token=[A-Za-z0-9]{8,64}</Redact></Redaction></Sysmon>')
+    assert len(ok.redactions) == 2
+
+
+def test_good_config_loads_from_a_file(tmp_path):
+    path = tmp_path / "sysmon.xml"
+    path.write_text(GOOD)
+    path.chmod(0o644)
+    assert RuleSet.load(path).rules[0].items[0].value == "x"
+
+
+def test_a_10_mb_config_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "big.xml"
+    with open(path, "w") as f:
+        f.write('<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">')
+        line = '<CommandLine condition="contains">padding-padding-padding-padding</CommandLine>\n'
+        f.write(line * (10_000_000 // len(line)))
+        f.write("</ProcessCreate></EventFiltering></Sysmon>")
+    path.chmod(0o644)
+    assert path.stat().st_size > 10_000_000 > MAX_CONFIG_BYTES
+    with pytest.raises(RuleConfigError, match="more than the"):
+        RuleSet.load(path)
+    with pytest.raises(RuleConfigError, match="more than the"):
+        RuleSet.from_xml(path.read_bytes())
+
+
+def test_a_world_writable_config_is_refused(tmp_path):
+    path = tmp_path / "sysmon.xml"
+    path.write_text(GOOD)
+    path.chmod(0o666)
+    with pytest.raises(RuleConfigError, match="anyone may write it"):
+        RuleSet.load(path)
+
+
+def test_a_symlink_in_a_world_writable_directory_is_not_followed(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "real.xml"
+    target.write_text(GOOD)
+    target.chmod(0o644)
+    link = shared / "sysmon.xml"
+    link.symlink_to(target)
+    with pytest.raises(RuleConfigError, match="symlink"):
+        RuleSet.load(link)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "sysmon.xml").symlink_to(target)
+    assert RuleSet.load(private / "sysmon.xml").rules  # elsewhere a symlinked configuration is fine
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+def test_a_config_owned_by_someone_else_in_a_world_writable_directory_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "sysmon.xml"
+    path.write_text(GOOD)
+    path.chmod(0o644)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(RuleConfigError, match="owned by uid 65534"):
+        RuleSet.load(path)
+
+
+def test_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo.xml"
+    os.mkfifo(fifo)
+    with pytest.raises(RuleConfigError, match="not a regular file"):
+        RuleSet.load(fifo)  # returns at once: opened without blocking, refused by its type
+    with pytest.raises(RuleConfigError, match="not a regular file"):
+        RuleSet.load(tmp_path)
+    with pytest.raises(RuleConfigError, match="cannot open"):
+        RuleSet.load(tmp_path / "missing.xml")
+
+
+def test_without_defusedxml_the_error_says_what_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_defusedxml(name, *args, **kwargs):
+        if name.startswith("defusedxml"):
+            raise ImportError("No module named 'defusedxml'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_defusedxml)
+    with pytest.raises(RulesError, match=r"etwmon\[rules\]") as caught:
+        RuleSet.from_xml(GOOD)
+    assert not isinstance(caught.value, RuleConfigError)
+
+
+def test_a_refused_config_starts_no_monitor(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text(BILLION_LAUGHS)
+    path.chmod(0o644)
+    with pytest.raises(RuleConfigError):
+        Monitor(source="procfs", rules=path)  # raised in the constructor: no source was opened
+
+
+def test_tail_with_a_refused_config_exits_2_before_watching(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text(EXTERNAL_ENTITY)
+    path.chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "etwmon", "tail", "--source", "procfs", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--config" in proc.stderr and "DOCTYPE" in proc.stderr
+    assert "watching" not in proc.stderr and proc.stdout == ""
+
+
+def test_rules_check_lists_applied_and_ignored_rules_per_rule(tmp_path):
+    path = tmp_path / "sysmon.xml"
+    path.write_text('<Sysmon schemaversion="4.90">\n<HashAlgorithms>sha256</HashAlgorithms>\n<EventFiltering>\n'
+                    '<RuleGroup name="grp" groupRelation="or">\n<ProcessCreate onmatch="include">\n'
+                    '<Image condition="image" name="shells">bash</Image>\n'
+                    '<Hashes condition="contains" name="bad hash">SHA256=00</Hashes>\n'
+                    '</ProcessCreate>\n</RuleGroup>\n<DnsQuery onmatch="exclude"/>\n</EventFiltering>\n'
+                    '<Redaction><Redact name="pw">--password=(\\S+)</Redact></Redaction>\n</Sysmon>\n')
+    path.chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "etwmon", "rules", "check", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "2 rules for ProcessCreate/ProcessTerminate: 1 applied, 1 ignored" in lines[0]
+    assert any(line.startswith("applied") and "'shells'" in line and "line 6" in line for line in lines)
+    assert any(line.startswith("IGNORED") and "'bad hash'" in line and "does not hash" in line for line in lines)
+    assert any(line.startswith("IGNORED") and "DnsQuery" in line for line in lines)
+    assert any(line.startswith("IGNORED") and "HashAlgorithms" in line for line in lines)
+    assert any(line.startswith("redacts") and "'pw'" in line for line in lines)
+    assert proc.stderr == ""  # said once, in the report
+    as_json = subprocess.run([sys.executable, "-m", "etwmon", "rules", "check", "--json", str(path)],
+                             capture_output=True, text=True, timeout=60)
+    import json
+
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(r["kind"], r["applied"]) for r in records] == [("rule", True), ("rule", False), ("ignored", False),
+                                                           ("ignored", False), ("redaction", True)]
+    path.write_text(BILLION_LAUGHS)
+    refused = subprocess.run([sys.executable, "-m", "etwmon", "rules", "check", str(path)], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "DOCTYPE" in refused.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_ship_loads_its_config_before_anything_and_tail_from_refuses_one(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text(BILLION_LAUGHS)
+    path.chmod(0o644)
+    ship = subprocess.run([sys.executable, "-m", "etwmon", "ship", "--to", "nats://127.0.0.1:1", "--source",
+                           "procfs", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert ship.returncode == 2 and "DOCTYPE" in ship.stderr and "shipping" not in ship.stderr
+    good = tmp_path / "good.xml"
+    good.write_text(GOOD)
+    good.chmod(0o644)
+    remote = subprocess.run([sys.executable, "-m", "etwmon", "tail", "--from", "nats://127.0.0.1:1", "--config",
+                             str(good)], capture_output=True, text=True, timeout=60)
+    assert remote.returncode == 2 and "ship --config" in remote.stderr

@@ -1,0 +1,345 @@
+"""The rules stage between the source and the ring: excluded events take no ring space, threads follow their
+process, redaction re-encodes the record so no reader sees the secret, counters per rule; Monitor(rules=...)
+and a live `etwmon tail --config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("defusedxml")
+
+from etwmon import Monitor, parse  # noqa: E402
+from etwmon import records as R  # noqa: E402
+from etwmon.rules import RuleSet, RulesStage  # noqa: E402
+from etwmon.rules import stage as stage_module  # noqa: E402
+
+from .helpers import ListSink, ScriptedSource, Watch, assert_clean_stderr, etwmon_argv, read_until  # noqa: E402
+
+CONFIG = '''<Sysmon schemaversion="4.90">
+  <EventFiltering>
+    <RuleGroup name="" groupRelation="or">
+      <ProcessCreate onmatch="include">
+        <CommandLine condition="contains" name="deploys">deploy</CommandLine>
+        <CommandLine condition="begin with" name="backups">/usr/bin/backup</CommandLine>
+      </ProcessCreate>
+      <ProcessCreate onmatch="exclude">
+        <CommandLine condition="contains" name="dry runs">--dry-run</CommandLine>
+      </ProcessCreate>
+      <ProcessTerminate onmatch="exclude">
+        <ProcessId condition="is">4242</ProcessId>
+      </ProcessTerminate>
+    </RuleGroup>
+  </EventFiltering>
+  <Redaction>
+    <Redact name="password flag">--password[= ](\\S+)</Redact>
+    <Redact name="tokens">tok_[A-Za-z0-9]+</Redact>
+  </Redaction>
+</Sysmon>'''
+
+
+def t() -> int:
+    return R.filetime_now()
+
+
+def create(pid, line, ppid=1):
+    return R.encode_process_create(t(), pid, ppid, ppid, ppid, line)
+
+
+def exec_(pid, line, ppid=1):
+    return R.encode_process_exec(t(), pid, ppid, pid, pid, line)
+
+
+@pytest.fixture
+def staged():
+    sink = ListSink()
+    return RulesStage(sink, RuleSet.from_xml(CONFIG)), sink
+
+
+def test_only_kept_records_reach_the_sink_and_threads_follow_their_process(staged):
+    stage, sink = staged
+    for record in [create(10, "/bin/bash"), exec_(10, "deploy app"), R.encode_thread_create(t(), 11, 10),
+                   create(20, "/bin/bash"), exec_(20, "ls -l"), R.encode_thread_create(t(), 21, 20),
+                   R.encode_thread_exit(t(), 21, 20, 0), R.encode_thread_create(t(), 31, 30),
+                   exec_(40, "deploy --dry-run"), R.encode_thread_create(t(), 41, 40),
+                   R.encode_process_exit(t(), 20, 0), R.encode_process_exit(t(), 4242, 0),
+                   R.encode_records_lost(t(), 3)]:
+        stage.push(record)
+    kinds = [(type(e).__name__, getattr(e, "pid", None), getattr(e, "tid", None)) for e in sink.events()]
+    assert kinds == [
+        ("ProcessExec", 10, None), ("ThreadCreate", 10, 11),  # included, and its thread
+        ("ThreadCreate", 30, 31),  # a process rules never judged: its threads pass (never hidden)
+        ("ProcessExit", 20, None),  # ProcessTerminate rules judge exits on their own, as in Sysmon
+        ("RecordsLost", None, None),  # loss reports always pass
+    ]
+    stats = stage.stats()
+    assert stats["evaluated"] == 7 and stats["kept"] == 2  # 3 creates/execs + 2 exits judged, threads followed
+    assert stats["not_included"] == 3 and stats["excluded"] == 2  # creates of 10 and 20, exec of 20; dry run, 4242
+    assert stats["followers_dropped"] == 3  # threads 21 (twice) and 41
+    by_rule = {r["name"]: r for r in stats["rules"]}
+    assert by_rule["deploys"]["matched"] == 1 and by_rule["dry runs"]["excluded"] == 1
+
+
+def test_an_exec_to_an_excluded_program_drops_the_threads_after_it(staged):
+    stage, sink = staged
+    stage.push(exec_(50, "deploy"))
+    stage.push(R.encode_thread_create(t(), 51, 50))
+    stage.push(exec_(50, "sleep 1"))  # same pid, new program: not included any more
+    stage.push(R.encode_thread_create(t(), 52, 50))
+    stage.push(R.encode_process_exit(t(), 50, 0))
+    stage.push(R.encode_thread_create(t(), 53, 50))  # pid reused after the exit: not judged again yet
+    assert [(type(e).__name__, getattr(e, "tid", None)) for e in sink.events()] == [
+        ("ProcessExec", None), ("ThreadCreate", 51), ("ProcessExit", None), ("ThreadCreate", 53)]
+
+
+def test_redaction_rewrites_the_record_itself(staged):
+    stage, sink = staged
+    stage.push(exec_(60, "deploy --password=hunter2 --token tok_AbC123 --password secret2"))
+    stage.push(exec_(61, "/usr/bin/backup --password=keepme2 /srv"))
+    stage.push(exec_(62, "deploy plain"))
+    raw = b"".join(sink.records)
+    for secret in ("hunter2", "tok_AbC123", "secret2", "keepme2"):
+        assert secret.encode("utf-16-le") not in raw and secret.encode() not in raw
+    lines = [e.command_line for e in sink.events()]
+    assert lines == ["deploy --password=*** --token *** --password ***", "/usr/bin/backup --password=*** /srv",
+                     "deploy plain"]
+    stats = stage.stats()
+    assert stats["redacted"] == 2
+    assert {r["redaction"]: r["redacted"] for r in stats["redactions"]} == {"password flag": 2, "tokens": 1}
+
+
+def test_an_unchanged_record_is_passed_on_as_it_came(staged):
+    stage, sink = staged
+    record = R.encode_process_exit(t(), 63, 0)  # kept (no exclude matches), named by no rule, nothing to redact
+    stage.push(record)
+    assert sink.records == [record]
+
+
+@pytest.mark.skipif("rule_name" not in getattr(R.ProcessExec, "__dataclass_fields__", {}),
+                    reason="this build's records carry no rule_name (the identity extension block)")
+def test_the_including_rule_names_the_record(staged):
+    stage, sink = staged
+    stage.push(exec_(64, "/usr/bin/backup /srv --password=x"))
+    stage.push(R.encode_process_exit(t(), 64, 0))
+    created, exited = sink.events()
+    assert created.rule_name == "backups" and created.command_line == "/usr/bin/backup /srv --password=***"
+    assert exited.rule_name is None
+    assert stage.stats()["unnamed"] == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Enriched(R.ProcessExec):
+    """What the identity stage will deliver: the parent's command line and a rule_name field."""
+
+    parent_command_line: str | None = None
+    rule_name: str | None = None
+
+    def encode(self) -> bytes:  # a stand-in wire form that carries every field
+        return R.encode_process_exec(self.filetime, self.pid, self.parent_pid, self.creating_pid,
+                                     self.creating_tid, json.dumps(dataclasses.asdict(self)))
+
+
+def test_parent_command_line_is_redacted_and_rule_name_set_when_the_event_carries_them(monkeypatch):
+    sink = ListSink()
+    stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
+    event = Enriched(t(), 70, 1, 70, 70, "deploy now", parent_command_line="sh -c 'x --password=hunter2'")
+    monkeypatch.setattr(stage_module, "parse", lambda record: iter([event]))
+    stage.push(exec_(70, "ignored: parse is replaced"))
+    (record,) = sink.records
+    assert b"hunter2" not in record and "hunter2".encode("utf-16-le") not in record
+    fields = json.loads(next(parse(record)).command_line)
+    assert fields["parent_command_line"] == "sh -c 'x --password=***"
+    assert fields["rule_name"] == "deploys"
+
+
+def test_a_secret_in_a_field_this_build_cannot_rewrite_drops_the_record(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Unwritable(R.ProcessExec):
+        @property
+        def other_command_line(self) -> str:  # text the record carries, but not as a field replace() can set
+            return "x --password=hunter2"
+
+    monkeypatch.setattr(stage_module, "_REDACTED_FIELDS", (*stage_module._REDACTED_FIELDS, "other_command_line"))
+    sink = ListSink()
+    stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
+    monkeypatch.setattr(stage_module, "parse", lambda record: iter([Unwritable(t(), 71, 1, 71, 71, "deploy")]))
+    stage.push(exec_(71, "deploy"))
+    assert sink.records == [] and stage.stats()["unredactable"] == 1
+
+
+def test_a_record_the_rules_cannot_read_goes_no_further(staged):
+    stage, sink = staged
+    bad = bytearray(exec_(65, "deploy --password=hunter2"))
+    bad[32:34] = (5000).to_bytes(2, "little")  # CommandLineLength past the record's Size
+    stage.push(bytes(bad))
+    stage.push(exec_(66, "deploy"))
+    assert [e.pid for e in sink.events()] == [66]
+    assert stage.stats()["unreadable"] == 1
+
+
+def test_undecided_events_are_kept_counted_and_warned_once(caplog):
+    sink = ListSink()
+    stage = RulesStage(sink, RuleSet.from_xml(
+        '<Sysmon><EventFiltering><ProcessCreate onmatch="include"><Image condition="image" name="shells">bash'
+        '</Image></ProcessCreate></EventFiltering></Sysmon>'))
+    with caplog.at_level("WARNING", logger="etwmon.rules"):
+        for pid in (80, 81, 82):
+            stage.push(exec_(pid, "/bin/bash"))  # these records carry no image: the rule cannot judge them
+    assert len(sink.records) == 3
+    stats = stage.stats()
+    assert stats["undecided"] == 3 and stats["unknown_fields"] == {"Image": 3}
+    warnings = [r.getMessage() for r in caplog.records if "does not know Image" in r.getMessage()]
+    assert len(warnings) == 1 and "'shells'" in warnings[0]
+
+
+def test_replace_swaps_the_rules_and_restarts_the_counters(staged):
+    stage, sink = staged
+    stage.push(exec_(90, "ls"))
+    assert stage.stats()["not_included"] == 1
+    stage.replace(RuleSet.from_xml('<Sysmon><EventFiltering><ProcessCreate onmatch="exclude"/></EventFiltering>'
+                                   '</Sysmon>', "new.xml"))
+    stage.push(exec_(91, "ls"))
+    assert [e.pid for e in sink.events()] == [91]
+    stats = stage.stats()
+    assert stats["source"] == "new.xml" and stats["kept"] == 1 and stats["not_included"] == 0
+
+
+def test_the_excluded_process_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(stage_module, "MAX_TRACKED_PROCESSES", 3)
+    sink = ListSink()
+    stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
+    for pid in range(100, 105):
+        stage.push(exec_(pid, "ls"))
+    assert stage.stats()["forgotten"] == 2
+    stage.push(R.encode_thread_create(t(), 1, 100))  # forgotten: shown, not hidden
+    stage.push(R.encode_thread_create(t(), 2, 104))
+    assert [e.tid for e in sink.events()] == [1]
+
+
+# --- Monitor -------------------------------------------------------------------------------------------------
+
+
+def _read(monitor: Monitor, want: int) -> list:
+    return read_until(monitor, lambda events: len(events) >= want, quiet=0.3)
+
+
+def test_monitor_applies_rules_before_the_ring_and_reloads(tmp_path):
+    path = tmp_path / "sysmon.xml"
+    path.write_text(CONFIG)
+    path.chmod(0o644)
+    source = ScriptedSource()
+    with Monitor(source=source, rules=path) as monitor:
+        source.commands.put(("records", [exec_(1, "ls"), exec_(2, "deploy --password=x1"), exec_(3, "cat"),
+                                         R.encode_thread_create(t(), 4, 3)]))
+        events = _read(monitor, 1)
+        assert [e.command_line for e in events] == ["deploy --password=***"]
+        assert monitor.ring.stats.pushed == 1  # excluded events took no ring space
+        stats = monitor.stats.rules
+        assert stats["kept"] == 1 and stats["not_included"] == 2 and stats["followers_dropped"] == 1
+        path.write_text('<Sysmon><EventFiltering><ProcessCreate onmatch="exclude"/></EventFiltering></Sysmon>')
+        monitor.set_rules(path)  # what the service does on SIGHUP
+        source.commands.put(("records", [exec_(5, "ls")]))
+        assert [e.command_line for e in _read(monitor, 1)] == ["ls"]
+        path.write_text("<Sysmon><broken")
+        with pytest.raises(Exception, match="not well-formed"):
+            monitor.set_rules(path)
+        assert monitor.rules.source == str(path)  # the last good rules stay in force
+        source.commands.put(("records", [exec_(6, "ls")]))
+        assert [e.pid for e in _read(monitor, 1)] == [6]
+    assert Monitor(source=ScriptedSource()).stats.rules == {}
+
+
+# --- live ----------------------------------------------------------------------------------------------------
+
+
+LIVE_CONFIG = '''<Sysmon schemaversion="4.90">
+  <EventFiltering>
+    <RuleGroup name="" groupRelation="or">
+      <ProcessCreate onmatch="include">
+        <CommandLine condition="contains" name="marked">{marker}</CommandLine>
+      </ProcessCreate>
+      <ProcessCreate onmatch="exclude">
+        <CommandLine condition="contains">{marker}-skip</CommandLine>
+      </ProcessCreate>
+      <ProcessTerminate onmatch="include"/>
+    </RuleGroup>
+  </EventFiltering>
+  <Redaction><Redact name="password">--password=(\\S+)</Redact></Redaction>
+</Sysmon>'''
+
+
+def _tail(config, fmt: list[str], marker: str, secret: str) -> Watch:
+    """``etwmon tail --config`` while four processes run: two marked, one marked but excluded, one unrelated;
+    a secret on two command lines."""
+    watch = Watch(etwmon_argv("tail", "--config", str(config), "--batch-wait", "0", *fmt))
+    with watch:
+        watch.ready()
+        true = shutil.which("true")
+        for argv in ([true, f"{marker}-one", f"--password={secret}"], [true, f"{marker}-skip"],
+                     [true, "unrelated", f"--password={secret}"], [true, f"{marker}-two"]):
+            subprocess.run(argv, check=True)
+        watch.wait_out(lambda line: f"{marker}-two".encode() in line, what=f"the {marker}-two process")
+        time.sleep(0.5)  # anything wrongly let through has time to show
+        assert watch.stop() == 0
+    assert_clean_stderr(watch.stderr)
+    return watch
+
+
+@pytest.mark.root
+def test_live_tail_with_config_shows_only_matching_processes_and_never_the_secret(tmp_path):
+    marker = f"etwmon-rules-{uuid.uuid4().hex[:8]}"
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "live.xml"
+    config.write_text(LIVE_CONFIG.format(marker=marker))
+    config.chmod(0o644)
+
+    watch = _tail(config, ["--json"], marker, secret)
+    assert secret.encode() not in watch.stdout and secret not in watch.stderr
+    events = watch.json_lines()
+    processes = [e for e in events if e["type"] in ("ProcessCreate", "ProcessExec")]
+    lines = [e["command_line"] for e in processes]
+    assert any(f"{marker}-one --password=***" in line for line in lines), lines
+    assert any(f"{marker}-two" in line for line in lines), lines
+    assert all(marker in line and f"{marker}-skip" not in line for line in lines), lines  # only matching ones
+    assert not [e for e in events if e["type"] == "ProcessExit"]  # <ProcessTerminate onmatch="include"/>
+    named = {e.get("rule_name") for e in processes}
+    assert named <= {"marked", None}
+    if "rule_name" in getattr(R.ProcessExec, "__dataclass_fields__", {}):
+        assert named == {"marked"}  # the record carries the rule's name
+    assert "rules kept" in watch.stderr  # the summary says what the rules did
+
+    text = _tail(config, [], marker, secret)
+    assert secret.encode() not in text.stdout
+    assert f"{marker}-one --password=***".encode() in text.stdout and f"{marker}-skip".encode() not in text.stdout
+
+
+@pytest.mark.root
+def test_live_readinto_bytes_never_hold_the_secret(tmp_path):
+    marker = f"etwmon-rules-{uuid.uuid4().hex[:8]}"
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    rules = RuleSet.from_xml(LIVE_CONFIG.format(marker=marker))
+    raw = bytearray()
+    buf = bytearray(1 << 16)
+    with Monitor(rules=rules) as monitor:
+        time.sleep(0.3)
+        true = shutil.which("true")
+        subprocess.run([true, f"{marker}-one", f"--password={secret}"], check=True)
+        subprocess.run([true, "unrelated", f"--password={secret}"], check=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and f"{marker}-one".encode("utf-16-le") not in raw:
+            monitor.wait(0.5)
+            raw += buf[:monitor.readinto(buf)]
+        time.sleep(0.5)
+        raw += buf[:monitor.readinto(buf)]
+        stats = monitor.stats.rules
+    assert f"{marker}-one --password=***".encode("utf-16-le") in raw
+    assert secret.encode("utf-16-le") not in raw and secret.encode() not in raw
+    assert stats["redacted"] >= 1 and stats["kept"] >= 1
+    assert os.geteuid() == 0
