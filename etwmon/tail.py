@@ -137,8 +137,8 @@ def _fd_of(stream: TextIO) -> int | None:
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP ask ``tail`` to stop: the handler only counts them, and the loop stops at a
     point it chooses (the source then releases what it set up in the kernel, e.g. audit rules). A second signal
-    means stop now: what is not written yet is given up. A signal the caller set to be ignored (``nohup``, a
-    background job) stays ignored. Handlers are restored by ``restore()``."""
+    means do not wait for stdout: what it does not take at once is given up (and counted). A signal the caller
+    set to be ignored (``nohup``, a background job) stays ignored. Handlers are restored by ``restore()``."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
@@ -248,8 +248,8 @@ class _LineWriter:
     Whole lines go out with ``os.write`` in chunks of at most PIPE_BUF bytes, each after poll() says stdout has
     room: such a write to a pipe is atomic, so a stop signal (or a reader that stopped reading) always finds the
     output on a line boundary. A line longer than PIPE_BUF goes in pieces and, once begun, is finished (only a
-    second stop signal cuts it). After a stop signal, a stdout that takes nothing for ``STOP_WRITE_WAIT`` seconds
-    is given up: the lines left are counted, not half-written. Without a descriptor (a StringIO, Windows):
+    second stop signal with stdout blocked cuts it). After a stop signal, a stdout that takes nothing for
+    ``STOP_WRITE_WAIT`` seconds is given up: the lines left are counted, not half-written. Without a descriptor (a StringIO, Windows):
     ``stream.write`` per line.
     """
 
@@ -297,7 +297,7 @@ class _LineWriter:
         pending, signals = self._pending, self._signals
         while pending:
             at_boundary = self._offset == 0
-            if signals.forced or (at_boundary and signals.requested and not stopping):
+            if at_boundary and signals.requested and not stopping:
                 return False
             if not self._writable(stopping, at_boundary):
                 return False
@@ -320,24 +320,26 @@ class _LineWriter:
         return True
 
     def _writable(self, stopping: bool, at_boundary: bool) -> bool:
+        """Wait until stdout can take a chunk (True), or say why not (False). Running, a stop signal ends the
+        wait on a line boundary. Stopping, a stdout that takes nothing for STOP_WRITE_WAIT seconds is given up
+        on a line boundary (half a line is always finished); after a second signal, only what it takes at once
+        is written."""
         signals = self._signals
-        timeout = STOP_WRITE_WAIT * 1000 if stopping else None
         while True:
-            ready = self._poll.poll(timeout)
-            if not ready:  # only when stopping
-                if at_boundary:
-                    self.unwritten_reason = "stdout blocked"
+            if signals.forced:
+                wait_ms: float | None = 0
+            else:
+                wait_ms = STOP_WRITE_WAIT * 1000 if stopping else None
+            ready = self._poll.poll(wait_ms)
+            if any(fd == self.fd for fd, _ in ready):
+                return True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
+            if ready:  # a signal
+                signals.clear()
+                if at_boundary and not stopping:
                     return False
-                continue  # part of a line is out: finish it (a second signal cuts it)
-            writable = False
-            for fd, flags in ready:
-                if fd == self.fd:
-                    writable = True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
-                else:
-                    signals.clear()
-            if writable:
-                return True
-            if signals.forced or (at_boundary and signals.requested and not stopping):
+                continue
+            if at_boundary or signals.forced:
+                self.unwritten_reason = "stdout blocked"
                 return False
 
     def _advance(self, n: int) -> None:
@@ -356,7 +358,7 @@ class _LineWriter:
     def _flush_stream(self, stopping: bool) -> bool:
         pending, signals = self._pending, self._signals
         while pending:
-            if signals.forced or (signals.requested and not stopping):
+            if signals.requested and not stopping:
                 return False
             line, is_event = pending[0]
             try:
@@ -450,7 +452,7 @@ class _Tail:
             waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
         # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
         reader.stop()
-        while writer.flush(stopping=True) and not signals.forced and self._take():
+        while writer.flush(stopping=True) and self._take():
             pass
         return "stopped"
 

@@ -298,6 +298,27 @@ def delivers(source: str) -> frozenset[str]:
     return source_class(source).delivers
 
 
+#: What the default source as root must deliver: the root tests of ``etwmon tail`` and the tailer check all of it.
+EXACT_DELIVERS = frozenset({"process_create", "process_exec", "process_exit", "thread_create", "thread_exit",
+                            "exit_code", "command_line", "exact_loss_count"})
+#: How far a source's event times may stray from the wall clock: its offset to it is measured once, to within
+#: microseconds, when it opens, and NTP may slew the wall clock by up to 500 ppm meanwhile (50 ms in 100 s).
+CLOCK_SLACK_NS = 50_000_000
+
+
+def assert_auto_picked(source: str) -> None:
+    """``source`` (what the "watching" line named) is what ``--source auto`` must pick here, and exact: a
+    silent fallback to a lossy source would otherwise turn off the checks a root test makes after this one,
+    which are then unconditional."""
+    from etwmon.sources import auto_order, available_sources
+
+    infos = {info.name: info for info in available_sources()}
+    expected = next(name for name in auto_order() if infos[name].available)
+    assert source == expected, f"auto picked {source}, not {expected}: " + \
+        "; ".join(f"{n}: {i.reason}" for n, i in infos.items() if not i.available)
+    assert not infos[source].lossy and EXACT_DELIVERS <= infos[source].delivers, infos[source]
+
+
 def assert_clean_stderr(stderr: str) -> None:
     for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "KeyboardInterrupt"):
         assert noise not in stderr, stderr

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REQUIRE_ROOT
+from etwmon.sources import SOURCES
+
+from .conftest import REQUIRE_ROOT, require
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 IS_ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
+#: etwmon's own Linux kernel sources: each must have its row in the storm and cost benchmarks (the peers alone
+#: must never make a benchmark "ok").
+ETWMON_TOOLS = {f"etwmon-{name}" for name in SOURCES if name not in ("etw", "procfs")}
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +67,13 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
         if bench["status"] == "skipped":
             assert bench["reason"], name  # never silently left out
             assert not (IS_ROOT and name in ("storms", "cost")), f"{name} skipped as root: {bench['reason']}"
-    if REQUIRE_ROOT:
-        assert data["benchmarks"]["storms"]["status"] == "ok"
+    if REQUIRE_ROOT:  # CI: every kernel benchmark ran for real, etwmon's own sources in it without an error
+        for name in ("storms", "cost", "memory"):
+            bench = data["benchmarks"][name]
+            assert bench["status"] == "ok", (name, bench.get("reason") or bench.get("error"))
+        cost = {row["tool"]: row for row in data["benchmarks"]["cost"]["rows"]}
+        assert ETWMON_TOOLS <= set(cost), (ETWMON_TOOLS - set(cost), data["benchmarks"]["cost"]["skipped_tools"])
+        assert all(not cost[tool]["errors"] and cost[tool]["ratio"] for tool in ETWMON_TOOLS), cost
 
 
 def test_ring_figures_are_complete_and_sane(quick_run):
@@ -127,10 +137,15 @@ def test_every_target_has_a_verdict(quick_run):
 def test_storm_trials_are_scored_against_ground_truth(quick_run):
     out, _, _, _ = quick_run
     storms = json.loads((out / "latest.json").read_text())["benchmarks"]["storms"]
-    if storms["status"] != "ok":
-        pytest.skip(f"storms: {storms['reason']}")
+    require(storms["status"] == "ok", f"storms: {storms.get('reason') or storms.get('error')}")
     tools = {t["tool"] for t in storms["trials"]}
-    assert "etwmon-netlink" in tools or "etwmon-netlink" in storms["skipped_tools"]
+    if REQUIRE_ROOT:  # each of etwmon's own sources ran every storm, without an error
+        assert ETWMON_TOOLS <= tools, (ETWMON_TOOLS - tools, storms["skipped_tools"])
+        broken = [(t["tool"], t["kind"], t.get("error")) for t in storms["trials"]
+                  if t["tool"] in ETWMON_TOOLS and t.get("captured_pct") is None]
+        assert not broken, broken
+    for tool in ETWMON_TOOLS:
+        assert tool in tools or tool in storms["skipped_tools"], tool
     assert "forkstat" in tools or "forkstat" in storms["skipped_tools"]
     assert "pyroute2" in tools or "pyroute2" in storms["skipped_tools"]
     for trial in storms["trials"]:
@@ -192,8 +207,9 @@ def test_fleet_figures_are_complete_and_sane(quick_run):
 def test_plots_are_pngs(quick_run):
     out, _, _, _ = quick_run
     data = json.loads((out / "latest.json").read_text())
-    if isinstance(data["plots"], str):
-        pytest.skip(f"plots: {data['plots']}")
+    # A plot that crashed or could not be made says so in place of the list; under the switch that fails.
+    require(not isinstance(data["plots"], str), f"plots: {data['plots']}")
+    assert data["plots"]
     assert (out / "ring_readinto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for path in data["plots"]:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,18 +13,18 @@ import os
 import pwd
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 import etwmon
-from etwmon import ItemType, parse
+from etwmon import ItemType
 from etwmon.records import EXIT_CODE_UNKNOWN, EventFlags
 from etwmon.sources import SOURCES, source_class
 from etwmon.sources.base import CAPABILITIES, DETAIL_CAPABILITIES
 
 from .conftest import require
+from .helpers import read_until
 
 #: What each record type shows of the capability names in ``Source.delivers``.
 RECORD_CAPABILITY = {
@@ -65,26 +65,20 @@ def _watch_child(source: str, wanted: set[str], script) -> tuple[list, int, int,
     """The records about the child (pid or thread of it) once every ``wanted`` kind of record arrived or 10 s
     passed, plus whatever came in half a second more; and the child's pid, thread id and tag."""
     tag = f"contract-{uuid.uuid4().hex[:10]}"
-    buf = bytearray(1 << 20)
-    events: list = []
+    # start() returns subscribed (a polling source has taken its baseline look): the child is seen from birth.
     with etwmon.Monitor(source=source, max_items=200_000) as mon:
-        time.sleep(0.3)  # a polling source takes its first look
         child = subprocess.Popen([sys.executable, str(script), "first", tag], stdout=subprocess.PIPE, text=True)
         tid = int(child.stdout.readline())
         child.wait(10)
         child.stdout.close()
 
-        def mine() -> list:
-            return [e for e in events if getattr(e, "pid", None) == child.pid]
+        def ours(event) -> bool:
+            return getattr(event, "pid", None) == child.pid
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if wanted <= {RECORD_CAPABILITY.get(e.type) for e in mine()}:
-                deadline = min(deadline, time.monotonic() + 0.5)
-            mon.wait(0.1)
-            n = mon.readinto(buf)
-            events += parse(bytes(buf[:n]))
-    return mine(), child.pid, tid, tag
+        events = read_until(mon, lambda evs: wanted <= {RECORD_CAPABILITY.get(e.type) for e in evs},
+                            timeout=10, keep=ours)
+        events += read_until(mon, None, timeout=0.5, keep=ours, quiet=0.5)
+    return events, child.pid, tid, tag
 
 
 @pytest.mark.root

@@ -319,10 +319,10 @@ def test_nt_path_mapper_survives_a_failing_drive_and_no_windows():
 @pytest.mark.skipif(sys.platform == "win32", reason="checks the message on a non-Windows machine")
 def test_monitor_etw_off_windows_says_windows_and_the_extra():
     reason = EtwSource.unavailable_reason()
-    assert "Windows" in reason and "pip install etwmon[etw]" in reason and "netlink" in reason
-    with pytest.raises(etwmon.SourceUnavailable, match=r"Windows.*etwmon\[etw\]"):
+    assert "Windows" in reason and 'pip install -e ".[etw]"' in reason and "netlink" in reason
+    with pytest.raises(etwmon.SourceUnavailable, match=r"Windows.*pip install -e \"\.\[etw\]\""):
         etwmon.Monitor(source="etw").start()
-    with pytest.raises(etwmon.SourceUnavailable, match=r"Windows.*etwmon\[etw\]"):
+    with pytest.raises(etwmon.SourceUnavailable, match=r"Windows.*pip install -e \"\.\[etw\]\""):
         etwmon.Monitor(source=EtwSource()).start()  # a Source object is opened directly: same check
 
 
@@ -331,7 +331,7 @@ def test_reasons_on_windows(monkeypatch):
     monkeypatch.setattr(E, "_windows_version", lambda: (10, 0, 19045))
     monkeypatch.setattr(E, "_pywintrace_installed", lambda: False)
     monkeypatch.setattr(E, "_is_elevated", lambda: False)
-    assert "pip install etwmon[etw]" in EtwSource.unavailable_reason()
+    assert 'pip install -e ".[etw]"' in EtwSource.unavailable_reason()
     monkeypatch.setattr(E, "_pywintrace_installed", lambda: True)
     assert "elevated (administrator) prompt" in EtwSource.unavailable_reason()
     monkeypatch.setattr(E, "_is_elevated", lambda: True)
@@ -1210,6 +1210,6 @@ def test_an_etw_module_that_is_not_pywintrace(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "etw", raising=False)
     monkeypatch.delitem(sys.modules, "etw.etw", raising=False)
-    with pytest.raises(etwmon.SourceUnavailable, match=r"not pywintrace.*pip install etwmon\[etw\]"):
+    with pytest.raises(etwmon.SourceUnavailable, match=r"not pywintrace.*pip install -e \"\.\[etw\]\""):
         E._import_pywintrace()
     sys.modules.pop("etw", None), sys.modules.pop("etw.etw", None)

@@ -45,11 +45,15 @@ def test_wait_returns_as_soon_as_records_arrive():
     source = ScriptedSource()
     with etwmon.Monitor(source=source) as mon:
         assert mon.wait(timeout=0.05) is False
-        threading.Timer(0.2, source.send, args=(1, 2)).start()
-        start = time.monotonic()
-        assert mon.wait(timeout=5) is True
-        waited = time.monotonic() - start
-        assert 0.1 < waited < 4
+        sent = threading.Event()
+
+        def send() -> None:
+            sent.set()
+            source.send(1, 2)
+
+        threading.Timer(0.2, send).start()
+        assert mon.wait(timeout=60) is True  # woken by the records, not by the timeout...
+        assert sent.is_set()  # ...and not before they were sent
         assert [e.pid for e in drain(mon)] == [1, 2]
         assert mon.wait(timeout=0.05) is False
 
@@ -83,27 +87,30 @@ def test_async_iteration_yields_events_without_blocking_the_loop():
     async def main():
         got = []
         with etwmon.Monitor(source=source) as mon:
-            ticks = 0
+            first_two = asyncio.Event()
 
-            async def ticker():
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await asyncio.sleep(0.01)
+            async def sender():
+                # Runs only while the loop is free: if iterating blocked the loop, 12 would never be sent.
+                source.send(10, 11)
+                await first_two.wait()
+                source.send(12)
 
-            tick_task = asyncio.create_task(ticker())
-            asyncio.get_running_loop().call_later(0.2, source.send, 10, 11)
-            asyncio.get_running_loop().call_later(0.4, source.send, 12)
+            task = asyncio.create_task(sender())
             async for event in mon:
                 got.append(event.pid)
+                if len(got) == 2:
+                    first_two.set()  # 12 is sent by the other task while this one waits in the iteration
                 if len(got) == 3:
                     break
-            tick_task.cancel()
-        return got, ticks
+            await task
+        return got
 
-    got, ticks = asyncio.run(asyncio.wait_for(main(), 10))
-    assert got == [10, 11, 12]
-    assert ticks >= 10  # the loop kept running while we waited
+    # On a thread of its own: a blocked loop cannot even time out, and must fail the test, not hang it.
+    result: list = []
+    runner = threading.Thread(target=lambda: result.append(asyncio.run(asyncio.wait_for(main(), 10))), daemon=True)
+    runner.start()
+    runner.join(20)
+    assert result == [[10, 11, 12]], "the event loop was blocked"
 
 
 def test_events_iterator_ends_after_timeout():
@@ -142,8 +149,9 @@ def test_losses_are_counted_and_in_band():
     with etwmon.Monitor(source=source, max_items=2) as mon:
         source.commands.put(("lost", 4))
         source.send(1, 2, 3)
-        assert mon.wait(5)
-        time.sleep(0.1)
+        done = threading.Event()
+        source.commands.put(("ack", done))  # the source has pushed everything before this
+        assert done.wait(10)
         events = drain(mon)
         stats = mon.stats
     assert isinstance(events[0], etwmon.RecordsLost) and events[0].count == 5

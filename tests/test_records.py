@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -222,8 +223,13 @@ def test_records_lost_count_must_fit_a_ulong():
 def test_filetime_conversions():
     assert R.filetime_to_datetime(R.FILETIME_UNIX_EPOCH) == datetime(1970, 1, 1, tzinfo=timezone.utc)
     assert R.filetime_from_unix_ns(1_000_000_000) == R.FILETIME_UNIX_EPOCH + 10_000_000
-    now = datetime.now(timezone.utc)
-    assert abs((R.filetime_to_datetime(R.filetime_now()) - now).total_seconds()) < 5
+    before = time.time_ns()
+    now = R.filetime_now()
+    after = time.time_ns()
+    assert R.filetime_from_unix_ns(before) <= now <= R.filetime_from_unix_ns(after)  # read between the two
+    when = R.filetime_to_datetime(now)
+    assert datetime.fromtimestamp(before // 1000 / 1e6, timezone.utc) <= when <= \
+        datetime.fromtimestamp(-(-after // 1000) / 1e6, timezone.utc)
 
 
 def test_parse_arrays_gives_structured_batches():

@@ -353,6 +353,7 @@ def test_one_producer_two_readers_every_record_once_or_counted_dropped():
     produce()
     for t in readers:
         t.join(120)
+    assert not any(t.is_alive() for t in readers), "a reader never finished (it would have read nothing more)"
     assert not errors
     got = np.concatenate([np.concatenate(s) if s else np.array([], dtype=np.int64) for s in seen])
     stats = ring.stats
@@ -363,3 +364,65 @@ def test_one_producer_two_readers_every_record_once_or_counted_dropped():
         if s:
             mine = np.concatenate(s)
             assert np.all(np.diff(mine) > 0)
+
+
+# --- values that are not records or counts: a clear error, and the ring as it was -------------------------------
+
+
+def _ring_with_one_record_and_a_loss() -> EventRing:
+    ring = EventRing()
+    ring.push(record_of_size(24, 1))
+    ring.push_lost(2)
+    return ring
+
+
+@pytest.mark.parametrize("count, error, message", [
+    (1.5, TypeError, r"push_lost\(\) takes a whole number of records, not 1.5 \(float\)"),
+    ("3", TypeError, r"push_lost\(\) takes a whole number of records, not '3' \(str\)"),
+    (True, TypeError, r"push_lost\(\) takes a whole number of records, not True"),
+    (None, TypeError, r"not None \(NoneType\)"),
+    (-1, ValueError, r"push_lost\(\) takes a count of records >= 0, not -1"),
+])
+def test_push_lost_refuses_what_is_not_a_count_and_the_ring_stays_readable(count, error, message):
+    ring = _ring_with_one_record_and_a_loss()
+    before = ring.stats
+    with pytest.raises(error, match=message):
+        ring.push_lost(count)
+    assert ring.stats == before and ring.pending_lost == 2
+    buf = bytearray(100)
+    lost, record = R.parse(buf[:ring.readinto(buf)])  # not wedged: the next read works and is exact
+    assert lost.count == 2 and record.pid == 1
+
+
+def test_push_lost_takes_numpy_integers():
+    ring = EventRing()
+    ring.push_lost(np.int64(3))
+    ring.push_lost(np.uint32(4))
+    assert ring.stats.lost == 7
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("x", "push\\(\\) takes one encoded record, a bytes-like object .*, not str"),
+    (24, "not int"),
+    (None, "not NoneType"),
+    (memoryview(bytes(48))[::2], "contiguous"),
+])
+def test_push_refuses_what_is_not_bytes_like(bad, message):
+    ring = _ring_with_one_record_and_a_loss()
+    before = ring.stats
+    with pytest.raises(TypeError, match=message):
+        ring.push(bad)
+    assert ring.stats == before
+
+
+def test_a_record_in_a_numpy_array_of_another_item_type_counts_by_its_bytes():
+    record = record_of_size(24, 7)
+    ring = EventRing()
+    ring.push(np.frombuffer(record, dtype=np.int32))  # six int32 items: the same 24 bytes
+    ring.push(np.frombuffer(record, dtype=np.uint8).reshape(4, 6))
+    buf = bytearray(100)
+    assert bytes(buf[:ring.readinto(buf)]) == record * 2
+    short = np.frombuffer(record[:20], dtype=np.int32)  # 20 bytes, the header says 24
+    with pytest.raises(etwmon.RecordFormatError, match="Size 24 but the record is 20 bytes"):
+        ring.push(short)
+    assert len(ring) == 0 and ring.stats.pushed == 2

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from .helpers import (
-    ESC_CLEAR, ESC_TITLE, PY, WAIT, Watch, assert_clean_stderr, delivers, linux_only, new_tag, run, spawn,
-    unprivileged,
+    ESC_CLEAR, ESC_TITLE, PY, WAIT, Watch, assert_auto_picked, assert_clean_stderr, linux_only, new_tag, run,
+    spawn, unprivileged,
 )
 
 TAILER = str(Path(__file__).resolve().parents[1] / "examples" / "tailer.py")
@@ -36,7 +36,7 @@ def _summary(stderr: str) -> tuple[int, int]:
 def test_tailer_prints_the_books_lines() -> None:
     tag = new_tag()
     with Watch(tailer()) as w:
-        source = w.ready()
+        assert_auto_picked(w.ready())
         pid = spawn(tag, ESC_TITLE, ESC_CLEAR, code=3)
         threaded = subprocess.Popen([PY, "-c", THREADED, tag])
         assert threaded.wait(WAIT) == 0
@@ -44,19 +44,16 @@ def test_tailer_prints_the_books_lines() -> None:
                              is not None and tag.encode() in l, what=f"creation of {pid}")
         exited = w.wait_out(lambda l: re.match(CLOCK + rb"Process %d Exited \(Code: " % pid, l) is not None,
                             what=f"exit of {pid}")
-        if "thread_create" in delivers(source):
-            w.wait_out(lambda l: re.match(CLOCK + rb"Thread \d+ Created in process %d$" % threaded.pid,
-                                          l.rstrip(b"\n")) is not None, what="a thread creation")
-        if "thread_exit" in delivers(source):
-            w.wait_out(lambda l: re.match(CLOCK + rb"Thread \d+ Exited from process %d \(Code: 0\)$" % threaded.pid,
-                                          l.rstrip(b"\n")) is not None, what="a thread exit")
+        w.wait_out(lambda l: re.match(CLOCK + rb"Thread \d+ Created in process %d$" % threaded.pid,
+                                      l.rstrip(b"\n")) is not None, what="a thread creation")
+        w.wait_out(lambda l: re.match(CLOCK + rb"Thread \d+ Exited from process %d \(Code: 0\)$" % threaded.pid,
+                                      l.rstrip(b"\n")) is not None, what="a thread exit")
         status = w.stop()
     assert status == 0
     # Escape sequences from the command line are shown escaped, never sent to the terminal.
     assert rb"'\x1b]0;pwned\x07' '\x1b[2J'" in created
     assert b"\x1b" not in w.stdout and b"\x07" not in w.stdout
-    if "exit_code" in delivers(source):
-        assert exited.rstrip(b"\n").endswith(b"(Code: 3)")
+    assert exited.rstrip(b"\n").endswith(b"(Code: 3)")
     records, lost = _summary(w.stderr)
     assert records >= 2
     assert lost == sum(int(n) for n in re.findall(rb"WARNING: (\d+) records lost", w.stdout))
@@ -71,12 +68,10 @@ def test_tailer_shows_lost_records_as_a_warning() -> None:
     socket buffer of the proc connector (~20,000 messages) hold, so the loss does not depend on timing."""
     with Watch(tailer()) as w:
         source = w.ready()
-        # 80,000 records while the client sleeps: threads are quickest where the source sees them.
-        if "thread_create" in delivers(source):
-            storm = [PY, "-c", "import threading\nfor _ in range(40000): t = threading.Thread(target=int); "
-                               "t.start(); t.join()"]
-        else:
-            storm = ["sh", "-c", "i=0; while [ $i -lt 12000 ]; do /bin/true; i=$((i+1)); done"]
+        assert_auto_picked(source)
+        # 80,000 records while the client sleeps: threads are quickest.
+        storm = [PY, "-c", "import threading\nfor _ in range(40000): t = threading.Thread(target=int); "
+                           "t.start(); t.join()"]
         w.proc.send_signal(signal.SIGSTOP)
         try:
             subprocess.run(storm, check=True, timeout=120)

@@ -490,7 +490,7 @@ def _windows_version() -> tuple[int, int, int]:
     return tuple(getattr(info, "platform_version", (info.major, info.minor, info.build)))[:3]  # type: ignore
 
 
-_INSTALL = "pip install etwmon[etw]"
+_INSTALL = 'pip install -e ".[etw]" (from a clone of etwmon)'
 
 
 def _import_pywintrace() -> tuple[Any, Any]:
@@ -633,7 +633,7 @@ _PENDING_LIMIT = 100_000  # records held between open() and run(); beyond this t
 
 
 class EtwSource(Source):
-    """ETW process, thread and image-load events (Windows, administrator, ``pip install etwmon[etw]``).
+    """ETW process, thread and image-load events (Windows, administrator, ``pip install -e ".[etw]"`` from a clone).
 
     ``mode="kernel-logger"`` (default): a private SystemTraceProvider session (Windows 8+) named
     ``etwmon-<pid>-<process start>-<n>`` with the process, thread and image-load flags; ProcessCreate records

@@ -62,6 +62,7 @@ PROC_EVENT_COREDUMP = 0x40000000
 PROC_EVENT_EXIT = 0x80000000
 
 _NLMSG_NOOP, _NLMSG_ERROR, _NLMSG_DONE, _NLMSG_OVERRUN = 1, 2, 3, 4
+_SOL_NETLINK, _NETLINK_DROP_MEMBERSHIP = 270, 2  # linux/socket.h, linux/netlink.h
 
 # nlmsghdr (16) + cn_msg (20) + proc_event (40): what every proc connector message is, in host byte order.
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -90,8 +91,8 @@ _START_SLACK_NS = 2_000_000
 def shell_exit_code(wait_status: int) -> int:
     """The kernel's ``task->exit_code`` (a raw wait status) as a shell reports it: the exit status for a
     normal exit (``exit(3)`` -> 3), 128 + the signal number for a death by signal (SIGKILL -> 137)."""
-    signal = wait_status & 0x7F
-    return 128 + signal if signal else (wait_status >> 8) & 0xFF
+    signo = wait_status & 0x7F
+    return 128 + signo if signo else (wait_status >> 8) & 0xFF
 
 
 class ProcEventDecoder:
@@ -167,6 +168,31 @@ class ProcEventDecoder:
                 return
         self._parse_slow(buf, n)
 
+    def parse_batch(self, buf, offsets: list[int], sizes: list[int]) -> None:
+        """Decode the datagrams one batch of receives put into ``buf`` (``sizes[i]`` bytes at ``offsets[i]``),
+        reading the command lines of the execs among them first (``prefetch_command_lines``)."""
+        self.prefetch_command_lines(buf, offsets, sizes)
+        parse = self.parse_messages
+        try:
+            for offset, n in zip(offsets, sizes):
+                parse(buf, n, offset)
+        finally:
+            self._prefetched.clear()  # read for this batch only: a later exec of the same pid reads afresh
+
+    def skip_to(self, cpu: int, seq: int, count: int) -> None:
+        """``count`` messages of ``cpu``, the last numbered ``seq``, were received but not decoded (a stopping
+        source out of time): count them, and any gap among them, as lost."""
+        prev = self._last_seq.get(cpu)
+        gap = (seq - prev) & _SEQ_MASK if prev is not None else count
+        if gap >= 0x80000000:  # the sequence went backwards: only what was received is known
+            self.seq_resets += 1
+            gap = count
+        if prev is None:
+            self._first_seq[cpu] = seq
+        self._last_seq[cpu] = seq
+        if gap:
+            self._count_lost(gap)
+
     def prefetch_command_lines(self, buf, offsets: list[int], sizes: list[int]) -> None:
         """Read /proc/<pid>/cmdline for every exec among a batch of received messages before decoding any of
         them: a short-lived program's command line is gone once it exits, so each one is read as early as
@@ -213,8 +239,7 @@ class ProcEventDecoder:
             self._push(encode_process_create(self.clock.filetime(ts), d, b, b, a, line))
         elif what == PROC_EVENT_EXIT:
             # a = pid, b = tgid, c = exit_code (a raw wait status)
-            signal = c & 0x7F
-            code = 128 + signal if signal else (c >> 8) & 0xFF
+            code = shell_exit_code(c)
             time_ = self.clock.filetime(ts)
             if a == b:
                 self.command_lines.pop(b, None)
@@ -396,6 +421,11 @@ class NetlinkSource(Source):
     NOTIFY_EVERY = 256
     #: Messages received before decoding them, at most (fewer when the socket runs dry first).
     BATCH = 64
+    #: Stopping: the most time spent decoding what is still queued; the rest is counted as lost, not decoded.
+    STOP_DRAIN_SECONDS = 0.25
+    #: Stopping: the most queued messages counted without decoding (the queue is finite once the socket has
+    #: left the group: this only bounds the case where leaving failed).
+    STOP_SKIM_MAX = 1 << 20
 
     def __init__(self, *, exec_events: bool = True, cmdline: bool = True, rcvbuf: int = 8 << 20,
                  nice: int | None = -10) -> None:
@@ -486,10 +516,8 @@ class NetlinkSource(Source):
             except socket.timeout:
                 continue
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    continue
-                raise
+                self._receive_failed(exc)
+                continue
             answer = self._ack_in(buf, n, cookie)
             if answer is None:
                 self._early.append(bytes(buf[:n]))  # an event that came first: decoded when run() starts
@@ -561,7 +589,8 @@ class NetlinkSource(Source):
         view = memoryview(big)
         limit = len(big) - 0x10000  # room left for one more datagram of any size
         recv_into = sock.recv_into
-        prefetch, prefetched = decoder.prefetch_command_lines, decoder._prefetched
+        parse_batch = decoder.parse_batch
+        receive_failed = self._receive_failed
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -575,27 +604,16 @@ class NetlinkSource(Source):
             while offset <= limit and len(offsets) < batch_max:
                 try:
                     n = recv_into(view[offset:])
-                except BlockingIOError:
+                except OSError as exc:
+                    if receive_failed(exc):
+                        continue
                     idle = True
                     break
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        # The socket overflowed. How many messages that cost shows as gaps in the per-CPU
-                        # sequences of the messages that follow, so nothing is counted here (no double count).
-                        self.overruns += 1
-                        self._overrun_pending = True
-                        continue
-                    raise
                 offsets.append(offset)
                 sizes.append(n)
                 offset += (n + 7) & ~7
             if offsets:
-                prefetch(big, offsets, sizes)
-                for offset, n in zip(offsets, sizes):
-                    parse(big, n, offset)
-                prefetched.clear()
+                parse_batch(big, offsets, sizes)
                 pending += len(offsets)
                 offsets.clear()
                 sizes.clear()
@@ -612,10 +630,7 @@ class NetlinkSource(Source):
                 sink.notify()
                 continue
             poller.poll()
-        buf = big
-        # Stopping: account for messages lost since the last ones we saw on each CPU.
-        self._drain(buf)
-        self._resolve_overrun(buf)
+        self._finish(big)
         sink.notify()
 
     def _raise_priority(self) -> None:
@@ -628,34 +643,94 @@ class NetlinkSource(Source):
         except (OSError, AttributeError) as exc:  # no CAP_SYS_NICE: run at the priority we have
             log.debug("etwmon netlink: cannot set nice %d: %s", self.nice, exc)
 
-    def _drain(self, buf: bytearray) -> bool:
-        """Decode everything waiting on the socket; True if it reported an overflow meanwhile."""
+    def _receive_failed(self, exc: OSError) -> bool:
+        """What a failed receive means, decided in this one place: True to receive again, False when the socket
+        is empty; anything else is raised. ENOBUFS says the socket overflowed: how many messages that cost shows
+        as gaps in the per-CPU sequences of the messages that follow, so nothing is counted here (no double
+        count); the overflow is noted so those gaps are made visible soon (``_resolve_overrun``)."""
+        if isinstance(exc, BlockingIOError):
+            return False
+        if isinstance(exc, InterruptedError):
+            return True
+        if exc.errno == errno.ENOBUFS:
+            self.overruns += 1
+            self._overrun_pending = True
+            return True
+        raise exc
+
+    def _drain(self, buf: bytearray, deadline: float | None = None) -> bool:
+        """Decode what is waiting on the socket until it is empty (True) or ``deadline`` passes (False)."""
         sock, parse = self._sock, self._decoder.parse_messages  # type: ignore[union-attr]
-        overflowed = False
-        for _ in range(1 << 22):  # bounded: a storm must not keep a stopping source busy for ever
+        recv_into, clock = sock.recv_into, time.monotonic  # type: ignore[union-attr]
+        while deadline is None or clock() < deadline:
             try:
-                n = sock.recv_into(buf)  # type: ignore[union-attr]
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
+                n = recv_into(buf)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    overflowed = True
+                if self._receive_failed(exc):
                     continue
-                raise
+                return True
             parse(buf, n)
-        return overflowed
+        return False
+
+    def _finish(self, buf: bytearray) -> None:
+        """Stopping: decode what is queued for at most ``STOP_DRAIN_SECONDS``, and count what is left as lost.
+
+        A marker on every CPU goes behind everything queued, so the losses since the last message seen on each
+        CPU show as gaps; then the socket leaves the proc connector's group, so the queue only shrinks (a storm
+        cannot keep a stopping source busy). What the time did not allow to decode is received without
+        decoding and counted as lost from its sequence numbers, gaps included (``ProcEventDecoder.skip_to``)."""
+        deadline = time.monotonic() + self.STOP_DRAIN_SECONDS
+        self._overrun_pending = False  # an earlier overflow shows as gaps before the markers
+        self._emit_markers()
+        self._leave_group()
+        if not self._drain(buf, deadline):
+            self._skim(buf)
+        if self._overrun_pending:  # it overflowed again: the markers themselves may be among the lost
+            log.warning("etwmon netlink: the socket overflowed while stopping; losses after the last messages "
+                        "received may be uncounted")
+            self._overrun_pending = False
+
+    def _leave_group(self) -> None:
+        try:
+            self._sock.setsockopt(_SOL_NETLINK, _NETLINK_DROP_MEMBERSHIP, CN_IDX_PROC)  # type: ignore[union-attr]
+        except OSError as exc:  # still a member: the skim below is then bounded by STOP_SKIM_MAX
+            log.debug("etwmon netlink: cannot leave the proc connector group: %s", exc)
+
+    def _skim(self, buf: bytearray) -> None:
+        """Receive what is still queued without decoding it, and count it as lost (see ``_finish``)."""
+        recv_into, unpack, decoder = self._sock.recv_into, _MESSAGE.unpack_from, self._decoder  # type: ignore
+        last: dict[int, list[int]] = {}  # cpu -> [last sequence, messages]
+        for _ in range(self.STOP_SKIM_MAX):
+            try:
+                n = recv_into(buf)
+            except OSError as exc:
+                if self._receive_failed(exc):
+                    continue
+                break
+            if n != MESSAGE_SIZE:
+                decoder.parse_messages(buf, n)  # not the one-message shape: rare, decoded the careful way
+                continue
+            fields = unpack(buf, 0)
+            idx, val, seq, what, cpu = fields[5], fields[6], fields[7], fields[11], fields[12]
+            if idx != CN_IDX_PROC or val != CN_VAL_PROC or (what == PROC_EVENT_NONE and cpu == _SEQ_MASK):
+                continue
+            entry = last.setdefault(cpu, [seq, 0])
+            entry[0] = seq
+            entry[1] += 1
+        for cpu, (seq, count) in last.items():
+            decoder.skip_to(cpu, seq, count)  # type: ignore[union-attr]
 
     def _resolve_overrun(self, buf: bytearray) -> None:
-        """After an overflow: a marker on every CPU, then read up to them, so every gap is seen and counted."""
+        """After an overflow: a marker on every CPU, then read up to them, so every gap is seen and counted. Still
+        pending when the socket did not run dry within a second (a storm): the loop tries again when idle."""
         for _ in range(3):
+            self._overrun_pending = False
             self._emit_markers()
-            if not self._drain(buf):
-                self._overrun_pending = False
+            if not self._drain(buf, time.monotonic() + 1.0):
+                self._overrun_pending = True
                 return
-        self._overrun_pending = True
+            if not self._overrun_pending:  # no new overflow on the way to the markers
+                return
 
     def stop(self) -> None:
         self._stopping = True
