@@ -272,6 +272,8 @@ async def _connect(url: str | Sequence[str], auth: FleetAuth | None, name: str,
             if not done.done():
                 done.set_result(None)
             return
+        if refused:  # the server closes a refused connection: its reset is the refusal's echo, not news
+            return
         if len(reasons) < 5:
             reasons.add(text or type(exc).__name__)
         if on_error is not None:
