@@ -64,11 +64,11 @@ def main() -> int:
                     break  # the source ended
                 size = mon.readinto(buffer)  # whole records only; 0 when the ring is empty
                 for event in parse(memoryview(buffer)[:size]):
-                    print(display(event))
-                    if event.type == ItemType.RecordsLost:
+                    if event.type == ItemType.RecordsLost:  # counted before it is shown: Ctrl-C may come between
                         lost += event.count
                     else:
                         records += 1
+                    print(display(event))
                 sys.stdout.flush()  # show each batch at once, even through a pipe
     except Error as exc:  # no such source here, no privilege, or the source failed: etwmon says why
         print(f"tailer: {exc}", file=sys.stderr)
