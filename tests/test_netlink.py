@@ -345,7 +345,7 @@ def test_enobufs_is_resolved_by_the_gaps_that_follow_and_never_double_counted():
     ])
     source._sock = sock
     source._decoder = ProcEventDecoder(clock_offset_ns=OFFSET)
-    source._wake_r, source._wake_w = os.pipe2(os.O_NONBLOCK)
+    source._wake.open()
     sink = ListSink()
     runner = threading.Thread(target=source.run, args=(sink,))
     runner.start()
@@ -369,7 +369,7 @@ def run_stopped(source: NetlinkSource, sock: ScriptedSocket, early: list[bytes])
     source._sock = sock
     source._decoder = ProcEventDecoder(clock_offset_ns=OFFSET)
     source._early = list(early)
-    source._wake_r, source._wake_w = os.pipe2(os.O_NONBLOCK)
+    source._wake.open()
     sink = ListSink()
     source.stop()
     try:

@@ -105,3 +105,34 @@ def netlink_socket_drops(inode: int) -> int | None:
         except ValueError:
             return None
     return None
+
+
+class WakePipe:
+    """The pipe a source's ``run()`` polls beside its kernel socket, so that ``stop()`` from any thread wakes it
+    at once. ``fileno()`` is the end to poll; ``wake()`` is safe before ``open()`` and after ``close()``."""
+
+    def __init__(self) -> None:
+        self._read = self._write = -1
+
+    def open(self) -> None:
+        if self._read < 0:
+            self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        if self._write >= 0:
+            try:
+                os.write(self._write, b"\1")
+            except OSError:  # full (already woken) or closed meanwhile: either way run() will see it
+                pass
+
+    def close(self) -> None:
+        fds, self._read, self._write = (self._read, self._write), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -23,7 +23,9 @@ from ..clock import CLOCK_BOOTTIME, KernelClock
 from ..errors import SourceUnavailable
 from ..records import Details
 from . import audit_state
-from ._linux import CAP_AUDIT_CONTROL, CAP_AUDIT_READ, has_capability, live_process_start, netlink_socket_drops
+from ._linux import (
+    CAP_AUDIT_CONTROL, CAP_AUDIT_READ, WakePipe, has_capability, live_process_start, netlink_socket_drops,
+)
 from .audit_protocol import (
     AUDIT_LOCKED, AUDIT_NLGRP_READLOG, AUDIT_TRUSTED_APP, NLMSGHDR, AuditControl, AuditRule,
     AuditStatus, NetlinkTransport, Transport, TransportFactory, exec_rules, knows_machine, this_machine,
@@ -130,7 +132,7 @@ class AuditSource(Source):
         self._opened_status: AuditStatus | None = None
         self._set_backlog: int | None = None
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = -1, -1
+        self._wake = WakePipe()
         self._early: list[bytes] = []
         self._marker: str | None = None
         self._marker_serial: int | None = None
@@ -269,9 +271,7 @@ class AuditSource(Source):
             log.warning("etwmon audit: no audit daemon is registered, so the kernel also prints the exec records "
                         "etwmon asks for, command lines included, to the kernel log (dmesg; rate-limited)")
         self._lost_base = now.lost
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake.open()
         log.info("etwmon audit: rules %s installed (audit was enabled=%d backlog_limit=%d)", self._key,
                  status.enabled, status.backlog_limit)
 
@@ -373,10 +373,7 @@ class AuditSource(Source):
             if self._log is not None:
                 self._log.close()
                 self._log = None
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
+            self._wake.close()
 
     def _restore(self, control: AuditControl) -> None:
         """The last etwmon instance out puts enabled/backlog_limit back as they were; then our rules go.
@@ -416,12 +413,7 @@ class AuditSource(Source):
 
     def stop(self) -> None:
         self._stop.set()
-        fd = self._wake_w
-        if fd >= 0:
-            try:
-                os.write(fd, b"\1")
-            except OSError:
-                pass
+        self._wake.wake()
 
     def _drain(self, buf: bytearray) -> Iterable[tuple[ExecEvent, bytes]]:
         """Read every message waiting on the log socket; yield each completed exec event with its record."""
@@ -504,7 +496,7 @@ class AuditSource(Source):
         buf = bytearray(1 << 17)
         poller = select.poll()
         poller.register(self._log.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake.fileno(), select.POLLIN)
         next_tick = time.monotonic() + self.TICK
         next_status = time.monotonic() + self.STATUS_EVERY
         while not self._stop.is_set():

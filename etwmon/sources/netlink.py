@@ -24,7 +24,7 @@ from ..records import (
     Details, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
-from ._linux import CAP_NET_ADMIN, has_capability, set_receive_buffer
+from ._linux import CAP_NET_ADMIN, WakePipe, has_capability, set_receive_buffer
 from ._proc import (
     argv_of, clock_tick_ns, details_now, host_and_boot_id, parse_stat, read_proc, snapshot,
     stat_details,
@@ -439,7 +439,7 @@ class NetlinkSource(Source):
         self.cmdline = bool(cmdline)
         self.rcvbuf = rcvbuf
         self._sock: socket.socket | None = None
-        self._wake_r = self._wake_w = -1
+        self._wake = WakePipe()
         self._stopping = False
         self._early: list[bytes] = []
         self._decoder: ProcEventDecoder | None = None
@@ -477,7 +477,7 @@ class NetlinkSource(Source):
                                              details=self.details)
             self._sock = sock
             self._subscribe()
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wake.open()
         except OSError as exc:
             self._close_socket()
             why = "not permitted: run as root or use source='procfs'" if exc.errno == errno.EPERM else str(exc)
@@ -593,7 +593,7 @@ class NetlinkSource(Source):
         receive_failed = self._receive_failed
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake.fileno(), select.POLLIN)
         notify_every = self.NOTIFY_EVERY
         pending = 0
         offsets: list[int] = []
@@ -734,11 +734,7 @@ class NetlinkSource(Source):
 
     def stop(self) -> None:
         self._stopping = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"\1")
-            except OSError:
-                pass
+        self._wake.wake()
 
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
@@ -756,13 +752,7 @@ class NetlinkSource(Source):
     def close(self) -> None:
         self._stopping = True
         self._close_socket()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
+        self._wake.close()
 
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ...clock import CLOCK_BOOTTIME, KernelClock
 from ...errors import SourceUnavailable
-from .._linux import has_capability
+from .._linux import WakePipe, has_capability
 from ..base import Sink, Source
 from .._proc import host_and_boot_id, snapshot
 from ._details import task_enricher
@@ -85,7 +85,7 @@ class BpfSource(Source):
         self._ring = None
         self._lost = None
         self._decoder: EventDecoder | None = None
-        self._wake_r = self._wake_w = -1
+        self._wake = WakePipe()
         self._stopping = False
         self._lost_reported = 0
         self.wakeups = 0
@@ -136,7 +136,7 @@ class BpfSource(Source):
         try:
             self._ring = RingBuffer(obj.map_fd("events"), self.ring_size)
             self._lost = PerCpuCounter(libbpf, obj.map_fd("lost"))
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wake.open()
         except BaseException:
             if self._ring is not None:
                 self._ring.close()
@@ -170,9 +170,9 @@ class BpfSource(Source):
         decoder.push = sink.push
         poller = select.poll()
         poller.register(ring.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake.fileno(), select.POLLIN)
         stopper = select.poll()  # the wait between passes, which stop() cuts short
-        stopper.register(self._wake_r, select.POLLIN)
+        stopper.register(self._wake.fileno(), select.POLLIN)
         wait_ms = self.batch_wait * 1000
         while not self._stopping:
             if not self._drain(sink):
@@ -227,11 +227,7 @@ class BpfSource(Source):
 
     def stop(self) -> None:
         self._stopping = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"\1")
-            except OSError:
-                pass
+        self._wake.wake()
 
     def close(self) -> None:
         self._stopping = True
@@ -242,13 +238,7 @@ class BpfSource(Source):
         if obj is not None:
             obj.close()
         self._lost = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
+        self._wake.close()
 
     def stats(self) -> dict[str, int]:
         d = self._decoder
