@@ -51,3 +51,10 @@ def test_readme_library_example_prints_an_exec_while_watching(tmp_path):
         if example.poll() is None:
             example.kill()
             example.wait()
+
+
+def test_ci_runs_the_readmes_test_command():
+    section = README.read_text().split("## Test it", 1)[1]
+    command = re.search(r"```sh\n(.*?)\n```", section, re.S).group(1).strip()
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command in [line.strip() for line in ci], f"{command!r} is not a line of .ci/run"
