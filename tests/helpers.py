@@ -209,12 +209,19 @@ def spawn(tag: str, *extra: str | bytes, code: int = 7, seconds: float = 0.4) ->
     return child.pid
 
 
+def _default_stop_signals() -> None:
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
 class Watch:
     """A long-running command (``etwmon tail`` or the tailer) with its output collected line by line."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        # The stop signals a user sends reach it with their default meaning, also when these tests run under
+        # nohup (SIGHUP ignored, which etwmon tail keeps ignored on purpose).
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env or clean_env())
+                                     stderr=subprocess.PIPE, env=env or clean_env(), preexec_fn=_default_stop_signals)
         self.out: list[bytes] = []
         self.err: list[bytes] = []
         self._changed = threading.Condition()
