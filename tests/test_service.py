@@ -915,7 +915,7 @@ def test_tail_without_root_uses_the_services_socket_when_one_is_there(open_dir, 
 
 
 def test_the_audit_lock_and_the_services_socket_share_one_safe_directory(sockdir, monkeypatch):
-    from etwmon.sources import audit_state
+    from etwmon.sources.audit import state as audit_state
 
     where = os.path.join(sockdir, "run")
     os.close(private_directory(where, group=os.getegid()))  # as `etwmon serve --group G` leaves /run/etwmon

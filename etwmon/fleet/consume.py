@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import Error, RecordFormatError
-from .records import (
+from ..errors import Error, RecordFormatError
+from ..records import (
     HEADER_SIZE, Event, ItemType, RecordsLost, filetime_now, parse, record_headers,
 )
 
@@ -1198,7 +1198,7 @@ class FleetReader:
                 ends = index["offset"] + index["Size"]
                 fit = ends[ends <= len(out)]
                 if not len(fit):
-                    from .errors import BufferTooSmall
+                    from ..errors import BufferTooSmall
                     raise BufferTooSmall(int(ends[0]), len(out))
                 n = int(fit[-1])
                 self._chunks[0] = (host, data[n:], count - len(fit))
@@ -1214,7 +1214,7 @@ class FleetReader:
 
     @property
     def stats(self):
-        from .monitor import MonitorStats
+        from ..monitor import MonitorStats
 
         hosts = list(self.consumer.stats.values())
         with self._lock:

@@ -53,16 +53,16 @@ import time
 import uuid
 from typing import Any, Callable, Mapping
 
-from ..errors import Error, SourceError, SourceUnavailable
-from ..records import (
+from ...errors import Error, SourceError, SourceUnavailable
+from ..base import Sink, Source
+from ...records import (
     EXIT_CODE_UNKNOWN, Details, encode_image_load, encode_process_create, encode_process_exit, encode_thread_create,
     encode_thread_exit,
 )
-from ._etw_control import (
+from .control import (
     ERROR_ACCESS_DENIED, ERROR_WMI_INSTANCE_NOT_FOUND, SessionControlError, SessionStatus,
     TraceControl, process_started,
 )
-from .base import Sink, Source
 
 __all__ = [
     "EtwSource", "EtwEventError", "EtwRecord", "NtPathMapper", "to_records", "MODES", "DEFAULT_MODE",
