@@ -629,7 +629,7 @@ def _cleanup(out: TextIO, err: TextIO) -> int:
         try:
             lines = source_class(name).cleanup()
         except (Error, OSError, ImportError) as exc:
-            say(err, f"{name}: cannot clean up: {exc}")
+            say(err, f"{name}: cannot clean up: {cli_terms(str(exc))}")
             status = EXIT_RUNTIME
             continue
         for line in lines:
