@@ -661,7 +661,10 @@ def _cleanup(out: TextIO, err: TextIO) -> int:
         try:
             lines = source_class(name).cleanup()
         except (Error, OSError, ImportError) as exc:
-            say(err, f"{name}: cannot clean up: {cli_terms(str(exc))}")
+            why = cli_terms(str(exc))
+            if why.startswith("needs root"):  # the fix is this command as root, not another source
+                why = why.split(": ", 1)[0] + ": run etwmon cleanup as root"
+            say(err, f"{name}: cannot clean up: {why}")
             status = EXIT_RUNTIME
             continue
         for line in lines:
