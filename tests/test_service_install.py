@@ -75,6 +75,17 @@ def test_protect_home_is_read_only_when_anything_the_service_reads_is_under_a_ho
     assert not service_install._under_home("/homestead/etwmon") and not service_install._under_home("/opt/etwmon")
 
 
+def test_private_tmp_is_off_when_the_installation_lives_under_tmp(tmp_path, monkeypatch):
+    """PrivateTmp=yes gives the service an empty /tmp: a venv or configuration there would vanish for it."""
+    monkeypatch.setattr(service_install, "etwmon_command", lambda: ["/tmp/clone/.venv/bin/etwmon"])
+    plan = service_install.plan_install(None, "etwmon", str(tmp_path))
+    assert "PrivateTmp=no" in plan.unit and "ExecStart=/tmp/clone/.venv/bin/etwmon serve" in plan.unit
+    monkeypatch.setattr(service_install, "etwmon_command", lambda: ["/opt/etwmon/.venv/bin/etwmon"])
+    monkeypatch.setattr(service_install, "_installation_paths", lambda: ["/opt/etwmon/.venv/bin/etwmon"])
+    plan = service_install.plan_install(None, "etwmon", str(tmp_path))
+    assert "PrivateTmp=yes" in plan.unit and "ProtectHome=yes" in plan.unit
+
+
 def test_exec_start_words_are_quoted_for_systemd():
     unit = service_install.render_unit(["/opt/my etwmon/bin/etwmon"], "etwmon", "/etc/etwmon/100%.xml",
                                        created_group=False, protect_home="yes")

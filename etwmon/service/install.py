@@ -32,6 +32,8 @@ DEFAULT_GROUP = "etwmon"
 _CREATED_GROUP = "# etwmon service install: created the group "
 #: Where systemd's ProtectHome=yes hides files; an installation or configuration there needs read-only instead.
 _HOME_DIRS = ("/home", "/root", "/run/user")
+#: What PrivateTmp=yes replaces with empty directories of the service's own.
+_TMP_DIRS = ("/tmp", "/var/tmp")
 
 
 class InstallError(Error):
@@ -49,9 +51,13 @@ def etwmon_command() -> list[str]:
     return [str(here), "-m", "etwmon"]
 
 
-def _under_home(path: str) -> bool:
+def _under(path: str, tops: tuple[str, ...]) -> bool:
     path = os.path.abspath(path)
-    return any(path == top or path.startswith(top + "/") for top in _HOME_DIRS)
+    return any(path == top or path.startswith(top + "/") for top in tops)
+
+
+def _under_home(path: str) -> bool:
+    return _under(path, _HOME_DIRS)
 
 
 def _installation_paths() -> list[str]:
@@ -78,9 +84,10 @@ class Plan:
 
 
 def render_unit(command: list[str], group: str, config: str | None, *, created_group: bool,
-                protect_home: str) -> str:
+                protect_home: str, private_tmp: bool = True) -> str:
     """The unit file's text. ``protect_home``: "yes" when nothing it reads is under /home, /root or /run/user,
-    else "read-only" (the service writes nothing there either way)."""
+    else "read-only" (the service writes nothing there either way). ``private_tmp``: False when something it
+    reads is under /tmp or /var/tmp, which PrivateTmp=yes would replace with empty directories."""
     argv = [*command, "serve", "--group", group]
     if config is not None:
         argv += ["--config", config]
@@ -111,10 +118,11 @@ def render_unit(command: list[str], group: str, config: str | None, *, created_g
         "RuntimeDirectory=etwmon",
         "RuntimeDirectoryMode=0710",
         "# The kernel sources need root's capabilities (netlink, audit, BPF); the rest of the machine it need not",
-        "# touch. ProtectHome is read-only, not yes, when etwmon or its configuration lives under a home directory.",
+        "# touch. ProtectHome is read-only, not yes, when etwmon or its configuration lives under a home directory;",
+        "# PrivateTmp is off when they live under /tmp or /var/tmp.",
         "NoNewPrivileges=yes",
         f"ProtectHome={protect_home}",
-        "PrivateTmp=yes",
+        f"PrivateTmp={'yes' if private_tmp else 'no'}",
         "ProtectClock=yes",
         "ProtectHostname=yes",
         "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
@@ -173,8 +181,10 @@ def plan_install(config: str | None = None, group: str = DEFAULT_GROUP, unit_dir
     create_group = not _group_exists(group)
     reads = _installation_paths() + ([config] if config else [])
     protect_home = "read-only" if any(_under_home(p) for p in reads) else "yes"
+    private_tmp = not any(_under(p, _TMP_DIRS) for p in reads)
     unit_path = Path(unit_dir) / UNIT_NAME
-    unit = render_unit(command, group, config, created_group=create_group, protect_home=protect_home)
+    unit = render_unit(command, group, config, created_group=create_group, protect_home=protect_home,
+                       private_tmp=private_tmp)
     steps = [["groupadd", "--system", group]] if create_group else []
     steps += [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT_NAME]]
     return Plan(unit_path, unit, group, create_group, command, config, steps)
