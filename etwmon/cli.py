@@ -175,6 +175,15 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
+def _group_name(text: str) -> str:
+    from .service.install import group_name
+
+    try:
+        return group_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _account(kind: str) -> Callable[[str], int]:
     """A user (``kind="user"``) or group name, or a number, as its id."""
     def account_id(text: str) -> int:
@@ -332,6 +341,28 @@ def _build_parser() -> _Parser:
     serve.add_argument("--config", metavar="FILE",
                        help="Sysmon-style rules (XML, see docs/rules.md) applied before any client sees an event; "
                             "SIGHUP reloads it (a refused file keeps the rules in force)")
+
+    service = commands.add_parser("service", help="install the service as a systemd unit, or remove it",
+                                  description="Install etwmon as a systemd service (as 'sysmon -i config.xml' does): "
+                                              "a unit running this installation's 'etwmon serve', its readers' "
+                                              "group, and systemd told; or remove all that. See docs/service.md.")
+    service_commands = service.add_subparsers(dest="service_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    service_commands.required = True
+    service_install = service_commands.add_parser(
+        "install", help="write the unit, create the group, and (with systemd running) enable and start it",
+        description="Write /etc/systemd/system/etwmon.service with ExecStart = this installation's etwmon, create "
+                    "the group (unless it exists), then with systemd as PID 1 run 'systemctl daemon-reload' and "
+                    "'systemctl enable --now etwmon'; without it, say what to run.")
+    service_install.add_argument("--config", metavar="FILE", help="Sysmon-style rules for the service (checked now)")
+    service_install.add_argument("--group", metavar="NAME", default="etwmon", type=_group_name,
+                                 help="the group whose members may read events (default: etwmon)")
+    service_uninstall = service_commands.add_parser(
+        "uninstall", help="stop and disable the service, remove its unit, and the group install created")
+    for sub in (service_install, service_uninstall):
+        sub.add_argument("--dry-run", action="store_true", help="print what would be done (install: the unit), "
+                                                                "change nothing")
+        sub.add_argument("--unit-dir", metavar="DIR", default="/etc/systemd/system",
+                         help="where the unit file goes (default: /etc/systemd/system)")
 
     commands.add_parser("cleanup", help="remove what killed etwmon instances left in the kernel, and restore it",
                         description="Remove what etwmon instances that were killed (kill -9) left in the kernel "
@@ -543,7 +574,7 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
 
     from .monitor import Monitor
     from .service import Server, ServerLimits
-    from .service.daemon import run, setup_logging
+    from .service.daemon import run, run_directory_cleanup, setup_logging
 
     max_items, max_bytes = _limits(args, environ)
     file_handler = setup_logging(args.log_level, args.log_file)
@@ -558,17 +589,18 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
                     allow_uids=args.allow_uids, allow_gids=args.allow_gids,
                     limits=ServerLimits(max_clients=args.max_clients, client_max_items=args.client_max_items,
                                         client_max_bytes=args.client_max_bytes))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            monitor.start()
-        for warning in caught:
-            say(err, f"warning: {cli_terms(str(warning.message))}")
-        server.open()
-        return run(server, file_handler, rules_path=args.config)
-    finally:
-        server.close()
-        monitor.close()
+    with run_directory_cleanup(server.path):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                monitor.start()
+            for warning in caught:
+                say(err, f"warning: {cli_terms(str(warning.message))}")
+            server.open()
+            return run(server, file_handler, rules_path=args.config)
+        finally:
+            server.close()
+            monitor.close()
 
 
 def _auto_choice(infos: list) -> str | None:
@@ -629,7 +661,10 @@ def _cleanup(out: TextIO, err: TextIO) -> int:
         try:
             lines = source_class(name).cleanup()
         except (Error, OSError, ImportError) as exc:
-            say(err, f"{name}: cannot clean up: {exc}")
+            why = cli_terms(str(exc))
+            if why.startswith("needs root"):  # the fix is this command as root, not another source
+                why = why.split(": ", 1)[0] + ": run etwmon cleanup as root"
+            say(err, f"{name}: cannot clean up: {why}")
             status = EXIT_RUNTIME
             continue
         for line in lines:
@@ -683,6 +718,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ship(args, err, dict(os.environ))
         if args.command == "serve":
             return _serve(args, err, dict(os.environ))
+        if args.command == "service":
+            from .service.install import run_command
+
+            return run_command(args.service_command, config=getattr(args, "config", None),
+                               group=getattr(args, "group", "etwmon"), unit_dir=args.unit_dir,
+                               dry_run=args.dry_run, out=out, say=lambda line: say(err, line))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _error(err, str(exc))
