@@ -122,8 +122,6 @@ def test_an_unchanged_record_is_passed_on_as_it_came(staged):
     assert sink.records == [record]
 
 
-@pytest.mark.skipif("rule_name" not in getattr(R.ProcessExec, "__dataclass_fields__", {}),
-                    reason="this build's records carry no rule_name (the identity extension block)")
 def test_the_including_rule_names_the_record(staged):
     stage, sink = staged
     stage.push(exec_(64, "/usr/bin/backup /srv --password=x"))
@@ -131,46 +129,37 @@ def test_the_including_rule_names_the_record(staged):
     created, exited = sink.events()
     assert created.rule_name == "backups" and created.command_line == "/usr/bin/backup /srv --password=***"
     assert exited.rule_name is None
-    assert stage.stats()["unnamed"] == 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Enriched(R.ProcessExec):
-    """What the identity stage will deliver: the parent's command line and a rule_name field."""
-
-    parent_command_line: str | None = None
-    rule_name: str | None = None
-
-    def encode(self) -> bytes:  # a stand-in wire form that carries every field
-        return R.encode_process_exec(self.filetime, self.pid, self.parent_pid, self.creating_pid,
-                                     self.creating_tid, json.dumps(dataclasses.asdict(self)))
-
-
-def test_parent_command_line_is_redacted_and_rule_name_set_when_the_event_carries_them(monkeypatch):
+def test_parent_command_line_is_redacted_and_rule_name_set_in_the_block_kept_whole():
     sink = ListSink()
     stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
-    event = Enriched(t(), 70, 1, 70, 70, "deploy now", parent_command_line="sh -c 'x --password=hunter2'")
-    monkeypatch.setattr(stage_module, "parse", lambda record: iter([event]))
-    stage.push(exec_(70, "ignored: parse is replaced"))
+    details = R.Details(process_guid="{11111111-2222-3333-4444-555555555555}", image="/usr/bin/deploy",
+                        user="ops", parent_command_line="sh -c 'x --password=hunter2'", uid=1000,
+                        parent_image="/bin/sh", cgroup="/system.slice/x.service")
+    stage.push(R.encode_process_exec(t(), 70, 1, 70, 70, "deploy now tok_abc123", details))
     (record,) = sink.records
     assert b"hunter2" not in record and "hunter2".encode("utf-16-le") not in record
-    fields = json.loads(next(parse(record)).command_line)
-    assert fields["parent_command_line"] == "sh -c 'x --password=***"
-    assert fields["rule_name"] == "deploys"
+    assert "tok_abc123".encode("utf-16-le") not in record
+    event = next(parse(record))
+    assert event.command_line == "deploy now ***"
+    assert event.parent_command_line == "sh -c 'x --password=***"
+    assert event.rule_name == "deploys"
+    kept = dataclasses.replace(event, rule_name=None, parent_command_line=None, command_line="")
+    assert kept.details() == dataclasses.replace(details, parent_command_line=None)  # the rest untouched
+    # The block keeps its order (RuleName after the fixed-size fields), as every writer puts it.
+    tags = [tag for tag, _ in R.block_fields(record)[1]]
+    assert tags == sorted(tags, key=R.TAG_ORDER.index)
+    assert stage.stats()["redacted"] == 1
+    assert [r["redacted"] for r in stage.stats()["redactions"]] == [1, 1]
 
 
-def test_a_secret_in_a_field_this_build_cannot_rewrite_drops_the_record(monkeypatch):
-    @dataclasses.dataclass(frozen=True)
-    class Unwritable(R.ProcessExec):
-        @property
-        def other_command_line(self) -> str:  # text the record carries, but not as a field replace() can set
-            return "x --password=hunter2"
-
-    monkeypatch.setattr(stage_module, "_REDACTED_FIELDS", (*stage_module._REDACTED_FIELDS, "other_command_line"))
+def test_a_parent_command_line_that_is_not_utf16_drops_the_record():
     sink = ListSink()
     stage = RulesStage(sink, RuleSet.from_xml(CONFIG))
-    monkeypatch.setattr(stage_module, "parse", lambda record: iter([Unwritable(t(), 71, 1, 71, 71, "deploy")]))
-    stage.push(exec_(71, "deploy"))
+    record = R.with_packed(exec_(71, "deploy"), 0, [R.pack_field(int(R.ExtensionTag.ParentCommandLine),
+                                                                 "x --password=hunter2".encode("utf-16-le") + b"!")])
+    stage.push(record)
     assert sink.records == [] and stage.stats()["unredactable"] == 1
 
 
