@@ -332,3 +332,82 @@ def test_live_readinto_bytes_never_hold_the_secret(tmp_path):
     assert secret.encode("utf-16-le") not in raw and secret.encode() not in raw
     assert stats["redacted"] >= 1 and stats["kept"] >= 1
     assert os.geteuid() == 0
+
+
+def _random_record(rng, pid: int) -> bytes:
+    """A process record as a source and the identity stage may write it, fields present or not, sometimes a
+    duplicate tag (the later one counts), a GUID of the wrong length, or a block of another version."""
+    words = ["deploy", "--dry-run", "/usr/bin/backup", "x", "Image", "/bin/sh", "svc", "ÄÖ", "\udcff", "quiet"]
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(0, 4)))  # noqa: E731
+    names = ["image", "current_directory", "user", "parent_image", "parent_command_line", "parent_user"]
+    fields = {name: text() for name in names if rng.random() < 0.7}
+    if rng.random() < 0.5:
+        fields["process_guid"] = str(uuid.UUID(int=rng.getrandbits(128)))
+    details = R.Details(**fields) if fields else None
+    kind = rng.choice([R.encode_process_create, R.encode_process_exec, "exit"])
+    if kind == "exit":
+        record = R.encode_process_exit(t(), pid, 0, R.Details(image=fields.get("image"),
+                                                              process_guid=fields.get("process_guid")))
+    else:
+        record = kind(t(), pid, rng.randrange(5000), pid, pid, text(), details)
+    if rng.random() < 0.2 and len(R.block_fields(record)[1]):
+        flags, packed = R.block_fields(record, packed=True)
+        extra = [R.pack_field(int(R.ExtensionTag.Image), text().encode("utf-16-le", "surrogatepass")),
+                 R.pack_field(int(R.ExtensionTag.ProcessGuid), b"short")]
+        record = R.with_packed(record, flags, [p for _, p in packed] + extra)
+    if rng.random() < 0.05 and len(record) > 48:
+        record = bytearray(record)
+        base = R._base_size(record)
+        if base < len(record):
+            record[base] = 2  # a block of a version this reader does not know: no block
+        record = bytes(record)
+    return record
+
+
+RICH = '''<Sysmon schemaversion="4.90"><EventFiltering><RuleGroup name="" groupRelation="or">
+  <ProcessCreate onmatch="include">
+    <Image condition="end with" name="shells">/sh</Image>
+    <CommandLine condition="contains any" name="deploys">deploy;backup</CommandLine>
+    <ParentCommandLine condition="contains">ÄÖ</ParentCommandLine>
+    <Rule groupRelation="and" name="svc"><User condition="is">svc</User><CurrentDirectory condition="begin with">x</CurrentDirectory></Rule>
+    <ProcessGuid condition="begin with" name="guids">{0</ProcessGuid>
+    <ParentProcessId condition="less than">100</ParentProcessId>
+  </ProcessCreate>
+  <ProcessCreate onmatch="exclude">
+    <CommandLine condition="contains">--dry-run</CommandLine>
+    <ParentUser condition="is">quiet</ParentUser>
+    <ParentImage condition="image">sh</ParentImage>
+  </ProcessCreate>
+  <ProcessTerminate onmatch="include">
+    <Image condition="contains">svc</Image>
+    <User condition="is">svc</User>
+    <ProcessGuid condition="end with">0}</ProcessGuid>
+  </ProcessTerminate>
+</RuleGroup></EventFiltering></Sysmon>'''
+
+
+def test_records_are_judged_where_they_lie_exactly_as_their_parsed_events_are():
+    import random
+
+    rng = random.Random(7)
+    rules = RuleSet.from_xml(RICH)
+    for pid in range(3000):
+        record = _random_record(rng, pid)
+        (event,) = list(parse(record))
+        assert rules.decide_record(record) == rules.decide(event), (event, record)
+        assert rules.decide_record(memoryview(record)) == rules.decide(event)
+
+
+def test_the_stage_builds_no_event_per_record(staged, monkeypatch):
+    def no_events(*args, **kwargs):
+        raise AssertionError("an Event was built on the hot path")
+
+    stage, sink = staged
+    for cls in (R.ProcessCreate, R.ProcessExec, R.ProcessExit):
+        monkeypatch.setattr(cls, "__init__", no_events)
+    stage.push(exec_(80, "ls"))  # not included
+    stage.push(exec_(81, "deploy it"))  # included, named in place
+    stage.push(R.encode_process_exit(t(), 81, 0))
+    monkeypatch.undo()
+    assert [e.command_line for e in sink.events() if e.type != R.ItemType.ProcessExit] == ["deploy it"]
+    assert sink.events()[0].rule_name == "deploys"

@@ -584,6 +584,8 @@ class RuleSet:
     def decide_record(self, record: Any) -> Verdict:
         """``decide`` for one encoded ProcessCreate/ProcessExec/ProcessExit record, read where it lies (only the
         fields the rules use are decoded). RecordFormatError when the record does not follow the wire format."""
+        if type(record) is not bytes:
+            record = bytes(record)  # (a memoryview or bytearray: slices must decode)
         event_type = EVENT_OF_TYPE.get(record[0] | record[1] << 8)
         rules = self._events.get(event_type) if event_type else None
         if rules is None:

@@ -44,7 +44,7 @@ class RecordFields:
     encoded record of that Sysmon event (ProcessCreate: a ProcessCreate or ProcessExec record; ProcessTerminate:
     a ProcessExit record). RecordFormatError when the record does not follow the wire format."""
 
-    __slots__ = ("empty", "fixed", "command_line", "tags", "create")
+    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "create")
 
     def __init__(self, event: str, names: Iterable[str]) -> None:
         where = _WHERE[event]
@@ -52,7 +52,8 @@ class RecordFields:
         self.empty: dict[str, None] = {}
         self.fixed: list[tuple[str, int]] = []
         self.command_line: str | None = None
-        self.tags: dict[int, tuple[str, str]] = {}
+        self.texts: dict[int, str] = {}  # tag → field, for text fields
+        self.guids: dict[int, str] = {}
         for name in names:
             kind, arg = where[name]
             self.empty[name] = None
@@ -61,7 +62,7 @@ class RecordFields:
             elif kind == "command_line":
                 self.command_line = name
             elif kind is not None:
-                self.tags[kind] = (name, arg)
+                (self.texts if arg == "text" else self.guids)[kind] = name
 
     def values(self, record: Any) -> dict[str, str | None]:
         size = record[2] | record[3] << 8
@@ -80,8 +81,8 @@ class RecordFields:
         for name, offset in self.fixed:
             values[name] = str(_U32.unpack_from(record, offset)[0])
         if self.command_line is not None:
-            values[self.command_line] = bytes(record[34:base - 6]).decode("utf-16-le", "surrogatepass").lower()
-        if self.tags and size - base >= 8:
+            values[self.command_line] = record[34:base - 6].decode("utf-16-le", "surrogatepass").lower()
+        if (self.texts or self.guids) and size - base >= 8:
             self._block(record, base, size, values)
         return values
 
@@ -89,21 +90,19 @@ class RecordFields:
         version, length, _ = _BLOCK_HEADER.unpack_from(record, base)
         if version != EXTENSION_VERSION or length < 8 or base + length > end:
             return
-        tags = self.tags
-        pos, stop = base + 8, base + length
+        texts, guids = self.texts, self.guids
+        pos, stop = base + 8, base + length - 4
         unpack = _TLV.unpack_from
-        while pos + 4 <= stop:
+        while pos <= stop:
             tag, n = unpack(record, pos)
             pos += 4
-            if pos + n > stop:
-                break
-            wanted = tags.get(tag)
-            if wanted is not None:
-                name, kind = wanted
-                if kind == "text":
-                    if n % 2:
-                        raise RecordFormatError(f"extension field {tag} of odd length {n} is not UTF-16", pos)
-                    values[name] = bytes(record[pos:pos + n]).decode("utf-16-le", "surrogatepass").lower()
-                elif n == 16:  # a GUID; another length is malformed: unknown
-                    values[name] = guid_text(record[pos:pos + n]).lower()
+            name = texts.get(tag)
+            if name is not None:
+                if pos + n > stop + 4:
+                    break  # runs past the block: the block ends here
+                if n & 1:
+                    raise RecordFormatError(f"extension field {tag} of odd length {n} is not UTF-16", pos)
+                values[name] = record[pos:pos + n].decode("utf-16-le", "surrogatepass").lower()
+            elif tag in guids and n == 16 and pos + n <= stop + 4:  # a GUID; another length is unknown
+                values[guids[tag]] = guid_text(record[pos:pos + n]).lower()
             pos += n

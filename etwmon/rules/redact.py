@@ -315,6 +315,8 @@ class Redactors:
         """An encoded ProcessCreate/ProcessExec/ProcessExit with its command line and ParentCommandLine redacted
         (the same object when nothing changed), and the redactions that changed it. Only the fields that change
         are re-encoded; a text field that is not UTF-16 raises RecordFormatError (never passed on unredacted)."""
+        if type(record) is not bytes:
+            record = bytes(record)
         item = record[0] | record[1] << 8
         size = record[2] | record[3] << 8
         applied: list[Redaction] = []

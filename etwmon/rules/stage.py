@@ -88,6 +88,8 @@ class RulesStage:
 
     def _judge(self, record: Any) -> Any:
         counts = self._counts
+        if type(record) is not bytes:
+            record = bytes(record)  # (a memoryview or bytearray from the source: read once, as bytes)
         item = record[0] | record[1] << 8
         try:
             verdict = self.rules.decide_record(record)
