@@ -41,9 +41,9 @@ def test_patterns_run_on_re2():
     assert rules.redact("x --password=hunter2 y")[0] == "x --password=*** y"
 
 
-@pytest.mark.parametrize("pattern, line", [("(a|aa)+", "a" * 32_000 + "!"),
-                                          (r".*--password[= ](\S+)", "x " * 16_000 + "--passwordX")])
-def test_catastrophic_patterns_take_linear_time(pattern, line):
+@pytest.mark.parametrize("pattern, line, redacted", [("(a|aa)+", "a" * 32_000 + "!", "a" * 31_999 + "***!"),  # (its group: the last a)
+                                                    (r".*--password[= ](\S+)", "x " * 16_000 + "--passwordX", None)])
+def test_catastrophic_patterns_take_linear_time(pattern, line, redacted):
     """Both patterns backtrack (exponentially, quadratically) in Python's re; RE2 scans once. Work per input
     character stays flat when the input doubles (loosely: a quadratic engine would show 2x, this allows 1.5x of
     slack on top of linear under load)."""
@@ -57,7 +57,7 @@ def test_catastrophic_patterns_take_linear_time(pattern, line):
             best = min(best, time.perf_counter() - t0)
         return best / len(text)
 
-    assert rules.redact(line)[0] != line or "password" in pattern
+    assert rules.redact(line)[0] == (redacted or line)
     short, long_ = per_char(line), per_char(line * 2)
     assert long_ < 3 * short, (short, long_)
 

@@ -5,7 +5,6 @@ and a live `etwmon tail --config`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
