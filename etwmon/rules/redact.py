@@ -264,21 +264,12 @@ def _replace(data: str, spans: list[tuple[int, int]]) -> str:
 
 
 class Redactors:
-    """All ``<Redact>`` of a configuration, with one RE2 set deciding in one pass which of them can apply."""
+    """All ``<Redact>`` of a configuration. (No RE2 set decides first which of them can apply: a set that runs out
+    of DFA memory reports no match without saying so, where a single pattern falls back to its NFA.)"""
 
     def __init__(self, redactions: Sequence[Redaction], source: str) -> None:
         self.redactors = tuple(_Redactor(r, source) for r in redactions)
         self.redactions = tuple(redactions)
-        self._set = None
-        if self.redactors:
-            re2 = _re2()
-            options = re2.Options()
-            options.log_errors = False
-            any_of = re2.Set.SearchSet(options)
-            for redaction in redactions:
-                any_of.Add(redaction.pattern)
-            any_of.Compile()
-            self._set = any_of
 
     def __bool__(self) -> bool:
         return bool(self.redactors)
@@ -286,17 +277,14 @@ class Redactors:
     def text(self, text: str) -> tuple[str, list[Redaction]]:
         """``text`` with every redaction applied, and the redactions that changed it. A text ending with
         TRUNCATION_MARKER was cut: a match that may have run on past the cut is redacted up to it."""
+        if not self.redactors:
+            return text, []
         cut = text.endswith(TRUNCATION_MARKER)
         data = _matchable(text)
-        candidates = self._set.Match(data) if self._set is not None else None
-        if not cut and not candidates:
-            return text, []
         end = len(text) - len(TRUNCATION_MARKER) if cut else len(text)
-        head, shown = data[:end], text[:end]
+        head, shown = (data[:end], text[:end]) if cut else (data, text)
         applied = []
-        for index, redactor in enumerate(self.redactors):
-            if not cut and index not in candidates:
-                continue
+        for redactor in self.redactors:
             spans = redactor.spans(head)
             if cut:
                 spans.append((redactor.cut_start(head), len(head)))
