@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -239,3 +242,73 @@ def test_through_identity_and_rules_a_parents_secret_never_reaches_a_child_recor
             assert_no_secret(record, secret, ecs=offset % 8 == 0)
         child = list(parse(records[-1]))[0]
         assert child.parent_command_line.endswith(R.TRUNCATION_MARKER)
+
+
+# --- live: the kernel's cut, the record's cut, the parent's cut ------------------------------------------------
+
+CHILD = "import subprocess, sys; subprocess.run([sys.argv[1], sys.argv[2] + 'c', 'z' * 40000], check=True)"
+
+
+def _live_run(tag: str, commands: list[list[str]], until) -> tuple[bytes, list]:
+    """Run ``commands`` under a Monitor redacting KEY, draining it as they run (the machine's other processes
+    fill the ring too); (every byte read, the events of ``tag``, and the Monitor's drop count)."""
+    from etwmon import Monitor
+
+    raw = bytearray()
+    buf = bytearray(1 << 20)
+    events: list = []
+
+    def drain() -> None:
+        while n := monitor.readinto(buf):
+            nonlocal raw
+            raw += buf[:n]
+            events.extend(e for e in parse(bytes(buf[:n])) if tag in getattr(e, "command_line", ""))
+
+    with Monitor(rules=redactions(KEY), max_items=100_000, max_bytes=256 << 20) as monitor:
+        time.sleep(0.3)
+        for argv in commands:
+            subprocess.run(argv, check=True)
+            drain()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not until(events):
+            monitor.wait(0.5)
+            drain()
+        assert monitor.stats.dropped == 0 and monitor.stats.lost == 0
+    return bytes(raw), events
+
+
+@pytest.mark.root
+def test_live_a_secret_around_every_cut_never_reaches_a_reader():
+    """The whole path (source, identity, rules, ring): a key in argv around the kernel's 32 KiB read limit and the
+    record's 32 K cut, and in a parent's argv around the ~4 K cut of a child's ParentCommandLine."""
+    true, python = shutil.which("true"), sys.executable
+    rng = random.Random(5)
+    tag = "etwmonrd" + "".join(rng.choice("abcdefghij") for _ in range(8))
+    parent = [python, "-c", CHILD, true, tag]
+    # Where the child's ParentCommandLine is cut, measured on a run without a secret.
+    _, events = _live_run(tag, [parent + ["y" * 40_000]], lambda ev: any((tag + "c") in e.command_line
+                                                                          for e in ev))
+    child = next(e for e in events if (tag + "c") in e.command_line)
+    assert child.parent_command_line.endswith(R.TRUNCATION_MARKER), child.parent_command_line[-40:]
+    cut = len(child.parent_command_line) - len(R.TRUNCATION_MARKER) - child.parent_command_line.index("yyyy")
+    secrets, commands = [], []
+    for offset in range(32_700, 32_800, 9):  # argv bytes: the record keeps ~32,735 characters, the kernel 32,768
+        secret = key(rng)
+        secrets.append(secret)
+        commands.append([true, tag, "x" * (offset - len(true) - len(tag) - 2) + secret + "x" * 60])
+    for offset in range(cut - 30, cut + 6, 3):
+        secret = key(rng)
+        secrets.append(secret)
+        commands.append(parent + ["y" * offset + secret + "y" * 40_000])
+    raw, events = _live_run(tag, commands, lambda ev: sum((tag + "c") in e.command_line for e in ev) >= 12
+                            and sum(e.command_line.startswith(true) for e in ev) >= 12 + 12)
+    assert sum((tag + "c") in e.command_line for e in events) >= 12, "children not seen"
+    texts = [raw.decode("utf-16-le", "replace"), raw[1:].decode("utf-16-le", "replace"), raw.decode("latin-1")]
+    texts += [formats.format_event(e) for e in events] + [formats.json_line(e) for e in events]
+    for secret in secrets:
+        pieces = {secret[i:i + 4] for i in range(len(secret) - 3)}
+        assert not [(p, secret) for p in pieces for text in texts if p in text]
+    for event in events:
+        for field in (event.command_line, event.parent_command_line or ""):
+            after = field.split(tag, 1)[-1] if tag in field else ""  # (the program and its code come before)
+            assert not SECRET_CHARS.search(after.replace(R.TRUNCATION_MARKER, "")), after[-60:]
