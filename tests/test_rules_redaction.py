@@ -44,8 +44,10 @@ def test_patterns_run_on_re2():
     assert rules.redact("x --password=hunter2 y")[0] == "x --password=*** y"
 
 
-@pytest.mark.parametrize("pattern, line, redacted", [("(a|aa)+", "a" * 32_000 + "!", "a" * 31_999 + "***!"),  # (its group: the last a)
-                                                    (r".*--password[= ](\S+)", "x " * 16_000 + "--passwordX", None)])
+@pytest.mark.parametrize("pattern, line, redacted", [
+    ("(a|aa)+", "a" * 32_000 + "!", "a" * 31_999 + "***!"),  # (its group is redacted: the last a)
+    (r".*--password[= ](\S+)", "x " * 16_000 + "--passwordX", None),
+])
 def test_catastrophic_patterns_take_linear_time(pattern, line, redacted):
     """Both patterns backtrack (exponentially, quadratically) in Python's re; RE2 scans once. Work per input
     character stays flat when the input doubles (loosely: a quadratic engine would show 2x, this allows 1.5x of

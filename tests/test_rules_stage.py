@@ -368,7 +368,9 @@ RICH = '''<Sysmon schemaversion="4.90"><EventFiltering><RuleGroup name="" groupR
     <Image condition="end with" name="shells">/sh</Image>
     <CommandLine condition="contains any" name="deploys">deploy;backup</CommandLine>
     <ParentCommandLine condition="contains">ÄÖ</ParentCommandLine>
-    <Rule groupRelation="and" name="svc"><User condition="is">svc</User><CurrentDirectory condition="begin with">x</CurrentDirectory></Rule>
+    <Rule groupRelation="and" name="svc">
+      <User condition="is">svc</User><CurrentDirectory condition="begin with">x</CurrentDirectory>
+    </Rule>
     <ProcessGuid condition="begin with" name="guids">{0</ProcessGuid>
     <ParentProcessId condition="less than">100</ParentProcessId>
   </ProcessCreate>
