@@ -81,7 +81,8 @@ def _rules(rules: dict, results: dict, markdown: bool) -> list[str]:
         ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
         ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
         ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
-        ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+        ["added by the stage per record", stat(rules["stage_added_us"], 2)],
+        ["the same, with two Redact patterns", stat(rules.get("stage_redacting_added_us"), 2)]], markdown)
     return out
 
 

@@ -945,6 +945,18 @@ def test_serve_refuses_a_socket_directory_anyone_may_write(sockdir):
 
 
 @pytest.mark.root
+def test_serve_refuses_a_socket_directory_owned_by_another_user(sockdir):
+    theirs = os.path.join(sockdir, "theirs")
+    os.mkdir(theirs, 0o755)
+    os.chown(theirs, 65534, 65534)  # not writable by others, but its owner could swap the socket
+    done = subprocess.run([sys.executable, "-m", "etwmon", "serve", "--source", "procfs", "--socket",
+                           os.path.join(theirs, "s.sock")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "owned by uid 65534" in done.stderr, done.stderr
+    assert not os.listdir(theirs)
+
+
+@pytest.mark.root
 def test_group_members_read_through_the_sockets_group_and_supplementary_groups_count(open_dir, daemons,
                                                                                     nobody_python):
     grouped = Daemon(open_dir, "--group", "nogroup", name="g.sock")  # nobody's own group
