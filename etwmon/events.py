@@ -1,0 +1,626 @@
+"""Reading records: the Event classes, ``parse`` (lazy Event objects over a batch) and ``parse_array`` (the
+batch as numpy columns, no object per record).
+
+The wire format itself — layouts, encoders, the extension block's tags — is ``etwmon.records``, which
+re-exports everything here, so ``from etwmon.records import parse`` keeps working. Every reader of untrusted
+bytes (a fleet message, a client socket, a recording) relies on one promise: ``parse``, ``parse_array`` and
+``record_headers`` raise nothing but ``RecordFormatError``, whatever the bytes, and an Event they deliver can
+be formatted (its time and every detail are in range).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, fields as _dc_fields
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+
+from .errors import RecordFormatError
+from .records import (
+    _CMDLINE_OFFSET, _HEADER, _IMAGE_NAME_CHARS, _TAG_FIELDS, _TEXT_TAGS, DTYPES, EXTENSION_HEADER_SIZE,
+    EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE, TRUNCATION_MARKER, Details,
+    EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime, encode_image_load,
+    encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit, filetime_to_datetime,
+)
+
+__all__ = [
+    "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
+    "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "parse_array", "record_headers", "RecordBatch",
+    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME",
+]
+
+#: The last FILETIME a datetime can hold (9999-12-31 23:59:59.999999 UTC): a Time past it, or a negative one,
+#: is malformed (no clock writes it, and no formatter could show it).
+MAX_FILETIME = datetime_to_filetime(datetime.max.replace(tzinfo=timezone.utc)) + 9
+
+
+# --- events ----------------------------------------------------------------------------------------------
+#
+# Slotted frozen dataclasses. ``parse`` builds them without running __init__: it sets the fixed fields (one
+# struct unpack) and leaves the rest (command line, extension block) in ``_lazy`` — the batch's bytes and
+# where the record is — decoded on first access of any of them (``__getattr__`` only runs for a slot not yet
+# set). ``parse`` has already checked those bytes, so decoding cannot fail later.
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One parsed record. ``filetime`` is the raw Time field; ``time`` the same as an aware UTC datetime."""
+
+    type: ClassVar[ItemType] = ItemType.NONE
+    _LAZY: ClassVar[frozenset[str]] = frozenset()
+    filetime: int
+    _lazy: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def time(self) -> datetime:
+        return filetime_to_datetime(self.filetime)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a slot not set yet: the lazily decoded attributes of a parsed record. (A subclass
+        # that is not slotted never sets _lazy: it was built whole.)
+        if name == "_lazy":
+            return None
+        if name not in type(self)._LAZY:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        _decode(self)
+        return object.__getattribute__(self, name)
+
+    def encode(self) -> bytes:  # pragma: no cover - every concrete event overrides it
+        raise NotImplementedError
+
+
+def _split_command_line(line: str) -> list[str]:
+    import shlex
+
+    if line.endswith(TRUNCATION_MARKER):
+        line = line[: -len(TRUNCATION_MARKER)]
+        # The cut may fall inside a quoted argument or right after an escaping backslash: close what it left open.
+        for head in (line, line[:-1]):
+            for closing in ("", "'", '"'):
+                try:
+                    return shlex.split(head + closing)
+                except ValueError:
+                    continue
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return line.split()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessCreate(Event):
+    """A process was created (or, as ProcessExec, exec'd). The attributes after ``command_line`` come from the
+    record's extension block; None means unknown (see ``flags`` for how far to trust what is known)."""
+
+    type: ClassVar[ItemType] = ItemType.ProcessCreate
+    pid: int
+    parent_pid: int
+    creating_pid: int
+    creating_tid: int
+    command_line: str
+    process_guid: str | None = None
+    parent_process_guid: str | None = None
+    image: str | None = None
+    current_directory: str | None = None
+    uid: int | None = None
+    user: str | None = None
+    parent_image: str | None = None
+    parent_command_line: str | None = None
+    parent_user: str | None = None
+    tty: str | None = None
+    session: int | None = None
+    cgroup: str | None = None
+    container_id: str | None = None
+    start_filetime: int | None = None
+    rule_name: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    @property
+    def argv(self) -> list[bytes]:
+        """The command line split back into its arguments, as the bytes the program was given.
+
+        POSIX quoting (``shlex``), as the Linux sources join argv; a Windows command line is one string the
+        program parses itself, so read ``command_line`` there. A truncated command line gives the arguments
+        that survived, the last one possibly cut short; text that is not valid shell quoting (a bare comm
+        name with a stray quote) is split on whitespace rather than raising.
+        """
+        return [a.encode("utf-8", "surrogateescape") for a in _split_command_line(self.command_line)]
+
+    @property
+    def truncated(self) -> bool:
+        """True when the command line (or a detail) was cut to fit the 64 KiB record."""
+        return self.command_line.endswith(TRUNCATION_MARKER) or bool(self.flags & EventFlags.TRUNCATED)
+
+    @property
+    def start_time(self) -> datetime | None:
+        """When the process started (aware UTC), if the source knows."""
+        return None if self.start_filetime is None else filetime_to_datetime(self.start_filetime)
+
+    def details(self) -> Details | None:
+        """The extension block's content, or None when the record has none."""
+        return _details_of(self)
+
+    def encode(self) -> bytes:
+        return _encode_create(int(self.type), self.filetime, self.pid, self.parent_pid, self.creating_pid,
+                              self.creating_tid, self.command_line, _details_of(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExec(ProcessCreate):
+    """A Linux exec: the same pid now runs a new program with a new command line."""
+
+    type: ClassVar[ItemType] = ItemType.ProcessExec
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit(Event):
+    """A process ended; ``exit_code`` as a shell reports it (EXIT_CODE_UNKNOWN where the source cannot know).
+    ``uid``/``user`` are the process's, when the writer of the record put them in its block."""
+
+    type: ClassVar[ItemType] = ItemType.ProcessExit
+    pid: int
+    exit_code: int
+    process_guid: str | None = None
+    image: str | None = None
+    uid: int | None = None
+    user: str | None = None
+    start_filetime: int | None = None
+    lifetime: timedelta | None = None
+    rule_name: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        """The extension block's content, or None when the record has none."""
+        return _details_of(self)
+
+    def encode(self) -> bytes:
+        return encode_process_exit(self.filetime, self.pid, self.exit_code, _details_of(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadCreate(Event):
+    type: ClassVar[ItemType] = ItemType.ThreadCreate
+    tid: int
+    pid: int
+    process_guid: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        """The extension block's content, or None when the record has none."""
+        return _details_of(self)
+
+    def encode(self) -> bytes:
+        return encode_thread_create(self.filetime, self.tid, self.pid, _details_of(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadExit(Event):
+    type: ClassVar[ItemType] = ItemType.ThreadExit
+    tid: int
+    pid: int
+    exit_code: int
+    process_guid: str | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        """The extension block's content, or None when the record has none."""
+        return _details_of(self)
+
+    def encode(self) -> bytes:
+        return encode_thread_exit(self.filetime, self.tid, self.pid, self.exit_code, _details_of(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLoad(Event):
+    type: ClassVar[ItemType] = ItemType.ImageLoad
+    pid: int
+    image_size: int
+    load_address: int
+    image_name: str
+
+    def encode(self) -> bytes:
+        return encode_image_load(self.filetime, self.pid, self.image_size, self.load_address, self.image_name)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsLost(Event):
+    """``count`` records were lost (dropped by a full ring or missed by the source) just before this point."""
+
+    type: ClassVar[ItemType] = ItemType.RecordsLost
+    count: int
+
+    def encode(self) -> bytes:
+        return encode_records_lost(self.filetime, self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownRecord(Event):
+    """A record of a type this version does not know; kept whole so nothing is hidden."""
+
+    type: ClassVar[ItemType] = ItemType.NONE
+    item_type: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        return self.data
+
+
+_TAG_NAMES = frozenset(name for name, _ in _TAG_FIELDS.values())
+#: Per record type, the Event attributes its extension block can carry.
+_EXTENSION_ATTRS: dict[int, frozenset[str]] = {
+    int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & _TAG_NAMES
+    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit)
+}
+_CREATE_ATTRS = _EXTENSION_ATTRS[1]
+_DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.items()}
+_DETAIL_KNOWN = frozenset(f.name for f in _dc_fields(Details))
+
+
+def _details_of(event: Event) -> Details | None:
+    """The Details an event's attributes describe, or None when it has none (no block is written then)."""
+    values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)] if name in _DETAIL_KNOWN}
+    flags = int(event.flags)  # type: ignore[attr-defined]
+    if not flags and all(v is None for v in values.values()):
+        return None
+    return Details(flags=flags, **values)
+
+
+# --- checking and decoding a batch -------------------------------------------------------------------------
+
+_U32X2 = struct.Struct("<II")
+_U32X3 = struct.Struct("<III")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_EXT_HEADER = struct.Struct("<HHI")
+_TLV = struct.Struct("<HH")
+_CREATE_FIELDS = struct.Struct("<IIIIH")
+_IMAGE_FIELDS = struct.Struct("<IIQ")
+_CREATE_SIZE = PROCESS_CREATE_DTYPE.itemsize  # 40
+_IMAGE_NAME_OFFSET = IMAGE_LOAD_DTYPE.fields["ImageFileName"][1]
+_MIN_SIZE = {int(t): d.itemsize for t, d in DTYPES.items()}
+_MIN_SIZE[int(ItemType.ProcessCreate)] = _MIN_SIZE[int(ItemType.ProcessExec)] = _CMDLINE_OFFSET + 2
+#: Where the extension block starts in the fixed-size record types that can carry one.
+_BLOCK_AT = {2: 24, 3: 24, 4: 32}
+#: Value sizes of the fixed-size kinds of fields; a known field of another size is malformed.
+_KIND_SIZE = {"guid": 16, "u32": 4, "i64": 8, "us": 8}
+# Per tag: the exact size its value must have (0: text, an even size), or None when any size is taken.
+_TAG_RULE = {tag: (0 if kind == "text" else _KIND_SIZE.get(kind)) for tag, (_, kind) in _TAG_FIELDS.items()}
+_TIME_TAGS = frozenset(tag for tag, (_, kind) in _TAG_FIELDS.items() if kind == "i64" and tag not in _TEXT_TAGS)
+
+
+def _as_bytes_view(buffer) -> memoryview:
+    view = memoryview(buffer)
+    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B")
+    return view
+
+
+def _block_bounds(view, start: int, end: int) -> tuple[int, int, int]:
+    """(flags, first field, end of the fields) of the extension block in ``view[start:end]``; (0, 0, 0) when
+    there is none or it is of a version this reader does not know (then it is skipped whole, as the format says)."""
+    if end - start < EXTENSION_HEADER_SIZE:
+        return 0, 0, 0
+    version, length, flags = _EXT_HEADER.unpack_from(view, start)
+    if version != EXTENSION_VERSION or length < EXTENSION_HEADER_SIZE or start + length > end:
+        return 0, 0, 0
+    return flags, start + EXTENSION_HEADER_SIZE, start + length
+
+
+def _check_block(view, start: int, end: int, offset: int) -> None:
+    """Refuse (RecordFormatError at ``offset``) a block whose known fields could not be decoded: text of an odd
+    length (not UTF-16), a GUID or number of the wrong size, a time out of range. Unknown tags are skipped; a
+    field that runs past the block ends it (the reader keeps what came before)."""
+    _, pos, stop = _block_bounds(view, start, end)
+    unpack = _TLV.unpack_from
+    while pos + 4 <= stop:
+        tag, size = unpack(view, pos)
+        pos += 4
+        if pos + size > stop:
+            return
+        rule = _TAG_RULE.get(tag)
+        if rule is not None:
+            if rule == 0:
+                if size & 1:
+                    raise RecordFormatError(f"extension field {tag} holds text of odd length {size}", offset)
+            elif size != rule:
+                raise RecordFormatError(f"extension field {tag} has {size} bytes, needs {rule}", offset)
+            elif tag in _TIME_TAGS and not 0 <= _I64.unpack_from(view, pos)[0] <= MAX_FILETIME:
+                raise RecordFormatError(f"extension field {tag} holds a time out of range", offset)
+        pos += size
+
+
+def _walk(view) -> Iterator[tuple[int, int, int, int]]:
+    """(offset, Type, Size, Time) of each record, checking each record whole on the way: Size, Time,
+    CommandLineLength and the extension block (``RecordFormatError`` naming the offset)."""
+    end = len(view)
+    offset = 0
+    unpack_header = _HEADER.unpack_from
+    min_size = _MIN_SIZE
+    block_at = _BLOCK_AT
+    while offset < end:
+        if end - offset < HEADER_SIZE:
+            raise RecordFormatError(f"truncated header: {end - offset} bytes left, a header needs 16", offset)
+        item, size, ft = unpack_header(view, offset)
+        if size < HEADER_SIZE:
+            raise RecordFormatError(f"record Size {size} is smaller than the 16-byte header", offset)
+        if offset + size > end:
+            raise RecordFormatError(f"record Size {size} runs past the end of the buffer ({end} bytes)", offset)
+        need = min_size.get(item, HEADER_SIZE)
+        if size < need:
+            raise RecordFormatError(f"record of type {item} has Size {size}, needs at least {need}", offset)
+        if not 0 <= ft <= MAX_FILETIME:
+            raise RecordFormatError(f"record Time {ft} is out of range (1601-01-01 to 9999-12-31)", offset)
+        if item == 1 or item == 101:  # ProcessCreate, ProcessExec (raw numbers: see parse)
+            chars = view[offset + 32] | (view[offset + 33] << 8)
+            base = _CMDLINE_OFFSET + 2 * chars
+            if base > size:
+                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
+            base += _CREATE_SIZE - _CMDLINE_OFFSET
+            if size > base:
+                _check_block(view, offset + base, offset + size, offset)
+        elif size > 24 and item in block_at and size > block_at[item]:
+            _check_block(view, offset + block_at[item], offset + size, offset)
+        yield offset, item, size, ft
+        offset += size
+
+
+def _block_values(data: bytes, start: int, end: int, allowed: frozenset[str]) -> tuple[int, dict]:
+    """(flags, the Event attributes) of the (checked) extension block in ``data[start:end]``."""
+    flags, pos, stop = _block_bounds(data, start, end)
+    out: dict = {}
+    unpack = _TLV.unpack_from
+    while pos + 4 <= stop:
+        tag, size = unpack(data, pos)
+        pos += 4
+        if pos + size > stop:
+            break
+        known = _TAG_FIELDS.get(tag)
+        if known is not None and known[0] in allowed:
+            value = _field_value(known[1], data[pos:pos + size])
+            if value is not None:
+                out[known[0]] = value
+        pos += size
+    return flags, out
+
+
+_set = object.__setattr__
+_NO_DETAILS: dict = {}
+
+
+def _decode(event: Event) -> None:
+    """Set the lazily decoded attributes of a parsed record (its command line, its extension block)."""
+    data, offset, size = event._lazy
+    cls = type(event)
+    if cls is ProcessCreate or cls is ProcessExec:
+        chars = data[offset + 32] | (data[offset + 33] << 8)
+        start = offset + _CMDLINE_OFFSET
+        _set(event, "command_line", data[start:start + 2 * chars].decode("utf-16-le", "surrogatepass"))
+        base = offset + _CREATE_SIZE + 2 * chars
+    else:
+        base = offset + _BLOCK_AT[int(cls.type)]
+    allowed = _EXTENSION_ATTRS[int(cls.type)]
+    flags, values = _block_values(data, base, offset + size, allowed) if offset + size > base else (0, _NO_DETAILS)
+    for name in cls._LAZY:
+        if name == "command_line":
+            continue
+        if name == "flags":
+            _set(event, "flags", EventFlags(flags))
+        else:
+            _set(event, name, values.get(name))
+    _set(event, "_lazy", None)  # decoded: let go of the batch
+
+
+for _cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit):
+    _cls._LAZY = _EXTENSION_ATTRS[int(_cls.type)] | {"flags"} | (
+        {"command_line"} if issubclass(_cls, ProcessCreate) else set())
+
+_new = object.__new__
+_FILETIME = Event.filetime.__set__  # type: ignore[attr-defined]
+_LAZY_SET = Event._lazy.__set__  # type: ignore[attr-defined]
+
+
+def _setters(cls: type, names: tuple[str, ...]):
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_C_PID, _C_PPID, _C_CPID, _C_CTID = _setters(ProcessCreate, ("pid", "parent_pid", "creating_pid", "creating_tid"))
+_X_PID, _X_CODE = _setters(ProcessExit, ("pid", "exit_code"))
+_TC_TID, _TC_PID = _setters(ThreadCreate, ("tid", "pid"))
+_TX_TID, _TX_PID, _TX_CODE = _setters(ThreadExit, ("tid", "pid", "exit_code"))
+
+
+def parse(buffer) -> Iterator[Event]:
+    """Yield an Event for each record in ``buffer`` (bytes, bytearray, memoryview or a numpy array).
+
+    Raises ``RecordFormatError`` naming the offset on a record that is malformed (truncated, a Size smaller
+    than its type needs, a Time out of range, an extension field that cannot be decoded) — nothing else,
+    whatever the bytes; the records before it are delivered first (never loops on Size 0). Types it does not
+    know come out as ``UnknownRecord``. The batch is copied once (unless it is ``bytes``): the events stay
+    valid when the caller reuses its buffer.
+    """
+    view = _as_bytes_view(buffer)
+    data = buffer if type(buffer) is bytes else view.tobytes()
+    # The dispatch compares raw Type numbers (the ItemType values, fixed by the wire format), not ItemType
+    # members: an int == int test is about six times cheaper than ``item == ItemType.ProcessExit``.
+    new, set_time, set_lazy = _new, _FILETIME, _LAZY_SET
+    for offset, item, size, ft in _walk(data):
+        body = offset + HEADER_SIZE
+        if item == 1 or item == 101:
+            pid, ppid, ctid, cpid, _ = _CREATE_FIELDS.unpack_from(data, body)
+            event = new(ProcessCreate if item == 1 else ProcessExec)
+            _C_PID(event, pid)
+            _C_PPID(event, ppid)
+            _C_CPID(event, cpid)
+            _C_CTID(event, ctid)
+        elif item == 2:
+            event = new(ProcessExit)
+            pid, code = _U32X2.unpack_from(data, body)
+            _X_PID(event, pid)
+            _X_CODE(event, code)
+        elif item == 3:
+            event = new(ThreadCreate)
+            tid, pid = _U32X2.unpack_from(data, body)
+            _TC_TID(event, tid)
+            _TC_PID(event, pid)
+        elif item == 4:
+            event = new(ThreadExit)
+            tid, pid, code = _U32X3.unpack_from(data, body)
+            _TX_TID(event, tid)
+            _TX_PID(event, pid)
+            _TX_CODE(event, code)
+        elif item == 100:
+            yield RecordsLost(ft, _U32.unpack_from(data, body)[0])
+            continue
+        elif item == 5:
+            pid, image_size, address = _IMAGE_FIELDS.unpack_from(data, body)
+            start = offset + _IMAGE_NAME_OFFSET
+            name = data[start:start + 2 * _IMAGE_NAME_CHARS].decode("utf-16-le", "surrogatepass")
+            yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
+            continue
+        else:
+            yield UnknownRecord(ft, item, data[offset:offset + size])
+            continue
+        set_time(event, ft)
+        set_lazy(event, (data, offset, size))
+        yield event
+
+
+#: One row per record of a buffer: where it starts and its header fields.
+RECORD_INDEX_DTYPE = np.dtype([("offset", "<i8"), ("Type", "<i2"), ("Size", "<u2"), ("Time", "<i8")])
+
+
+def record_headers(buffer) -> np.ndarray:
+    """The header of every record in ``buffer`` as a structured array (offset, Type, Size, Time).
+
+    Checks the records the way ``parse`` does (``RecordFormatError`` naming the offset)."""
+    rows = list(_walk(_as_bytes_view(buffer)))
+    return np.array(rows, dtype=RECORD_INDEX_DTYPE)
+
+
+def parse_arrays(buffer) -> dict[ItemType, np.ndarray]:
+    """A batch as numpy structured arrays, one per record type present, for analysis without Python objects.
+
+    Each array has the type's dtype from ``DTYPES`` (for ProcessCreate/ProcessExec the fixed part: the command
+    lines are variable-length, use ``parse_array`` or ``parse`` for those). Unknown types are left out.
+    """
+    index = record_headers(buffer)
+    data = np.frombuffer(_as_bytes_view(buffer), dtype=np.uint8)
+    out: dict[ItemType, np.ndarray] = {}
+    for item, dtype in DTYPES.items():
+        starts = index["offset"][index["Type"] == item]
+        if not len(starts):
+            continue
+        take = min(dtype.itemsize, int(index["Size"][index["Type"] == item].min()))
+        rows = np.zeros((len(starts), dtype.itemsize), dtype=np.uint8)
+        rows[:, :take] = data[starts[:, None] + np.arange(take)]
+        out[item] = rows.view(dtype).reshape(len(starts))
+    return out
+
+
+# --- the columnar batch ------------------------------------------------------------------------------------
+
+#: One row per record of ``parse_array``: the header, the fixed fields of every type (0 where a type has no
+#: such field), and where the variable parts are in the batch's bytes (``RecordBatch.data``).
+ARRAY_DTYPE = np.dtype([
+    ("type", "<i2"),                 # ItemType number
+    ("size", "<u2"),                 # the record's Size
+    ("time", "<i8"),                 # FILETIME
+    ("offset", "<i8"),               # where the record starts in data
+    ("pid", "<u4"),                  # ProcessId (every type but RecordsLost)
+    ("tid", "<u4"),                  # ThreadId (ThreadCreate, ThreadExit)
+    ("parent_pid", "<u4"),           # ParentProcessId (ProcessCreate, ProcessExec)
+    ("creating_pid", "<u4"),         # CreatingProcessId (ProcessCreate, ProcessExec)
+    ("creating_tid", "<u4"),         # CreatingThreadId (ProcessCreate, ProcessExec)
+    ("exit_code", "<u4"),            # ExitCode (ProcessExit, ThreadExit)
+    ("count", "<u4"),                # Count (RecordsLost)
+    ("command_line_offset", "<i8"),  # the command line's UTF-16LE in data (ProcessCreate, ProcessExec)
+    ("command_line_chars", "<u4"),   # its length in UTF-16 code units (0: none)
+    ("block_offset", "<i8"),         # the extension block in data
+    ("block_size", "<u4"),           # its size in bytes (0: none)
+])
+_COLUMN_AT = {  # (column, byte offset in the record, types that have it)
+    "pid": (16, (1, 101, 2, 5)), "tid": (16, (3, 4)), "parent_pid": (20, (1, 101)),
+    "creating_tid": (24, (1, 101)), "creating_pid": (28, (1, 101)), "count": (16, (100,)),
+}
+_THREAD_PID_AT = 20
+_EXIT_CODE_AT = {2: 20, 4: 24}
+
+
+class RecordBatch:
+    """A batch of records as columns: ``fields`` (a structured array of ``ARRAY_DTYPE``, one row per record,
+    in order), ``command_lines`` (an object array of str, None where a record has none) and ``data`` (the
+    batch's bytes, which the offsets in ``fields`` point into). ``len(batch)`` is the number of records."""
+
+    __slots__ = ("fields", "data", "_command_lines")
+
+    def __init__(self, fields: np.ndarray, data: bytes) -> None:
+        self.fields = fields
+        self.data = data
+        self._command_lines: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    @property
+    def command_lines(self) -> np.ndarray:
+        """The command line of each record (ProcessCreate, ProcessExec), None for the others; decoded once."""
+        if self._command_lines is None:
+            out = np.full(len(self.fields), None, dtype=object)
+            data = self.data
+            rows = np.flatnonzero((self.fields["type"] == 1) | (self.fields["type"] == 101))
+            starts = self.fields["command_line_offset"][rows].tolist()
+            chars = self.fields["command_line_chars"][rows].tolist()
+            out[rows] = [data[s:s + 2 * c].decode("utf-16-le", "surrogatepass") for s, c in zip(starts, chars)]
+            self._command_lines = out
+        return self._command_lines
+
+
+def _u32_at(raw: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The little-endian ULONG at each of ``positions`` in ``raw`` (uint8)."""
+    b = raw[positions[:, None] + np.arange(4)].astype(np.uint32)
+    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+
+
+def parse_array(buffer) -> RecordBatch:
+    """The records of ``buffer`` as columns (``RecordBatch``): every fixed field in one structured array of
+    ``ARRAY_DTYPE``, the command lines as one array. Checks the records as ``parse`` does (and raises only
+    ``RecordFormatError``); the batch is copied once, so the caller may reuse its buffer."""
+    view = _as_bytes_view(buffer)
+    data = buffer if type(buffer) is bytes else view.tobytes()
+    rows = list(_walk(data))
+    out = np.zeros(len(rows), dtype=ARRAY_DTYPE)
+    if not rows:
+        return RecordBatch(out, data)
+    index = np.array(rows, dtype=RECORD_INDEX_DTYPE)
+    out["type"], out["size"], out["time"], out["offset"] = index["Type"], index["Size"], index["Time"], index["offset"]
+    raw = np.frombuffer(data, dtype=np.uint8)
+    kind, offsets = out["type"], out["offset"]
+    for column, (at, types) in _COLUMN_AT.items():
+        where = np.flatnonzero(np.isin(kind, types))
+        if len(where):
+            out[column][where] = _u32_at(raw, offsets[where] + at)
+    threads = np.flatnonzero(np.isin(kind, (3, 4)))
+    if len(threads):
+        out["pid"][threads] = _u32_at(raw, offsets[threads] + _THREAD_PID_AT)
+    for item, at in _EXIT_CODE_AT.items():
+        where = np.flatnonzero(kind == item)
+        if len(where):
+            out["exit_code"][where] = _u32_at(raw, offsets[where] + at)
+    creates = np.flatnonzero((kind == 1) | (kind == 101))
+    if len(creates):
+        starts = offsets[creates]
+        chars = raw[starts + 32].astype(np.uint32) | (raw[starts + 33].astype(np.uint32) << 8)
+        out["command_line_offset"][creates] = starts + _CMDLINE_OFFSET
+        out["command_line_chars"][creates] = chars
+        out["block_offset"][creates] = starts + _CREATE_SIZE + 2 * chars.astype(np.int64)
+    for item, at in _BLOCK_AT.items():
+        where = np.flatnonzero(kind == item)
+        if len(where):
+            out["block_offset"][where] = offsets[where] + at
+    has_block = out["block_offset"] > 0
+    ends = offsets + out["size"]
+    out["block_size"] = np.where(has_block, np.maximum(ends - out["block_offset"], 0), 0)
+    out["block_offset"][out["block_size"] == 0] = 0
+    return RecordBatch(out, data)
