@@ -366,19 +366,45 @@ def _walk(view) -> Iterator[tuple[int, int, int, int]]:
         offset += size
 
 
+def _guid_text(b: bytes) -> str:
+    """``guid_text`` without building a uuid.UUID (Data1..3 are little-endian)."""
+    h = (b[3::-1] + b[5:3:-1] + b[7:5:-1] + b[8:]).hex()
+    return f"{{{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}}}"
+
+
+def _decoder(kind: str):
+    """How a (checked) value of ``kind`` becomes its Event attribute."""
+    if kind == "text":
+        return lambda b: b.decode("utf-16-le", "surrogatepass")
+    if kind == "guid":
+        return _guid_text
+    if kind == "u32":
+        return lambda b: int.from_bytes(b, "little")
+    if kind == "i64":
+        return lambda b: int.from_bytes(b, "little", signed=True)
+    if kind == "us":
+        return lambda b: timedelta(microseconds=int.from_bytes(b, "little"))
+    return lambda b: _field_value(kind, b)  # a kind this module has no fast path for
+
+
+#: Tag -> (Event attribute, decoder) for every tag of the extension block.
+_DECODE = {tag: (name, _decoder(kind)) for tag, (name, kind) in _TAG_FIELDS.items()}
+
+
 def _block_values(data: bytes, start: int, end: int, allowed: frozenset[str]) -> tuple[int, dict]:
     """(flags, the Event attributes) of the (checked) extension block in ``data[start:end]``."""
     flags, pos, stop = _block_bounds(data, start, end)
     out: dict = {}
     unpack = _TLV.unpack_from
+    decode = _DECODE
     while pos + 4 <= stop:
         tag, size = unpack(data, pos)
         pos += 4
         if pos + size > stop:
             break
-        known = _TAG_FIELDS.get(tag)
+        known = decode.get(tag)
         if known is not None and known[0] in allowed:
-            value = _field_value(known[1], data[pos:pos + size])
+            value = known[1](data[pos:pos + size])
             if value is not None:
                 out[known[0]] = value
         pos += size
