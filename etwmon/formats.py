@@ -122,10 +122,9 @@ def _text_line(item: int, when: str, a: int, b: int, c: int, text: str | None, d
     pid, code; lost: count; image load: pid, size, address); ``text`` the command line or image name; ``d`` the
     details (attribute → value, absent = unknown)."""
     get = d.get
-    if item == 1:  # a fork: the child runs its parent's program (its image); the inherited command line only
-        image = get("image")  # when the image is unknown
-        return (f"{when} {'fork':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), image)}"
-                f"{_rule_text(get('rule_name'))}" + ("" if image is not None else f" cmd={escape_text(text)}"))
+    if item == 1:  # a fork: the child runs its parent's program (the image); the command line it inherited
+        return (f"{when} {'fork':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
+                f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
     if item == 101:
         return (f"{when} {'exec':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
                 f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
@@ -330,6 +329,12 @@ def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None
     a RecordsLost report is always kept): what ``format_event`` (``form`` "text") or ``json_line`` ("json")
     gives for each, built from the batch's columns (``parse_array``) without an Event object per record.
     Raises only ``RecordFormatError`` on a malformed buffer, as ``parse`` does."""
+    return format_batch_typed(buffer, form, types)[0]
+
+
+def format_batch_typed(buffer, form: str = "text",
+                       types: frozenset[int] | None = None) -> tuple[list[str], list[int]]:
+    """``format_batch``, and the record type of each line (``etwmon tail`` counts the lines that are events)."""
     if form not in ("text", "json"):
         raise ValueError(f"format_batch makes text or json lines, not {form!r}")
     batch = parse_array(buffer)
@@ -338,7 +343,7 @@ def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None
         keep = np.isin(fields["type"], list(types) + [100])
         fields = fields[keep]
     if not len(fields):
-        return []
+        return [], []
     kinds = fields["type"].tolist()
     pids = fields["pid"].tolist()
     tids = fields["tid"].tolist()
@@ -389,7 +394,7 @@ def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None
             append(_dumps(_json_object(item, clocks[i], a, b, cpids[i], text, details, ctids[i])) + "\n")
         else:
             append(_dumps(_json_object(item, clocks[i], a, b, c, text, details)) + "\n")
-    return out
+    return out, kinds
 
 
 _NO_DETAILS: dict = {}
