@@ -362,6 +362,8 @@ def _walk(view) -> Iterator[tuple[int, int, int, int]]:
                 _check_block(view, offset + base, offset + size, offset)
         elif size > 24 and item in block_at and size > block_at[item]:
             _check_block(view, offset + block_at[item], offset + size, offset)
+        elif item == 100 and not (view[offset + 16] or view[offset + 17] or view[offset + 18] or view[offset + 19]):
+            raise RecordFormatError("RecordsLost with a Count of 0", offset)
         yield offset, item, size, ft
         offset += size
 
