@@ -85,7 +85,8 @@ def run(quick: bool = False) -> dict:
     if batch_text is not None:
         figures["text_batch"] = _per_event(lambda d: batch_text(d, "text"), data, events, rounds)
         figures["json_batch"] = _per_event(lambda d: batch_text(d, "json"), data, events, rounds)
-    result = {"events": events, "bytes": len(data), "us_per_event": {k: round(v, 3) for k, v in figures.items()}}
+    result = {"status": "ok", "events": events, "bytes": len(data),
+              "us_per_event": {k: round(v, 3) for k, v in figures.items()}}
     progress("readers: µs per event: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     return result
 

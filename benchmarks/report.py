@@ -56,6 +56,19 @@ def sections(results: dict, markdown: bool) -> list[str]:
     out: list[str] = []
     b = results["benchmarks"]
 
+    readers = b.get("readers")
+    if readers:
+        out += ["", h("Readers: CPU µs per event of parse, parse_array and tail's text and JSON forms")]
+        if readers["status"] != "ok":
+            out.append(_status_line(readers))
+        else:
+            us = readers["us_per_event"]
+            out.append(f"{readers['events']:,} synthetic events as the identity stage writes them (fork, exec, "
+                       "thread create/exit, exit, with their extension blocks); best of the rounds.")
+            out.append("")
+            out += _table(["reader", "µs per event"], [[name, f"{value:.2f}"] for name, value in us.items()],
+                          markdown)
+
     ring = b.get("ring")
     if ring:
         out += ["", h("Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling")]
