@@ -11,6 +11,7 @@ be formatted (its time and every detail are in range).
 from __future__ import annotations
 
 import struct
+from _codecs import utf_16_le_decode as _utf_16_le_decode
 from dataclasses import dataclass, field, fields as _dc_fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Iterator
@@ -57,6 +58,14 @@ class Event:
     def time(self) -> datetime:
         return filetime_to_datetime(self.filetime)
 
+    def details(self) -> Details | None:
+        """The extension block's content (process, exit and thread records), or None when the record has none."""
+        return _details_of(self) if int(self.type) in _DETAIL_NAMES else None
+
+    def encode(self) -> bytes:
+        """The record of this event, as the encoders write it (``parse`` gives the event back)."""
+        return _ENCODERS[int(self.type)](self)
+
     def __getattr__(self, name: str) -> Any:
         # Only reached for a slot not set yet: the lazily decoded attributes of a parsed record. (A subclass
         # that is not slotted never sets _lazy: it was built whole.)
@@ -66,9 +75,6 @@ class Event:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         _decode(self)
         return object.__getattribute__(self, name)
-
-    def encode(self) -> bytes:  # pragma: no cover - every concrete event overrides it
-        raise NotImplementedError
 
 
 def _split_command_line(line: str) -> list[str]:
@@ -138,14 +144,6 @@ class ProcessCreate(Event):
         """When the process started (aware UTC), if the source knows."""
         return None if self.start_filetime is None else filetime_to_datetime(self.start_filetime)
 
-    def details(self) -> Details | None:
-        """The extension block's content, or None when the record has none."""
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return _encode_create(int(self.type), self.filetime, self.pid, self.parent_pid, self.creating_pid,
-                              self.creating_tid, self.command_line, _details_of(self))
-
 
 @dataclass(frozen=True, slots=True)
 class ProcessExec(ProcessCreate):
@@ -171,13 +169,6 @@ class ProcessExit(Event):
     rule_name: str | None = None
     flags: EventFlags = EventFlags(0)
 
-    def details(self) -> Details | None:
-        """The extension block's content, or None when the record has none."""
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_process_exit(self.filetime, self.pid, self.exit_code, _details_of(self))
-
 
 @dataclass(frozen=True, slots=True)
 class ThreadCreate(Event):
@@ -186,13 +177,6 @@ class ThreadCreate(Event):
     pid: int
     process_guid: str | None = None
     flags: EventFlags = EventFlags(0)
-
-    def details(self) -> Details | None:
-        """The extension block's content, or None when the record has none."""
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_thread_create(self.filetime, self.tid, self.pid, _details_of(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +188,6 @@ class ThreadExit(Event):
     process_guid: str | None = None
     flags: EventFlags = EventFlags(0)
 
-    def details(self) -> Details | None:
-        """The extension block's content, or None when the record has none."""
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_thread_exit(self.filetime, self.tid, self.pid, self.exit_code, _details_of(self))
-
 
 @dataclass(frozen=True, slots=True)
 class ImageLoad(Event):
@@ -220,9 +197,6 @@ class ImageLoad(Event):
     load_address: int
     image_name: str
 
-    def encode(self) -> bytes:
-        return encode_image_load(self.filetime, self.pid, self.image_size, self.load_address, self.image_name)
-
 
 @dataclass(frozen=True, slots=True)
 class RecordsLost(Event):
@@ -230,9 +204,6 @@ class RecordsLost(Event):
 
     type: ClassVar[ItemType] = ItemType.RecordsLost
     count: int
-
-    def encode(self) -> bytes:
-        return encode_records_lost(self.filetime, self.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +214,20 @@ class UnknownRecord(Event):
     item_type: int
     data: bytes
 
-    def encode(self) -> bytes:
-        return self.data
 
+#: Per record type, how an event of it is encoded.
+_ENCODERS: dict[int, Any] = {
+    1: lambda e: _encode_create(1, e.filetime, e.pid, e.parent_pid, e.creating_pid, e.creating_tid, e.command_line,
+                                _details_of(e)),
+    101: lambda e: _encode_create(101, e.filetime, e.pid, e.parent_pid, e.creating_pid, e.creating_tid,
+                                  e.command_line, _details_of(e)),
+    2: lambda e: encode_process_exit(e.filetime, e.pid, e.exit_code, _details_of(e)),
+    3: lambda e: encode_thread_create(e.filetime, e.tid, e.pid, _details_of(e)),
+    4: lambda e: encode_thread_exit(e.filetime, e.tid, e.pid, e.exit_code, _details_of(e)),
+    5: lambda e: encode_image_load(e.filetime, e.pid, e.image_size, e.load_address, e.image_name),
+    100: lambda e: encode_records_lost(e.filetime, e.count),
+    0: lambda e: e.data,  # UnknownRecord: kept whole
+}
 
 _TAG_NAMES = frozenset(name for name, _ in _TAG_FIELDS.values())
 #: Per record type, the Event attributes its extension block can carry.
@@ -377,7 +359,7 @@ def _guid_text(b: bytes) -> str:
 def _decoder(kind: str):
     """How a (checked) value of ``kind`` becomes its Event attribute."""
     if kind == "text":
-        return lambda b: b.decode("utf-16-le", "surrogatepass")
+        return _utf16
     if kind == "guid":
         return _guid_text
     if kind == "u32":
@@ -389,60 +371,79 @@ def _decoder(kind: str):
     return lambda b: _field_value(kind, b)  # a kind this module has no fast path for
 
 
+def _utf16(b: bytes) -> str:
+    # The codec function itself: bytes.decode("utf-16-le") goes through a Python-level wrapper each time.
+    return _utf_16_le_decode(b, "surrogatepass", True)[0]
+
+
 #: Tag -> (Event attribute, decoder) for every tag of the extension block.
 _DECODE = {tag: (name, _decoder(kind)) for tag, (name, kind) in _TAG_FIELDS.items()}
 
 
-def _block_values(data: bytes, start: int, end: int, allowed: frozenset[str]) -> tuple[int, dict]:
-    """(flags, the Event attributes) of the (checked) extension block in ``data[start:end]``."""
+def decode_table(names) -> dict:
+    """Tag -> (attribute, decoder) of the extension fields that fill the attributes ``names``."""
+    return {tag: known for tag, known in _DECODE.items() if known[0] in names}
+
+
+#: The same, per record type: only the tags its Event has attributes for.
+_DECODE_FOR = {item: decode_table(allowed) for item, allowed in _EXTENSION_ATTRS.items()}
+
+
+def _block_values(data: bytes, start: int, end: int, decode: dict) -> tuple[int, dict]:
+    """(flags, attribute -> value) of the (checked) extension block in ``data[start:end]``, for the fields in
+    ``decode`` (a ``decode_table``)."""
     flags, pos, stop = _block_bounds(data, start, end)
     out: dict = {}
     unpack = _TLV.unpack_from
-    decode = _DECODE
     while pos + 4 <= stop:
         tag, size = unpack(data, pos)
         pos += 4
-        if pos + size > stop:
+        end_ = pos + size
+        if end_ > stop:
             break
         known = decode.get(tag)
-        if known is not None and known[0] in allowed:
-            value = known[1](data[pos:pos + size])
-            if value is not None:
-                out[known[0]] = value
-        pos += size
+        if known is not None:
+            out[known[0]] = known[1](data[pos:end_])
+        pos = end_
     return flags, out
 
 
-_set = object.__setattr__
 _NO_DETAILS: dict = {}
+_FLAGS = {0: EventFlags(0)}
 
 
 def _decode(event: Event) -> None:
     """Set the lazily decoded attributes of a parsed record (its command line, its extension block)."""
     data, offset, size = event._lazy
     cls = type(event)
-    if cls is ProcessCreate or cls is ProcessExec:
+    item = int(cls.type)
+    if item == 1 or item == 101:
         chars = data[offset + 32] | (data[offset + 33] << 8)
         start = offset + _CMDLINE_OFFSET
-        _set(event, "command_line", data[start:start + 2 * chars].decode("utf-16-le", "surrogatepass"))
+        _SET_COMMAND_LINE(event, _utf16(data[start:start + 2 * chars]))
         base = offset + _CREATE_SIZE + 2 * chars
     else:
-        base = offset + _BLOCK_AT[int(cls.type)]
-    allowed = _EXTENSION_ATTRS[int(cls.type)]
-    flags, values = _block_values(data, base, offset + size, allowed) if offset + size > base else (0, _NO_DETAILS)
-    for name in cls._LAZY:
-        if name == "command_line":
-            continue
-        if name == "flags":
-            _set(event, "flags", EventFlags(flags))
-        else:
-            _set(event, name, values.get(name))
-    _set(event, "_lazy", None)  # decoded: let go of the batch
+        base = offset + _BLOCK_AT[item]
+    flags, values = _block_values(data, base, offset + size, _DECODE_FOR[item]) if offset + size > base else (0, _NO_DETAILS)
+    get = values.get
+    for name, setter in _DETAIL_SETTERS[item]:
+        setter(event, get(name))
+    flag = _FLAGS.get(flags)
+    if flag is None:
+        flag = _FLAGS[flags] = EventFlags(flags)
+    _SET_FLAGS[item](event, flag)
+    _LAZY_SET(event, None)  # decoded: let go of the batch
 
 
+_DETAIL_SETTERS: dict[int, tuple] = {}
+_SET_FLAGS: dict[int, Any] = {}
 for _cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit):
-    _cls._LAZY = _EXTENSION_ATTRS[int(_cls.type)] | {"flags"} | (
+    _item = int(_cls.type)
+    _cls._LAZY = _EXTENSION_ATTRS[_item] | {"flags"} | (
         {"command_line"} if issubclass(_cls, ProcessCreate) else set())
+    _DETAIL_SETTERS[_item] = tuple((name, getattr(_cls, name).__set__) for name in sorted(_EXTENSION_ATTRS[_item]))
+    _SET_FLAGS[_item] = _cls.flags.__set__  # type: ignore[attr-defined]
+_SET_COMMAND_LINE = ProcessCreate.command_line.__set__  # type: ignore[attr-defined]
 
 _new = object.__new__
 _FILETIME = Event.filetime.__set__  # type: ignore[attr-defined]

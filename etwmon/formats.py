@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .events import _EXTENSION_ATTRS, _block_values, parse, parse_array
+from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, decode_table, parse, parse_array
 from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExec,
     ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
@@ -318,10 +318,10 @@ def json_line(event: Event) -> str:
 
 # --- batches: the same lines, from a batch's columns ----------------------------------------------------------
 
-#: Attributes the text form shows, per record type (the batch formatter decodes only these).
-_TEXT_ATTRS = {1: frozenset({"user", "uid", "image", "rule_name"}), 101: frozenset({"user", "uid", "image",
-               "rule_name"}), 2: frozenset({"user", "uid", "image", "lifetime", "rule_name"}),
-               3: frozenset(), 4: frozenset()}
+#: The extension fields the text form shows, per record type (the batch formatter decodes only these).
+_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name"}),
+                101: decode_table({"user", "uid", "image", "rule_name"}),
+                2: decode_table({"user", "uid", "image", "lifetime", "rule_name"}), 3: {}, 4: {}}
 
 
 def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None) -> list[str]:
@@ -359,9 +359,9 @@ def format_batch_typed(buffer, form: str = "text",
     out = []
     append = out.append
     if text_form:
-        wanted = _TEXT_ATTRS
+        wanted = _TEXT_DECODE
     else:
-        wanted = _EXTENSION_ATTRS
+        wanted = _DECODE_FOR
         cpids = fields["creating_pid"].tolist()
         ctids = fields["creating_tid"].tolist()
     for i, item in enumerate(kinds):

@@ -806,7 +806,7 @@ def test_tail_says_what_happened_to_the_session(tmp_path, how):
                          out.stderr), out.stderr
     else:
         assert out.returncode == 0, out.stderr
-        assert "at least 0 lost (the source could not read all of its loss counters)" in out.stderr, out.stderr
+        assert "at least 0 missed (the source could not read all of its loss counters)" in out.stderr, out.stderr
         assert "is still running: stopping it failed" in out.stderr
 
 
