@@ -295,6 +295,10 @@ def _check_block(view, start: int, end: int, offset: int) -> None:
     length (not UTF-16), a GUID or number of the wrong size, a time out of range. Unknown tags are skipped; a
     field that runs past the block ends it (the reader keeps what came before)."""
     _, pos, stop = _block_bounds(view, start, end)
+    _check_fields(view, pos, stop, offset)
+
+
+def _check_fields(view, pos: int, stop: int, offset: int) -> None:
     unpack = _TLV.unpack_from
     while pos + 4 <= stop:
         tag, size = unpack(view, pos)
@@ -313,41 +317,145 @@ def _check_block(view, start: int, end: int, offset: int) -> None:
         pos += size
 
 
-def _walk(view) -> Iterator[tuple[int, int, int, int]]:
-    """(offset, Type, Size, Time) of each record, checking each record whole on the way: Size, Time,
-    CommandLineLength and the extension block (``RecordFormatError`` naming the offset)."""
+def _scan(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], RecordFormatError | None]:
+    """The records of ``view`` as (offset, Type, Size, Time) rows, checking each header on the way (Size, Time,
+    CommandLineLength, a RecordsLost's Count), up to the first that is malformed (its error, else None); and
+    where each row's extension block is (start, end; (0, 0) for none), for ``_checked``."""
     end = len(view)
     offset = 0
     unpack_header = _HEADER.unpack_from
     min_size = _MIN_SIZE
     block_at = _BLOCK_AT
+    rows: list[tuple[int, int, int, int]] = []
+    blocks: list[tuple[int, int]] = []
+    error = None
     while offset < end:
         if end - offset < HEADER_SIZE:
-            raise RecordFormatError(f"truncated header: {end - offset} bytes left, a header needs 16", offset)
+            error = f"truncated header: {end - offset} bytes left, a header needs 16"
+            break
         item, size, ft = unpack_header(view, offset)
         if size < HEADER_SIZE:
-            raise RecordFormatError(f"record Size {size} is smaller than the 16-byte header", offset)
+            error = f"record Size {size} is smaller than the 16-byte header"
+            break
         if offset + size > end:
-            raise RecordFormatError(f"record Size {size} runs past the end of the buffer ({end} bytes)", offset)
+            error = f"record Size {size} runs past the end of the buffer ({end} bytes)"
+            break
         need = min_size.get(item, HEADER_SIZE)
         if size < need:
-            raise RecordFormatError(f"record of type {item} has Size {size}, needs at least {need}", offset)
+            error = f"record of type {item} has Size {size}, needs at least {need}"
+            break
         if not 0 <= ft <= MAX_FILETIME:
-            raise RecordFormatError(f"record Time {ft} is out of range (1601-01-01 to 9999-12-31)", offset)
+            error = f"record Time {ft} is out of range (1601-01-01 to 9999-12-31)"
+            break
+        block = (0, 0)
         if item == 1 or item == 101:  # ProcessCreate, ProcessExec (raw numbers: see parse)
             chars = view[offset + 32] | (view[offset + 33] << 8)
             base = _CMDLINE_OFFSET + 2 * chars
             if base > size:
-                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
+                error = f"CommandLineLength {chars} runs past the record's Size {size}"
+                break
             base += _CREATE_SIZE - _CMDLINE_OFFSET
             if size > base:
-                _check_block(view, offset + base, offset + size, offset)
+                block = (offset + base, offset + size)
         elif size > 24 and item in block_at and size > block_at[item]:
-            _check_block(view, offset + block_at[item], offset + size, offset)
+            block = (offset + block_at[item], offset + size)
         elif item == 100 and not (view[offset + 16] or view[offset + 17] or view[offset + 18] or view[offset + 19]):
-            raise RecordFormatError("RecordsLost with a Count of 0", offset)
-        yield offset, item, size, ft
+            error = "RecordsLost with a Count of 0"
+            break
+        rows.append((offset, item, size, ft))
+        blocks.append(block)
         offset += size
+    return rows, blocks, None if error is None else RecordFormatError(error, offset)
+
+
+#: Below this many extension blocks in a batch, they are checked one by one (numpy's set-up costs more).
+_VECTOR_BLOCKS = 16
+_RULES = np.full(0x10000, -1, dtype=np.int32)  # per tag: -1 any size, 0 text (even), else the exact size
+for _tag, _rule in _TAG_RULE.items():
+    if _rule is not None:
+        _RULES[_tag] = _rule
+_IS_TIME = np.zeros(0x10000, dtype=bool)
+_IS_TIME[list(_TIME_TAGS)] = True
+
+
+def _u16s(raw: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return raw[at].astype(np.int64) | (raw[at + 1].astype(np.int64) << 8)
+
+
+def _bad_blocks(view, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which of the blocks ``raw[starts:ends]`` ``_check_block`` would refuse, walking every block's fields at
+    once (one numpy step per field position instead of a Python loop per field)."""
+    bad = np.zeros(len(starts), dtype=bool)
+    idx = np.flatnonzero(ends - starts >= EXTENSION_HEADER_SIZE)
+    if not len(idx):
+        return bad
+    first = starts[idx]
+    version, length = _u16s(raw, first), _u16s(raw, first + 2)
+    valid = (version == EXTENSION_VERSION) & (length >= EXTENSION_HEADER_SIZE) & (first + length <= ends[idx])
+    idx, pos, stop = idx[valid], first[valid] + EXTENSION_HEADER_SIZE, first[valid] + length[valid]
+    steps = 0
+    while True:
+        active = pos + 4 <= stop
+        idx, pos, stop = idx[active], pos[active], stop[active]
+        if not len(idx):
+            return bad
+        steps += 1
+        if steps > 64:  # a block of many tiny fields (nobody writes one): the rest one by one
+            for i, p, e in zip(idx.tolist(), pos.tolist(), stop.tolist()):
+                bad[i] = _fields_bad(view, p, e)
+            return bad
+        tag, size = _u16s(raw, pos), _u16s(raw, pos + 2)
+        pos = pos + 4
+        inside = pos + size <= stop
+        rule = _RULES[tag]
+        wrong = inside & (((rule == 0) & (size & 1 == 1)) | ((rule > 0) & (size != rule)))
+        timed = np.flatnonzero(inside & ~wrong & _IS_TIME[tag] & (size == 8))
+        if len(timed):
+            when = np.ascontiguousarray(raw[pos[timed, None] + np.arange(8)]).view("<i8").ravel()
+            wrong[timed[(when < 0) | (when > MAX_FILETIME)]] = True
+        bad[idx[wrong]] = True
+        pos = np.where(inside, pos + size, stop)  # a field that runs past the block ends it
+
+
+def _fields_bad(view, pos: int, stop: int) -> bool:
+    try:
+        _check_fields(view, pos, stop, 0)
+    except RecordFormatError:
+        return True
+    return False
+
+
+def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError | None]:
+    """The rows of ``_scan`` up to the first malformed record (header or extension block), and its error."""
+    rows, blocks, error = _scan(view)
+    with_block = [i for i, (start, _) in enumerate(blocks) if start]
+    if len(with_block) < _VECTOR_BLOCKS:
+        for i in with_block:
+            start, end = blocks[i]
+            try:
+                _check_block(view, start, end, rows[i][0])
+            except RecordFormatError as exc:
+                return rows[:i], exc
+        return rows, error
+    raw = np.frombuffer(view, dtype=np.uint8)
+    where = np.array([blocks[i] for i in with_block], dtype=np.int64)
+    bad = np.flatnonzero(_bad_blocks(view, raw, where[:, 0], where[:, 1]))
+    if len(bad):
+        i = with_block[int(bad[0])]
+        try:
+            _check_block(view, *blocks[i], rows[i][0])  # says why
+        except RecordFormatError as exc:
+            return rows[:i], exc
+    return rows, error
+
+
+def _walk(view) -> Iterator[tuple[int, int, int, int]]:
+    """(offset, Type, Size, Time) of each record, checked whole (``RecordFormatError`` naming the offset of the
+    first malformed one, after the rows before it)."""
+    rows, error = _checked(view)
+    yield from rows
+    if error is not None:
+        raise error
 
 
 def _guid_text(b: bytes) -> str:

@@ -334,3 +334,40 @@ def test_batch_json_lines_hold_plain_numbers() -> None:
     # Columns come out of numpy as Python ints: no "np.uint32(5)" or float noise in a line.
     line = formats.format_batch(R.encode_process_exit(T0, 5, 0), "json")[0]
     assert line == '{"type":"ProcessExit","time":"2023-11-14T22:13:20.123456Z","pid":5,"exit_code":0}\n'
+
+
+@_FUZZ
+@given(st.lists(st.sampled_from(_SEEDS), min_size=16, max_size=40), st.integers(0, 2**20),
+       st.binary(min_size=1, max_size=4))
+def test_fuzz_big_batches_are_checked_like_small_ones(seeds: list[bytes], at: int, value: bytes) -> None:
+    # A batch with many extension blocks is checked a field position at a time across all of them (numpy); one
+    # with few, block by block. Both must refuse the same record.
+    data = bytearray(b"".join(seeds))
+    at %= len(data)
+    data[at:at + len(value)] = value
+    data = bytes(data)
+    try:
+        whole = [e.filetime for e in parse(data)]
+        whole_error = None
+    except RecordFormatError as exc:
+        whole_error = str(exc)
+    one_by_one, error = [], None
+    offset = 0
+    while offset < len(data) and error is None:
+        size = int.from_bytes(data[offset + 2:offset + 4], "little") if offset + 4 <= len(data) else 0
+        try:
+            one_by_one += [e.filetime for e in parse(data[offset:offset + max(size, 16)])]
+        except RecordFormatError as exc:
+            error = exc
+        offset += max(size, 16)
+    if whole_error is None:
+        assert error is None and one_by_one == whole
+    else:
+        assert error is not None
+        delivered = []
+        try:
+            for event in parse(data):
+                delivered.append(event.filetime)
+        except RecordFormatError:
+            pass
+        assert delivered == one_by_one[:len(delivered)]
