@@ -308,7 +308,38 @@ def event_to_json(event: Event) -> dict:
 
 
 # ensure_ascii: the line is pure ASCII, so no control character (not even DEL or C1) reaches a terminal.
-_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+_json_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+try:  # etwmon[fast]: orjson encodes ~3x faster; its output is brought to exactly what json.dumps writes
+    from orjson import JSONEncodeError as _OrjsonError, dumps as _orjson_dumps
+except ImportError:  # pragma: no cover - the stdlib is the fallback
+    _orjson_dumps = None
+_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
+
+
+def _ascii_escape(match: re.Match) -> str:
+    c = ord(match.group())
+    if c <= 0xFFFF:
+        return f"\\u{c:04x}"
+    c -= 0x10000
+    return f"\\u{0xD800 | (c >> 10):04x}\\u{0xDC00 | (c & 0x3FF):04x}"
+
+
+def _dumps(obj: dict) -> str:
+    """``json.dumps(obj, ensure_ascii=True, separators=(",", ":"))``, through orjson when it is installed."""
+    if _orjson_dumps is None:
+        return _json_dumps(obj)
+    lifetime = obj.get("lifetime")
+    if lifetime is not None and lifetime < 1e-4:
+        return _json_dumps(obj)  # json writes 1e-05 where orjson writes 0.00001
+    try:
+        out = _orjson_dumps(obj)
+    except _OrjsonError:  # text it will not encode (a lone surrogate): json escapes it
+        return _json_dumps(obj)
+    if out.isascii() and b"\x7f" not in out:
+        return out.decode("ascii")
+    # orjson writes UTF-8 and a raw DEL; json.dumps escapes both (so no C1 control or bidi override reaches a
+    # terminal). In JSON text, non-ASCII only occurs inside strings, so escaping every such character is exact.
+    return _NOT_ASCII.sub(_ascii_escape, out.decode("utf-8"))
 
 
 def json_line(event: Event) -> str:

@@ -167,7 +167,7 @@ def test_read_array_reads_a_batch_from_a_monitor() -> None:
 
 
 @pytest.mark.parametrize("form, render", [("text", formats.format_event), ("json", formats.json_line)])
-def test_batch_lines_are_the_per_event_lines(form: str, render) -> None:
+def test_batch_lines_are_the_per_event_lines(form: str, render, json_encoder) -> None:
     data = hostile_batch()
     each = [render(event) + "\n" for event in parse(data)]
     assert formats.format_batch(data, form) == each
@@ -184,8 +184,20 @@ def test_batch_lines_are_the_per_event_lines(form: str, render) -> None:
             [formats.event_to_json(e) for e in parse(data)]))
 
 
-def test_the_json_form_is_jsons_own() -> None:
-    for event in parse(hostile_batch()):
+@pytest.fixture(params=["orjson", "stdlib"])
+def json_encoder(request, monkeypatch):
+    """Each JSON test once with orjson (etwmon[fast]) and once with the stdlib fallback."""
+    if request.param == "orjson":
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(formats, "_orjson_dumps", None)
+    return request.param
+
+
+def test_the_json_form_is_jsons_own(json_encoder) -> None:
+    extra = b"".join(R.encode_process_exit(T0, 5, 0, R.Details(image="\x7f\U0001f600\u2028", lifetime=timedelta(
+        microseconds=us))) for us in (0, 1, 7, 99, 100, 12_345, 10**12))
+    for event in parse(hostile_batch() + extra):
         assert formats.json_line(event) == json.dumps(formats.event_to_json(event), ensure_ascii=True,
                                                       separators=(",", ":"))
 
