@@ -29,7 +29,7 @@ from .records import (
 __all__ = [
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "parse_array", "record_headers", "RecordBatch",
-    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME",
+    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME", "read_array",
 ]
 
 #: The last FILETIME a datetime can hold (9999-12-31 23:59:59.999999 UTC): a Time past it, or a negative one,
@@ -761,3 +761,11 @@ def parse_array(buffer) -> RecordBatch:
     out["block_size"] = np.where(has_block, np.maximum(ends - out["block_offset"], 0), 0)
     out["block_offset"][out["block_size"] == 0] = 0
     return RecordBatch(out, data)
+
+
+def read_array(reader: Any, buffer: bytearray | memoryview | None = None) -> RecordBatch:
+    """One ``reader.readinto(buffer)`` as columns (``parse_array``): the records waiting now (none when there
+    are none). ``reader`` is any Reader (Monitor, service Connection, fleet reader, recording); ``buffer``
+    (default: a new 64 KiB one) may be reused at once: the batch holds its own copy."""
+    buf = bytearray(0x10000) if buffer is None else buffer
+    return parse_array(memoryview(buf)[:reader.readinto(buf)])

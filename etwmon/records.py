@@ -19,7 +19,6 @@ from typing import Sequence, Union
 import numpy as np
 
 from .clock import FILETIME_UNIX_EPOCH, filetime_from_unix_ns, filetime_now
-from .errors import RecordFormatError
 
 __all__ = [
     "ItemType", "HEADER_DTYPE", "PROCESS_EXIT_DTYPE", "PROCESS_CREATE_DTYPE", "THREAD_CREATE_DTYPE",
@@ -30,7 +29,7 @@ __all__ = [
     "encode_thread_create", "encode_thread_exit", "encode_image_load", "encode_records_lost",
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "parse_array", "record_headers", "RecordBatch",
-    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME",
+    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME", "read_array",
     "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
     "with_fields", "with_packed", "pack_field", "block_fields", "field_value", "TAG_ORDER",
     "guid_text", "guid_bytes",
@@ -537,5 +536,5 @@ def field_value(tag: int, data: bytes):
 from .events import (  # noqa: E402
     _CREATE_ATTRS, _EXTENSION_ATTRS, ARRAY_DTYPE, MAX_FILETIME, RECORD_INDEX_DTYPE, Event, ImageLoad, ProcessCreate,
     ProcessExec, ProcessExit, RecordBatch, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, parse,
-    parse_array, parse_arrays, record_headers,
+    parse_array, parse_arrays, read_array, record_headers,
 )
