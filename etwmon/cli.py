@@ -199,7 +199,8 @@ def _build_parser() -> _Parser:
 
     tail_ = commands.add_parser(
         "tail", help="print events as they happen (Ctrl-C to stop)",
-        description="Print process and thread events as they happen, until Ctrl-C (exit 0, summary on stderr).",
+        description="Print process events (threads too with --type all) as they happen, until Ctrl-C (exit 0, "
+                    "summary on stderr).",
         epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the ring caps when the options are not "
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
