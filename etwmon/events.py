@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import RecordFormatError
 from .records import (
-    _CMDLINE_OFFSET, _HEADER, _IMAGE_NAME_CHARS, _TAG_FIELDS, _TEXT_TAGS, DTYPES, EXTENSION_HEADER_SIZE,
+    _CMDLINE_OFFSET, _HEADER, _IMAGE_NAME_CHARS, _TAG_FIELDS, DTYPES, EXTENSION_HEADER_SIZE,
     EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE, TRUNCATION_MARKER, Details,
     EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime, encode_image_load,
     encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit, filetime_to_datetime,
@@ -269,7 +269,8 @@ _BLOCK_AT = {2: 24, 3: 24, 4: 32}
 _KIND_SIZE = {"guid": 16, "u32": 4, "i64": 8, "us": 8}
 # Per tag: the exact size its value must have (0: text, an even size), or None when any size is taken.
 _TAG_RULE = {tag: (0 if kind == "text" else _KIND_SIZE.get(kind)) for tag, (_, kind) in _TAG_FIELDS.items()}
-_TIME_TAGS = frozenset(tag for tag, (_, kind) in _TAG_FIELDS.items() if kind == "i64" and tag not in _TEXT_TAGS)
+# FILETIME fields (their attribute says so: start_filetime): refused out of range, like a record's Time.
+_TIME_TAGS = frozenset(tag for tag, (name, kind) in _TAG_FIELDS.items() if kind == "i64" and name.endswith("_filetime"))
 
 
 def _as_bytes_view(buffer) -> memoryview:
@@ -532,7 +533,10 @@ def _decode(event: Event) -> None:
         base = offset + _CREATE_SIZE + 2 * chars
     else:
         base = offset + _BLOCK_AT[item]
-    flags, values = _block_values(data, base, offset + size, _DECODE_FOR[item]) if offset + size > base else (0, _NO_DETAILS)
+    if offset + size > base:
+        flags, values = _block_values(data, base, offset + size, _DECODE_FOR[item])
+    else:
+        flags, values = 0, _NO_DETAILS
     get = values.get
     for name, setter in _DETAIL_SETTERS[item]:
         setter(event, get(name))

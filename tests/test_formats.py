@@ -28,7 +28,8 @@ T0 = R.filetime_from_unix_ns(1_700_000_000_123_456_789)
 #: What a process controls, at its worst: terminal escapes, controls, bytes that are not UTF-8 (surrogate
 #: escapes), broken UTF-16 (lone surrogates), bidi overrides, HTML that closes a script, quotes, backslashes.
 HOSTILE = [
-    "printf '\x1b]0;pwned\x07\x1b[2J'", "a\x00b\x7fc\x9bd\r\nnext", os.fsdecode(b"caf\xe9 \xff\xfe"), "lone\ud800x\udfff",
+    "printf '\x1b]0;pwned\x07\x1b[2J'", "a\x00b\x7fc\x9bd\r\nnext", os.fsdecode(b"caf\xe9 \xff\xfe"),
+    "lone\ud800x\udfff",
     "\u202egnp.exe \u200b\u2066x", "x</script><script>alert(1)</script>", "q'\"\\ \\\\ \"'\"'", "\U0001f600 ok",
     "ends with \\", "tab\there", "",
 ]
