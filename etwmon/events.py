@@ -713,7 +713,7 @@ class RecordBatch:
             rows = np.flatnonzero((self.fields["type"] == 1) | (self.fields["type"] == 101))
             starts = self.fields["command_line_offset"][rows].tolist()
             chars = self.fields["command_line_chars"][rows].tolist()
-            out[rows] = [data[s:s + 2 * c].decode("utf-16-le", "surrogatepass") for s, c in zip(starts, chars)]
+            out[rows] = [_utf16(data[s:s + 2 * c]) for s, c in zip(starts, chars)]
             self._command_lines = out
         return self._command_lines
 

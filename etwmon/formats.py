@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, decode_table, parse, parse_array
+from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, _utf16, decode_table, parse, parse_array
 from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExec,
     ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
@@ -400,7 +400,7 @@ def format_batch_typed(buffer, form: str = "text",
         details: dict = _NO_DETAILS
         if item == 1 or item == 101:
             at = cl_at[i]
-            text = data[at:at + 2 * cl_chars[i]].decode("utf-16-le", "surrogatepass")
+            text = _utf16(data[at:at + 2 * cl_chars[i]])
             a, b, c = pids[i], ppids[i], 0
         elif item == 2:
             a, b, c = pids[i], codes[i], 0
