@@ -9,6 +9,7 @@ Field names are documented in docs/cli.md and stable.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from datetime import timedelta
@@ -87,6 +88,12 @@ def _text_clock(filetime: int) -> str:
 
 def _iso_utc(filetime: int) -> str:
     return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@functools.lru_cache(maxsize=4096)
+def _start_time(filetime: int) -> str:
+    """``_iso_utc`` of a start time: a process's fork, execs and exit all carry the same one."""
+    return _iso_utc(filetime)
 
 
 def _clocks(filetimes: np.ndarray, unit: str) -> list[str]:
@@ -248,7 +255,7 @@ def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
     for name in names:
         if name == "start_time":
             start = get("start_filetime")
-            obj[name] = None if start is None else _iso_utc(start)
+            obj[name] = None if start is None else _start_time(start)
         elif name == "lifetime":
             lifetime = get("lifetime")
             obj[name] = None if lifetime is None else lifetime.total_seconds()
