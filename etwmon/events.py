@@ -172,6 +172,8 @@ class ProcessExit(Event):
 
 @dataclass(frozen=True, slots=True)
 class ThreadCreate(Event):
+    """A thread ``tid`` started in process ``pid`` (``process_guid``: the process's, when known)."""
+
     type: ClassVar[ItemType] = ItemType.ThreadCreate
     tid: int
     pid: int
@@ -181,6 +183,8 @@ class ThreadCreate(Event):
 
 @dataclass(frozen=True, slots=True)
 class ThreadExit(Event):
+    """Thread ``tid`` of process ``pid`` ended with ``exit_code`` (the process lives on unless it was the last)."""
+
     type: ClassVar[ItemType] = ItemType.ThreadExit
     tid: int
     pid: int
@@ -191,6 +195,8 @@ class ThreadExit(Event):
 
 @dataclass(frozen=True, slots=True)
 class ImageLoad(Event):
+    """An image (executable or DLL) ``image_name`` was mapped into process ``pid`` at ``load_address`` (Windows)."""
+
     type: ClassVar[ItemType] = ItemType.ImageLoad
     pid: int
     image_size: int
