@@ -20,7 +20,7 @@ from typing import Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
 from .errors import Error, SourceError, SourceUnavailable
-from .filters import EventFilter, parse_event_types
+from .filters import DEFAULT_EVENT_TYPES, EventFilter, parse_event_types
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
@@ -208,7 +208,8 @@ def _build_parser() -> _Parser:
 
     tail_ = commands.add_parser(
         "tail", help="print events as they happen (Ctrl-C to stop)",
-        description="Print process and thread events as they happen, until Ctrl-C (exit 0, summary on stderr).",
+        description="Print process events (threads too with --type all) as they happen, until Ctrl-C (exit 0, "
+                    "summary on stderr).",
         epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the ring caps when the options are not "
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
@@ -220,10 +221,11 @@ def _build_parser() -> _Parser:
                             "then filter in the service")
     tail_.add_argument("--no-identity", dest="identity", action="store_false",
                        help="the book's records only: no ProcessGuid, user, image or parent fields (less CPU per event)")
-    tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
+    tail_.add_argument("--json", action="store_true",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
-    tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
-                       help="text (default), json, or ecs (Elastic Common Schema documents, one per line)")
+    tail_.add_argument("--format", choices=sorted(RENDERERS), default=None,
+                       help="text (default: one line per event, its date and time in ISO-8601 UTC, e.g. "
+                            "2026-12-06T23:17:12.123Z), json, or ecs (Elastic Common Schema documents, one per line)")
     tail_.add_argument("--from", dest="servers", action="append", metavar="URL",
                        help="read the fleet's events from NATS JetStream at nats://HOST:PORT instead of a local "
                             "source (repeat for a cluster's servers); see docs/fleet.md")
@@ -237,7 +239,9 @@ def _build_parser() -> _Parser:
     _nats_options(tail_)
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
                        help="only these event types, comma-separated: process_create, process_exec, process_exit, "
-                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image")
+                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image, "
+                            "all (default: process, i.e. create, exec and exit; --type process,thread or --type all "
+                            "adds threads)")
     tail_.add_argument("--pid", dest="pids", action="append", type=_whole_number(1), metavar="PID",
                        help="only events of this process (repeatable)")
     tail_.add_argument("--descendants", action="store_true",
@@ -259,7 +263,7 @@ def _build_parser() -> _Parser:
                        help="when events arrive, wait this long for more before printing them: fewer wake-ups, "
                             f"less CPU (default: {DEFAULT_BATCH_WAIT}; 0 prints each at once)")
     tail_.add_argument("--stats", action="store_true",
-                       help="print a status line (rate, ring fill, lost, dropped) on stderr periodically")
+                       help="print a status line (rate, ring fill, missed, dropped) on stderr periodically")
     tail_.add_argument("--stats-interval", type=_seconds(0, MAX_STATS_INTERVAL, False), default=5.0,
                        metavar="SECONDS", help="seconds between --stats lines (default: 5)")
 
@@ -496,7 +500,16 @@ def _service_filter(args: argparse.Namespace) -> dict:
 def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, str]) -> int:
     if args.descendants and not args.pids:
         raise UsageError("--descendants needs --pid (whose descendants to follow)")
-    types = frozenset().union(*args.types) if args.types else None
+    if args.json:
+        if args.format not in (None, "json"):
+            raise UsageError(f"--json and --format {args.format} ask for two output forms: give one")
+        args.format = "json"
+    args.format = args.format or "text"
+    if not args.identity and (args.servers or args.connect is not None):
+        raise UsageError("--no-identity applies where the events are read from the kernel; with --from or "
+                         "--connect the records are made elsewhere")
+    args.types = args.types or [DEFAULT_EVENT_TYPES]  # the library's Monitor delivers everything; tail shows this
+    types = frozenset().union(*args.types)
     reader, filter_here = _open_reader(args, environ, err)
     if args.servers:  # every line says whose event it is: the host of the batch being shown
         render = host_renderer(args.format, lambda: reader.host)
@@ -507,9 +520,14 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         render = RENDERERS[args.format]
     keep = EventFilter(types=types, pids=args.pids, descendants=args.descendants, substrings=args.substrings,
                        globs=args.globs) if filter_here else (lambda event: True)
+    # Text and JSON filtered by type only are formatted a batch at a time, from the buffer (the same lines).
+    batch = not args.servers and args.format in ("text", "json") and not (args.pids or args.substrings
+                                                                         or args.globs)
     options = TailOptions(
         render=render, keep=keep,
-        batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None)
+        batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None,
+        batch_form=args.format if batch else None,
+        batch_types=frozenset(int(t) for t in types) if batch and filter_here else None)
     return tail(reader, options, out, err)
 
 
@@ -531,7 +549,7 @@ def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int
                  f"{monitor.ring.max_items} records); Ctrl-C to stop"))
         ring = monitor.stats
     unsent = f", {stats.unsent} not sent (the server stayed away)" if stats.unsent else ""
-    say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} lost, "
+    say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} missed, "
              f"{ring.dropped} dropped{unsent}")
     return EXIT_RUNTIME if stats.unsent else EXIT_OK
 

@@ -870,7 +870,7 @@ def test_tail_connect_prints_the_services_events_filtered_in_the_service(served)
         assert client.ring.stats.pushed == 3  # the 20 creates never crossed the socket
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "3 records, 3 shown, 0 lost, 0 dropped" in err, err
+        assert proc.returncode == 0 and "3 records, 3 shown, 0 missed, 0 dropped" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
