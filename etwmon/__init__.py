@@ -21,7 +21,8 @@ __all__ = [
     "ServiceRefused", "ProtocolError",
     "Event", "ImageLoad", "ItemType", "ProcessCreate", "ProcessExec", "ProcessExit", "RecordsLost",
     "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_arrays",
-    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "__version__",
+    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "open_recording",
+    "__version__",
 ]
 
 
@@ -33,6 +34,9 @@ def __getattr__(name: str):
     if name in ("connect", "Connection"):
         from . import service
         return getattr(service, name)
+    if name == "open_recording":
+        from .recording import open_recording
+        return open_recording
     if name == "open_source":
         from .sources import open_source
         return open_source
