@@ -1,7 +1,7 @@
 
 "use strict";
 // The page's data is a JSON block, read as data; every value from the recording reaches the page through
-// textContent (never innerHTML), so a command line is text whatever it holds.
+// textContent (never as markup), so a command line is text whatever it holds.
 (function () {
   var D = JSON.parse(document.getElementById("etwmon-data").textContent);
   var P = D.procs, N = P.length, ROW = 20, OVERSCAN = 20;
