@@ -293,6 +293,10 @@ class _Recorder:
         grace_end: float | None = None
         signals.install()
         try:
+            # The start-up line, last before the command starts (scripts may wait for it).
+            what = "the command's process tree" if options.command else "everything"
+            until = "" if options.command else "; Ctrl-C to stop"
+            self._say(f"recording {what} to {escape_text(writer.path)} ({monitor.describe()}){until}")
             if options.command:
                 self._start_command()
                 signals.child = self.child
