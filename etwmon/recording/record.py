@@ -29,7 +29,7 @@ from ..records import ItemType, parse, record_headers
 from .tree import ProcessTreeFilter
 from .writer import RecordingWriter
 
-__all__ = ["RecordOptions", "record", "DEFAULT_GRACE"]
+__all__ = ["RecordOptions", "BatchRecorder", "record", "DEFAULT_GRACE"]
 
 #: After the command exits, how long its stragglers' records (a last child's exit) may take to arrive.
 DEFAULT_GRACE = 0.5
@@ -167,28 +167,25 @@ class _Progress:
                 pass
 
 
-class _Recorder:
-    def __init__(self, options: RecordOptions, err: TextIO, environ: dict[str, str]) -> None:
-        self.options, self.err, self.environ = options, err, environ
-        self.account = _account(options, environ) if options.command else None
-        self.rules = None
-        if options.config:
-            from ..rules import RuleSet
+class BatchRecorder:
+    """What the recorder does with each batch the ring gives: without a ``tree``, the batch goes to the file as it
+    is (numpy counts its creates and losses: no Python per record); with one, the tree's records, judged by the
+    rules ``stage`` when there is one (``stage_for(rules)``), go to the file. Counts ``events``, ``processes``
+    (creates) and ``lost`` (RecordsLost counts) as written."""
 
-            self.rules = RuleSet.load(options.config)
-        self.writer: RecordingWriter | None = None
-        self.tree: ProcessTreeFilter | None = None
-        self.stage = None
+    def __init__(self, writer: RecordingWriter, tree: ProcessTreeFilter | None = None) -> None:
+        self.writer = writer
+        self.tree = tree
+        self.stage: Any = None
         self.events = self.processes = self.lost = 0
-        self.child: subprocess.Popen | None = None
-        self.status: int | None = None
-        self.stop_reason = ""
-        self._kept: list[bytes] = []
 
-    # -- the records ------------------------------------------------------------------------------
+    def stage_for(self, rules: Any) -> None:
+        from ..rules import RulesStage
 
+        self.stage = RulesStage(self, rules)
+
+    # The rules stage's sink: what it keeps comes back here.
     def push(self, record: Any) -> None:
-        """The rules stage's sink: a kept record."""
         self._kept.append(bytes(record))
 
     def push_lost(self, count: int) -> None:  # the rules stage never loses; part of the Sink shape
@@ -197,16 +194,15 @@ class _Recorder:
     def notify(self, force: bool = False) -> None:
         pass
 
-    def _take(self, data: memoryview, ends: np.ndarray, count: int) -> None:
-        """One batch from the ring: to the file, after the tree and the rules when there is a command."""
+    def take(self, data: memoryview, ends: np.ndarray, count: int) -> None:
+        """One batch of ``count`` whole records whose ends are ``ends[:count]`` (``readinto_indexed``)."""
         writer = self.writer
         if self.tree is None:
             starts = np.concatenate(([0], ends[:count - 1]))
             raw = np.frombuffer(data, dtype=np.uint8)
             types = raw[starts].astype(np.int32) | (raw[starts + 1].astype(np.int32) << 8)
             self.processes += int(np.count_nonzero(types == _CREATE))
-            lost_at = starts[types == _LOST]
-            for at in lost_at.tolist():
+            for at in starts[types == _LOST].tolist():
                 self.lost += int.from_bytes(data[at + 16:at + 20], "little")
             writer.write(data, count)
             self.events += count
@@ -229,6 +225,24 @@ class _Recorder:
                 self.processes += 1
         writer.write(kept, n)
         self.events += n
+
+
+class _Recorder:
+    def __init__(self, options: RecordOptions, err: TextIO, environ: dict[str, str]) -> None:
+        self.options, self.err, self.environ = options, err, environ
+        self.account = _account(options, environ) if options.command else None
+        self.rules = None
+        if options.config:
+            from ..rules import RuleSet
+
+            self.rules = RuleSet.load(options.config)
+        self.writer: RecordingWriter | None = None
+        self.tree: ProcessTreeFilter | None = None
+        self.batches: BatchRecorder | None = None
+        self.child: subprocess.Popen | None = None
+        self.status: int | None = None
+        self.stop_reason = ""
+        self._kept: list[bytes] = []
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -254,10 +268,7 @@ class _Recorder:
                 "recorder_pid": os.getpid(),
             }
             self.writer.begin(header)
-            if options.command and self.rules is not None:
-                from ..rules import RulesStage
-
-                self.stage = RulesStage(self, self.rules)
+            self.batches = BatchRecorder(self.writer)
             return self._loop(monitor, started)
         finally:
             monitor.close()
@@ -279,7 +290,9 @@ class _Recorder:
         except OSError as exc:
             raise RecordError(f"cannot run {escape_text(shlex.join(options.command))}: {exc.strerror or exc}") \
                 from None
-        self.tree = ProcessTreeFilter(self.child.pid, os.getpid())
+        self.tree = self.batches.tree = ProcessTreeFilter(self.child.pid, os.getpid())
+        if self.rules is not None:
+            self.batches.stage_for(self.rules)
 
     def _loop(self, monitor: Any, started: datetime) -> int:
         options, writer, err = self.options, self.writer, self.err
@@ -303,7 +316,7 @@ class _Recorder:
             while True:
                 n, count, _ = monitor.readinto_indexed(buf, ends)
                 if n:
-                    self._take(view[:n], ends, count)
+                    self.batches.take(view[:n], ends, count)
                 writer.tick()
                 progress.show(self._progress_text())
                 if self._limit_reached(signals, deadline):
@@ -324,7 +337,7 @@ class _Recorder:
                 n, count, _ = monitor.readinto_indexed(buf, ends)
                 if not n:
                     break
-                self._take(view[:n], ends, count)
+                self.batches.take(view[:n], ends, count)
             progress.end()
             summary = self._summary(monitor, started, begun)
             writer.close(summary)
@@ -357,20 +370,21 @@ class _Recorder:
         return 128 - status if status < 0 else status  # killed by a signal: 128 + its number, as a shell says
 
     def _progress_text(self) -> str:
-        return (f"{self.events} events, {self.processes} processes, "
+        b = self.batches
+        return (f"{b.events} events, {b.processes} processes, "
                 f"{human_bytes(self.writer.size + self.writer.pending_bytes // 8)}")
 
     def _summary(self, monitor: Any, started: datetime, begun: float) -> dict[str, Any]:
         stats = monitor.stats
         tree = self.tree
         return {
-            "events": self.events, "processes": self.processes, "lost": self.lost,
+            "events": self.batches.events, "processes": self.batches.processes, "lost": self.batches.lost,
             "source_lost": stats.lost, "ring_dropped": stats.dropped,
             "end_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "end_filetime": filetime_now(), "seconds": round(time.monotonic() - begun, 3),
             "stop_reason": self.stop_reason, "exit_status": None if self.status is None else self._exit_status(),
             "tree_running": tree.running if tree is not None else None,
-            "rules": self.stage.stats() if self.stage is not None else (stats.rules or None),
+            "rules": self.batches.stage.stats() if self.batches.stage is not None else (stats.rules or None),
         }
 
     def _say(self, text: str) -> None:
