@@ -207,22 +207,25 @@ class BatchRecorder:
             writer.write(data, count)
             self.events += count
             return
-        kept, n = self.tree.select(data)
-        if not n:
-            return
-        if self.stage is not None:
+        tree = self.tree
+        processes, lost = tree.processes, tree.lost
+        kept, n = tree.select(data)
+        if self.stage is None:
+            self.processes += tree.processes - processes
+            self.lost += tree.lost - lost
+        elif n:  # the rules judge the tree's records: count what they keep
             view = memoryview(kept)
             for offset, _, size, _ in record_headers(view).tolist():
                 self.stage.push(view[offset:offset + size])
             kept, n = b"".join(self._kept), len(self._kept)
             self._kept.clear()
-            if not n:
-                return
-        for event in parse(kept):
-            if event.type == ItemType.RecordsLost:
-                self.lost += event.count
-            elif event.type == ItemType.ProcessCreate:
-                self.processes += 1
+            for event in parse(kept):
+                if event.type == ItemType.RecordsLost:
+                    self.lost += event.count
+                elif event.type == ItemType.ProcessCreate:
+                    self.processes += 1
+        if not n:
+            return
         writer.write(kept, n)
         self.events += n
 

@@ -191,5 +191,6 @@
     failedOnly = ev.target.checked; applySearch();
   });
   flatten();
+  document.body.dataset.drawnMs = String(Math.round(performance.now()));  // since navigation began
   document.body.dataset.ready = "1";
 })();
