@@ -368,3 +368,27 @@ def test_writer_refuses_records_before_its_header(tmp_path):
         writer.write(encode_process_exit(T0, 1, 0), 1)
     writer.abandon()
     assert (tmp_path / "r.rec").read_bytes() == b""
+
+
+def test_many_small_reads_never_block(tmp_path):
+    """The wake-up descriptor holds one byte at most: thousands of readinto calls do not fill (and block on) it."""
+    import threading
+
+    records = tree_records(700)
+    write_recording(tmp_path / "r.rec", records, chunk_bytes=1 << 20)
+    reader = open_recording(tmp_path / "r.rec")
+    counted = []
+
+    def read_one_by_one():
+        buf = bytearray(max(len(r) for r in records))
+        n = 0
+        while reader.readinto(memoryview(buf)[:len(records[n])] if n < len(records) else buf):
+            n += 1
+        counted.append(n)
+
+    worker = threading.Thread(target=read_one_by_one, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "readinto blocked"
+    assert counted == [len(records)] and len(records) > 2000
+    reader.close()

@@ -72,6 +72,8 @@ class RecordingReader(EventReader):
         self._stopped = False
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._signalled = False
         self._update_wakeup()
 
     # -- the file --------------------------------------------------------------------------------------
@@ -211,12 +213,16 @@ class RecordingReader(EventReader):
         return stop - start
 
     def _update_wakeup(self) -> None:
+        """Keep ``fileno()`` readable exactly while records are left (one byte in the pair, sent once)."""
+        left = self.readable()
+        if left == self._signalled:
+            return
+        self._signalled = left
         try:
-            if self.readable():
+            if left:
                 self._w.send(b"\1")
             else:
-                while self._r.recv(4096):
-                    pass
+                self._r.recv(64)
         except (BlockingIOError, OSError):
             pass
 
