@@ -392,3 +392,42 @@ def test_many_small_reads_never_block(tmp_path):
     assert not worker.is_alive(), "readinto blocked"
     assert counted == [len(records)] and len(records) > 2000
     reader.close()
+
+
+def test_rules_judge_the_trees_records_after_the_tree_is_decided(tmp_path):
+    """An excluded parent does not cut its children off the tree; redaction happens before the file."""
+    pytest.importorskip("defusedxml", reason="rules need defusedxml (in the test extra)")
+    import numpy as np
+
+    from etwmon.records import record_headers
+    from etwmon.recording.record import BatchRecorder
+    from etwmon.rules import RuleSet
+
+    rules = RuleSet.from_xml(
+        '<Sysmon><EventFiltering><ProcessCreate onmatch="exclude">'
+        '<Image condition="end with">/cc</Image></ProcessCreate></EventFiltering>'
+        r'<Redaction><Redact name="secret">--token=(\S+)</Redact></Redaction></Sysmon>')
+    records = tree_records(3)
+    from etwmon.records import Details, encode_process_exec
+
+    secret = encode_process_exec(T0 + 20, 100, 1, 100, 100, "make all --token=hunter2",
+                                 Details(process_guid=guid(100), parent_process_guid=guid(1), image="/usr/bin/make"))
+    records.insert(2, secret)
+    unrelated = life(900, 1, "unrelated", start=50, end=60, parent_guid=guid(1), image="/usr/bin/other")
+    data = b"".join(records[:3] + unrelated + records[3:])
+    index = record_headers(data)
+    ends = (index["offset"] + index["Size"]).astype(np.int64)
+    writer = RecordingWriter(tmp_path / "r.rec", {"source": "test"})
+    batch = BatchRecorder(writer, ProcessTreeFilter(100, 1))
+    batch.stage_for(rules)
+    batch.take(memoryview(data), ends, len(ends))
+    writer.close({})
+    with open_recording(tmp_path / "r.rec") as reader:
+        events = list(reader.events())
+    lines = [e.command_line for e in events if isinstance(e, ProcessCreate)]
+    assert "as -o file0.o" in lines  # the grandchild of make, under an excluded cc, is still in the tree
+    assert not any(line.startswith("cc -c") for line in lines)  # the rules left the cc execs out
+    assert "unrelated" not in lines  # not in the tree
+    assert any("make all --token=" in line for line in lines)
+    assert not any("hunter2" in line for line in lines)  # redacted before the file
+    assert batch.events == len(events) and batch.lost == 5

@@ -214,3 +214,16 @@ def test_a_recorded_hostile_command_is_text_in_the_browser(tmp_path):
         cells = [shlex.split(c) for c in browser.evaluate(_CMD_CELLS) if "document.title" in c]
         assert ["sh", "-c", "exit 0", HOSTILE_SCRIPT, HOSTILE_IMG] in cells, cells
         _only_the_page(browser, page)
+
+
+@linux_only
+@pytest.mark.root
+def test_record_says_why_a_command_cannot_run_and_leaves_no_file(tmp_path):
+    out = tmp_path / "nothing.rec"
+    result = run(etwmon_argv("record", "-o", str(out), "--", str(tmp_path / "no-such-program")))
+    assert result.returncode == 127  # as a shell says it
+    assert result.stderr.decode().splitlines()[-1].startswith(f"etwmon: error: cannot run {tmp_path}/no-such-program")
+    assert not out.exists()
+    result = run(etwmon_argv("record", "-o", str(out), "--user", "no-such-user-here", "--", "true"))
+    assert result.returncode == 1 and b"no user named 'no-such-user-here'" in result.stderr
+    assert not out.exists()

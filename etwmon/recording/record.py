@@ -58,6 +58,14 @@ class RecordError(Error):
     """``etwmon record`` cannot do what it was asked (an unknown user, a command that cannot start...)."""
 
 
+class _CommandFailed(Exception):
+    """The command could not be started: ``status`` is what a shell would exit with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class _Account:
     name: str
@@ -178,6 +186,7 @@ class BatchRecorder:
         self.tree = tree
         self.stage: Any = None
         self.events = self.processes = self.lost = 0
+        self._kept: list[bytes] = []
 
     def stage_for(self, rules: Any) -> None:
         from ..rules import RulesStage
@@ -245,7 +254,6 @@ class _Recorder:
         self.child: subprocess.Popen | None = None
         self.status: int | None = None
         self.stop_reason = ""
-        self._kept: list[bytes] = []
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -273,6 +281,11 @@ class _Recorder:
             self.writer.begin(header)
             self.batches = BatchRecorder(self.writer)
             return self._loop(monitor, started)
+        except _CommandFailed as exc:
+            self._say(f"error: {exc}")
+            self.writer.abandon()
+            os.unlink(self.writer.path)  # nothing of the command to keep
+            return exc.status
         finally:
             monitor.close()
             if not self.writer.closed:
@@ -291,8 +304,10 @@ class _Recorder:
         try:
             self.child = subprocess.Popen(options.command, **kwargs)
         except OSError as exc:
-            raise RecordError(f"cannot run {escape_text(shlex.join(options.command))}: {exc.strerror or exc}") \
-                from None
+            # As a shell (and time, strace) says it: 127 not found, 126 found but not runnable.
+            status = 127 if isinstance(exc, FileNotFoundError) else 126
+            raise _CommandFailed(status, f"cannot run {escape_text(shlex.join(options.command))}: "
+                                         f"{exc.strerror or exc}") from None
         self.tree = self.batches.tree = ProcessTreeFilter(self.child.pid, os.getpid())
         if self.rules is not None:
             self.batches.stage_for(self.rules)
