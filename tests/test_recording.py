@@ -431,3 +431,17 @@ def test_rules_judge_the_trees_records_after_the_tree_is_decided(tmp_path):
     assert any("make all --token=" in line for line in lines)
     assert not any("hunter2" in line for line in lines)  # redacted before the file
     assert batch.events == len(events) and batch.lost == 5
+
+
+def test_async_iteration_reads_the_whole_recording(tmp_path):
+    import asyncio
+
+    records = tree_records()
+    write_recording(tmp_path / "r.rec", records)
+
+    async def read_all():
+        with open_recording(tmp_path / "r.rec") as reader:
+            return [event async for event in reader]
+
+    events = asyncio.run(read_all())
+    assert [e.encode() for e in events] == [e.encode() for e in parse(b"".join(records))]
