@@ -5,8 +5,8 @@ A kernel event source feeds a bounded ring of SysMon-compatible binary records; 
 """
 
 from .errors import (
-    BufferTooSmall, Error, ProtocolError, RecordFormatError, ServiceRefused, ServiceUnavailable, SourceError,
-    SourceUnavailable,
+    BufferTooSmall, Error, ProtocolError, RecordFormatError, RecordingFormatError, ServiceRefused,
+    ServiceUnavailable, SourceError, SourceUnavailable,
 )
 from .records import (
     Event, ImageLoad, ItemType, ProcessCreate, ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BufferTooSmall", "Error", "RecordFormatError", "SourceError", "SourceUnavailable", "ServiceUnavailable",
-    "ServiceRefused", "ProtocolError",
+    "ServiceRefused", "ProtocolError", "RecordingFormatError",
     "Event", "ImageLoad", "ItemType", "ProcessCreate", "ProcessExec", "ProcessExit", "RecordsLost",
     "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_arrays",
     "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "open_recording",

@@ -19,10 +19,9 @@ import sys
 from typing import Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
-from .errors import Error, SourceError, SourceUnavailable
+from .errors import Error, RecordingFormatError, SourceError, SourceUnavailable
 from .filters import EventFilter, parse_event_types
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
-from .recording.format import RecordingFormatError
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
 from .sources import SOURCES, available_sources

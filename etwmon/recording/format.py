@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ..errors import Error
+from ..errors import RecordingFormatError
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "CHUNK_HEADER", "RECS", "END", "COMPRESSION", "RecordingFormatError",
            "encode_header", "read_header", "encode_chunk", "ChunkHeader", "read_chunk_header", "decompress",
@@ -47,10 +47,6 @@ MAX_HEADER_JSON = 1 << 20
 MAX_CHUNK_RAW = 64 << 20
 #: zlib level: 6 compresses the records about as well as 9 at a third of the CPU (docs/recording.md has figures).
 ZLIB_LEVEL = 6
-
-
-class RecordingFormatError(Error, ValueError):
-    """A file is not an etwmon recording, or of a version this reader does not know; one line says which."""
 
 
 def encode_header(fields: dict[str, Any]) -> bytes:
