@@ -113,7 +113,7 @@ def _record(chunks, path: Path, tree: bool) -> int:
 
 
 def run(quick: bool) -> dict:
-    processes = 2_000 if quick else 20_000
+    processes = 1_000 if quick else 20_000
     repeats = 3 if quick else 5
     records = make_stream(processes)
     chunks = batches(records)
@@ -129,7 +129,7 @@ def run(quick: bool) -> dict:
             all_us.append(_cpu(lambda: _record(chunks, path, False)) / events * 1e6)
             size = os.path.getsize(path)
             tree_us.append(_cpu(lambda: _record(chunks, path, True)) / events * 1e6)
-        report = report_figures(2_000 if quick else 100_000, Path(tmp))
+        report = report_figures(500 if quick else 100_000, Path(tmp))
     added_all = [a - t for a, t in zip(all_us, tail_us)]
     added_tree = [a - t for a, t in zip(tree_us, tail_us)]
     per_1000 = size / events * 1000
