@@ -249,3 +249,15 @@ def test_the_bpf_sources_kernel_facts_become_the_block():
     thread = R.encode_thread_create(T, 43, 42)
     assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread and enrich.threads is False  # not even called
     assert tty_name(b"tty1") == "tty1" and tty_name(None) is None
+
+
+def test_a_seeded_parent_with_a_command_line_longer_than_a_record_gives_its_child_a_cut_one():
+    """/proc's command line of a process that ran before the monitor can exceed what a record holds; its child's
+    ParentCommandLine is cut (visibly), and the stage keeps going."""
+    st, sink = stage()
+    st.seed([(300, 1, "sh -c x " + "A" * 70_000, Details(start_filetime=T - 50, image="/bin/sh"))])
+    fork(st, T, 400, 300, "sh -c x")
+    (create,) = sink.events()
+    assert create.parent_command_line.startswith("sh -c x AAAA")
+    assert create.parent_command_line.endswith(R.TRUNCATION_MARKER) and create.truncated
+    assert len(create.encode()) <= R.MAX_RECORD_SIZE
