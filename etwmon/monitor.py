@@ -7,6 +7,7 @@ empty. An exception in the source thread is kept and raised to the reader as ``S
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -383,10 +384,18 @@ class Monitor(EventReader):
 
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process whose ProcessGuid is ``guid``, nearest first, up to the first one the
-        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage."""
+        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage. Command
+        lines come redacted by the monitor's rules, as in the records."""
         if self._stage is None:
             raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
-        return self._stage.ancestors(guid)
+        chain = self._stage.ancestors(guid)
+        rules = self._rules
+        if rules is None or not rules.redacts:
+            return chain
+        # The table keeps what the source saw, before the rules: what a redaction hides in the records it
+        # hides here too (on the whole command line, never on a cut one), with the rules in force.
+        return [dataclasses.replace(info, command_line=rules.redact(info.command_line)[0])
+                if info.command_line else info for info in chain]
 
     @property
     def lossy(self) -> bool:

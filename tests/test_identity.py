@@ -249,3 +249,32 @@ def test_the_bpf_sources_kernel_facts_become_the_block():
     thread = R.encode_thread_create(T, 43, 42)
     assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread and enrich.threads is False  # not even called
     assert tty_name(b"tty1") == "tty1" and tty_name(None) is None
+
+
+def test_ancestors_never_return_a_command_line_the_rules_redacted():
+    from etwmon.rules import RuleSet
+
+    from .helpers import ScriptedSource, read_until
+
+    rules = RuleSet.from_xml('<Sysmon schemaversion="4.90"><EventFiltering/><Redaction>'
+                             '<Redact>(--password[= ])(\\S+)</Redact></Redaction></Sysmon>')
+    secret = "hunter2-" + "k" * 40
+    parent_line = f"deploy --password={secret} --host db"
+    t = R.filetime_now()
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source, rules=rules) as mon:
+        source.commands.put(("records", [R.encode_process_create(t, 500, 1, 1, 1, parent_line),
+                                         R.encode_process_create(t + 10, 501, 500, 500, 500, "child")]))
+        events = read_until(mon, lambda evs: len(evs) >= 2)
+        child = [e for e in events if e.pid == 501][0]
+        chain = mon.ancestors(child.process_guid)
+        assert chain[0].pid == 500 and chain[0].command_line.startswith("deploy ")
+        assert chain[0].command_line.endswith(" --host db")
+        assert secret not in chain[0].command_line and secret[:8] not in chain[0].command_line
+        assert secret not in repr(chain) and secret not in (child.parent_command_line or "")
+    with etwmon.Monitor(source=ScriptedSource()) as plain:  # without rules nothing is hidden
+        plain.source.commands.put(("records", [R.encode_process_create(t, 500, 1, 1, 1, parent_line),
+                                               R.encode_process_create(t + 10, 501, 500, 500, 500, "child")]))
+        events = read_until(plain, lambda evs: len(evs) >= 2)
+        child = [e for e in events if e.pid == 501][0]
+        assert plain.ancestors(child.process_guid)[0].command_line == parent_line

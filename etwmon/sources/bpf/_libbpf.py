@@ -18,7 +18,8 @@ import platform
 import struct
 from typing import Any
 
-__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "tracepoint_arguments", "LIBBPF_SONAME"]
+__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "tracepoint_arguments",
+           "wait_for_rcu_grace_period", "memory_ordering_reason", "LIBBPF_SONAME"]
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +240,64 @@ class PerCpuCounter:
         return sum(self._values)
 
 
+# --- memory ordering ---------------------------------------------------------------------------------------
+#
+# libbpf's consumer (ringbuf.c) reads producer_pos and each record's header with smp_load_acquire and writes
+# consumer_pos with smp_store_release: a record's bytes are read only after the kernel's commit of it is seen,
+# and the kernel reuses space only after the reader is done with it. On x86-64 every load is an acquire load and
+# every store a release store (TSO), so plain reads of the mapping do it. Elsewhere (arm64) the reads go through
+# libatomic's __atomic_load_N/__atomic_store_N with those orders.
+
+_ACQUIRE, _RELEASE = 2, 3  # __ATOMIC_ACQUIRE, __ATOMIC_RELEASE
+_TSO = platform.machine() in ("x86_64", "AMD64", "i386", "i686")
+_ATOMIC: Any = None
+
+
+def _libatomic() -> Any:
+    global _ATOMIC
+    if _ATOMIC is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        for name, ctype in (("__atomic_load_4", ctypes.c_uint32), ("__atomic_load_8", ctypes.c_uint64)):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctype, [_c_void_p, _c_int]
+        lib.__atomic_store_8.restype = None
+        lib.__atomic_store_8.argtypes = [_c_void_p, ctypes.c_uint64, _c_int]
+        _ATOMIC = lib
+    return _ATOMIC
+
+
+def memory_ordering_reason() -> str | None:
+    """None when this machine can read a BPF ring with the ordering libbpf uses; else why not."""
+    if _TSO:
+        return None
+    try:
+        _libatomic()
+    except OSError as exc:
+        return f"reading the ring on {platform.machine()} needs libatomic.so.1 for acquire loads ({exc})"
+    return None
+
+
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "arm64": 283, "i686": 375, "i386": 375}.get(platform.machine())
+_MEMBARRIER_CMD_GLOBAL = 1
+
+
+def wait_for_rcu_grace_period() -> bool:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns once every CPU has passed an RCU grace period, so a program
+    that a tracepoint was running when it was detached has finished. False when the kernel refuses it."""
+    if _SYS_MEMBARRIER is None:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.syscall(ctypes.c_long(_SYS_MEMBARRIER), _c_int(_MEMBARRIER_CMD_GLOBAL), _c_int(0)) == 0
+
+
 class RingBuffer:
     """A BPF ring buffer map read through its mmap'ed pages, as libbpf's ringbuf.c consumer does.
 
     Layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (we write it), page 1 producer_pos (the kernel
     writes it), then the data pages, mapped twice in a row so a record that wraps is contiguous. Each record
     has an 8-byte header: its length with bit 31 "busy" (not committed yet) and bit 30 "discarded", then the
-    sample, padded to 8 bytes.
+    sample, padded to 8 bytes. ``producer_pos()`` and ``header()`` are acquire loads, ``advance()`` a release
+    store (see above).
     """
 
     BUSY = 1 << 31
@@ -267,6 +319,25 @@ class RingBuffer:
         self.data = memoryview(self._producer)[page:]
         self._pos = ctypes.c_uint64.from_buffer(self._consumer)  # the consumer position, stored in place
         self._producer_view = memoryview(self._producer)
+        if _TSO:
+            unpack = struct.Struct("<I").unpack_from
+            data = self.data
+            self.header = lambda at: unpack(data, at)[0]
+        else:
+            atomic = _libatomic()
+            import numpy as np
+
+            producer = np.frombuffer(self._producer_view, dtype=np.uint8).ctypes.data  # read-only mapping
+            base = producer + page
+            load4, load8, store8 = atomic.__atomic_load_4, atomic.__atomic_load_8, atomic.__atomic_store_8
+            consumer = ctypes.addressof(self._pos)
+            self.header = lambda at: load4(base + at, _ACQUIRE)
+            self.producer_pos = lambda: load8(producer, _ACQUIRE)  # type: ignore[method-assign]
+            self.advance = lambda pos: store8(consumer, pos, _RELEASE)  # type: ignore[method-assign]
+
+    def header(self, at: int) -> int:  # pragma: no cover - replaced per instance in __init__
+        """The length word of the record at data offset ``at`` (with the BUSY and DISCARD bits)."""
+        raise NotImplementedError
 
     def consumer_pos(self) -> int:
         return self._pos.value
@@ -279,6 +350,9 @@ class RingBuffer:
         self._pos.value = pos
 
     def close(self) -> None:
+        self.__dict__.pop("header", None)
+        self.__dict__.pop("producer_pos", None)
+        self.__dict__.pop("advance", None)
         del self._pos
         self.data.release()
         self._producer_view.release()
