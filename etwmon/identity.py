@@ -33,13 +33,22 @@ from .records import (
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
-           "DEFAULT_MAX_PROCESSES"]
+           "DEFAULT_MAX_PROCESSES", "DEFAULT_MAX_BYTES"]
 
 log = logging.getLogger(__name__)
 
-#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed). About
-#: 1.4 KB each (measured: an exec'd process with image, cwd, user, cgroup), so at most ~23 MB.
+#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed).
 DEFAULT_MAX_PROCESSES = 16384
+#: Bytes the table may hold, as ``ProcessTable.bytes`` counts them (never less than what tracemalloc measures,
+#: up to 1.5x more when every process carries a long parent command line; see tests/test_identity.py):
+#: whichever of the two caps is reached first evicts. A command line is held twice in UTF-16 (the process's
+#: own and the packed ParentCommandLine its children carry), so with 32 K-character command lines (any local
+#: user can exec those) 32 MiB is ~250 processes' worth; with typical ones (~1.9 KB per process in all) the
+#: count cap comes first (16,384 x 1.9 KB = ~31 MB).
+DEFAULT_MAX_BYTES = 32 << 20
+#: What an entry costs beyond its strings: the object, its dict and lists, the packed guid/start fields and
+#: the table's two dict slots (measured with tracemalloc on CPython 3.11, rounded up).
+_ENTRY_OVERHEAD = 1100
 #: How far apart two start times of one pid may be and still be one process: the kernel's fork timestamp and
 #: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
 _SAME_START = 250_000  # 25 ms in FILETIME ticks
@@ -104,7 +113,7 @@ class _Entry:
     value), so a record costs a join and a child's parent fields are made once, not per record."""
 
     __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "head", "start_field",
-                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc")
+                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc", "counted")
 
     def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent: "_Entry | None") -> None:
         self.pid = pid
@@ -123,6 +132,19 @@ class _Entry:
         self.exited = False
         self.seeded = False
         self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
+        self.counted = 0  # bytes the table counts for it (ProcessTable.account)
+
+    def nbytes(self) -> int:
+        """What holding this entry costs, at most: its strings, the copy its children's ParentCommandLine (and
+        parent image and user) make of them, the parent fields it carries itself, and a fixed overhead. A parent's
+        packed fields are shared by its children but counted in each, so the count errs on the high side."""
+        own = len(self.command_line)
+        for value in self.fields.values():
+            own += len(value)
+        carried = 0
+        for value in self.parent_tail:
+            carried += len(value)
+        return _ENTRY_OVERHEAD + 2 * own + carried
 
     def child_tail(self) -> list[bytes]:
         """The packed parent fields a child of this process carries: image, user, command line (block order)."""
@@ -151,14 +173,18 @@ class _Entry:
 
 
 class ProcessTable:
-    """The processes the monitor knows, bounded like the ring: live ones by pid, and every one by guid for
-    ancestry. When full, the oldest exited process is forgotten first, then the oldest live one; both are
-    counted (``evicted``, ``evicted_live``)."""
+    """The processes the monitor knows, bounded like the ring, in processes and in bytes: live ones by pid, and
+    every one by guid for ancestry. When either cap is reached the oldest exited process is forgotten first, then
+    the oldest live one; both are counted (``evicted``, ``evicted_live``)."""
 
-    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 2:
             raise ValueError(f"max_processes must be at least 2, not {max_processes!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 2 * _ENTRY_OVERHEAD:
+            raise ValueError(f"max_bytes must be at least {2 * _ENTRY_OVERHEAD}, not {max_bytes!r}")
         self.max_processes = max_processes
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
         self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
@@ -172,10 +198,18 @@ class ProcessTable:
         old = self.live.get(entry.pid)
         if old is not None:
             self.exit(old)  # the pid was reused and we never saw the old process end (a lost event)
-        if len(self.by_guid) >= self.max_processes:
-            self._make_room()
         self.live[entry.pid] = entry
         self.by_guid[entry.guid] = entry
+        entry.counted = 0
+        self.account(entry)
+
+    def account(self, entry: _Entry) -> None:
+        """Count what ``entry`` holds now (after it was added or its details changed), making room if needed."""
+        size = entry.nbytes()
+        self.bytes += size - entry.counted
+        entry.counted = size
+        if self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes:
+            self._make_room(entry)
 
     def exit(self, entry: _Entry) -> None:
         if self.live.get(entry.pid) is entry:
@@ -184,16 +218,25 @@ class ProcessTable:
             entry.exited = True
             self._exited[entry.guid] = None
 
-    def _make_room(self) -> None:
-        while len(self.by_guid) >= self.max_processes:
+    def _make_room(self, keep: _Entry) -> None:
+        """Forget the oldest exited processes, then the oldest live ones, until both caps hold (never ``keep``,
+        the one just counted: a single process bigger than the byte cap stays alone)."""
+        while (self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
             if self._exited:
                 guid = next(iter(self._exited))
                 del self._exited[guid]
-                self.by_guid.pop(guid, None)
+                entry = self.by_guid.pop(guid, None)
+                if entry is not None:
+                    self.bytes -= entry.counted
                 self.evicted += 1
                 continue
             guid, entry = next(iter(self.by_guid.items()))
+            if entry is keep:  # the oldest is the newest: move it to the end and take the next
+                del self.by_guid[guid]
+                self.by_guid[guid] = entry
+                guid, entry = next(iter(self.by_guid.items()))
             del self.by_guid[guid]
+            self.bytes -= entry.counted
             if self.live.get(entry.pid) is entry:
                 del self.live[entry.pid]
             self.evicted += 1
@@ -225,11 +268,12 @@ class IdentityStage:
     it execs, so a ProcessCreate without an image of its own carries the parent's.
     """
 
-    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
-        self.table = ProcessTable(max_processes)
+        self.table = ProcessTable(max_processes, max_bytes)
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
@@ -359,6 +403,7 @@ class IdentityStage:
             entry.from_proc = flags & _PROCFS
         entry.command_line = record[34:34 + 2 * chars]
         entry.tail = None
+        self.table.account(entry)
         if not entry.parent_tail:  # the parent's fields are unknown (its guid may be known, from ETW's numbers)
             flags |= _UNKNOWN_PARENT
             self.unknown_parent += 1
@@ -428,5 +473,6 @@ class IdentityStage:
 
     def stats(self) -> dict[str, int]:
         table = self.table
-        return {"processes": len(table.live), "known": len(table), "evicted": table.evicted,
+        return {"processes": len(table.live), "known": len(table), "bytes": table.bytes,
+                "max_bytes": table.max_bytes, "evicted": table.evicted,
                 "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid}

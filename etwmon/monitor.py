@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
-from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
+from .identity import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
@@ -42,8 +42,8 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
-    #: The identity stage's counters (processes, known, evicted, evicted_live, unknown_parent, no_guid); {} when
-    #: it is off.
+    #: The identity stage's counters (processes, known, bytes, max_bytes, evicted, evicted_live, unknown_parent,
+    #: no_guid); {} when it is off.
     identity: dict[str, int] = field(default_factory=dict)
     #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
     rules: dict[str, Any] = field(default_factory=dict)
@@ -173,7 +173,7 @@ class Monitor(EventReader):
 
     ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
     and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
-    (``etwmon.identity``); ``max_processes`` bounds its process table. ``identity=False`` gives the book's
+    (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
     records and spares the cost.
 
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
@@ -182,12 +182,14 @@ class Monitor(EventReader):
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
                  rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
-                 max_processes: int = DEFAULT_MAX_PROCESSES, **source_options: Any) -> None:
+                 max_processes: int = DEFAULT_MAX_PROCESSES, max_process_bytes: int = DEFAULT_MAX_BYTES,
+                 **source_options: Any) -> None:
         self._rules = _load_rules(rules)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._identity = bool(identity)
         self._max_processes = max_processes
+        self._max_process_bytes = max_process_bytes
         self._stage: IdentityStage | None = None
         self._source_spec = source
         self._source_options = source_options
@@ -216,7 +218,8 @@ class Monitor(EventReader):
             self._stage = None
             if self._identity:
                 # Seeded after open(): a process that starts in between is both in the seed and in the events.
-                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
+                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes,
+                                            self._max_process_bytes)
                 self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._wakeup is None:

@@ -278,3 +278,43 @@ def test_ancestors_never_return_a_command_line_the_rules_redacted():
         events = read_until(plain, lambda evs: len(evs) >= 2)
         child = [e for e in events if e.pid == 501][0]
         assert plain.ancestors(child.process_guid)[0].command_line == parent_line
+
+
+def test_the_table_is_bounded_in_bytes_whatever_the_command_lines():
+    """A local user who execs processes with 32 K-character command lines cannot grow the table (and so the root
+    daemon's memory) past its byte cap: what tracemalloc sees it hold stays under the cap, evictions counted."""
+    import tracemalloc
+
+    cap = 4 << 20
+    st, big_sink = stage(max_processes=16384)
+    st.table = type(st.table)(16384, cap)
+    line = "A" * 32000
+    records = []
+    for i in range(300):  # each the child of the one before, half of them exited
+        records.append(R.encode_process_create(T + 100 * i, 2000 + i, 1999 + i, 1999 + i, 1999 + i, line,
+                                               Details(image="/usr/bin/x", start_filetime=T + 100 * i)))
+        if i % 2:
+            records.append(R.encode_process_exit(T + 100 * i + 50, 2000 + i - 1, 0))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for record in records:
+        st.push(record)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    stats = st.stats()
+    assert stats["bytes"] <= cap and stats["max_bytes"] == cap
+    assert stats["evicted"] > 200 and stats["evicted_live"] > 0  # exited ones first, then live ones
+    # what the table holds is what it counts, at most: the sink's copies of the records are not the table's
+    sink_bytes = sum(len(r) + 33 for r in big_sink.records)
+    assert held - sink_bytes <= stats["bytes"] * 1.1 + 64 * 1024
+    # a small table of ordinary processes counts within 10 % of what it holds
+    small, sink = stage(max_processes=16384)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(1000):
+        small.push(R.encode_process_create(T + i, 5000 + i, 1, 1, 1, f"/usr/bin/prog --flag {i}",
+                                           Details(image="/usr/bin/prog", current_directory="/home/u", uid=1000,
+                                                   user="u", start_filetime=T + i)))
+    held = tracemalloc.get_traced_memory()[0] - before - sum(len(r) + 33 for r in sink.records)
+    tracemalloc.stop()
+    assert 0.9 * held <= small.table.bytes <= 1.5 * held
