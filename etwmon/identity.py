@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
+
 from .records import (
     EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
 )
@@ -49,6 +51,8 @@ DEFAULT_MAX_BYTES = 32 << 20
 #: What an entry costs beyond its strings: the object, its dict and lists, the packed guid/start fields and
 #: the table's two dict slots (measured with tracemalloc on CPython 3.11, rounded up).
 _ENTRY_OVERHEAD = 1100
+#: Exits that passed in batches and wait to be applied to the table: past this many they are applied at once.
+_MAX_PENDING_EXITS = 16384
 #: How far apart two start times of one pid may be and still be one process: the kernel's fork timestamp and
 #: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
 _SAME_START = 250_000  # 25 ms in FILETIME ticks
@@ -185,6 +189,8 @@ class ProcessTable:
         self.max_processes = max_processes
         self.max_bytes = max_bytes
         self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
+        #: Called before evicting (the stage applies the exits it has not applied yet: exited processes go first).
+        self.before_eviction = None
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
         self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
@@ -221,6 +227,8 @@ class ProcessTable:
     def _make_room(self, keep: _Entry) -> None:
         """Forget the oldest exited processes, then the oldest live ones, until both caps hold (never ``keep``,
         the one just counted: a single process bigger than the byte cap stays alone)."""
+        if self.before_eviction is not None:
+            self.before_eviction()
         while (self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
             if self._exited:
                 guid = next(iter(self._exited))
@@ -270,12 +278,18 @@ class IdentityStage:
 
     def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._push_batch = None
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
         self.table = ProcessTable(max_processes, max_bytes)
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
+        self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
+        self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
+        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
+        self._pending_count = 0
+        self.table.before_eviction = self.apply_exits
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
 
@@ -285,7 +299,111 @@ class IdentityStage:
         self.notify = sink.notify
         self.push_lost = sink.push_lost
         self._push = sink.push
+        self._push_batch = getattr(sink, "push_batch", None)
         return self
+
+    # -- records the kernel wrote whole (the bpf source's thread records and exits) ---------------------------
+
+    def push_batch(self, data, ends) -> None:
+        """Thread records and ProcessExits that already carry their ProcessGuid (the bpf programs write them
+        with the guid this stage would give: same prefix, pid and start time), back to back in ``data``,
+        ``ends`` where each ends. They pass on in one batch; the table only notes the exits, to apply when it
+        is next looked at. Records of a process seeded from /proc (whose guid the table made from /proc's
+        start time) and any batch the next stage cannot take whole go through ``push`` one by one."""
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data
+        ends = np.asarray(ends, dtype=np.int64)
+        raw = np.frombuffer(view, dtype=np.uint8)
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1]
+        types = raw[starts]
+        exits = types == 2
+        where = starts + np.where(exits, 16, 20)  # ProcessExit's ProcessId; a thread record's
+        pids = (raw[where].astype(np.uint32) | raw[where + 1].astype(np.uint32) << 8
+                | raw[where + 2].astype(np.uint32) << 16 | raw[where + 3].astype(np.uint32) << 24)
+        special = self._seeded_mask(pids)
+        if self._push_batch is None or special is not None:
+            self._push_slowly(raw, starts, ends, special)
+            return
+        if exits.any():
+            self._note_exits(raw, starts[exits], ends[exits])
+        self._push_batch(raw, ends)
+
+    def push_written(self, record: bytes) -> None:
+        """One record of the kind ``push_batch`` takes (a thread record or ProcessExit with its guid already):
+        passed on as it is, unless its process was seeded from /proc."""
+        exit_ = record[0] == 2
+        pid = _U32.unpack_from(record, 16 if exit_ else 20)[0]
+        if pid in self._seeded:
+            self.push(record)
+            return
+        if exit_ and len(record) >= 52:
+            self._pending_exits.append(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
+            self._pending_count += 1
+            if self._pending_count > _MAX_PENDING_EXITS:
+                self.apply_exits()
+        self._push(record)
+
+    def _seeded_mask(self, pids: np.ndarray) -> np.ndarray | None:
+        """Which of ``pids`` are processes seeded from /proc (None when none is)."""
+        if not self._seeded:
+            return None
+        lookup = self._seeded_array
+        if lookup is None:  # a table by pid (a few hundred KB at most): one indexing per batch, no search
+            lookup = self._seeded_array = np.zeros(max(self._seeded) + 1, dtype=np.bool_)
+            lookup[np.fromiter(self._seeded, dtype=np.int64, count=len(self._seeded))] = True
+        mask = lookup[np.minimum(pids, len(lookup) - 1)] & (pids < len(lookup))
+        return mask if mask.any() else None
+
+    def _push_slowly(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, special) -> None:
+        """Runs of ordinary records whole (``push_batch``), the others through ``push``."""
+        n = len(ends)
+        batch = self._push_batch
+        i = 0
+        while i < n:
+            if special is not None and special[i] or batch is None:
+                self.push(raw[starts[i]:ends[i]].tobytes())
+                i += 1
+                continue
+            j = i + 1
+            while j < n and not special[j]:
+                j += 1
+            run_ends = ends[i:j]
+            exits = raw[starts[i:j]] == 2
+            if exits.any():
+                self._note_exits(raw, starts[i:j][exits], run_ends[exits])
+            base = int(starts[i])
+            batch(raw[base:int(ends[j - 1])], run_ends - base)
+            i = j
+
+    def _forget_seeded(self, pid: int) -> None:
+        if pid in self._seeded:
+            self._seeded.discard(pid)
+            self._seeded_array = None
+
+    def _note_exits(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Keep the ProcessGuids of exits the kernel wrote (after the 8-byte block header and the 4-byte
+        field header), for ``apply_exits``."""
+        ok = ends - starts >= 24 + 8 + 4 + 16
+        at = starts[ok] + 36
+        if len(at):
+            self._pending_exits.append(raw[at[:, None] + np.arange(16)])
+            self._pending_count += len(at)
+            if self._pending_count > _MAX_PENDING_EXITS:
+                self.apply_exits()
+
+    def apply_exits(self) -> None:
+        """Mark exited the processes whose exits passed in batches (before the table is read or evicts)."""
+        pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
+        table = self.table
+        for guids in pending:
+            blob = guids.tobytes()
+            for k in range(0, len(blob), 16):
+                entry = table.by_guid.get(blob[k:k + 16])
+                if entry is not None:
+                    table.exit(entry)
+                    if entry.seeded:
+                        self._forget_seeded(entry.pid)
 
     # -- seeding ----------------------------------------------------------------------------------------
 
@@ -313,6 +431,8 @@ class IdentityStage:
                     entry.fields[tag] = pack_field(tag, value)
             entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
             table.add(entry)
+            self._seeded.add(pid)
+            self._seeded_array = None
             n += 1
         return n
 
@@ -442,6 +562,8 @@ class IdentityStage:
             return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _Q.pack(start)),
                                            pack_field(_LIFETIME, _U64.pack(lifetime))])
         self.table.exit(entry)
+        if entry.seeded:
+            self._forget_seeded(pid)
         lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
         packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
         image = entry.fields.get(_IMAGE)
@@ -464,14 +586,17 @@ class IdentityStage:
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process ``guid`` (text form), nearest first, up to the first the table does not
         know (pid 1's guid ends the chain on a system whose processes all started after the monitor's seed)."""
+        self.apply_exits()
         return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
 
     def process(self, guid: str) -> ProcessInfo | None:
         """What the table knows of the process ``guid``, or None."""
+        self.apply_exits()
         entry = self.table.get(guid_bytes(guid))
         return entry.info() if entry is not None else None
 
     def stats(self) -> dict[str, int]:
+        self.apply_exits()
         table = self.table
         return {"processes": len(table.live), "known": len(table), "bytes": table.bytes,
                 "max_bytes": table.max_bytes, "evicted": table.evicted,

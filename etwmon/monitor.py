@@ -54,6 +54,7 @@ class _Sink:
 
     def __init__(self, ring: EventRing, wakeup: "_Wakeup") -> None:
         self.push = ring.push
+        self.push_batch = ring.push_batch  # records back to back and where each ends (the bpf source's batches)
         self.push_lost = ring.push_lost
         self.notify = wakeup.set
 

@@ -26,6 +26,7 @@ from etwmon.clock import CLOCK_BOOTTIME, KernelClock
 from etwmon.sources import bpf as bpf_module
 from etwmon.sources.bpf import BpfSource, TaskDetails
 from etwmon.sources.bpf import _event as ev
+from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
@@ -272,6 +273,7 @@ def reading_source(ring: MemoryRing, lost: Counter) -> BpfSource:
     source = BpfSource()
     source._ring, source._lost = ring, lost
     source._decoder = ev.EventDecoder(source._no_sink, KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET))
+    source._mover = WireMover(source._decoder)
     return source
 
 
@@ -339,6 +341,54 @@ def test_close_while_run_still_reads_leaves_the_ring_to_the_reading_thread():
     assert not runner.is_alive() and ring.closed and object_.closed and source._ring is None
     os.close(ring.fd)
     os.close(never)
+
+
+class BatchSink(ListSink):
+    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def push_batch(self, data, ends) -> None:
+        view, start = bytes(memoryview(data).cast("B")), 0
+        self.batches.append(len(ends))
+        for end in map(int, ends):
+            self.push(view[start:end])
+            start = end
+
+
+def kernel_thread_record(tid: int, pid: int, time_: int, guid: bytes = b"\1" * 16, exit_code: int | None = None):
+    """A thread record as the programs write it (etwmon_event.h): the book's layout, then the guid's block."""
+    from etwmon.records import encode_thread_create, encode_thread_exit, pack_field, with_packed
+    base = encode_thread_create(time_, tid, pid) if exit_code is None else encode_thread_exit(time_, tid, pid,
+                                                                                            exit_code)
+    return with_packed(base, 0, [pack_field(1, guid)])
+
+
+@pytest.mark.parametrize("n", [3, 200])
+def test_records_the_kernel_wrote_move_whole_in_ring_order_with_times_raised(n):
+    ring, sink = MemoryRing(1 << 20), BatchSink()
+    t = filetime(1_000)
+    written = [kernel_thread_record(1000 + i, 7, t + i, exit_code=i % 2 or None) for i in range(n)]
+    written[n // 2] = kernel_thread_record(5000, 7, t - 50)  # stamped on another CPU, a little earlier
+    written[n - 1] = kernel_thread_record(6000, 7, t + n + 1000)  # after the event below
+    for record in written[:n - 1]:
+        ring.add(record)
+    ring.add(event(ev.EXEC, ns=1_000 + 100 * (n + 10), pid=7, argv=b"prog\0"))  # an event user space writes, in between
+    ring.add(written[n - 1])
+    source = reading_source(ring, Counter())
+    source._decoder.push = sink.push
+    source._drain(sink)
+    out = sink.events()
+    assert [e.type for e in out].count(ItemType.ProcessExec) == 1 and out[n - 1].type == ItemType.ProcessExec
+    others = [e for e in out if e.type != ItemType.ProcessExec]
+    assert [(e.tid, e.pid, e.process_guid) for e in others] == [(r.tid, r.pid, r.process_guid)
+                                                                for r in parse(b"".join(written))]
+    times = [e.filetime for e in out]
+    assert times == sorted(times) and out[n // 2].filetime == t + n // 2 - 1
+    assert source._decoder.time_raised == 1 and source.stats()["kernel_written"] == n
+    assert (sum(sink.batches) == n - 1) == (n - 1 > 64)  # a big run moves in one batch, a small one by record
 
 
 # --- availability --------------------------------------------------------------------------------------------
@@ -614,6 +664,34 @@ def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_
     # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
     assert ends == [(ItemType.ThreadExit, child.pid, 0), (ItemType.ThreadExit, tid, 3),
                     (ItemType.ProcessExit, None, 3)]
+
+
+@pytest.mark.root
+def test_live_records_the_kernel_writes_carry_the_guid_and_image_the_table_gives(bpf_monitor, tmp_path):
+    """Thread records and exits are written in the kernel (with their ProcessGuid): the same guid as the
+    ProcessCreate the identity stage made, the exit's image the exec's; a non-ASCII image is written in user
+    space instead, every byte kept."""
+    code = "import os, threading; t = threading.Thread(target=print); t.start(); t.join(); print(os.getpid())"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(child.communicate()[0].split()[-1])
+    odd = tmp_path / "caf\u00e9 d\u00efr"
+    odd.mkdir()
+    shutil.copy("/bin/true", odd / "tr\u00fce")
+    other = subprocess.Popen([str(odd / "tr\u00fce")])
+    other.wait()
+    events = read_until(bpf_monitor, lambda evs: exited(pid)(evs) and exited(other.pid)(evs))
+    mine = [e for e in events if getattr(e, "pid", None) == pid]
+    (exec_,) = of_type(mine, ItemType.ProcessExec)
+    threads = of_type(mine, ItemType.ThreadCreate) + of_type(mine, ItemType.ThreadExit)
+    (end,) = of_type(mine, ItemType.ProcessExit)
+    assert len(threads) == 2 and {e.process_guid for e in threads} == {exec_.process_guid} == {end.process_guid}
+    assert end.image == exec_.image == os.path.realpath(sys.executable) and end.start_filetime == exec_.start_filetime
+    assert end.lifetime is not None and end.lifetime.total_seconds() > 0
+    (odd_exec,) = [e for e in events if e.type == ItemType.ProcessExec and e.pid == other.pid]
+    (odd_end,) = [e for e in events if e.type == ItemType.ProcessExit and e.pid == other.pid]
+    assert odd_end.image == odd_exec.image == str(odd / "tr\u00fce") and odd_end.process_guid == odd_exec.process_guid
+    stats = bpf_monitor.stats.source_stats
+    assert bpf_monitor.source.wire and stats["kernel_written"] >= 3
 
 
 EXIT_GROUP_C = r"""

@@ -318,3 +318,47 @@ def test_the_table_is_bounded_in_bytes_whatever_the_command_lines():
     held = tracemalloc.get_traced_memory()[0] - before - sum(len(r) + 33 for r in sink.records)
     tracemalloc.stop()
     assert 0.9 * held <= small.table.bytes <= 1.5 * held
+
+
+def test_records_the_kernel_wrote_pass_whole_but_a_seeded_processs_get_the_tables_guid():
+    import numpy as np
+
+    from etwmon.records import pack_field, with_packed
+
+    class BatchSink(ListSink):
+        batches = 0
+
+        def push_batch(self, data, ends):
+            self.batches += 1
+            start = 0
+            for end in map(int, ends):
+                self.push(bytes(data[start:end]))
+                start = end
+
+    sink = BatchSink()
+    st = IdentityStage(sink, HOST)
+
+    def take() -> list:
+        out = sink.events()
+        sink.records.clear()
+        return out
+
+    seeded_start = T - 10**9
+    st.seed([(300, 1, "seeded --daemon", Details(start_filetime=seeded_start))])
+    prefix = guid_prefix(HOST)
+    st.push(R.encode_process_create(T, 400, 300, 300, 300, "child"))  # the table gives it its guid
+    (child,) = take()
+    kernel_guid = R.guid_bytes(child.process_guid)  # the programs compute the same bytes
+    other_guid = make_guid(prefix, 300, seeded_start + 12345)  # what the kernel's exact start makes of pid 300
+    records = [with_packed(R.encode_thread_create(T + 1, 401, 400), 0, [pack_field(1, kernel_guid)]),
+               with_packed(R.encode_thread_create(T + 2, 301, 300), 0, [pack_field(1, other_guid)]),
+               with_packed(R.encode_process_exit(T + 3, 400, 0), 0, [pack_field(1, kernel_guid)])]
+    data = b"".join(records)
+    st.push_batch(np.frombuffer(data, dtype=np.uint8), np.cumsum([len(r) for r in records]))
+    thread, seeded_thread, exit_ = take()
+    assert thread.process_guid == exit_.process_guid == child.process_guid
+    assert seeded_thread.process_guid == R.guid_text(make_guid(prefix, 300, seeded_start))  # the table's
+    assert sink.batches == 2  # the two runs around the seeded process's record
+    assert not st.table.live[400].exited  # not applied yet: nobody looked
+    assert st.process(child.process_guid).exited  # applied when the table is read
+    assert st.stats()["processes"] == 1  # only the seeded process lives on

@@ -23,9 +23,14 @@ from ...errors import SourceUnavailable
 from .._linux import WakePipe, has_capability
 from ..base import Sink, Source
 from .._proc import host_and_boot_id, snapshot
+from ...identity import guid_prefix
+from ...records import FILETIME_UNIX_EPOCH
 from ._details import task_enricher
 from ._libbpf import wait_for_rcu_grace_period
-from ._event import EVENT_SIZE, Enricher, EventDecoder, TaskDetails
+from ._event import (
+    CONFIG, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
+)
+from ._wire import WireMover
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
 
@@ -44,6 +49,8 @@ _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 #: At stop, after the programs are detached: the pause when the kernel cannot wait for them (see _settle), and
 #: how long a record may stay reserved before it is skipped and counted as lost.
 _SETTLE_PAUSE = 0.01
+_WIRE_MIN = 24  # the smallest wire record (ThreadCreate without a block)
+_KIND_HIGH = KIND_BASE >> 8  # the high byte of the first 16 bits: 0 for a wire Type, >= 1 for an event kind
 _BUSY_WAIT = 0.1
 _FIX = "use `--source netlink` (or source='netlink')"
 
@@ -106,6 +113,10 @@ class BpfSource(Source):
         self._stopping = False
         self._lost_reported = 0
         self.wakeups = 0
+        self._mover: WireMover | None = None
+        #: Whether the programs write thread records and exits in the wire format (set by open(): not when a
+        #: custom ``enrich`` wants every event as TaskDetails).
+        self.wire = False
         #: The exit program in use (``choose_exit_program``), set by open().
         self.exit_program: str | None = None
         #: Ring records this reader could not use (shorter than an event, or still reserved when the programs
@@ -159,9 +170,18 @@ class BpfSource(Source):
         cpus = libbpf.libbpf_num_possible_cpus()
         exit_program = self.exit_program = choose_exit_program(libbpf)
         other = _EXIT_GROUP_DEAD if exit_program == "etwmon_exit" else "etwmon_exit"
+        # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once, and
+        # given to the programs too, which write thread records and exits in the wire format themselves (unless
+        # a custom enricher wants to see every event).
+        boot_clock = KernelClock(CLOCK_BOOTTIME)
+        self.wire = self.enrich is None
+        flags = (CONFIG_WIRE if self.wire else 0) | (CONFIG_IDENTITY if self.details else 0)
+        settings = CONFIG.pack(boot_clock.offset_ns + 100 * FILETIME_UNIX_EPOCH,
+                               guid_prefix(self.host_and_boot_id()), flags, 0)
         try:
             obj = LoadedObject(libbpf, str(OBJECT_PATH), [exit_program] + _PROGRAMS[1:],
-                               {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,))
+                               {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,),
+                               settings={"config": settings})
         except OSError as exc:
             raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
         try:
@@ -178,12 +198,11 @@ class BpfSource(Source):
         self._lost_reported = 0
         self.skipped = 0
         self._stopping = False
-        # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once
-        boot_clock = KernelClock(CLOCK_BOOTTIME)
         enrich = self.enrich
         if enrich is None and self.details:  # the identity stage is on: the kernel's facts go in the records
             enrich = task_enricher(boot_clock)
         self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
+        self._mover = WireMover(self._decoder)
 
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
@@ -275,11 +294,14 @@ class BpfSource(Source):
         records in place (what libbpf's consumer does in C, see its ringbuf.c). ``final``: the programs are
         detached and settled, so a record still reserved will never be committed: skip it, counted as lost."""
         ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
+        move = self._mover.push
         data, mask, header = ring.data, ring.mask, ring.header
         busy, discard = ring.BUSY, ring.DISCARD
         cons = start = ring.consumer_pos()
         prod = ring.producer_pos()  # an acquire load: the records before it are visible (see RingBuffer)
         count = 0
+        ats: list[int] = []  # wire records the kernel wrote (thread records, exits), moved in one batch
+        sizes: list[int] = []
         while cons < prod:
             at = cons & mask
             length = header(at)
@@ -289,12 +311,23 @@ class BpfSource(Source):
                 self.skipped += 1  # never to be committed (final pass, after the wait): counted, not waited for
             size = length & ~(busy | discard)
             if not length & (discard | busy):
-                if size >= EVENT_SIZE:
+                if size < _WIRE_MIN:
+                    self.skipped += 1  # shorter than any record: nothing to read, but never silently gone
+                elif data[at + 9] < _KIND_HIGH:  # a wire record's Type (< 0x100), not an event's kind
+                    ats.append(at + 8)
+                    sizes.append(size)
+                    count += 1
+                elif size >= EVENT_SIZE:
+                    if ats:  # in ring order: the wire records before this event first
+                        move(sink, data, ats, sizes)
+                        ats, sizes = [], []
                     decode(data, at + 8)
                     count += 1
                 else:
-                    self.skipped += 1  # shorter than any event: nothing to decode, but never silently gone
+                    self.skipped += 1
             cons += (size + 8 + 7) & ~7
+        if ats:
+            move(sink, data, ats, sizes)
         if cons != start:
             ring.advance(cons)
         if self._report_lost(sink):
@@ -335,5 +368,6 @@ class BpfSource(Source):
         base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped}
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
-                        argv_unreadable=d.argv_unreadable)
+                        argv_unreadable=d.argv_unreadable,
+                        kernel_written=self._mover.records if self._mover is not None else 0)
         return base

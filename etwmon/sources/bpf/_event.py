@@ -22,11 +22,15 @@ __all__ = [
     "FORK_PROCESS", "FORK_THREAD", "EXEC", "EXIT_THREAD", "EXIT_PROCESS",
     "ARGV_TRUNCATED", "ARGV_FAULT", "NO_MM", "EXE_TRUNCATED", "CWD_TRUNCATED", "LEADER_REPLACED",
     "FILENAME_TRUNCATED", "NO_TTY", "ARGV_MAX", "EXE_KNOWN", "EXE_MEMFD", "EXE_DELETED", "EXE_SETUID",
-    "EXE_SETGID", "stat_device",
+    "EXE_SETGID", "stat_device", "KIND_BASE", "CONFIG", "CONFIG_WIRE", "CONFIG_IDENTITY",
 ]
 
-# etwmon_event.kind
-FORK_PROCESS, FORK_THREAD, EXEC, EXIT_THREAD, EXIT_PROCESS = 1, 2, 3, 4, 5
+# etwmon_event.kind: from KIND_BASE up, so that the ring tells them from the wire records the kernel writes itself
+KIND_BASE = 0x100
+FORK_PROCESS, FORK_THREAD, EXEC, EXIT_THREAD, EXIT_PROCESS = 0x101, 0x102, 0x103, 0x104, 0x105
+# struct etwmon_config (the `config` map) and its flags
+CONFIG = struct.Struct("<Q8sII")
+CONFIG_WIRE, CONFIG_IDENTITY = 0x1, 0x2
 # etwmon_event.flags
 ARGV_TRUNCATED = 0x0001
 ARGV_FAULT = 0x0002

@@ -43,6 +43,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_program__attach": (_c_void_p, [_c_void_p]),
     "bpf_link__destroy": (_c_int, [_c_void_p]),
     "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+    "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
     "libbpf_num_possible_cpus": (_c_int, []),
     "libbpf_set_print": (_c_void_p, [_c_void_p]),
     "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
@@ -162,10 +163,11 @@ def _errno_error(what: str, code: int, detail: str = "") -> OSError:
 
 class LoadedObject:
     """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it.
-    ``skip``: programs of the object not to load at all."""
+    ``skip``: programs of the object not to load at all; ``settings``: map name -> the value of its entry 0,
+    written after load and before the programs are attached."""
 
     def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int],
-                 skip: tuple[str, ...] = ()) -> None:
+                 skip: tuple[str, ...] = (), settings: dict[str, bytes] | None = None) -> None:
         self.libbpf = libbpf
         self._obj: int | None = None
         self._links: list[int] = []
@@ -190,6 +192,12 @@ class LoadedObject:
                 err = lb.bpf_object__load(obj)
                 if err:
                     raise _errno_error("the kernel refused the BPF object", err, lb.messages())
+                for name, value in (settings or {}).items():
+                    key = ctypes.c_uint32(0)
+                    buf = ctypes.create_string_buffer(value, len(value))
+                    err = lb.bpf_map_update_elem(self.map_fd(name), ctypes.byref(key), buf, 0)
+                    if err:
+                        raise _errno_error(f"cannot write the settings map {name!r}", ctypes.get_errno())
                 for name in programs:
                     prog = lb.bpf_object__find_program_by_name(obj, name.encode())
                     if not prog:

@@ -22,10 +22,16 @@ char LICENSE[] SEC("license") = "GPL";
 #define TAIL_ROOM (TAIL_MASK + 1 + ETWMON_ARGV_MAX)
 #define NAME_MAX 255
 
+/* A wire record the kernel writes itself (a thread record or a process exit, see etwmon_event.h) is built in
+ * `wire`: the fixed part, the block, and the image path widened to UTF-16 (two bytes per path byte). */
+#define WIRE_SIZE 16384
+#define WIRE_MASK (WIRE_SIZE - 1)
+
 struct scratch {
 	struct etwmon_event e;
 	char tail[TAIL_ROOM];
 	char path[ETWMON_PATH_MAX + NAME_MAX + 1]; /* a path is built here backwards, then copied to the tail */
+	__u8 wire[WIRE_SIZE];
 };
 
 /* One scratch buffer per CPU (an event is too big for the BPF stack and for a per-CPU array's 32 KiB
@@ -43,6 +49,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 22);
 } events SEC(".maps");
+
+/* The loader's settings (struct etwmon_config), written once after load and before attach. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct etwmon_config);
+} config SEC(".maps");
 
 /* Events that could not be written (ring full), per CPU: the reader sums them. */
 struct {
@@ -319,6 +333,168 @@ static __always_inline void read_tty(struct etwmon_event *e, struct task_struct 
 	bpf_probe_read_kernel_str(e->tty, sizeof(e->tty), &tty->name);
 }
 
+/* --- wire records written here (etwmon_event.h): thread records and process exits ------------------------- */
+
+static __always_inline struct etwmon_config *wire_config(void)
+{
+	__u32 zero = 0;
+	struct etwmon_config *c = bpf_map_lookup_elem(&config, &zero);
+
+	return c && (c->flags & ETWMON_CONFIG_WIRE) ? c : 0;
+}
+
+static __always_inline __u64 filetime(struct etwmon_config *c, __u64 ns)
+{
+	return (ns + c->filetime_base) / 100;
+}
+
+/* The status as a shell reports it: exit(3) -> 3, killed by signal n -> 128 + n (etwmon's netlink too). */
+static __always_inline __u32 shell_code(__u32 status)
+{
+	__u32 signo = status & 0x7F;
+
+	return signo ? 128 + signo : (status >> 8) & 0xFF;
+}
+
+static __always_inline void put16(__u8 *at, __u16 v)
+{
+	at[0] = v;
+	at[1] = v >> 8;
+}
+
+static __always_inline void put32(__u8 *at, __u32 v)
+{
+	put16(at, v);
+	put16(at + 2, v >> 16);
+}
+
+static __always_inline void put64(__u8 *at, __u64 v)
+{
+	put32(at, v);
+	put32(at + 4, v >> 32);
+}
+
+/* ItemHeader: Type, Size, padding, Time. */
+static __always_inline void put_header(__u8 *w, __u16 type, __u16 size, __u64 time)
+{
+	put16(w, type);
+	put16(w + 2, size);
+	put32(w + 4, 0);
+	put64(w + 8, time);
+}
+
+/* Tag, Length, then the ProcessGuid: the host and boot tags, the pid and the low 32 bits of the start FILETIME,
+ * both big-endian (etwmon.identity.make_guid). */
+static __always_inline void put_guid(__u8 *w, struct etwmon_config *c, __u32 pid, __u64 start)
+{
+	put16(w, 1);
+	put16(w + 2, 16);
+	__builtin_memcpy(w + 4, c->guid_prefix, 8);
+	put32(w + 12, __builtin_bswap32(pid));
+	put32(w + 16, __builtin_bswap32((__u32)start));
+}
+
+static __always_inline void put_block_header(__u8 *w, __u16 length)
+{
+	put16(w, 1); /* EXTENSION_VERSION */
+	put16(w + 2, length);
+	put32(w + 4, 0);
+}
+
+static __always_inline void output(__u8 *w, __u32 size)
+{
+	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, OUTPUT_FLAGS))
+		count_lost();
+}
+
+/* ThreadCreate (exit = 0) or ThreadExit of thread `tid` of process `pid`, whose leader started at `start`. */
+static __always_inline void wire_thread(struct scratch *s, struct etwmon_config *c, bool exit, __u64 time,
+					__u32 tid, __u32 pid, __u32 code, __u64 start)
+{
+	__u8 *w = s->wire;
+	__u32 base = exit ? 32 : 24;
+	__u32 size = base;
+
+	put32(w + 16, tid);
+	put32(w + 20, pid);
+	if (exit) {
+		put32(w + 24, code);
+		put32(w + 28, 0);
+	}
+	if (c->flags & ETWMON_CONFIG_IDENTITY) {
+		put_block_header(w + base, 28);
+		put_guid(w + base + 8, c, pid, start);
+		size += 28;
+	}
+	put_header(w, exit ? 4 : 3, size, time);
+	output(w, size);
+}
+
+struct widen {
+	struct scratch *s;
+	__u32 len;
+	__u32 non_ascii;
+};
+
+/* One byte of the path in the tail to its UTF-16 code unit in the wire record, from offset 80 on. */
+static long widen_step(__u32 i, void *arg)
+{
+	struct widen *x = arg;
+	struct scratch *s = x->s;
+	__u8 c;
+
+	if (i >= x->len)
+		return 1;
+	c = s->tail[i & (ETWMON_PATH_MAX - 1)];
+	if (c & 0x80) {
+		x->non_ascii = 1; /* UTF-8 (or not): user space writes this one */
+		return 1;
+	}
+	s->wire[(80 + 2 * i) & WIRE_MASK] = c;
+	s->wire[(81 + 2 * i) & WIRE_MASK] = 0;
+	return 0;
+}
+
+/* ProcessExit of `task`'s process, written here; false when user space must write it (a non-ASCII image). */
+static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_config *c, struct task_struct *task,
+					      __u64 time, __u32 pid, __u32 code, __u64 start)
+{
+	__u8 *w = s->wire;
+	__u32 size = 24;
+
+	put32(w + 16, pid);
+	put32(w + 20, code);
+	if (c->flags & ETWMON_CONFIG_IDENTITY) {
+		struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+		struct widen x = {.s = s, .len = 0, .non_ascii = 0};
+
+		put_guid(w + 32, c, pid, start);
+		put16(w + 52, 14); /* StartTime */
+		put16(w + 54, 8);
+		put64(w + 56, start);
+		put16(w + 64, 15); /* Lifetime, microseconds */
+		put16(w + 66, 8);
+		put64(w + 68, time > start ? (time - start) / 10 : 0);
+		size = 76;
+		s->e.flags = 0;
+		if (exe)
+			x.len = read_path(s, 0, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
+					  ETWMON_EXE_TRUNCATED);
+		if (x.len) { /* known and whole (a cut path stays unknown, as the identity stage leaves it) */
+			bpf_loop(ETWMON_PATH_MAX, widen_step, &x, 0);
+			if (x.non_ascii)
+				return false;
+			put16(w + 76, 3); /* Image */
+			put16(w + 78, (2 * x.len) & 0xFFFF);
+			size = 80 + 2 * (x.len & (ETWMON_PATH_MAX - 1));
+		}
+		put_block_header(w + 24, size - 24);
+	}
+	put_header(w, 2, size, time);
+	output(w, size);
+	return true;
+}
+
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 {
@@ -328,6 +504,14 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	if (!s)
 		return 0;
 	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid)) {
+		struct etwmon_config *c = wire_config();
+
+		if (c) {
+			wire_thread(s, c, false, filetime(c, bpf_ktime_get_boot_ns()), BPF_CORE_READ(child, pid),
+				    BPF_CORE_READ(child, tgid), 0,
+				    filetime(c, BPF_CORE_READ(child, group_leader, start_boottime)));
+			return 0;
+		}
 		fill(&s->e, ETWMON_FORK_THREAD, child);
 		s->e.creating_pid = BPF_CORE_READ(parent, tgid);
 		s->e.creating_tid = BPF_CORE_READ(parent, pid);
@@ -384,7 +568,8 @@ static __always_inline int task_exit(struct task_struct *task, bool last)
 	struct scratch *s = scratch_buffer();
 	struct signal_struct *sig;
 	struct task_struct *execing;
-	__u32 pid, tgid;
+	struct etwmon_config *c;
+	__u32 pid, tgid, code;
 
 	if (!s)
 		return 0;
@@ -392,6 +577,34 @@ static __always_inline int task_exit(struct task_struct *task, bool last)
 	pid = BPF_CORE_READ(task, pid);
 	tgid = BPF_CORE_READ(task, tgid);
 	execing = exec_task(sig);
+	c = wire_config();
+	if (c) {
+		__u64 time = filetime(c, bpf_ktime_get_boot_ns());
+		__u64 start = filetime(c, BPF_CORE_READ(task, group_leader, start_boottime));
+		__u32 own = shell_code(BPF_CORE_READ(task, exit_code));
+
+		if (pid == tgid && execing && execing != task) { /* de_thread: see below */
+			wire_thread(s, c, true, time, BPF_CORE_READ(execing, pid), tgid, own, start);
+			return 0;
+		}
+		if (!last) {
+			wire_thread(s, c, true, time, pid, tgid, own, start);
+			return 0;
+		}
+		code = BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT ? BPF_CORE_READ(sig, group_exit_code)
+								     : BPF_CORE_READ(task, group_leader, exit_code);
+		if (pid != tgid) /* the last thread is not the leader: it ends too */
+			wire_thread(s, c, true, time, pid, tgid, own, start);
+		if (wire_process_exit(s, c, task, time, tgid, shell_code(code), start))
+			return 0;
+		/* the image is not ASCII: the event below, which user space writes (its thread exit is done) */
+		fill(&s->e, ETWMON_EXIT_PROCESS, task);
+		s->e.tid = tgid;
+		s->e.start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
+		s->e.exit_code = code;
+		emit(s, 0);
+		return 0;
+	}
 	if (pid == tgid && execing && execing != task) {
 		/* A non-leader thread is exec'ing and the old leader dies for it (de_thread): the process lives
 		 * on under its pid, and the exec'ing thread's old id is the one that goes away. */

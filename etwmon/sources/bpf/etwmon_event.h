@@ -11,12 +11,12 @@
 #ifndef ETWMON_EVENT_H
 #define ETWMON_EVENT_H
 
-/* What happened (etwmon_event.kind). */
-#define ETWMON_FORK_PROCESS 1  /* a new process (child pid == tgid) */
-#define ETWMON_FORK_THREAD 2   /* a new thread in an existing process */
-#define ETWMON_EXEC 3          /* a successful exec: the process runs a new program */
-#define ETWMON_EXIT_THREAD 4   /* a thread ended and the process lives on */
-#define ETWMON_EXIT_PROCESS 5  /* the last thread of a process ended (the tracepoint's group_dead, or
+/* What happened (etwmon_event.kind): from ETWMON_KIND_BASE up, so that no kind reads as a wire record's Type. */
+#define ETWMON_FORK_PROCESS 0x101  /* a new process (child pid == tgid) */
+#define ETWMON_FORK_THREAD 0x102   /* a new thread in an existing process */
+#define ETWMON_EXEC 0x103          /* a successful exec: the process runs a new program */
+#define ETWMON_EXIT_THREAD 0x104   /* a thread ended and the process lives on */
+#define ETWMON_EXIT_PROCESS 0x105  /* the last thread of a process ended (the tracepoint's group_dead, or
                                 * signal->live at 0 on kernels whose tracepoint does not pass it) */
 
 /* Quality flags (etwmon_event.flags). */
@@ -75,5 +75,28 @@ struct etwmon_event {
 	__u32 reserved2;
 	/* the tail follows: argv, filename, exe, cwd (see above) */
 };
+
+/* The loader's settings, in the one-entry array map `config`, written after load and before attach. */
+#define ETWMON_CONFIG_WIRE 0x1     /* thread records and process exits are written as etwmon's wire records */
+#define ETWMON_CONFIG_IDENTITY 0x2 /* ... with the extension block (ProcessGuid; StartTime, Lifetime, Image) */
+
+struct etwmon_config {
+	__u64 filetime_base;   /* FILETIME = (CLOCK_BOOTTIME ns + filetime_base) / 100 */
+	__u8 guid_prefix[8];   /* the host and boot tags of every ProcessGuid (etwmon.identity.guid_prefix) */
+	__u32 flags;           /* ETWMON_CONFIG_* */
+	__u32 reserved;
+};
+
+/* Wire records the kernel writes itself (etwmon/records.py; all little-endian, sizes in bytes):
+ *   ThreadCreate  Type 3, Size 24 (52 with the block): ItemHeader | ThreadId @16 | ProcessId @20
+ *   ThreadExit    Type 4, Size 32 (60): ... | ExitCode @24 | 4 bytes of padding
+ *   ProcessExit   Type 2, Size 24 (+ block): ItemHeader | ProcessId @16 | ExitCode @20
+ *   ItemHeader: Type (s16) @0, Size (u16) @2, 4 bytes of padding, Time (s64 FILETIME) @8
+ *   block: Version 1 (u16), Length (u16, header included), Flags (u32) 0, then Tag (u16), Length (u16), value:
+ *     threads: ProcessGuid (1, 16 bytes)
+ *     process exit: ProcessGuid (1), StartTime (14, s64 FILETIME), Lifetime (15, u64 us), Image (3, UTF-16LE,
+ *     when the path is known and ASCII; otherwise the exit comes as an etwmon_event for user space to write)
+ * A wire record is told from an etwmon_event by its first 16 bits: wire Types are below ETWMON_KIND_BASE. */
+#define ETWMON_KIND_BASE 0x100
 
 #endif /* ETWMON_EVENT_H */
