@@ -30,7 +30,7 @@ from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import ListSink, fork_storm_while_stalled, of_type, read_until
+from .helpers import ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -516,16 +516,11 @@ def prog_exists(prog_id: int) -> bool:
 
 @pytest.mark.root
 def test_live_exit_codes_and_exec_argv(bpf_monitor):
-    code3 = subprocess.Popen(["sh", "-c", "exit 3"])
-    code3.wait()
-    killed = subprocess.Popen(["sleep", "30"])
-    time.sleep(0.05)
-    killed.kill()
-    killed.wait()
-    events = read_until(bpf_monitor, lambda evs: exited(code3.pid)(evs) and exited(killed.pid)(evs))
+    code3, killed = exit_3_and_sigkill()
+    events = read_until(bpf_monitor, lambda evs: exited(code3)(evs) and exited(killed)(evs))
     exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
-    assert exits[code3.pid] == 3 and exits[killed.pid] == 137
-    mine = [e for e in events if getattr(e, "pid", None) == code3.pid]
+    assert exits[code3] == 3 and exits[killed] == 137
+    mine = [e for e in events if getattr(e, "pid", None) == code3]
     assert [e.type for e in mine] == [ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit]
     assert mine[1].argv == [b"sh", b"-c", b"exit 3"] and mine[1].parent_pid == os.getpid()
     assert bpf_monitor.stats.lost == 0
@@ -548,11 +543,7 @@ def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
 
 @pytest.mark.root
 def test_live_threads(bpf_monitor):
-    code = ("import threading, time\n"
-            "t = threading.Thread(target=time.sleep, args=(0.1,)); t.start()\n"
-            "print(t.native_id, flush=True); t.join()\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    tid = int(child.stdout)
+    tid = run_one_thread()
     events = read_until(bpf_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs)
                    and any(e.type == ItemType.ProcessExit and e.pid != tid and e.pid in
                            {x.pid for x in evs if getattr(x, "tid", None) == tid} for e in evs))
