@@ -189,8 +189,8 @@ class ProcessTable:
         self.max_processes = max_processes
         self.max_bytes = max_bytes
         self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
-        #: Called before evicting (the stage applies the exits it has not applied yet: exited processes go first).
-        self.before_eviction = None
+        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
+        self._pending_count = 0
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
         self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
@@ -227,8 +227,8 @@ class ProcessTable:
     def _make_room(self, keep: _Entry) -> None:
         """Forget the oldest exited processes, then the oldest live ones, until both caps hold (never ``keep``,
         the one just counted: a single process bigger than the byte cap stays alone)."""
-        if self.before_eviction is not None:
-            self.before_eviction()
+        if self._pending_count:
+            self.apply_exits()  # exited processes go first
         while (self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
             if self._exited:
                 guid = next(iter(self._exited))
@@ -249,6 +249,27 @@ class ProcessTable:
                 del self.live[entry.pid]
             self.evicted += 1
             self.evicted_live += 1
+
+    def note_exits(self, guids: np.ndarray) -> None:
+        """Exits that passed without the table (rows of 16 guid bytes), applied when it is next read or must
+        evict, or once too many wait."""
+        self._pending_exits.append(guids)
+        self._pending_count += len(guids)
+        if self._pending_count > _MAX_PENDING_EXITS:
+            self.apply_exits()
+
+    def apply_exits(self) -> list[_Entry]:
+        """Mark exited the processes of the noted exits; returns their entries."""
+        pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
+        done = []
+        for guids in pending:
+            blob = guids.tobytes()
+            for k in range(0, len(blob), 16):
+                entry = self.by_guid.get(blob[k:k + 16])
+                if entry is not None and not entry.exited:
+                    self.exit(entry)
+                    done.append(entry)
+        return done
 
     def get(self, guid: bytes) -> _Entry | None:
         return self.by_guid.get(guid)
@@ -287,9 +308,7 @@ class IdentityStage:
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
         self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
         self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
-        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
-        self._pending_count = 0
-        self.table.before_eviction = self.apply_exits
+
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
 
@@ -338,10 +357,7 @@ class IdentityStage:
             self.push(record)
             return
         if exit_ and len(record) >= 52:
-            self._pending_exits.append(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
-            self._pending_count += 1
-            if self._pending_count > _MAX_PENDING_EXITS:
-                self.apply_exits()
+            self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
         self._push(record)
 
     def _seeded_mask(self, pids: np.ndarray) -> np.ndarray | None:
@@ -387,23 +403,13 @@ class IdentityStage:
         ok = ends - starts >= 24 + 8 + 4 + 16
         at = starts[ok] + 36
         if len(at):
-            self._pending_exits.append(raw[at[:, None] + np.arange(16)])
-            self._pending_count += len(at)
-            if self._pending_count > _MAX_PENDING_EXITS:
-                self.apply_exits()
+            self.table.note_exits(raw[at[:, None] + np.arange(16)])
 
     def apply_exits(self) -> None:
-        """Mark exited the processes whose exits passed in batches (before the table is read or evicts)."""
-        pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
-        table = self.table
-        for guids in pending:
-            blob = guids.tobytes()
-            for k in range(0, len(blob), 16):
-                entry = table.by_guid.get(blob[k:k + 16])
-                if entry is not None:
-                    table.exit(entry)
-                    if entry.seeded:
-                        self._forget_seeded(entry.pid)
+        """Mark exited the processes whose exits passed in batches (before the table is read)."""
+        for entry in self.table.apply_exits():
+            if entry.seeded:
+                self._forget_seeded(entry.pid)
 
     # -- seeding ----------------------------------------------------------------------------------------
 
