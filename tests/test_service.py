@@ -32,7 +32,7 @@ from etwmon.service import Server, ServerLimits, connect
 from etwmon.service import protocol as P
 
 from .conftest import require
-from .helpers import ScriptedSource
+from .helpers import InThread, ScriptedSource
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
@@ -58,7 +58,7 @@ def feed(source: ScriptedSource, items) -> None:
         source.commands.put(("records", batch))
 
 
-class Served:
+class Served(InThread):
     """A Monitor on a ScriptedSource behind a Server on a temp socket, served from a thread."""
 
     def __init__(self, path: str, **server_options) -> None:
@@ -66,15 +66,7 @@ class Served:
         self.monitor = etwmon.Monitor(self.source, max_items=200_000, max_bytes=64 << 20, identity=False).start()
         self.path = path
         self.server = Server(self.monitor, path, **server_options).open()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            self.server.serve_forever()
-        except BaseException as exc:
-            self.error = exc
+        self._start(self.server.serve_forever)
 
     def stop(self) -> None:
         self.server.stop()
@@ -878,7 +870,7 @@ def test_tail_connect_prints_the_services_events_filtered_in_the_service(served)
         assert client.ring.stats.pushed == 3  # the 20 creates never crossed the socket
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "3 records, 3 shown, 0 lost, 0 dropped" in err, err
+        assert proc.returncode == 0 and "3 records, 3 shown, 0 missed, 0 dropped" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -915,7 +907,7 @@ def test_tail_without_root_uses_the_services_socket_when_one_is_there(open_dir, 
 
 
 def test_the_audit_lock_and_the_services_socket_share_one_safe_directory(sockdir, monkeypatch):
-    from etwmon.sources import audit_state
+    from etwmon.sources.audit import state as audit_state
 
     where = os.path.join(sockdir, "run")
     os.close(private_directory(where, group=os.getegid()))  # as `etwmon serve --group G` leaves /run/etwmon
@@ -950,6 +942,18 @@ def test_serve_refuses_a_socket_directory_anyone_may_write(sockdir):
     assert done.returncode == 1 and "writable by others" in done.stderr, done.stderr
     assert "run as root" not in done.stderr  # the message names the real fix, nothing else
     assert not os.listdir(open_to_all)
+
+
+@pytest.mark.root
+def test_serve_refuses_a_socket_directory_owned_by_another_user(sockdir):
+    theirs = os.path.join(sockdir, "theirs")
+    os.mkdir(theirs, 0o755)
+    os.chown(theirs, 65534, 65534)  # not writable by others, but its owner could swap the socket
+    done = subprocess.run([sys.executable, "-m", "etwmon", "serve", "--source", "procfs", "--socket",
+                           os.path.join(theirs, "s.sock")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "owned by uid 65534" in done.stderr, done.stderr
+    assert not os.listdir(theirs)
 
 
 @pytest.mark.root
