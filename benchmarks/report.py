@@ -252,6 +252,8 @@ def sections(results: dict, markdown: bool) -> list[str]:
         else:
             out += body(bench, results, markdown)
 
+    out += _recording_section(b.get("recording"), h, stat, markdown)
+
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
              ("≥ " if t["op"] == ">=" else "≤ ") + _target_value(t["goal"], t["unit"])]
@@ -280,6 +282,36 @@ def _skipped(bench: dict, markdown: bool) -> list[str]:
     lines = [f"{bullet}skipped {name}: {why}" for name, why in sorted(bench.get("skipped_tools", {}).items())]
     lines += [f"{bullet}not run: {what}: {why}" for what, why in sorted(bench.get("not_scored", {}).items())]
     return lines + ([""] if lines else [])
+
+
+def _recording_section(rec: dict | None, h, stat, markdown: bool) -> list[str]:
+    if not rec:
+        return []
+    out = ["", h("Recording: what 'etwmon record' adds per event over 'etwmon tail', and what a file weighs")]
+    if rec["status"] != "ok":
+        return out + [_status_line(rec)]
+    p = rec["params"]
+    out.append(f"{p['events']:,} records of {p['processes']:,} processes (fork, exec, exit with every detail), in "
+               f"{p['batch_bytes'] // 1024} KiB readinto batches; CPU time per event, median [min–max] of "
+               f"{p['repeats']} repeats; the source's own cost (the same under both) left out.")
+    out.append("")
+    out += _table(["reader", "µs per event", "added over tail"], [
+        ["tail (parse + text)", stat(rec["tail_us"], 2), ""],
+        ["record everything", stat(rec["record_all_us"], 2), stat(rec["added_all_us"], 2)],
+        ["record a command's tree (all records in it)", stat(rec["record_tree_us"], 2), stat(rec["added_tree_us"], 2)],
+    ], markdown)
+    out.append("")
+    out.append(f"File: {rec['file_bytes_per_1000_events'] / 1024:.1f} KiB per 1,000 events (wire format "
+               f"{rec['wire_bytes_per_1000_events'] / 1024:.1f} KiB; zlib {rec['compression_ratio']:.1f} x).")
+    r = rec.get("report") or {}
+    if r:
+        browser = (f"Chromium: tree drawn {r['drawn_s']:.2f} s after navigation began ({r['rows_in_dom']} rows in the "
+                   f"DOM; {r['load_s']:.2f} s with the tab's set-up), "
+                   f"a search over all of it {r['search_s']:.2f} s, {len(r['requests']) - 1} requests besides the page"
+                   if "load_s" in r else str(r.get("browser")))
+        out.append(f"Report of {r['processes']:,} processes: recording {r['recording_bytes'] / 2**20:.1f} MiB, "
+                   f"generated in {r['generation_s']:.1f} s, page {r['page_bytes'] / 2**20:.1f} MiB; {browser}.")
+    return out
 
 
 def terminal(results: dict) -> str:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "memory", "identity", "fleet")
+BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "memory", "identity", "fleet", "recording")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
 
 
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         import fleet_bench
 
         benchmarks["fleet"] = _guard("fleet", lambda: fleet_bench.run(args.quick))
+    if "recording" in args.only:
+        import recording_bench
+
+        benchmarks["recording"] = _guard("recording", lambda: recording_bench.run(args.quick))
 
     results = {
         "suite": "etwmon benchmarks",

@@ -31,7 +31,8 @@ from typing import Iterable
 import numpy as np
 
 from .records import (
-    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
+    MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, field_value, guid_bytes, guid_text, pack_field,
+    with_packed,
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
@@ -435,7 +436,9 @@ class IdentityStage:
             for tag, value in details.fields():
                 if tag not in _STAGE_TAGS:
                     entry.fields[tag] = pack_field(tag, value)
-            entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
+            # /proc's command line can be longer than a record holds: cut it as the encoders cut theirs, or a
+            # child's ParentCommandLine field would not fit its 16-bit length (and stop the source thread).
+            entry.command_line = _utf16(command_line, MAX_COMMAND_LINE)
             table.add(entry)
             self._seeded.add(pid)
             self._seeded_array = None

@@ -431,7 +431,7 @@ class _Tail:
             reader.start()
         for warning in caught:
             say(err, f"warning: {warning.message}")
-        if reader.lossy:
+        if reader.lossy and not any(f"{reader.stats.source} source" in str(w.message) for w in caught):
             say(err, f"warning: the {reader.stats.source} source polls and can miss short-lived processes "
                      "without counting them")
         # Last of the start-up lines: from here on every event is seen (scripts may wait for it).

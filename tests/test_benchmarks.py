@@ -62,7 +62,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
     assert list(data["benchmarks"]) == ["ring", "readers", "service", "rules", "storms", "cost", "memory", "identity",
-                                        "fleet"]
+                                        "fleet", "recording"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
@@ -214,3 +214,24 @@ def test_plots_are_pngs(quick_run):
     assert (out / "ring_readinto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for path in data["plots"]:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recording_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    rec = json.loads((out / "latest.json").read_text())["benchmarks"]["recording"]
+    assert rec["status"] == "ok", rec
+    for key in ("tail_us", "record_all_us", "record_tree_us"):
+        _stat_ok(rec[key], low=1e-9)
+    assert rec["params"]["events"] == 3 * rec["params"]["processes"]
+    assert 0 < rec["file_bytes_per_1000_events"] < rec["wire_bytes_per_1000_events"]
+    assert rec["compression_ratio"] > 1
+    report = rec["report"]
+    assert report["page_bytes"] > report["recording_bytes"] > 0 and report["generation_s"] > 0
+    if "load_s" in report:  # Chromium was there
+        assert report["requests"] == [report["requests"][0]] and report["requests"][0].startswith("file://")
+        assert 0 < report["rows_in_dom"] <= min(report["processes"], 200)  # virtualized: the rows in view only
+        assert report["drawn_s"] > 0 and report["search_result"].endswith(("match", "matches"))
+    else:
+        assert report["browser"].startswith("skipped: ")
+    assert {t["name"] for t in rec["targets"]} == {"record everything: CPU per event vs tail's",
+                                                   "file size per 1,000 events"}

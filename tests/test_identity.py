@@ -362,3 +362,15 @@ def test_records_the_kernel_wrote_pass_whole_but_a_seeded_processs_get_the_table
     assert not st.table.live[400].exited  # not applied yet: nobody looked
     assert st.process(child.process_guid).exited  # applied when the table is read
     assert st.stats()["processes"] == 1  # only the seeded process lives on
+
+
+def test_a_seeded_parent_with_a_command_line_longer_than_a_record_gives_its_child_a_cut_one():
+    """/proc's command line of a process that ran before the monitor can exceed what a record holds; its child's
+    ParentCommandLine is cut (visibly), and the stage keeps going."""
+    st, sink = stage()
+    st.seed([(300, 1, "sh -c x " + "A" * 70_000, Details(start_filetime=T - 50, image="/bin/sh"))])
+    fork(st, T, 400, 300, "sh -c x")
+    (create,) = sink.events()
+    assert create.parent_command_line.startswith("sh -c x AAAA")
+    assert create.parent_command_line.endswith(R.TRUNCATION_MARKER) and create.truncated
+    assert len(create.encode()) <= R.MAX_RECORD_SIZE

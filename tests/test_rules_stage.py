@@ -17,6 +17,7 @@ pytest.importorskip("defusedxml")
 
 from etwmon import Monitor, parse  # noqa: E402
 from etwmon import records as R  # noqa: E402
+from etwmon.errors import RecordFormatError  # noqa: E402
 from etwmon.rules import RuleSet, RulesStage  # noqa: E402
 from etwmon.rules import stage as stage_module  # noqa: E402
 
@@ -392,11 +393,17 @@ def test_records_are_judged_where_they_lie_exactly_as_their_parsed_events_are():
 
     rng = random.Random(7)
     rules = RuleSet.from_xml(RICH)
+    judged = 0
     for pid in range(3000):
         record = _random_record(rng, pid)
-        (event,) = list(parse(record))
+        try:
+            (event,) = list(parse(record))
+        except RecordFormatError:  # e.g. a GUID of the wrong length: parse refuses the whole record
+            continue
         assert rules.decide_record(record) == rules.decide(event), (event, record)
         assert rules.decide_record(memoryview(record)) == rules.decide(event)
+        judged += 1
+    assert judged > 2000
 
 
 def test_the_stage_builds_no_event_per_record(staged, monkeypatch):

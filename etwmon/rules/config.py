@@ -196,7 +196,7 @@ def _xml_tree(data: bytes, source: str) -> _Node:
         from xml.sax import SAXParseException
         from xml.sax.handler import ContentHandler
     except ImportError:
-        raise RulesError("reading Sysmon configurations needs defusedxml: pip install 'etwmon[rules]'") from None
+        raise RulesError("reading Sysmon configurations needs defusedxml: pip install 'etwmon[rules]' (in a clone: pip install -e '.[rules]')") from None
 
     class Builder(ContentHandler):
         def __init__(self) -> None:

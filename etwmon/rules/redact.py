@@ -43,7 +43,7 @@ def _re2():
         import re2
     except ImportError:
         raise RulesError("<Redact> patterns need google-re2 (linear-time matching): "
-                         "pip install 'etwmon[rules]'") from None
+                         "pip install 'etwmon[rules]' (in a clone: pip install -e '.[rules]')") from None
     return re2
 
 
