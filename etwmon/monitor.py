@@ -7,6 +7,7 @@ empty. An exception in the source thread is kept and raised to the reader as ``S
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
-from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
+from .identity import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
@@ -42,8 +43,8 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
-    #: The identity stage's counters (processes, known, evicted, evicted_live, unknown_parent, no_guid); {} when
-    #: it is off.
+    #: The identity stage's counters (processes, known, bytes, max_bytes, evicted, evicted_live, unknown_parent,
+    #: no_guid); {} when it is off.
     identity: dict[str, int] = field(default_factory=dict)
     #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
     rules: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +55,7 @@ class _Sink:
 
     def __init__(self, ring: EventRing, wakeup: "_Wakeup") -> None:
         self.push = ring.push
+        self.push_batch = ring.push_batch  # records back to back and where each ends (the bpf source's batches)
         self.push_lost = ring.push_lost
         self.notify = wakeup.set
 
@@ -180,7 +182,7 @@ class Monitor(EventReader):
 
     ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
     and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
-    (``etwmon.identity``); ``max_processes`` bounds its process table. ``identity=False`` gives the book's
+    (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
     records and spares the cost.
 
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
@@ -189,12 +191,14 @@ class Monitor(EventReader):
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
                  rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
-                 max_processes: int = DEFAULT_MAX_PROCESSES, **source_options: Any) -> None:
+                 max_processes: int = DEFAULT_MAX_PROCESSES, max_process_bytes: int = DEFAULT_MAX_BYTES,
+                 **source_options: Any) -> None:
         self._rules = _load_rules(rules)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._identity = bool(identity)
         self._max_processes = max_processes
+        self._max_process_bytes = max_process_bytes
         self._stage: IdentityStage | None = None
         self._source_spec = source
         self._source_options = source_options
@@ -223,7 +227,8 @@ class Monitor(EventReader):
             self._stage = None
             if self._identity:
                 # Seeded after open(): a process that starts in between is both in the seed and in the events.
-                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
+                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes,
+                                            self._max_process_bytes)
                 self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._wakeup is None:
@@ -391,10 +396,18 @@ class Monitor(EventReader):
 
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process whose ProcessGuid is ``guid``, nearest first, up to the first one the
-        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage."""
+        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage. Command
+        lines come redacted by the monitor's rules, as in the records."""
         if self._stage is None:
             raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
-        return self._stage.ancestors(guid)
+        chain = self._stage.ancestors(guid)
+        rules = self._rules
+        if rules is None or not rules.redacts:
+            return chain
+        # The table keeps what the source saw, before the rules: what a redaction hides in the records it
+        # hides here too (on the whole command line, never on a cut one), with the rules in force.
+        return [dataclasses.replace(info, command_line=rules.redact(info.command_line)[0])
+                if info.command_line else info for info in chain]
 
     @property
     def lossy(self) -> bool:
