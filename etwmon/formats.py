@@ -13,8 +13,9 @@ import json
 import re
 from typing import Callable
 
+from .containers import event_container_id
 from .records import (
-    EXIT_CODE_UNKNOWN, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost,
+    EXIT_CODE_UNKNOWN, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost,
     ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
 )
 
@@ -110,6 +111,9 @@ def _who(event: ProcessCreate) -> str:
         out += f" user={event.uid}"
     if event.image is not None:
         out += f" image={escape_text(event.image)}"
+    container = event_container_id(event)
+    if container is not None:
+        out += f" container={escape_text(container[:12])}"
     return out
 
 
@@ -146,11 +150,28 @@ def _put_text(obj: dict, key: str, text: str) -> None:
 # time, lifetime seconds (a number), flags a list of EventFlags names.
 _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_directory", "uid", "user",
                     "parent_image", "parent_command_line", "parent_user", "tty", "session", "cgroup",
-                    "container_id", "start_time", "rule_name", "flags")
+                    "container_id", "pid_namespace", "namespace_pid", "mount_namespace", "image_device",
+                    "image_inode", "image_flags", "hashes", "start_time", "rule_name", "flags")
 _EXIT_DETAILS = ("process_guid", "image", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
-                           "parent_user", "tty", "cgroup", "container_id", "rule_name"})
+                           "parent_user", "tty", "cgroup", "container_id", "rule_name", "hashes"})
+
+
+def _image_flags(event: Event) -> list[str] | None:
+    """ExeFlags as a list of lower-case names (``["memfd", "deleted"]``); None when unknown."""
+    bits = getattr(event, "exe_flags", None)
+    return None if bits is None else [f.name.lower() for f in ExeFlags if f & bits]
+
+
+#: Where a process ran and which file (docs/identity.md): JSON name → its value on an event, where the name is
+#: not the Event attribute's (container_id: the record's, else the one its cgroup path names).
+_WHERE: dict[str, Callable[[Event], object]] = {
+    "container_id": event_container_id, "pid_namespace": lambda e: getattr(e, "pid_ns", None),
+    "namespace_pid": lambda e: getattr(e, "ns_pid", None), "mount_namespace": lambda e: getattr(e, "mnt_ns", None),
+    "image_device": lambda e: getattr(e, "exe_device", None), "image_inode": lambda e: getattr(e, "exe_inode", None),
+    "image_flags": _image_flags,
+}
 
 
 def _put_details(obj: dict, event: Event, names: tuple[str, ...]) -> None:
@@ -169,7 +190,7 @@ def _put_details(obj: dict, event: Event, names: tuple[str, ...]) -> None:
             flags = event.flags  # type: ignore[attr-defined]
             obj[name] = [f.name for f in EventFlags if f in flags]
         else:
-            value = getattr(event, name)
+            value = _WHERE[name](event) if name in _WHERE else getattr(event, name)
             if value is not None and name in _TEXT_DETAILS:
                 _put_text(obj, name, value)
             else:
@@ -236,8 +257,27 @@ _ECS_ENRICHMENT = (
     ("image", ("process", "executable")), ("current_directory", ("process", "working_directory")),
     ("parent_image", ("process", "parent", "executable")),
     ("parent_command_line", ("process", "parent", "command_line")),
-    ("uid", ("user", "id")), ("user", ("user", "name")), ("container_id", ("container", "id")),
+    ("uid", ("user", "id")), ("user", ("user", "name")), ("cgroup", ("etwmon", "cgroup")),
+    ("hashes", ("etwmon", "hashes")),
 )
+
+
+def _ecs_where(doc: dict, event: Event) -> None:
+    """container.id, process.hash.* (ECS's lower-case hex) and etwmon.* for the namespaces and the file."""
+    container = event_container_id(event)
+    if container is not None:
+        _put(doc, ("container", "id"), container)
+    hashes = getattr(event, "hashes", None)
+    if hashes:
+        for item in hashes.split(","):
+            algorithm, _, value = item.partition("=")
+            if algorithm.upper() in ("MD5", "SHA1", "SHA256", "SHA512") and value:
+                _put(doc, ("process", "hash", algorithm.lower()), value.lower())
+    for name in ("pid_namespace", "namespace_pid", "mount_namespace", "image_device", "image_inode",
+                 "image_flags"):
+        value = _WHERE[name](event)
+        if value is not None:
+            _put(doc, ("etwmon", name), value)
 
 
 def _put(obj: dict, path: tuple[str, ...], value: object) -> None:
@@ -307,6 +347,8 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
         if value is not None:
             # ECS keeps these as keywords (user.id too): text
             _ecs_text(doc, path, value if isinstance(value, str) else str(value))
+    if isinstance(event, (ProcessCreate, ProcessExit)):
+        _ecs_where(doc, event)
     return doc
 
 
