@@ -227,6 +227,15 @@ class HashStage:
         return with_packed(record, flags | text, [value for _, value in fields])
 
     def _lookup(self, pid: int, image: str | None, device: int, inode: int, when_ns: int) -> str | int:
+        try:  # the common case, a file hashed before: one stat of the task's exe, no descriptor
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == (device, inode) and st.st_ctime_ns <= when_ns:
+            found, text = self.cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            if found:
+                self.counts["cache_hits"] += 1
+                return text if text is not None else _NO_HASH
         try:
             opened = _open_verified(pid, image, device, inode)
         except OSError:
