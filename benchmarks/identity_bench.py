@@ -17,6 +17,19 @@ from storm_bench import KINDS, run_trial, scored_events
 GOAL_RATIO = 1.3
 
 
+class Discard:
+    """A sink that throws records away: a stage's own cost, without a ring."""
+
+    def push(self, record: bytes) -> None:
+        pass
+
+    def push_lost(self, count: int) -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+
 def _pair(tool: EtwmonTool) -> tuple[EtwmonTool, EtwmonTool]:
     """The same source twice: with the identity stage (as shipped) and without."""
     on = EtwmonTool(tool.workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)
@@ -32,16 +45,6 @@ def stage_alone(records: int = 20_000, repeats: int = 5) -> dict[str, float]:
     figure the storms' on/off ratios are made of, without their noise."""
     from etwmon import records as R
     from etwmon.identity import IdentityStage
-
-    class Discard:
-        def push(self, record: bytes) -> None:
-            pass
-
-        def push_lost(self, count: int) -> None:
-            pass
-
-        def notify(self) -> None:
-            pass
 
     t0 = R.filetime_now()
     made: dict[str, list[bytes]] = {"ProcessCreate": [], "ProcessExec": [], "ThreadCreate": [], "ProcessExit": []}
@@ -77,16 +80,6 @@ def hash_stage_alone(records: int = 5_000, repeats: int = 5) -> dict[str, float]
 
     from etwmon import records as R
     from etwmon.hashes import HashStage
-
-    class Discard:
-        def push(self, record: bytes) -> None:
-            pass
-
-        def push_lost(self, count: int) -> None:
-            pass
-
-        def notify(self) -> None:
-            pass
 
     me = os.getpid()
     st = os.stat(f"/proc/{me}/exe")

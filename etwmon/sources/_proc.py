@@ -203,21 +203,21 @@ def process_details(proc: str, pid: int) -> dict:
     cwd = _readlink(f"{proc}/{pid}/cwd")
     if cwd is not None:
         out["current_directory"] = os.fsdecode(cwd)
-    status = read_proc(f"{proc}/{pid}/status", 4096)
-    uid = effective_uid(status) if status else None
-    if uid is not None:
-        out["uid"] = uid
-        user = user_name(uid)
-        if user is not None:
-            out["user"] = user
-    text = read_proc(f"{proc}/{pid}/cgroup", 4096)
-    cgroup = cgroup_path(text) if text else None
-    if cgroup is not None:
-        out["cgroup"] = cgroup
-        container = container_id_from_cgroup(cgroup)
-        if container is not None:
-            out["container_id"] = container
-    out.update(where_details(proc, pid, out.get("image"), status))
+    # A file, the field read from it, and a field that follows from that one: the user of a uid, the container
+    # of a cgroup.
+    texts = {}
+    for file, read, key, derive, derived_key in (("status", effective_uid, "uid", user_name, "user"),
+                                                 ("cgroup", cgroup_path, "cgroup", container_id_from_cgroup,
+                                                  "container_id")):
+        text = texts[file] = read_proc(f"{proc}/{pid}/{file}", 4096)
+        value = read(text) if text else None
+        if value is None:
+            continue
+        out[key] = value
+        derived = derive(value)
+        if derived is not None:
+            out[derived_key] = derived
+    out.update(where_details(proc, pid, out.get("image"), texts["status"]))
     return out
 
 
