@@ -352,3 +352,37 @@ def test_live_hashes_are_sha256sums_and_a_binary_replaced_in_place_gets_a_new_on
     assert first.hashes == f"SHA256={expected.upper()}" and second.hashes == f"SHA256={false_sum}"
     assert second.exe_inode == first.exe_inode == inode
     assert live.stats.hashes["hashed"] >= 2
+
+
+def test_a_hashes_rule_sees_the_hash_stages_field(tmp_path):
+    pytest.importorskip("defusedxml")
+    from etwmon.rules import RuleSet, RulesStage
+
+    prog = tmp_path / "prog"
+    prog.write_bytes(b"known bad" * 100)
+    digest = hashlib.sha256(prog.read_bytes()).hexdigest()
+    rules = RuleSet.from_xml('<Sysmon schemaversion="4.90"><HashAlgorithms>sha256</HashAlgorithms><EventFiltering>'
+                             '<RuleGroup groupRelation="or"><ProcessCreate onmatch="include">'
+                             f'<Hashes condition="contains" name="bad">SHA256={digest}</Hashes>'
+                             '</ProcessCreate></RuleGroup></EventFiltering></Sysmon>')
+    out: list[bytes] = []
+
+    class Ring:
+        push, push_lost, notify = out.append, lambda n: None, lambda: None
+
+    stage = HashStage(rules.config.hash_algorithms, wait=5.0)
+    sink = stage.attach(RulesStage(Ring(), rules))
+    try:
+        sink.push(_record_for(prog, pid=2 ** 22 + 11))
+        other = tmp_path / "other"
+        other.write_bytes(b"fine")
+        sink.push(_record_for(other, pid=2 ** 22 + 11))
+    finally:
+        stage.close()
+    (kept,) = [e for r in out for e in parse(r)]
+    assert kept.rule_name == "bad" and kept.hashes == f"SHA256={digest.upper()}"
+    monitor = etwmon.Monitor(source="procfs", rules=rules)  # <HashAlgorithms> turns hashing on
+    assert monitor._hash_stage is not None and monitor._hash_stage.algorithms == ("SHA256",)
+    assert etwmon.Monitor(source="procfs")._hash_stage is None  # off: no stage at all
+    with pytest.raises(ValueError, match="crc32"):
+        etwmon.Monitor(source="procfs", hashes="crc32")
