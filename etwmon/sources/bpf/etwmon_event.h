@@ -5,8 +5,8 @@
  * One event per kernel tracepoint hit. Small events (thread create, exits) are the fixed part only;
  * process creates and execs add a variable tail: argv (argv_len bytes, the raw NUL-separated strings from
  * the task's mm), then filename_len bytes of bprm->filename (exec only), exe_len bytes of the executable's
- * path, cwd_len bytes of the working directory, cgroup_len bytes of the cgroup path. No strings are NUL-terminated in the tail. sizeof is a
- * multiple of 8, so the tail starts right after the fixed part. Fields are only ever appended (after tty).
+ * path, cwd_len bytes of the working directory, cgroup_len bytes of the cgroup path. No strings are
+ * NUL-terminated in the tail. sizeof is a multiple of 8, so the tail starts right after the fixed part. Fields are only ever appended (after tty).
  */
 #ifndef ETWMON_EVENT_H
 #define ETWMON_EVENT_H
