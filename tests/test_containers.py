@@ -8,7 +8,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from etwmon.records import Details, EventFlags, ExeFlags, ExtensionTag, ItemType
     block_fields, filetime_now, parse
 
 from .conftest import require
-from .helpers import of_type, read_until
+from .helpers import read_until
 
 CID = "0123456789abcdef" * 4
 
@@ -112,6 +111,19 @@ def test_the_cache_is_bounded_least_recently_used_out():
     assert cache.get(("b",)) == (False, None) and cache.get(("a",))[0] and cache.evicted == 1
 
 
+class _Collect:
+    """A sink keeping what is pushed into it."""
+
+    def __init__(self, out: list[bytes]) -> None:
+        self.push = out.append
+
+    def push_lost(self, count: int) -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+
 def _record_for(path: Path, pid: int, when: int | None = None) -> bytes:
     st = os.stat(path)
     return encode_process_exec(filetime_now() if when is None else when, pid, 1, pid, pid, "x",
@@ -128,11 +140,7 @@ def _hash_field(record: bytes) -> str | None:
 def test_the_stage_hashes_the_file_the_record_names_and_a_rewrite_changes_the_key(tmp_path):
     stage = HashStage("sha256", wait=5.0)
     out: list[bytes] = []
-
-    class Sink:
-        push, push_lost, notify = out.append, lambda n: None, lambda: None
-
-    stage.attach(Sink())
+    stage.attach(_Collect(out))
     try:
         prog = tmp_path / "prog"
         prog.write_bytes(b"one" * 1000)
@@ -167,11 +175,7 @@ def test_a_slow_hash_is_marked_pending_and_does_not_hold_the_record(tmp_path):
         f.truncate(128 << 20)  # sparse: reading it still takes a while
     stage = HashStage("sha256", wait=0.0)
     out: list[bytes] = []
-
-    class Sink:
-        push, push_lost, notify = out.append, lambda n: None, lambda: None
-
-    stage.attach(Sink())
+    stage.attach(_Collect(out))
     try:
         started = time.monotonic()
         stage.push(_record_for(big, pid=2 ** 22 + 9))
@@ -366,12 +370,8 @@ def test_a_hashes_rule_sees_the_hash_stages_field(tmp_path):
                              f'<Hashes condition="contains" name="bad">SHA256={digest}</Hashes>'
                              '</ProcessCreate></RuleGroup></EventFiltering></Sysmon>')
     out: list[bytes] = []
-
-    class Ring:
-        push, push_lost, notify = out.append, lambda n: None, lambda: None
-
     stage = HashStage(rules.config.hash_algorithms, wait=5.0)
-    sink = stage.attach(RulesStage(Ring(), rules))
+    sink = stage.attach(RulesStage(_Collect(out), rules))
     try:
         sink.push(_record_for(prog, pid=2 ** 22 + 11))
         other = tmp_path / "other"
