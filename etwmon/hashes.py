@@ -130,6 +130,13 @@ class HashCache:
         return len(self._entries)
 
 
+def _stat_of(path: str, follow: bool) -> os.stat_result | None:
+    try:
+        return os.stat(path, follow_symlinks=follow)
+    except (OSError, ValueError):  # ValueError: a NUL in a path
+        return None
+
+
 def _open_verified(pid: int, image: str | None, device: int, inode: int) -> tuple[int, os.stat_result] | None:
     """A read-only descriptor of the file (device, inode) the record says ran, and its stat; None if neither the
     task's exe nor the path leads to that very file."""
@@ -147,7 +154,7 @@ def _open_verified(pid: int, image: str | None, device: int, inode: int) -> tupl
         return None
     try:  # O_PATH: no open() side effects whatever is there; reopened only once it is the right regular file
         ref = os.open(image, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    except (OSError, ValueError):
         return None
     try:
         st = os.fstat(ref)
@@ -227,10 +234,11 @@ class HashStage:
         return with_packed(record, flags | text, [value for _, value in fields])
 
     def _lookup(self, pid: int, image: str | None, device: int, inode: int, when_ns: int) -> str | int:
-        try:  # the common case, a file hashed before: one stat of the task's exe, no descriptor
-            st = os.stat(f"/proc/{pid}/exe")
-        except OSError:
-            st = None
+        # The common case, a file hashed before: a stat of the task's exe, or of the path (without following a
+        # symlink) once the process is gone; no descriptor. Only the very inode, unchanged, finds the entry.
+        st = _stat_of(f"/proc/{pid}/exe", True)
+        if (st is None or (st.st_dev, st.st_ino) != (device, inode)) and image and image.startswith("/"):
+            st = _stat_of(image, False)
         if st is not None and (st.st_dev, st.st_ino) == (device, inode) and st.st_ctime_ns <= when_ns:
             found, text = self.cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             if found:
