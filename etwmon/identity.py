@@ -373,7 +373,7 @@ class IdentityStage:
             if tag in f:
                 packed.append(f[tag])
         packed.append(entry.start_field)
-        for tag in (16, 3, 4, 6, 10, 12, 13):
+        for tag in (17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13):
             if tag in f:
                 packed.append(f[tag])
         packed += entry.parent_tail

@@ -75,15 +75,18 @@ def test_the_python_layout_is_the_struct_the_object_was_built_with():
 def event(kind: int, *, flags: int = 0, ns: int = 5_000, pid: int = 100, tid: int | None = None, ppid: int = 1,
           cpid: int = 0, ctid: int = 0, code: int = 0, argv: bytes = b"", argv_full: int | None = None,
           filename: bytes = b"", exe: bytes = b"", cwd: bytes = b"", comm: bytes = b"prog",
-          tty: bytes = b"") -> bytes:
+          tty: bytes = b"", exe_ino: int = 0, exe_dev: int = 0, exe_flags: int = 0, mnt_ns: int = 0,
+          pid_ns: int = 0, ns_pid: int = 0, cgroup: bytes = b"") -> bytes:
     """A struct etwmon_event as the kernel side writes it."""
-    tail = argv + filename + exe + cwd
+    tail = argv + filename + exe + cwd + cgroup
     fields = dict(kind=kind, flags=flags, size=ev.EVENT_SIZE + len(tail), time_ns=ns, pid=pid,
                   tid=pid if tid is None else tid, ppid=ppid, creating_pid=cpid, creating_tid=ctid, exit_code=code,
                   start_boottime=1_000, parent_start_boottime=500, cgroup_id=77, uid=1000, euid=0, gid=1001,
                   egid=0, loginuid=0xFFFFFFFF, sessionid=3, argv_len=len(argv),
                   argv_full_len=len(argv) if argv_full is None else argv_full, filename_len=len(filename),
-                  exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty)
+                  exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty, exe_ino=exe_ino,
+                  exe_dev=exe_dev, exe_flags=exe_flags, mnt_ns=mnt_ns, pid_ns=pid_ns, ns_pid=ns_pid, cgroup_len=len(cgroup),
+                  reserved2=0)
     return ev.EVENT.pack(*(fields[name] for name, _ in ev.FIELDS)) + tail
 
 
@@ -190,6 +193,27 @@ def test_enrich_gets_the_kernels_details_of_every_record():
     assert thread.tid == 8 and thread.exe is None and thread.tty is None
 
 
+def test_the_identity_enricher_says_which_file_ran_and_in_which_namespaces():
+    from etwmon.records import ExeFlags
+    from etwmon.sources.bpf._details import task_enricher
+
+    dev = (8 << 20) | 0x123  # major 8, minor 0x123 as the kernel numbers it inside
+    enrich = task_enricher(KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET))
+    (known, memfd, none), _ = decode(
+        event(ev.EXEC, pid=9, argv=b"a\0", exe=b"/usr/bin/a", exe_ino=4242, exe_dev=dev,
+              exe_flags=ev.EXE_KNOWN | ev.EXE_SETUID | ev.EXE_SETGID, mnt_ns=4026531841, pid_ns=4026531836,
+              ns_pid=1),
+        event(ev.FORK_PROCESS, pid=10, argv=b"b\0", exe_ino=7, exe_dev=1,
+              exe_flags=ev.EXE_KNOWN | ev.EXE_MEMFD | ev.EXE_DELETED),
+        event(ev.FORK_PROCESS, pid=11, flags=ev.NO_MM), enrich=enrich)
+    assert known.exe_device == os.makedev(8, 0x123) and known.exe_inode == 4242
+    assert known.exe_flags == ExeFlags.SETUID | ExeFlags.SETGID
+    assert (known.mnt_ns, known.pid_ns, known.ns_pid, known.cgroup_id) == (4026531841, 4026531836, 1, 77)
+    assert memfd.exe_flags == ExeFlags.MEMFD | ExeFlags.DELETED and memfd.exe_inode == 7
+    assert memfd.mnt_ns is None and memfd.pid_ns is None and memfd.ns_pid is None
+    assert none.exe_device is none.exe_inode is none.exe_flags is None  # no executable: unknown, not 0
+
+
 # --- availability --------------------------------------------------------------------------------------------
 
 
@@ -220,6 +244,28 @@ def test_capabilities_instead_of_root_are_enough(monkeypatch):
     monkeypatch.setattr(bpf_module, "has_capability", lambda cap: cap in (38, 39))  # CAP_PERFMON, CAP_BPF
     reason = BpfSource.unavailable_reason()
     assert reason is None or "root" not in reason
+
+
+def test_the_exit_program_is_chosen_from_the_kernels_btf():
+    require(shutil.which("bpftool") is not None and os.path.exists(bpf_module.BTF_PATH), "bpftool and BTF needed")
+    from etwmon.sources.bpf._libbpf import load_libbpf, tracepoint_arguments
+    try:
+        libbpf = load_libbpf()
+    except OSError as exc:
+        pytest.skip(f"libbpf.so.1: {exc}")
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", bpf_module.BTF_PATH, "format", "c"], check=True,
+                          capture_output=True, text=True).stdout
+    protos = {}
+    for line in dump.splitlines():
+        if line.startswith("typedef void (*btf_trace_sched_process_"):
+            name = line.split("(*btf_trace_", 1)[1].split(")", 1)[0]
+            protos[name] = line.split(")(", 1)[1].count(",")  # arguments after the context pointer
+    assert protos["sched_process_fork"] == 2 and protos["sched_process_exec"] == 3
+    for name, count in protos.items():
+        assert tracepoint_arguments(libbpf, name) == count, name
+    assert tracepoint_arguments(libbpf, "no_such_tracepoint") is None
+    wanted = "etwmon_exit_group_dead" if protos["sched_process_exit"] >= 2 else "etwmon_exit"
+    assert bpf_module.choose_exit_program(libbpf) == wanted
 
 
 def test_options_are_checked():
@@ -441,6 +487,87 @@ def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_
     # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
     assert ends == [(ItemType.ThreadExit, child.pid, 0), (ItemType.ThreadExit, tid, 3),
                     (ItemType.ProcessExit, None, 3)]
+
+
+EXIT_GROUP_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static volatile int started;
+static void *spin(void *arg) {
+    printf("%d\n", (int)syscall(SYS_gettid)); fflush(stdout);
+    __sync_fetch_and_add(&started, 1);
+    for (;;) ;  /* live and running when exit_group comes */
+}
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    pthread_t t;
+    for (int i = 0; i < n; i++) pthread_create(&t, NULL, spin, NULL);
+    while (started < n) ;
+    usleep(20000);
+    syscall(SYS_exit_group, 7);
+}
+"""
+
+
+@pytest.mark.root
+def test_live_exit_group_of_many_running_threads_ends_the_process_once(bpf_monitor, tmp_path):
+    """Dozens of live threads ended by one exit_group: one ProcessExit per process, one ThreadExit per other
+    thread, none twice, and the exit names the process its create named (the leader's start time)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    require(cc is not None, "gcc is needed to build the test program")
+    (tmp_path / "group.c").write_text(EXIT_GROUP_C)
+    subprocess.run([cc, "-O1", "-pthread", "-o", str(tmp_path / "group"), str(tmp_path / "group.c")], check=True)
+    starts: dict[tuple[int, int], int] = {}  # (kind, pid) -> the start time the kernel gave
+
+    def record_start(record: bytes, task: TaskDetails) -> bytes:
+        if task.kind in (ev.FORK_PROCESS, ev.EXIT_PROCESS):
+            starts[task.kind, task.pid] = task.start_boottime
+        return record
+
+    runs = []
+    with etwmon.Monitor(source=BpfSource(enrich=record_start), identity=False) as raw:
+        for _ in range(20):
+            child = subprocess.Popen([str(tmp_path / "group"), "48"], stdout=subprocess.PIPE, text=True)
+            out, _ = child.communicate(timeout=30)
+            assert child.returncode == 7
+            runs.append((child.pid, [int(x) for x in out.split()]))
+        events = read_until(bpf_monitor, lambda evs: all(exited(pid)(evs) for pid, _ in runs), timeout=30)
+        read_until(raw, lambda evs: all(exited(pid)(evs) for pid, _ in runs), timeout=30)
+    time.sleep(0.3)
+    events += read_until(bpf_monitor, None, timeout=0.5)
+    for pid, tids in runs:
+        assert len(tids) == 48
+        mine = [e for e in events if getattr(e, "pid", None) == pid]
+        exits = of_type(mine, ItemType.ProcessExit)
+        assert [e.exit_code for e in exits] == [7], exits
+        ended = collections.Counter(e.tid for e in of_type(mine, ItemType.ThreadExit))
+        assert all(n == 1 for n in ended.values()), ended
+        # every other thread ends as a thread; the leader does too when another thread was the last to go
+        assert set(ended) - {pid} == set(tids)
+        assert all(e.exit_code == 7 for e in of_type(mine, ItemType.ThreadExit))
+        creates = [e for e in mine if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec)]
+        assert creates and {e.process_guid for e in creates} == {exits[0].process_guid}
+        assert exits[0].start_filetime == creates[0].start_filetime
+        assert starts[ev.EXIT_PROCESS, pid] == starts[ev.FORK_PROCESS, pid]  # the leader's, whoever ends last
+    assert bpf_monitor.stats.lost == 0
+
+
+@pytest.mark.root
+def test_live_the_executable_and_namespaces_are_the_files_and_namespaces_stat_sees(bpf_monitor):
+    child = subprocess.Popen(["/bin/sleep", "0.2"])
+    child.wait()
+    events = read_until(bpf_monitor, exited(child.pid))
+    (exec_,) = [e for e in of_type(events, ItemType.ProcessExec) if e.pid == child.pid]
+    binary = os.stat(os.path.realpath("/bin/sleep"))
+    assert (exec_.exe_device, exec_.exe_inode) == (binary.st_dev, binary.st_ino)
+    assert exec_.exe_flags == 0
+    assert exec_.mnt_ns == os.stat("/proc/self/ns/mnt").st_ino
+    assert exec_.pid_ns == os.stat("/proc/self/ns/pid").st_ino and exec_.ns_pid == child.pid
+    assert exec_.cgroup_id and exec_.cgroup_id > 0
 
 
 @pytest.mark.root

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 OBJECT_PATH = Path(__file__).with_name("etwmon.bpf.o")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 _PROGRAMS = ["etwmon_exit", "etwmon_exec", "etwmon_fork"]  # exits first: a task seen born is seen dying
+#: The exit program that takes the tracepoint's group_dead, where sched_process_exit passes it (see exit_program).
+_EXIT_GROUP_DEAD = "etwmon_exit_group_dead"
 _LOCKDOWN = "/sys/kernel/security/lockdown"
 #: Linux 5.17: bpf_loop (the path walks); ring buffers, bpf_ktime_get_boot_ns and CAP_BPF are 5.8, tp_btf 5.5.
 MIN_KERNEL = (5, 17)
@@ -46,6 +48,15 @@ def _kernel_version(release: str | None = None) -> tuple[int, int]:
         return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
     except (IndexError, ValueError):
         return (0, 0)
+
+
+def choose_exit_program(libbpf) -> str:
+    """The exit program for this kernel: the one that takes sched_process_exit's ``group_dead`` (true for
+    exactly one thread of a process) where the tracepoint passes it, per the kernel's BTF; otherwise the one
+    that reads ``signal->live``, which two threads ending in one exit_group can both see at 0."""
+    from ._libbpf import tracepoint_arguments
+
+    return _EXIT_GROUP_DEAD if (tracepoint_arguments(libbpf, "sched_process_exit") or 0) >= 2 else "etwmon_exit"
 
 
 class BpfSource(Source):
@@ -65,6 +76,7 @@ class BpfSource(Source):
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
+        "cgroup",
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
@@ -89,6 +101,8 @@ class BpfSource(Source):
         self._stopping = False
         self._lost_reported = 0
         self.wakeups = 0
+        #: The exit program in use (``choose_exit_program``), set by open().
+        self.exit_program: str | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -128,9 +142,11 @@ class BpfSource(Source):
         from ._libbpf import LoadedObject, PerCpuCounter, RingBuffer, load_libbpf
         libbpf = load_libbpf()
         cpus = libbpf.libbpf_num_possible_cpus()
+        exit_program = self.exit_program = choose_exit_program(libbpf)
+        other = _EXIT_GROUP_DEAD if exit_program == "etwmon_exit" else "etwmon_exit"
         try:
-            obj = LoadedObject(libbpf, str(OBJECT_PATH), _PROGRAMS,
-                               {"scratch": max(cpus, 1), "events": self.ring_size})
+            obj = LoadedObject(libbpf, str(OBJECT_PATH), [exit_program] + _PROGRAMS[1:],
+                               {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,))
         except OSError as exc:
             raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
         try:

@@ -18,7 +18,7 @@ import platform
 import struct
 from typing import Any
 
-__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "LIBBPF_SONAME"]
+__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "tracepoint_arguments", "LIBBPF_SONAME"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,20 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
     "libbpf_num_possible_cpus": (_c_int, []),
     "libbpf_set_print": (_c_void_p, [_c_void_p]),
+    "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
+    "btf__load_vmlinux_btf": (_c_void_p, []),
+    "btf__find_by_name_kind": (ctypes.c_int32, [_c_void_p, _c_char_p, _c_uint32]),
+    "btf__type_by_id": (_c_void_p, [_c_void_p, _c_uint32]),
+    "btf__free": (None, [_c_void_p]),
 }
+
+_BTF_KIND_PTR, _BTF_KIND_TYPEDEF, _BTF_KIND_FUNC_PROTO = 2, 8, 13
+
+
+class _BtfType(ctypes.Structure):
+    """struct btf_type (uapi linux/btf.h): name_off, info (vlen in bits 0-15, kind in bits 24-28), size/type."""
+
+    _fields_ = [("name_off", _c_uint32), ("info", _c_uint32), ("type", _c_uint32)]
 
 
 class Libbpf:
@@ -112,6 +125,32 @@ def load_libbpf() -> Libbpf:
     return _LIBBPF
 
 
+def tracepoint_arguments(libbpf: Libbpf, tracepoint: str) -> int | None:
+    """How many arguments the running kernel's tracepoint passes to a tp_btf program (its
+    ``btf_trace_<tracepoint>`` prototype, less the leading context pointer), from the kernel's BTF; None when
+    the BTF cannot say."""
+    btf = libbpf.btf__load_vmlinux_btf()
+    if not btf:
+        return None
+    try:
+        type_id = libbpf.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _BTF_KIND_TYPEDEF)
+        for kind in (_BTF_KIND_TYPEDEF, _BTF_KIND_PTR, _BTF_KIND_FUNC_PROTO):
+            if type_id <= 0:
+                return None
+            ptr = libbpf.btf__type_by_id(btf, type_id)
+            if not ptr:
+                return None
+            t = _BtfType.from_address(ptr)
+            if (t.info >> 24) & 0x1F != kind:
+                return None
+            if kind == _BTF_KIND_FUNC_PROTO:
+                return max((t.info & 0xFFFF) - 1, 0)
+            type_id = t.type
+        return None
+    finally:
+        libbpf.btf__free(btf)
+
+
 def _errno_error(what: str, code: int, detail: str = "") -> OSError:
     code = abs(code) or errno.EINVAL
     message = f"{what}: {os.strerror(code)}"
@@ -121,9 +160,11 @@ def _errno_error(what: str, code: int, detail: str = "") -> OSError:
 
 
 class LoadedObject:
-    """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it."""
+    """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it.
+    ``skip``: programs of the object not to load at all."""
 
-    def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int]) -> None:
+    def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int],
+                 skip: tuple[str, ...] = ()) -> None:
         self.libbpf = libbpf
         self._obj: int | None = None
         self._links: list[int] = []
@@ -141,6 +182,10 @@ class LoadedObject:
                     err = lb.bpf_map__set_max_entries(rc, entries)
                     if err:
                         raise _errno_error(f"cannot size map {name!r} to {entries}", err)
+                for name in skip:  # programs this kernel cannot load (another variant of one is used)
+                    prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+                    if not prog or lb.bpf_program__set_autoload(prog, False):
+                        raise _errno_error(f"cannot leave program {name!r} out", errno.ENOENT)
                 err = lb.bpf_object__load(obj)
                 if err:
                     raise _errno_error("the kernel refused the BPF object", err, lb.messages())

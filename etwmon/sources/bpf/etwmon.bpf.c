@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "etwmon_event.h"
+#include "etwmon_cgroup.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -84,6 +85,53 @@ static __always_inline void emit(struct scratch *s, __u32 tail_len)
 		count_lost();
 }
 
+/* The task's mount and pid namespaces and its process id in the latter (the leader's pid struct numbers the
+ * process; level is how deep the namespace is nested). */
+static __always_inline void read_namespaces(struct etwmon_event *e, struct task_struct *task)
+{
+	struct pid *pid = BPF_CORE_READ(task, group_leader, thread_pid);
+	unsigned int level = BPF_CORE_READ(pid, level);
+	struct upid up = {};
+
+	e->mnt_ns = BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum); /* 0 when nsproxy is gone (late in exit) */
+	bpf_core_read(&up, sizeof(up), &pid->numbers[level & 31]);
+	e->ns_pid = up.nr;
+	e->pid_ns = BPF_CORE_READ(up.ns, ns.inum);
+}
+
+#define TMPFS_MAGIC 0x01021994
+#define HUGETLBFS_MAGIC 0x958458f6
+#define S_ISUID 04000
+#define S_ISGID 02000
+#define S_IXGRP 00010
+
+/* Which file `exe` is (device, inode) and what kind: memfd, deleted, set-id (cheap reads, no path walk). */
+static __always_inline void read_exe_identity(struct etwmon_event *e, struct file *exe)
+{
+	struct inode *inode = BPF_CORE_READ(exe, f_inode);
+	struct super_block *sb = BPF_CORE_READ(inode, i_sb);
+	unsigned long magic = BPF_CORE_READ(sb, s_magic);
+	unsigned short mode = BPF_CORE_READ(inode, i_mode);
+	char name[6] = {};
+	__u32 flags = ETWMON_EXE_KNOWN;
+
+	e->exe_ino = BPF_CORE_READ(inode, i_ino);
+	e->exe_dev = BPF_CORE_READ(sb, s_dev);
+	if (BPF_CORE_READ(inode, i_nlink) == 0)
+		flags |= ETWMON_EXE_DELETED;
+	if (mode & S_ISUID)
+		flags |= ETWMON_EXE_SETUID;
+	if ((mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP))
+		flags |= ETWMON_EXE_SETGID;
+	if (magic == TMPFS_MAGIC || magic == HUGETLBFS_MAGIC) {
+		bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(exe, f_path.dentry, d_name.name));
+		if (name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 'f' && name[4] == 'd' &&
+		    name[5] == ':')
+			flags |= ETWMON_EXE_MEMFD;
+	}
+	e->exe_flags = flags;
+}
+
 /* The fields every event carries about `task`. */
 static __always_inline void fill(struct etwmon_event *e, __u16 kind, struct task_struct *task)
 {
@@ -116,6 +164,10 @@ static __always_inline void fill(struct etwmon_event *e, __u16 kind, struct task
 	e->filename_len = e->exe_len = e->cwd_len = 0;
 	e->reserved = 0;
 	BPF_CORE_READ_INTO(&e->comm, task, comm);
+	e->exe_ino = 0;
+	e->exe_dev = e->exe_flags = 0;
+	e->cgroup_len = e->reserved2 = 0;
+	read_namespaces(e, task);
 }
 
 /* argv of `task` (whose memory is current's) into the tail at 0; returns its length. */
@@ -243,15 +295,28 @@ static __always_inline __u32 read_exe_cwd(struct scratch *s, __u32 off, struct t
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
 	__u32 n = 0;
 
-	if (exe)
+	if (exe) {
+		read_exe_identity(&s->e, exe);
 		n = read_path(s, off, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
 			      ETWMON_EXE_TRUNCATED);
+	}
 	s->e.exe_len = n;
 	off += n;
 	n = read_path(s, off, BPF_CORE_READ(task, fs, pwd.dentry), BPF_CORE_READ(task, fs, pwd.mnt),
 		      ETWMON_CWD_TRUNCATED);
 	s->e.cwd_len = n;
 	return off + n;
+}
+
+/* The task's cgroup path (etwmon_cgroup.h) after what is in the tail up to `off`; returns the new end. */
+static __always_inline __u32 read_cgroup(struct scratch *s, __u32 off, struct task_struct *task)
+{
+	__u32 start = read_cgroup_path(task, s->path, &s->e.flags);
+	__u32 len = (ETWMON_PATH_MAX - start) & (ETWMON_PATH_MAX - 1);
+
+	s->e.cgroup_len = len;
+	bpf_probe_read_kernel(&s->tail[off & TAIL_MASK], len, &s->path[start & (ETWMON_PATH_MAX - 1)]);
+	return off + len;
 }
 
 static __always_inline void read_tty(struct etwmon_event *e, struct task_struct *task)
@@ -287,6 +352,7 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	read_tty(&s->e, child);
 	off = read_argv(s, parent); /* the forking task is current: its argv is what the child inherits */
 	off = read_exe_cwd(s, off, child);
+	off = read_cgroup(s, off, child);
 	emit(s, off);
 	return 0;
 }
@@ -314,6 +380,7 @@ int BPF_PROG(etwmon_exec, struct task_struct *task, pid_t old_pid, struct linux_
 		off += s->e.filename_len;
 	}
 	off = read_exe_cwd(s, off, task);
+	off = read_cgroup(s, off, task);
 	emit(s, off);
 	return 0;
 }
@@ -325,8 +392,8 @@ static __always_inline struct task_struct *exec_task(struct signal_struct *sig)
 	return BPF_CORE_READ((struct signal_struct___old *)sig, group_exit_task);
 }
 
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(etwmon_exit, struct task_struct *task)
+/* One task's end; `last` is true when it is the last thread of its process (group_dead). */
+static __always_inline int task_exit(struct task_struct *task, bool last)
 {
 	struct scratch *s = scratch_buffer();
 	struct signal_struct *sig;
@@ -349,10 +416,10 @@ int BPF_PROG(etwmon_exit, struct task_struct *task)
 		emit(s, 0);
 		return 0;
 	}
-	/* do_exit() has already decremented signal->live: 0 means this was the last thread (pid == tgid is
-	 * not that: the leader may end first, and a non-leader exec makes the old leader exit). */
-	if (BPF_CORE_READ(sig, live.counter) == 0) {
+	if (last) {
 		fill(&s->e, ETWMON_EXIT_PROCESS, task);
+		/* the process started when its leader did (this thread may be another, started later) */
+		s->e.start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
 		/* what wait() reports for the process (wait_task_zombie) */
 		if (BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT)
 			s->e.exit_code = BPF_CORE_READ(sig, group_exit_code);
@@ -366,4 +433,20 @@ int BPF_PROG(etwmon_exit, struct task_struct *task)
 	s->e.exit_code = BPF_CORE_READ(task, exit_code);
 	emit(s, 0);
 	return 0;
+}
+
+/* Where the tracepoint passes group_dead (do_exit's atomic_dec_and_test of signal->live: true for exactly one
+ * thread of a process). The loader picks this program or the next one from the kernel's BTF. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(etwmon_exit_group_dead, struct task_struct *task, bool group_dead)
+{
+	return task_exit(task, group_dead);
+}
+
+/* Older kernels: signal->live as read at the tracepoint. do_exit() decremented it earlier, so when threads
+ * of an exit_group end at the same moment two of them may both read 0 (the reason to prefer group_dead). */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(etwmon_exit, struct task_struct *task)
+{
+	return task_exit(task, BPF_CORE_READ(task, signal, live.counter) == 0);
 }
