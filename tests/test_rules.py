@@ -356,6 +356,22 @@ def test_container_fields_are_an_etwmon_extension_derived_from_the_cgroup():
     assert ruleset.decide(ev(pid_ns=4026531836)).unknown == "ContainerId"  # no cgroup known: undecided
 
 
+def test_container_and_file_fields_are_read_from_the_record_as_from_the_event():
+    cid = "cd" * 32
+    filters = [f'<ContainerId condition="is" name="c">{cid}</ContainerId>',
+               '<Cgroup condition="contains" name="g">kubepods</Cgroup>',
+               '<ImageInode condition="is" name="i">4242</ImageInode>',
+               '<NamespacePid condition="less than" name="n">3</NamespacePid>',
+               '<Hashes condition="contains" name="h">SHA256=AB</Hashes>']
+    events = [ev(cgroup=f"/system.slice/docker-{cid}.scope"), ev(cgroup=f"/kubepods/pod1/{cid}"),
+              ev(cgroup="/kubepods/besteffort"), ev(cgroup="/user.slice"), ev(exe_inode=4242), ev(ns_pid=1),
+              ev(ns_pid=7, pid_ns=4026532000), ev(hashes="MD5=00,SHA256=ABCD"), ev(container_id=cid), ev()]
+    for one in filters + ["".join(filters)]:
+        ruleset = include(one)
+        for event in events:
+            assert ruleset.decide_record(event.encode()) == ruleset.decide(event), (one, event)
+
+
 def test_ignored_rules_are_logged_once_at_load(caplog):
     with caplog.at_level("WARNING", logger="etwmon.rules"):
         include('<Product condition="contains" name="h">x</Product>')
