@@ -139,6 +139,15 @@ def _host_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _hash_algorithms(text: str) -> str:
+    from .hashes import parse_algorithms
+
+    try:
+        return ",".join(parse_algorithms(text)[0])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _since(text: str):
     from .fleet import parse_since
 
@@ -257,6 +266,10 @@ def _build_parser() -> _Parser:
                        help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
                             "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
                             "with 'etwmon rules check FILE')")
+    tail_.add_argument("--hashes", type=_hash_algorithms, metavar="ALGS",
+                       help="the executable's hashes in each process record, Sysmon's form (MD5=...,SHA256=...): "
+                            "md5, sha1, sha256 comma-separated, or * (default: the --config file's "
+                            "<HashAlgorithms>, else none; docs/identity.md)")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
                        help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {DEFAULT_MAX_ITEMS})")
     tail_.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
@@ -521,6 +534,8 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     if args.servers and args.config:
         raise UsageError("--config applies rules where the events are read from the kernel; with --from they "
                          "are the shipping host's: etwmon ship --config FILE")
+    if args.servers and args.hashes:
+        raise UsageError("--hashes are computed where the events are read from the kernel: the shipping host's")
     if args.servers:
         if args.connect is not None:
             raise UsageError("--from and --connect are two places to read from: give one")
@@ -536,7 +551,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
     path = args.connect
-    if path is None and args.source == "auto" and not args.config:
+    if path is None and args.source == "auto" and not args.config and not args.hashes:
         path = _service_here(err)
         if path is not None:
             from .errors import ServiceRefused, ServiceUnavailable
@@ -552,6 +567,8 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
         if args.config:
             raise UsageError("--config applies rules where the events are read from the kernel; with --connect "
                              "they are the service's: etwmon serve --config FILE")
+        if args.hashes:
+            raise UsageError("--hashes are computed where the events are read from the kernel: the service's")
         from .service import Connection
 
         return Connection(path, items, max_bytes, **_service_filter(args)), False
@@ -560,7 +577,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     rules = _load_rules(args.config) if args.config else None
     try:
         return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
-                       identity=args.identity), True
+                       identity=args.identity, hashes=args.hashes), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)

@@ -130,6 +130,8 @@ class ProcessCreate(Event):
     pid_ns: int | None = None
     ns_pid: int | None = None
     cgroup_id: int | None = None
+    #: The executable's hashes in Sysmon's form (``MD5=<HEX>,SHA256=<HEX>``), when asked for (etwmon.hashes).
+    hashes: str | None = None
     flags: EventFlags = EventFlags(0)
 
     @property

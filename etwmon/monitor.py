@@ -48,6 +48,8 @@ class MonitorStats(RingStats):
     identity: dict[str, int] = field(default_factory=dict)
     #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
     rules: dict[str, Any] = field(default_factory=dict)
+    #: The hashing stage's counters (``etwmon.hashes.HashStage.stats``); empty without hashes.
+    hashes: dict[str, int] = field(default_factory=dict)
 
 
 class _Sink:
@@ -187,13 +189,24 @@ class Monitor(EventReader):
 
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
     one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
+
+    ``hashes``: ``"sha256"``, ``"md5,sha256"``, ``"*"`` — the executable's hashes in each process record
+    (``etwmon.hashes``; default: the rules configuration's ``<HashAlgorithms>``, else none and no cost).
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
                  rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
                  max_processes: int = DEFAULT_MAX_PROCESSES, max_process_bytes: int = DEFAULT_MAX_BYTES,
+                 hashes: str | None = None,
                  **source_options: Any) -> None:
         self._rules = _load_rules(rules)
+        if hashes is None and self._rules is not None:
+            hashes = getattr(self._rules.config, "hash_algorithms", None)
+        self._hash_stage: Any = None
+        if hashes:  # built here: an unknown algorithm raises ValueError before anything starts
+            from .hashes import HashStage
+
+            self._hash_stage = HashStage(hashes)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._identity = bool(identity)
@@ -247,6 +260,8 @@ class Monitor(EventReader):
             from .rules import RulesStage
 
             sink = self._rules_stage = RulesStage(sink, self._rules)
+        if self._hash_stage is not None:  # identity -> hashes -> rules: it reads identity's fields, rules its Hashes
+            sink = self._hash_stage.attach(sink)
         if self._stage is not None:  # source -> identity -> rules -> ring: rules see the identity fields
             sink = self._stage.attach(sink)
         return sink
@@ -271,6 +286,8 @@ class Monitor(EventReader):
             if thread.is_alive():
                 log.error("etwmon source %r did not stop within %.0f s", source.name, _STOP_TIMEOUT)
             source.close()
+            if self._hash_stage is not None:
+                self._hash_stage.close()
             self._thread = None
             wakeup.set(force=True)  # wake anyone still waiting: running is over
 
@@ -429,7 +446,8 @@ class Monitor(EventReader):
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
                             parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
                             rules=stage.stats() if stage is not None else {},
-                            identity=self._stage.stats() if self._stage is not None else {})
+                            identity=self._stage.stats() if self._stage is not None else {},
+                            hashes=self._hash_stage.stats() if self._hash_stage is not None else {})
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

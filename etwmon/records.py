@@ -193,6 +193,12 @@ class EventFlags(enum.IntFlag):
     UNKNOWN_PARENT = 0x4
     #: The process was running before the monitor started: its details come from the start-up snapshot.
     SEEDED = 0x8
+    #: Hashes were asked for but not ready when the record was written (the file is being hashed off the
+    #: source's thread; later records of the same file carry them).
+    HASH_PENDING = 0x10
+    #: Hashes were asked for but the file that ran could not be hashed (gone, a memory file, changed since,
+    #: not readable): see docs/identity.md.
+    NO_HASH = 0x20
 
 
 class ExtensionTag(enum.IntEnum):
@@ -221,6 +227,7 @@ class ExtensionTag(enum.IntEnum):
     PidNamespace = 21  # ULONG: inode number of its pid namespace (/proc/<pid>/ns/pid)
     NamespacePid = 22  # ULONG: its process id as its own pid namespace numbers it
     CgroupId = 23  # ULONGLONG: its cgroup v2 id (the inode number of its directory under the cgroup2 mount)
+    Hashes = 24  # text: the executable's hashes in Sysmon's form, "MD5=<HEX>,SHA256=<HEX>" (etwmon.hashes)
 
 
 class ExeFlags(enum.IntFlag):
@@ -253,10 +260,11 @@ _TAG_FIELDS: dict[int, tuple[str, str]] = {
     12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
     16: ("rule_name", "text"), 17: ("exe_device", "u32"), 18: ("exe_inode", "u64"), 19: ("exe_flags", "u32"),
     20: ("mnt_ns", "u32"), 21: ("pid_ns", "u32"), 22: ("ns_pid", "u32"), 23: ("cgroup_id", "u64"),
+    24: ("hashes", "text"),
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13, 24, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -332,6 +340,7 @@ class Details:
     pid_ns: int | None = None
     ns_pid: int | None = None
     cgroup_id: int | None = None
+    hashes: str | None = None
     flags: int = 0
 
     def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:

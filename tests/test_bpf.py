@@ -78,16 +78,17 @@ def event(kind: int, *, flags: int = 0, ns: int = 5_000, pid: int = 100, tid: in
           cpid: int = 0, ctid: int = 0, code: int = 0, argv: bytes = b"", argv_full: int | None = None,
           filename: bytes = b"", exe: bytes = b"", cwd: bytes = b"", comm: bytes = b"prog",
           tty: bytes = b"", exe_ino: int = 0, exe_dev: int = 0, exe_flags: int = 0, mnt_ns: int = 0,
-          pid_ns: int = 0, ns_pid: int = 0) -> bytes:
+          pid_ns: int = 0, ns_pid: int = 0, cgroup: bytes = b"") -> bytes:
     """A struct etwmon_event as the kernel side writes it."""
-    tail = argv + filename + exe + cwd
+    tail = argv + filename + exe + cwd + cgroup
     fields = dict(kind=kind, flags=flags, size=ev.EVENT_SIZE + len(tail), time_ns=ns, pid=pid,
                   tid=pid if tid is None else tid, ppid=ppid, creating_pid=cpid, creating_tid=ctid, exit_code=code,
                   start_boottime=1_000, parent_start_boottime=500, cgroup_id=77, uid=1000, euid=0, gid=1001,
                   egid=0, loginuid=0xFFFFFFFF, sessionid=3, argv_len=len(argv),
                   argv_full_len=len(argv) if argv_full is None else argv_full, filename_len=len(filename),
                   exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty, exe_ino=exe_ino,
-                  exe_dev=exe_dev, exe_flags=exe_flags, mnt_ns=mnt_ns, pid_ns=pid_ns, ns_pid=ns_pid, reserved2=0)
+                  exe_dev=exe_dev, exe_flags=exe_flags, mnt_ns=mnt_ns, pid_ns=pid_ns, ns_pid=ns_pid, cgroup_len=len(cgroup),
+                  reserved2=0)
     return ev.EVENT.pack(*(fields[name] for name, _ in ev.FIELDS)) + tail
 
 

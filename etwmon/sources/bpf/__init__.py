@@ -89,6 +89,7 @@ class BpfSource(Source):
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
+        "cgroup",
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,

@@ -12,7 +12,7 @@ from ...clock import KernelClock
 from ...records import EventFlags, ExeFlags, ExtensionTag, pack_field, with_packed
 from .._proc import user_name
 from ._event import (
-    CWD_TRUNCATED, EXE_DELETED, EXE_MEMFD, EXE_SETGID, EXE_SETUID, EXE_TRUNCATED, EXEC, EXIT_PROCESS, FORK_PROCESS,
+    CGROUP_TRUNCATED, CWD_TRUNCATED, EXE_DELETED, EXE_MEMFD, EXE_SETGID, EXE_SETUID, EXE_TRUNCATED, EXEC, EXIT_PROCESS, FORK_PROCESS,
     TaskDetails,
 )
 
@@ -20,9 +20,9 @@ __all__ = ["task_enricher", "tty_name", "where_fields"]
 
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
-_UID, _START, _IMAGE, _CWD, _USER, _TTY = (int(ExtensionTag.Uid), int(ExtensionTag.StartTime),
-                                           int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory),
-                                           int(ExtensionTag.User), int(ExtensionTag.Tty))
+_UID, _START, _IMAGE, _CWD, _USER, _TTY, _CGROUP = (
+    int(ExtensionTag.Uid), int(ExtensionTag.StartTime), int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory),
+    int(ExtensionTag.User), int(ExtensionTag.Tty), int(ExtensionTag.Cgroup))
 _TRUNCATED = int(EventFlags.TRUNCATED)
 _U64 = struct.Struct("<Q")
 _EXE_DEV, _EXE_INO, _EXE_FLAGS, _MNT_NS, _PID_NS, _NS_PID, _CGROUP_ID = (
@@ -97,6 +97,10 @@ def task_enricher(boot_clock: KernelClock) -> Callable[[bytes, TaskDetails], byt
         tty = tty_name(task.tty)
         if tty is not None:
             fields.append(pack_field(_TTY, tty.encode("utf-16-le")))
+        if task.cgroup is not None:
+            fields.append(_text(_CGROUP, task.cgroup))
+        elif task.flags & CGROUP_TRUNCATED:
+            flags |= _TRUNCATED
         return with_packed(record, flags, fields)
 
     enrich.threads = False  # type: ignore[attr-defined]  # (the stage names a thread's process itself)

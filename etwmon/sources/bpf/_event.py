@@ -21,8 +21,8 @@ __all__ = [
     "EVENT", "EVENT_SIZE", "FIELDS", "TaskDetails", "EventDecoder",
     "FORK_PROCESS", "FORK_THREAD", "EXEC", "EXIT_THREAD", "EXIT_PROCESS",
     "ARGV_TRUNCATED", "ARGV_FAULT", "NO_MM", "EXE_TRUNCATED", "CWD_TRUNCATED", "LEADER_REPLACED",
-    "FILENAME_TRUNCATED", "NO_TTY", "ARGV_MAX", "EXE_KNOWN", "EXE_MEMFD", "EXE_DELETED", "EXE_SETUID",
-    "EXE_SETGID", "stat_device", "KIND_BASE", "CONFIG", "CONFIG_WIRE", "CONFIG_IDENTITY",
+    "FILENAME_TRUNCATED", "NO_TTY", "CGROUP_TRUNCATED", "CGROUP_V1", "ARGV_MAX", "EXE_KNOWN", "EXE_MEMFD",
+    "EXE_DELETED", "EXE_SETUID", "EXE_SETGID", "stat_device", "KIND_BASE", "CONFIG", "CONFIG_WIRE", "CONFIG_IDENTITY",
 ]
 
 # etwmon_event.kind: from KIND_BASE up, so that the ring tells them from the wire records the kernel writes itself
@@ -40,6 +40,8 @@ CWD_TRUNCATED = 0x0010
 LEADER_REPLACED = 0x0020
 FILENAME_TRUNCATED = 0x0040
 NO_TTY = 0x0080
+CGROUP_TRUNCATED = 0x0100
+CGROUP_V1 = 0x0200
 ARGV_MAX = 32768
 # etwmon_event.exe_flags
 EXE_KNOWN, EXE_MEMFD, EXE_DELETED, EXE_SETUID, EXE_SETGID = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -54,7 +56,7 @@ FIELDS: list[tuple[str, str]] = [
     ("filename_len", "H"), ("exe_len", "H"), ("cwd_len", "H"), ("reserved", "H"),
     ("comm", "16s"), ("tty", "32s"),
     ("exe_ino", "Q"), ("exe_dev", "I"), ("exe_flags", "I"), ("mnt_ns", "I"), ("pid_ns", "I"), ("ns_pid", "I"),
-    ("reserved2", "I"),
+    ("cgroup_len", "H"), ("reserved2", "H"),
 ]
 EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
 EVENT_SIZE = EVENT.size  # 184: the tail starts here
@@ -105,14 +107,15 @@ class TaskDetails:
     mnt_ns: int | None = None   # inode numbers of the task's mount and pid namespaces; None if unknown
     pid_ns: int | None = None
     ns_pid: int | None = None   # the process id in its pid namespace
+    cgroup: bytes | None = None  # forks and execs: the cgroup path (etwmon_cgroup.h: v2, else a v1 hierarchy's)
 
     @classmethod
     def from_event(cls, data, offset: int) -> "TaskDetails":
         (kind, flags, _, time_ns, pid, tid, ppid, _, _, _, start, pstart, cgroup, uid, euid, gid, egid, loginuid,
          sessionid, argv_len, _, filename_len, exe_len, cwd_len, _, comm, tty, exe_ino, exe_dev, exe_flags, mnt_ns,
-         pid_ns, ns_pid, _) = EVENT.unpack_from(data, offset)
+         pid_ns, ns_pid, cgroup_len, _) = EVENT.unpack_from(data, offset)
         has_tail = kind in (FORK_PROCESS, EXEC)
-        filename = exe = cwd = None
+        filename = exe = cwd = cgroup_path = None
         if has_tail:
             at = offset + EVENT_SIZE + argv_len
             filename = bytes(data[at:at + filename_len]) if kind == EXEC else None
@@ -120,11 +123,13 @@ class TaskDetails:
             exe = bytes(data[at:at + exe_len]) if exe_len else None
             at += exe_len
             cwd = bytes(data[at:at + cwd_len]) if cwd_len else None
+            at += cwd_len
+            cgroup_path = bytes(data[at:at + cgroup_len]) if cgroup_len else None
         return cls(kind, flags, time_ns, pid, tid, ppid, start, pstart, uid, euid, gid, egid,
                    None if loginuid == _UNSET else loginuid, None if sessionid == _UNSET else sessionid, cgroup,
                    comm.rstrip(b"\0"), tty.rstrip(b"\0") if has_tail else None, filename, exe, cwd,
                    stat_device(exe_dev) if exe_flags else None, exe_ino if exe_flags else None, exe_flags,
-                   mnt_ns or None, pid_ns or None, ns_pid if pid_ns else None)
+                   mnt_ns or None, pid_ns or None, ns_pid if pid_ns else None, cgroup_path)
 
 
 #: ``enrich(record, details) -> record``: called for each record when given (see BpfSource); one whose

@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "etwmon_event.h"
+#include "etwmon_cgroup.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -179,7 +180,7 @@ static __always_inline void fill(struct etwmon_event *e, __u16 kind, struct task
 	BPF_CORE_READ_INTO(&e->comm, task, comm);
 	e->exe_ino = 0;
 	e->exe_dev = e->exe_flags = 0;
-	e->reserved2 = 0;
+	e->cgroup_len = e->reserved2 = 0;
 	read_namespaces(e, task);
 }
 
@@ -319,6 +320,17 @@ static __always_inline __u32 read_exe_cwd(struct scratch *s, __u32 off, struct t
 		      ETWMON_CWD_TRUNCATED);
 	s->e.cwd_len = n;
 	return off + n;
+}
+
+/* The task's cgroup path (etwmon_cgroup.h) after what is in the tail up to `off`; returns the new end. */
+static __always_inline __u32 read_cgroup(struct scratch *s, __u32 off, struct task_struct *task)
+{
+	__u32 start = read_cgroup_path(task, s->path, &s->e.flags);
+	__u32 len = (ETWMON_PATH_MAX - start) & (ETWMON_PATH_MAX - 1);
+
+	s->e.cgroup_len = len;
+	bpf_probe_read_kernel(&s->tail[off & TAIL_MASK], len, &s->path[start & (ETWMON_PATH_MAX - 1)]);
+	return off + len;
 }
 
 static __always_inline void read_tty(struct etwmon_event *e, struct task_struct *task)
@@ -524,6 +536,7 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	read_tty(&s->e, child);
 	off = read_argv(s, parent); /* the forking task is current: its argv is what the child inherits */
 	off = read_exe_cwd(s, off, child);
+	off = read_cgroup(s, off, child);
 	emit(s, off);
 	return 0;
 }
@@ -551,6 +564,7 @@ int BPF_PROG(etwmon_exec, struct task_struct *task, pid_t old_pid, struct linux_
 		off += s->e.filename_len;
 	}
 	off = read_exe_cwd(s, off, task);
+	off = read_cgroup(s, off, task);
 	emit(s, off);
 	return 0;
 }

@@ -5,8 +5,8 @@
  * One event per kernel tracepoint hit. Small events (thread create, exits) are the fixed part only;
  * process creates and execs add a variable tail: argv (argv_len bytes, the raw NUL-separated strings from
  * the task's mm), then filename_len bytes of bprm->filename (exec only), exe_len bytes of the executable's
- * path, cwd_len bytes of the working directory. No strings are NUL-terminated in the tail. sizeof is a
- * multiple of 8, so the tail starts right after the fixed part. Fields are only ever appended (after tty).
+ * path, cwd_len bytes of the working directory, cgroup_len bytes of the cgroup path. No strings are
+ * NUL-terminated in the tail. sizeof is a multiple of 8, so the tail starts right after the fixed part. Fields are only ever appended (after tty).
  */
 #ifndef ETWMON_EVENT_H
 #define ETWMON_EVENT_H
@@ -29,6 +29,8 @@
                                        * the thread id that goes away (the exec'ing thread takes the leader's) */
 #define ETWMON_FILENAME_TRUNCATED 0x0040
 #define ETWMON_NO_TTY 0x0080          /* no controlling terminal (tty is empty) */
+#define ETWMON_CGROUP_TRUNCATED 0x0100 /* the cgroup path is too deep or too long: the tail holds none */
+#define ETWMON_CGROUP_V1 0x0200       /* the cgroup path is a v1 hierarchy's (the task is at the v2 root) */
 
 /* What the executable file is (etwmon_event.exe_flags; exe_dev and exe_ino say which file it is). */
 #define ETWMON_EXE_KNOWN 0x01   /* the task has an executable (mm->exe_file): exe_dev, exe_ino, the bits below */
@@ -72,8 +74,9 @@ struct etwmon_event {
 	__u32 mnt_ns;          /* inode number of the task's mount namespace (/proc/<pid>/ns/mnt); 0 if unknown */
 	__u32 pid_ns;          /* inode number of its pid namespace (/proc/<pid>/ns/pid); 0 if unknown */
 	__u32 ns_pid;          /* the process id (tgid) as its own pid namespace numbers it */
-	__u32 reserved2;
-	/* the tail follows: argv, filename, exe, cwd (see above) */
+	__u16 cgroup_len;      /* bytes of the cgroup path in the tail (etwmon_cgroup.h says which hierarchy) */
+	__u16 reserved2;
+	/* the tail follows: argv, filename, exe, cwd, cgroup (see above) */
 };
 
 /* The loader's settings, in the one-entry array map `config`, written after load and before attach. */
