@@ -32,8 +32,8 @@ def pick_rate(max_exec_rate: float) -> tuple[float, str]:
 
 
 def run(tools: list[Tool], exe: Path, max_exec_rate: float, quick: bool, skipped: dict[str, str]) -> dict:
-    """Each of TOOLS that runs here watches the paced exec run once (3 s with ``quick``, else 30 s)."""
-    seconds = 3.0 if quick else 30.0
+    """Each of TOOLS that runs here watches the paced exec run once (2 s with ``quick``, else 30 s)."""
+    seconds = 2.0 if quick else 30.0
     rate, why = pick_rate(max_exec_rate)
     items = max(50, int(rate * seconds))
     by_name = {tool.name: tool for tool in tools}

@@ -1,5 +1,6 @@
 """A monitor under test, run as its own process by the storm benchmarks: etwmon (a Monitor drained with
-``wait()`` + ``readinto``) or pyroute2's ProcEventSocket. Prints "ready" once subscribed, watches until a
+``wait()`` + ``readinto``; with ``--mode parse`` or ``parse_array`` each buffer is also decoded as a program that
+reads the events would) or pyroute2's ProcEventSocket. Prints "ready" once subscribed, watches until a
 "stop" line on stdin, then writes what it saw as JSON (see peers.WatcherTool).
 
 While watching it only keeps what it received (raw record bytes for etwmon, three fields per message for

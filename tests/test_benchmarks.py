@@ -213,7 +213,7 @@ def test_perftest_row_names_its_rate_and_each_monitor(quick_run):
         assert not (IS_ROOT and REQUIRE_ROOT), perf["reason"]
         pytest.skip(f"perftest: {perf['reason']}")
     p = perf["params"]
-    assert p["seconds"] == 3.0 and 0 < p["rate"] <= 1600 and p["rate_reason"]
+    assert p["seconds"] == 2.0 and 0 < p["rate"] <= 1600 and p["rate_reason"]
     assert ("perftest" in p["rate_reason"]) and (p["rate"] == 1600 or "60%" in p["rate_reason"])
     ran = [r["tool"] for r in perf["rows"]]
     assert set(ran) | set(perf["not_run"]) == {"etwmon-bpf", "etwmon-bpf tail --json", "forkstat", "bpftrace"}
