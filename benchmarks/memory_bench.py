@@ -30,7 +30,7 @@ def table_cap(identity_stats: dict) -> tuple[int, str]:
     default = getattr(etwmon.identity, "DEFAULT_MAX_BYTES", None)
     if default:
         return int(default), "etwmon.identity.DEFAULT_MAX_BYTES"
-    return TABLE_CAP_DEFAULT, "this etwmon states no byte cap for its process table: the documented 32 MiB"
+    return TABLE_CAP_DEFAULT, "the documented default; this etwmon names no byte cap"
 
 
 def run(workdir: Path, exes: dict[str, Path], source: str, quick: bool) -> dict:

@@ -113,16 +113,18 @@ def _storms(storms: dict, results: dict, markdown: bool) -> list[str]:
                    f"({rate}): "
                    f"{c['error']}")
     if storms.get("paths"):
-        out += [""] + _paths(storms["paths"], markdown)
+        out += [""] + _paths(storms["paths"], storms["params"].get("read_paths_in"), markdown)
     return out
 
 
-def _paths(paths: list[dict], markdown: bool) -> list[str]:
+def _paths(paths: list[dict], kinds: list[str] | None, markdown: bool) -> list[str]:
     """The bpf source read each way at full rate, as a ratio to the peers' CPU per event in the same rounds."""
     from storm_bench import PATH_GOALS, PEERS
 
     out = ["CPU per event of etwmon-bpf read each way at the storms' full rate (identity on), and its ratio to "
-           "each peer's in the same round: median [min–max] over the rounds; goal in brackets where there is one."]
+           "each peer's in the same round: median [min–max] over the rounds; goal in brackets where there is one."
+           + (f" The paths other than readinto ran in the {', '.join(kinds)} storm(s) only." if kinds and
+              len(kinds) < 3 else "")]
     out.append("")
     rows = []
     for r in paths:
@@ -148,12 +150,16 @@ def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
                f"({p['execs']:,} execs), one monitor at a time. Rate: {p['rate_reason']}. CPU = the monitor's "
                "utime+stime over the run; µs per exec covers its fork, exec and exit events.")
     out.append("")
-    rows = [[r["tool"], _num(r.get("execs_per_s"), 0), _num(r.get("cpu_pct_of_core"), 1),
+    rows = [[r["tool"], _num(r.get("execs_per_s"), 0) + ("" if r.get("rate_kept", True) else " (behind)"),
+             _num(r.get("cpu_pct_of_core"), 1),
              _num(r.get("us_per_exec"), 1), _num(r.get("captured_pct"), 2), _num(r.get("cmdline_right_pct"), 1),
              (r.get("error") or "")[:60]] for r in perf["rows"]]
     rows += [[name, "", "", "", "", "", f"not run: {why}"[:80]] for name, why in perf.get("not_run", {}).items()]
     out += _table(["monitor", "execs/s", "CPU % of a core", "µs per exec", "captured %", "cmdline right %",
                    "errors"], rows, markdown)
+    if not all(r.get("rate_kept", True) for r in perf["rows"]):
+        out += ["", "behind: the generator made less than 90 % of the rate while that monitor watched (the machine "
+                "was busier than the rate allows), so its CPU is for a lighter load than the others'."]
     return out
 
 
@@ -186,7 +192,7 @@ def _memory(first: dict, results: dict, markdown: bool) -> list[str]:
                        f"max_items={p['max_items']:,}, max_bytes={p['max_bytes'] / MIB:.0f} MiB; the reader stops "
                        f"reading at {p['reader_stops_at_s']:.0f} s so the ring fills to its caps."
                        + (f" Allowed growth = the ring's caps + the process table's byte cap "
-                          f"({p['process_table_max_bytes'] / MIB:.0f} MiB, from {p['process_table_cap_from']}) "
+                          f"({p['process_table_max_bytes'] / MIB:.0f} MiB: {p['process_table_cap_from']}) "
                           "+ 16 MiB." if p.get("process_table_max_bytes") else ""))
             out.append("")
             out += _table(["RSS start", "max while reading", "max", "end", "growth", "allowed", "pushed", "dropped (counted)"],
