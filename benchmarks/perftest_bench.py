@@ -55,6 +55,8 @@ def run(tools: list[Tool], exe: Path, max_exec_rate: float, quick: bool, skipped
                "execs_per_s": trial["items"] / trial["seconds"] if trial["seconds"] else None,
                "cpu_s": cpu, "rate_kept": trial["items"] >= 0.9 * rate * trial["seconds"], "cpu_pct_of_core": 100.0 * cpu / trial["seconds"] if cpu is not None else None,
                "us_per_exec": 1e6 * cpu / trial["items"] if cpu is not None and trial["items"] else None,
+               # what it delivered, the rest of the machine's events included (its CPU paid for those too)
+               "events_delivered": trial["delivered"], "events_made": trial["events"],
                "captured_pct": trial["captured_pct"], "cmdline_right_pct": trial.get("cmdline_right_pct"),
                "lost_reported": trial.get("lost_reported"), "error": trial.get("error")}
         rows.append(row)

@@ -143,6 +143,14 @@ def _paths(paths: list[dict], kinds: list[str] | None, markdown: bool) -> list[s
     return out + _table(heads, rows, markdown)
 
 
+def _delivered(row: dict) -> str:
+    """Events a monitor delivered / the events the run made (more: the rest of the machine's, which its CPU paid
+    for too)."""
+    if row.get("events_delivered") is None or not row.get("events_made"):
+        return "–"
+    return f"{row['events_delivered']:,} / {row['events_made']:,}"
+
+
 def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
     out = _skipped(perf, markdown)
     p = perf["params"]
@@ -152,11 +160,11 @@ def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
     out.append("")
     rows = [[r["tool"], _num(r.get("execs_per_s"), 0) + ("" if r.get("rate_kept", True) else " (behind)"),
              _num(r.get("cpu_pct_of_core"), 1),
-             _num(r.get("us_per_exec"), 1), _num(r.get("captured_pct"), 2), _num(r.get("cmdline_right_pct"), 1),
-             (r.get("error") or "")[:60]] for r in perf["rows"]]
-    rows += [[name, "", "", "", "", "", f"not run: {why}"[:80]] for name, why in perf.get("not_run", {}).items()]
-    out += _table(["monitor", "execs/s", "CPU % of a core", "µs per exec", "captured %", "cmdline right %",
-                   "errors"], rows, markdown)
+             _num(r.get("us_per_exec"), 1), _delivered(r), _num(r.get("captured_pct"), 2),
+             _num(r.get("cmdline_right_pct"), 1), (r.get("error") or "")[:60]] for r in perf["rows"]]
+    rows += [[name, "", "", "", "", "", "", f"not run: {why}"[:80]] for name, why in perf.get("not_run", {}).items()]
+    out += _table(["monitor", "execs/s", "CPU % of a core", "µs per exec", "events delivered / made", "captured %",
+                   "cmdline right %", "errors"], rows, markdown)
     if not all(r.get("rate_kept", True) for r in perf["rows"]):
         out += ["", "behind: the generator made less than 90 % of the rate while that monitor watched (the machine "
                 "was busier than the rate allows), so its CPU is for a lighter load than the others'."]
@@ -387,9 +395,10 @@ _METHOD = [
     "buffer `readinto` filled (reading each event's type and time), one that calls `parse_array` (when etwmon "
     "has it), and as `etwmon tail --json` writing to a file (each its own process, CPU measured as above); each "
     "ratio divides its CPU per event by forkstat's or bpftrace's in the same round (the tools run interleaved).",
-    "- **Perftest**: the exec storm generator paced to a fixed rate (SysmonForLinux's perftest: 1,600/s; 60 % of "
-    "the unwatched maximum when that is lower) for 30 s; CPU % of one core = the monitor's utime+stime over the "
-    "run's wall time; µs per exec = the same CPU / execs.",
+    "- **Perftest**: the exec storm generator (`/bin/true storm-<i>`, one at a time) paced to a fixed rate "
+    "(SysmonForLinux's perftest: 1,600/s; 60 % of the unwatched maximum when that is lower) for 30 s; CPU % of one "
+    "core = the monitor's utime+stime over the run's wall time; µs per exec = the same CPU / execs (the rest of "
+    "the machine's events, which the monitor also delivered, are paid for in it: the table shows how many).",
     "- **Cost**: the exec storm unthrottled with no monitor, then with each monitor, per round; ratio = rate "
     "with monitor / rate without in the same round.",
     "- **Memory**: etwmon's RSS (`VmRSS`) every second while the thread and exec storms run unthrottled; the "

@@ -228,6 +228,7 @@ def test_perftest_row_names_its_rate_and_each_monitor(quick_run):
         assert row["execs"] > 0 and row["cpu_pct_of_core"] >= 0
         assert row["us_per_exec"] == pytest.approx(1e6 * row["cpu_s"] / row["execs"], rel=1e-9)
         assert 0 <= row["captured_pct"] <= 100
+        assert row["events_made"] == 3 * row["execs"] and row["events_delivered"] >= 0
     if "etwmon-bpf" in ran:
         assert [t["name"] for t in perf["targets"]] == [
             "etwmon-bpf: Monitor CPU per exec (fork + exec + exit) at the perftest rate"]
