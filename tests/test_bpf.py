@@ -232,14 +232,22 @@ class MemoryRing:
         self.closed = False
 
     def add(self, sample: bytes, busy: bool = False) -> int:
+        """Write a record at the producer position; the data pages are mapped twice in a row (as the kernel's
+        are), so a record that runs past the ring's end is also at the start, and the reverse."""
         at = self.prod & self.mask
-        self.data[at:at + 4] = (len(sample) | (self.BUSY if busy else 0)).to_bytes(4, "little")
-        self.data[at + 8:at + 8 + len(sample)] = sample
+        size = self.mask + 1
+        record = (len(sample) | (self.BUSY if busy else 0)).to_bytes(4, "little") + b"\0" * 4 + sample
+        for i, byte in enumerate(record):
+            self.data[(at + i) & self.mask] = self.data[((at + i) & self.mask) + size] = byte
         self.prod += (len(sample) + 8 + 7) & ~7
         return at
 
-    def commit(self, at: int) -> None:
+    def commit_all_mappings(self, at: int) -> None:
         self.data[at + 3] &= 0x7F
+        self.data[at + 3 + self.mask + 1] &= 0x7F
+
+    def commit(self, at: int) -> None:
+        self.commit_all_mappings(at)
 
     def header(self, at: int) -> int:
         return int.from_bytes(self.data[at:at + 4], "little")
@@ -390,6 +398,22 @@ def test_records_the_kernel_wrote_move_whole_in_ring_order_with_times_raised(n):
     assert times == sorted(times) and out[n // 2].filetime == t + n // 2 - 1
     assert source._decoder.time_raised == 1 and source.stats()["kernel_written"] == n
     assert (sum(sink.batches) == n - 1) == (n - 1 > 64)  # a big run moves in one batch, a small one by record
+
+
+def test_a_run_of_records_the_kernel_wrote_that_wraps_past_the_rings_end_moves_whole():
+    ring, sink = MemoryRing(1 << 13), BatchSink()  # 8 KiB: 200 records of 64 ring bytes wrap it
+    t = filetime(1_000)
+    written = [kernel_thread_record(1000 + i, 7, t + i) for i in range(200)]
+    source = reading_source(ring, Counter())
+    source._decoder.push = sink.push
+    for chunk in (written[:40], written[40:140], written[140:]):  # runs of > 64 records (one batch each) that
+        # run past the ring's end, each less than the ring holds
+        for record in chunk:
+            ring.add(record)
+        source._drain(sink)
+    assert [e.tid for e in sink.events()] == [1000 + i for i in range(200)]
+    assert ring.cons == ring.prod and source.stats()["kernel_written"] == 200
+    assert sink.batches == [100]  # the wrapping run of 100 went as one batch (runs of 64 or fewer go one by one)
 
 
 # --- availability --------------------------------------------------------------------------------------------

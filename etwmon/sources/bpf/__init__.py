@@ -315,7 +315,11 @@ class BpfSource(Source):
                 if size < _WIRE_MIN:
                     self.skipped += 1  # shorter than any record: nothing to read, but never silently gone
                 elif data[at + 9] < _KIND_HIGH:  # a wire record's Type (< 0x100), not an event's kind
-                    ats.append(at + 8)
+                    if not ats:
+                        first_at, first_cons = at, cons
+                    # Offsets run on past the ring's end into its second mapping, so a batch that wraps is one
+                    # contiguous region (a pass reads at most one ring's length).
+                    ats.append(first_at + (cons - first_cons) + 8)
                     sizes.append(size)
                     count += 1
                 elif size >= EVENT_SIZE:

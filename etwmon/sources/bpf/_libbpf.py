@@ -362,7 +362,12 @@ class RingBuffer:
         self.__dict__.pop("producer_pos", None)
         self.__dict__.pop("advance", None)
         del self._pos
-        self.data.release()
-        self._producer_view.release()
-        self._producer.close()
-        self._consumer.close()
+        try:
+            self.data.release()
+            self._producer_view.release()
+            self._producer.close()
+            self._consumer.close()
+        except BufferError:
+            # A view of the pages is still held (e.g. by the traceback of a failed drain that a Monitor keeps
+            # to report): the mappings go when the last view does, never while one can still read them.
+            log.debug("ring buffer pages still referenced at close; unmapped when released")
