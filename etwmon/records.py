@@ -213,28 +213,32 @@ class ExtensionTag(enum.IntEnum):
     StartTime = 14  # LONGLONG FILETIME: when the process started
     Lifetime = 15  # ULONGLONG microseconds from start to exit (ProcessExit)
     RuleName = 16  # text: the name of the rule that matched the event (Sysmon's RuleName)
+    ImageDevice = 17  # ULONGLONG: st_dev of the loaded image's file (ImageLoad), as stat(2) gives it
+    ImageInode = 18  # ULONGLONG: st_ino of the loaded image's file (ImageLoad)
+    ImageLoaded = 19  # text: the loaded image's whole path, when ImageFileName (300 characters) had to cut it
 
 
 EXTENSION_VERSION = 1
 EXTENSION_HEADER_SIZE = 8
 _EXT_HEADER = struct.Struct("<HHI")
 _TIME_PIDS = struct.Struct("<qIIII")  # Time, ProcessId, ParentProcessId, CreatingThreadId, CreatingProcessId
-_BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4: THREAD_EXIT_DTYPE.itemsize}
+_BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4: THREAD_EXIT_DTYPE.itemsize,
+              5: IMAGE_LOAD_DTYPE.itemsize}
 _TLV = struct.Struct("<HH")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _U32_ = struct.Struct("<I")
-# Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, us (microseconds as a timedelta).
+# Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, u64, us (microseconds as a timedelta).
 _TAG_FIELDS: dict[int, tuple[str, str]] = {
     1: ("process_guid", "guid"), 2: ("parent_process_guid", "guid"), 3: ("image", "text"),
     4: ("current_directory", "text"), 5: ("uid", "u32"), 6: ("user", "text"), 7: ("parent_image", "text"),
     8: ("parent_command_line", "text"), 9: ("parent_user", "text"), 10: ("tty", "text"), 11: ("session", "u32"),
     12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
-    16: ("rule_name", "text"),
+    16: ("rule_name", "text"), 17: ("image_device", "u64"), 18: ("image_inode", "u64"), 19: ("image_name", "text"),
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 16, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 16, 17, 18, 19, 3, 4, 6, 10, 12, 13, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -259,6 +263,8 @@ def _value_bytes(kind: str, value) -> bytes:
         return _U32_.pack(value & 0xFFFFFFFF)
     if kind == "i64":
         return _I64.pack(value)
+    if kind == "u64":
+        return _U64.pack(value)
     return _U64.pack(value // timedelta(microseconds=1))  # "us": a timedelta
 
 
@@ -272,6 +278,8 @@ def _field_value(kind: str, data: bytes):
         return _U32_.unpack(data)[0] if len(data) == 4 else None
     if kind == "i64":
         return _I64.unpack(data)[0] if len(data) == 8 else None
+    if kind == "u64":
+        return _U64.unpack(data)[0] if len(data) == 8 else None
     return timedelta(microseconds=_U64.unpack(data)[0]) if len(data) == 8 else None
 
 
@@ -299,14 +307,17 @@ class Details:
     start_filetime: int | None = None
     lifetime: timedelta | None = None
     rule_name: str | None = None
+    image_device: int | None = None
+    image_inode: int | None = None
     flags: int = 0
 
     def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
-        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes)."""
+        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes). The
+        loaded image's whole path (ImageLoaded) is the ImageLoad record's own: its encoder adds it."""
         out = []
         for tag in _TAG_ORDER:
             name, kind = _TAG_FIELDS[tag]
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             if value is not None and (allowed is None or name in allowed):
                 out.append((tag, _value_bytes(kind, value)))
         return out
@@ -506,11 +517,24 @@ def encode_thread_exit(time: int, tid: int, pid: int, exit_code: int, details: D
     return _with(_THREAD_EXIT.pack(4, 32, time, tid, pid, exit_code & 0xFFFFFFFF), details)
 
 
-def encode_image_load(time: int, pid: int, image_size: int, load_address: int, image_name: str) -> bytes:
-    """An ImageLoadInfo record: the name is cut to 300 WCHARs (TRUNCATION_MARKER at the end) and NUL-padded."""
-    name = _utf16(image_name, _IMAGE_NAME_CHARS - 1)
-    return (_IMAGE_LOAD_HEAD.pack(5, IMAGE_LOAD_DTYPE.itemsize, time, pid, image_size, load_address) + name
-            + b"\0" * (IMAGE_LOAD_DTYPE.itemsize - IMAGE_LOAD_DTYPE.fields["ImageFileName"][1] - len(name)))
+def encode_image_load(time: int, pid: int, image_size: int, load_address: int, image_name: str,
+                      details: Details | None = None) -> bytes:
+    """An ImageLoadInfo record: the name is cut to 300 WCHARs (TRUNCATION_MARKER at the end) and NUL-padded.
+    With ``details`` (process_guid, image, image_device, image_inode) an extension block follows, and a name
+    that had to be cut is there whole (ImageLoaded), the record flagged TRUNCATED."""
+    whole = image_name.encode("utf-16-le", "surrogatepass")
+    name = _cut_utf16(whole, _IMAGE_NAME_CHARS - 1)
+    record = (_IMAGE_LOAD_HEAD.pack(5, IMAGE_LOAD_DTYPE.itemsize, time, pid, image_size, load_address) + name
+              + b"\0" * (IMAGE_LOAD_DTYPE.itemsize - IMAGE_LOAD_DTYPE.fields["ImageFileName"][1] - len(name)))
+    if details is None:
+        return record
+    fields = details.fields(_EXTENSION_ATTRS[5])
+    flags = details.flags
+    if len(name) != len(whole):
+        flags |= EventFlags.TRUNCATED
+        at = next((i for i, (tag, _) in enumerate(fields) if tag == 3), len(fields))  # block order: before Image
+        fields.insert(at, (int(ExtensionTag.ImageLoaded), whole))
+    return with_fields(record, flags, fields)
 
 
 def encode_records_lost(time: int, count: int) -> bytes:
@@ -675,10 +699,21 @@ class ImageLoad(Event):
     pid: int
     image_size: int
     load_address: int
+    #: The loaded file's whole path (from the extension block when ImageFileName had to cut it).
     image_name: str
+    process_guid: str | None = None
+    #: The process's executable (Sysmon's Image); image_name is the loaded file (Sysmon's ImageLoaded).
+    image: str | None = None
+    image_device: int | None = None
+    image_inode: int | None = None
+    flags: EventFlags = EventFlags(0)
+
+    def details(self) -> Details | None:
+        return _details_of(self)
 
     def encode(self) -> bytes:
-        return encode_image_load(self.filetime, self.pid, self.image_size, self.load_address, self.image_name)
+        return encode_image_load(self.filetime, self.pid, self.image_size, self.load_address, self.image_name,
+                                 _details_of(self))
 
 
 @dataclass(frozen=True)
@@ -707,7 +742,7 @@ class UnknownRecord(Event):
 #: Per record type, the Event attributes its extension block can carry.
 _EXTENSION_ATTRS: dict[int, frozenset[str]] = {
     int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & frozenset(n for n, _ in _TAG_FIELDS.values())
-    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit)
+    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit, ImageLoad)
 }
 _CREATE_ATTRS = _EXTENSION_ATTRS[1]
 _DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.items()}
@@ -715,7 +750,7 @@ _DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.i
 
 def _details_of(event: Event) -> Details | None:
     """The Details an event's attributes describe, or None when it has none (no block is written then)."""
-    values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)]}
+    values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)] if name != "image_name"}
     flags = int(event.flags)  # type: ignore[attr-defined]
     if not flags and all(v is None for v in values.values()):
         return None
@@ -845,7 +880,12 @@ def parse(buffer) -> Iterator[Event]:
         elif item == 5:
             pid, image_size, address = _IMAGE_FIELDS.unpack_from(view, body)
             name = _wstr(view, offset + IMAGE_LOAD_DTYPE.fields["ImageFileName"][1], _IMAGE_NAME_CHARS)
-            yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
+            if size > 640:
+                block = _parse_block(view, offset + 640, offset + size, _EXTENSION_ATTRS[5])
+                yield ImageLoad(ft, pid, image_size, address, block.pop("image_name", None) or name.split("\0", 1)[0],
+                                **block)
+            else:
+                yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
         else:
             yield UnknownRecord(ft, item, bytes(view[offset:offset + size]))
 
