@@ -228,7 +228,8 @@ def _build_parser() -> _Parser:
     _nats_options(tail_)
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
                        help="only these event types, comma-separated: process_create, process_exec, process_exit, "
-                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image")
+                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image, "
+                            "all (image loads are read only when asked for: image, image_load or all)")
     tail_.add_argument("--pid", dest="pids", action="append", type=_whole_number(1), metavar="PID",
                        help="only events of this process (repeatable)")
     tail_.add_argument("--descendants", action="store_true",
@@ -443,14 +444,27 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
 
     rules = _load_rules(args.config) if args.config else None
+    options = _image_load_option(args)  # image loads
     try:
         return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
-                       identity=args.identity), True
+                       identity=args.identity, **options), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
         raise UsageError(f"cannot allocate a ring of {items} records / {size}: {why}; "
                          f"give a smaller --max-bytes or --max-items (or {ENV_MAX_BYTES}/{ENV_MAX_ITEMS})") from None
+
+
+def _image_load_option(args: argparse.Namespace) -> dict:
+    """``{"image_loads": True}`` when --type asks for image loads (off otherwise: nothing watches mmap)."""
+    from .records import ItemType
+
+    if not args.types or ItemType.ImageLoad not in frozenset().union(*args.types):
+        return {}
+    if args.source not in ("auto", "bpf"):
+        raise UsageError(f"image loads come from the bpf source only; the {args.source} source does not see them "
+                         "(use --source bpf, as root)")
+    return {"image_loads": True}
 
 
 def _service_filter(args: argparse.Namespace) -> dict:

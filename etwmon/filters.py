@@ -23,6 +23,7 @@ EVENT_TYPE_NAMES: dict[str, frozenset[ItemType]] = {
     "process": _PROCESS,
     "thread": _THREAD,
     "image": frozenset({ItemType.ImageLoad}),
+    "all": _PROCESS | _THREAD | {ItemType.ImageLoad},
 }
 
 
@@ -45,7 +46,7 @@ def parse_event_types(spec: str) -> frozenset[ItemType]:
 def _type_choices() -> list[str]:
     snake = [re.sub(r"(?<!^)(?=[A-Z])", "_", t.name).lower()
              for t in sorted(_PROCESS | _THREAD | {ItemType.ImageLoad})]
-    return snake + ["create", "exec", "exit", "process", "thread", "image"]
+    return snake + ["create", "exec", "exit", "process", "thread", "image", "all"]
 
 
 class EventFilter:

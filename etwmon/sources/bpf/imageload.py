@@ -176,16 +176,23 @@ class ImageLoadReader:
         self._object = obj
         self._lost_reported = 0
 
-    def drain(self, sink) -> int:
+    def producer_pos(self) -> int:
+        """Where the kernel's writing is now (``drain``'s ``upto``)."""
+        return self._ring.producer_pos() if self._ring is not None else 0
+
+    def drain(self, sink, upto: int | None = None) -> int:
         """Move what the ring holds now into ``sink`` (one pass), give the space back and report new losses;
-        returns the number of records pushed (a loss report counts as one). Does not notify the sink."""
+        returns the number of records pushed (a loss report counts as one). Does not notify the sink.
+
+        ``upto``: a ``producer_pos()`` taken before the other ring was drained, so that no image load is pushed
+        ahead of its process's exec (which the kernel wrote before it, into the other ring)."""
         ring = self._ring
         if ring is None:
             return 0
         data, mask = ring.data, ring.mask
         busy, discard = ring.BUSY, ring.DISCARD
         cons = start = ring.consumer_pos()
-        prod = ring.producer_pos()
+        prod = ring.producer_pos() if upto is None else upto
         records: list[bytes] = []
         while cons < prod:
             at = cons & mask
