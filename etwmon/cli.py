@@ -628,6 +628,9 @@ def _sources(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"  {'':<{width}}  stale: {escape_text(line)}\n")
     out.write("* = what --source auto picks here" if auto else "no source works here")
     out.write("; lossy = can miss events without counting them\n")
+    images = [info.name for info in infos if "image_load" in info.delivers]  # image loads
+    out.write(f"image_load (opt-in: tail --type image, Monitor(image_loads=True)) comes from {', '.join(images)} "
+              f"only: {', '.join(i.name for i in infos if i.name not in images)} have no event for it\n")
     if any(stale.values()):
         out.write("stale = left by a killed etwmon instance: 'etwmon cleanup' removes it\n")
     out.flush()

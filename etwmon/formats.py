@@ -91,8 +91,9 @@ def format_event(event: Event) -> str:
     if isinstance(event, ThreadCreate):
         return f"{when} {'ThreadCreate':<13} tid={event.tid} pid={event.pid}"
     if isinstance(event, ImageLoad):
+        process = f" process={escape_text(event.image)}" if event.image is not None else ""
         return (f"{when} {'ImageLoad':<13} pid={event.pid} address=0x{event.load_address:x} "
-                f"size={event.image_size} image={escape_text(event.image_name)}")
+                f"size={event.image_size} image={escape_text(event.image_name)}{process}")
     if isinstance(event, RecordsLost):
         return f"{when} WARNING: {event.count} records lost here (ring full or source overrun)"
     if isinstance(event, UnknownRecord):
@@ -149,6 +150,7 @@ _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_dir
                     "container_id", "start_time", "rule_name", "flags")
 _EXIT_DETAILS = ("process_guid", "image", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
+_IMAGE_LOAD_DETAILS = ("process_guid", "image", "image_device", "image_inode", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
                            "parent_user", "tty", "cgroup", "container_id", "rule_name"})
 
@@ -201,6 +203,7 @@ def event_to_json(event: Event) -> dict:
         # A string: jq reads numbers as doubles, which cannot hold every 64-bit address.
         obj.update(pid=event.pid, image_size=event.image_size, load_address=f"0x{event.load_address:x}")
         _put_text(obj, "image_name", event.image_name)
+        _put_details(obj, event, _IMAGE_LOAD_DETAILS)
     elif isinstance(event, RecordsLost):
         obj["count"] = event.count
     elif isinstance(event, UnknownRecord):
@@ -290,6 +293,10 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
     elif isinstance(event, ImageLoad):
         process["pid"] = event.pid
         doc["process"] = process
+        if event.image is not None:
+            _ecs_text(doc, ("process", "executable"), event.image)
+        if event.process_guid is not None:
+            _put(doc, ("process", "entity_id"), event.process_guid)
         _ecs_text(doc, ("dll", "path"), event.image_name)
         doc["dll"]["name"] = re.split(r"[\\/]", doc["dll"]["path"])[-1]
         _put(doc, ("etwmon", "image_size"), event.image_size)

@@ -65,6 +65,9 @@ def test_image_loads_come_from_the_bpf_source_alone():
     """The proc connector, audit and /proc have no event for a file mapped executable: only the kernel-side
     programs see it (etwmon sources shows this)."""
     assert {n for n in SOURCES if "image_load" in source_class(n).delivers} == {"etw", "bpf"}
+    listing = subprocess.run([sys.executable, "-m", "etwmon", "sources"], capture_output=True, text=True).stdout
+    assert ("image_load (opt-in: tail --type image, Monitor(image_loads=True)) comes from etw, bpf only: linux, "
+            "audit, netlink, procfs have no event for it") in listing
 
 
 def _watch_child(source: str, wanted: set[str], script) -> tuple[list, int, int, str]:

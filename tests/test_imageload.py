@@ -303,3 +303,14 @@ def test_live_a_non_ascii_library_path_arrives_decoded(bpf_ok, programs, tmp_pat
     assert [e.image_name for e in events if e.type == ItemType.ImageLoad and "caf" in e.image_name] == [
         str(lib.resolve())]
     assert stats.source_stats["image_loads_non_ascii"] >= 1
+
+
+def test_text_and_json_show_the_process_and_the_file():
+    from etwmon.formats import event_to_json, format_event
+
+    (event,) = parse(kernel_record(b"/tmp/\x1b]0;x\x07/lib.so"))
+    line = format_event(event)
+    assert "process=/usr/bin/prog" in line and "\x1b" not in line  # a path is attacker-chosen text
+    obj = event_to_json(event)
+    assert (obj["process_guid"], obj["image"], obj["image_device"], obj["image_inode"]) == (
+        GUID, "/usr/bin/prog", 0xFE00, 77)
