@@ -314,3 +314,32 @@ def test_text_and_json_show_the_process_and_the_file():
     obj = event_to_json(event)
     assert (obj["process_guid"], obj["image"], obj["image_device"], obj["image_inode"]) == (
         GUID, "/usr/bin/prog", 0xFE00, 77)
+
+
+def test_sysmon_image_load_rules_judge_image_loads_on_their_own():
+    pytest.importorskip("defusedxml")
+    from etwmon.records import encode_process_exit
+    from etwmon.rules import RulesStage, RuleSet
+
+    rules = RuleSet.from_xml("""<Sysmon schemaversion="4.90"><EventFiltering>
+      <RuleGroup groupRelation="or"><ImageLoad onmatch="include">
+        <ImageLoaded condition="begin with">/tmp/</ImageLoaded>
+        <ImageLoaded condition="begin with">/dev/shm/</ImageLoaded>
+      </ImageLoad></RuleGroup>
+      <RuleGroup groupRelation="or"><ImageLoad onmatch="exclude">
+        <Image condition="end with">/trusted</Image>
+      </ImageLoad></RuleGroup>
+      <RuleGroup groupRelation="or"><ProcessTerminate onmatch="exclude">
+        <Image condition="is">/nothing</Image>
+      </ProcessTerminate></RuleGroup>
+    </EventFiltering></Sysmon>""")
+    assert not rules.ignored
+    sink = ListSink()
+    stage = RulesStage(sink, rules)
+    stage.push(kernel_record(b"/usr/lib/x86_64-linux-gnu/libc.so.6"))  # not included
+    stage.push(kernel_record(b"/tmp/evil.so"))  # included
+    stage.push(kernel_record(b"/dev/shm/x.so", exe=b"/opt/trusted"))  # excluded: exclude wins
+    stage.push(encode_process_exit(1, 42, 0))  # the process was not excluded by its image loads
+    assert [getattr(e, "image_name", None) for e in sink.events()] == ["/tmp/evil.so", None]
+    stats = stage.stats()
+    assert stats["kept"] == 2 and stats["excluded"] == 1 and stats["not_included"] == 1

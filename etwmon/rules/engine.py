@@ -33,6 +33,7 @@ EVENT_OF_TYPE: dict[int, str] = {
     int(ItemType.ProcessCreate): "ProcessCreate",
     int(ItemType.ProcessExec): "ProcessCreate",
     int(ItemType.ProcessExit): "ProcessTerminate",
+    int(ItemType.ImageLoad): "ImageLoad",  # Sysmon's event 7
 }
 
 # A rule's conditions each get a key (rule index << _SHIFT | position): one sortable int per condition, so the

@@ -34,6 +34,8 @@ _TYPE = struct.Struct("<h")
 #: Where each follower record keeps its ProcessId (ThreadCreateInfo/ThreadExitInfo: after ThreadId).
 _PID_OFFSET = {_THREAD_CREATE: 20, _THREAD_EXIT: 20, _IMAGE_LOAD: 16, _EXIT: 16}
 _REDACTED_FIELDS = ("command_line", "parent_command_line")
+#: Judged records whose verdict is their own, not their process's (an excluded image load leaves its process in).
+_OWN_VERDICT = (ItemType.ProcessExit, ItemType.ImageLoad)
 
 
 class RulesStage:
@@ -59,7 +61,7 @@ class RulesStage:
                                       "unnamed"), 0)
         self._unknown_fields: dict[str, int] = {}
         self._warned_unknown: set[str] = set()
-        self._judged = {t for t in (_CREATE, _EXEC, _EXIT) if rules.applies_to(t)}
+        self._judged = {t for t in (_CREATE, _EXEC, _EXIT, _IMAGE_LOAD) if rules.applies_to(t)}
         if rules.redacts:
             self._judged |= {_CREATE, _EXEC}
 
@@ -110,7 +112,7 @@ class RulesStage:
                 counts["not_included"] += 1
             else:
                 counts["excluded"] += 1
-            if event.type != ItemType.ProcessExit:
+            if event.type not in _OWN_VERDICT:
                 self._remember_excluded(pid)
             return None
         counts["kept"] += 1
@@ -118,7 +120,7 @@ class RulesStage:
             self._count_unknown(verdict)
         if verdict.rule is not None:
             self._count_rule(verdict, 0)
-        if event.type != ItemType.ProcessExit:
+        if event.type not in _OWN_VERDICT:
             self._excluded.pop(pid, None)
         changes: dict[str, Any] = {}
         if verdict.rule_name is not None:
