@@ -120,6 +120,7 @@ PROGRAM = r"""
 #include <link.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/auxv.h>
 #include <unistd.h>
 
 static int adds_of(struct dl_phdr_info *info, size_t size, void *data)
@@ -137,6 +138,9 @@ int main(int argc, char **argv)
 
 	if (pre && dladdr(pre, &info))
 		printf("preload %d %s %p\n", getpid(), info.dli_fname, info.dli_fbase);
+	if (dladdr((void *)main, &info))
+		printf("main %d %p\n", getpid(), info.dli_fbase);
+	printf("interpreter %d 0x%lx\n", getpid(), getauxval(AT_BASE));
 	dl_iterate_phdr(adds_of, &before);
 	for (int i = 0; i < n; i++) {
 		void *h = dlopen(argv[1], RTLD_NOW);
@@ -233,6 +237,12 @@ def test_live_dlopen_and_ld_preload_give_one_image_load_each_at_dladdrs_base(bpf
     assert probe[0].image == str(programs["main"].resolve())
     libc = [e for e in loads if "/libc.so" in e.image_name]
     assert len(libc) == 1  # ld.so's loads too, one record per image
+    # What exec mapped itself (no mmap syscall): the program and its interpreter, at their bases.
+    main = [e for e in loads if e.image_name == str(programs["main"].resolve())]
+    assert [e.load_address for e in main] == [int(lines["main"][1], 16)]
+    interpreter = [e for e in loads if e.load_address == int(lines["interpreter"][1], 16)]
+    assert len(interpreter) == 1 and "ld-linux" in interpreter[0].image_name, [e.image_name for e in loads]
+    assert len(loads) == len({e.image_name for e in loads})
     # The kernel's ProcessGuid is the one the identity stage gives the process's other records.
     guids = {e.process_guid for e in events}
     assert len(guids) == 1 and None not in guids, guids

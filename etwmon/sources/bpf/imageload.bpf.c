@@ -13,9 +13,13 @@
  * An executable mapping of a file without such a span (a program's own mmap) reports LoadAddress = address -
  * file offset and ImageSize = the mapping's length.
  *
- * Not seen here: what the kernel maps itself at exec (the program and its interpreter, binfmt_elf's vm_mmap);
- * the ProcessExec record names the program. Nothing here changes kernel state; every record that cannot be
- * written is counted per CPU in `imageload_lost`, by cause.
+ * What the kernel maps itself at exec (the program and its interpreter, binfmt_elf's vm_mmap, no syscall) is
+ * reported from tp_btf/sched_process_exec instead: the auxiliary vector the kernel saved for the new program
+ * names where (AT_PHDR in the program's first mapping, AT_BASE the interpreter's base), bpf_find_vma the file
+ * mapped there; ImageSize is then the span of that file's consecutive mappings (page-rounded).
+ *
+ * Nothing here changes kernel state; every record that cannot be written is counted per CPU in
+ * `imageload_lost`, by cause.
  */
 #include "etwmon_kernel.h"
 #include <bpf/bpf_helpers.h>
@@ -41,10 +45,13 @@ const volatile struct imageload_config imageload_config = {};
  * land in .rodata beside the configuration the loader writes there). */
 #define MARKER_UTF8_LEN 14
 
+#define AUXV_WORDS 64 /* of mm->saved_auxv read (AT_VECTOR_SIZE is 52 on x86-64) */
+
 struct scratch {
 	struct imageload_prefix prefix;
 	__u8 rec[REC_MASK + 1 + 8];   /* the record; every write is masked with REC_MASK */
 	char path[WIDE_MASK + 1];     /* a path is built here backwards, ending at IMAGELOAD_PATH_MAX */
+	__u64 auxv[AUXV_WORDS];
 };
 
 /* One scratch buffer per CPU (too big for the stack and for a per-CPU array value); the loader sets
@@ -432,5 +439,87 @@ int imageload_mmap_exit(struct syscall_exit *ctx)
 		return 0;
 	}
 	emit(s, task, file, base, size);
+	return 0;
+}
+
+/* --- what exec maps: the program and its interpreter ------------------------------------------------ */
+
+#define AT_NULL 0
+#define AT_PHDR 3
+#define AT_BASE 7
+#define PAGE_SHIFT 12
+#define SPAN_STEPS 16 /* mappings of one file followed from its first */
+
+struct vma_info {
+	struct file *file;
+	__u64 start;
+	__u64 end;
+	__u64 pgoff;
+};
+
+static long vma_seen(struct task_struct *task, struct vm_area_struct *vma, void *arg)
+{
+	struct vma_info *v = arg;
+
+	v->file = BPF_CORE_READ(vma, vm_file);
+	v->start = BPF_CORE_READ(vma, vm_start);
+	v->end = BPF_CORE_READ(vma, vm_end);
+	v->pgoff = BPF_CORE_READ(vma, vm_pgoff);
+	return 0;
+}
+
+/* The image whose mapping holds `addr`: base = that mapping's start less its file offset, size = up to the end
+ * of the same file's mappings that follow it without a gap. */
+static __always_inline void emit_mapped(struct scratch *s, struct task_struct *task, __u64 addr)
+{
+	struct vma_info v = {};
+	struct file *file;
+	__u64 base, end;
+
+	if (!addr || bpf_find_vma(task, addr, vma_seen, &v, 0) || !v.file)
+		return;
+	file = v.file;
+	base = v.start - (v.pgoff << PAGE_SHIFT);
+	end = v.end;
+	for (int i = 0; i < SPAN_STEPS; i++) {
+		v.file = NULL;
+		if (bpf_find_vma(task, end, vma_seen, &v, 0) || v.file != file || v.start != end)
+			break;
+		end = v.end;
+	}
+	emit(s, task, file, base, end - base);
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(imageload_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	struct mm_struct___il *mm = (struct mm_struct___il *)BPF_CORE_READ(task, mm);
+	__u32 cpu = bpf_get_smp_processor_id(), n;
+	__u64 phdr = 0, interp = 0;
+	struct scratch *s = bpf_map_lookup_elem(&imageload_scratch, &cpu);
+
+	if (!s) {
+		count_lost(IMAGELOAD_LOST_RING);
+		return 0;
+	}
+	if (!mm)
+		return 0;
+	n = bpf_core_field_size(mm->saved_auxv);
+	if (n > sizeof(s->auxv))
+		n = sizeof(s->auxv);
+	if (bpf_probe_read_kernel(s->auxv, n, &mm->saved_auxv))
+		return 0;
+	for (int i = 0; i + 1 < AUXV_WORDS && 8 * (i + 2) <= n; i += 2) {
+		__u64 key = s->auxv[i];
+
+		if (key == AT_NULL)
+			break;
+		if (key == AT_PHDR)
+			phdr = s->auxv[i + 1];
+		else if (key == AT_BASE)
+			interp = s->auxv[i + 1];
+	}
+	emit_mapped(s, task, phdr);   /* the program (its program headers are in its first mapping) */
+	emit_mapped(s, task, interp); /* its interpreter, ld.so: 0 for a static program */
 	return 0;
 }

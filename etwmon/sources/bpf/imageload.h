@@ -80,6 +80,17 @@ struct task_struct___il {
 	struct files_struct *files;
 };
 
+struct vm_area_struct {
+	unsigned long vm_start;
+	unsigned long vm_end;
+	unsigned long vm_pgoff;
+	struct file *vm_file;
+};
+
+struct mm_struct___il {
+	unsigned long saved_auxv[2];
+};
+
 #pragma clang attribute pop
 
 #endif /* IMAGELOAD_H */

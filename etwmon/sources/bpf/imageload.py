@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 #: The committed, reproducibly built object (build.sh rebuilds it with etwmon.bpf.o).
 OBJECT_PATH = Path(__file__).with_name("imageload.bpf.o")
-#: Program -> the tracepoint it runs on. The exit is attached first, so no entry is remembered unseen.
+#: Program -> the syscall tracepoint it runs on. The exit is attached first, so no entry is remembered unseen.
 PROGRAMS = {"imageload_mmap_exit": "syscalls/sys_exit_mmap", "imageload_mmap_enter": "syscalls/sys_enter_mmap"}
+#: The program on tp_btf/sched_process_exec: what exec maps without a syscall (the program, its interpreter).
+EXEC_PROGRAM = "imageload_exec"
 #: imageload.h's loss slots, by cause (each is an image load that could not be reported).
 LOST_CAUSES = ("ring", "pending", "file")
 
@@ -161,7 +163,7 @@ class ImageLoadReader:
             raise
         cpus = max(libbpf.libbpf_num_possible_cpus(), 1)
         try:  # the object owns the descriptors from here on
-            obj = LoadedObject(libbpf, str(OBJECT_PATH), [],
+            obj = LoadedObject(libbpf, str(OBJECT_PATH), [EXEC_PROGRAM],
                                {"imageload_scratch": cpus, "imageload_events": self.ring_size},
                                initial_values={".rodata": _CONFIG.pack(prefix, clock.offset_ns)}, perf_events=fds)
         except OSError as exc:
