@@ -207,6 +207,27 @@ def sections(results: dict, markdown: bool) -> list[str]:
                 out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
                            + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
 
+    images = b.get("imageload")
+    if images:
+        out += ["", h("Image loads (bpf, opt-in): CPU per image load, and the exec storm with them on vs off")]
+        if images["status"] != "ok":
+            out.append(_status_line(images))
+        else:
+            p = images["params"]
+            out.append(f"A dlopen/dlclose storm of {p['loads_per_storm']:,} loads of one library, {p['repeats']} "
+                       "round(s), image loads on and off alternating; CPU = the monitor's with them on less off, "
+                       "per load the loader counted.")
+            out.append("")
+            out += _table(["figure", "median (min–max)"], [
+                ["monitor CPU µs per image load", stat(images["cpu_us_per_load"], 1)],
+                ["dlopen+dlclose µs, no monitor", stat(images["storm_us_per_load_none"], 1)],
+                ["dlopen+dlclose µs, bpf, image loads off", stat(images["storm_us_per_load_off"], 1)],
+                ["dlopen+dlclose µs, bpf, image loads on", stat(images["storm_us_per_load_on"], 1)]], markdown)
+            out.append("")
+            out += _table(["exec storm, watched by", "slowdown % vs no monitor"],
+                          [[r["tool"], stat(r["slowdown_pct"], 1)] for r in images["exec_cost"]["rows"]
+                           if r["tool"] != "none"], markdown)
+
     fleet = b.get("fleet")
     if fleet:
         out += ["", h("Fleet: one host through a local nats-server (JetStream, file storage) to a consumer")]
