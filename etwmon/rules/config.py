@@ -31,7 +31,7 @@ CONDITIONS = frozenset({
     "excludes all", "begin with", "not begin with", "end with", "not end with", "less than", "more than", "image",
 })
 
-#: The event types etwmon applies (Sysmon event 1 and 5) → {Sysmon field: Event attribute}. Attributes are read
+#: The event types etwmon applies (Sysmon events 1, 5 and 7) → {Sysmon field: Event attribute}. Attributes are read
 #: with getattr(event, name, None): None means the source does not know the field for this event.
 FIELDS: dict[str, dict[str, str]] = {
     "ProcessCreate": {
@@ -50,7 +50,7 @@ FIELDS: dict[str, dict[str, str]] = {
 #: Integer fields: "less than"/"more than" compare them as numbers.
 INTEGER_FIELDS = frozenset({"ProcessId", "ParentProcessId"})
 
-#: Sysmon fields of events 1 and 5 that etwmon can never evaluate, and why.
+#: Sysmon fields of events 1, 5 and 7 that etwmon can never evaluate, and why.
 _WINDOWS_FILE_INFO = "a Windows PE version resource that etwmon does not read"
 UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
     "ProcessCreate": {

@@ -673,7 +673,7 @@ class RuleSet:
     # -- reporting -----------------------------------------------------------------------------------------------
 
     def report(self) -> list[RuleReport]:
-        """Every rule of events 1 and 5 (and one entry per ignored block of other types), in document order."""
+        """Every rule of events 1, 5 and 7 (and one entry per ignored block of other types), in document order."""
         out = []
         for rule in self.rules:
             out.append(RuleReport(rule, rule.ignored is None, rule.ignored, describe(rule)))
