@@ -271,6 +271,8 @@ class BpfSource(Source):
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable)
         if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
-            base.update(self._images.stats())
+            images = self._images.stats()
+            base["parse_errors"] += images.pop("parse_errors")
+            base.update(images)
             base["lost"] += base["image_loads_lost"]
         return base

@@ -260,6 +260,25 @@ class RingBuffer:
         """Give the space up to ``pos`` back to the kernel."""
         self._pos.value = pos
 
+    def committed(self, upto: int | None = None) -> tuple[list[tuple[int, int]], int]:
+        """Where each sample lies in ``data`` (offset, length) from the consumer position up to ``upto`` (default:
+        the producer's), stopping at the first not committed yet, discarded ones left out; and the position after
+        the last one taken, for ``advance`` once they are read."""
+        data, mask, busy, discard = self.data, self.mask, self.BUSY, self.DISCARD
+        cons = self._pos.value
+        end = self.producer_pos() if upto is None else upto
+        out = []
+        while cons < end:
+            at = cons & mask
+            length = int.from_bytes(data[at:at + 4], "little")
+            if length & busy:
+                break  # reserved, not committed yet: the next pass takes it
+            size = length & ~(busy | discard)
+            if not length & discard:
+                out.append((at + 8, size))
+            cons += (size + 8 + 7) & ~7
+        return out, cons
+
     def close(self) -> None:
         del self._pos
         self.data.release()

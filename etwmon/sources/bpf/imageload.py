@@ -135,6 +135,7 @@ class ImageLoadReader:
         self._lost_reported = 0
         self.loads = 0
         self.non_ascii = 0
+        self.malformed = 0
 
     @property
     def fd(self) -> int:
@@ -191,26 +192,20 @@ class ImageLoadReader:
         ring = self._ring
         if ring is None:
             return 0
-        data, mask = ring.data, ring.mask
-        busy, discard = ring.BUSY, ring.DISCARD
-        cons = start = ring.consumer_pos()
-        prod = ring.producer_pos() if upto is None else upto
+        data = ring.data
+        samples, cons = ring.committed(upto)
         records: list[bytes] = []
-        while cons < prod:
-            at = cons & mask
-            length = int.from_bytes(data[at:at + 4], "little")
-            if length & busy:
-                break  # reserved, not committed yet: the next pass takes it
-            size = length & ~(busy | discard)
-            if not length & discard and size >= _PREFIX + _BASE_SIZE:
-                record = bytes(data[at + 8 + _PREFIX:at + 8 + size])
-                flags = data[at + 8]
-                if flags & _NON_ASCII:
-                    record = fix_text(record, flags)
-                    self.non_ascii += 1
-                records.append(record)
-            cons += (size + 8 + 7) & ~7
-        if cons != start:
+        for at, size in samples:
+            if size < _PREFIX + _BASE_SIZE:
+                self.malformed += 1  # not a record this program writes: cannot happen, counted if it does
+                continue
+            record = bytes(data[at + _PREFIX:at + size])
+            flags = data[at]
+            if flags & _NON_ASCII:
+                record = fix_text(record, flags)
+                self.non_ascii += 1
+            records.append(record)
+        if samples or cons != ring.consumer_pos():
             ring.advance(cons)
         count = len(records)
         if records:
@@ -250,9 +245,10 @@ class ImageLoadReader:
         self._lost = []
 
     def stats(self) -> dict[str, int]:
-        """``image_loads`` (records delivered), ``image_loads_lost`` (and by cause), ``image_loads_non_ascii``."""
+        """``image_loads`` (records delivered), ``image_loads_lost`` (and by cause), ``image_loads_non_ascii``,
+        ``parse_errors`` (samples too short to be a record)."""
         out = {"image_loads": self.loads, "image_loads_lost": self._lost_reported,
-               "image_loads_non_ascii": self.non_ascii}
+               "image_loads_non_ascii": self.non_ascii, "parse_errors": self.malformed}
         for cause, counter in zip(LOST_CAUSES, self._lost):
             out[f"image_loads_lost_{cause}"] = counter.total()
         return out
