@@ -475,9 +475,16 @@ static __always_inline void emit_mapped(struct scratch *s, struct task_struct *t
 	struct vma_info v = {};
 	struct file *file;
 	__u64 base, end;
+	long err;
 
-	if (!addr || bpf_find_vma(task, addr, vma_seen, &v, 0) || !v.file)
+	if (!addr)
 		return;
+	err = bpf_find_vma(task, addr, vma_seen, &v, 0);
+	if (err || !v.file) {
+		if (err != -2 /* ENOENT: nothing mapped there */)
+			count_lost(IMAGELOAD_LOST_FILE); /* e.g. EBUSY: the mm's lock was taken */
+		return;
+	}
 	file = v.file;
 	base = v.start - (v.pgoff << PAGE_SHIFT);
 	end = v.end;

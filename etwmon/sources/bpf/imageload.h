@@ -49,7 +49,8 @@ struct imageload_config {
 /* Losses, one slot each in the per-CPU array `imageload_lost`. */
 #define IMAGELOAD_LOST_RING 0    /* the ring had no room for the record */
 #define IMAGELOAD_LOST_PENDING 1 /* an executable mmap could not be remembered from entry to exit (map full) */
-#define IMAGELOAD_LOST_FILE 2    /* the descriptor no longer named a file when mmap returned */
+#define IMAGELOAD_LOST_FILE 2    /* the descriptor no longer named a file when mmap returned, or (at exec) the
+				  * mapping could not be looked up (bpf_find_vma failed, e.g. EBUSY) */
 #define IMAGELOAD_LOST_SLOTS 3
 
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
