@@ -353,3 +353,19 @@ def test_sysmon_image_load_rules_judge_image_loads_on_their_own():
     assert [getattr(e, "image_name", None) for e in sink.events()] == ["/tmp/evil.so", None]
     stats = stage.stats()
     assert stats["kept"] == 2 and stats["excluded"] == 1 and stats["not_included"] == 1
+
+
+@pytest.mark.root
+def test_live_tail_type_image_shows_the_load_and_another_source_is_refused(bpf_ok, programs):
+    from .helpers import Watch, clean_env, etwmon_argv, run
+
+    with Watch(etwmon_argv("tail", "--type", "image", "--json", "--source", "bpf"), env=clean_env()) as w:
+        assert w.ready() == "bpf"
+        pid = run_program(programs)["loaded"][0]
+        w.wait_out(lambda line: str(programs["probe"]).encode() in line, what="the library's ImageLoad")
+        assert w.stop() == 0
+    loads = [o for o in w.json_lines() if o["type"] == "ImageLoad" and o["pid"] == pid]
+    assert {o["image_name"] for o in loads} >= {str(programs["probe"]), str(programs["main"].resolve())}
+    assert all(o["process_guid"] and o["image"] == str(programs["main"].resolve()) for o in loads)
+    refused = run(etwmon_argv("tail", "--type", "all", "--source", "procfs"), env=clean_env())
+    assert refused.returncode == 2 and b"image loads come from the bpf source only" in refused.stderr
