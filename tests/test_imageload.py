@@ -278,6 +278,9 @@ def test_live_a_dlopen_storm_is_counted_or_reported_lost(bpf_ok, programs):
     assert adds >= 3000  # the program's own count: every dlopen after a dlclose maps the library again
     assert got <= adds and got + lost >= adds, (got, lost, adds)
     assert stats.dropped == 0
+    after = mon.stats.source_stats  # closed: the counts stay
+    assert after["image_loads"] >= stats.source_stats["image_loads"] >= got
+    assert after["image_loads_lost"] == sum(after[f"image_loads_lost_{c}"] for c in il.LOST_CAUSES) >= lost
 
 
 @pytest.mark.root

@@ -85,7 +85,7 @@ class BpfSource(Source):
         self.batch_wait = float(batch_wait)
         self.enrich = enrich
         self.image_loads = bool(image_loads)  # image loads: opt-in, see imageload.py
-        self._images = None  # image loads: an ImageLoadReader while open
+        self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
         self._object = None
         self._ring = None
         self._lost = None
@@ -252,9 +252,8 @@ class BpfSource(Source):
 
     def close(self) -> None:
         self._stopping = True
-        images, self._images = self._images, None  # image loads
-        if images is not None:
-            images.close()
+        if self._images is not None:  # image loads (the reader stays, closed, for stats())
+            self._images.close()
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.close()

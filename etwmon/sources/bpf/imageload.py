@@ -132,6 +132,7 @@ class ImageLoadReader:
         self._object = None
         self._ring = None
         self._lost: list = []
+        self._lost_by_cause = [0] * len(LOST_CAUSES)  # kept from the counters when closed
         self._lost_reported = 0
         self.loads = 0
         self.non_ascii = 0
@@ -239,6 +240,8 @@ class ImageLoadReader:
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.close()
+        if self._lost:
+            self._lost_by_cause = [counter.total() for counter in self._lost]
         obj, self._object = self._object, None
         if obj is not None:
             obj.close()
@@ -249,6 +252,7 @@ class ImageLoadReader:
         ``parse_errors`` (samples too short to be a record)."""
         out = {"image_loads": self.loads, "image_loads_lost": self._lost_reported,
                "image_loads_non_ascii": self.non_ascii, "parse_errors": self.malformed}
-        for cause, counter in zip(LOST_CAUSES, self._lost):
-            out[f"image_loads_lost_{cause}"] = counter.total()
+        by_cause = [counter.total() for counter in self._lost] if self._lost else self._lost_by_cause
+        for cause, count in zip(LOST_CAUSES, by_cause):
+            out[f"image_loads_lost_{cause}"] = count
         return out
