@@ -58,7 +58,7 @@ def _tools(workdir: Path, max_items: int) -> tuple[EtwmonTool, EtwmonTool]:
 def run(workdir: Path, build_dir: Path, exec_exe: Path, exec_max_rate: float, quick: bool,
         max_items: int = 100_000) -> dict:
     exe, lib = build(build_dir)
-    loads = 2_000 if quick else 20_000
+    loads = 1_000 if quick else 20_000
     repeats = 1 if quick else 3
     off, on = _tools(workdir, max_items)
     runs = []
