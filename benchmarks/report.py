@@ -216,7 +216,7 @@ def sections(results: dict, markdown: bool) -> list[str]:
             p = images["params"]
             out.append(f"A dlopen/dlclose storm of {p['loads_per_storm']:,} loads of one library, {p['repeats']} "
                        "round(s), image loads on and off alternating; CPU = the monitor's with them on less off, "
-                       "per load the loader counted.")
+                       "per image load it delivered (the storm's and the rest of the machine's).")
             out.append("")
             out += _table(["figure", "median (min–max)"], [
                 ["monitor CPU µs per image load", stat(images["cpu_us_per_load"], 1)],
