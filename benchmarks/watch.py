@@ -41,8 +41,9 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     from etwmon.errors import Error
     from etwmon.records import filetime_now, record_headers
 
+    options = {"image_loads": True} if args.image_loads else {}
     monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
-                      identity=args.identity == "on")
+                      identity=args.identity == "on", **options)
     monitor.start()
     chunks: list[tuple[int, bytes]] = []  # (FILETIME when readinto returned, the bytes it gave)
     keep = not args.discard
@@ -93,7 +94,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     monitor.close()
 
     create, exit_, exec_ = [], [], []
-    lost = 0
+    lost = images = 0
     latencies = []
     for data in [c for _, c in chunks] + tail:
         for event in parse(data):
@@ -112,6 +113,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
                 exit_.append(event.tid)
             elif kind == ItemType.RecordsLost:
                 lost += event.count
+            elif kind == ItemType.ImageLoad:
+                images += 1
     for now, data in chunks:
         heads = record_headers(data)
         times = heads["Time"][heads["Type"] != int(ItemType.RecordsLost)]
@@ -127,7 +130,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
         "error": failure[0] if failure else None, "latency_us": latency,
         "extra": {"ring_dropped": stats.dropped, "source_lost": stats.lost, "pushed": stats.pushed,
                   "max_items": stats.max_items, "max_bytes": stats.max_bytes, "readinto_calls": read_calls[0],
-                  "source_stats": stats.source_stats},
+                  "source_stats": stats.source_stats, "image_loads": images},
     })
 
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--discard", action="store_true", help="keep nothing (the memory benchmark)")
     e.add_argument("--identity", choices=("on", "off"), default="on",
                    help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost")
+    e.add_argument("--image-loads", action="store_true", help="also image loads (the bpf source's opt-in)")
     e.add_argument("--stall-after", type=float, default=None,
                    help="stop reading after this many seconds, so the ring fills to its caps")
     p = sub.add_parser("pyroute2")

@@ -65,7 +65,9 @@ class BpfSource(Source):
     Options: ``ring_size`` (bytes of the BPF ring buffer, a power of two of pages; default 8 MiB),
     ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
     0.001), ``enrich`` (``enrich(record, details) -> record``: called with each record and the kernel's
-    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing).
+    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing), ``image_loads``
+    (also an ImageLoad record per file mapped executable, from programs on mmap's syscall tracepoints; default
+    False, which attaches nothing there).
 
     Nothing outlives the process: the programs, their links and the maps are file descriptors of it, so
     ``stale_state()`` has nothing to report even after a SIGKILL (the kernel frees them when it exits).
@@ -77,10 +79,11 @@ class BpfSource(Source):
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
         "cgroup",
+        "image_load",  # image loads: with image_loads=True (imageload.py)
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
-                 enrich: Enricher | None = None) -> None:
+                 enrich: Enricher | None = None, image_loads: bool = False) -> None:
         super().__init__()
         page = mmap.PAGESIZE
         if (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < page
@@ -93,6 +96,8 @@ class BpfSource(Source):
         self.ring_size = ring_size
         self.batch_wait = float(batch_wait)
         self.enrich = enrich
+        self.image_loads = bool(image_loads)  # image loads: opt-in, see imageload.py
+        self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
         self._object = None
         self._ring = None
         self._lost = None
@@ -168,6 +173,14 @@ class BpfSource(Source):
         if enrich is None and self.details:  # the identity stage is on: the kernel's facts go in the records
             enrich = task_enricher(boot_clock)
         self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
+        if self.image_loads:  # image loads: their own object and ring, sharing this clock (times and guids)
+            from .imageload import ImageLoadReader
+            self._images = ImageLoadReader(boot_clock=boot_clock)
+            try:
+                self._images.open()
+            except BaseException:
+                self.close()
+                raise
 
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
@@ -187,6 +200,8 @@ class BpfSource(Source):
         poller = select.poll()
         poller.register(ring.fd, select.POLLIN)
         poller.register(self._wake.fileno(), select.POLLIN)
+        if self._images is not None:  # image loads
+            poller.register(self._images.fd, select.POLLIN)
         stopper = select.poll()  # the wait between passes, which stop() cuts short
         stopper.register(self._wake.fileno(), select.POLLIN)
         wait_ms = self.batch_wait * 1000
@@ -201,6 +216,8 @@ class BpfSource(Source):
         # Detach first, then take what is left: every event the programs wrote is read or counted as lost
         # (a source that has run is opened again before it runs again).
         self._object.detach()  # type: ignore[union-attr]
+        if self._images is not None:  # image loads
+            self._images.detach()
         time.sleep(0.002)  # a program already running on another CPU as it was detached finishes (microseconds)
         while self._drain(sink):
             pass
@@ -217,6 +234,8 @@ class BpfSource(Source):
         ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
         data, mask = ring.data, ring.mask
         busy, discard = ring.BUSY, ring.DISCARD
+        images = self._images  # image loads: only those written before this pass began (see imageload.py)
+        images_upto = images.producer_pos() if images is not None else 0
         cons = start = ring.consumer_pos()
         prod = ring.producer_pos()
         count = 0
@@ -237,6 +256,8 @@ class BpfSource(Source):
             sink.push_lost(lost - self._lost_reported)
             self._lost_reported = lost
             count += 1
+        if images is not None:  # image loads
+            count += images.drain(sink, images_upto)
         if count:
             sink.notify()
         return count
@@ -247,6 +268,8 @@ class BpfSource(Source):
 
     def close(self) -> None:
         self._stopping = True
+        if self._images is not None:  # image loads (the reader stays, closed, for stats())
+            self._images.close()
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.close()
@@ -262,4 +285,9 @@ class BpfSource(Source):
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable)
+        if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
+            images = self._images.stats()
+            base["parse_errors"] += images.pop("parse_errors")
+            base.update(images)
+            base["lost"] += base["image_loads_lost"]
         return base
