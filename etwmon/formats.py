@@ -569,6 +569,9 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
         doc["dll"]["name"] = re.split(r"[\\/]", doc["dll"]["path"])[-1]
         _put(doc, ("etwmon", "image_size"), event.image_size)
         _put(doc, ("etwmon", "load_address"), f"0x{event.load_address:x}")
+        for name, value in (("image_device", event.exe_device), ("image_inode", event.exe_inode)):  # the dll's
+            if value is not None:
+                _put(doc, ("etwmon", name), value)
     elif isinstance(event, RecordsLost):
         doc["message"] = f"{event.count} records lost here (ring full or source overrun)"
         _put(doc, ("etwmon", "records_lost"), event.count)

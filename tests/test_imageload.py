@@ -322,7 +322,7 @@ def test_live_a_non_ascii_library_path_arrives_decoded(bpf_ok, programs, tmp_pat
 
 
 def test_text_and_json_show_the_process_and_the_file():
-    from etwmon.formats import event_to_json, format_event
+    from etwmon.formats import event_to_ecs, event_to_json, format_batch, format_event
 
     (event,) = parse(kernel_record(b"/tmp/\x1b]0;x\x07/lib.so"))
     line = format_event(event)
@@ -330,6 +330,11 @@ def test_text_and_json_show_the_process_and_the_file():
     obj = event_to_json(event)
     assert (obj["process_guid"], obj["image"], obj["image_device"], obj["image_inode"]) == (
         GUID, "/usr/bin/prog", 0xFE00, 77)
+    assert '"image_device":65024,' in format_batch(kernel_record(b"/lib/x.so"), "json")[0]  # the batch path too
+    doc = event_to_ecs(event)
+    assert (doc["process"]["executable"], doc["process"]["entity_id"], doc["dll"]["name"]) == (
+        "/usr/bin/prog", GUID, "lib.so")
+    assert (doc["etwmon"]["image_device"], doc["etwmon"]["image_inode"]) == (0xFE00, 77)
 
 
 def test_sysmon_image_load_rules_judge_image_loads_on_their_own():
