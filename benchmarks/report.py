@@ -280,7 +280,25 @@ def _fleet(fleet: dict, results: dict, markdown: bool) -> list[str]:
     return out
 
 
-#: Each benchmark's section: its key in the results, its title, and what it shows when it ran.
+def _imageload(images: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    p = images["params"]
+    out.append(f"A dlopen/dlclose storm of {p['loads_per_storm']:,} loads of one library, {p['repeats']} "
+               "round(s), image loads on and off alternating; CPU = the monitor's with them on less off, "
+               "per image load it delivered (the storm's and the rest of the machine's).")
+    out.append("")
+    out += _table(["figure", "median (min–max)"], [
+        ["monitor CPU µs per image load", stat(images["cpu_us_per_load"], 1)],
+        ["dlopen+dlclose µs, no monitor", stat(images["storm_us_per_load_none"], 1)],
+        ["dlopen+dlclose µs, bpf, image loads off", stat(images["storm_us_per_load_off"], 1)],
+        ["dlopen+dlclose µs, bpf, image loads on", stat(images["storm_us_per_load_on"], 1)]], markdown)
+    out.append("")
+    out += _table(["exec storm, watched by", "slowdown % vs no monitor"],
+                  [[r["tool"], stat(r["slowdown_pct"], 1)] for r in images["exec_cost"]["rows"]
+                   if r["tool"] != "none"], markdown)
+    return out
+
+
 def _readers(readers: dict, results: dict, markdown: bool) -> list[str]:
     us = readers["us_per_event"]
     out = [f"{readers['events']:,} synthetic events as the identity stage writes them (fork, exec, "
@@ -288,6 +306,7 @@ def _readers(readers: dict, results: dict, markdown: bool) -> list[str]:
     return out + _table(["reader", "µs per event"], [[name, f"{value:.2f}"] for name, value in us.items()], markdown)
 
 
+#: Each benchmark's section: its key in the results, its title, and what it shows when it ran.
 _SECTIONS: list[tuple[str, str, Callable[[dict, dict, bool], list[str]]]] = [
     ("readers", "Readers: CPU µs per event of parse, parse_array and tail's text and JSON forms", _readers),
     ("ring", "Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling", _ring),
@@ -298,6 +317,8 @@ _SECTIONS: list[tuple[str, str, Callable[[dict, dict, bool], list[str]]]] = [
     ("memory", "Memory: etwmon RSS during a storm", _memory),
     ("service", "Service: one Monitor through the Unix socket vs read in-process", _service),
     ("identity", "Identity stage: CPU per event with it on vs off, per source", _identity),
+    ("imageload", "Image loads (bpf, opt-in): CPU per image load, and the exec storm with them on vs off",
+     _imageload),
     ("fleet", "Fleet: one host through a local nats-server (JetStream, file storage) to a consumer", _fleet),
 ]
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "perftest", "memory", "identity", "fleet",
-              "recording")
-KERNEL_BENCHMARKS = ("storms", "cost", "perftest", "memory", "identity")
+BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "perftest", "memory", "identity", "imageload",
+              "fleet", "recording")
+KERNEL_BENCHMARKS = ("storms", "cost", "perftest", "memory", "identity", "imageload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,6 +155,15 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
         else:
             results["identity"] = _guard("identity", lambda: identity_bench.run(etwmon_tools, exes, max_rates,
                                                                                   args.quick))
+    if "imageload" in wanted:
+        if sources.get("bpf", ("not found", None))[0] is not None:
+            results["imageload"] = {"status": "skipped",
+                                    "reason": f"image loads need the bpf source: {sources.get('bpf', ('missing',))[0]}"}
+        else:
+            import imageload_bench
+
+            results["imageload"] = _guard("imageload", lambda: imageload_bench.run(
+                workdir, HERE / ".build", exes["exec"], max_rates["exec"], args.quick, args.max_items))
 
 
 def _after(tools: list, tool, more: list) -> list:

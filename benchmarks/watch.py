@@ -42,8 +42,9 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     from etwmon.errors import Error
     from etwmon.records import filetime_now, record_headers
 
+    options = {"image_loads": True} if args.image_loads else {}
     monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
-                      identity=args.identity == "on")
+                      identity=args.identity == "on", **options)
     monitor.start()
     chunks: list[tuple[int, bytes]] = []  # (FILETIME when readinto returned, the bytes it gave)
     keep = not args.discard
@@ -98,7 +99,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     monitor.close()
 
     create, exit_, exec_ = [], [], []
-    lost = 0
+    lost = images = 0
     latencies = []
     for data in [c for _, c in chunks] + tail:
         for event in parse(data):
@@ -117,6 +118,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
                 exit_.append(event.tid)
             elif kind == ItemType.RecordsLost:
                 lost += event.count
+            elif kind == ItemType.ImageLoad:
+                images += 1
     for now, data in chunks:
         heads = record_headers(data)
         times = heads["Time"][heads["Type"] != int(ItemType.RecordsLost)]
@@ -132,7 +135,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
         "error": failure[0] if failure else None, "latency_us": latency,
         "extra": {"ring_dropped": stats.dropped, "source_lost": stats.lost, "pushed": stats.pushed,
                   "max_items": stats.max_items, "max_bytes": stats.max_bytes, "readinto_calls": read_calls[0],
-                  "source_stats": stats.source_stats,
+                  "source_stats": stats.source_stats, "image_loads": images,
                   # the identity stage's counters where this etwmon has them (its process table's bytes and cap)
                   "identity": dict(getattr(stats, "identity", None) or {})},
     })
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--mode", choices=("readinto", "parse", "parse_array"), default="readinto",
                    help="what the reader does with each buffer: nothing (readinto only), parse every record, or "
                         "parse_array")
+    e.add_argument("--image-loads", action="store_true", help="also image loads (the bpf source's opt-in)")
     e.add_argument("--stall-after", type=float, default=None,
                    help="stop reading after this many seconds, so the ring fills to its caps")
     p = sub.add_parser("pyroute2")

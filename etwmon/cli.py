@@ -252,8 +252,8 @@ def _build_parser() -> _Parser:
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
                        help="only these event types, comma-separated: process_create, process_exec, process_exit, "
                             "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image, "
-                            "all (default: process, i.e. create, exec and exit; --type process,thread or --type all "
-                            "adds threads)")
+                            "all (default: process, i.e. create, exec and exit; --type process,thread adds threads; "
+                            "image loads are read only when asked for: image, image_load or all)")
     tail_.add_argument("--pid", dest="pids", action="append", type=_whole_number(1), metavar="PID",
                        help="only events of this process (repeatable)")
     tail_.add_argument("--descendants", action="store_true",
@@ -575,14 +575,27 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
 
     rules = _load_rules(args.config) if args.config else None
+    options = _image_load_option(args)  # image loads
     try:
         return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
-                       identity=args.identity, hashes=args.hashes), True
+                       identity=args.identity, hashes=args.hashes, **options), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
         raise UsageError(f"cannot allocate a ring of {items} records / {size}: {why}; "
                          f"give a smaller --max-bytes or --max-items (or {ENV_MAX_BYTES}/{ENV_MAX_ITEMS})") from None
+
+
+def _image_load_option(args: argparse.Namespace) -> dict:
+    """``{"image_loads": True}`` when --type asks for image loads (off otherwise: nothing watches mmap)."""
+    from .records import ItemType
+
+    if not args.types or ItemType.ImageLoad not in frozenset().union(*args.types):
+        return {}
+    if args.source not in ("auto", "bpf"):
+        raise UsageError(f"image loads come from the bpf source only; the {args.source} source does not see them "
+                         "(use --source bpf, as root)")
+    return {"image_loads": True}
 
 
 def _service_filter(args: argparse.Namespace) -> dict:
@@ -761,6 +774,9 @@ def _sources(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"  {'':<{width}}  stale: {escape_text(line)}\n")
     out.write("* = what --source auto picks here" if auto else "no source works here")
     out.write("; lossy = can miss events without counting them\n")
+    images = [info.name for info in infos if "image_load" in info.delivers]  # image loads
+    out.write(f"image_load (opt-in: tail --type image, Monitor(image_loads=True)) comes from {', '.join(images)} "
+              f"only: {', '.join(i.name for i in infos if i.name not in images)} have no event for it\n")
     if any(stale.values()):
         out.write("stale = left by a killed etwmon instance: 'etwmon cleanup' removes it\n")
     out.flush()

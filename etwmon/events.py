@@ -206,13 +206,33 @@ class ThreadExit(Event):
 
 @dataclass(frozen=True, slots=True)
 class ImageLoad(Event):
-    """An image (executable or DLL) ``image_name`` was mapped into process ``pid`` at ``load_address`` (Windows)."""
+    """An image (executable or shared library / DLL) ``image_name`` was mapped into process ``pid`` at
+    ``load_address`` (Windows: ETW's image events; Linux: the bpf source with ``image_loads=True``). The
+    attributes after ``image_name`` come from the extension block (None: unknown)."""
 
     type: ClassVar[ItemType] = ItemType.ImageLoad
     pid: int
     image_size: int
     load_address: int
+    #: The loaded file's whole path (from the extension block's ImageLoaded when ImageFileName had to cut it).
     image_name: str
+    process_guid: str | None = None
+    #: The process's executable (Sysmon's Image); image_name is the loaded file (Sysmon's ImageLoaded).
+    image: str | None = None
+    #: The loaded file's device (st_dev) and inode: the extension block's "the record's file" fields.
+    exe_device: int | None = None
+    exe_inode: int | None = None
+    flags: EventFlags = EventFlags(0)
+
+    @property
+    def image_device(self) -> int | None:
+        """The loaded file's device as stat(2) gives st_dev (``exe_device``; JSON names it image_device)."""
+        return self.exe_device
+
+    @property
+    def image_inode(self) -> int | None:
+        """The loaded file's inode number (``exe_inode``; JSON names it image_inode)."""
+        return self.exe_inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +261,7 @@ _ENCODERS: dict[int, Any] = {
     2: lambda e: encode_process_exit(e.filetime, e.pid, e.exit_code, _details_of(e)),
     3: lambda e: encode_thread_create(e.filetime, e.tid, e.pid, _details_of(e)),
     4: lambda e: encode_thread_exit(e.filetime, e.tid, e.pid, e.exit_code, _details_of(e)),
-    5: lambda e: encode_image_load(e.filetime, e.pid, e.image_size, e.load_address, e.image_name),
+    5: lambda e: encode_image_load(e.filetime, e.pid, e.image_size, e.load_address, e.image_name, _details_of(e)),
     100: lambda e: encode_records_lost(e.filetime, e.count),
     0: lambda e: e.data,  # UnknownRecord: kept whole
 }
@@ -250,7 +270,7 @@ _TAG_NAMES = frozenset(name for name, _ in _TAG_FIELDS.values())
 #: Per record type, the Event attributes its extension block can carry.
 _EXTENSION_ATTRS: dict[int, frozenset[str]] = {
     int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & _TAG_NAMES
-    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit)
+    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit, ImageLoad)
 }
 _CREATE_ATTRS = _EXTENSION_ATTRS[1]
 _DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.items()}
@@ -278,10 +298,11 @@ _CREATE_FIELDS = struct.Struct("<IIIIH")
 _IMAGE_FIELDS = struct.Struct("<IIQ")
 _CREATE_SIZE = PROCESS_CREATE_DTYPE.itemsize  # 40
 _IMAGE_NAME_OFFSET = IMAGE_LOAD_DTYPE.fields["ImageFileName"][1]
+_IMAGE_SIZE = IMAGE_LOAD_DTYPE.itemsize  # 640: an ImageLoad's extension block starts here
 _MIN_SIZE = {int(t): d.itemsize for t, d in DTYPES.items()}
 _MIN_SIZE[int(ItemType.ProcessCreate)] = _MIN_SIZE[int(ItemType.ProcessExec)] = _CMDLINE_OFFSET + 2
 #: Where the extension block starts in the fixed-size record types that can carry one.
-_BLOCK_AT = {2: 24, 3: 24, 4: 32}
+_BLOCK_AT = {2: 24, 3: 24, 4: 32, 5: IMAGE_LOAD_DTYPE.itemsize}
 #: Value sizes of the fixed-size kinds of fields; a known field of another size is malformed.
 _KIND_SIZE = {"guid": 16, "u32": 4, "i64": 8, "u64": 8, "us": 8}
 # Per tag: the exact size its value must have (0: text, an even size), or None when any size is taken.
@@ -636,8 +657,13 @@ def parse(buffer) -> Iterator[Event]:
         elif item == 5:
             pid, image_size, address = _IMAGE_FIELDS.unpack_from(data, body)
             start = offset + _IMAGE_NAME_OFFSET
-            name = data[start:start + 2 * _IMAGE_NAME_CHARS].decode("utf-16-le", "surrogatepass")
-            yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
+            name = data[start:start + 2 * _IMAGE_NAME_CHARS].decode("utf-16-le", "surrogatepass").split("\0", 1)[0]
+            if size > _IMAGE_SIZE:  # built whole (image loads are few): the block, the whole path if it was cut
+                flags, values = _block_values(data, offset + _IMAGE_SIZE, offset + size, _DECODE_FOR[5])
+                whole = values.pop("image_name", None)
+                yield ImageLoad(ft, pid, image_size, address, whole or name, flags=EventFlags(flags), **values)
+            else:
+                yield ImageLoad(ft, pid, image_size, address, name)
             continue
         else:
             yield UnknownRecord(ft, item, data[offset:offset + size])

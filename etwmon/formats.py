@@ -151,8 +151,9 @@ def _text_line(item: int, when: str, a: int, b: int, c: int, text: str | None, d
     if item == 3:
         return f"{when} {'thread':<{_WIDTH}} tid={a} pid={b}"
     if item == 5:
+        process = get("image")  # the process's executable (image= is the loaded file, as Windows names it)
         return (f"{when} {'image-load':<{_WIDTH}} pid={a} address=0x{c:x} size={b} "
-                f"image={escape_text(text)}")
+                f"image={escape_text(text)}{'' if process is None else ' process=' + escape_text(process)}")
     if item == 100:
         return f"{when} WARNING: {a} {_RECORDS_LOST_TEXT}"
     return f"{when} {'unknown':<{_WIDTH}} item_type={item} size={a}"
@@ -171,7 +172,7 @@ def _event_values(event: Event) -> tuple[int, int, int, int, str | None, dict]:
     if isinstance(event, ThreadCreate):
         return 3, event.tid, event.pid, 0, None, _details_dict(event)
     if isinstance(event, ImageLoad):
-        return 5, event.pid, event.image_size, event.load_address, event.image_name, {}
+        return 5, event.pid, event.image_size, event.load_address, event.image_name, _details_dict(event)
     if isinstance(event, RecordsLost):
         return 100, event.count, 0, 0, None, {}
     if isinstance(event, UnknownRecord):
@@ -187,7 +188,9 @@ def _details_dict(event: Event) -> dict:
     extension block, i.e. some detail is known or a flag is set)."""
     names = _DETAIL_ATTRS.get(type(event))
     if names is None:
-        names = _DETAIL_ATTRS[type(event)] = tuple(sorted(_EXTENSION_ATTRS.get(int(event.type), ())))
+        # (an image load's image_name is its own field, not a detail, even when the block holds it whole)
+        names = _DETAIL_ATTRS[type(event)] = tuple(sorted(_EXTENSION_ATTRS.get(int(event.type), set())
+                                                          - {"image_name"}))
     out = {}
     for name in names:
         value = getattr(event, name, None)
@@ -238,10 +241,11 @@ _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_dir
                     "image_inode", "image_flags", "hashes", "start_time", "rule_name", "flags")
 _EXIT_DETAILS = ("process_guid", "image", "uid", "user", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
+_IMAGE_LOAD_DETAILS = ("process_guid", "image", "image_device", "image_inode", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
                            "parent_user", "tty", "cgroup", "container_id", "rule_name", "hashes"})
 _JSON_DETAILS = {1: _PROCESS_DETAILS, 101: _PROCESS_DETAILS, 2: _EXIT_DETAILS, 3: _THREAD_DETAILS,
-                 4: _THREAD_DETAILS}
+                 4: _THREAD_DETAILS, 5: _IMAGE_LOAD_DETAILS}
 _FLAG_NAMES: dict[int, list[str]] = {}
 
 
@@ -559,12 +563,15 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
             if code is not None:
                 _put(doc, ("etwmon", "thread_exit_code"), code)
     elif isinstance(event, ImageLoad):
-        process["pid"] = event.pid
+        process["pid"] = event.pid  # (its executable and guid: _ECS_ENRICHMENT below)
         doc["process"] = process
         _ecs_text(doc, ("dll", "path"), event.image_name)
         doc["dll"]["name"] = re.split(r"[\\/]", doc["dll"]["path"])[-1]
         _put(doc, ("etwmon", "image_size"), event.image_size)
         _put(doc, ("etwmon", "load_address"), f"0x{event.load_address:x}")
+        for name, value in (("image_device", event.exe_device), ("image_inode", event.exe_inode)):  # the dll's
+            if value is not None:
+                _put(doc, ("etwmon", name), value)
     elif isinstance(event, RecordsLost):
         doc["message"] = f"{event.count} records lost here (ring full or source overrun)"
         _put(doc, ("etwmon", "records_lost"), event.count)

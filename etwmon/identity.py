@@ -338,7 +338,8 @@ class IdentityStage:
         starts[1:] = ends[:-1]
         types = raw[starts]
         exits = types == 2
-        where = starts + np.where(exits, 16, 20)  # ProcessExit's ProcessId; a thread record's
+        where = starts + np.where((types == 3) | (types == 4), 20, 16)  # a thread record's ProcessId; an exit's or
+        # an image load's
         pids = (raw[where].astype(np.uint32) | raw[where + 1].astype(np.uint32) << 8
                 | raw[where + 2].astype(np.uint32) << 16 | raw[where + 3].astype(np.uint32) << 24)
         special = self._seeded_mask(pids)

@@ -187,6 +187,9 @@ class Monitor(EventReader):
     (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
     records and spares the cost.
 
+    ``image_loads=True`` (bpf source): also an ImageLoad record per file mapped executable (shared libraries,
+    dlopen, LD_PRELOAD); off by default, and off attaches nothing to mmap.
+
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
     one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
 

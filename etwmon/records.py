@@ -220,14 +220,16 @@ class ExtensionTag(enum.IntEnum):
     StartTime = 14  # LONGLONG FILETIME: when the process started
     Lifetime = 15  # ULONGLONG microseconds from start to exit (ProcessExit)
     RuleName = 16  # text: the name of the rule that matched the event (Sysmon's RuleName)
-    ExeDevice = 17  # ULONG: the device of the executable file, as stat's st_dev gives it (Linux)
-    ExeInode = 18  # ULONGLONG: its inode number (with ExeDevice: which file ran, whatever its path says)
+    ExeDevice = 17  # ULONG: the device of the record's file, as stat's st_dev gives it (Linux): the executable's,
+    #                 an ImageLoad's loaded file's
+    ExeInode = 18  # ULONGLONG: its inode number (with ExeDevice: which file ran / was loaded, whatever its path says)
     ExeFlags = 19  # ULONG: ExeFlags bits (memfd, deleted, setuid, setgid)
     MountNamespace = 20  # ULONG: inode number of the process's mount namespace (/proc/<pid>/ns/mnt)
     PidNamespace = 21  # ULONG: inode number of its pid namespace (/proc/<pid>/ns/pid)
     NamespacePid = 22  # ULONG: its process id as its own pid namespace numbers it
     CgroupId = 23  # ULONGLONG: its cgroup v2 id (the inode number of its directory under the cgroup2 mount)
     Hashes = 24  # text: the executable's hashes in Sysmon's form, "MD5=<HEX>,SHA256=<HEX>" (etwmon.hashes)
+    ImageLoaded = 25  # text: the loaded image's whole path (ImageLoad), when ImageFileName (300 characters) cut it
 
 
 class ExeFlags(enum.IntFlag):
@@ -247,7 +249,8 @@ EXTENSION_VERSION = 1
 EXTENSION_HEADER_SIZE = 8
 _EXT_HEADER = struct.Struct("<HHI")
 _TIME_PIDS = struct.Struct("<qIIII")  # Time, ProcessId, ParentProcessId, CreatingThreadId, CreatingProcessId
-_BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4: THREAD_EXIT_DTYPE.itemsize}
+_BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4: THREAD_EXIT_DTYPE.itemsize,
+              5: IMAGE_LOAD_DTYPE.itemsize}
 _TLV = struct.Struct("<HH")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
@@ -260,11 +263,11 @@ _TAG_FIELDS: dict[int, tuple[str, str]] = {
     12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
     16: ("rule_name", "text"), 17: ("exe_device", "u32"), 18: ("exe_inode", "u64"), 19: ("exe_flags", "u32"),
     20: ("mnt_ns", "u32"), 21: ("pid_ns", "u32"), 22: ("ns_pid", "u32"), 23: ("cgroup_id", "u64"),
-    24: ("hashes", "text"),
+    24: ("hashes", "text"), 25: ("image_name", "text"),
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13, 24, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 17, 18, 19, 20, 21, 22, 23, 16, 25, 3, 4, 6, 10, 12, 13, 24, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -344,11 +347,12 @@ class Details:
     flags: int = 0
 
     def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
-        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes)."""
+        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes). The
+        loaded image's whole path (ImageLoaded) is the ImageLoad record's own: its encoder adds it."""
         out = []
         for tag in _TAG_ORDER:
             name, kind = _TAG_FIELDS[tag]
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             if value is not None and (allowed is None or name in allowed):
                 out.append((tag, _value_bytes(kind, value)))
         return out
@@ -548,11 +552,24 @@ def encode_thread_exit(time: int, tid: int, pid: int, exit_code: int, details: D
     return _with(_THREAD_EXIT.pack(4, 32, time, tid, pid, exit_code & 0xFFFFFFFF), details)
 
 
-def encode_image_load(time: int, pid: int, image_size: int, load_address: int, image_name: str) -> bytes:
-    """An ImageLoadInfo record: the name is cut to 300 WCHARs (TRUNCATION_MARKER at the end) and NUL-padded."""
-    name = _utf16(image_name, _IMAGE_NAME_CHARS - 1)
-    return (_IMAGE_LOAD_HEAD.pack(5, IMAGE_LOAD_DTYPE.itemsize, time, pid, image_size, load_address) + name
-            + b"\0" * (IMAGE_LOAD_DTYPE.itemsize - IMAGE_LOAD_DTYPE.fields["ImageFileName"][1] - len(name)))
+def encode_image_load(time: int, pid: int, image_size: int, load_address: int, image_name: str,
+                      details: Details | None = None) -> bytes:
+    """An ImageLoadInfo record: the name is cut to 300 WCHARs (TRUNCATION_MARKER at the end) and NUL-padded.
+    With ``details`` (process_guid, image; exe_device and exe_inode: the loaded file's) an extension block
+    follows, and a name that had to be cut is there whole (ImageLoaded, tag 25), the record flagged TRUNCATED."""
+    whole = image_name.encode("utf-16-le", "surrogatepass")
+    name = _cut_utf16(whole, _IMAGE_NAME_CHARS - 1)
+    record = (_IMAGE_LOAD_HEAD.pack(5, IMAGE_LOAD_DTYPE.itemsize, time, pid, image_size, load_address) + name
+              + b"\0" * (IMAGE_LOAD_DTYPE.itemsize - IMAGE_LOAD_DTYPE.fields["ImageFileName"][1] - len(name)))
+    if details is None:
+        return record
+    fields = details.fields(_EXTENSION_ATTRS[5])
+    flags = details.flags
+    if len(name) != len(whole):
+        flags |= EventFlags.TRUNCATED
+        at = next((i for i, (tag, _) in enumerate(fields) if tag == 3), len(fields))  # block order: before Image
+        fields.insert(at, (int(ExtensionTag.ImageLoaded), whole))
+    return with_fields(record, flags, fields)
 
 
 def encode_records_lost(time: int, count: int) -> bytes:

@@ -62,7 +62,7 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
     assert list(data["benchmarks"]) == ["ring", "readers", "service", "rules", "storms", "cost", "perftest", "memory",
-                                        "identity", "fleet", "recording"]
+                                        "identity", "imageload", "fleet", "recording"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":

@@ -48,13 +48,14 @@ def test_the_committed_object_rebuilds_byte_for_byte(tmp_path):
                                                 "clang-14 llvm-14 libbpf-dev)")
     require(Path("/usr/include/bpf/bpf_helpers.h").is_file(), "libbpf-dev's headers are needed to rebuild")
     subprocess.run(["sh", str(BPF_DIR / "build.sh"), str(tmp_path)], check=True, cwd=tmp_path)
-    rebuilt = (tmp_path / "etwmon.bpf.o").read_bytes()
-    committed = (BPF_DIR / "etwmon.bpf.o").read_bytes()
-    assert rebuilt == committed, "etwmon.bpf.o differs from its source: run etwmon/sources/bpf/build.sh"
-    sections = subprocess.run(["llvm-readelf-14", "-S", str(tmp_path / "etwmon.bpf.o")], capture_output=True,
-                              text=True).stdout if shutil.which("llvm-readelf-14") else ""
-    if sections:
-        assert ".BTF.ext" in sections and " .BTF " in sections and ".debug_info" not in sections
+    for name in ("etwmon.bpf.o", "imageload.bpf.o"):
+        rebuilt = (tmp_path / name).read_bytes()
+        committed = (BPF_DIR / name).read_bytes()
+        assert rebuilt == committed, f"{name} differs from its source: run etwmon/sources/bpf/build.sh"
+        sections = subprocess.run(["llvm-readelf-14", "-S", str(tmp_path / name)], capture_output=True,
+                                  text=True).stdout if shutil.which("llvm-readelf-14") else ""
+        if sections:
+            assert ".BTF.ext" in sections and " .BTF " in sections and ".debug_info" not in sections
 
 
 def test_the_python_layout_is_the_struct_the_object_was_built_with():

@@ -61,12 +61,23 @@ def test_every_declared_capability_is_a_known_name():
         assert not (cls.lossy and "exact_loss_count" in cls.delivers), name
 
 
+def test_image_loads_come_from_the_bpf_source_alone():
+    """The proc connector, audit and /proc have no event for a file mapped executable: only the kernel-side
+    programs see it (etwmon sources shows this)."""
+    assert {n for n in SOURCES if "image_load" in source_class(n).delivers} == {"etw", "bpf"}
+    listing = subprocess.run([sys.executable, "-m", "etwmon", "sources"], capture_output=True, text=True).stdout
+    assert ("image_load (opt-in: tail --type image, Monitor(image_loads=True)) comes from etw, bpf only: linux, "
+            "audit, netlink, procfs have no event for it") in listing
+
+
 def _watch_child(source: str, wanted: set[str], script) -> tuple[list, int, int, str]:
     """The records about the child (pid or thread of it) once every ``wanted`` kind of record arrived or 10 s
     passed, plus whatever came in half a second more; and the child's pid, thread id and tag."""
     tag = f"contract-{uuid.uuid4().hex[:10]}"
     # start() returns subscribed (a polling source has taken its baseline look): the child is seen from birth.
-    with etwmon.Monitor(source=source, max_items=200_000) as mon:
+    # Image loads are opt-in (their volume): asked for where the source declares them.
+    options = {"image_loads": True} if "image_load" in wanted else {}
+    with etwmon.Monitor(source=source, max_items=200_000, **options) as mon:
         child = subprocess.Popen([sys.executable, str(script), "first", tag], stdout=subprocess.PIPE, text=True)
         tid = int(child.stdout.readline())
         child.wait(10)

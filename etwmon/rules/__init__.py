@@ -1,5 +1,6 @@
-"""Sysmon-style rules: load a Sysmon XML configuration safely and apply its ProcessCreate (event 1) and
-ProcessTerminate (event 5) rules between the source and the ring, with command-line redaction.
+"""Sysmon-style rules: load a Sysmon XML configuration safely and apply its ProcessCreate (event 1),
+ProcessTerminate (event 5) and ImageLoad (event 7) rules between the source and the ring, with command-line
+redaction.
 
     rules = RuleSet.load("sysmon.xml")        # RuleConfigError (file, line, why) if refused: nothing started
     with Monitor(rules=rules) as mon: ...     # or Monitor(rules="sysmon.xml"); mon.set_rules(new) to reload

@@ -31,7 +31,7 @@ CONDITIONS = frozenset({
     "excludes all", "begin with", "not begin with", "end with", "not end with", "less than", "more than", "image",
 })
 
-#: The event types etwmon applies (Sysmon event 1 and 5) → {Sysmon field: Event attribute}. Attributes are read
+#: The event types etwmon applies (Sysmon events 1, 5 and 7) → {Sysmon field: Event attribute}. Attributes are read
 #: with getattr(event, name, None): None means the source does not know the field for this event.
 FIELDS: dict[str, dict[str, str]] = {
     "ProcessCreate": {
@@ -46,12 +46,17 @@ FIELDS: dict[str, dict[str, str]] = {
     "ProcessTerminate": {
         "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "User": "user",
     },
+    "ImageLoad": {  # Image: the process's executable; ImageLoaded: the file mapped
+        "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "ImageLoaded": "image_name",
+        # etwmon's own, as for ProcessCreate: which file was loaded, whatever its path says
+        "ImageDevice": "exe_device", "ImageInode": "exe_inode",
+    },
 }
 #: Integer fields: "less than"/"more than" compare them as numbers.
 INTEGER_FIELDS = frozenset({"ProcessId", "ParentProcessId", "PidNamespace", "NamespacePid", "MountNamespace",
                             "ImageDevice", "ImageInode"})
 
-#: Sysmon fields of events 1 and 5 that etwmon can never evaluate, and why.
+#: Sysmon fields of events 1, 5 and 7 that etwmon can never evaluate, and why.
 _WINDOWS_FILE_INFO = "a Windows PE version resource that etwmon does not read"
 UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
     "ProcessCreate": {
@@ -66,6 +71,17 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
     },
     "ProcessTerminate": {
         "UtcTime": "etwmon does not filter on time",
+        "RuleName": "RuleName is an output of rules, not an input",
+    },
+    "ImageLoad": {
+        "UtcTime": "etwmon does not filter on time",
+        "FileVersion": _WINDOWS_FILE_INFO, "Description": _WINDOWS_FILE_INFO, "Product": _WINDOWS_FILE_INFO,
+        "Company": _WINDOWS_FILE_INFO, "OriginalFileName": _WINDOWS_FILE_INFO,
+        "Hashes": "etwmon does not hash loaded images",
+        "Signed": "Linux libraries carry no Authenticode signature",
+        "Signature": "Linux libraries carry no Authenticode signature",
+        "SignatureStatus": "Linux libraries carry no Authenticode signature",
+        "User": "etwmon's ImageLoad records carry no user",
         "RuleName": "RuleName is an output of rules, not an input",
     },
 }
@@ -310,8 +326,8 @@ def _block(node: _Node, group: _Node | None, config: Config, source: str) -> Non
     onmatch = (raw or "").strip().lower()
     if onmatch not in ("include", "exclude"):
         raise RuleConfigError(f"{where}: <{event}> needs onmatch=\"include\" or \"exclude\", not {raw!r}")
-    ignored = None if event in FIELDS else f"event type {event}: etwmon applies ProcessCreate and " \
-                                              "ProcessTerminate rules only"
+    ignored = None if event in FIELDS else f"event type {event}: etwmon applies ProcessCreate, " \
+                                              "ProcessTerminate and ImageLoad rules only"
     # Outside any RuleGroup Sysmon OR's everything ("the rules about rules"); a RuleGroup without groupRelation
     # AND's, as Sysmon documents for RuleGroup and Rule alike.
     relation = "or" if group is None else _relation(group, source, "and")

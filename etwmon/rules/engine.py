@@ -36,6 +36,7 @@ EVENT_OF_TYPE: dict[int, str] = {
     int(ItemType.ProcessCreate): "ProcessCreate",
     int(ItemType.ProcessExec): "ProcessCreate",
     int(ItemType.ProcessExit): "ProcessTerminate",
+    int(ItemType.ImageLoad): "ImageLoad",  # Sysmon's event 7
 }
 
 # A rule's conditions each get a key (rule index << _SHIFT | position): one sortable int per condition, so the
@@ -613,7 +614,7 @@ class RuleSet:
     # -- reporting -----------------------------------------------------------------------------------------------
 
     def report(self) -> list[RuleReport]:
-        """Every rule of events 1 and 5 (and one entry per ignored block of other types), in document order."""
+        """Every rule of events 1, 5 and 7 (and one entry per ignored block of other types), in document order."""
         out = []
         for rule in self.rules:
             out.append(RuleReport(rule, rule.ignored is None, rule.ignored, describe(rule)))

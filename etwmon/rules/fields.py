@@ -43,7 +43,14 @@ _WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
         "ProcessId": ("u32", 16), "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
         "Image": (int(ExtensionTag.Image), "text"), "User": (None, None),
     },
+    "ImageLoad": {  # Image: the process's executable; ImageLoaded: the loaded file (ImageFileName, whole in tag 25)
+        "ProcessId": ("u32", 16), "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
+        "Image": (int(ExtensionTag.Image), "text"), "ImageLoaded": ("image_loaded", None),
+        "ImageDevice": (int(ExtensionTag.ExeDevice), "u32"), "ImageInode": (int(ExtensionTag.ExeInode), "u64"),
+    },
 }
+#: Where an ImageLoad record's block starts (sizeof ImageLoadInfo), and its ImageFileName (WCHAR[301]).
+_IMAGE_BASE, _IMAGE_NAME_AT, _IMAGE_NAME_END = 640, 32, 32 + 2 * 301
 
 
 #: Internal keys for the texts ContainerId is derived from (not Sysmon field names, so they never clash).
@@ -67,13 +74,17 @@ def _container_of(values: dict[str, str | None], container_key: str, cgroup_key:
 class RecordFields:
     """``RecordFields(event, names).values(record)``: {Sysmon field: lower-cased text or None (unknown)} of one
     encoded record of that Sysmon event (ProcessCreate: a ProcessCreate or ProcessExec record; ProcessTerminate:
-    a ProcessExit record). RecordFormatError when the record does not follow the wire format."""
+    a ProcessExit record; ImageLoad: an ImageLoad record). RecordFormatError when the record does not follow
+    the wire format."""
 
-    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "numbers", "container", "sources", "create")
+    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "numbers", "container", "sources", "create",
+                 "image_load", "image_loaded")
 
     def __init__(self, event: str, names: Iterable[str]) -> None:
         where = _WHERE[event]
         self.create = event == "ProcessCreate"
+        self.image_load = event == "ImageLoad"
+        self.image_loaded: str | None = None  # ImageLoaded: ImageFileName, the block's whole path when cut
         self.empty: dict[str, None] = {}
         self.fixed: list[tuple[str, int]] = []
         self.command_line: str | None = None
@@ -90,6 +101,8 @@ class RecordFields:
                 self.command_line = name
             elif kind == "container_id":
                 self.container = name
+            elif kind == "image_loaded":
+                self.image_loaded = self.texts[int(ExtensionTag.ImageLoaded)] = name
             elif arg in ("u32", "u64"):
                 self.numbers[kind] = (name, 4 if arg == "u32" else 8)
             elif kind is not None:
@@ -110,11 +123,18 @@ class RecordFields:
             base = 40 + 2 * chars
             if base - 6 > size:
                 raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", 0)
+        elif self.image_load:
+            if size < _IMAGE_BASE or size > len(record):
+                raise RecordFormatError(f"an ImageLoad record of Size {size} in {len(record)} bytes", 0)
+            base = _IMAGE_BASE
         else:
             if size < 24 or size > len(record):
                 raise RecordFormatError(f"a ProcessExit record of Size {size} in {len(record)} bytes", 0)
             base = 24
         values = dict(self.empty)
+        if self.image_loaded is not None:  # as parse gives image_name: up to the first NUL (the block may override)
+            name = record[_IMAGE_NAME_AT:_IMAGE_NAME_END].decode("utf-16-le", "surrogatepass").split("\0", 1)[0]
+            values[self.image_loaded] = name.lower()
         for name, offset in self.fixed:
             values[name] = str(_U32.unpack_from(record, offset)[0])
         if self.command_line is not None:

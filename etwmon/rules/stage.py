@@ -32,6 +32,8 @@ _U32 = struct.Struct("<I")
 _TYPE = struct.Struct("<h")
 #: Where each follower record keeps its ProcessId (ThreadCreateInfo/ThreadExitInfo: after ThreadId).
 _PID_OFFSET = {_THREAD_CREATE: 20, _THREAD_EXIT: 20, _IMAGE_LOAD: 16, _EXIT: 16}
+#: Judged records whose verdict is their own, not their process's (an excluded image load leaves its process in).
+_OWN_VERDICT = (_EXIT, _IMAGE_LOAD)
 
 
 class RulesStage:
@@ -56,7 +58,7 @@ class RulesStage:
                                       "followers_dropped", "redacted", "unredactable", "unreadable", "forgotten"), 0)
         self._unknown_fields: dict[str, int] = {}
         self._warned_unknown: set[str] = set()
-        self._judged = {t for t in (_CREATE, _EXEC, _EXIT) if rules.applies_to(t)}
+        self._judged = {t for t in (_CREATE, _EXEC, _EXIT, _IMAGE_LOAD) if rules.applies_to(t)}
         if rules.redacts:
             self._judged |= {_CREATE, _EXEC}
 
@@ -105,7 +107,7 @@ class RulesStage:
                 counts["not_included"] += 1
             else:
                 counts["excluded"] += 1
-            if item != _EXIT:
+            if item not in _OWN_VERDICT:
                 self._remember_excluded(pid)
             return None
         counts["kept"] += 1
@@ -113,7 +115,7 @@ class RulesStage:
             self._count_unknown(verdict)
         if verdict.rule is not None:
             self._count_rule(verdict, 0)
-        if item != _EXIT:
+        if item not in _OWN_VERDICT:
             self._excluded.pop(pid, None)
         if self.rules.redacts:
             # Redaction first: whatever is cut later (a record grown past 64 KiB) can only hide redacted text.

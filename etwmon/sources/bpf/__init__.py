@@ -78,7 +78,9 @@ class BpfSource(Source):
     Options: ``ring_size`` (bytes of the BPF ring buffer, a power of two of pages; default 8 MiB),
     ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
     0.001), ``enrich`` (``enrich(record, details) -> record``: called with each record and the kernel's
-    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing).
+    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing), ``image_loads``
+    (also an ImageLoad record per file mapped executable, from programs on mmap's syscall tracepoints; default
+    False, which attaches nothing there).
 
     Nothing outlives the process: the programs, their links and the maps are file descriptors of it, so
     ``stale_state()`` has nothing to report even after a SIGKILL (the kernel frees them when it exits).
@@ -90,10 +92,11 @@ class BpfSource(Source):
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
         "cgroup",
+        "image_load",  # image loads: with image_loads=True (imageload.py)
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
-                 enrich: Enricher | None = None) -> None:
+                 enrich: Enricher | None = None, image_loads: bool = False) -> None:
         super().__init__()
         page = mmap.PAGESIZE
         if (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < page
@@ -106,6 +109,8 @@ class BpfSource(Source):
         self.ring_size = ring_size
         self.batch_wait = float(batch_wait)
         self.enrich = enrich
+        self.image_loads = bool(image_loads)  # image loads: opt-in, see imageload.py
+        self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
         self._object = None
         self._ring = None
         self._lost = None
@@ -204,6 +209,14 @@ class BpfSource(Source):
             enrich = task_enricher(boot_clock)
         self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
         self._mover = WireMover(self._decoder)
+        if self.image_loads:  # image loads: their own object and ring, sharing this clock (times and guids)
+            from .imageload import ImageLoadReader
+            self._images = ImageLoadReader(boot_clock=boot_clock)
+            try:
+                self._images.open()
+            except BaseException:
+                self.close()
+                raise
 
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
@@ -235,6 +248,8 @@ class BpfSource(Source):
         poller = select.poll()
         poller.register(ring.fd, select.POLLIN)
         poller.register(self._wake.fileno(), select.POLLIN)
+        if self._images is not None:  # image loads
+            poller.register(self._images.fd, select.POLLIN)
         stopper = select.poll()  # the wait between passes, which stop() cuts short
         stopper.register(self._wake.fileno(), select.POLLIN)
         wait_ms = self.batch_wait * 1000
@@ -249,6 +264,8 @@ class BpfSource(Source):
         # Detach first, then take what is left: every event the programs wrote is read or counted as lost
         # (a source that has run is opened again before it runs again).
         self._object.detach()  # type: ignore[union-attr]
+        if self._images is not None:  # image loads
+            self._images.detach()
         self._settle()
         self._final_drain(sink)
 
@@ -298,6 +315,8 @@ class BpfSource(Source):
         move = self._mover.push
         data, mask, header = ring.data, ring.mask, ring.header
         busy, discard = ring.BUSY, ring.DISCARD
+        images = self._images  # image loads: only those written before this pass began (see imageload.py)
+        images_upto = images.producer_pos() if images is not None else 0
         cons = start = ring.consumer_pos()
         prod = ring.producer_pos()  # an acquire load: the records before it are visible (see RingBuffer)
         count = 0
@@ -337,6 +356,8 @@ class BpfSource(Source):
             ring.advance(cons)
         if self._report_lost(sink):
             count += 1
+        if images is not None:  # image loads
+            count += images.drain(sink, images_upto)
         if count:
             sink.notify()
         return count
@@ -359,6 +380,8 @@ class BpfSource(Source):
     def _release(self) -> None:
         with self._state:
             self._close_pending = False
+            if self._images is not None:  # image loads (the reader stays, closed, for stats())
+                self._images.close()
             ring, self._ring = self._ring, None
             obj, self._object = self._object, None
             self._lost = None
@@ -375,4 +398,9 @@ class BpfSource(Source):
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable,
                         kernel_written=self._mover.records if self._mover is not None else 0)
+        if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
+            images = self._images.stats()
+            base["parse_errors"] += images.pop("parse_errors")
+            base.update(images)
+            base["lost"] += base["image_loads_lost"]
         return base

@@ -41,6 +41,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__max_entries": (_c_uint32, [_c_void_p]),
     "bpf_map__fd": (_c_int, [_c_void_p]),
     "bpf_program__attach": (_c_void_p, [_c_void_p]),
+    "bpf_program__attach_perf_event": (_c_void_p, [_c_void_p, _c_int]),
+    "bpf_map__set_initial_value": (_c_int, [_c_void_p, _c_void_p, ctypes.c_size_t]),
     "bpf_link__destroy": (_c_int, [_c_void_p]),
     "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
     "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
@@ -167,15 +169,24 @@ class LoadedObject:
     written after load and before the programs are attached."""
 
     def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int],
-                 skip: tuple[str, ...] = (), settings: dict[str, bytes] | None = None) -> None:
+                 skip: tuple[str, ...] = (), settings: dict[str, bytes] | None = None,
+                 initial_values: dict[str, bytes] | None = None, perf_events: dict[str, int] | None = None) -> None:
+        """``settings``: map name -> the bytes of its first entry, written after load and before attach;
+        ``initial_values``: map name (".rodata" for ``const volatile`` globals) -> its bytes, set before load;
+        ``perf_events``: program name -> a perf event descriptor to attach it to (a tracepoint opened with
+        perf_event_open; the object owns each descriptor from here on, the link once attached), after ``programs``."""
         self.libbpf = libbpf
+        unattached = dict(perf_events or {})
         self._obj: int | None = None
         self._links: list[int] = []
         lb = libbpf
         with lb.capture():
             obj = lb.bpf_object__open_file(path.encode(), None)
             if not obj:
-                raise _errno_error(f"cannot open {path}", ctypes.get_errno(), lb.messages())
+                code = ctypes.get_errno()
+                for fd in unattached.values():
+                    os.close(fd)
+                raise _errno_error(f"cannot open {path}", code, lb.messages())
             self._obj = obj
             try:
                 for name, entries in max_entries.items():
@@ -189,6 +200,13 @@ class LoadedObject:
                     prog = lb.bpf_object__find_program_by_name(obj, name.encode())
                     if not prog or lb.bpf_program__set_autoload(prog, False):
                         raise _errno_error(f"cannot leave program {name!r} out", errno.ENOENT)
+                for name, value in (initial_values or {}).items():
+                    m = lb.bpf_object__find_map_by_name(obj, name.encode())
+                    if not m:
+                        raise _errno_error(f"no map {name!r} in {path}", errno.ENOENT)
+                    err = lb.bpf_map__set_initial_value(m, value, len(value))
+                    if err:
+                        raise _errno_error(f"cannot set the initial value of {name!r} ({len(value)} bytes)", err)
                 err = lb.bpf_object__load(obj)
                 if err:
                     raise _errno_error("the kernel refused the BPF object", err, lb.messages())
@@ -206,7 +224,17 @@ class LoadedObject:
                     if not link:
                         raise _errno_error(f"cannot attach {name!r}", ctypes.get_errno(), lb.messages())
                     self._links.append(link)
+                for name, fd in list(unattached.items()):
+                    prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+                    link = lb.bpf_program__attach_perf_event(prog, fd) if prog else None
+                    if not link:
+                        code = ctypes.get_errno() if prog else errno.ENOENT
+                        raise _errno_error(f"cannot attach {name!r} to its perf event", code, lb.messages())
+                    del unattached[name]
+                    self._links.append(link)
             except BaseException:
+                for fd in unattached.values():
+                    os.close(fd)
                 self.close()
                 raise
 
@@ -231,13 +259,13 @@ class LoadedObject:
 
 
 class PerCpuCounter:
-    """One u64 slot of a BPF_MAP_TYPE_PERCPU_ARRAY, summed over the CPUs."""
+    """One u64 slot (``key``) of a BPF_MAP_TYPE_PERCPU_ARRAY, summed over the CPUs."""
 
-    def __init__(self, libbpf: Libbpf, fd: int) -> None:
+    def __init__(self, libbpf: Libbpf, fd: int, key: int = 0) -> None:
         self._lookup = libbpf.bpf_map_lookup_elem
         self._fd = fd
         self._cpus = libbpf.libbpf_num_possible_cpus()
-        self._key = ctypes.c_uint32(0)
+        self._key = ctypes.c_uint32(key)
         self._values = (ctypes.c_uint64 * max(self._cpus, 1))()
         self._key_p = ctypes.cast(ctypes.byref(self._key), _c_void_p)
         self._values_p = ctypes.cast(self._values, _c_void_p)
@@ -356,6 +384,25 @@ class RingBuffer:
     def advance(self, pos: int) -> None:
         """Give the space up to ``pos`` back to the kernel."""
         self._pos.value = pos
+
+    def committed(self, upto: int | None = None) -> tuple[list[tuple[int, int]], int]:
+        """Where each sample lies in ``data`` (offset, length) from the consumer position up to ``upto`` (default:
+        the producer's), stopping at the first not committed yet, discarded ones left out; and the position after
+        the last one taken, for ``advance`` once they are read."""
+        data, mask, busy, discard = self.data, self.mask, self.BUSY, self.DISCARD
+        cons = self._pos.value
+        end = self.producer_pos() if upto is None else upto
+        out = []
+        while cons < end:
+            at = cons & mask
+            length = int.from_bytes(data[at:at + 4], "little")
+            if length & busy:
+                break  # reserved, not committed yet: the next pass takes it
+            size = length & ~(busy | discard)
+            if not length & discard:
+                out.append((at + 8, size))
+            cons += (size + 8 + 7) & ~7
+        return out, cons
 
     def close(self) -> None:
         self.__dict__.pop("header", None)

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rebuild etwmon.bpf.o from etwmon.bpf.c, reproducibly: the same source, clang major and libbpf headers give
+# Rebuild etwmon.bpf.o from etwmon.bpf.c and imageload.bpf.o from imageload.bpf.c, reproducibly: the same source, clang major and libbpf headers give
 # the same bytes (CI rebuilds it and compares with the committed object).
 #   sh etwmon/sources/bpf/build.sh [OUTDIR]      (default: next to this script)
 # Needs clang 14 and llvm 14 (Debian 12: apt-get install clang-14 llvm-14) and libbpf's headers
@@ -16,8 +16,10 @@ if [ "$major" != 14 ]; then
     exit 1
 fi
 cd "$here"
-"$clang" -target bpf -O2 -g -mcpu=v3 -Wall -Werror \
-    -fdebug-prefix-map="$here"=. -fno-ident \
-    -c etwmon.bpf.c -o "$out/etwmon.bpf.o.tmp"
-"$strip" -g "$out/etwmon.bpf.o.tmp"
-mv "$out/etwmon.bpf.o.tmp" "$out/etwmon.bpf.o"
+for name in etwmon imageload; do
+    "$clang" -target bpf -O2 -g -mcpu=v3 -Wall -Werror \
+        -fdebug-prefix-map="$here"=. -fno-ident \
+        -c "$name.bpf.c" -o "$out/$name.bpf.o.tmp"
+    "$strip" -g "$out/$name.bpf.o.tmp"
+    mv "$out/$name.bpf.o.tmp" "$out/$name.bpf.o"
+done
