@@ -157,26 +157,30 @@ def ship_and_read_back(url: str, host_auth: FleetAuth, reader_auth: FleetAuth) -
     assert col.tids["h1"] == list(range(50)) and not col.notices
 
 
-def test_nkey_logins_ship_and_read_back(nkey_server):
-    server, keys = nkey_server
-    ship_and_read_back(server.url, FleetAuth(nkey_seed_file=keys["host"]), FleetAuth(nkey_seed_file=keys["reader"]))
+@pytest.fixture(params=["nkey", "creds"])
+def login(request):
+    """(server, {who: FleetAuth}) for nkey logins and for creds-file logins: ``host`` and ``reader`` are known to
+    the server, ``refused`` is not (an nkey it was never told of; a user of an account the operator never signed)."""
+    if request.param == "nkey":
+        server, seeds = request.getfixturevalue("nkey_server")
+        auths = {who: FleetAuth(nkey_seed_file=seeds[key]) for who, key in
+                 (("host", "host"), ("reader", "reader"), ("refused", "stranger"))}
+    else:
+        server, creds = request.getfixturevalue("operator_server")
+        auths = {who: FleetAuth(creds_file=creds[key]) for who, key in
+                 (("host", "host"), ("reader", "reader"), ("refused", "rogue"))}
+    return server, auths
 
 
-def test_an_unknown_nkey_is_refused_in_one_clear_error(nkey_server):
-    server, keys = nkey_server
+def test_logins_ship_and_read_back(login):
+    server, auths = login
+    ship_and_read_back(server.url, auths["host"], auths["reader"])
+
+
+def test_credentials_the_server_does_not_trust_are_refused_in_one_clear_error(login):
+    server, auths = login
     with pytest.raises(FleetError, match="refused the credentials"):
-        FleetConsumer(server.url, auth=FleetAuth(nkey_seed_file=keys["stranger"]), connect_wait=10).open()
-
-
-def test_creds_file_logins_ship_and_read_back(operator_server):
-    server, creds = operator_server
-    ship_and_read_back(server.url, FleetAuth(creds_file=creds["host"]), FleetAuth(creds_file=creds["reader"]))
-
-
-def test_a_creds_file_of_an_account_the_operator_never_signed_is_refused(operator_server):
-    server, creds = operator_server
-    with pytest.raises(FleetError, match="refused the credentials"):
-        FleetConsumer(server.url, auth=FleetAuth(creds_file=creds["rogue"]), connect_wait=10).open()
+        FleetConsumer(server.url, auth=auths["refused"], connect_wait=10).open()
 
 
 def test_cli_ship_logs_in_with_the_creds_file_its_auth_file_names(tmp_path, operator_server):
