@@ -69,9 +69,7 @@ def sections(results: dict, markdown: bool) -> list[str]:
             out += _table(["push (1 record per call)", "records/s"], [
                 ["EventRing.push", stat(push["ring_records_per_s"], 2)],
                 ["deque port append", stat(push["deque_records_per_s"], 2)],
-                ["ring / deque", stat(push["ring_vs_deque"], 2) + " x"]]
-                + ([["EventRing.push, full ring (drops the oldest)", stat(push["full_ring_records_per_s"], 2)]]
-                   if "full_ring_records_per_s" in push else []), markdown)
+                ["ring / deque", stat(push["ring_vs_deque"], 2) + " x"]], markdown)
             out.append("")
             rows = [[r["buffer_name"], stat(r["ring_MBps"], 0), stat(r["naive_MBps"], 0), stat(r["ceiling_MBps"], 0),
                      stat(r["ring_vs_naive"], 1) + " x", stat(r["ring_vs_ceiling"], 2) + " x"] for r in ring["readinto"]]
