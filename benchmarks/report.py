@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 MIB = 1024 * 1024
 
@@ -50,100 +51,85 @@ def _header(results: dict, markdown: bool) -> list[str]:
     return [f"  {k:<7} {v}" for k, v in facts]
 
 
-def sections(results: dict, markdown: bool) -> list[str]:
-    """The report body, as terminal text or as markdown."""
-    h = (lambda t: f"## {t}\n") if markdown else (lambda t: f"\n== {t} ==")
+def _ring(ring: dict, results: dict, markdown: bool) -> list[str]:
     out: list[str] = []
-    b = results["benchmarks"]
+    p, push = ring["params"], ring["push"]
+    out.append(f"{p['records']:,} records ({p['record_mix']}, {p['mean_record_bytes']} bytes on average), "
+               f"{p['volume_bytes'] / MIB:.1f} MiB per drain; median [min–max] of {p['repeats']} repeats.")
+    out.append("")
+    out += _table(["push (1 record per call)", "records/s"], [
+        ["EventRing.push", stat(push["ring_records_per_s"], 2)],
+        ["deque port append", stat(push["deque_records_per_s"], 2)],
+        ["ring / deque", stat(push["ring_vs_deque"], 2) + " x"]], markdown)
+    out.append("")
+    rows = [[r["buffer_name"], stat(r["ring_MBps"], 0), stat(r["naive_MBps"], 0), stat(r["ceiling_MBps"], 0),
+             stat(r["ring_vs_naive"], 1) + " x", stat(r["ring_vs_ceiling"], 2) + " x"] for r in ring["readinto"]]
+    out += _table(["readinto buffer", "ring MB/s", "naive MB/s", "ceiling MB/s", "ring / naive",
+                   "ring / ceiling"], rows, markdown)
+    return out
 
-    ring = b.get("ring")
-    if ring:
-        out += ["", h("Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling")]
-        if ring["status"] != "ok":
-            out.append(_status_line(ring))
-        else:
-            p, push = ring["params"], ring["push"]
-            out.append(f"{p['records']:,} records ({p['record_mix']}, {p['mean_record_bytes']} bytes on average), "
-                       f"{p['volume_bytes'] / MIB:.1f} MiB per drain; median [min–max] of {p['repeats']} repeats.")
-            out.append("")
-            out += _table(["push (1 record per call)", "records/s"], [
-                ["EventRing.push", stat(push["ring_records_per_s"], 2)],
-                ["deque port append", stat(push["deque_records_per_s"], 2)],
-                ["ring / deque", stat(push["ring_vs_deque"], 2) + " x"]], markdown)
-            out.append("")
-            rows = [[r["buffer_name"], stat(r["ring_MBps"], 0), stat(r["naive_MBps"], 0), stat(r["ceiling_MBps"], 0),
-                     stat(r["ring_vs_naive"], 1) + " x", stat(r["ring_vs_ceiling"], 2) + " x"] for r in ring["readinto"]]
-            out += _table(["readinto buffer", "ring MB/s", "naive MB/s", "ceiling MB/s", "ring / naive",
-                           "ring / ceiling"], rows, markdown)
 
-    rules = b.get("rules")
-    if rules:
-        out += ["", h("Rules: a Sysmon configuration of ~500 rules, per event")]
-        if rules["status"] != "ok":
-            out.append(_status_line(rules))
-        else:
-            p = rules["params"]
-            out.append(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
-                       f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
-                       f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
-            out.append("")
-            out += _table(["what", "µs per event"], [
-                ["RuleSet.decide, ~500 rules", stat(rules["decide_us"], 2)],
-                ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
-                ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
-                ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
-                ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+def _rules(rules: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    p = rules["params"]
+    out.append(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
+               f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
+               f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
+    out.append("")
+    out += _table(["what", "µs per event"], [
+        ["RuleSet.decide, ~500 rules", stat(rules["decide_us"], 2)],
+        ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
+        ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
+        ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
+        ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+    return out
 
-    storms = b.get("storms")
-    if storms:
-        out += ["", h("Storms: kernel to readinto, one monitor at a time")]
-        if storms["status"] != "ok":
-            out.append(_status_line(storms))
-        else:
-            out += _skipped(storms, markdown)
-            p = storms["params"]
-            out.append(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
-                       "of the machine's unthrottled rate (max = unthrottled; "
-                       + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
-                       + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
-                       "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
-            out.append("")
-            rows = []
-            for r in storms["summary"]:
-                rows.append([r["kind"], "max" if r["level"] == 1.0 else f"{r['level']:g} max", stat(r["events_per_s"], 1, spread=False), r["tool"],
-                             stat(r["captured_pct"], 2), stat(r["cmdline_right_pct"], 1),
-                             stat(r["cpu_ms_per_1000_events"], 1), stat(r["latency_p50_ms"], 2, spread=False),
-                             stat(r["latency_p99_ms"], 2), stat(r["lost_reported"], 0, spread=False),
-                             "; ".join(r["errors"])[:80]])
-            out += _table(["storm", "level", "events/s", "tool", "captured %", "cmdline right %",
-                           "CPU ms / 1k events", "p50 ms", "p99 ms", "lost (reported)", "errors"], rows, markdown)
-            if storms.get("crashes"):
-                out.append("")
-            for c in storms.get("crashes", []):
-                rate = f"{c['events_per_s'] / 1000:.1f} k events/s" if c.get("events_per_s") else "?"
-                level = "max" if c["level"] == 1.0 else f"{c['level']:g} max"
-                out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from {level} "
-                           f"({rate}): "
-                           f"{c['error']}")
 
-    cost = b.get("cost")
-    if cost:
-        out += ["", h("Exec-storm cost: the storm's own rate while a monitor watches")]
-        if cost["status"] != "ok":
-            out.append(_status_line(cost))
-        else:
-            out += _skipped(cost, markdown)
-            out.append(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
-                       "rounds; each monitor's run is compared with a no-monitor run just before it.")
-            out.append("")
-            rows = [[r["tool"], stat(r["items_per_s"], 0), (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["slowdown_pct"], 1),
-                     stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
-            out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
+def _storms(storms: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    out += _skipped(storms, markdown)
+    p = storms["params"]
+    out.append(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
+               "of the machine's unthrottled rate (max = unthrottled; "
+               + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
+               + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
+               "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
+    out.append("")
+    rows = []
+    for r in storms["summary"]:
+        rows.append([r["kind"], "max" if r["level"] == 1.0 else f"{r['level']:g} max", stat(r["events_per_s"], 1, spread=False), r["tool"],
+                     stat(r["captured_pct"], 2), stat(r["cmdline_right_pct"], 1),
+                     stat(r["cpu_ms_per_1000_events"], 1), stat(r["latency_p50_ms"], 2, spread=False),
+                     stat(r["latency_p99_ms"], 2), stat(r["lost_reported"], 0, spread=False),
+                     "; ".join(r["errors"])[:80]])
+    out += _table(["storm", "level", "events/s", "tool", "captured %", "cmdline right %",
+                   "CPU ms / 1k events", "p50 ms", "p99 ms", "lost (reported)", "errors"], rows, markdown)
+    if storms.get("crashes"):
+        out.append("")
+    for c in storms.get("crashes", []):
+        rate = f"{c['events_per_s'] / 1000:.1f} k events/s" if c.get("events_per_s") else "?"
+        level = "max" if c["level"] == 1.0 else f"{c['level']:g} max"
+        out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from {level} "
+                   f"({rate}): "
+                   f"{c['error']}")
+    return out
 
-    mem = b.get("memory")
-    if mem:
-        out += ["", h("Memory: etwmon RSS during a storm")]
-    for mem in ([mem] + list(mem.get("more", []))) if mem else []:
+
+def _cost(cost: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    out += _skipped(cost, markdown)
+    out.append(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
+               "rounds; each monitor's run is compared with a no-monitor run just before it.")
+    out.append("")
+    rows = [[r["tool"], stat(r["items_per_s"], 0), (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["slowdown_pct"], 1),
+             stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
+    out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
+    return out
+
+
+def _memory(first: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    for mem in [first] + list(first.get("more", [])):
         if mem["status"] not in ("ok", "error") or "rss_start" not in mem:
             out.append(_status_line(mem))
         else:
@@ -159,77 +145,103 @@ def sections(results: dict, markdown: bool) -> list[str]:
                             f"{ring['pushed'] or 0:,}", f"{ring['dropped'] or 0:,}"]], markdown)
             if mem.get("error"):
                 out.append(f"error: {mem['error']}")
+    return out
 
-    service = b.get("service")
-    if service:
-        out += ["", h("Service: one Monitor through the Unix socket vs read in-process")]
-        if service["status"] != "ok":
-            out.append(_status_line(service))
-        else:
-            p = service["params"]
-            out.append(f"{p['records']:,} records ({p['volume_bytes'] / MIB:.1f} MiB, {p['mean_record_bytes']} bytes "
-                       f"on average) pushed as fast as a source can, read with {p['read_size'] // 1024} KiB "
-                       f"readinto; {p['repeats']} repeats. Server and clients are separate processes; the load average "
-                       f"was {p.get('load_average_1min', 0):.1f} on {results['machine']['cores']} cores.")
-            out.append("")
-            rows = [[r["path"], stat(r["records_per_s"], 0), stat(r["MBps"], 1),
-                     (stat(r["vs_inprocess"], 2) + " x") if r["vs_inprocess"] else "–"] for r in service["throughput"]]
-            out += _table(["path", "records/s (each client)", "MB/s", "vs in-process"], rows, markdown)
-            lat = service["latency"]
-            out.append("")
-            out.append(f"Latency, push to reader, {p['latency_records']} records {p['latency_spacing_ms']:g} ms "
-                       "apart (µs):")
-            out.append("")
-            out += _table(["path", "p50", "p99", "max"],
-                          [[name, f"{lat[key]['p50']:.0f}", f"{lat[key]['p99']:.0f}", f"{lat[key]['max']:.0f}"]
-                           for name, key in (("in-process", "inprocess_us"), ("socket", "socket_us"))]
-                          + [["added by the socket", f"{lat['added_p50_us']:.0f}", f"{lat['added_p99_us']:.0f}", ""]],
-                          markdown)
-    ident = b.get("identity")
-    if ident:
-        out += ["", h("Identity stage: CPU per event with it on vs off, per source")]
-        if ident["status"] != "ok":
-            out.append(_status_line(ident))
-        else:
-            p = ident["params"]
-            out.append(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
-                       f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
-                       "utime+stime per 1000 events it delivered.")
-            out.append("")
-            rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
-                     (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
-                     "; ".join(r["errors"])[:80]] for r in ident["rows"]]
-            out += _table(["source", "storm", "CPU ms / 1k ev, off", "on", "on / off", "captured % (on)", "errors"],
-                          rows, markdown)
-            alone = ident.get("stage_alone_us") or {}
-            if alone:
-                out.append("")
-                out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
-                           + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
 
-    fleet = b.get("fleet")
-    if fleet:
-        out += ["", h("Fleet: one host through a local nats-server (JetStream, file storage) to a consumer")]
-        if fleet["status"] != "ok":
-            out.append(_status_line(fleet))
+def _service(service: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    p = service["params"]
+    out.append(f"{p['records']:,} records ({p['volume_bytes'] / MIB:.1f} MiB, {p['mean_record_bytes']} bytes "
+               f"on average) pushed as fast as a source can, read with {p['read_size'] // 1024} KiB "
+               f"readinto; {p['repeats']} repeats. Server and clients are separate processes; the load average "
+               f"was {p.get('load_average_1min', 0):.1f} on {results['machine']['cores']} cores.")
+    out.append("")
+    rows = [[r["path"], stat(r["records_per_s"], 0), stat(r["MBps"], 1),
+             (stat(r["vs_inprocess"], 2) + " x") if r["vs_inprocess"] else "–"] for r in service["throughput"]]
+    out += _table(["path", "records/s (each client)", "MB/s", "vs in-process"], rows, markdown)
+    lat = service["latency"]
+    out.append("")
+    out.append(f"Latency, push to reader, {p['latency_records']} records {p['latency_spacing_ms']:g} ms "
+               "apart (µs):")
+    out.append("")
+    out += _table(["path", "p50", "p99", "max"],
+                  [[name, f"{lat[key]['p50']:.0f}", f"{lat[key]['p99']:.0f}", f"{lat[key]['max']:.0f}"]
+                   for name, key in (("in-process", "inprocess_us"), ("socket", "socket_us"))]
+                  + [["added by the socket", f"{lat['added_p50_us']:.0f}", f"{lat['added_p99_us']:.0f}", ""]],
+                  markdown)
+    return out
+
+
+def _identity(ident: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    p = ident["params"]
+    out.append(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
+               f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
+               "utime+stime per 1000 events it delivered.")
+    out.append("")
+    rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
+             (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
+             "; ".join(r["errors"])[:80]] for r in ident["rows"]]
+    out += _table(["source", "storm", "CPU ms / 1k ev, off", "on", "on / off", "captured % (on)", "errors"],
+                  rows, markdown)
+    alone = ident.get("stage_alone_us") or {}
+    if alone:
+        out.append("")
+        out.append("The stage alone on synthetic records (CPU µs per record, best of 5): "
+                   + ", ".join(f"{kind} {us:.1f}" for kind, us in alone.items()) + ".")
+    return out
+
+
+def _fleet(fleet: dict, results: dict, markdown: bool) -> list[str]:
+    out: list[str] = []
+    p = fleet["params"]
+    out.append(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
+               f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
+               f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
+               "Latency: the consumer's read() returning the record minus the record's Time.")
+    out.append("")
+    out += _table(["trial", "records/s", "missing", "p50 ms", "p99 ms"], [
+        [f"paced {p['paced_rate']:,}/s", stat(fleet["paced_records_per_s"], 0), stat(fleet["paced_missing"], 0),
+         stat(fleet["paced_p50_ms"], 1), stat(fleet["paced_p99_ms"], 1)],
+        ["unthrottled", stat(fleet["unthrottled_records_per_s"], 0), "", "", ""]], markdown)
+    if isinstance(fleet.get("storm"), dict):
+        out.append(f"thread storm through the fleet: {_status_line(fleet['storm'])}")
+    elif fleet.get("storm"):
+        out.append("")
+        out += _table(["thread storm, netlink → fleet", "storm events/s", "captured %", "p99 ms"], [
+            ["unthrottled", stat(fleet["storm_events_per_s"], 0), stat(fleet["storm_captured_pct"], 2),
+             stat(fleet["storm_p99_ms"], 1)]], markdown)
+    return out
+
+
+#: Each benchmark's section: its key in the results, its title, and what it shows when it ran.
+_SECTIONS: list[tuple[str, str, Callable[[dict, dict, bool], list[str]]]] = [
+    ("ring", "Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling", _ring),
+    ("rules", "Rules: a Sysmon configuration of ~500 rules, per event", _rules),
+    ("storms", "Storms: kernel to readinto, one monitor at a time", _storms),
+    ("cost", "Exec-storm cost: the storm's own rate while a monitor watches", _cost),
+    ("memory", "Memory: etwmon RSS during a storm", _memory),
+    ("service", "Service: one Monitor through the Unix socket vs read in-process", _service),
+    ("identity", "Identity stage: CPU per event with it on vs off, per source", _identity),
+    ("fleet", "Fleet: one host through a local nats-server (JetStream, file storage) to a consumer", _fleet),
+]
+
+
+def sections(results: dict, markdown: bool) -> list[str]:
+    """The report body, as terminal text or as markdown."""
+    h = (lambda t: f"## {t}\n") if markdown else (lambda t: f"\n== {t} ==")
+    out: list[str] = []
+    b = results["benchmarks"]
+
+    for key, title, body in _SECTIONS:
+        bench = b.get(key)
+        if not bench:
+            continue
+        out += ["", h(title)]
+        if bench["status"] != "ok" and key != "memory":  # memory says the status of each of its runs itself
+            out.append(_status_line(bench))
         else:
-            p = fleet["params"]
-            out.append(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
-                       f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
-                       f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
-                       "Latency: the consumer's read() returning the record minus the record's Time.")
-            out.append("")
-            out += _table(["trial", "records/s", "missing", "p50 ms", "p99 ms"], [
-                [f"paced {p['paced_rate']:,}/s", stat(fleet["paced_records_per_s"], 0), stat(fleet["paced_missing"], 0),
-                 stat(fleet["paced_p50_ms"], 1), stat(fleet["paced_p99_ms"], 1)],
-                ["unthrottled", stat(fleet["unthrottled_records_per_s"], 0), "", "", ""]], markdown)
-            if isinstance(fleet.get("storm"), dict):
-                out.append(f"thread storm through the fleet: {_status_line(fleet['storm'])}")
-            elif fleet.get("storm"):
-                out.append("")
-                out += _table(["thread storm, netlink → fleet", "storm events/s", "captured %", "p99 ms"], [
-                    ["unthrottled", stat(fleet["storm_events_per_s"], 0), stat(fleet["storm_captured_pct"], 2),
-                     stat(fleet["storm_p99_ms"], 1)]], markdown)
+            out += body(bench, results, markdown)
 
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
@@ -239,7 +251,6 @@ def sections(results: dict, markdown: bool) -> list[str]:
     if markdown and any(t["result"] == "MISS" for t in results["targets"]):
         out += ["", "What limits the figures that miss: [README.md, where it misses](README.md#where-it-misses)."]
     return out
-
 
 def _target_value(value, unit):
     if value is None:

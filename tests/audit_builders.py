@@ -21,14 +21,15 @@ import time
 import pytest
 
 from etwmon import Monitor, records
-from etwmon.sources import audit_protocol, audit_state
+from etwmon.sources.audit import protocol as audit_protocol
+from etwmon.sources.audit import state as audit_state
 from etwmon.sources.audit import AuditSource
-from etwmon.sources.audit_protocol import (
+from etwmon.sources.audit.protocol import (
     AUDIT_GET, AUDIT_LIST_RULES, AUDIT_SET, AUDIT_ADD_RULE, AUDIT_DEL_RULE, AUDIT_CWD, AUDIT_EOE, AUDIT_EXECVE,
     AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL, AuditControl, AuditRule, AuditStatus,
 )
-from etwmon.sources.audit_records import EventAssembler
-from etwmon.sources.audit_state import RuleKey
+from etwmon.sources.audit.records import EventAssembler
+from etwmon.sources.audit.state import RuleKey
 
 from .conftest import require
 from .helpers import ListSink

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from etwmon.records import datetime_to_filetime
-from etwmon.sources import _etw_control as C
+from etwmon.sources.etw import control as C
 
 __all__ = [
     "KERNEL_PROCESS", "PROCESS", "THREAD", "IMAGE_LOAD", "DISK_IO", "T0",

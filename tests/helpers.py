@@ -360,3 +360,22 @@ def fork_storm_while_stalled(mon: etwmon.Monitor, forks: str, n: int) -> collect
 def of_type(events: list[Event], item_type: R.ItemType) -> list[Event]:
     """The events of one record type."""
     return [e for e in events if e.type == item_type]
+
+
+class InThread:
+    """Base of the tests' background runners: ``_start(main)`` runs ``main`` on a daemon thread (``thread``) and
+    keeps what it raised in ``error``, for the test to check or raise."""
+
+    error: BaseException | None = None
+    thread: threading.Thread
+
+    def _start(self, main: Callable[[], object]) -> None:
+        self.error = None
+        self.thread = threading.Thread(target=self._main, args=(main,), daemon=True)
+        self.thread.start()
+
+    def _main(self, main: Callable[[], object]) -> None:
+        try:
+            main()
+        except BaseException as exc:  # kept for the test to raise
+            self.error = exc

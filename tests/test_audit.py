@@ -22,15 +22,17 @@ from hypothesis import strategies as st
 
 from etwmon import Monitor, records
 from etwmon.errors import SourceUnavailable
-from etwmon.sources import _linux, audit, audit_state
+from etwmon.sources import _linux
+from etwmon.sources.audit import source as audit
+from etwmon.sources.audit import state as audit_state
 from etwmon.sources.audit import AuditSource
-from etwmon.sources.audit_protocol import (
+from etwmon.sources.audit.protocol import (
     AUDIT_ADD_RULE, AUDIT_DEL_RULE, AUDIT_GET, AUDIT_SET, AUDIT_SYSCALL, AuditRule, AuditStatus, exec_rules,
 )
-from etwmon.sources.audit_records import (
+from etwmon.sources.audit.records import (
     AuditRecord, EventAssembler, SerialTracker, decode_value, parse_fields, parse_record,
 )
-from etwmon.sources.audit_state import RuleKey
+from etwmon.sources.audit.state import RuleKey
 
 from .audit_builders import (  # noqa: F401 (fixtures are used by name)
     until,

@@ -22,9 +22,10 @@ import pytest
 
 from etwmon import Monitor
 from etwmon.errors import SourceUnavailable
-from etwmon.sources import _linux, audit_state
+from etwmon.sources import _linux
+from etwmon.sources.audit import state as audit_state
 from etwmon.sources.audit import AuditSource
-from etwmon.sources.audit_protocol import (
+from etwmon.sources.audit.protocol import (
     AUDIT_ADD_RULE, AUDIT_DEL_RULE, AUDIT_SET, AuditControl, AuditStatus, exec_rules,
 )
 

@@ -22,8 +22,8 @@ import pytest
 import etwmon
 from etwmon import ImageLoad, ProcessCreate, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, parse
 from etwmon.records import EXIT_CODE_UNKNOWN
-from etwmon.sources import _etw_control as C
-from etwmon.sources import etw as E
+from etwmon.sources.etw import control as C
+from etwmon.sources.etw import source as E
 from etwmon.sources.etw import EtwEventError, EtwSource, NtPathMapper, to_records
 
 from . import etw_builders as B
@@ -762,8 +762,8 @@ import os, signal, sys, threading, time
 sys.path.insert(0, {repo!r})
 import etwmon
 from etwmon import cli
-from etwmon.sources import _etw_control as C
-from etwmon.sources import etw as E
+from etwmon.sources.etw import control as C
+from etwmon.sources.etw import source as E
 from tests.etw_builders import FakeEtwWorld
 
 world = FakeEtwWorld()

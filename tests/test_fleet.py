@@ -36,6 +36,7 @@ from etwmon.fleet import (  # noqa: E402
 from etwmon.monitor import Monitor  # noqa: E402
 from etwmon.sources.base import Source  # noqa: E402
 
+from .helpers import InThread  # noqa: E402
 from .nats_servers import NatsServer, start_cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,22 +74,14 @@ class CounterSource(Source):
         self._stop.set()
 
 
-class ShipperThread:
+class ShipperThread(InThread):
     """A Shipper of a Monitor over ``source`` on its own thread."""
 
     def __init__(self, url, host: str, source: Source, max_items: int = 100_000, **options) -> None:
         self.monitor = Monitor(source, max_items=max_items)
         self.monitor.start()
         self.shipper = Shipper(self.monitor, url, host, **options)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.shipper.run()
-        except BaseException as exc:  # kept for the test to raise
-            self.error = exc
+        self._start(self.shipper.run)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.shipper.stop()

@@ -32,7 +32,7 @@ from etwmon.service import Server, ServerLimits, connect
 from etwmon.service import protocol as P
 
 from .conftest import require
-from .helpers import ScriptedSource
+from .helpers import InThread, ScriptedSource
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = sys.platform.startswith("linux") and os.geteuid() == 0
@@ -58,7 +58,7 @@ def feed(source: ScriptedSource, items) -> None:
         source.commands.put(("records", batch))
 
 
-class Served:
+class Served(InThread):
     """A Monitor on a ScriptedSource behind a Server on a temp socket, served from a thread."""
 
     def __init__(self, path: str, **server_options) -> None:
@@ -66,15 +66,7 @@ class Served:
         self.monitor = etwmon.Monitor(self.source, max_items=200_000, max_bytes=64 << 20, identity=False).start()
         self.path = path
         self.server = Server(self.monitor, path, **server_options).open()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            self.server.serve_forever()
-        except BaseException as exc:
-            self.error = exc
+        self._start(self.server.serve_forever)
 
     def stop(self) -> None:
         self.server.stop()
@@ -914,7 +906,7 @@ def test_tail_without_root_uses_the_services_socket_when_one_is_there(open_dir, 
 
 
 def test_the_audit_lock_and_the_services_socket_share_one_safe_directory(sockdir, monkeypatch):
-    from etwmon.sources import audit_state
+    from etwmon.sources.audit import state as audit_state
 
     where = os.path.join(sockdir, "run")
     os.close(private_directory(where, group=os.getegid()))  # as `etwmon serve --group G` leaves /run/etwmon

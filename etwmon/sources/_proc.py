@@ -151,20 +151,18 @@ def process_details(proc: str, pid: int) -> dict:
     cwd = _readlink(f"{proc}/{pid}/cwd")
     if cwd is not None:
         out["current_directory"] = os.fsdecode(cwd)
-    status = read_proc(f"{proc}/{pid}/status", 4096)
-    uid = effective_uid(status) if status else None
-    if uid is not None:
-        out["uid"] = uid
-        name = user_name(uid)
-        if name is not None:
-            out["user"] = name
-    cgroup = read_proc(f"{proc}/{pid}/cgroup", 4096)
-    path = cgroup_path(cgroup) if cgroup else None
-    if path is not None:
-        out["cgroup"] = path
-        cid = container_id(path)
-        if cid is not None:
-            out["container_id"] = cid
+    # A file, the field read from it, and a field that follows from that one: the user of a uid, the container
+    # of a cgroup.
+    for file, read, key, derive, derived_key in (("status", effective_uid, "uid", user_name, "user"),
+                                                 ("cgroup", cgroup_path, "cgroup", container_id, "container_id")):
+        text = read_proc(f"{proc}/{pid}/{file}", 4096)
+        value = read(text) if text else None
+        if value is None:
+            continue
+        out[key] = value
+        derived = derive(value)
+        if derived is not None:
+            out[derived_key] = derived
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .. import records
 from .audit import DEFAULT_RCVBUF, AuditSource
-from .audit_state import DEFAULT_BACKLOG_LIMIT, DEFAULT_KEY
+from .audit.state import DEFAULT_BACKLOG_LIMIT, DEFAULT_KEY
 from .base import Sink, Source
 from .netlink import NetlinkSource
 

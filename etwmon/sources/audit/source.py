@@ -2,8 +2,9 @@
 
 It installs its own execve/execveat audit rule and reads the records the kernel multicasts to read-only
 listeners (``AUDIT_NLGRP_READLOG``, next to any running auditd): the EXECVE record holds argv as the kernel copied
-it at exec time, so short-lived processes get their exact command line. The protocol is in ``audit_protocol``,
-record assembly in ``audit_records``, the machine-wide state housekeeping in ``audit_state``. See docs/audit.md.
+it at exec time, so short-lived processes get their exact command line. The protocol is in ``protocol``,
+record assembly in ``records``, the machine-wide state housekeeping in ``state`` (this package's other modules).
+See docs/audit.md.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
-from ..clock import CLOCK_BOOTTIME, KernelClock
-from ..errors import SourceUnavailable
-from ..records import Details
-from . import audit_state
-from ._linux import (
+from ...clock import CLOCK_BOOTTIME, KernelClock
+from ...errors import SourceUnavailable
+from ...records import Details
+from .._linux import (
     CAP_AUDIT_CONTROL, CAP_AUDIT_READ, WakePipe, has_capability, live_process_start, netlink_socket_drops,
 )
-from .audit_protocol import (
+from .._proc import clock_tick_ns, host_and_boot_id, parse_stat, read_proc, snapshot
+from ..base import Sink, Source
+from . import state as audit_state
+from .protocol import (
     AUDIT_LOCKED, AUDIT_NLGRP_READLOG, AUDIT_TRUSTED_APP, NLMSGHDR, AuditControl, AuditRule,
     AuditStatus, NetlinkTransport, Transport, TransportFactory, exec_rules, knows_machine, this_machine,
 )
-from .audit_records import EventAssembler, ExecEvent, SerialTracker, decode_value, parse_fields
-from .audit_state import RuleKey
-from ._proc import clock_tick_ns, host_and_boot_id, parse_stat, read_proc, snapshot
-from .base import Sink, Source
+from .records import EventAssembler, ExecEvent, SerialTracker, decode_value, parse_fields
+from .state import RuleKey
 
 __all__ = ["AuditSource"]
 

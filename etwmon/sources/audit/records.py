@@ -14,10 +14,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import records
-from ..clock import filetime_from_unix_ns
-from ._proc import user_name
-from .audit_protocol import (
+from ... import records
+from ...clock import filetime_from_unix_ns
+from .._proc import user_name
+from .protocol import (
     AUDIT_CONFIG_CHANGE, AUDIT_CWD, AUDIT_EOE, AUDIT_EXECVE, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL,
     EXEC_SYSCALL_NUMBERS,
 )

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Error
+from ...errors import Error
 
 __all__ = ["TraceControl", "SessionStatus", "SessionControlError", "process_started", "ERROR_ACCESS_DENIED",
            "ERROR_INVALID_PARAMETER", "ERROR_MORE_DATA", "ERROR_WMI_INSTANCE_NOT_FOUND"]

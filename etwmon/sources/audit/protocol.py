@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..errors import SourceUnavailable
-from ._linux import set_receive_buffer
+from ...errors import SourceUnavailable
+from .._linux import set_receive_buffer
 
 __all__ = ["AuditControl", "AuditError", "AuditRule", "AuditStatus", "NetlinkTransport", "Transport",
            "TransportFactory", "exec_rules"]

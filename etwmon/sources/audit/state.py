@@ -15,10 +15,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..errors import SourceUnavailable
-from ..safedir import SafeDirError, open_private_file, private_directory
-from ._linux import live_process_start
-from .audit_protocol import AuditControl, AuditRule, AuditStatus
+from ...errors import SourceUnavailable
+from ...safedir import SafeDirError, open_private_file, private_directory
+from .._linux import live_process_start
+from .protocol import AuditControl, AuditRule, AuditStatus
 
 __all__ = ["DEFAULT_BACKLOG_LIMIT", "DEFAULT_KEY", "RuleKey", "StateLock", "cleanup", "restore", "stale_state"]
 
