@@ -142,8 +142,7 @@ def opened(consumer: FleetConsumer, timeout: float = 30.0) -> FleetConsumer:
         except FleetError as exc:
             if "no stream" not in str(exc) or time.monotonic() > deadline:
                 raise
-            consumer._nc = None
-            time.sleep(0.2)
+            time.sleep(0.2)  # a consumer that could not open may be opened again
 
 
 def ship_and_read_back(url: str, host_auth: FleetAuth, reader_auth: FleetAuth) -> None:
