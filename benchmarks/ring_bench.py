@@ -118,10 +118,10 @@ def run(quick: bool = False) -> dict:
     rows = {size: {"ring": [], "naive": [], "ceiling": [], "vs_naive": [], "vs_ceiling": []} for size in sizes}
     for rep in range(repeats):
         progress(f"ring: repeat {rep + 1}/{repeats}")
+        full_rates.append(count / _timed(lambda: _push_all(full_ring.push, records)))
         for size in sizes:
             buf = buffers[size]
             t_push = _timed(lambda: _push_all(ring.push, records))
-            t_full = _timed(lambda: _push_all(full_ring.push, records))
             t_append = _timed(lambda: _push_all(naive.push, records))
             moved = {}
             t_ring = _timed(lambda: moved.__setitem__("ring", _drain(ring.readinto, buf)))
@@ -132,7 +132,6 @@ def run(quick: bool = False) -> dict:
             if ring.stats.dropped or naive.dropped:
                 raise RuntimeError("ring benchmark: a ring dropped records; its caps are too small")
             push_rates.append(count / t_push)
-            full_rates.append(count / t_full)
             append_rates.append(count / t_append)
             push_ratios.append(t_append / t_push)
             row = rows[size]
