@@ -81,7 +81,8 @@ def _rules(rules: dict, results: dict, markdown: bool) -> list[str]:
         ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
         ["RulesStage.push (decoding included), mixed stream", stat(rules["stage_us"], 2)],
         ["plain sink push, same stream", stat(rules["plain_sink_us"], 3)],
-        ["added by the stage per record", stat(rules["stage_added_us"], 2)]], markdown)
+        ["added by the stage per record", stat(rules["stage_added_us"], 2)],
+        ["the same, with two Redact patterns", stat(rules.get("stage_redacting_added_us"), 2)]], markdown)
     return out
 
 
@@ -215,7 +216,15 @@ def _fleet(fleet: dict, results: dict, markdown: bool) -> list[str]:
 
 
 #: Each benchmark's section: its key in the results, its title, and what it shows when it ran.
+def _readers(readers: dict, results: dict, markdown: bool) -> list[str]:
+    us = readers["us_per_event"]
+    out = [f"{readers['events']:,} synthetic events as the identity stage writes them (fork, exec, "
+           "thread create/exit, exit, with their extension blocks); best of the rounds.", ""]
+    return out + _table(["reader", "µs per event"], [[name, f"{value:.2f}"] for name, value in us.items()], markdown)
+
+
 _SECTIONS: list[tuple[str, str, Callable[[dict, dict, bool], list[str]]]] = [
+    ("readers", "Readers: CPU µs per event of parse, parse_array and tail's text and JSON forms", _readers),
     ("ring", "Ring: EventRing vs the book's list (naive deque port) vs the copy ceiling", _ring),
     ("rules", "Rules: a Sysmon configuration of ~500 rules, per event", _rules),
     ("storms", "Storms: kernel to readinto, one monitor at a time", _storms),

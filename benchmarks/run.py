@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "service", "rules", "storms", "cost", "memory", "identity", "fleet")
+BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "memory", "identity", "fleet")
 KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
 
 
@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         import ring_bench
 
         benchmarks["ring"] = _guard("ring", lambda: ring_bench.run(args.quick))
+    if "readers" in args.only:
+        import readers_bench
+
+        benchmarks["readers"] = _guard("readers", lambda: readers_bench.run(args.quick))
     if "service" in args.only:
         import service_bench
 

@@ -10,7 +10,7 @@ from .errors import (
 )
 from .records import (
     Event, ImageLoad, ItemType, ProcessCreate, ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
-    UnknownRecord, parse, parse_arrays,
+    UnknownRecord, parse, parse_array, parse_arrays,
 )
 from .ring import EventRing, RingStats
 
@@ -20,7 +20,7 @@ __all__ = [
     "BufferTooSmall", "Error", "RecordFormatError", "SourceError", "SourceUnavailable", "ServiceUnavailable",
     "ServiceRefused", "ProtocolError",
     "Event", "ImageLoad", "ItemType", "ProcessCreate", "ProcessExec", "ProcessExit", "RecordsLost",
-    "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_arrays",
+    "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_array", "parse_arrays",
     "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "__version__",
 ]
 

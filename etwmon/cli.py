@@ -20,7 +20,7 @@ from typing import Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
 from .errors import Error, SourceError, SourceUnavailable
-from .filters import EventFilter, parse_event_types
+from .filters import DEFAULT_EVENT_TYPES, EventFilter, parse_event_types
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
@@ -184,6 +184,15 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
+def _group_name(text: str) -> str:
+    from .service.install import group_name
+
+    try:
+        return group_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _account(kind: str) -> Callable[[str], int]:
     """A user (``kind="user"``) or group name, or a number, as its id."""
     def account_id(text: str) -> int:
@@ -208,7 +217,8 @@ def _build_parser() -> _Parser:
 
     tail_ = commands.add_parser(
         "tail", help="print events as they happen (Ctrl-C to stop)",
-        description="Print process and thread events as they happen, until Ctrl-C (exit 0, summary on stderr).",
+        description="Print process events (threads too with --type all) as they happen, until Ctrl-C (exit 0, "
+                    "summary on stderr).",
         epilog=f"Environment: {ENV_MAX_ITEMS}, {ENV_MAX_BYTES} set the ring caps when the options are not "
                "given. Reference: docs/cli.md.")
     tail_.add_argument("--source", default="auto", choices=["auto", *SOURCES],
@@ -220,10 +230,11 @@ def _build_parser() -> _Parser:
                             "then filter in the service")
     tail_.add_argument("--no-identity", dest="identity", action="store_false",
                        help="the book's records only: no ProcessGuid, user, image or parent fields (less CPU per event)")
-    tail_.add_argument("--json", dest="format", action="store_const", const="json", default="text",
+    tail_.add_argument("--json", action="store_true",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
-    tail_.add_argument("--format", choices=sorted(RENDERERS), default="text",
-                       help="text (default), json, or ecs (Elastic Common Schema documents, one per line)")
+    tail_.add_argument("--format", choices=sorted(RENDERERS), default=None,
+                       help="text (default: one line per event, its date and time in ISO-8601 UTC, e.g. "
+                            "2026-12-06T23:17:12.123Z), json, or ecs (Elastic Common Schema documents, one per line)")
     tail_.add_argument("--from", dest="servers", action="append", metavar="URL", type=_nats_url,
                        help="read the fleet's events from NATS JetStream at nats://HOST:PORT instead of a local "
                             "source (repeat for a cluster's servers); see docs/fleet.md")
@@ -237,7 +248,9 @@ def _build_parser() -> _Parser:
     _nats_options(tail_)
     tail_.add_argument("--type", dest="types", action="append", type=_event_types, metavar="TYPES",
                        help="only these event types, comma-separated: process_create, process_exec, process_exit, "
-                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image")
+                            "thread_create, thread_exit, image_load, or create, exec, exit, process, thread, image, "
+                            "all (default: process, i.e. create, exec and exit; --type process,thread or --type all "
+                            "adds threads)")
     tail_.add_argument("--pid", dest="pids", action="append", type=_whole_number(1), metavar="PID",
                        help="only events of this process (repeatable)")
     tail_.add_argument("--descendants", action="store_true",
@@ -259,7 +272,7 @@ def _build_parser() -> _Parser:
                        help="when events arrive, wait this long for more before printing them: fewer wake-ups, "
                             f"less CPU (default: {DEFAULT_BATCH_WAIT}; 0 prints each at once)")
     tail_.add_argument("--stats", action="store_true",
-                       help="print a status line (rate, ring fill, lost, dropped) on stderr periodically")
+                       help="print a status line (rate, ring fill, missed, dropped) on stderr periodically")
     tail_.add_argument("--stats-interval", type=_seconds(0, MAX_STATS_INTERVAL, False), default=5.0,
                        metavar="SECONDS", help="seconds between --stats lines (default: 5)")
 
@@ -346,6 +359,28 @@ def _build_parser() -> _Parser:
     serve.add_argument("--config", metavar="FILE",
                        help="Sysmon-style rules (XML, see docs/rules.md) applied before any client sees an event; "
                             "SIGHUP reloads it (a refused file keeps the rules in force)")
+
+    service = commands.add_parser("service", help="install the service as a systemd unit, or remove it",
+                                  description="Install etwmon as a systemd service (as 'sysmon -i config.xml' does): "
+                                              "a unit running this installation's 'etwmon serve', its readers' "
+                                              "group, and systemd told; or remove all that. See docs/service.md.")
+    service_commands = service.add_subparsers(dest="service_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    service_commands.required = True
+    service_install = service_commands.add_parser(
+        "install", help="write the unit, create the group, and (with systemd running) enable and start it",
+        description="Write /etc/systemd/system/etwmon.service with ExecStart = this installation's etwmon, create "
+                    "the group (unless it exists), then with systemd as PID 1 run 'systemctl daemon-reload' and "
+                    "'systemctl enable --now etwmon'; without it, say what to run.")
+    service_install.add_argument("--config", metavar="FILE", help="Sysmon-style rules for the service (checked now)")
+    service_install.add_argument("--group", metavar="NAME", default="etwmon", type=_group_name,
+                                 help="the group whose members may read events (default: etwmon)")
+    service_uninstall = service_commands.add_parser(
+        "uninstall", help="stop and disable the service, remove its unit, and the group install created")
+    for sub in (service_install, service_uninstall):
+        sub.add_argument("--dry-run", action="store_true", help="print what would be done (install: the unit), "
+                                                                "change nothing")
+        sub.add_argument("--unit-dir", metavar="DIR", default="/etc/systemd/system",
+                         help="where the unit file goes (default: /etc/systemd/system)")
 
     commands.add_parser("cleanup", help="remove what killed etwmon instances left in the kernel, and restore it",
                         description="Remove what etwmon instances that were killed (kill -9) left in the kernel "
@@ -479,7 +514,16 @@ def _service_filter(args: argparse.Namespace) -> dict:
 def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str, str]) -> int:
     if args.descendants and not args.pids:
         raise UsageError("--descendants needs --pid (whose descendants to follow)")
-    types = frozenset().union(*args.types) if args.types else None
+    if args.json:
+        if args.format not in (None, "json"):
+            raise UsageError(f"--json and --format {args.format} ask for two output forms: give one")
+        args.format = "json"
+    args.format = args.format or "text"
+    if not args.identity and (args.servers or args.connect is not None):
+        raise UsageError("--no-identity applies where the events are read from the kernel; with --from or "
+                         "--connect the records are made elsewhere")
+    args.types = args.types or [DEFAULT_EVENT_TYPES]  # the library's Monitor delivers everything; tail shows this
+    types = frozenset().union(*args.types)
     reader, filter_here = _open_reader(args, environ, err)
     if args.servers:  # every line says whose event it is: the host of the batch being shown
         render = host_renderer(args.format, lambda: reader.host)
@@ -490,9 +534,14 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
         render = RENDERERS[args.format]
     keep = EventFilter(types=types, pids=args.pids, descendants=args.descendants, substrings=args.substrings,
                        globs=args.globs) if filter_here else (lambda event: True)
+    # Text and JSON filtered by type only are formatted a batch at a time, from the buffer (the same lines).
+    batch = not args.servers and args.format in ("text", "json") and not (args.pids or args.substrings
+                                                                         or args.globs)
     options = TailOptions(
         render=render, keep=keep,
-        batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None)
+        batch_wait=args.batch_wait, stats_interval=args.stats_interval if args.stats else None,
+        batch_form=args.format if batch else None,
+        batch_types=frozenset(int(t) for t in types) if batch and filter_here else None)
     return tail(reader, options, out, err)
 
 
@@ -552,7 +601,7 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
 
     from .monitor import Monitor
     from .service import Server, ServerLimits
-    from .service.daemon import run, setup_logging
+    from .service.daemon import run, run_directory_cleanup, setup_logging
 
     max_items, max_bytes = _limits(args, environ)
     file_handler = setup_logging(args.log_level, args.log_file)
@@ -567,17 +616,18 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
                     allow_uids=args.allow_uids, allow_gids=args.allow_gids,
                     limits=ServerLimits(max_clients=args.max_clients, client_max_items=args.client_max_items,
                                         client_max_bytes=args.client_max_bytes))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            monitor.start()
-        for warning in caught:
-            say(err, f"warning: {cli_terms(str(warning.message))}")
-        server.open()
-        return run(server, file_handler, rules_path=args.config)
-    finally:
-        server.close()
-        monitor.close()
+    with run_directory_cleanup(server.path):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                monitor.start()
+            for warning in caught:
+                say(err, f"warning: {cli_terms(str(warning.message))}")
+            server.open()
+            return run(server, file_handler, rules_path=args.config)
+        finally:
+            server.close()
+            monitor.close()
 
 
 def _auto_choice(infos: list) -> str | None:
@@ -638,7 +688,10 @@ def _cleanup(out: TextIO, err: TextIO) -> int:
         try:
             lines = source_class(name).cleanup()
         except (Error, OSError, ImportError) as exc:
-            say(err, f"{name}: cannot clean up: {exc}")
+            why = cli_terms(str(exc))
+            if why.startswith("needs root"):  # the fix is this command as root, not another source
+                why = why.split(": ", 1)[0] + ": run etwmon cleanup as root"
+            say(err, f"{name}: cannot clean up: {why}")
             status = EXIT_RUNTIME
             continue
         for line in lines:
@@ -692,6 +745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ship(args, err, dict(os.environ))
         if args.command == "serve":
             return _serve(args, err, dict(os.environ))
+        if args.command == "service":
+            from .service.install import run_command
+
+            return run_command(args.service_command, config=getattr(args, "config", None),
+                               group=getattr(args, "group", "etwmon"), unit_dir=args.unit_dir,
+                               dry_run=args.dry_run, out=out, say=lambda line: say(err, line))
         return _tail(args, out, err, dict(os.environ))
     except UsageError as exc:
         _error(err, str(exc))

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 from .records import Event, ItemType, ProcessCreate
 
-__all__ = ["EventFilter", "parse_event_types", "EVENT_TYPE_NAMES"]
+__all__ = ["EventFilter", "parse_event_types", "EVENT_TYPE_NAMES", "DEFAULT_EVENT_TYPES"]
 
 _PROCESS = frozenset({ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit})
 _THREAD = frozenset({ItemType.ThreadCreate, ItemType.ThreadExit})
@@ -23,7 +23,11 @@ EVENT_TYPE_NAMES: dict[str, frozenset[ItemType]] = {
     "process": _PROCESS,
     "thread": _THREAD,
     "image": frozenset({ItemType.ImageLoad}),
+    "all": _PROCESS | _THREAD | {ItemType.ImageLoad},
 }
+#: What ``etwmon tail`` shows without --type: process events (create, exec, exit), as Sysmon, execsnoop and
+#: forkstat do; threads flood a busy host's screen. (The library's Monitor delivers everything.)
+DEFAULT_EVENT_TYPES = _PROCESS
 
 
 def parse_event_types(spec: str) -> frozenset[ItemType]:
@@ -45,7 +49,7 @@ def parse_event_types(spec: str) -> frozenset[ItemType]:
 def _type_choices() -> list[str]:
     snake = [re.sub(r"(?<!^)(?=[A-Z])", "_", t.name).lower()
              for t in sorted(_PROCESS | _THREAD | {ItemType.ImageLoad})]
-    return snake + ["create", "exec", "exit", "process", "thread", "image"]
+    return snake + ["create", "exec", "exit", "process", "thread", "image", "all"]
 
 
 class EventFilter:

@@ -9,17 +9,22 @@ Field names are documented in docs/cli.md and stable.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
+from datetime import timedelta
 from typing import Callable
 
+import numpy as np
+
+from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, _utf16, decode_table, parse, parse_array
 from .records import (
-    EXIT_CODE_UNKNOWN, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExit, RecordsLost,
-    ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
+    EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExec,
+    ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
 )
 
-__all__ = ["escape_text", "format_event", "event_to_json", "json_line", "event_to_ecs", "ecs_line", "ECS_VERSION",
-           "host_renderer", "RENDERERS", "human_bytes"]
+__all__ = ["escape_text", "format_event", "event_to_json", "json_line", "format_batch", "event_to_ecs", "ecs_line",
+           "ECS_VERSION", "host_renderer", "RENDERERS", "human_bytes", "TEXT_WORDS"]
 
 # --- escaping: what a process controls never reaches a terminal raw ------------------------------------------
 
@@ -59,64 +64,142 @@ def escape_text(text: str) -> str:
 
 
 # --- event formatting ------------------------------------------------------------------------------------------
+#
+# Each form is built by one function per record kind from plain values (numbers, text, a dict of details), so the
+# per-event formatters (from an Event) and the batch formatter (``format_batch``, from a batch's columns, without
+# an object per record) give the same bytes: they call the same builders.
+
+_FILETIME_UNIX_EPOCH_US = 11_644_473_600_000_000  # 1601-01-01 to 1970-01-01 in microseconds
+#: Text lines' record words, as forkstat names them: a ProcessCreate on Linux is a fork (the child runs its
+#: parent's program until it execs), a ProcessExec the program starting.
+TEXT_WORDS = {1: "fork", 101: "exec", 2: "exit", 3: "thread", 4: "thread-exit", 5: "image-load"}
+_WIDTH = 11
+_RECORDS_LOST_TEXT = "records lost here (missed by the source or dropped by a full ring)"
 
 
 def _exit_code(code: int) -> int | None:
     return None if code == EXIT_CODE_UNKNOWN else code
 
 
-def _local_clock(filetime: int) -> str:
-    return filetime_to_datetime(filetime).astimezone().strftime("%H:%M:%S.%f")[:-3]
+def _text_clock(filetime: int) -> str:
+    """ISO-8601 UTC date and time to the millisecond, as text lines show it: ``2026-12-06T23:17:12.123Z``."""
+    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _iso_utc(filetime: int) -> str:
     return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def format_event(event: Event) -> str:
-    """One line of ``etwmon tail`` text output: local time, record type, ``key=value`` fields, the command
-    line last (escaped). A RecordsLost record is a WARNING line with the count."""
-    when = _local_clock(event.filetime)
-    if isinstance(event, ProcessCreate):  # ProcessExec too
-        return (f"{when} {event.type.name:<13} pid={event.pid} ppid={event.parent_pid}{_who(event)}"
-                f"{_rule_text(event)} cmd={escape_text(event.command_line)}")
-    if isinstance(event, ProcessExit):
-        code = _exit_code(event.exit_code)
-        image = f" image={escape_text(event.image)}" if event.image is not None else ""
-        return (f"{when} {'ProcessExit':<13} pid={event.pid} code={'?' if code is None else code}{image}"
-                f"{_rule_text(event)}")
-    if isinstance(event, ThreadExit):
-        code = _exit_code(event.exit_code)
-        return f"{when} {'ThreadExit':<13} tid={event.tid} pid={event.pid} code={'?' if code is None else code}"
-    if isinstance(event, ThreadCreate):
-        return f"{when} {'ThreadCreate':<13} tid={event.tid} pid={event.pid}"
-    if isinstance(event, ImageLoad):
-        return (f"{when} {'ImageLoad':<13} pid={event.pid} address=0x{event.load_address:x} "
-                f"size={event.image_size} image={escape_text(event.image_name)}")
-    if isinstance(event, RecordsLost):
-        return f"{when} WARNING: {event.count} records lost here (ring full or source overrun)"
-    if isinstance(event, UnknownRecord):
-        return f"{when} {'Unknown':<13} item_type={event.item_type} size={len(event.data)}"
-    return f"{when} {escape_text(repr(event))}"
+@functools.lru_cache(maxsize=4096)
+def _start_time(filetime: int) -> str:
+    """``_iso_utc`` of a start time: a process's fork, execs and exit all carry the same one."""
+    return _iso_utc(filetime)
 
 
-def _who(event: ProcessCreate) -> str:
-    """`` user=... image=...`` of a process event, the ones the identity stage knows (user: the name, else the
-    uid; names and paths are escaped: a process chooses them)."""
+def _clocks(filetimes: np.ndarray, unit: str) -> list[str]:
+    """``_text_clock`` (unit "ms") or ``_iso_utc`` (unit "us") of many FILETIMEs at once."""
+    stamps = (filetimes // 10 - _FILETIME_UNIX_EPOCH_US).astype("datetime64[us]")
+    return np.char.add(np.datetime_as_string(stamps, unit=unit), "Z").tolist()
+
+
+def _who_text(user: str | None, uid: int | None, image: str | None) -> str:
+    """`` user=... image=...``: the ones known (user: the name, else the uid; a process chooses names and paths,
+    so they are escaped)."""
     out = ""
-    if event.user is not None:
-        out += f" user={escape_text(event.user)}"
-    elif event.uid is not None:
-        out += f" user={event.uid}"
-    if event.image is not None:
-        out += f" image={escape_text(event.image)}"
+    if user is not None:
+        out += f" user={escape_text(user)}"
+    elif uid is not None:
+        out += f" user={uid}"
+    if image is not None:
+        out += f" image={escape_text(image)}"
     return out
 
 
-def _rule_text(event: Event) -> str:
+def _rule_text(name: str | None) -> str:
     """`` rule=NAME`` when rules named the event (``tail --config``)."""
-    name = getattr(event, "rule_name", None)
     return "" if name is None else f" rule={escape_text(name)}"
+
+
+def _lifetime_text(lifetime: timedelta | None) -> str:
+    return "" if lifetime is None else f" lifetime={lifetime.total_seconds():.3f}s"
+
+
+def _text_line(item: int, when: str, a: int, b: int, c: int, text: str | None, d: dict) -> str:
+    """One text line. ``a, b, c``: the record's numbers (create/exec: pid, ppid; exit: pid, code; threads: tid,
+    pid, code; lost: count; image load: pid, size, address); ``text`` the command line or image name; ``d`` the
+    details (attribute → value, absent = unknown)."""
+    get = d.get
+    if item == 1:  # a fork: the child runs its parent's program (the image); the command line it inherited
+        return (f"{when} {'fork':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
+                f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
+    if item == 101:
+        return (f"{when} {'exec':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
+                f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
+    if item == 2:
+        code = _exit_code(b)
+        return (f"{when} {'exit':<{_WIDTH}} pid={a} code={'?' if code is None else code}"
+                f"{_who_text(get('user'), get('uid'), get('image'))}{_lifetime_text(get('lifetime'))}"
+                f"{_rule_text(get('rule_name'))}")
+    if item == 4:
+        code = _exit_code(c)
+        return f"{when} {'thread-exit':<{_WIDTH}} tid={a} pid={b} code={'?' if code is None else code}"
+    if item == 3:
+        return f"{when} {'thread':<{_WIDTH}} tid={a} pid={b}"
+    if item == 5:
+        return (f"{when} {'image-load':<{_WIDTH}} pid={a} address=0x{c:x} size={b} "
+                f"image={escape_text(text)}")
+    if item == 100:
+        return f"{when} WARNING: {a} {_RECORDS_LOST_TEXT}"
+    return f"{when} {'unknown':<{_WIDTH}} item_type={item} size={a}"
+
+
+def _event_values(event: Event) -> tuple[int, int, int, int, str | None, dict]:
+    """(item, a, b, c, text, details) of an event, as ``_text_line`` and ``_json_object`` take them."""
+    item = int(event.type)
+    if isinstance(event, ProcessCreate):
+        item = 101 if isinstance(event, ProcessExec) else 1
+        return item, event.pid, event.parent_pid, 0, event.command_line, _details_dict(event)
+    if isinstance(event, ProcessExit):
+        return 2, event.pid, event.exit_code, 0, None, _details_dict(event)
+    if isinstance(event, ThreadExit):
+        return 4, event.tid, event.pid, event.exit_code, None, _details_dict(event)
+    if isinstance(event, ThreadCreate):
+        return 3, event.tid, event.pid, 0, None, _details_dict(event)
+    if isinstance(event, ImageLoad):
+        return 5, event.pid, event.image_size, event.load_address, event.image_name, {}
+    if isinstance(event, RecordsLost):
+        return 100, event.count, 0, 0, None, {}
+    if isinstance(event, UnknownRecord):
+        return event.item_type, len(event.data), 0, 0, None, {}
+    raise TypeError(f"not an event: {event!r}")
+
+
+_DETAIL_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
+def _details_dict(event: Event) -> dict:
+    """The event's known details (attribute → value), ``"flags"`` (int) and ``"block"`` (True: the record has an
+    extension block, i.e. some detail is known or a flag is set)."""
+    names = _DETAIL_ATTRS.get(type(event))
+    if names is None:
+        names = _DETAIL_ATTRS[type(event)] = tuple(sorted(_EXTENSION_ATTRS.get(int(event.type), ())))
+    out = {}
+    for name in names:
+        value = getattr(event, name, None)
+        if value is not None:
+            out[name] = value
+    flags = int(getattr(event, "flags", 0))
+    out["flags"] = flags
+    out["block"] = flags != 0 or len(out) > 1
+    return out
+
+
+def format_event(event: Event) -> str:
+    """One line of ``etwmon tail`` text output: the date and time (ISO-8601, UTC), the record's word (``fork``,
+    ``exec``, ``exit``, ``thread``, ``thread-exit``, ``image-load``), ``key=value`` fields, an exec's command line
+    last (escaped). A RecordsLost record is a WARNING line with the count."""
+    item, a, b, c, text, details = _event_values(event)
+    return _text_line(item, _text_clock(event.filetime), a, b, c, text, details)
 
 
 def _json_text(text: str) -> tuple[str, str | None]:
@@ -147,72 +230,212 @@ def _put_text(obj: dict, key: str, text: str) -> None:
 _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_directory", "uid", "user",
                     "parent_image", "parent_command_line", "parent_user", "tty", "session", "cgroup",
                     "container_id", "start_time", "rule_name", "flags")
-_EXIT_DETAILS = ("process_guid", "image", "start_time", "lifetime", "rule_name", "flags")
+_EXIT_DETAILS = ("process_guid", "image", "uid", "user", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
                            "parent_user", "tty", "cgroup", "container_id", "rule_name"})
+_JSON_DETAILS = {1: _PROCESS_DETAILS, 101: _PROCESS_DETAILS, 2: _EXIT_DETAILS, 3: _THREAD_DETAILS,
+                 4: _THREAD_DETAILS}
+_FLAG_NAMES: dict[int, list[str]] = {}
 
 
-def _put_details(obj: dict, event: Event, names: tuple[str, ...]) -> None:
+def _flag_names(flags: int) -> list[str]:
+    names = _FLAG_NAMES.get(flags)
+    if names is None:
+        names = _FLAG_NAMES[flags] = [f.name for f in EventFlags if f & flags]
+    return list(names)
+
+
+def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
     """The identity fields, all of them (null = unknown) when the record has an extension block; none when it
     has not (``--no-identity``, or a writer without one), so the book's records keep their short form."""
-    if event.details() is None:  # type: ignore[attr-defined]
+    if not details.get("block"):
         return
+    get = details.get
     for name in names:
         if name == "start_time":
-            start = event.start_filetime  # type: ignore[attr-defined]
-            obj[name] = None if start is None else _iso_utc(start)
+            start = get("start_filetime")
+            obj[name] = None if start is None else _start_time(start)
         elif name == "lifetime":
-            lifetime = event.lifetime  # type: ignore[attr-defined]
+            lifetime = get("lifetime")
             obj[name] = None if lifetime is None else lifetime.total_seconds()
         elif name == "flags":  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
-            flags = event.flags  # type: ignore[attr-defined]
-            obj[name] = [f.name for f in EventFlags if f in flags]
+            obj[name] = _flag_names(details["flags"])
         else:
-            value = getattr(event, name)
+            value = get(name)
             if value is not None and name in _TEXT_DETAILS:
                 _put_text(obj, name, value)
             else:
                 obj[name] = value
 
 
-def event_to_json(event: Event) -> dict:
-    """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
-    obj: dict = {"type": event.type.name, "time": _iso_utc(event.filetime)}
-    rule_name = getattr(event, "rule_name", None)
+_TYPE_NAMES = {int(t): t.name for t in ItemType}
+
+
+def _json_object(item: int, when: str, a: int, b: int, c: int, text: str | None, d: dict, c2: int = 0,
+                 data: bytes | None = None) -> dict:
+    """The JSON object of one record from its values (see ``_text_line``; ``c2`` the creating tid of a
+    create/exec, whose ``c`` is the creating pid; ``data`` an unknown record's bytes)."""
+    obj: dict = {"type": _TYPE_NAMES.get(item, "Unknown"), "time": when}
+    rule_name = d.get("rule_name")
     if rule_name is not None:  # the Sysmon rule that included it (tail --config)
         obj["rule_name"] = rule_name
-    if isinstance(event, ProcessCreate):
-        obj.update(pid=event.pid, parent_pid=event.parent_pid, creating_pid=event.creating_pid,
-                   creating_tid=event.creating_tid)
-        _put_text(obj, "command_line", event.command_line)
-        obj["truncated"] = event.truncated
-        _put_details(obj, event, _PROCESS_DETAILS)
-    elif isinstance(event, ProcessExit):
-        obj.update(pid=event.pid, exit_code=_exit_code(event.exit_code))
-        _put_details(obj, event, _EXIT_DETAILS)
-    elif isinstance(event, ThreadExit):
-        obj.update(tid=event.tid, pid=event.pid, exit_code=_exit_code(event.exit_code))
-        _put_details(obj, event, _THREAD_DETAILS)
-    elif isinstance(event, ThreadCreate):
-        obj.update(tid=event.tid, pid=event.pid)
-        _put_details(obj, event, _THREAD_DETAILS)
-    elif isinstance(event, ImageLoad):
+    if item == 1 or item == 101:
+        obj.update(pid=a, parent_pid=b, creating_pid=c, creating_tid=c2)
+        _put_text(obj, "command_line", text)
+        obj["truncated"] = text.endswith(TRUNCATION_MARKER) or bool(d.get("flags", 0) & EventFlags.TRUNCATED)
+    elif item == 2:
+        obj.update(pid=a, exit_code=_exit_code(b))
+    elif item == 4:
+        obj.update(tid=a, pid=b, exit_code=_exit_code(c))
+    elif item == 3:
+        obj.update(tid=a, pid=b)
+    elif item == 5:
         # A string: jq reads numbers as doubles, which cannot hold every 64-bit address.
-        obj.update(pid=event.pid, image_size=event.image_size, load_address=f"0x{event.load_address:x}")
-        _put_text(obj, "image_name", event.image_name)
-    elif isinstance(event, RecordsLost):
-        obj["count"] = event.count
-    elif isinstance(event, UnknownRecord):
-        obj.update(type="Unknown", item_type=event.item_type,
-                   data_base64=base64.b64encode(event.data).decode("ascii"))
+        obj.update(pid=a, image_size=b, load_address=f"0x{c:x}")
+        _put_text(obj, "image_name", text)
+    elif item == 100:
+        obj["count"] = a
+    else:
+        obj.update(type="Unknown", item_type=item, data_base64=base64.b64encode(data or b"").decode("ascii"))
+    names = _JSON_DETAILS.get(item)
+    if names is not None:
+        _put_details(obj, d, names)
     return obj
+
+
+def event_to_json(event: Event) -> dict:
+    """The JSON object of one event (field names are documented in docs/cli.md and stable)."""
+    item, a, b, c, text, details = _event_values(event)
+    c2 = 0
+    if item == 1 or item == 101:
+        c, c2 = event.creating_pid, event.creating_tid  # type: ignore[attr-defined]
+    return _json_object(item, _iso_utc(event.filetime), a, b, c, text, details, c2,
+                        event.data if isinstance(event, UnknownRecord) else None)
+
+
+# ensure_ascii: the line is pure ASCII, so no control character (not even DEL or C1) reaches a terminal.
+_json_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+try:  # etwmon[fast]: orjson encodes ~3x faster; its output is brought to exactly what json.dumps writes
+    from orjson import JSONEncodeError as _OrjsonError, dumps as _orjson_dumps
+except ImportError:  # pragma: no cover - the stdlib is the fallback
+    _orjson_dumps = None
+_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
+
+
+def _ascii_escape(match: re.Match) -> str:
+    c = ord(match.group())
+    if c <= 0xFFFF:
+        return f"\\u{c:04x}"
+    c -= 0x10000
+    return f"\\u{0xD800 | (c >> 10):04x}\\u{0xDC00 | (c & 0x3FF):04x}"
+
+
+def _dumps(obj: dict) -> str:
+    """``json.dumps(obj, ensure_ascii=True, separators=(",", ":"))``, through orjson when it is installed."""
+    if _orjson_dumps is None:
+        return _json_dumps(obj)
+    lifetime = obj.get("lifetime")
+    if lifetime is not None and lifetime < 1e-4:
+        return _json_dumps(obj)  # json writes 1e-05 where orjson writes 0.00001
+    try:
+        out = _orjson_dumps(obj)
+    except _OrjsonError:  # text it will not encode (a lone surrogate): json escapes it
+        return _json_dumps(obj)
+    if out.isascii() and b"\x7f" not in out:
+        return out.decode("ascii")
+    # orjson writes UTF-8 and a raw DEL; json.dumps escapes both (so no C1 control or bidi override reaches a
+    # terminal). In JSON text, non-ASCII only occurs inside strings, so escaping every such character is exact.
+    return _NOT_ASCII.sub(_ascii_escape, out.decode("utf-8"))
 
 
 def json_line(event: Event) -> str:
     """The JSON object of one event as one line of ASCII text (no newline)."""
-    # ensure_ascii: the line is pure ASCII, so no control character (not even DEL or C1) reaches a terminal.
-    return json.dumps(event_to_json(event), ensure_ascii=True, separators=(",", ":"))
+    return _dumps(event_to_json(event))
+
+
+# --- batches: the same lines, from a batch's columns ----------------------------------------------------------
+
+#: The extension fields the text form shows, per record type (the batch formatter decodes only these).
+_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name"}),
+                101: decode_table({"user", "uid", "image", "rule_name"}),
+                2: decode_table({"user", "uid", "image", "lifetime", "rule_name"}), 3: {}, 4: {}}
+
+
+def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None) -> list[str]:
+    """The lines (each with its newline) of the records in ``buffer`` whose type is in ``types`` (None: all;
+    a RecordsLost report is always kept): what ``format_event`` (``form`` "text") or ``json_line`` ("json")
+    gives for each, built from the batch's columns (``parse_array``) without an Event object per record.
+    Raises only ``RecordFormatError`` on a malformed buffer, as ``parse`` does."""
+    return format_batch_typed(buffer, form, types)[0]
+
+
+def format_batch_typed(buffer, form: str = "text",
+                       types: frozenset[int] | None = None) -> tuple[list[str], list[int]]:
+    """``format_batch``, and the record type of each line (``etwmon tail`` counts the lines that are events)."""
+    if form not in ("text", "json"):
+        raise ValueError(f"format_batch makes text or json lines, not {form!r}")
+    batch = parse_array(buffer)
+    fields, data = batch.fields, batch.data
+    if types is not None:
+        keep = np.isin(fields["type"], list(types) + [100])
+        fields = fields[keep]
+    if not len(fields):
+        return [], []
+    kinds = fields["type"].tolist()
+    pids = fields["pid"].tolist()
+    tids = fields["tid"].tolist()
+    ppids = fields["parent_pid"].tolist()
+    codes = fields["exit_code"].tolist()
+    counts = fields["count"].tolist()
+    cl_at = fields["command_line_offset"].tolist()
+    cl_chars = fields["command_line_chars"].tolist()
+    block_at = fields["block_offset"].tolist()
+    block_size = fields["block_size"].tolist()
+    text_form = form == "text"
+    clocks = _clocks(fields["time"], "ms" if text_form else "us")
+    out = []
+    append = out.append
+    if text_form:
+        wanted = _TEXT_DECODE
+    else:
+        wanted = _DECODE_FOR
+        cpids = fields["creating_pid"].tolist()
+        ctids = fields["creating_tid"].tolist()
+    for i, item in enumerate(kinds):
+        text = None
+        details: dict = _NO_DETAILS
+        if item == 1 or item == 101:
+            at = cl_at[i]
+            text = _utf16(data[at:at + 2 * cl_chars[i]])
+            a, b, c = pids[i], ppids[i], 0
+        elif item == 2:
+            a, b, c = pids[i], codes[i], 0
+        elif item == 3:
+            a, b, c = tids[i], pids[i], 0
+        elif item == 4:
+            a, b, c = tids[i], pids[i], codes[i]
+        elif item == 100:
+            a, b, c = counts[i], 0, 0
+        else:  # image loads and unknown records are rare: their Event tells
+            (event,) = parse(data[int(fields["offset"][i]):int(fields["offset"][i]) + int(fields["size"][i])])
+            append((format_event(event) if text_form else json_line(event)) + "\n")
+            continue
+        if block_size[i]:
+            flags, values = _block_values(data, block_at[i], block_at[i] + block_size[i], wanted[item])
+            values["flags"] = flags
+            values["block"] = flags != 0 or len(values) > 1
+            details = values
+        if text_form:
+            append(_text_line(item, clocks[i], a, b, c, text, details) + "\n")
+        elif item == 1 or item == 101:
+            append(_dumps(_json_object(item, clocks[i], a, b, cpids[i], text, details, ctids[i])) + "\n")
+        else:
+            append(_dumps(_json_object(item, clocks[i], a, b, c, text, details)) + "\n")
+    return out, kinds
+
+
+_NO_DETAILS: dict = {}
 
 
 # --- Elastic Common Schema ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .ring import EventRing, RingStats
 from .sources import Source, open_source
 
 if TYPE_CHECKING:
+    from .events import RecordBatch
     from .rules import RuleSet
 
 __all__ = ["Monitor", "MonitorStats", "EventReader"]
@@ -115,6 +116,13 @@ class EventReader:
 
     def readable(self) -> bool:
         raise NotImplementedError
+
+    def read_array(self, buffer: bytearray | memoryview | None = None) -> "RecordBatch":
+        """One ``readinto`` as columns (``etwmon.records.parse_array``): the records waiting now, none when there
+        are none. ``buffer`` (default: a new 64 KiB one) may be reused at once: the batch holds its own copy."""
+        from .events import read_array
+
+        return read_array(self, buffer)
 
     def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
         """Parsed events as they come. Ends when the monitor stops, or when ``timeout`` seconds pass with

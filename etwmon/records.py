@@ -1,4 +1,5 @@
-"""The wire format: SysMon-compatible binary records (``SysMonPublic.h``, x64), their encoders and ``parse``.
+"""The wire format: SysMon-compatible binary records (``SysMonPublic.h``, x64), their encoders and the extension
+block. Reading them (the Event classes, ``parse``, ``parse_array``) is ``etwmon.events``, re-exported here.
 
 Every record starts with a 16-byte ``ItemHeader`` whose ``Size`` is the whole record's length, so records of
 different kinds follow each other in one buffer and a reader that does not know a type skips it by ``Size``.
@@ -11,14 +12,13 @@ import enum
 import shlex
 import struct
 import uuid
-from dataclasses import dataclass, fields as _dc_fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import ClassVar, Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
 from .clock import FILETIME_UNIX_EPOCH, filetime_from_unix_ns, filetime_now
-from .errors import RecordFormatError
 
 __all__ = [
     "ItemType", "HEADER_DTYPE", "PROCESS_EXIT_DTYPE", "PROCESS_CREATE_DTYPE", "THREAD_CREATE_DTYPE",
@@ -28,7 +28,8 @@ __all__ = [
     "command_line_from_argv", "encode_process_create", "encode_process_exec", "encode_process_exit",
     "encode_thread_create", "encode_thread_exit", "encode_image_load", "encode_records_lost",
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
-    "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "record_headers",
+    "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "parse_array", "record_headers", "RecordBatch",
+    "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME", "read_array",
     "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
     "with_fields", "with_packed", "pack_field", "block_fields", "field_value", "TAG_ORDER",
     "guid_text", "guid_bytes",
@@ -520,206 +521,7 @@ def encode_records_lost(time: int, count: int) -> bytes:
     return _RECORDS_LOST.pack(100, 24, time, count)
 
 
-# --- events ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """One parsed record. ``filetime`` is the raw Time field; ``time`` the same as an aware UTC datetime."""
-
-    type: ClassVar[ItemType] = ItemType.NONE
-    filetime: int
-
-    @property
-    def time(self) -> datetime:
-        return filetime_to_datetime(self.filetime)
-
-    def encode(self) -> bytes:  # pragma: no cover - every concrete event overrides it
-        raise NotImplementedError
-
-
-def _split_command_line(line: str) -> list[str]:
-    if line.endswith(TRUNCATION_MARKER):
-        line = line[: -len(TRUNCATION_MARKER)]
-        # The cut may fall inside a quoted argument or right after an escaping backslash: close what it left open.
-        for head in (line, line[:-1]):
-            for closing in ("", "'", '"'):
-                try:
-                    return shlex.split(head + closing)
-                except ValueError:
-                    continue
-    try:
-        return shlex.split(line)
-    except ValueError:
-        return line.split()
-
-
-@dataclass(frozen=True)
-class ProcessCreate(Event):
-    """A process was created (or, as ProcessExec, exec'd). The attributes after ``command_line`` come from the
-    record's extension block; None means unknown (see ``flags`` for how far to trust what is known)."""
-
-    type: ClassVar[ItemType] = ItemType.ProcessCreate
-    pid: int
-    parent_pid: int
-    creating_pid: int
-    creating_tid: int
-    command_line: str
-    process_guid: str | None = None
-    parent_process_guid: str | None = None
-    image: str | None = None
-    current_directory: str | None = None
-    uid: int | None = None
-    user: str | None = None
-    parent_image: str | None = None
-    parent_command_line: str | None = None
-    parent_user: str | None = None
-    tty: str | None = None
-    session: int | None = None
-    cgroup: str | None = None
-    container_id: str | None = None
-    start_filetime: int | None = None
-    rule_name: str | None = None
-    flags: EventFlags = EventFlags(0)
-
-    @property
-    def argv(self) -> list[bytes]:
-        """The command line split back into its arguments, as the bytes the program was given.
-
-        POSIX quoting (``shlex``), as the Linux sources join argv; a Windows command line is one string the
-        program parses itself, so read ``command_line`` there. A truncated command line gives the arguments
-        that survived, the last one possibly cut short; text that is not valid shell quoting (a bare comm
-        name with a stray quote) is split on whitespace rather than raising.
-        """
-        return [a.encode("utf-8", "surrogateescape") for a in _split_command_line(self.command_line)]
-
-    @property
-    def truncated(self) -> bool:
-        """True when the command line (or a detail) was cut to fit the 64 KiB record."""
-        return self.command_line.endswith(TRUNCATION_MARKER) or bool(self.flags & EventFlags.TRUNCATED)
-
-    @property
-    def start_time(self) -> datetime | None:
-        """When the process started (aware UTC), if the source knows."""
-        return None if self.start_filetime is None else filetime_to_datetime(self.start_filetime)
-
-    def details(self) -> Details | None:
-        """The extension block's content, or None when the record has none."""
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return _encode_create(int(self.type), self.filetime, self.pid, self.parent_pid, self.creating_pid,
-                              self.creating_tid, self.command_line, _details_of(self))
-
-
-@dataclass(frozen=True)
-class ProcessExec(ProcessCreate):
-    """A Linux exec: the same pid now runs a new program with a new command line."""
-
-    type: ClassVar[ItemType] = ItemType.ProcessExec
-
-
-@dataclass(frozen=True)
-class ProcessExit(Event):
-    type: ClassVar[ItemType] = ItemType.ProcessExit
-    pid: int
-    exit_code: int
-    process_guid: str | None = None
-    image: str | None = None
-    start_filetime: int | None = None
-    lifetime: timedelta | None = None
-    rule_name: str | None = None
-    flags: EventFlags = EventFlags(0)
-
-    def details(self) -> Details | None:
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_process_exit(self.filetime, self.pid, self.exit_code, _details_of(self))
-
-
-@dataclass(frozen=True)
-class ThreadCreate(Event):
-    type: ClassVar[ItemType] = ItemType.ThreadCreate
-    tid: int
-    pid: int
-    process_guid: str | None = None
-    flags: EventFlags = EventFlags(0)
-
-    def details(self) -> Details | None:
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_thread_create(self.filetime, self.tid, self.pid, _details_of(self))
-
-
-@dataclass(frozen=True)
-class ThreadExit(Event):
-    type: ClassVar[ItemType] = ItemType.ThreadExit
-    tid: int
-    pid: int
-    exit_code: int
-    process_guid: str | None = None
-    flags: EventFlags = EventFlags(0)
-
-    def details(self) -> Details | None:
-        return _details_of(self)
-
-    def encode(self) -> bytes:
-        return encode_thread_exit(self.filetime, self.tid, self.pid, self.exit_code, _details_of(self))
-
-
-@dataclass(frozen=True)
-class ImageLoad(Event):
-    type: ClassVar[ItemType] = ItemType.ImageLoad
-    pid: int
-    image_size: int
-    load_address: int
-    image_name: str
-
-    def encode(self) -> bytes:
-        return encode_image_load(self.filetime, self.pid, self.image_size, self.load_address, self.image_name)
-
-
-@dataclass(frozen=True)
-class RecordsLost(Event):
-    """``count`` records were lost (dropped by a full ring or missed by the source) just before this point."""
-
-    type: ClassVar[ItemType] = ItemType.RecordsLost
-    count: int
-
-    def encode(self) -> bytes:
-        return encode_records_lost(self.filetime, self.count)
-
-
-@dataclass(frozen=True)
-class UnknownRecord(Event):
-    """A record of a type this version does not know; kept whole so nothing is hidden."""
-
-    type: ClassVar[ItemType] = ItemType.NONE
-    item_type: int
-    data: bytes
-
-    def encode(self) -> bytes:
-        return self.data
-
-
-#: Per record type, the Event attributes its extension block can carry.
-_EXTENSION_ATTRS: dict[int, frozenset[str]] = {
-    int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & frozenset(n for n, _ in _TAG_FIELDS.values())
-    for cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit)
-}
-_CREATE_ATTRS = _EXTENSION_ATTRS[1]
-_DETAIL_NAMES = {int(t): tuple(sorted(names)) for t, names in _EXTENSION_ATTRS.items()}
-
-
-def _details_of(event: Event) -> Details | None:
-    """The Details an event's attributes describe, or None when it has none (no block is written then)."""
-    values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)]}
-    flags = int(event.flags)  # type: ignore[attr-defined]
-    if not flags and all(v is None for v in values.values()):
-        return None
-    return Details(flags=flags, **values)
+# --- reading an extension field ---------------------------------------------------------------------
 
 
 def field_value(tag: int, data: bytes):
@@ -728,155 +530,11 @@ def field_value(tag: int, data: bytes):
     return None if known is None else _field_value(known[1], data)
 
 
-def _parse_block(view: memoryview, start: int, end: int, allowed: frozenset[str]) -> dict:
-    """The Event attributes of the extension block in ``view[start:end]`` ({} if there is none or it is of a
-    version this reader does not know); a field that runs past the block ends it."""
-    if end - start < EXTENSION_HEADER_SIZE:
-        return {}
-    version, length, flags = _EXT_HEADER.unpack_from(view, start)
-    if version != EXTENSION_VERSION or length < EXTENSION_HEADER_SIZE or start + length > end:
-        return {}
-    out: dict = {"flags": EventFlags(flags)}
-    pos, stop = start + EXTENSION_HEADER_SIZE, start + length
-    unpack = _TLV.unpack_from
-    while pos + 4 <= stop:
-        tag, size = unpack(view, pos)
-        pos += 4
-        if pos + size > stop:
-            break
-        known = _TAG_FIELDS.get(tag)
-        if known is not None and known[0] in allowed:
-            value = _field_value(known[1], bytes(view[pos:pos + size]))
-            if value is not None:
-                out[known[0]] = value
-        pos += size
-    return out
 
-
-# --- parsing ---------------------------------------------------------------------------------------------
-
-_U32X2 = struct.Struct("<II")
-_U32X3 = struct.Struct("<III")
-_U32 = struct.Struct("<I")
-_CREATE_FIELDS = struct.Struct("<IIIIH")
-_IMAGE_FIELDS = struct.Struct("<IIQ")
-_MIN_SIZE = {int(t): d.itemsize for t, d in DTYPES.items()}
-_MIN_SIZE[int(ItemType.ProcessCreate)] = _MIN_SIZE[int(ItemType.ProcessExec)] = _CMDLINE_OFFSET + 2
-
-
-def _as_bytes_view(buffer) -> memoryview:
-    view = memoryview(buffer)
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
-        view = view.cast("B")
-    return view
-
-
-def _wstr(view: memoryview, start: int, chars: int) -> str:
-    return bytes(view[start:start + 2 * chars]).decode("utf-16-le", "surrogatepass")
-
-
-def _walk(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
-    """(offset, Type, Size, Time) of each record, checking every Size (and CommandLineLength) on the way."""
-    end = len(view)
-    offset = 0
-    unpack_header = _HEADER.unpack_from
-    while offset < end:
-        if end - offset < HEADER_SIZE:
-            raise RecordFormatError(f"truncated header: {end - offset} bytes left, a header needs 16", offset)
-        item, size, ft = unpack_header(view, offset)
-        if size < HEADER_SIZE:
-            raise RecordFormatError(f"record Size {size} is smaller than the 16-byte header", offset)
-        if offset + size > end:
-            raise RecordFormatError(f"record Size {size} runs past the end of the buffer ({end} bytes)", offset)
-        need = _MIN_SIZE.get(item, HEADER_SIZE)
-        if size < need:
-            raise RecordFormatError(f"record of type {item} has Size {size}, needs at least {need}", offset)
-        if item == 1 or item == 101:  # ProcessCreate, ProcessExec (raw numbers: see parse)
-            chars = view[offset + 32] | (view[offset + 33] << 8)
-            if _CMDLINE_OFFSET + 2 * chars > size:
-                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", offset)
-        yield offset, item, size, ft
-        offset += size
-
-
-def parse(buffer) -> Iterator[Event]:
-    """Yield an Event for each record in ``buffer`` (bytes, bytearray, memoryview or a numpy array).
-
-    Raises ``RecordFormatError`` naming the offset on a truncated record or a Size smaller than its type
-    needs (never loops on Size 0); the records before it are delivered first. Types it does not know come out
-    as ``UnknownRecord``.
-    """
-    view = _as_bytes_view(buffer)
-    # The dispatch compares raw Type numbers (the ItemType values, fixed by the wire format), not ItemType
-    # members: an int == int test is about six times cheaper than ``item == ItemType.ProcessExit`` (an
-    # attribute lookup and IntEnum's __eq__; 0.12 vs 0.69 s per million three-way tests here), on every record.
-    for offset, item, size, ft in _walk(view):
-        body = offset + HEADER_SIZE
-        if item == 2:
-            if size > 24:
-                yield ProcessExit(ft, *_U32X2.unpack_from(view, body),
-                                  **_parse_block(view, offset + 24, offset + size, _EXTENSION_ATTRS[2]))
-            else:
-                yield ProcessExit(ft, *_U32X2.unpack_from(view, body))
-        elif item == 1 or item == 101:
-            pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(view, body)
-            text = _wstr(view, offset + _CMDLINE_OFFSET, chars)
-            cls = ProcessCreate if item == 1 else ProcessExec
-            base = PROCESS_CREATE_DTYPE.itemsize + 2 * chars
-            if size > base:
-                yield cls(ft, pid, ppid, cpid, ctid, text,
-                          **_parse_block(view, offset + base, offset + size, _CREATE_ATTRS))
-            else:
-                yield cls(ft, pid, ppid, cpid, ctid, text)
-        elif item == 3:
-            if size > 24:
-                yield ThreadCreate(ft, *_U32X2.unpack_from(view, body),
-                                   **_parse_block(view, offset + 24, offset + size, _EXTENSION_ATTRS[3]))
-            else:
-                yield ThreadCreate(ft, *_U32X2.unpack_from(view, body))
-        elif item == 4:
-            if size > 32:
-                yield ThreadExit(ft, *_U32X3.unpack_from(view, body),
-                                 **_parse_block(view, offset + 32, offset + size, _EXTENSION_ATTRS[4]))
-            else:
-                yield ThreadExit(ft, *_U32X3.unpack_from(view, body))
-        elif item == 100:
-            yield RecordsLost(ft, _U32.unpack_from(view, body)[0])
-        elif item == 5:
-            pid, image_size, address = _IMAGE_FIELDS.unpack_from(view, body)
-            name = _wstr(view, offset + IMAGE_LOAD_DTYPE.fields["ImageFileName"][1], _IMAGE_NAME_CHARS)
-            yield ImageLoad(ft, pid, image_size, address, name.split("\0", 1)[0])
-        else:
-            yield UnknownRecord(ft, item, bytes(view[offset:offset + size]))
-
-
-#: One row per record of a buffer: where it starts and its header fields.
-RECORD_INDEX_DTYPE = np.dtype([("offset", "<i8"), ("Type", "<i2"), ("Size", "<u2"), ("Time", "<i8")])
-
-
-def record_headers(buffer) -> np.ndarray:
-    """The header of every record in ``buffer`` as a structured array (offset, Type, Size, Time).
-
-    Checks the records the way ``parse`` does (``RecordFormatError`` naming the offset)."""
-    rows = list(_walk(_as_bytes_view(buffer)))
-    return np.array(rows, dtype=RECORD_INDEX_DTYPE)
-
-
-def parse_arrays(buffer) -> dict[ItemType, np.ndarray]:
-    """A batch as numpy structured arrays, one per record type present, for analysis without Python objects.
-
-    Each array has the type's dtype from ``DTYPES`` (for ProcessCreate/ProcessExec the fixed part: the command
-    lines are variable-length, use ``parse`` for those). Unknown types are left out.
-    """
-    index = record_headers(buffer)
-    data = np.frombuffer(_as_bytes_view(buffer), dtype=np.uint8)
-    out: dict[ItemType, np.ndarray] = {}
-    for item, dtype in DTYPES.items():
-        starts = index["offset"][index["Type"] == item]
-        if not len(starts):
-            continue
-        take = min(dtype.itemsize, int(index["Size"][index["Type"] == item].min()))
-        rows = np.zeros((len(starts), dtype.itemsize), dtype=np.uint8)
-        rows[:, :take] = data[starts[:, None] + np.arange(take)]
-        out[item] = rows.view(dtype).reshape(len(starts))
-    return out
+# The Event classes and parse live in etwmon.events (which imports the layouts above); re-exported here so
+# ``from etwmon.records import parse`` keeps working. Imported last: events needs everything above.
+from .events import (  # noqa: E402
+    _CREATE_ATTRS, _EXTENSION_ATTRS, ARRAY_DTYPE, MAX_FILETIME, RECORD_INDEX_DTYPE, Event, ImageLoad, ProcessCreate,
+    ProcessExec, ProcessExit, RecordBatch, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, parse,
+    parse_array, parse_arrays, read_array, record_headers,
+)

@@ -17,7 +17,7 @@ import stat
 from .errors import Error
 
 __all__ = ["RUN_DIR", "SafeDirError", "private_directory", "open_private_file", "unsafe_reason", "describe_mode",
-           "user_name", "group_name"]
+           "user_name", "group_name", "open_trusted"]
 
 #: Where etwmon keeps its runtime files when it runs as root.
 RUN_DIR = "/run/etwmon"
@@ -83,6 +83,90 @@ def _check_parent(fd: int, path: str) -> None:
         raise SafeDirError(f"refusing {path}: it is writable by others without the sticky bit "
                            f"({describe_mode(st)}), so anyone could swap what is inside; use a directory only "
                            "root can write")
+
+
+_MAX_SYMLINKS = 40  # as the kernel's own limit on a path's symbolic links
+
+
+def _owner_problem(st: os.stat_result) -> str | None:
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it is owned by uid {st.st_uid} ({user_name(st.st_uid)}), neither root nor this user"
+    return None
+
+
+def open_trusted(path: str, directory: bool = False, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` only if nobody but root and this user could have put it there or changed it, as sshd's
+    StrictModes judges a user's files: every directory from ``/`` down, and the file itself, owned by root or
+    this user and not writable by its group or others. One exception: a sticky directory owned by root or this
+    user (``/tmp``), where others may add names but never remove or rename what is not theirs; a symbolic link
+    in such a directory is refused (whoever could write there may have made it). Elsewhere a symbolic link is
+    followed, and its target checked the same way. Every step is opened without following a symlink, relative
+    to the checked directory above it, and checked with ``fstat``, so nothing swapped in between is trusted.
+
+    Returns the open descriptor (``directory``: of a directory; else of a regular file, opened with ``flags``,
+    never blocking on a FIFO). ``SafeDirError`` names the path and what is wrong."""
+    path = os.path.abspath(path)
+    todo = [part for part in path.split("/") if part]
+    fd = os.open("/", _DIR_FLAGS)
+    where, hops = "/", 0
+    try:
+        shared = _check_step(fd, where, True)
+        while todo:
+            name = todo.pop(0)
+            last = not todo
+            step = _DIR_FLAGS if (not last or directory) else flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+            try:
+                nfd = os.open(name, step | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(name, fd):
+                    raise SafeDirError(f"refusing {path}: cannot open {os.path.join(where, name)}: "
+                                       f"{exc.strerror}") from None
+                if shared:
+                    raise SafeDirError(f"refusing {path}: {os.path.join(where, name)} is a symlink in a directory "
+                                       "others may write; point to the file itself") from None
+                hops += 1
+                if hops > _MAX_SYMLINKS:
+                    raise SafeDirError(f"refusing {path}: too many symbolic links") from None
+                target = os.readlink(name, dir_fd=fd)
+                todo[:0] = [part for part in target.split("/") if part]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, where = os.open("/", _DIR_FLAGS), "/"
+                    shared = _check_step(fd, where, True)
+                continue
+            os.close(fd)
+            fd, where = nfd, os.path.join(where, name) if name != ".." else os.path.dirname(where) or "/"
+            shared = _check_step(fd, where if not last else path, directory or not last)
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _check_step(fd: int, path: str, directory: bool) -> bool:
+    """Check one opened step of a trusted path; True when it is a sticky directory others may write."""
+    st = os.fstat(fd)
+    problem = _owner_problem(st)
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if problem is None and directory and not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory"
+    if problem is None and not directory and not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    if problem is None and writable and not (directory and st.st_mode & stat.S_ISVTX):
+        who = "anyone" if st.st_mode & stat.S_IWOTH else "its group"
+        problem = (f"it is writable by others: {who} may write it ({describe_mode(st)}"
+                   f"{'' if directory else ', ' + stat.filemode(st.st_mode)})")
+    if problem is not None:
+        raise SafeDirError(f"refusing {path}: {problem}; whoever can change it decides what etwmon does")
+    return bool(writable)
 
 
 def private_directory(path: str = RUN_DIR, group: int | None = None) -> int:

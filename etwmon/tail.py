@@ -23,14 +23,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
-from .formats import human_bytes
+from .formats import format_batch_typed, human_bytes
 from .records import Event, ItemType, parse
 
 if TYPE_CHECKING:
     from .monitor import MonitorStats
 
-__all__ = ["Reader", "TailOptions", "tail", "say", "silence_stdout", "lost_text", "PROG", "READ_SIZE",
-           "STOP_WRITE_WAIT"]
+__all__ = ["Reader", "TailOptions", "tail", "say", "silence_stdout", "missed_text", "lost_text", "PROG",
+           "READ_SIZE", "STOP_WRITE_WAIT"]
 
 PROG = "etwmon"
 READ_SIZE = 0x10000  # the book's client buffer: any record fits
@@ -43,12 +43,21 @@ _FILE_CHUNK = 0x10000  # a regular file never blocks: bigger writes, fewer calls
 _sleep = time.sleep  # (tests replace it)
 
 
-def lost_text(stats: Any) -> str:
-    """How many events were lost, and whether that is all of them: a source that could not read its kernel's
-    loss counters (``loss_unknown`` in its stats, e.g. an ETW session that did not answer) says so."""
+# The words for loss, one per meaning, everywhere tail speaks (docs/cli.md defines them): "missed" = events the
+# source could not capture (kernel buffer overruns, sequence gaps: ``stats.lost``); "dropped" = records etwmon had
+# and discarded because a ring or a client's queue was full (``stats.dropped``); "lost" = both, what a
+# ``WARNING: N records lost here`` line reports where it happened.
+
+
+def missed_text(stats: Any) -> str:
+    """How many events the source missed, and whether that is all of them: a source that could not read its
+    kernel's loss counters (``loss_unknown`` in its stats, e.g. an ETW session that did not answer) says so."""
     if (getattr(stats, "source_stats", None) or {}).get("loss_unknown"):
-        return f"at least {stats.lost} lost (the source could not read all of its loss counters)"
-    return f"{stats.lost} lost"
+        return f"at least {stats.lost} missed (the source could not read all of its loss counters)"
+    return f"{stats.lost} missed"
+
+
+lost_text = missed_text  # the name it had
 
 
 class Reader(Protocol):
@@ -99,12 +108,17 @@ class Reader(Protocol):
 class TailOptions:
     """How ``tail`` shows events: ``render`` one event as one line (``etwmon.formats.RENDERERS``), ``keep``
     the ones to show (``etwmon.filters.EventFilter``), ``batch_wait`` seconds to let a batch gather after its
-    first record, ``stats_interval`` seconds between stats lines (None: none)."""
+    first record, ``stats_interval`` seconds between stats lines (None: none). ``batch_form`` ("text" or
+    "json"), when set, formats whole batches from the buffer (``etwmon.formats.format_batch``: the same lines
+    as ``render``, without an Event per record), keeping the record types in ``batch_types`` (None: all); it
+    replaces ``render`` and ``keep``, so it is for filters on types only."""
 
     render: Callable[[Event], str]
     keep: Callable[[Event], bool] = lambda event: True
     batch_wait: float = 0.0
     stats_interval: float | None = None
+    batch_form: str | None = None
+    batch_types: frozenset[int] | None = None
 
 
 def say(err: TextIO, message: str) -> None:
@@ -282,11 +296,15 @@ class _LineWriter:
         return sum(is_event for _, is_event in self._pending)
 
     def add(self, events: list[Event], render: Callable[[Event], str]) -> None:
-        encode = self.fd is not None
-        for event in events:
-            line = render(event) + "\n"
-            self._pending.append((line.encode(self._encoding, self._errors) if encode else line,
-                                  event.type != ItemType.RecordsLost))
+        self.add_lines([render(event) + "\n" for event in events], [int(event.type) for event in events])
+
+    def add_lines(self, lines: list[str], kinds: list[int]) -> None:
+        """Lines with their newlines, and the record type of each (a RecordsLost report is not an event)."""
+        if self.fd is not None:
+            encoding, errors = self._encoding, self._errors
+            lines = [line.encode(encoding, errors) for line in lines]
+        lost = int(ItemType.RecordsLost)
+        self._pending.extend(zip(lines, [kind != lost for kind in kinds]))
 
     def flush(self, stopping: bool = False) -> bool:
         """Write what is pending; True when all of it is out. Returns False early, on a line boundary: when a
@@ -413,7 +431,7 @@ class _Tail:
             reader.start()
         for warning in caught:
             say(err, f"warning: {warning.message}")
-        if reader.lossy:
+        if reader.lossy and not any(f"{reader.stats.source} source" in str(w.message) for w in caught):
             say(err, f"warning: the {reader.stats.source} source polls and can miss short-lived processes "
                      "without counting them")
         # Last of the start-up lines: from here on every event is seen (scripts may wait for it).
@@ -422,7 +440,11 @@ class _Tail:
     def _take(self) -> int:
         """Read one batch and hand the kept events to the writer; the byte count read."""
         n = self.reader.readinto(self._buf)
-        if n:
+        if n and self.options.batch_form is not None:
+            lines, kinds = format_batch_typed(self._view[:n], self.options.batch_form, self.options.batch_types)
+            if lines:
+                self.writer.add_lines(lines, kinds)
+        elif n:
             keep = self.options.keep
             events = [event for event in parse(self._view[:n]) if keep(event)]
             if events:
@@ -464,7 +486,7 @@ class _Tail:
         fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
         parse_errors = f", {stats.parse_errors} parse errors" if stats.parse_errors else ""
         say(self.err, f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
-                      f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {lost_text(stats)}, {stats.dropped} dropped, "
+                      f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {missed_text(stats)}, {stats.dropped} dropped, "
                       f"{self.writer.shown} shown{parse_errors}")
         return now, stats.pushed
 
@@ -477,5 +499,5 @@ class _Tail:
         by_rules = (f"; rules kept {judged['kept']} of {judged['evaluated']} process events ({judged['undecided']} "
                     f"undecided), dropped {judged['followers_dropped']} thread events with their process"
                     if judged else "")
-        say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {lost_text(stats)}, "
+        say(self.err, f"{ended}: {stats.read} records, {writer.shown} shown, {missed_text(stats)}, "
                       f"{stats.dropped} dropped{unread}{not_written}{by_rules}")

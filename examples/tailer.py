@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 
 from etwmon import Error, ItemType, Monitor, parse
 from etwmon.formats import escape_text  # command lines are attacker-controlled: never print them raw
@@ -45,12 +46,18 @@ def exit_code(code: int) -> str:
     return "unknown" if code == EXIT_CODE_UNKNOWN else str(code)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (e.g. "auto" fell back to polling /proc) as one line, without Python's source excerpt."""
+    print(f"tailer: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="auto", choices=["auto", *SOURCES])
     args = parser.parse_args()
     # SIGTERM ends the client the way Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    warnings.showwarning = show_warning
 
     buffer = bytearray(1 << 16)  # the book's client reads into a 64 KiB buffer; any record fits
     records = lost = 0

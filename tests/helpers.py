@@ -162,7 +162,7 @@ class ScriptedSource(Source):
 PY = sys.executable
 WAIT = 20.0  # seconds; generous because the machine is shared, never a timing assertion
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-SUMMARY = re.compile(r"etwmon: (?:stopped|the source stopped|stdout closed): (\d+) records, (\d+) shown, (\d+) lost, "
+SUMMARY = re.compile(r"etwmon: (?:stopped|the source stopped|stdout closed): (\d+) records, (\d+) shown, (\d+) missed, "
                      r"(\d+) dropped")
 ESC_TITLE = "\x1b]0;pwned\x07"
 ESC_CLEAR = "\x1b[2J"

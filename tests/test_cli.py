@@ -39,7 +39,7 @@ from .helpers import (
 def summary_of(stderr: str) -> tuple[int, int, int, int]:
     match = SUMMARY.search(stderr)
     assert match, f"no summary line in stderr: {stderr!r}"
-    return tuple(int(g) for g in match.groups())  # records, shown, lost, dropped
+    return tuple(int(g) for g in match.groups())  # records, shown, missed, dropped
 
 
 def events_of(lines: list[dict], pid: int) -> list[dict]:
@@ -110,10 +110,13 @@ def test_json_and_text_forms_of_every_record_type() -> None:
     assert objs[4]["image_name"] == "C:\\x\\ntdll.dll\x1b[2J"
     assert (objs[5]["type"], objs[5]["count"]) == ("RecordsLost", 12)
     texts = [format_event(e) for e in parse(records)]
-    assert texts[0].endswith("ProcessExit   pid=10 code=3") and texts[1].endswith("code=?")
+    assert texts[0].endswith("exit        pid=10 code=3") and texts[1].endswith("code=?")
+    assert texts[2].endswith("thread      tid=77 pid=10") and texts[3].endswith("thread-exit tid=77 pid=10 code=0")
     assert r"image=C:\x\ntdll.dll\x1b[2J" in texts[4] and "\x1b" not in "".join(texts)
-    assert "WARNING: 12 records lost" in texts[5]
-    assert all(re.match(r"^\d\d:\d\d:\d\d\.\d{3} ", t) for t in texts)
+    assert "WARNING: 12 records lost here (missed by the source or dropped by a full ring)" in texts[5]
+    # ISO-8601 date and time in UTC, to the millisecond, as the record's own time says
+    stamp = R.filetime_to_datetime(t).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert all(text.startswith(stamp + " ") for text in texts)
 
 
 def test_json_and_text_carry_the_identity_fields() -> None:
@@ -140,8 +143,9 @@ def test_json_and_text_carry_the_identity_fields() -> None:
     assert thread["process_guid"] == guid
     assert json.loads(json_line(parse(records).__next__())) == exec_
     text = [format_event(e) for e in parse(records)]
-    assert "user=nobody image=/usr/bin/sleep cmd=sleep 1" in text[0]
-    assert text[1].endswith(r"image=/usr/bin/sleep\x1b[2J") and "\x1b" not in "".join(text)
+    assert "exec        pid=10 ppid=9 user=nobody image=/usr/bin/sleep cmd=sleep 1" in text[0]
+    assert text[1].endswith(r"exit        pid=10 code=0 image=/usr/bin/sleep\x1b[2J lifetime=1.500s")
+    assert "\x1b" not in "".join(text)
 
 
 def test_event_type_names() -> None:
@@ -319,9 +323,9 @@ def test_procfs_unprivileged_text_and_no_privilege_error() -> None:
         pid = spawn(tag, code=3, seconds=0.6)
         line = w.wait_out(lambda l: tag.encode() in l, what=f"a line with {tag}")
         # (user= and image= when the identity stage knows them: an unprivileged reader of /proc may not)
-        assert re.match(rb"^\d\d:\d\d:\d\d\.\d{3} Process(Create|Exec) +pid=%d ppid=\d+( user=\S+)?( image=\S+)? "
-                        rb"cmd=sh -c " % pid, line)
-        w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None,
+        assert re.match(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (fork|exec) +pid=%d ppid=\d+( user=\S+)?"
+                        rb"( image=\S+)? cmd=sh -c " % pid, line)
+        w.wait_out(lambda l: re.search(rb" exit +pid=%d code=" % pid, l) is not None,
                    what=f"the exit of {pid}")
         status = w.stop()
     assert status == 0
@@ -416,7 +420,7 @@ def test_default_source_text_ends_cleanly_on(sig: int) -> None:
         w.ready()
         pid = spawn(tag, code=5)
         w.wait_out(lambda l: b"pid=%d " % pid in l and tag.encode() in l, what=f"{tag} line")
-        w.wait_out(lambda l: re.search(rb"ProcessExit +pid=%d code=" % pid, l) is not None, what="exit line")
+        w.wait_out(lambda l: re.search(rb" exit +pid=%d code=" % pid, l) is not None, what="exit line")
         status = w.stop(sig)
     assert status == 0
     summary_of(w.stderr)
@@ -553,7 +557,7 @@ def test_stats_line_on_stderr() -> None:
         spawn(new_tag())
         w.stop()
     assert re.match(rb"etwmon: stats: \d+ records \([\d.]+/s\), ring \d+/200000 records .*\(\d+% full\), "
-                    rb"\d+ lost, \d+ dropped, \d+ shown", line), line
+                    rb"\d+ missed, \d+ dropped, \d+ shown", line), line
 
 
 @pytest.mark.root

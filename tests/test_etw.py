@@ -806,7 +806,7 @@ def test_tail_says_what_happened_to_the_session(tmp_path, how):
                          out.stderr), out.stderr
     else:
         assert out.returncode == 0, out.stderr
-        assert "at least 0 lost (the source could not read all of its loss counters)" in out.stderr, out.stderr
+        assert "at least 0 missed (the source could not read all of its loss counters)" in out.stderr, out.stderr
         assert "is still running: stopping it failed" in out.stderr
 
 
@@ -880,14 +880,14 @@ def test_a_failing_query_warns_once_and_marks_the_loss_count_unknown(windows, ca
 
 
 def test_the_cli_summary_says_when_the_loss_count_is_unknown():
-    from etwmon.tail import lost_text
+    from etwmon.tail import missed_text as lost_text
     from etwmon.monitor import MonitorStats
 
     known = MonitorStats(pushed=1, read=1, dropped=0, items=0, bytes=0, max_items=1, max_bytes=1, lost=3,
                          source_stats={"lost": 3, "loss_unknown": 0})
     unknown = MonitorStats(**{**vars(known), "source_stats": {"lost": 3, "loss_unknown": 1}})
-    assert lost_text(known) == "3 lost"
-    assert lost_text(unknown) == "at least 3 lost (the source could not read all of its loss counters)"
+    assert lost_text(known) == "3 missed"
+    assert lost_text(unknown) == "at least 3 missed (the source could not read all of its loss counters)"
 
 
 # --- sessions a killed etwmon left behind (item 4) -------------------------------------------------------------

@@ -657,7 +657,7 @@ def test_cli_ship_a_real_source_and_tail_from_it_as_json_ecs_and_text(server):
             tail_json.wait_err(lambda l: b"host cli-host" in l and b"malformed" in l, what="the malformed warning")
             assert tail_json.stop() == 0 and tail_ecs.stop() == 0
         assert ship.stop() == 0
-    assert re.search(r"stopped: \d+ batches, \d+ records sent, 0 lost, 0 dropped", ship.stderr), ship.stderr
+    assert re.search(r"stopped: \d+ batches, \d+ records sent, 0 missed, 0 dropped", ship.stderr), ship.stderr
     assert "Traceback" not in ship.stderr + tail_json.stderr + tail_ecs.stderr
 
 

@@ -127,5 +127,5 @@ def test_ship_stats_prints_the_status_line_tail_has(server):
         line = ship.wait_err(lambda l: l.startswith(b"stats:") or b": stats:" in l, timeout=60,
                              what="a stats line").decode()
         assert re.search(r"stats: \d+ records \([\d.]+/s\), ring \d+/\d+ records \S+ \S* ?\(\d+% full\), "
-                         r"\d+ lost, \d+ dropped, \d+ sent", line), line
+                         r"\d+ missed, \d+ dropped, \d+ sent", line), line
         assert ship.stop(signal.SIGINT) == 0, ship.stderr

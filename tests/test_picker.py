@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 import warnings
@@ -11,6 +12,8 @@ import pytest
 import etwmon
 from etwmon import sources
 from etwmon.sources.base import Source
+
+from .helpers import Watch, assert_clean_stderr, etwmon_argv, run, unprivileged
 
 
 class Good(Source):
@@ -116,3 +119,67 @@ def test_auto_order_is_the_documented_preference():
         assert order == ["etw"]
     order.append("mutated")  # a copy: the picker's table is not changed through it
     assert "mutated" not in sources.auto_order()
+
+
+def test_falling_back_because_only_root_can_watch_is_one_short_line_saying_the_loss_and_the_fix(fake_registry):
+    class NoRootEither(NoRoot):
+        name = "norooteither"
+
+        @classmethod
+        def unavailable_reason(cls):
+            return "this kernel lets only root (CAP_NET_ADMIN) join the proc connector: run as root"
+
+    fake_registry.setattr(sys.modules["fake_sources"], "NoRootEither", NoRootEither, raising=False)
+    fake_registry.setitem(sources.SOURCES, "norooteither", "fake_sources:NoRootEither")
+    fake_registry.setattr(sources, "auto_order", lambda: ["noroot", "norooteither", "polling"])
+    with pytest.warns(RuntimeWarning) as caught:
+        assert isinstance(sources.open_source(), Polling)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message == ("only root can watch the kernel here, so the polling source polls /proc: it misses "
+                       "short-lived processes and exit codes; for every event, run as root or use the etwmon "
+                       "service (etwmon service install)")
+    assert "etwmon:" not in message and "\n" not in message
+
+
+# --- what an unprivileged user of the command line sees --------------------------------------------------------
+
+
+def _kernel_lets_this_process_join_the_proc_connector(argv_prefix: list[str]) -> bool:
+    """Asked of the kernel, in a child with the same privileges as the command under test."""
+    child = ("import socket\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 11)\n"
+             "try:\n    s.bind((0, 1))\nexcept PermissionError:\n    print('refused')\nelse:\n    print('joined')")
+    return subprocess.run([*argv_prefix, sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=30).stdout.strip() == "joined"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only: the proc connector")
+def test_unprivileged_tail_says_in_one_line_what_polling_loses_and_what_to_do():
+    prefix = unprivileged([])
+    with Watch(unprivileged(etwmon_argv("tail"))) as w:
+        source = w.ready()
+        status = w.stop()
+    assert status == 0
+    assert_clean_stderr(w.stderr)
+    assert "etwmon: warning: etwmon:" not in w.stderr and "source='" not in w.stderr
+    if _kernel_lets_this_process_join_the_proc_connector(prefix):
+        assert source == "netlink" and "only root can watch" not in w.stderr, w.stderr
+    else:
+        assert source == "procfs", w.stderr
+        said = [line for line in w.stderr.splitlines() if "only root can watch the kernel here" in line]
+        assert said == ["etwmon: warning: only root can watch the kernel here, so the procfs source polls /proc: it "
+                        "misses short-lived processes and exit codes; for every event, run as root or use the "
+                        "etwmon service (etwmon service install)"], w.stderr
+        assert "polls and can miss" not in w.stderr, w.stderr  # said once, not twice in other words
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_unprivileged_cleanup_names_the_fix_in_command_line_terms():
+    done = run(unprivileged(etwmon_argv("cleanup")))
+    err = done.stderr.decode()
+    assert done.returncode == 1, err  # it could not look at what needs root to see
+    assert err and all(line.startswith("etwmon: ") for line in err.splitlines()), err
+    assert "source='" not in err, err
+    for line in err.splitlines():  # the fix is this command as root, not another source
+        assert "needs root" not in line or line.endswith(": run etwmon cleanup as root"), err
+    assert_clean_stderr(err)

@@ -22,16 +22,21 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="n
 
 
 def write_process(root, pid: int, comm: bytes, ppid: int, start: int, argv: list[bytes] | None = None,
-                  threads: dict[int, int] | None = None) -> None:
-    """A fake /proc/<pid> with stat, cmdline and task/<tid>/stat in the kernel's formats."""
+                  threads: dict[int, int] | None = None, flags: int = 0, exe: str | None = None) -> None:
+    """A fake /proc/<pid> with stat (``flags``: its 9th field), cmdline, exe (a symlink, when given) and
+    task/<tid>/stat in the kernel's formats."""
     def stat(dir_, task_id: int, task_start: int) -> None:
-        rest = ["S", str(ppid)] + ["0"] * 17 + [str(task_start)] + ["0"] * 30
+        rest = ["S", str(ppid)] + ["0"] * 4 + [str(flags)] + ["0"] * 12 + [str(task_start)] + ["0"] * 30
         (dir_ / "stat").write_bytes(b"%d (%s) " % (task_id, comm) + " ".join(rest).encode())
 
     d = root / str(pid)
     d.mkdir(parents=True, exist_ok=True)
     stat(d, pid, start)
     (d / "cmdline").write_bytes(b"".join(a + b"\0" for a in (argv or [])))
+    if (d / "exe").is_symlink():
+        (d / "exe").unlink()
+    if exe is not None:
+        (d / "exe").symlink_to(exe)
     task = d / "task"
     if task.exists():
         for old in task.iterdir():
@@ -109,6 +114,54 @@ def test_a_new_program_name_is_an_exec(fake_proc):
     source.poll(sink)
     (ev,) = sink.take()
     assert ev.type == ItemType.ProcessExec and ev.pid == 80 and ev.argv == [b"sleep", b"9"]
+
+
+PF_KTHREAD = 0x00200000
+
+
+def test_a_kernel_thread_renaming_itself_is_not_an_exec(fake_proc):
+    """kworker/1:1 becomes kworker/1:1-events as it takes other work: the same kernel thread, no new program."""
+    root, source, sink = fake_proc
+    write_process(root, 44, b"kworker/1:1", 2, 100, [], flags=PF_KTHREAD | 0x40)
+    source.poll(sink)
+    assert [e.type for e in sink.take()] == [ItemType.ProcessCreate]
+    for name in (b"kworker/1:1-events", b"kworker/1:1-mm_percpu_wq", b"kworker/1:1"):
+        write_process(root, 44, name, 2, 100, [], flags=PF_KTHREAD | 0x40)
+        source.poll(sink)
+        assert sink.take() == [], name
+
+
+def test_a_process_renaming_itself_is_not_an_exec_but_a_new_program_is(fake_proc):
+    """prctl(PR_SET_NAME) changes comm alone; an exec changes comm with the command line or the executable."""
+    root, source, sink = fake_proc
+    write_process(root, 81, b"python3", 1, 100, [b"python3", b"worker.py"], exe="/usr/bin/python3.11")
+    source.poll(sink)
+    sink.take()
+    write_process(root, 81, b"worker-3", 1, 100, [b"python3", b"worker.py"], exe="/usr/bin/python3.11")
+    source.poll(sink)
+    assert sink.take() == []  # renamed: same command line, same executable
+    # The same argv, another executable (exec -a, or a program replaced under the same name): an exec.
+    write_process(root, 81, b"worker", 1, 100, [b"python3", b"worker.py"], exe="/opt/worker/bin/worker")
+    source.poll(sink)
+    (ev,) = sink.take()
+    assert ev.type == ItemType.ProcessExec and ev.pid == 81 and ev.argv == [b"python3", b"worker.py"]
+    # Another user's process, whose executable cannot be read: a new name with a new command line is an exec.
+    write_process(root, 81, b"sleep", 1, 100, [b"sleep", b"9"])
+    source.poll(sink)
+    (ev,) = sink.take()
+    assert ev.type == ItemType.ProcessExec and ev.argv == [b"sleep", b"9"]
+
+
+def test_a_kernel_thread_that_becomes_a_user_program_is_an_exec(fake_proc):
+    """A usermode helper: the kernel starts a thread that execs a program (modprobe, a coredump handler)."""
+    root, source, sink = fake_proc
+    write_process(root, 95, b"kworker/u4:2", 2, 100, [], flags=PF_KTHREAD)
+    source.poll(sink)
+    sink.take()
+    write_process(root, 95, b"modprobe", 2, 100, [b"/sbin/modprobe", b"-q", b"fs-foo"], exe="/usr/bin/kmod")
+    source.poll(sink)
+    (ev,) = sink.take()
+    assert ev.type == ItemType.ProcessExec and ev.argv == [b"/sbin/modprobe", b"-q", b"fs-foo"]
 
 
 def test_kernel_threads_and_zombies_get_their_comm(fake_proc):
@@ -194,3 +247,27 @@ def test_live_runs_unprivileged():
     seen = {(e.type, getattr(e, "tid", None)) for e in events if getattr(e, "pid", None) == pid}
     assert {(ItemType.ProcessCreate, None), (ItemType.ThreadCreate, tid), (ItemType.ThreadExit, tid),
             (ItemType.ProcessExit, None)} <= seen
+
+
+RENAMER = textwrap.dedent("""
+    import os, sys, time
+    print("started", flush=True)
+    time.sleep(0.4)
+    with open("/proc/self/comm", "w") as f:  # prctl(PR_SET_NAME): a new name, the same program
+        f.write("renamed-" + sys.argv[1][-6:])
+    time.sleep(0.4)
+    os.execv("/bin/sleep", ["sleep", "0.4"])
+""")
+
+
+def test_live_a_rename_is_not_an_exec_and_the_exec_after_it_is():
+    with etwmon.Monitor(source="procfs", interval=0.05) as mon:
+        child = subprocess.Popen([sys.executable, "-c", RENAMER, "procfs-rename"], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout.readline().strip() == "started"
+        assert child.wait(20) == 0
+        events = read_until(mon, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid
+                                                 for e in evs))
+    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    execs = [e for e in mine if e.type == ItemType.ProcessExec]
+    assert [e.argv for e in execs] == [[b"sleep", b"0.4"]], [(e.type, getattr(e, "command_line", "")) for e in mine]

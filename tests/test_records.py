@@ -161,7 +161,7 @@ def test_parse_gives_back_every_field_and_the_time():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1))
+@given(st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 2**32 - 1), st.integers(0, R.MAX_FILETIME))
 def test_any_argv_survives_the_round_trip(argv, pid, ft):
     argv = [a for a in argv if b"\0" not in a]
     line = R.command_line_from_argv(argv)

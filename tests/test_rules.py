@@ -14,26 +14,15 @@ from etwmon.rules import RuleSet  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
-class Exec(ProcessExec):
-    """A ProcessExec carrying the fields the identity stage adds (None: unknown)."""
-
-    image: str | None = None
-    parent_image: str | None = None
-    parent_command_line: str | None = None
-    current_directory: str | None = None
-    user: str | None = None
-    process_guid: str | None = None
-    rule_name: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Exit(ProcessExit):
-    image: str | None = None
+    """A ProcessExit with a user (which the record type cannot carry: rules must treat it as unknown there)."""
+
     user: str | None = None
 
 
-def ev(command_line: str = "/usr/bin/true", pid: int = 100, parent_pid: int = 1, **fields) -> Exec:
-    return Exec(filetime_now(), pid, parent_pid, parent_pid, parent_pid, command_line, **fields)
+def ev(command_line: str = "/usr/bin/true", pid: int = 100, parent_pid: int = 1, **fields) -> ProcessExec:
+    """A ProcessExec with the fields the identity stage adds (left out: unknown)."""
+    return ProcessExec(filetime_now(), pid, parent_pid, parent_pid, parent_pid, command_line, **fields)
 
 
 def rules(body: str) -> RuleSet:

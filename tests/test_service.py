@@ -869,7 +869,7 @@ def test_tail_connect_prints_the_services_events_filtered_in_the_service(served)
         assert client.ring.stats.pushed == 3  # the 20 creates never crossed the socket
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "3 records, 3 shown, 0 lost, 0 dropped" in err, err
+        assert proc.returncode == 0 and "3 records, 3 shown, 0 missed, 0 dropped" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -941,6 +941,18 @@ def test_serve_refuses_a_socket_directory_anyone_may_write(sockdir):
     assert done.returncode == 1 and "writable by others" in done.stderr, done.stderr
     assert "run as root" not in done.stderr  # the message names the real fix, nothing else
     assert not os.listdir(open_to_all)
+
+
+@pytest.mark.root
+def test_serve_refuses_a_socket_directory_owned_by_another_user(sockdir):
+    theirs = os.path.join(sockdir, "theirs")
+    os.mkdir(theirs, 0o755)
+    os.chown(theirs, 65534, 65534)  # not writable by others, but its owner could swap the socket
+    done = subprocess.run([sys.executable, "-m", "etwmon", "serve", "--source", "procfs", "--socket",
+                           os.path.join(theirs, "s.sock")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "owned by uid 65534" in done.stderr, done.stderr
+    assert not os.listdir(theirs)
 
 
 @pytest.mark.root

@@ -106,3 +106,21 @@ def test_tailer_unavailable_source_is_one_line() -> None:
     assert done.returncode == 1
     assert err.startswith("tailer: ") and err.count("\n") == 1 and "Windows" in err
     assert_clean_stderr(err)
+
+
+@linux_only
+def test_tailer_unprivileged_with_auto_says_a_fallback_in_one_clean_line() -> None:
+    """Whatever "auto" picks without privileges, the tailer's stderr is its own lines: a fallback to polling is one
+    ``tailer: warning:`` line, not Python's RuntimeWarning with the source line under it."""
+    with Watch(unprivileged(tailer())) as w:
+        source = w.ready()
+        assert w.stop(signal.SIGTERM) == 0
+    assert "RuntimeWarning" not in w.stderr and "warnings.warn" not in w.stderr and "Monitor(" not in w.stderr
+    assert_clean_stderr(w.stderr)
+    lines = w.stderr.splitlines()
+    assert all(line.startswith(("tailer: warning: ", "watching ")) or SUMMARY.match(line) for line in lines), lines
+    warned = [line for line in lines if line.startswith("tailer: warning: ")]
+    if source == "procfs":  # nothing better opened: the one line says what is lost and what to do
+        assert len(warned) == 1 and "root" in warned[0] and "service" in warned[0], lines
+    else:
+        assert warned == [], lines

@@ -9,7 +9,7 @@ import time
 from typing import Any, TextIO
 
 from ..formats import human_bytes
-from ..tail import lost_text, say
+from ..tail import missed_text, say
 from .ship import Shipper, ShipperStats
 from .wire import describe_servers
 
@@ -23,7 +23,7 @@ def status_line(monitor: Any, shipper: Shipper, rate: float) -> str:
     stats = monitor.stats
     fill = max(stats.items / stats.max_items, stats.bytes / stats.max_bytes) * 100
     return (f"stats: {stats.pushed} records ({rate:.1f}/s), ring {stats.items}/{stats.max_items} records "
-            f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {lost_text(stats)}, {stats.dropped} dropped, "
+            f"{human_bytes(stats.bytes)} ({fill:.0f}% full), {missed_text(stats)}, {stats.dropped} dropped, "
             f"{shipper.stats.records} sent")
 
 
@@ -39,9 +39,9 @@ def summary(stats: ShipperStats, ring: Any, servers: str) -> tuple[str, int]:
     """The last line and the exit status."""
     if not stats.batches and not stats.ever_connected:
         return (f"stopped: nothing was delivered: no server answered at {servers}; {stats.unsent} records not sent, "
-                f"{lost_text(ring)}, {ring.dropped} dropped", EXIT_RUNTIME)
+                f"{missed_text(ring)}, {ring.dropped} dropped", EXIT_RUNTIME)
     unsent = f", {stats.unsent} not sent (the server stayed away)" if stats.unsent else ""
-    return (f"stopped: {stats.batches} batches, {stats.records} records sent, {lost_text(ring)}, "
+    return (f"stopped: {stats.batches} batches, {stats.records} records sent, {missed_text(ring)}, "
             f"{ring.dropped} dropped{unsent}", EXIT_RUNTIME if stats.unsent else EXIT_OK)
 
 

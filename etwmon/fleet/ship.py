@@ -120,7 +120,7 @@ class Shipper:
 
     def away_text(self) -> str | None:
         """While the server is out of reach, one line saying so: which server, since when, why, and what waits
-        (records in the ring; dropped and lost so far). None while connected."""
+        (records in the ring; dropped and missed so far). None while connected."""
         since = self._away_since
         if since is None:
             return None
@@ -128,7 +128,7 @@ class Shipper:
         when = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         why = f" ({self._away_why})" if self._away_why else ""
         return (f"cannot reach {describe_servers(self.url)} since {when}{why}; still trying: {ring.items} records "
-                f"waiting in the ring, {ring.dropped} dropped, {ring.lost} lost")
+                f"waiting in the ring, {ring.dropped} dropped, {ring.lost} missed")
 
     async def _report_while_away(self) -> None:
         """Every ``away_report`` seconds the server stays out of reach, log ``away_text``."""

@@ -58,7 +58,7 @@ def _nats():
         import nats.js.api  # noqa: F401
         import nats.js.errors  # noqa: F401
     except ImportError as exc:
-        raise FleetError("the fleet needs nats-py: pip install 'etwmon[nats]'" + f" ({exc})") from None
+        raise FleetError("the fleet needs nats-py: pip install 'etwmon[nats]' (in a clone: pip install -e '.[nats]')" + f" ({exc})") from None
     return nats
 
 

@@ -139,35 +139,27 @@ class Config:
 
 def read_config(path: str | os.PathLike) -> bytes:
     """The bytes of a configuration file, refused (RuleConfigError) when it is not a regular file, is bigger than
-    MAX_CONFIG_BYTES, or could be changed by others: anyone who can rewrite the rules can hide processes or
-    unmask secrets. In a world-writable directory (/tmp) symlinks are not followed and the owner must be root or
-    the caller."""
+    MAX_CONFIG_BYTES, or could be changed by anyone but root and the caller: whoever can rewrite the rules can
+    hide processes or unmask secrets. As sshd's StrictModes: the file and every directory above it must be owned
+    by root or the caller and not writable by group or others (a sticky directory such as /tmp excepted, where
+    a symlink is not followed); see ``etwmon.safedir.open_trusted``."""
     name = os.fspath(path)
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    parent = os.path.dirname(os.path.abspath(name))
-    try:
-        shared_dir = bool(os.stat(parent).st_mode & stat.S_IWOTH)
-    except OSError:
-        shared_dir = False
-    if shared_dir:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(name, flags)
-    except OSError as exc:
-        if shared_dir and os.path.islink(name):
-            raise RuleConfigError(f"{name}: a symlink in a world-writable directory is not followed; "
-                                  "point to the file itself") from None
-        raise RuleConfigError(f"{name}: cannot open: {exc.strerror or exc}") from None
+    if hasattr(os, "geteuid"):
+        from ..safedir import SafeDirError, open_trusted  # (POSIX only)
+
+        try:
+            fd = open_trusted(name)
+        except SafeDirError as exc:
+            raise RuleConfigError(f"{name}: {exc}") from None
+    else:  # Windows: the ACLs are not read here; the file is only required to be a regular one below
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            raise RuleConfigError(f"{name}: cannot open: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise RuleConfigError(f"{name}: not a regular file")
-        if info.st_mode & stat.S_IWOTH:
-            raise RuleConfigError(f"{name}: anyone may write it (mode {stat.filemode(info.st_mode)}); "
-                                  "chmod o-w it first")
-        if shared_dir and hasattr(os, "getuid") and info.st_uid not in (0, os.getuid()):
-            raise RuleConfigError(f"{name}: in a world-writable directory and owned by uid {info.st_uid}, "
-                                  "neither root nor you")
         if info.st_size > MAX_CONFIG_BYTES:
             raise RuleConfigError(f"{name}: {info.st_size} bytes, more than the {MAX_CONFIG_BYTES} a "
                                   "configuration may have")
@@ -204,7 +196,7 @@ def _xml_tree(data: bytes, source: str) -> _Node:
         from xml.sax import SAXParseException
         from xml.sax.handler import ContentHandler
     except ImportError:
-        raise RulesError("reading Sysmon configurations needs defusedxml: pip install 'etwmon[rules]'") from None
+        raise RulesError("reading Sysmon configurations needs defusedxml: pip install 'etwmon[rules]' (in a clone: pip install -e '.[rules]')") from None
 
     class Builder(ContentHandler):
         def __init__(self) -> None:

@@ -16,18 +16,17 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Union
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
-from ..errors import RuleConfigError
 from ..records import ItemType
 from .config import FIELDS, INTEGER_FIELDS, Condition, Config, Redaction, Rule, parse_config, read_config
+from .fields import RecordFields
+from .redact import REDACTED, Redactors
 
 __all__ = ["RuleSet", "Verdict", "RuleReport", "REDACTED", "EVENT_OF_TYPE"]
 
 log = logging.getLogger(__name__)
 
-#: What a redacted part of a command line becomes.
-REDACTED = "***"
 #: Which Sysmon event's rules judge a record type (a Linux exec is a process create, as in Sysmon for Linux).
 EVENT_OF_TYPE: dict[int, str] = {
     int(ItemType.ProcessCreate): "ProcessCreate",
@@ -479,6 +478,7 @@ class _EventRules:
         attributes = FIELDS[event]
         used = self.include.fields_used() | self.exclude.fields_used()
         self.fields = tuple((name, attributes[name]) for name in sorted(used))
+        self.record_fields = RecordFields(event, sorted(used))
 
     def values(self, event: object) -> dict[str, str | None]:
         values: dict[str, str | None] = {}
@@ -492,8 +492,7 @@ class _EventRules:
                 values[name] = str(value).lower()
         return values
 
-    def decide(self, event: object) -> Verdict:
-        values = self.values(event)
+    def decide(self, values: dict[str, str | None]) -> Verdict:
         best = _NO_HIT
         exclude_unknown = include_unknown = None
         for name, index, excludes, includes in self.indexes:
@@ -524,79 +523,6 @@ class _EventRules:
         return Verdict(True, rule, name, unknown)
 
 
-# --- redaction -------------------------------------------------------------------------------------------------
-
-try:  # Python 3.11+
-    import re._parser as _sre_parse  # type: ignore[import-not-found]
-    from re._constants import MAX_REPEAT, MIN_REPEAT, MAXREPEAT  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
-    from sre_constants import MAX_REPEAT, MIN_REPEAT, MAXREPEAT  # type: ignore[no-redef]
-
-
-def _nested_repeat(pattern: str) -> bool:
-    """True if a repetition holds another unbounded one, e.g. ``(a+)+``: on a crafted command line (attacker
-    text) such a pattern backtracks for minutes, on the source's thread."""
-
-    def walk(items, inside: bool) -> bool:
-        for op, arg in items:
-            if op in (MAX_REPEAT, MIN_REPEAT):
-                low, high, sub = arg
-                repeats = high == MAXREPEAT or high > 1
-                if repeats and inside:
-                    return True
-                if walk(sub, inside or repeats):
-                    return True
-            elif isinstance(arg, (list, tuple)):
-                for part in arg:
-                    if isinstance(part, _sre_parse.SubPattern) and walk(part, inside):
-                        return True
-                    if isinstance(part, (list, tuple)):
-                        for piece in part:
-                            if isinstance(piece, _sre_parse.SubPattern) and walk(piece, inside):
-                                return True
-        return False
-
-    return walk(_sre_parse.parse(pattern), False)
-
-
-class _Redactor:
-    def __init__(self, redaction: Redaction, source: str) -> None:
-        where = f"{source}, line {redaction.line}"
-        try:
-            self.regex = re.compile(redaction.pattern)
-        except re.error as exc:
-            raise RuleConfigError(f"{where}: <Redact> is not a valid regular expression: {exc}") from None
-        if not redaction.pattern:
-            raise RuleConfigError(f"{where}: an empty <Redact> pattern")
-        if _nested_repeat(redaction.pattern):
-            raise RuleConfigError(f"{where}: <Redact> pattern {redaction.pattern!r} nests repetitions (like "
-                                  "(a+)+), which can take exponential time on a crafted command line; rewrite "
-                                  "it without")
-        self.redaction = redaction
-        self.groups = self.regex.groups
-
-    def _replace(self, match: re.Match) -> str:
-        if not self.groups:
-            return REDACTED
-        text, start = match.group(0), match.start(0)
-        out, pos = [], 0
-        for group in range(1, self.groups + 1):
-            a, b = match.span(group)
-            if a < 0 or a - start < pos:
-                continue  # a group that did not take part, or one inside a group already redacted
-            out.append(text[pos:a - start])
-            out.append(REDACTED)
-            pos = b - start
-        out.append(text[pos:])
-        return "".join(out)
-
-    def apply(self, text: str) -> str:
-        if self.regex.search(text) is None:
-            return text
-        return self.regex.sub(self._replace, text)
-
-
 # --- the rule set ----------------------------------------------------------------------------------------------
 
 
@@ -617,7 +543,7 @@ class RuleSet:
             usable = [r for r in self.rules if r.event == event and r.ignored is None]
             present = any(key[0] == event for key in config.blocks)
             self._events[event] = _EventRules(event, config, usable) if present else None
-        self._redactors = tuple(_Redactor(r, config.source) for r in config.redactions)
+        self._redactors = Redactors(config.redactions, config.source)
         self.redactions: tuple[Redaction, ...] = tuple(config.redactions)
         self.ignored: tuple[str, ...] = tuple(self._ignored_lines())
         for line in self.ignored:
@@ -653,21 +579,32 @@ class RuleSet:
         rules = self._events.get(event_type) if event_type else None
         if rules is None:
             return _KEEP
-        return rules.decide(event)
+        return rules.decide(rules.values(event))
+
+    def decide_record(self, record: Any) -> Verdict:
+        """``decide`` for one encoded ProcessCreate/ProcessExec/ProcessExit record, read where it lies (only the
+        fields the rules use are decoded). RecordFormatError when the record does not follow the wire format."""
+        if type(record) is not bytes:
+            record = bytes(record)  # (a memoryview or bytearray: slices must decode)
+        event_type = EVENT_OF_TYPE.get(record[0] | record[1] << 8)
+        rules = self._events.get(event_type) if event_type else None
+        if rules is None:
+            return _KEEP
+        return rules.decide(rules.record_fields.values(record))
 
     @property
     def redacts(self) -> bool:
         return bool(self._redactors)
 
     def redact(self, text: str) -> tuple[str, list[Redaction]]:
-        """``text`` with every redaction applied, and the redactions that changed it."""
-        applied = []
-        for redactor in self._redactors:
-            new = redactor.apply(text)
-            if new != text:
-                applied.append(redactor.redaction)
-                text = new
-        return text, applied
+        """``text`` with every redaction applied, and the redactions that changed it (a text ending with
+        TRUNCATION_MARKER is redacted from where a match could have begun before the cut: docs/rules.md)."""
+        return self._redactors.text(text)
+
+    def redact_record(self, record: Any) -> tuple[Any, list[Redaction]]:
+        """One encoded process record with its command line and ParentCommandLine redacted (the same object
+        when nothing changed), and the redactions that changed it. RecordFormatError if it cannot be read."""
+        return self._redactors.record(record)
 
     # -- reporting -----------------------------------------------------------------------------------------------
 

@@ -7,14 +7,13 @@ makes thread and image-load records follow their process's verdict. It counts ev
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
 import threading
 from typing import Any
 
 from ..errors import RecordFormatError
-from ..records import Event, ItemType, parse
+from ..records import TAG_ORDER, ExtensionTag, ItemType, block_fields, pack_field, with_packed
 from ..sources.base import Sink
 from .engine import RuleSet, Verdict
 
@@ -33,7 +32,6 @@ _U32 = struct.Struct("<I")
 _TYPE = struct.Struct("<h")
 #: Where each follower record keeps its ProcessId (ThreadCreateInfo/ThreadExitInfo: after ThreadId).
 _PID_OFFSET = {_THREAD_CREATE: 20, _THREAD_EXIT: 20, _IMAGE_LOAD: 16, _EXIT: 16}
-_REDACTED_FIELDS = ("command_line", "parent_command_line")
 
 
 class RulesStage:
@@ -55,8 +53,7 @@ class RulesStage:
         self._redaction_counts = [0] * len(rules.redactions)
         self._redaction_index = {id(r): i for i, r in enumerate(rules.redactions)}
         self._counts = dict.fromkeys(("evaluated", "kept", "excluded", "not_included", "undecided",
-                                      "followers_dropped", "redacted", "unredactable", "unreadable", "forgotten",
-                                      "unnamed"), 0)
+                                      "followers_dropped", "redacted", "unredactable", "unreadable", "forgotten"), 0)
         self._unknown_fields: dict[str, int] = {}
         self._warned_unknown: set[str] = set()
         self._judged = {t for t in (_CREATE, _EXEC, _EXIT) if rules.applies_to(t)}
@@ -91,18 +88,16 @@ class RulesStage:
 
     def _judge(self, record: Any) -> Any:
         counts = self._counts
+        if type(record) is not bytes:
+            record = bytes(record)  # (a memoryview or bytearray from the source: read once, as bytes)
+        item = record[0] | record[1] << 8
         try:
-            event = next(parse(record))
+            verdict = self.rules.decide_record(record)
         except RecordFormatError as exc:
-            # Not judged means not redacted either: the record goes no further, counted and said once.
-            counts["unreadable"] += 1
-            if counts["unreadable"] == 1:
-                log.error("a record the rules cannot read was dropped (counted as unreadable): %s", exc)
-            return None
+            return self._unreadable(exc)
         counts["evaluated"] += 1
-        verdict = self.rules.decide(event)
-        pid = event.pid
-        if event.type == ItemType.ProcessExit:
+        pid = _U32.unpack_from(record, 16)[0]
+        if item == _EXIT:
             self._excluded.pop(pid, None)
         if not verdict.keep:
             self._count_rule(verdict, 1)
@@ -110,7 +105,7 @@ class RulesStage:
                 counts["not_included"] += 1
             else:
                 counts["excluded"] += 1
-            if event.type != ItemType.ProcessExit:
+            if item != _EXIT:
                 self._remember_excluded(pid)
             return None
         counts["kept"] += 1
@@ -118,36 +113,34 @@ class RulesStage:
             self._count_unknown(verdict)
         if verdict.rule is not None:
             self._count_rule(verdict, 0)
-        if event.type != ItemType.ProcessExit:
+        if item != _EXIT:
             self._excluded.pop(pid, None)
-        changes: dict[str, Any] = {}
-        if verdict.rule_name is not None:
-            if "rule_name" in _field_names(event):
-                changes["rule_name"] = verdict.rule_name
-            else:
-                counts["unnamed"] += 1
         if self.rules.redacts:
-            names = _field_names(event)
-            for attribute in _REDACTED_FIELDS:
-                text = getattr(event, attribute, None)
-                if not text:
-                    continue
-                new, applied = self.rules.redact(text)
-                if applied:
-                    if attribute not in names:
-                        # The record carries this text but this build cannot rewrite it: drop the record
-                        # rather than let the secret through (counted; never silent).
-                        log.error("cannot redact %s of this record type; dropped", attribute)
-                        counts["unredactable"] += 1
-                        return None
-                    changes[attribute] = new
-                    for redaction in applied:
-                        self._redaction_counts[self._redaction_index[id(redaction)]] += 1
-            if any(a in changes for a in _REDACTED_FIELDS):
+            # Redaction first: whatever is cut later (a record grown past 64 KiB) can only hide redacted text.
+            try:
+                record, applied = self.rules.redact_record(record)
+            except RecordFormatError as exc:
+                # Judged, but a text field redaction must read is not UTF-16: dropped rather than passed on.
+                counts["unredactable"] += 1
+                if counts["unredactable"] == 1:
+                    log.error("a record whose command line cannot be redacted was dropped (counted as "
+                              "unredactable): %s", exc)
+                return None
+            if applied:
                 counts["redacted"] += 1
-        if not changes:
-            return record
-        return dataclasses.replace(event, **changes).encode()
+                for redaction in applied:
+                    self._redaction_counts[self._redaction_index[id(redaction)]] += 1
+        if verdict.rule_name is not None:
+            record = with_rule_name(record, verdict.rule_name)
+        return record
+
+    def _unreadable(self, exc: Exception) -> None:
+        # Not judged means not redacted either: the record goes no further, counted and said once.
+        counts = self._counts
+        counts["unreadable"] += 1
+        if counts["unreadable"] == 1:
+            log.error("a record the rules cannot read was dropped (counted as unreadable): %s", exc)
+        return None
 
     def _remember_excluded(self, pid: int) -> None:
         excluded = self._excluded
@@ -195,14 +188,25 @@ class RulesStage:
                     "rules": rules, "redactions": redactions}
 
 
-def _field_names(event: Event) -> frozenset[str]:
-    names = _FIELDS_CACHE.get(type(event))
-    if names is None:
-        names = _FIELDS_CACHE[type(event)] = frozenset(f.name for f in dataclasses.fields(event))
-    return names
+def with_rule_name(record: Any, name: str) -> bytes:
+    """``record`` (a process record) with RuleName set in its extension block, where the block's order puts it."""
+    flags, fields = block_fields(record, packed=True)
+    named = pack_field(_RULE_NAME, name.encode("utf-16-le", "surrogatepass"))
+    out = []
+    for tag, field in fields:
+        if tag == _RULE_NAME:
+            continue
+        if named is not None and _ORDER.get(tag, len(_ORDER)) > _ORDER[_RULE_NAME]:
+            out.append(named)
+            named = None
+        out.append(field)
+    if named is not None:
+        out.append(named)
+    return with_packed(record, flags, out)
 
 
-_FIELDS_CACHE: dict[type, frozenset[str]] = {}
+_RULE_NAME = int(ExtensionTag.RuleName)
+_ORDER = {tag: position for position, tag in enumerate(TAG_ORDER)}
 
 
 def _uses(rule: Any, field: str) -> bool:

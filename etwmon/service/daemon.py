@@ -4,15 +4,19 @@ $NOTIFY_SOCKET with the socket module (no dependency)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
+from typing import Iterator
+
 from ..errors import Error, SourceError
+from ..safedir import RUN_DIR
 from .server import Server
 
-__all__ = ["setup_logging", "sd_notify", "run", "ReopenableFileHandler"]
+__all__ = ["setup_logging", "sd_notify", "run", "ReopenableFileHandler", "run_directory_cleanup"]
 
 log = logging.getLogger("etwmon.service")
 
@@ -134,3 +138,22 @@ def run(server: Server, file_handler: ReopenableFileHandler | None = None, rules
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def run_directory_cleanup(socket_path: str) -> Iterator[None]:
+    """Around a server's life: remove the socket's directory (/run/etwmon) at the end if it was not there at the
+    start, i.e. this process made it. Under systemd, RuntimeDirectory= makes it before the start and removes it
+    after the stop, so it is left alone; one that still holds anything (another server's socket) is kept."""
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    made_here = directory == RUN_DIR and not os.path.lexists(directory)
+    try:
+        yield
+    finally:
+        if made_here:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("left %s in place: %s", directory, exc.strerror or exc)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import Error, ProtocolError, SourceError
 from ..records import HEADER_SIZE, MAX_RECORD_SIZE, parse
 from ..ring import EventRing
-from ..safedir import RUN_DIR, SafeDirError, describe_mode, group_name, private_directory, user_name
+from ..safedir import RUN_DIR, SafeDirError, describe_mode, group_name, open_trusted, private_directory, user_name
 from . import protocol as P
 
 __all__ = ["Server", "DEFAULT_SOCKET", "ENV_SOCKET", "ServerLimits", "default_socket"]
@@ -231,13 +231,9 @@ class Server:
                 raise SafeDirError(f"cannot make {RUN_DIR} ({exc.strerror}): run 'etwmon serve' as root, or give "
                                    "--socket PATH in a directory of your own") from None
         else:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            st = os.fstat(dir_fd)
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-                os.close(dir_fd)
-                raise SafeDirError(f"refusing {directory} for the socket: it is writable by others "
-                                   f"({describe_mode(st)}), so anyone could swap the socket; put it in a directory "
-                                   "only root can write")
+            # Owned by root or the serving user, as is every directory above it, and none writable by others
+            # (a sticky one such as /tmp excepted): else someone else could swap the socket.
+            dir_fd = open_trusted(directory, directory=True)
         try:
             self._remove_stale(dir_fd, name)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -81,8 +81,8 @@ def open_source(name: str = "auto", *, details: bool = False, **options: Any) ->
     ``details``: have it read the details it declares for the identity stage (``Source.details``).
 
     "auto" picks ETW on Windows; on Linux the eBPF source (root, a kernel with BTF), else the audit+proc-connector
-    source (root, audit usable), else the proc connector (root, or any user since Linux 6.6), else ``/proc``
-    polling with a ``RuntimeWarning`` saying why.
+    source (root, audit usable), else the proc connector (root, or any user where the kernel lets one join), else
+    ``/proc`` polling with a one-line ``RuntimeWarning`` saying what that loses and what to do (``fallback_message``).
     """
     if name != "auto":
         cls = source_class(name)
@@ -111,11 +111,24 @@ def open_source(name: str = "auto", *, details: bool = False, **options: Any) ->
                 why.append(f"{candidate}: {exc}")
                 continue
             if why and source.lossy:
-                warnings.warn(f"etwmon: falling back to the {candidate!r} source, which can miss events: "
-                              + "; ".join(why), RuntimeWarning, stacklevel=2)
+                warnings.warn(fallback_message(candidate, why), RuntimeWarning, stacklevel=2)
             return source
         why.append(f"{candidate}: {reason}")
     raise SourceUnavailable("no event source works here: " + "; ".join(why))
+
+
+#: What a polling fallback loses, and the one thing that gets it back.
+_LOSSY = "it misses short-lived processes and exit codes"
+_FIX = "for every event, run as root or use the etwmon service (etwmon service install)"
+
+
+def fallback_message(name: str, why: list[str]) -> str:
+    """One line for falling back to the lossy source ``name``: what is lost and what to do. When every better
+    source said it needs root, that is the whole story (``etwmon sources`` lists each reason); otherwise the
+    reasons are part of the line, since root alone would not help."""
+    if why and all("root" in reason for reason in why):
+        return f"only root can watch the kernel here, so the {name} source polls /proc: {_LOSSY}; {_FIX}"
+    return f"falling back to the {name} source, which can miss events ({_LOSSY}): " + "; ".join(why)
 
 
 def _with_known(cls: type[Source], options: dict[str, Any]) -> Source:

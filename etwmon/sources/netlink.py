@@ -375,32 +375,37 @@ class ProcEventDecoder:
         return command_line_from_argv([parsed[0]])
 
 
+#: What to do instead, in command-line terms (the library's users read ``--source procfs`` as ``source="procfs"``).
+_FALLBACK = "use --source procfs (polling: can miss short-lived processes)"
+_ROOT_OR_FALLBACK = f"run as root, or {_FALLBACK}"
+
+
 def _no_sink(_: object) -> None:
     raise RuntimeError("ProcEventDecoder has no sink: call attach(sink) first")
 
 
 def _probe_unprivileged() -> str | None:
-    """Why an unprivileged process cannot join the proc connector's group here, or None when it can (Linux
-    6.6 and later let any user subscribe; before, joining needs CAP_NET_ADMIN)."""
+    """Why this process, without CAP_NET_ADMIN, cannot join the proc connector's group here, or None when it can.
+
+    Decided by trying: mainline Linux lets any user join since 6.6 (``cn_bind`` in drivers/connector/connector.c),
+    but a kernel before that, or a build that keeps the old rule, refuses the bind with EPERM."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
     except OSError as exc:
-        return (f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs CONFIG_CONNECTOR and "
-                "CONFIG_PROC_EVENTS; use source='procfs'")
+        return f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs CONFIG_PROC_EVENTS: {_FALLBACK}"
     try:
         sock.bind((0, CN_IDX_PROC))
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
-            return ("the proc connector needs root (CAP_NET_ADMIN) on this kernel (any user may subscribe "
-                    "since Linux 6.6): run as root or use source='procfs'")
-        return f"cannot join the proc connector's group ({exc}): run as root or use source='procfs'"
+            return f"this kernel lets only root (CAP_NET_ADMIN) join the proc connector: {_ROOT_OR_FALLBACK}"
+        return f"cannot join the proc connector's group ({exc}): {_ROOT_OR_FALLBACK}"
     finally:
         sock.close()
     return None
 
 
 class NetlinkSource(Source):
-    """Process and thread events from the Linux proc connector (root, or any user since Linux 6.6).
+    """Process and thread events from the Linux proc connector (root; any user where the kernel lets one join).
 
     Options: ``exec_events`` (default True; False: an exec makes no record, for a combined source that takes
     execs from elsewhere), ``cmdline`` (default True; False: an exec's command line is the program's comm,
@@ -469,7 +474,7 @@ class NetlinkSource(Source):
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
         except OSError as exc:
             raise SourceUnavailable(f"cannot open a NETLINK_CONNECTOR socket ({exc}); the kernel needs "
-                                    "CONFIG_CONNECTOR and CONFIG_PROC_EVENTS; use source='procfs'") from exc
+                                    f"CONFIG_PROC_EVENTS: {_FALLBACK}") from exc
         try:
             self.rcvbuf_granted = set_receive_buffer(sock, self.rcvbuf, "etwmon netlink")
             sock.bind((0, CN_IDX_PROC))
@@ -480,7 +485,7 @@ class NetlinkSource(Source):
             self._wake.open()
         except OSError as exc:
             self._close_socket()
-            why = "not permitted: run as root or use source='procfs'" if exc.errno == errno.EPERM else str(exc)
+            why = f"not permitted: {_ROOT_OR_FALLBACK}" if exc.errno == errno.EPERM else str(exc)
             raise SourceUnavailable(f"cannot subscribe to the proc connector ({why})") from exc
         except SourceUnavailable:
             self._close_socket()
@@ -508,8 +513,8 @@ class NetlinkSource(Source):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SourceUnavailable("the proc connector did not answer the subscription within 2 s "
-                                        "(not permitted here?): run as root in the initial namespaces or use "
-                                        "source='procfs'")
+                                        "(not permitted here?): run as root in the initial namespaces, or "
+                                        f"{_FALLBACK}")
             sock.settimeout(left)
             try:
                 n = sock.recv_into(buf)
@@ -525,7 +530,7 @@ class NetlinkSource(Source):
             self._early.append(bytes(buf[:n]))  # the answer carries a sequence number too
             if answer:
                 raise SourceUnavailable(f"the proc connector refused the subscription: {os.strerror(answer)}; "
-                                        "run as root or use source='procfs'")
+                                        f"{_ROOT_OR_FALLBACK}")
             sock.setblocking(False)
             return
 

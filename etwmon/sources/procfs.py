@@ -2,6 +2,10 @@
 
 It reports processes and threads that appear and vanish between two looks, so it misses whatever lived and died
 in between and never knows exit codes; it declares itself lossy for that reason.
+
+An exec is seen as a new program name (comm) together with a new command line or a new executable; a comm that
+changes alone is a rename (``prctl(PR_SET_NAME)``, a kernel thread such as ``kworker/1:1`` renaming itself as it
+takes other work), not an exec. Kernel threads (``PF_KTHREAD`` in /proc/<pid>/stat) never exec.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ __all__ = ["ProcfsSource", "DEFAULT_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
+#: /proc/<pid>/stat's flags bit of a kernel thread (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
 #: Seconds between two snapshots: short enough to catch most processes that live a few tenths of a second,
 #: long enough that a snapshot of a few hundred processes costs about 1-2 % of one core.
 DEFAULT_INTERVAL = 0.1
@@ -38,6 +45,15 @@ def _stat(path: str) -> tuple[bytes, int, int] | None:
     return parse_stat(data) if data else None
 
 
+def _is_kernel_thread(stat_data: bytes) -> bool:
+    """PF_KTHREAD in the flags (the 9th field) of /proc/<pid>/stat."""
+    fields = stat_data[stat_data.rfind(b")") + 2:].split()
+    try:
+        return bool(int(fields[6]) & PF_KTHREAD)
+    except (IndexError, ValueError):
+        return False
+
+
 def _numeric_entries(path: str) -> list[int]:
     try:
         with os.scandir(path) as it:
@@ -46,10 +62,25 @@ def _numeric_entries(path: str) -> list[int]:
         return []
 
 
+@dataclass(frozen=True)
+class _Program:
+    """What a process runs, as far as /proc lets this user see: a digest of its command line, and its executable
+    (None where /proc/<pid>/exe cannot be read: another user's process, without privilege)."""
+
+    cmdline: int
+    exe: str | None
+
+    def differs_from(self, other: "_Program") -> bool:
+        return self.cmdline != other.cmdline or (self.exe is not None and other.exe is not None
+                                                 and self.exe != other.exe)
+
+
 @dataclass
 class _Process:
     start: int  # clock ticks since boot: (pid, start) names one process even when the pid is reused
     comm: bytes
+    kernel: bool = False  # a kernel thread: it renames itself, never execs
+    program: _Program | None = None  # None for kernel threads
     threads: dict[int, int] = field(default_factory=dict)  # tid -> start ticks
 
 
@@ -129,8 +160,17 @@ class ProcfsSource(Source):
     def process_snapshot(self) -> list:
         return snapshot(self._proc)
 
-    def _command_line(self, pid: int, comm: bytes) -> str:
+    def _program(self, pid: int) -> tuple[_Program, bytes | None]:
+        """What ``pid`` runs now, and its raw /proc/<pid>/cmdline (None if unreadable or empty)."""
         raw = read_proc(f"{self._proc}/{pid}/cmdline")
+        try:
+            exe: str | None = os.readlink(f"{self._proc}/{pid}/exe")
+        except OSError:
+            exe = None
+        return _Program(hash(raw or b""), exe), raw
+
+    @staticmethod
+    def _command_line(raw: bytes | None, comm: bytes) -> str:
         if raw:
             return command_line_from_argv(argv_of(raw))
         return command_line_from_argv([comm])  # kernel threads and zombies have no cmdline
@@ -154,15 +194,22 @@ class ProcfsSource(Source):
             if old is not None and old.start != start:  # the pid was reused between two looks
                 later.extend(self._exit_records(pid, old, now_ft))
                 old = None
-            entry = _Process(start, comm)
+            entry = _Process(start, comm, _is_kernel_thread(data))
             if old is None:
+                raw = None
+                if not entry.kernel:
+                    entry.program, raw = self._program(pid)
                 if report:
                     creates.append((start, encode_process_create(
                         self._filetime_of_start(start, boot_clock), pid, ppid, ppid, 0,
-                        self._command_line(pid, comm), self._details(pid, full, boot_clock))))
-            elif report and old.comm != comm:  # an exec gives the process its new program's name
-                later.append(encode_process_exec(now_ft, pid, ppid, pid, pid, self._command_line(pid, comm),
-                                                 self._details(pid, full, boot_clock)))
+                        self._command_line(raw, comm), self._details(pid, full, boot_clock))))
+            elif old.comm == comm or (entry.kernel and old.kernel):  # the same program (a kernel thread renamed)
+                entry.program = old.program
+            else:  # a new name: an exec, or a rename (prctl) if the command line and executable stay the same
+                entry.program, raw = self._program(pid)
+                if report and (old.program is None or entry.program.differs_from(old.program)):
+                    later.append(encode_process_exec(now_ft, pid, ppid, pid, pid, self._command_line(raw, comm),
+                                                     self._details(pid, full, boot_clock)))
             current[pid] = entry
             if self.threads:
                 self._threads(pid, entry, old, creates, later, now_ft, boot_clock, report)

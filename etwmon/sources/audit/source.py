@@ -75,8 +75,7 @@ def _unavailable_reason(transport_factory: TransportFactory = _default_transport
     if not sys.platform.startswith("linux"):
         return "needs Linux (the kernel audit subsystem)"
     if os.geteuid() != 0 or not (has_capability(CAP_AUDIT_CONTROL) and has_capability(CAP_AUDIT_READ)):
-        return ("needs root (CAP_AUDIT_CONTROL and CAP_AUDIT_READ): run as root, or use source='netlink' "
-                "(command lines read from /proc: a short-lived process's can be missed)")
+        return "needs root (CAP_AUDIT_CONTROL and CAP_AUDIT_READ): run as root"
     if not knows_machine(this_machine()):
         return f"the audit source does not know the execve syscall numbers of {this_machine()!r}"
     try:

@@ -1,0 +1,108 @@
+"""The fields a rule set reads, taken straight from an encoded record: the fixed struct, the command line and the
+extension block's fields, each decoded only when a rule needs it, so judging a record builds no Event.
+
+The values are exactly what ``parse`` would put in the Event's attributes (lower-cased, as rules compare them):
+the same checks on Size and CommandLineLength, the same block rules (a block of another version is no block, a
+field running past the block ends it, a later field of the same tag wins, a GUID that is not 16 bytes is unknown).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Iterable
+
+from ..errors import RecordFormatError
+from ..records import EXTENSION_VERSION, ExtensionTag, guid_text
+
+__all__ = ["RecordFields"]
+
+_U32 = struct.Struct("<I")
+_BLOCK_HEADER = struct.Struct("<HHI")
+_TLV = struct.Struct("<HH")
+
+#: Per Sysmon event: field → where a record keeps it: ("u32", offset), ("command_line", None) or (tag, kind).
+#: A field the record type cannot carry (User of a ProcessExit) is always unknown, as the Event's attribute is.
+_WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
+    "ProcessCreate": {
+        "ProcessId": ("u32", 16), "ParentProcessId": ("u32", 20), "CommandLine": ("command_line", None),
+        "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
+        "ParentProcessGuid": (int(ExtensionTag.ParentProcessGuid), "guid"),
+        "Image": (int(ExtensionTag.Image), "text"), "CurrentDirectory": (int(ExtensionTag.CurrentDirectory), "text"),
+        "User": (int(ExtensionTag.User), "text"), "ParentImage": (int(ExtensionTag.ParentImage), "text"),
+        "ParentCommandLine": (int(ExtensionTag.ParentCommandLine), "text"),
+        "ParentUser": (int(ExtensionTag.ParentUser), "text"),
+    },
+    "ProcessTerminate": {
+        "ProcessId": ("u32", 16), "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
+        "Image": (int(ExtensionTag.Image), "text"), "User": (None, None),
+    },
+}
+
+
+class RecordFields:
+    """``RecordFields(event, names).values(record)``: {Sysmon field: lower-cased text or None (unknown)} of one
+    encoded record of that Sysmon event (ProcessCreate: a ProcessCreate or ProcessExec record; ProcessTerminate:
+    a ProcessExit record). RecordFormatError when the record does not follow the wire format."""
+
+    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "create")
+
+    def __init__(self, event: str, names: Iterable[str]) -> None:
+        where = _WHERE[event]
+        self.create = event == "ProcessCreate"
+        self.empty: dict[str, None] = {}
+        self.fixed: list[tuple[str, int]] = []
+        self.command_line: str | None = None
+        self.texts: dict[int, str] = {}  # tag → field, for text fields
+        self.guids: dict[int, str] = {}
+        for name in names:
+            kind, arg = where[name]
+            self.empty[name] = None
+            if kind == "u32":
+                self.fixed.append((name, arg))
+            elif kind == "command_line":
+                self.command_line = name
+            elif kind is not None:
+                (self.texts if arg == "text" else self.guids)[kind] = name
+
+    def values(self, record: Any) -> dict[str, str | None]:
+        size = record[2] | record[3] << 8
+        if self.create:
+            if size < 36 or size > len(record):
+                raise RecordFormatError(f"a process record of Size {size} in {len(record)} bytes", 0)
+            chars = record[32] | record[33] << 8
+            base = 40 + 2 * chars
+            if base - 6 > size:
+                raise RecordFormatError(f"CommandLineLength {chars} runs past the record's Size {size}", 0)
+        else:
+            if size < 24 or size > len(record):
+                raise RecordFormatError(f"a ProcessExit record of Size {size} in {len(record)} bytes", 0)
+            base = 24
+        values = dict(self.empty)
+        for name, offset in self.fixed:
+            values[name] = str(_U32.unpack_from(record, offset)[0])
+        if self.command_line is not None:
+            values[self.command_line] = record[34:base - 6].decode("utf-16-le", "surrogatepass").lower()
+        if (self.texts or self.guids) and size - base >= 8:
+            self._block(record, base, size, values)
+        return values
+
+    def _block(self, record: Any, base: int, end: int, values: dict[str, str | None]) -> None:
+        version, length, _ = _BLOCK_HEADER.unpack_from(record, base)
+        if version != EXTENSION_VERSION or length < 8 or base + length > end:
+            return
+        texts, guids = self.texts, self.guids
+        pos, stop = base + 8, base + length - 4
+        unpack = _TLV.unpack_from
+        while pos <= stop:
+            tag, n = unpack(record, pos)
+            pos += 4
+            name = texts.get(tag)
+            if name is not None:
+                if pos + n > stop + 4:
+                    break  # runs past the block: the block ends here
+                if n & 1:
+                    raise RecordFormatError(f"extension field {tag} of odd length {n} is not UTF-16", pos)
+                values[name] = record[pos:pos + n].decode("utf-16-le", "surrogatepass").lower()
+            elif tag in guids and n == 16 and pos + n <= stop + 4:  # a GUID; another length is unknown
+                values[guids[tag]] = guid_text(record[pos:pos + n]).lower()
+            pos += n
