@@ -17,6 +17,19 @@ from storm_bench import KINDS, run_trial, scored_events
 GOAL_RATIO = 1.3
 
 
+class Discard:
+    """A sink that throws records away: a stage's own cost, without a ring."""
+
+    def push(self, record: bytes) -> None:
+        pass
+
+    def push_lost(self, count: int) -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+
 def _pair(tool: EtwmonTool) -> tuple[EtwmonTool, EtwmonTool]:
     """The same source twice: with the identity stage (as shipped) and without."""
     on = EtwmonTool(tool.workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)
@@ -32,16 +45,6 @@ def stage_alone(records: int = 20_000, repeats: int = 5) -> dict[str, float]:
     figure the storms' on/off ratios are made of, without their noise."""
     from etwmon import records as R
     from etwmon.identity import IdentityStage
-
-    class Discard:
-        def push(self, record: bytes) -> None:
-            pass
-
-        def push_lost(self, count: int) -> None:
-            pass
-
-        def notify(self) -> None:
-            pass
 
     t0 = R.filetime_now()
     made: dict[str, list[bytes]] = {"ProcessCreate": [], "ProcessExec": [], "ThreadCreate": [], "ProcessExit": []}
@@ -68,6 +71,59 @@ def stage_alone(records: int = 20_000, repeats: int = 5) -> dict[str, float]:
     return best
 
 
+def hash_stage_alone(records: int = 5_000, repeats: int = 5) -> dict[str, float]:
+    """What ``--hashes sha256`` adds per process record (µs, best of ``repeats``; etwmon.hashes): a record of a
+    binary already hashed (open /proc/<pid>/exe, fstat, a cache hit: every exec but the first of each file), and
+    the same once the process has ended (a stat of the record's path instead), and a first exec of a file (the
+    same plus hashing it on the worker; here /bin/true's size, and per MiB)."""
+    import os
+    import tempfile
+
+    from etwmon import records as R
+    from etwmon.hashes import HashStage
+
+    me = os.getpid()
+    st = os.stat(f"/proc/{me}/exe")
+    details = R.Details(image=os.path.realpath(f"/proc/{me}/exe"), uid=0, exe_device=st.st_dev & 0xFFFFFFFF,
+                        exe_inode=st.st_ino, exe_flags=0)
+    record = R.encode_process_exec(R.filetime_now() + 10**9, me, 1, me, me, "/bin/true storm", details)
+    out: dict[str, float] = {}
+    stage = HashStage("sha256", wait=60.0).attach(Discard())
+    try:
+        stage.push(record)  # the first: hashed
+        for _ in range(repeats):
+            start = time.thread_time()
+            for _ in range(records):
+                stage.push(record)
+            took = (time.thread_time() - start) / records * 1e6
+            out["cache_hit_us"] = min(out.get("cache_hit_us", took), took)
+        gone = R.encode_process_exec(R.filetime_now() + 10**9, 2**22 + 1, 1, 1, 1, "/bin/true storm", details)
+        for _ in range(repeats):  # the process has ended (a short-lived one usually has): a stat of its path
+            start = time.thread_time()
+            for _ in range(records):
+                stage.push(gone)
+            took = (time.thread_time() - start) / records * 1e6
+            out["cache_hit_gone_us"] = min(out.get("cache_hit_gone_us", took), took)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, size in (("miss_true_us", os.path.getsize("/bin/true")), ("miss_per_mib_us", 1 << 20)):
+                best = None
+                for i in range(repeats):
+                    path = os.path.join(tmp, f"{name}{i}")
+                    with open(path, "wb") as f:
+                        f.write(os.urandom(size))
+                    fst = os.stat(path)
+                    d = R.Details(image=path, exe_device=fst.st_dev & 0xFFFFFFFF, exe_inode=fst.st_ino, exe_flags=0)
+                    rec = R.encode_process_exec(R.filetime_now() + 10**9, 2**22 + 1, 1, 1, 1, "x", d)
+                    start = time.perf_counter()  # wall: the source thread waits for the worker
+                    stage.push(rec)
+                    took = (time.perf_counter() - start) * 1e6
+                    best = took if best is None else min(best, took)
+                out[name] = best
+    finally:
+        stage.close()
+    return out
+
+
 def run(tools: list, exes: dict[str, Path], max_rates: dict[str, float], quick: bool) -> dict:
     """Each etwmon source (quick: netlink only) against each storm kind it is scored on, at half the machine's
     unthrottled rate (the same load for both, below where either falls behind), stage on and off alternating,
@@ -83,6 +139,8 @@ def run(tools: list, exes: dict[str, Path], max_rates: dict[str, float], quick: 
     progress("identity: the stage alone, on synthetic records")
     alone = stage_alone(5_000 if quick else 20_000)
     progress("identity: " + ", ".join(f"{kind} {us:.1f} µs" for kind, us in alone.items()))
+    hashing = hash_stage_alone(1_000 if quick else 5_000)
+    progress("identity: --hashes sha256: " + ", ".join(f"{k} {us:.1f}" for k, us in hashing.items()))
     for tool in watched:
         on, off = _pair(tool)
         for kind in KINDS:
@@ -123,7 +181,7 @@ def run(tools: list, exes: dict[str, Path], max_rates: dict[str, float], quick: 
                               row["ratio"]["median"] if row["ratio"] else None, GOAL_RATIO, "x",
                               higher_is_better=False))
     return {"status": "ok", "params": {"seconds_per_storm": seconds, "level": level, "repeats": repeats},
-            "stage_alone_us": alone, "runs": runs, "rows": rows, "targets": targets}
+            "stage_alone_us": alone, "hash_stage_us": hashing, "runs": runs, "rows": rows, "targets": targets}
 
 
 def _fmt(value: float | None) -> str:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import HERE, cpu_seconds, progress
+from common import HERE, cpu_seconds, progress, wait_caught_up
 
 WATCH = HERE / "watch.py"
 READY_TIMEOUT = 30.0
@@ -46,9 +46,9 @@ class Observed:
 # --- setup ---------------------------------------------------------------------------------------------
 
 
-def _run_quiet(cmd: list[str], timeout: float = 600) -> tuple[bool, str]:
+def _run_quiet(cmd: list[str], timeout: float = 600, env: dict | None = None) -> tuple[bool, str]:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [""]
@@ -57,21 +57,27 @@ def _run_quiet(cmd: list[str], timeout: float = 600) -> tuple[bool, str]:
 
 def ensure_forkstat() -> str | None:
     """Make forkstat available (apt-get, as root); the reason it is not, or None."""
-    if shutil.which("forkstat"):
+    return ensure_apt_package("forkstat", "forkstat")
+
+
+def ensure_apt_package(command: str, package: str) -> str | None:
+    """Make ``command`` available by installing ``package`` with apt-get (as root, ``apt-get update`` first if
+    the install fails); the reason it is not, or None."""
+    if shutil.which(command):
         return None
     if not shutil.which("apt-get"):
-        return "forkstat is not installed and there is no apt-get to install it"
+        return f"{command} is not installed and there is no apt-get to install it"
     if os.geteuid() != 0:
-        return "forkstat is not installed (apt-get install forkstat needs root)"
-    progress("setup: apt-get install -y forkstat")
+        return f"{command} is not installed (apt-get install {package} needs root)"
+    progress(f"setup: apt-get install -y {package}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    ok, why = _run_quiet(["apt-get", "install", "-y", "forkstat"])
+    ok, why = _run_quiet(["apt-get", "install", "-y", package], env=env)
     if not ok:
         progress("setup: install failed, running apt-get update first")
         subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        ok, why = _run_quiet(["apt-get", "install", "-y", "forkstat"])
-    if not ok or not shutil.which("forkstat"):
-        return f"apt-get install forkstat failed: {why}"
+        ok, why = _run_quiet(["apt-get", "install", "-y", package], env=env)
+    if not ok or not shutil.which(command):
+        return f"apt-get install {package} failed: {why}"
     return None
 
 
@@ -134,6 +140,10 @@ class Tool:
     def stop(self) -> Observed:
         raise NotImplementedError
 
+    def caught_up(self) -> bool:
+        """Wait until it has worked through the storm's events (see common.wait_caught_up); False on timeout."""
+        return wait_caught_up(self.pid)
+
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
@@ -187,20 +197,30 @@ class WatcherTool(Tool):
         return lines[-1] if lines else ""
 
 
+#: How a program reads etwmon's Monitor (``watch.py etwmon --mode``), beyond ``readinto`` alone: the name each
+#: variant of a source's tool gets ("etwmon-bpf parse").
+READ_MODES = ("readinto", "parse", "parse_array")
+
+
 class EtwmonTool(WatcherTool):
+    #: Only watched at the storms' full rate (the per-path CPU comparison), not at every rate level.
+    full_rate_only = False
+
     def __init__(self, workdir: Path, source: str, max_items: int, max_bytes: int | None = None,
-                 delivers: frozenset[str] | None = None) -> None:
+                 delivers: frozenset[str] | None = None, mode: str = "readinto") -> None:
         super().__init__(workdir)
         self.source = source
         if delivers is not None:
             self.delivers = delivers
-        self.name = f"etwmon-{source}"
+        self.mode = mode
+        self.name = f"etwmon-{source}" + ("" if mode == "readinto" else f" {mode}")
+        self.full_rate_only = mode != "readinto"
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.extra_args: list[str] = []  # more watch.py options (the memory benchmark's)
 
     def _argv(self) -> list[str]:
-        argv = ["etwmon", "--source", self.source, "--max-items", str(self.max_items)]
+        argv = ["etwmon", "--source", self.source, "--max-items", str(self.max_items), "--mode", self.mode]
         if self.max_bytes:
             argv += ["--max-bytes", str(self.max_bytes)]
         return argv + self.extra_args
@@ -269,14 +289,120 @@ class ForkstatTool(Tool):
         return lines[-1] if lines else ""
 
 
+class TailTool(ForkstatTool):
+    """``etwmon tail --json`` as a user runs it, its own process, its output to a file (tail writes a regular file
+    in 64 KiB chunks), parsed afterwards; stopped with SIGINT as Ctrl-C does."""
+
+    full_rate_only = True
+    CANARY = "etwmon-bench-tail-canary"
+
+    def __init__(self, workdir: Path, source: str, max_items: int, delivers: frozenset[str] | None = None) -> None:
+        super().__init__(workdir)
+        self.source = source
+        self.name = f"etwmon-{source} tail --json"
+        self.max_items = max_items
+        if delivers is not None:
+            self.delivers = delivers
+
+    def start(self) -> None:
+        self.out = self.workdir / f"tail-{self.source}.jsonl"
+        self.stdout = open(self.out, "w")
+        self.stderr = open(self.workdir / f"tail-{self.source}.stderr", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "etwmon", "tail", "--json", "--source", self.source,
+                                      "--max-items", str(self.max_items)],
+                                     stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
+        # It says "watching" before the source is subscribed; a canary's exec in its output proves it listens.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and self.alive():
+            with open(self.out, "rb") as f:
+                if self.CANARY.encode() in f.read():
+                    self.cpu_start = cpu_seconds(self.pid)
+                    return
+            subprocess.run(["/bin/true", self.CANARY])
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"{self.name} did not start: {self._stderr_tail()}")
+
+    #: The process run after a storm: its exec in the output means tail has written everything before it.
+    END = "etwmon-bench-tail-end"
+
+    def caught_up(self, timeout: float = 15.0) -> bool:
+        """Its output is flushed every batch, so a marker process's exec showing up proves it caught up (it
+        never goes idle on a machine where other work makes events)."""
+        subprocess.run(["/bin/true", self.END])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.alive():
+            with open(self.out, "rb") as f:
+                f.seek(max(0, self.out.stat().st_size - 65536))
+                if self.END.encode() in f.read():
+                    return True
+            time.sleep(0.02)
+        return not self.alive()
+
+    @staticmethod
+    def parse(text: str, after: str | None = None) -> Observed:
+        return parse_tail_json(text, after)
+
+    def _stderr_tail(self) -> str:
+        lines = (self.workdir / f"tail-{self.source}.stderr").read_text().strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def parse_tail_json(text: str, after: str | None = None) -> Observed:
+    """``etwmon tail --json`` lines (docs/cli.md): creates, execs (the command line split as a shell would),
+    exits, and RecordsLost counts. With ``after``, only the lines after the last one that mentions it count."""
+    import shlex
+
+    obs = Observed(lost_reported=0)
+    lines = text.splitlines()
+    if after:
+        marks = [i for i, line in enumerate(lines) if after in line]
+        lines = lines[marks[-1] + 1:] if marks else lines
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the stop
+        kind = event.get("type")
+        if kind == "ProcessCreate":
+            obs.create.append(event["pid"])
+        elif kind == "ThreadCreate":
+            obs.create.append(event["tid"])
+        elif kind == "ProcessExec":
+            command_line = event.get("command_line")
+            try:
+                argv = tuple(shlex.split(command_line)) if isinstance(command_line, str) else None
+            except ValueError:
+                argv = (command_line,)
+            obs.exec.append((event["pid"], argv))
+        elif kind == "ProcessExit":
+            obs.exit.append(event["pid"])
+        elif kind == "ThreadExit":
+            obs.exit.append(event["tid"])
+        elif kind == "RecordsLost":
+            obs.lost_reported += event.get("count", 0)
+    return obs
+
+
+def path_tools(tool: EtwmonTool, workdir: Path) -> list[Tool]:
+    """The other ways of reading one etwmon source that the storms compare at full rate: ``parse`` of every
+    record, ``parse_array`` when this etwmon has it, and ``etwmon tail --json``."""
+    import etwmon
+
+    modes = [m for m in READ_MODES[1:] if m != "parse_array" or hasattr(etwmon, "parse_array")]
+    return ([EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers, mode)
+             for mode in modes] + [TailTool(workdir, tool.source, tool.max_items, tool.delivers)])
+
+
 TRACEFS = Path("/sys/kernel/tracing")
 
 
 def ensure_bpftrace() -> tuple[str | None, bool]:
     """Make bpftrace runnable: installed, and tracefs mounted (its tracepoint probes need it). Returns the
     reason it is not (or None) and whether tracefs was mounted here (so the caller unmounts it afterwards)."""
-    if not shutil.which("bpftrace"):
-        return "bpftrace is not installed (apt-get install bpftrace)", False
+    why = ensure_apt_package("bpftrace", "bpftrace")
+    if why:
+        return why, False
     if (TRACEFS / "events").is_dir():
         return None, False
     if os.geteuid() != 0:

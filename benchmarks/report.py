@@ -113,6 +113,62 @@ def _storms(storms: dict, results: dict, markdown: bool) -> list[str]:
         out.append(f"{'- ' if markdown else ''}{c['tool']} failed in the {c['kind']} storm from {level} "
                    f"({rate}): "
                    f"{c['error']}")
+    if storms.get("paths"):
+        out += [""] + _paths(storms["paths"], storms["params"].get("read_paths_in"), markdown)
+    return out
+
+
+def _paths(paths: list[dict], kinds: list[str] | None, markdown: bool) -> list[str]:
+    """The bpf source read each way at full rate, as a ratio to the peers' CPU per event in the same rounds."""
+    from storm_bench import PATH_GOALS, PEERS
+
+    out = ["CPU per event of etwmon-bpf read each way at the storms' full rate (identity on), and its ratio to "
+           "each peer's in the same round: median [min–max] over the rounds; goal in brackets where there is one."
+           + (f" The paths other than readinto ran in the {', '.join(kinds)} storm(s) only." if kinds and
+              len(kinds) < 3 else "")]
+    out.append("")
+    rows = []
+    for r in paths:
+        cells = [r["kind"], r["path"], stat(r["cpu_ms_per_1000_events"], 1)]
+        for peer in PEERS:
+            goal = PATH_GOALS.get((r["path"], peer))
+            ratio = r[f"vs_{peer}"]
+            cell = (stat(ratio, 2) + " x") if ratio else "–"
+            if goal is not None:
+                verdict = "n/a" if not ratio else ("PASS" if ratio["median"] <= goal else "MISS")
+                cell += f" (≤ {goal:g}: {verdict})"
+            cells.append(cell)
+        cells.append("; ".join(r["errors"])[:60])
+        rows.append(cells)
+    heads = ["storm", "read path", "CPU ms / 1k events"] + [f"÷ {peer}" for peer in PEERS] + ["errors"]
+    return out + _table(heads, rows, markdown)
+
+
+def _delivered(row: dict) -> str:
+    """Events a monitor delivered / the events the run made (more: the rest of the machine's, which its CPU paid
+    for too)."""
+    if row.get("events_delivered") is None or not row.get("events_made"):
+        return "–"
+    return f"{row['events_delivered']:,} / {row['events_made']:,}"
+
+
+def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
+    out = _skipped(perf, markdown)
+    p = perf["params"]
+    out.append(f"After SysmonForLinux's perftest: /bin/true fork+exec'd at {p['rate']:,.0f}/s for {p['seconds']:g} s "
+               f"({p['execs']:,} execs), one monitor at a time. Rate: {p['rate_reason']}. CPU = the monitor's "
+               "utime+stime over the run; µs per exec covers its fork, exec and exit events.")
+    out.append("")
+    rows = [[r["tool"], _num(r.get("execs_per_s"), 0) + ("" if r.get("rate_kept", True) else " (behind)"),
+             _num(r.get("cpu_pct_of_core"), 1),
+             _num(r.get("us_per_exec"), 1), _delivered(r), _num(r.get("captured_pct"), 2),
+             _num(r.get("cmdline_right_pct"), 1), (r.get("error") or "")[:60]] for r in perf["rows"]]
+    rows += [[name, "", "", "", "", "", "", f"not run: {why}"[:80]] for name, why in perf.get("not_run", {}).items()]
+    out += _table(["monitor", "execs/s", "CPU % of a core", "µs per exec", "events delivered / made", "captured %",
+                   "cmdline right %", "errors"], rows, markdown)
+    if not all(r.get("rate_kept", True) for r in perf["rows"]):
+        out += ["", "behind: the generator made less than 90 % of the rate while that monitor watched (the machine "
+                "was busier than the rate allows), so its CPU is for a lighter load than the others'."]
     return out
 
 
@@ -125,6 +181,12 @@ def _cost(cost: dict, results: dict, markdown: bool) -> list[str]:
     rows = [[r["tool"], stat(r["items_per_s"], 0), (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["slowdown_pct"], 1),
              stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
     out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
+    versus = next((t for t in cost.get("targets", []) if "vs forkstat" in t["name"]), None)
+    forkstat = next((r for r in cost["rows"] if r["tool"] == "forkstat"), None)
+    if versus and forkstat:
+        out += ["", f"etwmon-bpf slowed the storm {_target_value(versus['value'], '%')}, forkstat "
+                f"{stat(forkstat['slowdown_pct'], 1)} % in the same rounds (goal: no more than forkstat's, "
+                f"at least 0): {versus['result']}."]
     return out
 
 
@@ -137,7 +199,10 @@ def _memory(first: dict, results: dict, markdown: bool) -> list[str]:
             p, ring = mem["params"], mem["ring"]
             out.append(f"Source {p['source']}, {p['storms']}, {p['seconds']} s, RSS sampled every second; ring caps "
                        f"max_items={p['max_items']:,}, max_bytes={p['max_bytes'] / MIB:.0f} MiB; the reader stops "
-                       f"reading at {p['reader_stops_at_s']:.0f} s so the ring fills to its caps.")
+                       f"reading at {p['reader_stops_at_s']:.0f} s so the ring fills to its caps."
+                       + (f" Allowed growth = the ring's caps + the process table's byte cap "
+                          f"({p['process_table_max_bytes'] / MIB:.0f} MiB: {p['process_table_cap_from']}) "
+                          "+ 16 MiB." if p.get("process_table_max_bytes") else ""))
             out.append("")
             out += _table(["RSS start", "max while reading", "max", "end", "growth", "allowed", "pushed", "dropped (counted)"],
                           [[f"{mem['rss_start'] / MIB:.1f} MiB", f"{(mem['rss_max_while_reading'] or 0) / MIB:.1f} MiB",
@@ -229,6 +294,7 @@ _SECTIONS: list[tuple[str, str, Callable[[dict, dict, bool], list[str]]]] = [
     ("rules", "Rules: a Sysmon configuration of ~500 rules, per event", _rules),
     ("storms", "Storms: kernel to readinto, one monitor at a time", _storms),
     ("cost", "Exec-storm cost: the storm's own rate while a monitor watches", _cost),
+    ("perftest", "Perftest: /bin/true exec'd at a fixed rate, each monitor's CPU", _perftest),
     ("memory", "Memory: etwmon RSS during a storm", _memory),
     ("service", "Service: one Monitor through the Unix socket vs read in-process", _service),
     ("identity", "Identity stage: CPU per event with it on vs off, per source", _identity),
@@ -251,6 +317,8 @@ def sections(results: dict, markdown: bool) -> list[str]:
             out.append(_status_line(bench))
         else:
             out += body(bench, results, markdown)
+
+    out += _recording_section(b.get("recording"), h, stat, markdown)
 
     out += ["", h("Targets (goals to report against, not test assertions)")]
     rows = [[t["result"], t["benchmark"], t["name"], _target_value(t["value"], t["unit"]),
@@ -280,6 +348,36 @@ def _skipped(bench: dict, markdown: bool) -> list[str]:
     lines = [f"{bullet}skipped {name}: {why}" for name, why in sorted(bench.get("skipped_tools", {}).items())]
     lines += [f"{bullet}not run: {what}: {why}" for what, why in sorted(bench.get("not_scored", {}).items())]
     return lines + ([""] if lines else [])
+
+
+def _recording_section(rec: dict | None, h, stat, markdown: bool) -> list[str]:
+    if not rec:
+        return []
+    out = ["", h("Recording: what 'etwmon record' adds per event over 'etwmon tail', and what a file weighs")]
+    if rec["status"] != "ok":
+        return out + [_status_line(rec)]
+    p = rec["params"]
+    out.append(f"{p['events']:,} records of {p['processes']:,} processes (fork, exec, exit with every detail), in "
+               f"{p['batch_bytes'] // 1024} KiB readinto batches; CPU time per event, median [min–max] of "
+               f"{p['repeats']} repeats; the source's own cost (the same under both) left out.")
+    out.append("")
+    out += _table(["reader", "µs per event", "added over tail"], [
+        ["tail (parse + text)", stat(rec["tail_us"], 2), ""],
+        ["record everything", stat(rec["record_all_us"], 2), stat(rec["added_all_us"], 2)],
+        ["record a command's tree (all records in it)", stat(rec["record_tree_us"], 2), stat(rec["added_tree_us"], 2)],
+    ], markdown)
+    out.append("")
+    out.append(f"File: {rec['file_bytes_per_1000_events'] / 1024:.1f} KiB per 1,000 events (wire format "
+               f"{rec['wire_bytes_per_1000_events'] / 1024:.1f} KiB; zlib {rec['compression_ratio']:.1f} x).")
+    r = rec.get("report") or {}
+    if r:
+        browser = (f"Chromium: tree drawn {r['drawn_s']:.2f} s after navigation began ({r['rows_in_dom']} rows in the "
+                   f"DOM; {r['load_s']:.2f} s with the tab's set-up), "
+                   f"a search over all of it {r['search_s']:.2f} s, {len(r['requests']) - 1} requests besides the page"
+                   if "load_s" in r else str(r.get("browser")))
+        out.append(f"Report of {r['processes']:,} processes: recording {r['recording_bytes'] / 2**20:.1f} MiB, "
+                   f"generated in {r['generation_s']:.1f} s, page {r['page_bytes'] / 2**20:.1f} MiB; {browser}.")
+    return out
 
 
 def terminal(results: dict) -> str:
@@ -334,6 +432,14 @@ _METHOD = [
     "delivered. Parsing and scoring happen after that measurement. The tick is 10 ms.",
     "- **Latency** (etwmon only): for each record, the time `readinto` returned minus the record's Time "
     "(the kernel's timestamp as FILETIME).",
+    "- **Read paths** (storms at full rate): etwmon-bpf is also run as a program that calls `parse` on every "
+    "buffer `readinto` filled (reading each event's type and time), one that calls `parse_array` (when etwmon "
+    "has it), and as `etwmon tail --json` writing to a file (each its own process, CPU measured as above); each "
+    "ratio divides its CPU per event by forkstat's or bpftrace's in the same round (the tools run interleaved).",
+    "- **Perftest**: the exec storm generator (`/bin/true storm-<i>`, one at a time) paced to a fixed rate "
+    "(SysmonForLinux's perftest: 1,600/s; 60 % of the unwatched maximum when that is lower) for 30 s; CPU % of one "
+    "core = the monitor's utime+stime over the run's wall time; µs per exec = the same CPU / execs (the rest of "
+    "the machine's events, which the monitor also delivered, are paid for in it: the table shows how many).",
     "- **Cost**: the exec storm unthrottled with no monitor, then with each monitor, per round; ratio = rate "
     "with monitor / rate without in the same round.",
     "- **Memory**: etwmon's RSS (`VmRSS`) every second while the thread and exec storms run unthrottled; the "

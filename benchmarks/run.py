@@ -1,4 +1,4 @@
-"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~8 min on 2 cores) or ``--quick``
+"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~13 min on 2 cores) or ``--quick``
 (< 2 min, what CI runs). Prints a table, writes ``<out>/latest.json`` and plots, and with ``--write-results``
 also ``benchmarks/RESULTS.md`` with its plots in ``benchmarks/plots/``.
 
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, machine_facts, progress  # noqa: E402
 
-BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "memory", "identity", "fleet")
-KERNEL_BENCHMARKS = ("storms", "cost", "memory", "identity")
+BENCHMARKS = ("ring", "readers", "service", "rules", "storms", "cost", "perftest", "memory", "identity", "fleet",
+              "recording")
+KERNEL_BENCHMARKS = ("storms", "cost", "perftest", "memory", "identity")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +104,7 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
     import identity_bench
     import memory_bench
     import peers
+    import perftest_bench
     import storm_bench
 
     sources = peers.etwmon_sources()
@@ -112,6 +114,10 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
                                       max_items=args.max_items, max_bytes=None, bpftrace_reason=reasons["bpftrace"])
     for name, why in skipped.items():
         progress(f"storms: {name} skipped: {why}")
+    # etwmon-bpf read three more ways (parse, parse_array where it exists, tail --json): the storms at full rate
+    # and the perftest compare them; the other benchmarks take one tool per source.
+    bpf = next((t for t in tools if t.name == "etwmon-bpf"), None)
+    paths = peers.path_tools(bpf, workdir) if bpf and {"storms", "perftest"} & set(wanted) else []
     progress("storms: building the generators")
     exes = storm_bench.build_generators(HERE / ".build")
     max_rates = storm_bench.measure_max_rates(exes, 0.5 if args.quick else 2.0)
@@ -120,13 +126,17 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
     if "storms" in wanted:
         results["storms"] = _guard("storms", lambda: dict(
             status="ok", skipped_tools=skipped,
-            **storm_bench.run_storms(tools, exes, max_rates, args.quick)))
+            **storm_bench.run_storms(_after(tools, bpf, paths), exes, max_rates, args.quick)))
         if results["storms"]["status"] == "ok":
             results["storms"]["targets"] = storm_bench.storm_targets(results["storms"])
             results["storms"]["params"]["etwmon_ring"] = {"max_items": args.max_items, "max_bytes": "default"}
     if "cost" in wanted:
         results["cost"] = _guard("cost", lambda: dict(
             skipped_tools=skipped, **storm_bench.run_cost(tools, exes["exec"], max_rates["exec"], args.quick)))
+    if "perftest" in wanted:
+        results["perftest"] = _guard("perftest", lambda: dict(
+            skipped_tools=skipped, **perftest_bench.run(tools + paths, exes["exec"], max_rates["exec"], args.quick,
+                                                        skipped)))
     if "memory" in wanted:
         if not etwmon_tools:
             results["memory"] = {"status": "skipped", "reason": "no etwmon kernel source works here: " +
@@ -145,6 +155,14 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
         else:
             results["identity"] = _guard("identity", lambda: identity_bench.run(etwmon_tools, exes, max_rates,
                                                                                   args.quick))
+
+
+def _after(tools: list, tool, more: list) -> list:
+    """``tools`` with ``more`` right after ``tool`` (so a storm round runs a source's read paths together)."""
+    if tool is None:
+        return tools
+    i = tools.index(tool) + 1
+    return tools[:i] + more + tools[i:]
 
 
 def _guard(name: str, fn) -> dict:
@@ -192,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         import fleet_bench
 
         benchmarks["fleet"] = _guard("fleet", lambda: fleet_bench.run(args.quick))
+    if "recording" in args.only:
+        import recording_bench
+
+        benchmarks["recording"] = _guard("recording", lambda: recording_bench.run(args.quick))
 
     results = {
         "suite": "etwmon benchmarks",

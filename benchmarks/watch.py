@@ -1,5 +1,6 @@
 """A monitor under test, run as its own process by the storm benchmarks: etwmon (a Monitor drained with
-``wait()`` + ``readinto``) or pyroute2's ProcEventSocket. Prints "ready" once subscribed, watches until a
+``wait()`` + ``readinto``; with ``--mode parse`` or ``parse_array`` each buffer is also decoded as a program that
+reads the events would) or pyroute2's ProcEventSocket. Prints "ready" once subscribed, watches until a
 "stop" line on stdin, then writes what it saw as JSON (see peers.WatcherTool).
 
 While watching it only keeps what it received (raw record bytes for etwmon, three fields per message for
@@ -51,6 +52,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     failure: list[str] = []
     read_calls = [0]
 
+    use = _reading(args.mode)
+
     def reader() -> None:
         buf = bytearray(args.buffer)
         view = memoryview(buf)
@@ -65,6 +68,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
                 if n:
                     now = filetime_now()
                     read_calls[0] += 1
+                    if use is not None:
+                        use(view[:n])
                     if keep:
                         chunks.append((now, bytes(view[:n])))
         except Error as exc:
@@ -127,8 +132,30 @@ def watch_etwmon(args: argparse.Namespace) -> None:
         "error": failure[0] if failure else None, "latency_us": latency,
         "extra": {"ring_dropped": stats.dropped, "source_lost": stats.lost, "pushed": stats.pushed,
                   "max_items": stats.max_items, "max_bytes": stats.max_bytes, "readinto_calls": read_calls[0],
-                  "source_stats": stats.source_stats},
+                  "source_stats": stats.source_stats,
+                  # the identity stage's counters where this etwmon has them (its process table's bytes and cap)
+                  "identity": dict(getattr(stats, "identity", None) or {})},
     })
+
+
+def _reading(mode: str):
+    """What the program does with each buffer ``readinto`` filled, beyond keeping its bytes: nothing
+    (``readinto``), an Event object per record with the fields a consumer reads first (``parse``), or the columnar
+    batch (``parse_array``, when this etwmon has it)."""
+    if mode == "readinto":
+        return None
+    if mode == "parse":
+        from etwmon import parse
+
+        def use(data) -> None:
+            for event in parse(data):
+                event.type, event.filetime  # noqa: B018 (what every consumer reads)
+        return use
+    import etwmon
+
+    if not hasattr(etwmon, "parse_array"):
+        raise SystemExit("this etwmon has no parse_array")
+    return etwmon.parse_array
 
 
 def watch_pyroute2(args: argparse.Namespace) -> None:
@@ -181,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--discard", action="store_true", help="keep nothing (the memory benchmark)")
     e.add_argument("--identity", choices=("on", "off"), default="on",
                    help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost")
+    e.add_argument("--mode", choices=("readinto", "parse", "parse_array"), default="readinto",
+                   help="what the reader does with each buffer: nothing (readinto only), parse every record, or "
+                        "parse_array")
     e.add_argument("--stall-after", type=float, default=None,
                    help="stop reading after this many seconds, so the ring fills to its caps")
     p = sub.add_parser("pyroute2")

@@ -5,8 +5,8 @@ A kernel event source feeds a bounded ring of SysMon-compatible binary records; 
 """
 
 from .errors import (
-    BufferTooSmall, Error, ProtocolError, RecordFormatError, ServiceRefused, ServiceUnavailable, SourceError,
-    SourceUnavailable,
+    BufferTooSmall, Error, ProtocolError, RecordFormatError, RecordingFormatError, ServiceRefused,
+    ServiceUnavailable, SourceError, SourceUnavailable,
 )
 from .records import (
     Event, ImageLoad, ItemType, ProcessCreate, ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit,
@@ -18,10 +18,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BufferTooSmall", "Error", "RecordFormatError", "SourceError", "SourceUnavailable", "ServiceUnavailable",
-    "ServiceRefused", "ProtocolError",
+    "ServiceRefused", "ProtocolError", "RecordingFormatError",
     "Event", "ImageLoad", "ItemType", "ProcessCreate", "ProcessExec", "ProcessExit", "RecordsLost",
     "ThreadCreate", "ThreadExit", "UnknownRecord", "parse", "parse_array", "parse_arrays",
-    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "__version__",
+    "EventRing", "RingStats", "Monitor", "MonitorStats", "open_source", "connect", "Connection", "open_recording",
+    "__version__",
 ]
 
 
@@ -33,6 +34,9 @@ def __getattr__(name: str):
     if name in ("connect", "Connection"):
         from . import service
         return getattr(service, name)
+    if name == "open_recording":
+        from .recording import open_recording
+        return open_recording
     if name == "open_source":
         from .sources import open_source
         return open_source

@@ -19,7 +19,7 @@ import sys
 from typing import Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
-from .errors import Error, SourceError, SourceUnavailable
+from .errors import Error, RecordingFormatError, SourceError, SourceUnavailable
 from .filters import DEFAULT_EVENT_TYPES, EventFilter, parse_event_types
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
@@ -148,6 +148,15 @@ def _nats_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _hash_algorithms(text: str) -> str:
+    from .hashes import parse_algorithms
+
+    try:
+        return ",".join(parse_algorithms(text)[0])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _since(text: str):
     from .fleet import parse_since
 
@@ -238,6 +247,9 @@ def _build_parser() -> _Parser:
     tail_.add_argument("--from", dest="servers", action="append", metavar="URL", type=_nats_url,
                        help="read the fleet's events from NATS JetStream at nats://HOST:PORT instead of a local "
                             "source (repeat for a cluster's servers); see docs/fleet.md")
+    tail_.add_argument("--replay", metavar="FILE",
+                       help="read the events of a recording ('etwmon record') instead of a live source; every "
+                            "filter and format applies (docs/recording.md)")
     tail_.add_argument("--host", dest="hosts", action="append", type=_host_id, metavar="NAME",
                        help="with --from: only this host's events (repeatable)")
     tail_.add_argument("--since", type=_since, metavar="TIME",
@@ -263,6 +275,10 @@ def _build_parser() -> _Parser:
                        help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
                             "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
                             "with 'etwmon rules check FILE')")
+    tail_.add_argument("--hashes", type=_hash_algorithms, metavar="ALGS",
+                       help="the executable's hashes in each process record, Sysmon's form (MD5=...,SHA256=...): "
+                            "md5, sha1, sha256 comma-separated, or * (default: the --config file's "
+                            "<HashAlgorithms>, else none; docs/identity.md)")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
                        help=f"ring capacity in records (default: ${ENV_MAX_ITEMS}, else {DEFAULT_MAX_ITEMS})")
     tail_.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
@@ -397,7 +413,77 @@ def _build_parser() -> _Parser:
                                                   "applied, or ignored and why. Exit 0 if it loads, 2 if refused.")
     check.add_argument("file", metavar="FILE")
     check.add_argument("--json", action="store_true", help="one JSON object per rule per line")
+    _recording_commands(commands)
     return parser
+
+
+def _recording_commands(commands) -> None:
+    """``record``, ``report`` and ``export``: docs/recording.md."""
+    from .recording.record import DEFAULT_GRACE
+
+    record = commands.add_parser(
+        "record", help="record events to a file: a command's process tree, or everything until Ctrl-C",
+        description="With COMMAND: run it (as --user; under sudo the invoking user) and record its process tree "
+                    "only (membership decided at fork, by ProcessGuid ancestry), until it exits; exit with its "
+                    "status. Without: record everything (after --config's rules) until Ctrl-C, SIGTERM, "
+                    "--max-size or --duration.",
+        epilog="Replay with 'etwmon tail --replay FILE', see it with 'etwmon report', query it after 'etwmon "
+               "export'. Reference: docs/recording.md.")
+    record.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="the recording to write (created 0600; an existing file only with --force)")
+    record.add_argument("--source", default="auto", choices=["auto", *SOURCES],
+                        help="event source (default: auto, the best that works here)")
+    record.add_argument("--config", metavar="FILE",
+                        help="a Sysmon XML configuration: only what its rules keep, command lines redacted")
+    record.add_argument("--user", metavar="NAME",
+                        help="run COMMAND as this user (default: $SUDO_USER when run through sudo, else as is)")
+    record.add_argument("--max-size", type=_byte_size, metavar="SIZE",
+                        help="stop recording when the file reaches SIZE, e.g. 100M")
+    record.add_argument("--duration", type=_duration, metavar="TIME",
+                        help="stop recording after TIME, e.g. 30s, 10m, 2h")
+    record.add_argument("--grace", type=_seconds(0, 60, True), default=DEFAULT_GRACE, metavar="SECONDS",
+                        help=f"after COMMAND exits, keep recording this long (default: {DEFAULT_GRACE})")
+    record.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    record.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",
+                        help="the command to run and record (after --)")
+
+    report = commands.add_parser(
+        "report", help="a recording as one self-contained HTML page (tree, timeline, summary, search)",
+        description="Write a recording as one HTML page that opens offline: the process tree, a timeline of "
+                    "lifetimes, a summary and a search box.")
+    report.add_argument("file", metavar="FILE")
+    report.add_argument("-o", "--output", required=True, metavar="OUT.html")
+    report.add_argument("--force", action="store_true", help="replace OUT.html if it exists")
+
+    export = commands.add_parser(
+        "export", help="a recording as Parquet, JSON lines or a Chrome/Perfetto trace",
+        description="Convert a recording: parquet (one row per event, typed columns named as in the JSON "
+                    "output; needs etwmon[parquet]), jsonl (what 'tail --json' prints) or chrome-trace (the Trace "
+                    "Event Format: Perfetto's UI and chrome://tracing open it, a track per process).")
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("--format", required=True, choices=["parquet", "jsonl", "chrome-trace"])
+    export.add_argument("-o", "--output", required=True, metavar="OUT")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _recording(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int:
+    """``record``, ``report``, ``export``: the logic lives in etwmon.recording."""
+    if args.command == "record":
+        from .recording.record import RecordOptions, record
+
+        command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+        if args.config:
+            _load_rules(args.config)  # a refused configuration is a usage error, before anything starts
+        return record(RecordOptions(output=args.output, command=command, source=args.source, config=args.config,
+                                    user=args.user, max_size=args.max_size, duration=args.duration,
+                                    grace=args.grace, overwrite=args.force), err, environ)
+    if args.command == "report":
+        from .recording.report import write_report
+
+        return write_report(args.file, args.output, err, overwrite=args.force)
+    from .recording.export import export
+
+    return export(args.file, args.format, args.output, err, overwrite=args.force)
 
 
 # --- messages ----------------------------------------------------------------------------------------------------
@@ -451,10 +537,19 @@ def _service_here(err: TextIO) -> str | None:
 def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO) -> tuple[Reader, bool]:
     """What ``etwmon tail`` reads from, and whether tail filters itself: with --from the fleet's stream; a service
     connection (``--connect``, or the service's socket when not root and it is there), filtered in the service;
-    else a Monitor on a local source. Each is a ``Reader``."""
+    else a Monitor on a local source; with --replay a recording. Each is a ``Reader``."""
+    if args.replay:
+        if args.servers or args.connect is not None or args.config or args.source != "auto":
+            raise UsageError("--replay reads a recording: --from, --connect, --source and --config choose live "
+                             "events (rules apply when recording: etwmon record --config FILE)")
+        from .recording import open_recording
+
+        return open_recording(args.replay), True
     if args.servers and args.config:
         raise UsageError("--config applies rules where the events are read from the kernel; with --from they "
                          "are the shipping host's: etwmon ship --config FILE")
+    if args.servers and args.hashes:
+        raise UsageError("--hashes are computed where the events are read from the kernel: the shipping host's")
     if args.servers:
         if args.connect is not None:
             raise UsageError("--from and --connect are two places to read from: give one")
@@ -470,7 +565,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     max_items, max_bytes = _limits(args, environ)
     items = DEFAULT_MAX_ITEMS if max_items is None else max_items
     path = args.connect
-    if path is None and args.source == "auto" and not args.config:
+    if path is None and args.source == "auto" and not args.config and not args.hashes:
         path = _service_here(err)
         if path is not None:
             from .errors import ServiceRefused, ServiceUnavailable
@@ -486,6 +581,8 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
         if args.config:
             raise UsageError("--config applies rules where the events are read from the kernel; with --connect "
                              "they are the service's: etwmon serve --config FILE")
+        if args.hashes:
+            raise UsageError("--hashes are computed where the events are read from the kernel: the service's")
         from .service import Connection
 
         return Connection(path, items, max_bytes, **_service_filter(args)), False
@@ -494,7 +591,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     rules = _load_rules(args.config) if args.config else None
     try:
         return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
-                       identity=args.identity), True
+                       identity=args.identity, hashes=args.hashes), True
     except (MemoryError, ValueError) as exc:  # numpy cannot have the arena (or the slot table)
         size = human_bytes(max_bytes if max_bytes is not None else items * DEFAULT_BYTES_PER_ITEM)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
@@ -528,7 +625,7 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
     if args.servers:  # every line says whose event it is: the host of the batch being shown
         render = host_renderer(args.format, lambda: reader.host)
     elif args.format == "ecs":
-        here = socket.gethostname()
+        here = reader.header.get("host") if args.replay else socket.gethostname()
         render = host_renderer("ecs", lambda: here)
     else:
         render = RENDERERS[args.format]
@@ -751,8 +848,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args.service_command, config=getattr(args, "config", None),
                                group=getattr(args, "group", "etwmon"), unit_dir=args.unit_dir,
                                dry_run=args.dry_run, out=out, say=lambda line: say(err, line))
+        if args.command in ("record", "report", "export"):
+            return _recording(args, err, dict(os.environ))
         return _tail(args, out, err, dict(os.environ))
-    except UsageError as exc:
+    except (UsageError, RecordingFormatError) as exc:
         _error(err, str(exc))
         return EXIT_USAGE
     except SourceUnavailable as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["Error", "BufferTooSmall", "RecordFormatError", "SourceUnavailable", "SourceError", "RulesError",
-           "RuleConfigError", "ServiceUnavailable", "ServiceRefused", "ProtocolError"]
+           "RuleConfigError", "ServiceUnavailable", "ServiceRefused", "ProtocolError", "RecordingFormatError"]
 
 
 class Error(Exception):
@@ -63,3 +63,8 @@ class ServiceRefused(Error, PermissionError):
 
 class ProtocolError(Error):
     """A peer broke the service protocol (docs/service.md): a bad frame, length or message."""
+
+
+class RecordingFormatError(Error, ValueError):
+    """A file is not an etwmon recording (``etwmon record``), or of a format version this reader does not know;
+    one line says which."""

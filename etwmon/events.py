@@ -121,6 +121,17 @@ class ProcessCreate(Event):
     container_id: str | None = None
     start_filetime: int | None = None
     rule_name: str | None = None
+    #: Which file ran (Linux, bpf): its device (st_dev) and inode, ExeFlags bits; then the namespaces and
+    #: cgroup it ran in. What tells a bind mount over a path, or a program in another mount namespace, apart.
+    exe_device: int | None = None
+    exe_inode: int | None = None
+    exe_flags: int | None = None
+    mnt_ns: int | None = None
+    pid_ns: int | None = None
+    ns_pid: int | None = None
+    cgroup_id: int | None = None
+    #: The executable's hashes in Sysmon's form (``MD5=<HEX>,SHA256=<HEX>``), when asked for (etwmon.hashes).
+    hashes: str | None = None
     flags: EventFlags = EventFlags(0)
 
     @property
@@ -272,7 +283,7 @@ _MIN_SIZE[int(ItemType.ProcessCreate)] = _MIN_SIZE[int(ItemType.ProcessExec)] = 
 #: Where the extension block starts in the fixed-size record types that can carry one.
 _BLOCK_AT = {2: 24, 3: 24, 4: 32}
 #: Value sizes of the fixed-size kinds of fields; a known field of another size is malformed.
-_KIND_SIZE = {"guid": 16, "u32": 4, "i64": 8, "us": 8}
+_KIND_SIZE = {"guid": 16, "u32": 4, "i64": 8, "u64": 8, "us": 8}
 # Per tag: the exact size its value must have (0: text, an even size), or None when any size is taken.
 _TAG_RULE = {tag: (0 if kind == "text" else _KIND_SIZE.get(kind)) for tag, (_, kind) in _TAG_FIELDS.items()}
 # FILETIME fields (their attribute says so: start_filetime): refused out of range, like a record's Time.
@@ -481,6 +492,8 @@ def _decoder(kind: str):
         return lambda b: int.from_bytes(b, "little")
     if kind == "i64":
         return lambda b: int.from_bytes(b, "little", signed=True)
+    if kind == "u64":
+        return lambda b: int.from_bytes(b, "little")
     if kind == "us":
         return lambda b: timedelta(microseconds=int.from_bytes(b, "little"))
     return lambda b: _field_value(kind, b)  # a kind this module has no fast path for

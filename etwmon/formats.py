@@ -13,14 +13,15 @@ import functools
 import json
 import re
 from datetime import timedelta
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from .containers import container_id_from_cgroup
 from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, _utf16, decode_table, parse, parse_array
 from .records import (
-    EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ImageLoad, ItemType, ProcessCreate, ProcessExec,
-    ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
+    EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate,
+    ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
 )
 
 __all__ = ["escape_text", "format_event", "event_to_json", "json_line", "format_batch", "event_to_ecs", "ecs_line",
@@ -102,7 +103,7 @@ def _clocks(filetimes: np.ndarray, unit: str) -> list[str]:
     return np.char.add(np.datetime_as_string(stamps, unit=unit), "Z").tolist()
 
 
-def _who_text(user: str | None, uid: int | None, image: str | None) -> str:
+def _who_text(user: str | None, uid: int | None, image: str | None, container: str | None = None) -> str:
     """`` user=... image=...``: the ones known (user: the name, else the uid; a process chooses names and paths,
     so they are escaped)."""
     out = ""
@@ -112,6 +113,8 @@ def _who_text(user: str | None, uid: int | None, image: str | None) -> str:
         out += f" user={uid}"
     if image is not None:
         out += f" image={escape_text(image)}"
+    if container is not None:
+        out += f" container={escape_text(container[:12])}"
     return out
 
 
@@ -130,10 +133,12 @@ def _text_line(item: int, when: str, a: int, b: int, c: int, text: str | None, d
     details (attribute → value, absent = unknown)."""
     get = d.get
     if item == 1:  # a fork: the child runs its parent's program (the image); the command line it inherited
-        return (f"{when} {'fork':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
+        return (f"{when} {'fork':<{_WIDTH}} pid={a} ppid={b}"
+                f"{_who_text(get('user'), get('uid'), get('image'), _container(get))}"
                 f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
     if item == 101:
-        return (f"{when} {'exec':<{_WIDTH}} pid={a} ppid={b}{_who_text(get('user'), get('uid'), get('image'))}"
+        return (f"{when} {'exec':<{_WIDTH}} pid={a} ppid={b}"
+                f"{_who_text(get('user'), get('uid'), get('image'), _container(get))}"
                 f"{_rule_text(get('rule_name'))} cmd={escape_text(text)}")
     if item == 2:
         code = _exit_code(b)
@@ -229,14 +234,37 @@ def _put_text(obj: dict, key: str, text: str) -> None:
 # time, lifetime seconds (a number), flags a list of EventFlags names.
 _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_directory", "uid", "user",
                     "parent_image", "parent_command_line", "parent_user", "tty", "session", "cgroup",
-                    "container_id", "start_time", "rule_name", "flags")
+                    "container_id", "pid_namespace", "namespace_pid", "mount_namespace", "image_device",
+                    "image_inode", "image_flags", "hashes", "start_time", "rule_name", "flags")
 _EXIT_DETAILS = ("process_guid", "image", "uid", "user", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
-                           "parent_user", "tty", "cgroup", "container_id", "rule_name"})
+                           "parent_user", "tty", "cgroup", "container_id", "rule_name", "hashes"})
 _JSON_DETAILS = {1: _PROCESS_DETAILS, 101: _PROCESS_DETAILS, 2: _EXIT_DETAILS, 3: _THREAD_DETAILS,
                  4: _THREAD_DETAILS}
 _FLAG_NAMES: dict[int, list[str]] = {}
+
+
+def _container(get: Callable[[str], Any]) -> str | None:
+    """The container id: the record's, else the one its cgroup path names (the runtime's claim, docs/identity.md)."""
+    known = get("container_id")
+    return known if known is not None else container_id_from_cgroup(get("cgroup"))
+
+
+def _image_flags(get: Callable[[str], Any]) -> list[str] | None:
+    """ExeFlags as a list of lower-case names (``["memfd", "deleted"]``); None when unknown."""
+    bits = get("exe_flags")
+    return None if bits is None else [f.name.lower() for f in ExeFlags if f & bits]
+
+
+#: Where a process ran and which file (docs/identity.md): JSON name → its value from the details, where the name
+#: is not the Event attribute's.
+_WHERE: dict[str, Callable[[Callable[[str], Any]], object]] = {
+    "container_id": _container, "pid_namespace": lambda get: get("pid_ns"),
+    "namespace_pid": lambda get: get("ns_pid"), "mount_namespace": lambda get: get("mnt_ns"),
+    "image_device": lambda get: get("exe_device"), "image_inode": lambda get: get("exe_inode"),
+    "image_flags": _image_flags,
+}
 
 
 def _flag_names(flags: int) -> list[str]:
@@ -262,7 +290,7 @@ def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
         elif name == "flags":  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
             obj[name] = _flag_names(details["flags"])
         else:
-            value = get(name)
+            value = _WHERE[name](get) if name in _WHERE else get(name)
             if value is not None and name in _TEXT_DETAILS:
                 _put_text(obj, name, value)
             else:
@@ -459,8 +487,28 @@ _ECS_ENRICHMENT = (
     ("image", ("process", "executable")), ("current_directory", ("process", "working_directory")),
     ("parent_image", ("process", "parent", "executable")),
     ("parent_command_line", ("process", "parent", "command_line")),
-    ("uid", ("user", "id")), ("user", ("user", "name")), ("container_id", ("container", "id")),
+    ("uid", ("user", "id")), ("user", ("user", "name")), ("cgroup", ("etwmon", "cgroup")),
+    ("hashes", ("etwmon", "hashes")),
 )
+
+
+def _ecs_where(doc: dict, event: Event) -> None:
+    """container.id, process.hash.* (ECS's lower-case hex) and etwmon.* for the namespaces and the file."""
+    get = lambda name: getattr(event, name, None)  # noqa: E731
+    container = _container(get)
+    if container is not None:
+        _put(doc, ("container", "id"), container)
+    hashes = getattr(event, "hashes", None)
+    if hashes:
+        for item in hashes.split(","):
+            algorithm, _, value = item.partition("=")
+            if algorithm.upper() in ("MD5", "SHA1", "SHA256", "SHA512") and value:
+                _put(doc, ("process", "hash", algorithm.lower()), value.lower())
+    for name in ("pid_namespace", "namespace_pid", "mount_namespace", "image_device", "image_inode",
+                 "image_flags"):
+        value = _WHERE[name](get)
+        if value is not None:
+            _put(doc, ("etwmon", name), value)
 
 
 def _put(obj: dict, path: tuple[str, ...], value: object) -> None:
@@ -530,6 +578,8 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
         if value is not None:
             # ECS keeps these as keywords (user.id too): text
             _ecs_text(doc, path, value if isinstance(value, str) else str(value))
+    if isinstance(event, (ProcessCreate, ProcessExit)):
+        _ecs_where(doc, event)
     return doc
 
 

@@ -28,18 +28,32 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
+
 from .records import (
-    EventFlags, ExtensionTag, block_fields, field_value, guid_bytes, guid_text, pack_field, with_packed,
+    MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, field_value, guid_bytes, guid_text, pack_field,
+    with_packed,
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
-           "DEFAULT_MAX_PROCESSES"]
+           "DEFAULT_MAX_PROCESSES", "DEFAULT_MAX_BYTES"]
 
 log = logging.getLogger(__name__)
 
-#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed). About
-#: 1.4 KB each (measured: an exec'd process with image, cwd, user, cgroup), so at most ~23 MB.
+#: Processes the table holds (live ones first; exited ones are kept for ancestry until room is needed).
 DEFAULT_MAX_PROCESSES = 16384
+#: Bytes the table may hold, as ``ProcessTable.bytes`` counts them (never less than what tracemalloc measures,
+#: up to 1.5x more when every process carries a long parent command line; see tests/test_identity.py):
+#: whichever of the two caps is reached first evicts. A command line is held twice in UTF-16 (the process's
+#: own and the packed ParentCommandLine its children carry), so with 32 K-character command lines (any local
+#: user can exec those) 32 MiB is ~250 processes' worth; with typical ones (~1.9 KB per process in all) the
+#: count cap comes first (16,384 x 1.9 KB = ~31 MB).
+DEFAULT_MAX_BYTES = 32 << 20
+#: What an entry costs beyond its strings: the object, its dict and lists, the packed guid/start fields and
+#: the table's two dict slots (measured with tracemalloc on CPython 3.11, rounded up).
+_ENTRY_OVERHEAD = 1100
+#: Exits that passed in batches and wait to be applied to the table: past this many they are applied at once.
+_MAX_PENDING_EXITS = 16384
 #: How far apart two start times of one pid may be and still be one process: the kernel's fork timestamp and
 #: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
 _SAME_START = 250_000  # 25 ms in FILETIME ticks
@@ -104,7 +118,7 @@ class _Entry:
     value), so a record costs a join and a child's parent fields are made once, not per record."""
 
     __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "head", "start_field",
-                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc")
+                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc", "counted")
 
     def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent: "_Entry | None") -> None:
         self.pid = pid
@@ -123,6 +137,19 @@ class _Entry:
         self.exited = False
         self.seeded = False
         self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
+        self.counted = 0  # bytes the table counts for it (ProcessTable.account)
+
+    def nbytes(self) -> int:
+        """What holding this entry costs, at most: its strings, the copy its children's ParentCommandLine (and
+        parent image and user) make of them, the parent fields it carries itself, and a fixed overhead. A parent's
+        packed fields are shared by its children but counted in each, so the count errs on the high side."""
+        own = len(self.command_line)
+        for value in self.fields.values():
+            own += len(value)
+        carried = 0
+        for value in self.parent_tail:
+            carried += len(value)
+        return _ENTRY_OVERHEAD + 2 * own + carried
 
     def child_tail(self) -> list[bytes]:
         """The packed parent fields a child of this process carries: image, user, command line (block order)."""
@@ -151,14 +178,20 @@ class _Entry:
 
 
 class ProcessTable:
-    """The processes the monitor knows, bounded like the ring: live ones by pid, and every one by guid for
-    ancestry. When full, the oldest exited process is forgotten first, then the oldest live one; both are
-    counted (``evicted``, ``evicted_live``)."""
+    """The processes the monitor knows, bounded like the ring, in processes and in bytes: live ones by pid, and
+    every one by guid for ancestry. When either cap is reached the oldest exited process is forgotten first, then
+    the oldest live one; both are counted (``evicted``, ``evicted_live``)."""
 
-    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+    def __init__(self, max_processes: int = DEFAULT_MAX_PROCESSES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 2:
             raise ValueError(f"max_processes must be at least 2, not {max_processes!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 2 * _ENTRY_OVERHEAD:
+            raise ValueError(f"max_bytes must be at least {2 * _ENTRY_OVERHEAD}, not {max_bytes!r}")
         self.max_processes = max_processes
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
+        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
+        self._pending_count = 0
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
         self._exited: dict[bytes, None] = {}  # insertion-ordered: the oldest exit first
@@ -172,10 +205,18 @@ class ProcessTable:
         old = self.live.get(entry.pid)
         if old is not None:
             self.exit(old)  # the pid was reused and we never saw the old process end (a lost event)
-        if len(self.by_guid) >= self.max_processes:
-            self._make_room()
         self.live[entry.pid] = entry
         self.by_guid[entry.guid] = entry
+        entry.counted = 0
+        self.account(entry)
+
+    def account(self, entry: _Entry) -> None:
+        """Count what ``entry`` holds now (after it was added or its details changed), making room if needed."""
+        size = entry.nbytes()
+        self.bytes += size - entry.counted
+        entry.counted = size
+        if self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes:
+            self._make_room(entry)
 
     def exit(self, entry: _Entry) -> None:
         if self.live.get(entry.pid) is entry:
@@ -184,20 +225,52 @@ class ProcessTable:
             entry.exited = True
             self._exited[entry.guid] = None
 
-    def _make_room(self) -> None:
-        while len(self.by_guid) >= self.max_processes:
+    def _make_room(self, keep: _Entry) -> None:
+        """Forget the oldest exited processes, then the oldest live ones, until both caps hold (never ``keep``,
+        the one just counted: a single process bigger than the byte cap stays alone)."""
+        if self._pending_count:
+            self.apply_exits()  # exited processes go first
+        while (self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
             if self._exited:
                 guid = next(iter(self._exited))
                 del self._exited[guid]
-                self.by_guid.pop(guid, None)
+                entry = self.by_guid.pop(guid, None)
+                if entry is not None:
+                    self.bytes -= entry.counted
                 self.evicted += 1
                 continue
             guid, entry = next(iter(self.by_guid.items()))
+            if entry is keep:  # the oldest is the newest: move it to the end and take the next
+                del self.by_guid[guid]
+                self.by_guid[guid] = entry
+                guid, entry = next(iter(self.by_guid.items()))
             del self.by_guid[guid]
+            self.bytes -= entry.counted
             if self.live.get(entry.pid) is entry:
                 del self.live[entry.pid]
             self.evicted += 1
             self.evicted_live += 1
+
+    def note_exits(self, guids: np.ndarray) -> None:
+        """Exits that passed without the table (rows of 16 guid bytes), applied when it is next read or must
+        evict, or once too many wait."""
+        self._pending_exits.append(guids)
+        self._pending_count += len(guids)
+        if self._pending_count > _MAX_PENDING_EXITS:
+            self.apply_exits()
+
+    def apply_exits(self) -> list[_Entry]:
+        """Mark exited the processes of the noted exits; returns their entries."""
+        pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
+        done = []
+        for guids in pending:
+            blob = guids.tobytes()
+            for k in range(0, len(blob), 16):
+                entry = self.by_guid.get(blob[k:k + 16])
+                if entry is not None and not entry.exited:
+                    self.exit(entry)
+                    done.append(entry)
+        return done
 
     def get(self, guid: bytes) -> _Entry | None:
         return self.by_guid.get(guid)
@@ -225,13 +298,18 @@ class IdentityStage:
     it execs, so a ProcessCreate without an image of its own carries the parent's.
     """
 
-    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES) -> None:
+    def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._push_batch = None
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
-        self.table = ProcessTable(max_processes)
+        self.table = ProcessTable(max_processes, max_bytes)
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
+        self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
+        self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
+
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
 
@@ -241,7 +319,98 @@ class IdentityStage:
         self.notify = sink.notify
         self.push_lost = sink.push_lost
         self._push = sink.push
+        self._push_batch = getattr(sink, "push_batch", None)
         return self
+
+    # -- records the kernel wrote whole (the bpf source's thread records and exits) ---------------------------
+
+    def push_batch(self, data, ends) -> None:
+        """Thread records and ProcessExits that already carry their ProcessGuid (the bpf programs write them
+        with the guid this stage would give: same prefix, pid and start time), back to back in ``data``,
+        ``ends`` where each ends. They pass on in one batch; the table only notes the exits, to apply when it
+        is next looked at. Records of a process seeded from /proc (whose guid the table made from /proc's
+        start time) and any batch the next stage cannot take whole go through ``push`` one by one."""
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data
+        ends = np.asarray(ends, dtype=np.int64)
+        raw = np.frombuffer(view, dtype=np.uint8)
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1]
+        types = raw[starts]
+        exits = types == 2
+        where = starts + np.where(exits, 16, 20)  # ProcessExit's ProcessId; a thread record's
+        pids = (raw[where].astype(np.uint32) | raw[where + 1].astype(np.uint32) << 8
+                | raw[where + 2].astype(np.uint32) << 16 | raw[where + 3].astype(np.uint32) << 24)
+        special = self._seeded_mask(pids)
+        if self._push_batch is None or special is not None:
+            self._push_slowly(raw, starts, ends, special)
+            return
+        if exits.any():
+            self._note_exits(raw, starts[exits], ends[exits])
+        self._push_batch(raw, ends)
+
+    def push_written(self, record: bytes) -> None:
+        """One record of the kind ``push_batch`` takes (a thread record or ProcessExit with its guid already):
+        passed on as it is, unless its process was seeded from /proc."""
+        exit_ = record[0] == 2
+        pid = _U32.unpack_from(record, 16 if exit_ else 20)[0]
+        if pid in self._seeded:
+            self.push(record)
+            return
+        if exit_ and len(record) >= 52:
+            self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
+        self._push(record)
+
+    def _seeded_mask(self, pids: np.ndarray) -> np.ndarray | None:
+        """Which of ``pids`` are processes seeded from /proc (None when none is)."""
+        if not self._seeded:
+            return None
+        lookup = self._seeded_array
+        if lookup is None:  # a table by pid (a few hundred KB at most): one indexing per batch, no search
+            lookup = self._seeded_array = np.zeros(max(self._seeded) + 1, dtype=np.bool_)
+            lookup[np.fromiter(self._seeded, dtype=np.int64, count=len(self._seeded))] = True
+        mask = lookup[np.minimum(pids, len(lookup) - 1)] & (pids < len(lookup))
+        return mask if mask.any() else None
+
+    def _push_slowly(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, special) -> None:
+        """Runs of ordinary records whole (``push_batch``), the others through ``push``."""
+        n = len(ends)
+        batch = self._push_batch
+        i = 0
+        while i < n:
+            if special is not None and special[i] or batch is None:
+                self.push(raw[starts[i]:ends[i]].tobytes())
+                i += 1
+                continue
+            j = i + 1
+            while j < n and not special[j]:
+                j += 1
+            run_ends = ends[i:j]
+            exits = raw[starts[i:j]] == 2
+            if exits.any():
+                self._note_exits(raw, starts[i:j][exits], run_ends[exits])
+            base = int(starts[i])
+            batch(raw[base:int(ends[j - 1])], run_ends - base)
+            i = j
+
+    def _forget_seeded(self, pid: int) -> None:
+        if pid in self._seeded:
+            self._seeded.discard(pid)
+            self._seeded_array = None
+
+    def _note_exits(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Keep the ProcessGuids of exits the kernel wrote (after the 8-byte block header and the 4-byte
+        field header), for ``apply_exits``."""
+        ok = ends - starts >= 24 + 8 + 4 + 16
+        at = starts[ok] + 36
+        if len(at):
+            self.table.note_exits(raw[at[:, None] + np.arange(16)])
+
+    def apply_exits(self) -> None:
+        """Mark exited the processes whose exits passed in batches (before the table is read)."""
+        for entry in self.table.apply_exits():
+            if entry.seeded:
+                self._forget_seeded(entry.pid)
 
     # -- seeding ----------------------------------------------------------------------------------------
 
@@ -267,8 +436,12 @@ class IdentityStage:
             for tag, value in details.fields():
                 if tag not in _STAGE_TAGS:
                     entry.fields[tag] = pack_field(tag, value)
-            entry.command_line = command_line.encode("utf-16-le", "surrogatepass")
+            # /proc's command line can be longer than a record holds: cut it as the encoders cut theirs, or a
+            # child's ParentCommandLine field would not fit its 16-bit length (and stop the source thread).
+            entry.command_line = _utf16(command_line, MAX_COMMAND_LINE)
             table.add(entry)
+            self._seeded.add(pid)
+            self._seeded_array = None
             n += 1
         return n
 
@@ -359,6 +532,7 @@ class IdentityStage:
             entry.from_proc = flags & _PROCFS
         entry.command_line = record[34:34 + 2 * chars]
         entry.tail = None
+        self.table.account(entry)
         if not entry.parent_tail:  # the parent's fields are unknown (its guid may be known, from ETW's numbers)
             flags |= _UNKNOWN_PARENT
             self.unknown_parent += 1
@@ -370,7 +544,7 @@ class IdentityStage:
             if tag in f:
                 packed.append(f[tag])
         packed.append(entry.start_field)
-        for tag in (16, 3, 4, 6, 10, 12, 13):
+        for tag in (17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13):
             if tag in f:
                 packed.append(f[tag])
         packed += entry.parent_tail
@@ -397,6 +571,8 @@ class IdentityStage:
             return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _Q.pack(start)),
                                            pack_field(_LIFETIME, _U64.pack(lifetime))])
         self.table.exit(entry)
+        if entry.seeded:
+            self._forget_seeded(pid)
         lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
         packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
         image = entry.fields.get(_IMAGE)
@@ -419,14 +595,18 @@ class IdentityStage:
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process ``guid`` (text form), nearest first, up to the first the table does not
         know (pid 1's guid ends the chain on a system whose processes all started after the monitor's seed)."""
+        self.apply_exits()
         return [e.info() for e in self.table.ancestors(guid_bytes(guid))]
 
     def process(self, guid: str) -> ProcessInfo | None:
         """What the table knows of the process ``guid``, or None."""
+        self.apply_exits()
         entry = self.table.get(guid_bytes(guid))
         return entry.info() if entry is not None else None
 
     def stats(self) -> dict[str, int]:
+        self.apply_exits()
         table = self.table
-        return {"processes": len(table.live), "known": len(table), "evicted": table.evicted,
+        return {"processes": len(table.live), "known": len(table), "bytes": table.bytes,
+                "max_bytes": table.max_bytes, "evicted": table.evicted,
                 "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid}

@@ -7,6 +7,7 @@ empty. An exception in the source thread is kept and raised to the reader as ``S
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
-from .identity import DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
+from .identity import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROCESSES, IdentityStage, ProcessInfo
 from .records import Event, parse
 from .ring import EventRing, RingStats
 from .sources import Source, open_source
@@ -42,11 +43,13 @@ class MonitorStats(RingStats):
     source: str = ""
     parse_errors: int = 0
     source_stats: dict[str, int] = field(default_factory=dict)
-    #: The identity stage's counters (processes, known, evicted, evicted_live, unknown_parent, no_guid); {} when
-    #: it is off.
+    #: The identity stage's counters (processes, known, bytes, max_bytes, evicted, evicted_live, unknown_parent,
+    #: no_guid); {} when it is off.
     identity: dict[str, int] = field(default_factory=dict)
     #: The rules stage's counters (``etwmon.rules.RulesStage.stats``); empty without rules.
     rules: dict[str, Any] = field(default_factory=dict)
+    #: The hashing stage's counters (``etwmon.hashes.HashStage.stats``); empty without hashes.
+    hashes: dict[str, int] = field(default_factory=dict)
 
 
 class _Sink:
@@ -54,6 +57,7 @@ class _Sink:
 
     def __init__(self, ring: EventRing, wakeup: "_Wakeup") -> None:
         self.push = ring.push
+        self.push_batch = ring.push_batch  # records back to back and where each ends (the bpf source's batches)
         self.push_lost = ring.push_lost
         self.notify = wakeup.set
 
@@ -180,21 +184,34 @@ class Monitor(EventReader):
 
     ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
     and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
-    (``etwmon.identity``); ``max_processes`` bounds its process table. ``identity=False`` gives the book's
+    (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
     records and spares the cost.
 
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
     one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
+
+    ``hashes``: ``"sha256"``, ``"md5,sha256"``, ``"*"`` — the executable's hashes in each process record
+    (``etwmon.hashes``; default: the rules configuration's ``<HashAlgorithms>``, else none and no cost).
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
                  rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
-                 max_processes: int = DEFAULT_MAX_PROCESSES, **source_options: Any) -> None:
+                 max_processes: int = DEFAULT_MAX_PROCESSES, max_process_bytes: int = DEFAULT_MAX_BYTES,
+                 hashes: str | None = None,
+                 **source_options: Any) -> None:
         self._rules = _load_rules(rules)
+        if hashes is None and self._rules is not None:
+            hashes = getattr(self._rules.config, "hash_algorithms", None)
+        self._hash_stage: Any = None
+        if hashes:  # built here: an unknown algorithm raises ValueError before anything starts
+            from .hashes import HashStage
+
+            self._hash_stage = HashStage(hashes)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
         self._identity = bool(identity)
         self._max_processes = max_processes
+        self._max_process_bytes = max_process_bytes
         self._stage: IdentityStage | None = None
         self._source_spec = source
         self._source_options = source_options
@@ -223,7 +240,8 @@ class Monitor(EventReader):
             self._stage = None
             if self._identity:
                 # Seeded after open(): a process that starts in between is both in the seed and in the events.
-                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes)
+                self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes,
+                                            self._max_process_bytes)
                 self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._wakeup is None:
@@ -242,6 +260,8 @@ class Monitor(EventReader):
             from .rules import RulesStage
 
             sink = self._rules_stage = RulesStage(sink, self._rules)
+        if self._hash_stage is not None:  # identity -> hashes -> rules: it reads identity's fields, rules its Hashes
+            sink = self._hash_stage.attach(sink)
         if self._stage is not None:  # source -> identity -> rules -> ring: rules see the identity fields
             sink = self._stage.attach(sink)
         return sink
@@ -266,6 +286,8 @@ class Monitor(EventReader):
             if thread.is_alive():
                 log.error("etwmon source %r did not stop within %.0f s", source.name, _STOP_TIMEOUT)
             source.close()
+            if self._hash_stage is not None:
+                self._hash_stage.close()
             self._thread = None
             wakeup.set(force=True)  # wake anyone still waiting: running is over
 
@@ -391,10 +413,18 @@ class Monitor(EventReader):
 
     def ancestors(self, guid: str) -> list[ProcessInfo]:
         """The parents of the process whose ProcessGuid is ``guid``, nearest first, up to the first one the
-        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage."""
+        process table does not know (``etwmon.identity.ProcessInfo`` each). Needs the identity stage. Command
+        lines come redacted by the monitor's rules, as in the records."""
         if self._stage is None:
             raise Error("ancestors() needs the identity stage: Monitor(identity=True), started")
-        return self._stage.ancestors(guid)
+        chain = self._stage.ancestors(guid)
+        rules = self._rules
+        if rules is None or not rules.redacts:
+            return chain
+        # The table keeps what the source saw, before the rules: what a redaction hides in the records it
+        # hides here too (on the whole command line, never on a cut one), with the rules in force.
+        return [dataclasses.replace(info, command_line=rules.redact(info.command_line)[0])
+                if info.command_line else info for info in chain]
 
     @property
     def lossy(self) -> bool:
@@ -416,7 +446,8 @@ class Monitor(EventReader):
         return MonitorStats(**vars(ring), source=self._source.name if self._source else "",
                             parse_errors=int(extra.get("parse_errors", 0)), source_stats=dict(extra),
                             rules=stage.stats() if stage is not None else {},
-                            identity=self._stage.stats() if self._stage is not None else {})
+                            identity=self._stage.stats() if self._stage is not None else {},
+                            hashes=self._hash_stage.stats() if self._hash_stage is not None else {})
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -30,7 +30,7 @@ __all__ = [
     "Event", "ProcessCreate", "ProcessExec", "ProcessExit", "ThreadCreate", "ThreadExit", "ImageLoad",
     "RecordsLost", "UnknownRecord", "parse", "parse_arrays", "parse_array", "record_headers", "RecordBatch",
     "ARRAY_DTYPE", "RECORD_INDEX_DTYPE", "MAX_FILETIME", "read_array",
-    "EventFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
+    "EventFlags", "ExeFlags", "Details", "ExtensionTag", "EXTENSION_VERSION", "EXTENSION_HEADER_SIZE", "with_details",
     "with_fields", "with_packed", "pack_field", "block_fields", "field_value", "TAG_ORDER",
     "guid_text", "guid_bytes",
 ]
@@ -193,6 +193,12 @@ class EventFlags(enum.IntFlag):
     UNKNOWN_PARENT = 0x4
     #: The process was running before the monitor started: its details come from the start-up snapshot.
     SEEDED = 0x8
+    #: Hashes were asked for but not ready when the record was written (the file is being hashed off the
+    #: source's thread; later records of the same file carry them).
+    HASH_PENDING = 0x10
+    #: Hashes were asked for but the file that ran could not be hashed (gone, a memory file, changed since,
+    #: not readable): see docs/identity.md.
+    NO_HASH = 0x20
 
 
 class ExtensionTag(enum.IntEnum):
@@ -214,6 +220,27 @@ class ExtensionTag(enum.IntEnum):
     StartTime = 14  # LONGLONG FILETIME: when the process started
     Lifetime = 15  # ULONGLONG microseconds from start to exit (ProcessExit)
     RuleName = 16  # text: the name of the rule that matched the event (Sysmon's RuleName)
+    ExeDevice = 17  # ULONG: the device of the executable file, as stat's st_dev gives it (Linux)
+    ExeInode = 18  # ULONGLONG: its inode number (with ExeDevice: which file ran, whatever its path says)
+    ExeFlags = 19  # ULONG: ExeFlags bits (memfd, deleted, setuid, setgid)
+    MountNamespace = 20  # ULONG: inode number of the process's mount namespace (/proc/<pid>/ns/mnt)
+    PidNamespace = 21  # ULONG: inode number of its pid namespace (/proc/<pid>/ns/pid)
+    NamespacePid = 22  # ULONG: its process id as its own pid namespace numbers it
+    CgroupId = 23  # ULONGLONG: its cgroup v2 id (the inode number of its directory under the cgroup2 mount)
+    Hashes = 24  # text: the executable's hashes in Sysmon's form, "MD5=<HEX>,SHA256=<HEX>" (etwmon.hashes)
+
+
+class ExeFlags(enum.IntFlag):
+    """What the executable file of a process is (the ExeFlags field, ``ProcessCreate.exe_flags``)."""
+
+    #: An anonymous memory file (memfd_create): the program has no path on any disk.
+    MEMFD = 0x1
+    #: The file had no name left in any directory when the event happened (deleted after it was started).
+    DELETED = 0x2
+    #: The file's set-user-ID bit.
+    SETUID = 0x4
+    #: The file's set-group-ID bit (with group execute).
+    SETGID = 0x8
 
 
 EXTENSION_VERSION = 1
@@ -225,17 +252,19 @@ _TLV = struct.Struct("<HH")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _U32_ = struct.Struct("<I")
-# Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, us (microseconds as a timedelta).
+# Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, u64, us (microseconds as a timedelta).
 _TAG_FIELDS: dict[int, tuple[str, str]] = {
     1: ("process_guid", "guid"), 2: ("parent_process_guid", "guid"), 3: ("image", "text"),
     4: ("current_directory", "text"), 5: ("uid", "u32"), 6: ("user", "text"), 7: ("parent_image", "text"),
     8: ("parent_command_line", "text"), 9: ("parent_user", "text"), 10: ("tty", "text"), 11: ("session", "u32"),
     12: ("cgroup", "text"), 13: ("container_id", "text"), 14: ("start_filetime", "i64"), 15: ("lifetime", "us"),
-    16: ("rule_name", "text"),
+    16: ("rule_name", "text"), 17: ("exe_device", "u32"), 18: ("exe_inode", "u64"), 19: ("exe_flags", "u32"),
+    20: ("mnt_ns", "u32"), 21: ("pid_ns", "u32"), 22: ("ns_pid", "u32"), 23: ("cgroup_id", "u64"),
+    24: ("hashes", "text"),
 }
 # The order a block is written in: fixed-size fields, then text, the long parent command line last, so that
 # when a record has little room left it is the least important text that is cut.
-TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 16, 3, 4, 6, 10, 12, 13, 7, 9, 8)
+TAG_ORDER = _TAG_ORDER = (1, 2, 5, 11, 14, 15, 17, 18, 19, 20, 21, 22, 23, 16, 3, 4, 6, 10, 12, 13, 24, 7, 9, 8)
 _TEXT_TAGS = frozenset(t for t, (_, kind) in _TAG_FIELDS.items() if kind == "text")
 #: Bytes of extension text a record keeps room for by cutting its command line (when both do not fit).
 _TEXT_RESERVE = 8192
@@ -260,6 +289,8 @@ def _value_bytes(kind: str, value) -> bytes:
         return _U32_.pack(value & 0xFFFFFFFF)
     if kind == "i64":
         return _I64.pack(value)
+    if kind == "u64":
+        return _U64.pack(value & 0xFFFFFFFFFFFFFFFF)
     return _U64.pack(value // timedelta(microseconds=1))  # "us": a timedelta
 
 
@@ -273,6 +304,8 @@ def _field_value(kind: str, data: bytes):
         return _U32_.unpack(data)[0] if len(data) == 4 else None
     if kind == "i64":
         return _I64.unpack(data)[0] if len(data) == 8 else None
+    if kind == "u64":
+        return _U64.unpack(data)[0] if len(data) == 8 else None
     return timedelta(microseconds=_U64.unpack(data)[0]) if len(data) == 8 else None
 
 
@@ -300,6 +333,14 @@ class Details:
     start_filetime: int | None = None
     lifetime: timedelta | None = None
     rule_name: str | None = None
+    exe_device: int | None = None
+    exe_inode: int | None = None
+    exe_flags: int | None = None
+    mnt_ns: int | None = None
+    pid_ns: int | None = None
+    ns_pid: int | None = None
+    cgroup_id: int | None = None
+    hashes: str | None = None
     flags: int = 0
 
     def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:

@@ -80,6 +80,25 @@ def drain(mon: etwmon.Monitor, bufsize: int = 1 << 20) -> list[Event]:
     return events
 
 
+def exit_3_and_sigkill() -> tuple[int, int]:
+    """Run ``sh -c 'exit 3'`` and a ``sleep 30`` killed with SIGKILL, both reaped; returns their pids."""
+    code3 = subprocess.Popen(["sh", "-c", "exit 3"])
+    code3.wait()
+    killed = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    return code3.pid, killed.pid
+
+
+def run_one_thread() -> int:
+    """Run a Python child that starts one thread (which sleeps 0.1 s) and ends; returns the thread's id."""
+    code = ("import threading, time\n"
+            "t = threading.Thread(target=time.sleep, args=(0.1,)); t.start()\n"
+            "print(t.native_id, flush=True); t.join()\n")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def read_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool] | None, timeout: float = 20.0,
                keep: Callable[[Event], bool] | None = None, quiet: float = 0.3,
                bufsize: int = 1 << 20) -> list[Event]:

@@ -32,7 +32,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     before = RESULTS_MD.read_bytes() if RESULTS_MD.exists() else None
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+                          text=True, timeout=420, cwd=ROOT)  # a hang guard: ~2-3 min on a quiet machine
     after = RESULTS_MD.read_bytes() if RESULTS_MD.exists() else None
     return out, proc, before, after
 
@@ -61,15 +61,15 @@ def test_latest_json_has_the_machine_and_every_benchmark(quick_run):
     assert data["mode"] == "quick"
     for key in ("cpu", "cores", "kernel", "python", "numpy", "etwmon", "date"):
         assert data["machine"][key], key
-    assert list(data["benchmarks"]) == ["ring", "readers", "service", "rules", "storms", "cost", "memory", "identity",
-                                        "fleet"]
+    assert list(data["benchmarks"]) == ["ring", "readers", "service", "rules", "storms", "cost", "perftest", "memory",
+                                        "identity", "fleet", "recording"]
     for name, bench in data["benchmarks"].items():
         assert bench["status"] in ("ok", "skipped"), (name, bench.get("error"), bench.get("traceback"))
         if bench["status"] == "skipped":
             assert bench["reason"], name  # never silently left out
             assert not (IS_ROOT and name in ("storms", "cost")), f"{name} skipped as root: {bench['reason']}"
     if REQUIRE_ROOT:  # CI: every kernel benchmark ran for real, etwmon's own sources in it without an error
-        for name in ("storms", "cost", "memory"):
+        for name in ("storms", "cost", "perftest", "memory"):
             bench = data["benchmarks"][name]
             assert bench["status"] == "ok", (name, bench.get("reason") or bench.get("error"))
         cost = {row["tool"]: row for row in data["benchmarks"]["cost"]["rows"]}
@@ -163,6 +163,93 @@ def test_storm_trials_are_scored_against_ground_truth(quick_run):
             assert 0 <= trial["latency_us"]["p50"] <= trial["latency_us"]["p99"] <= trial["latency_us"]["max"]
 
 
+def _bpf_ran(storms: dict) -> bool:
+    return any(t["tool"] == "etwmon-bpf" for t in storms["trials"])
+
+
+def test_storms_compare_each_read_path_of_bpf_with_both_peers(quick_run):
+    out, proc, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    storms = data["benchmarks"]["storms"]
+    require(storms["status"] == "ok" and _bpf_ran(storms), "storms: the bpf source did not run here")
+    if REQUIRE_ROOT:  # CI installs both peers (run.py's setup)
+        assert not {"forkstat", "bpftrace"} & set(storms["skipped_tools"]), storms["skipped_tools"]
+    paths = storms["paths"]
+    import etwmon
+
+    wanted = ["readinto", "parse"] + (["parse_array"] if hasattr(etwmon, "parse_array") else []) + ["tail --json"]
+    assert storms["params"]["read_paths_in"] == ["exec"]  # quick: the exec storm's only
+    assert [(r["kind"], r["path"]) for r in paths] == [(k, p) for k in ("threads", "fork", "exec") for p in wanted
+                                                       if k == "exec" or p == "readinto"]
+    trials = {(t["kind"], t["tool"]) for t in storms["trials"] if t["level"] == 1.0}
+    for row in paths:
+        assert (row["kind"], row["tool"]) in trials, row  # each path ran at full rate
+        assert not any(t["tool"] == row["tool"] and t["level"] != 1.0 for t in storms["trials"]) \
+            or row["path"] == "readinto"  # the other paths only at full rate
+        for peer in ("forkstat", "bpftrace"):
+            ratio, own, theirs = row[f"vs_{peer}"], row["cpu_ms_per_1000_events"], row[f"peer_{peer}"]
+            if ratio is None:
+                assert own is None or theirs is None or row["errors"], row
+                continue
+            _stat_ok(ratio, low=1e-9)
+            if ratio["n"] == 1:  # one round: the ratio is the two figures' quotient
+                assert ratio["median"] == pytest.approx(own["median"] / theirs["median"], rel=1e-9)
+    names = {t["name"] for t in storms["targets"]}
+    goals = {("readinto", "forkstat"), ("readinto", "bpftrace"), ("parse", "forkstat"), ("tail --json", "forkstat")}
+    for row in paths:
+        for path, peer in goals:
+            if row["path"] == path:
+                assert f"{row['tool']}: CPU per event vs {peer}, {row['kind']} storm at full rate (median of the " \
+                       "rounds' ratios)" in names
+    assert "etwmon-bpf: p99 latency, threads storm up to 0.5 of max (worst run)" in names  # quick: 0.5 and max
+    for kind in ("threads", "fork", "exec"):
+        assert f"etwmon-bpf: p99 latency, {kind} storm at full rate (worst run)" in names
+    assert "÷ forkstat" in proc.stdout and "tail --json" in proc.stdout
+
+
+def test_perftest_row_names_its_rate_and_each_monitor(quick_run):
+    out, proc, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    perf = data["benchmarks"]["perftest"]
+    if perf["status"] == "skipped":
+        assert not (IS_ROOT and REQUIRE_ROOT), perf["reason"]
+        pytest.skip(f"perftest: {perf['reason']}")
+    p = perf["params"]
+    assert p["seconds"] == 2.0 and 0 < p["rate"] <= 1600 and p["rate_reason"]
+    assert ("perftest" in p["rate_reason"]) and (p["rate"] == 1600 or "60%" in p["rate_reason"])
+    ran = [r["tool"] for r in perf["rows"]]
+    assert set(ran) | set(perf["not_run"]) == {"etwmon-bpf", "etwmon-bpf tail --json", "forkstat", "bpftrace"}
+    assert not set(ran) & set(perf["not_run"])
+    for why in perf["not_run"].values():
+        assert why  # never silently left out
+    for row in perf["rows"]:
+        if row.get("error") and row.get("us_per_exec") is None:
+            continue
+        assert row["execs"] > 0 and row["cpu_pct_of_core"] >= 0
+        assert row["us_per_exec"] == pytest.approx(1e6 * row["cpu_s"] / row["execs"], rel=1e-9)
+        assert 0 <= row["captured_pct"] <= 100
+        assert row["events_made"] == 3 * row["execs"] and row["events_delivered"] >= 0
+    if "etwmon-bpf" in ran:
+        assert [t["name"] for t in perf["targets"]] == [
+            "etwmon-bpf: Monitor CPU per exec (fork + exec + exit) at the perftest rate"]
+    assert "== Perftest" in proc.stdout
+
+
+def test_cost_and_memory_name_their_bpf_goals(quick_run):
+    out, _, _, _ = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    cost, memory = data["benchmarks"]["cost"], data["benchmarks"]["memory"]
+    if cost["status"] == "ok":
+        tools = {r["tool"] for r in cost["rows"] if r["ratio"]}
+        if {"etwmon-bpf", "forkstat"} <= tools:
+            assert "etwmon-bpf: exec storm slowdown vs forkstat's (same rounds)" in {t["name"] for t in cost["targets"]}
+    if memory["status"] == "ok":
+        p = memory["params"]
+        assert p["process_table_max_bytes"] > 0 and p["process_table_cap_from"]
+        ring = p["max_bytes"] + 8 * p["max_items"]
+        assert memory["growth_bound"] == ring + p["process_table_max_bytes"] + 16 * 1024 * 1024
+
+
 def test_identity_cost_pairs_each_source_with_itself_without_the_stage(quick_run):
     out, _, _, _ = quick_run
     ident = json.loads((out / "latest.json").read_text())["benchmarks"]["identity"]
@@ -214,3 +301,24 @@ def test_plots_are_pngs(quick_run):
     assert (out / "ring_readinto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for path in data["plots"]:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recording_figures_are_complete_and_sane(quick_run):
+    out, _, _, _ = quick_run
+    rec = json.loads((out / "latest.json").read_text())["benchmarks"]["recording"]
+    assert rec["status"] == "ok", rec
+    for key in ("tail_us", "record_all_us", "record_tree_us"):
+        _stat_ok(rec[key], low=1e-9)
+    assert rec["params"]["events"] == 3 * rec["params"]["processes"]
+    assert 0 < rec["file_bytes_per_1000_events"] < rec["wire_bytes_per_1000_events"]
+    assert rec["compression_ratio"] > 1
+    report = rec["report"]
+    assert report["page_bytes"] > report["recording_bytes"] > 0 and report["generation_s"] > 0
+    if "load_s" in report:  # Chromium was there
+        assert report["requests"] == [report["requests"][0]] and report["requests"][0].startswith("file://")
+        assert 0 < report["rows_in_dom"] <= min(report["processes"], 200)  # virtualized: the rows in view only
+        assert report["drawn_s"] > 0 and report["search_result"].endswith(("match", "matches"))
+    else:
+        assert report["browser"].startswith("skipped: ")
+    assert {t["name"] for t in rec["targets"]} == {"record everything: CPU per event vs tail's",
+                                                   "file size per 1,000 events"}

@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from etwmon.clock import CLOCK_BOOTTIME, KernelClock
 from etwmon.sources import bpf as bpf_module
 from etwmon.sources.bpf import BpfSource, TaskDetails
 from etwmon.sources.bpf import _event as ev
+from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import fork_storm_while_stalled, of_type, read_until
+from .helpers import ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -75,15 +77,18 @@ def test_the_python_layout_is_the_struct_the_object_was_built_with():
 def event(kind: int, *, flags: int = 0, ns: int = 5_000, pid: int = 100, tid: int | None = None, ppid: int = 1,
           cpid: int = 0, ctid: int = 0, code: int = 0, argv: bytes = b"", argv_full: int | None = None,
           filename: bytes = b"", exe: bytes = b"", cwd: bytes = b"", comm: bytes = b"prog",
-          tty: bytes = b"") -> bytes:
+          tty: bytes = b"", exe_ino: int = 0, exe_dev: int = 0, exe_flags: int = 0, mnt_ns: int = 0,
+          pid_ns: int = 0, ns_pid: int = 0, cgroup: bytes = b"") -> bytes:
     """A struct etwmon_event as the kernel side writes it."""
-    tail = argv + filename + exe + cwd
+    tail = argv + filename + exe + cwd + cgroup
     fields = dict(kind=kind, flags=flags, size=ev.EVENT_SIZE + len(tail), time_ns=ns, pid=pid,
                   tid=pid if tid is None else tid, ppid=ppid, creating_pid=cpid, creating_tid=ctid, exit_code=code,
                   start_boottime=1_000, parent_start_boottime=500, cgroup_id=77, uid=1000, euid=0, gid=1001,
                   egid=0, loginuid=0xFFFFFFFF, sessionid=3, argv_len=len(argv),
                   argv_full_len=len(argv) if argv_full is None else argv_full, filename_len=len(filename),
-                  exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty)
+                  exe_len=len(exe), cwd_len=len(cwd), reserved=0, comm=comm, tty=tty, exe_ino=exe_ino,
+                  exe_dev=exe_dev, exe_flags=exe_flags, mnt_ns=mnt_ns, pid_ns=pid_ns, ns_pid=ns_pid, cgroup_len=len(cgroup),
+                  reserved2=0)
     return ev.EVENT.pack(*(fields[name] for name, _ in ev.FIELDS)) + tail
 
 
@@ -190,6 +195,203 @@ def test_enrich_gets_the_kernels_details_of_every_record():
     assert thread.tid == 8 and thread.exe is None and thread.tty is None
 
 
+def test_the_identity_enricher_says_which_file_ran_and_in_which_namespaces():
+    from etwmon.records import ExeFlags
+    from etwmon.sources.bpf._details import task_enricher
+
+    dev = (8 << 20) | 0x123  # major 8, minor 0x123 as the kernel numbers it inside
+    enrich = task_enricher(KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET))
+    (known, memfd, none), _ = decode(
+        event(ev.EXEC, pid=9, argv=b"a\0", exe=b"/usr/bin/a", exe_ino=4242, exe_dev=dev,
+              exe_flags=ev.EXE_KNOWN | ev.EXE_SETUID | ev.EXE_SETGID, mnt_ns=4026531841, pid_ns=4026531836,
+              ns_pid=1),
+        event(ev.FORK_PROCESS, pid=10, argv=b"b\0", exe_ino=7, exe_dev=1,
+              exe_flags=ev.EXE_KNOWN | ev.EXE_MEMFD | ev.EXE_DELETED),
+        event(ev.FORK_PROCESS, pid=11, flags=ev.NO_MM), enrich=enrich)
+    assert known.exe_device == os.makedev(8, 0x123) and known.exe_inode == 4242
+    assert known.exe_flags == ExeFlags.SETUID | ExeFlags.SETGID
+    assert (known.mnt_ns, known.pid_ns, known.ns_pid, known.cgroup_id) == (4026531841, 4026531836, 1, 77)
+    assert memfd.exe_flags == ExeFlags.MEMFD | ExeFlags.DELETED and memfd.exe_inode == 7
+    assert memfd.mnt_ns is None and memfd.pid_ns is None and memfd.ns_pid is None
+    assert none.exe_device is none.exe_inode is none.exe_flags is None  # no executable: unknown, not 0
+
+
+# --- the reader's stop path, on a ring in memory -----------------------------------------------------------------
+
+
+class MemoryRing:
+    """What BpfSource reads of a BPF ring buffer (RingBuffer's interface), over a bytearray the test fills."""
+
+    BUSY, DISCARD = 1 << 31, 1 << 30
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.data = bytearray(2 * size)
+        self.mask = size - 1
+        self.fd = -1
+        self.cons = self.prod = 0
+        self.closed = False
+
+    def add(self, sample: bytes, busy: bool = False) -> int:
+        at = self.prod & self.mask
+        self.data[at:at + 4] = (len(sample) | (self.BUSY if busy else 0)).to_bytes(4, "little")
+        self.data[at + 8:at + 8 + len(sample)] = sample
+        self.prod += (len(sample) + 8 + 7) & ~7
+        return at
+
+    def commit(self, at: int) -> None:
+        self.data[at + 3] &= 0x7F
+
+    def header(self, at: int) -> int:
+        return int.from_bytes(self.data[at:at + 4], "little")
+
+    def consumer_pos(self) -> int:
+        return self.cons
+
+    def producer_pos(self) -> int:
+        return self.prod
+
+    def advance(self, pos: int) -> None:
+        self.cons = pos
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Counter:
+    """The kernel's per-CPU loss counter: ``bumps`` more each time it is read after ``after`` reads."""
+
+    def __init__(self, after: int = 10**9, bumps: int = 0) -> None:
+        self.reads, self.after, self.bumps, self.value = 0, after, bumps, 0
+
+    def total(self) -> int:
+        self.reads += 1
+        if self.reads > self.after:
+            self.value += self.bumps
+        return self.value
+
+
+def reading_source(ring: MemoryRing, lost: Counter) -> BpfSource:
+    source = BpfSource()
+    source._ring, source._lost = ring, lost
+    source._decoder = ev.EventDecoder(source._no_sink, KernelClock(CLOCK_BOOTTIME, offset_ns=OFFSET))
+    source._mover = WireMover(source._decoder)
+    return source
+
+
+def test_stop_counts_a_record_still_reserved_after_the_wait_and_reads_the_committed_ones_behind_it(monkeypatch):
+    monkeypatch.setattr(bpf_module, "_BUSY_WAIT", 0.05)
+    ring = MemoryRing()
+    ring.add(event(ev.FORK_THREAD, pid=1, tid=2))
+    ring.add(event(ev.FORK_THREAD, pid=1, tid=3), busy=True)  # a program that never commits
+    ring.add(event(ev.FORK_THREAD, pid=1, tid=4))
+    source, sink = reading_source(ring, Counter()), ListSink()
+    source._decoder.push = sink.push
+    source._final_drain(sink)
+    assert [e.tid for e in sink.events()] == [2, 4]
+    assert sink.lost_total == 1 and source.skipped == 1 and ring.cons == ring.prod
+    assert source.stats()["lost"] == 1
+
+
+def test_stop_waits_for_a_record_committed_during_the_wait(monkeypatch):
+    ring = MemoryRing()
+    at = ring.add(event(ev.FORK_THREAD, pid=1, tid=2), busy=True)
+    source, sink = reading_source(ring, Counter()), ListSink()
+    source._decoder.push = sink.push
+
+    threading.Timer(0.02, ring.commit, args=(at,)).start()
+    source._final_drain(sink)
+    assert [e.tid for e in sink.events()] == [2] and sink.lost_total == 0 and source.skipped == 0
+
+
+def test_a_record_shorter_than_an_event_and_losses_counted_after_the_last_pass_are_reported():
+    ring = MemoryRing()
+    ring.add(b"\0" * 16)  # shorter than any event
+    ring.add(event(ev.FORK_THREAD, pid=1, tid=2))
+    lost = Counter(after=1, bumps=3)  # the kernel counts 3 more after the pass's own read
+    source, sink = reading_source(ring, lost), ListSink()
+    source._decoder.push = sink.push
+    source._final_drain(sink)
+    assert [e.tid for e in sink.events()] == [2]
+    assert sink.lost_total == source.stats()["lost"] == 1 + lost.value and lost.value >= 3
+
+
+def test_close_while_run_still_reads_leaves_the_ring_to_the_reading_thread():
+    ring = MemoryRing()
+    source = reading_source(ring, Counter())
+    object_ = type("Obj", (), {"detach": lambda self: None, "closed": False,
+                               "close": lambda self: setattr(self, "closed", True)})()
+    source._object = object_
+    source._wake.open()
+    ring.fd, never = os.pipe()  # poll()ed beside the wake pipe: never readable
+    in_drain, go_on = threading.Event(), threading.Event()
+    real_drain = source._drain
+
+    def slow_drain(sink, final=False):
+        in_drain.set()
+        go_on.wait(5)
+        return real_drain(sink, final)
+
+    source._drain = slow_drain
+    runner = threading.Thread(target=source.run, args=(ListSink(),))
+    runner.start()
+    assert in_drain.wait(5)
+    source.close()  # as Monitor.stop does after its join timed out
+    assert not ring.closed and not object_.closed  # still in use by run()
+    go_on.set()
+    runner.join(5)
+    assert not runner.is_alive() and ring.closed and object_.closed and source._ring is None
+    os.close(ring.fd)
+    os.close(never)
+
+
+class BatchSink(ListSink):
+    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def push_batch(self, data, ends) -> None:
+        view, start = bytes(memoryview(data).cast("B")), 0
+        self.batches.append(len(ends))
+        for end in map(int, ends):
+            self.push(view[start:end])
+            start = end
+
+
+def kernel_thread_record(tid: int, pid: int, time_: int, guid: bytes = b"\1" * 16, exit_code: int | None = None):
+    """A thread record as the programs write it (etwmon_event.h): the book's layout, then the guid's block."""
+    from etwmon.records import encode_thread_create, encode_thread_exit, pack_field, with_packed
+    base = encode_thread_create(time_, tid, pid) if exit_code is None else encode_thread_exit(time_, tid, pid,
+                                                                                            exit_code)
+    return with_packed(base, 0, [pack_field(1, guid)])
+
+
+@pytest.mark.parametrize("n", [3, 200])
+def test_records_the_kernel_wrote_move_whole_in_ring_order_with_times_raised(n):
+    ring, sink = MemoryRing(1 << 20), BatchSink()
+    t = filetime(1_000)
+    written = [kernel_thread_record(1000 + i, 7, t + i, exit_code=i % 2 or None) for i in range(n)]
+    written[n // 2] = kernel_thread_record(5000, 7, t - 50)  # stamped on another CPU, a little earlier
+    written[n - 1] = kernel_thread_record(6000, 7, t + n + 1000)  # after the event below
+    for record in written[:n - 1]:
+        ring.add(record)
+    ring.add(event(ev.EXEC, ns=1_000 + 100 * (n + 10), pid=7, argv=b"prog\0"))  # an event user space writes, in between
+    ring.add(written[n - 1])
+    source = reading_source(ring, Counter())
+    source._decoder.push = sink.push
+    source._drain(sink)
+    out = sink.events()
+    assert [e.type for e in out].count(ItemType.ProcessExec) == 1 and out[n - 1].type == ItemType.ProcessExec
+    others = [e for e in out if e.type != ItemType.ProcessExec]
+    assert [(e.tid, e.pid, e.process_guid) for e in others] == [(r.tid, r.pid, r.process_guid)
+                                                                for r in parse(b"".join(written))]
+    times = [e.filetime for e in out]
+    assert times == sorted(times) and out[n // 2].filetime == t + n // 2 - 1
+    assert source._decoder.time_raised == 1 and source.stats()["kernel_written"] == n
+    assert (sum(sink.batches) == n - 1) == (n - 1 > 64)  # a big run moves in one batch, a small one by record
+
+
 # --- availability --------------------------------------------------------------------------------------------
 
 
@@ -220,6 +422,28 @@ def test_capabilities_instead_of_root_are_enough(monkeypatch):
     monkeypatch.setattr(bpf_module, "has_capability", lambda cap: cap in (38, 39))  # CAP_PERFMON, CAP_BPF
     reason = BpfSource.unavailable_reason()
     assert reason is None or "root" not in reason
+
+
+def test_the_exit_program_is_chosen_from_the_kernels_btf():
+    require(shutil.which("bpftool") is not None and os.path.exists(bpf_module.BTF_PATH), "bpftool and BTF needed")
+    from etwmon.sources.bpf._libbpf import load_libbpf, tracepoint_arguments
+    try:
+        libbpf = load_libbpf()
+    except OSError as exc:
+        pytest.skip(f"libbpf.so.1: {exc}")
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", bpf_module.BTF_PATH, "format", "c"], check=True,
+                          capture_output=True, text=True).stdout
+    protos = {}
+    for line in dump.splitlines():
+        if line.startswith("typedef void (*btf_trace_sched_process_"):
+            name = line.split("(*btf_trace_", 1)[1].split(")", 1)[0]
+            protos[name] = line.split(")(", 1)[1].count(",")  # arguments after the context pointer
+    assert protos["sched_process_fork"] == 2 and protos["sched_process_exec"] == 3
+    for name, count in protos.items():
+        assert tracepoint_arguments(libbpf, name) == count, name
+    assert tracepoint_arguments(libbpf, "no_such_tracepoint") is None
+    wanted = "etwmon_exit_group_dead" if protos["sched_process_exit"] >= 2 else "etwmon_exit"
+    assert bpf_module.choose_exit_program(libbpf) == wanted
 
 
 def test_options_are_checked():
@@ -293,16 +517,11 @@ def prog_exists(prog_id: int) -> bool:
 
 @pytest.mark.root
 def test_live_exit_codes_and_exec_argv(bpf_monitor):
-    code3 = subprocess.Popen(["sh", "-c", "exit 3"])
-    code3.wait()
-    killed = subprocess.Popen(["sleep", "30"])
-    time.sleep(0.05)
-    killed.kill()
-    killed.wait()
-    events = read_until(bpf_monitor, lambda evs: exited(code3.pid)(evs) and exited(killed.pid)(evs))
+    code3, killed = exit_3_and_sigkill()
+    events = read_until(bpf_monitor, lambda evs: exited(code3)(evs) and exited(killed)(evs))
     exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
-    assert exits[code3.pid] == 3 and exits[killed.pid] == 137
-    mine = [e for e in events if getattr(e, "pid", None) == code3.pid]
+    assert exits[code3] == 3 and exits[killed] == 137
+    mine = [e for e in events if getattr(e, "pid", None) == code3]
     assert [e.type for e in mine] == [ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit]
     assert mine[1].argv == [b"sh", b"-c", b"exit 3"] and mine[1].parent_pid == os.getpid()
     assert bpf_monitor.stats.lost == 0
@@ -325,11 +544,7 @@ def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
 
 @pytest.mark.root
 def test_live_threads(bpf_monitor):
-    code = ("import threading, time\n"
-            "t = threading.Thread(target=time.sleep, args=(0.1,)); t.start()\n"
-            "print(t.native_id, flush=True); t.join()\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    tid = int(child.stdout)
+    tid = run_one_thread()
     events = read_until(bpf_monitor, lambda evs: any(e.type == ItemType.ThreadExit and e.tid == tid for e in evs)
                    and any(e.type == ItemType.ProcessExit and e.pid != tid and e.pid in
                            {x.pid for x in evs if getattr(x, "tid", None) == tid} for e in evs))
@@ -441,6 +656,116 @@ def test_live_leader_ending_first_is_a_thread_exit_and_the_last_thread_ends_the_
     # pid == tgid is not "the last thread": the leader's own end is a thread's, the process ends with the last
     assert ends == [(ItemType.ThreadExit, child.pid, 0), (ItemType.ThreadExit, tid, 3),
                     (ItemType.ProcessExit, None, 3)]
+
+
+@pytest.mark.root
+def test_live_records_the_kernel_writes_carry_the_guid_and_image_the_table_gives(bpf_monitor, tmp_path):
+    """Thread records and exits are written in the kernel (with their ProcessGuid): the same guid as the
+    ProcessCreate the identity stage made, the exit's image the exec's; a non-ASCII image is written in user
+    space instead, every byte kept."""
+    code = "import os, threading; t = threading.Thread(target=print); t.start(); t.join(); print(os.getpid())"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(child.communicate()[0].split()[-1])
+    odd = tmp_path / "caf\u00e9 d\u00efr"
+    odd.mkdir()
+    shutil.copy("/bin/true", odd / "tr\u00fce")
+    other = subprocess.Popen([str(odd / "tr\u00fce")])
+    other.wait()
+    events = read_until(bpf_monitor, lambda evs: exited(pid)(evs) and exited(other.pid)(evs))
+    mine = [e for e in events if getattr(e, "pid", None) == pid]
+    (exec_,) = of_type(mine, ItemType.ProcessExec)
+    threads = of_type(mine, ItemType.ThreadCreate) + of_type(mine, ItemType.ThreadExit)
+    (end,) = of_type(mine, ItemType.ProcessExit)
+    assert len(threads) == 2 and {e.process_guid for e in threads} == {exec_.process_guid} == {end.process_guid}
+    assert end.image == exec_.image == os.path.realpath(sys.executable) and end.start_filetime == exec_.start_filetime
+    assert end.lifetime is not None and end.lifetime.total_seconds() > 0
+    (odd_exec,) = [e for e in events if e.type == ItemType.ProcessExec and e.pid == other.pid]
+    (odd_end,) = [e for e in events if e.type == ItemType.ProcessExit and e.pid == other.pid]
+    assert odd_end.image == odd_exec.image == str(odd / "tr\u00fce") and odd_end.process_guid == odd_exec.process_guid
+    stats = bpf_monitor.stats.source_stats
+    assert bpf_monitor.source.wire and stats["kernel_written"] >= 3
+
+
+EXIT_GROUP_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sched.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static volatile int started;
+static void *spin(void *arg) {
+    printf("%d\n", (int)syscall(SYS_gettid)); fflush(stdout);
+    __sync_fetch_and_add(&started, 1);
+    for (;;) sched_yield();  /* live and runnable when exit_group comes */
+}
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    pthread_t t;
+    for (int i = 0; i < n; i++) pthread_create(&t, NULL, spin, NULL);
+    while (started < n) sched_yield();
+    usleep(20000);
+    syscall(SYS_exit_group, 7);
+}
+"""
+
+
+@pytest.mark.root
+def test_live_exit_group_of_many_running_threads_ends_the_process_once(bpf_monitor, tmp_path):
+    """Dozens of live threads ended by one exit_group: one ProcessExit per process, one ThreadExit per other
+    thread, none twice, and the exit names the process its create named (the leader's start time)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    require(cc is not None, "gcc is needed to build the test program")
+    (tmp_path / "group.c").write_text(EXIT_GROUP_C)
+    subprocess.run([cc, "-O1", "-pthread", "-o", str(tmp_path / "group"), str(tmp_path / "group.c")], check=True)
+    starts: dict[tuple[int, int], int] = {}  # (kind, pid) -> the start time the kernel gave
+
+    def record_start(record: bytes, task: TaskDetails) -> bytes:
+        if task.kind in (ev.FORK_PROCESS, ev.EXIT_PROCESS):
+            starts[task.kind, task.pid] = task.start_boottime
+        return record
+
+    runs = []
+    with etwmon.Monitor(source=BpfSource(enrich=record_start), identity=False) as raw:
+        for _ in range(12):
+            child = subprocess.Popen([str(tmp_path / "group"), "48"], stdout=subprocess.PIPE, text=True)
+            out, _ = child.communicate(timeout=60)
+            assert child.returncode == 7
+            runs.append((child.pid, [int(x) for x in out.split()]))
+        events = read_until(bpf_monitor, lambda evs: all(exited(pid)(evs) for pid, _ in runs), timeout=60)
+        read_until(raw, lambda evs: all(exited(pid)(evs) for pid, _ in runs), timeout=60)
+    time.sleep(0.3)
+    events += read_until(bpf_monitor, None, timeout=0.5)
+    for pid, tids in runs:
+        assert len(tids) == 48
+        mine = [e for e in events if getattr(e, "pid", None) == pid]
+        exits = of_type(mine, ItemType.ProcessExit)
+        assert [e.exit_code for e in exits] == [7], exits
+        ended = collections.Counter(e.tid for e in of_type(mine, ItemType.ThreadExit))
+        assert all(n == 1 for n in ended.values()), ended
+        # every other thread ends as a thread; the leader does too when another thread was the last to go
+        assert set(ended) - {pid} == set(tids)
+        assert all(e.exit_code == 7 for e in of_type(mine, ItemType.ThreadExit))
+        creates = [e for e in mine if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec)]
+        assert creates and {e.process_guid for e in creates} == {exits[0].process_guid}
+        assert exits[0].start_filetime == creates[0].start_filetime
+        assert starts[ev.EXIT_PROCESS, pid] == starts[ev.FORK_PROCESS, pid]  # the leader's, whoever ends last
+    assert bpf_monitor.stats.lost == 0
+
+
+@pytest.mark.root
+def test_live_the_executable_and_namespaces_are_the_files_and_namespaces_stat_sees(bpf_monitor):
+    child = subprocess.Popen(["/bin/sleep", "0.2"])
+    child.wait()
+    events = read_until(bpf_monitor, exited(child.pid))
+    (exec_,) = [e for e in of_type(events, ItemType.ProcessExec) if e.pid == child.pid]
+    binary = os.stat(os.path.realpath("/bin/sleep"))
+    assert (exec_.exe_device, exec_.exe_inode) == (binary.st_dev, binary.st_ino)
+    assert exec_.exe_flags == 0
+    assert exec_.mnt_ns == os.stat("/proc/self/ns/mnt").st_ino
+    assert exec_.pid_ns == os.stat("/proc/self/ns/pid").st_ino and exec_.ns_pid == child.pid
+    assert exec_.cgroup_id and exec_.cgroup_id > 0
 
 
 @pytest.mark.root

@@ -274,6 +274,8 @@ def test_source_etw_on_linux_is_one_line_naming_windows() -> None:
     ([], {"ETWMON_MAX_ITEMS": "-5"}, "ETWMON_MAX_ITEMS must be at least 1"),
     ([], {"ETWMON_MAX_BYTES": "100"}, "ETWMON_MAX_BYTES must be at least 65536 bytes"),
     (["--bogus"], {}, "unrecognized arguments: --bogus"),
+    (["--hashes", "sha256,crc32"], {}, "argument --hashes: unknown hash algorithm 'crc32'"),
+    (["--hashes", "sha256", "--from", "nats://127.0.0.1:1"], {}, "--hashes are computed where the events are read"),
 ])
 def test_bad_values_are_one_line_usage_errors(args: list[str], env: dict[str, str], says: str) -> None:
     done = run(etwmon_argv("tail", "--source", "procfs", *args), env=clean_env(**env))

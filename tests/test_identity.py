@@ -249,3 +249,128 @@ def test_the_bpf_sources_kernel_facts_become_the_block():
     thread = R.encode_thread_create(T, 43, 42)
     assert enrich(thread, task(bpf_event.FORK_THREAD)) == thread and enrich.threads is False  # not even called
     assert tty_name(b"tty1") == "tty1" and tty_name(None) is None
+
+
+def test_ancestors_never_return_a_command_line_the_rules_redacted():
+    from etwmon.rules import RuleSet
+
+    from .helpers import ScriptedSource, read_until
+
+    rules = RuleSet.from_xml('<Sysmon schemaversion="4.90"><EventFiltering/><Redaction>'
+                             '<Redact>(--password[= ])(\\S+)</Redact></Redaction></Sysmon>')
+    secret = "hunter2-" + "k" * 40
+    parent_line = f"deploy --password={secret} --host db"
+    t = R.filetime_now()
+    source = ScriptedSource()
+    with etwmon.Monitor(source=source, rules=rules) as mon:
+        source.commands.put(("records", [R.encode_process_create(t, 500, 1, 1, 1, parent_line),
+                                         R.encode_process_create(t + 10, 501, 500, 500, 500, "child")]))
+        events = read_until(mon, lambda evs: len(evs) >= 2)
+        child = [e for e in events if e.pid == 501][0]
+        chain = mon.ancestors(child.process_guid)
+        assert chain[0].pid == 500 and chain[0].command_line.startswith("deploy ")
+        assert chain[0].command_line.endswith(" --host db")
+        assert secret not in chain[0].command_line and secret[:8] not in chain[0].command_line
+        assert secret not in repr(chain) and secret not in (child.parent_command_line or "")
+    with etwmon.Monitor(source=ScriptedSource()) as plain:  # without rules nothing is hidden
+        plain.source.commands.put(("records", [R.encode_process_create(t, 500, 1, 1, 1, parent_line),
+                                               R.encode_process_create(t + 10, 501, 500, 500, 500, "child")]))
+        events = read_until(plain, lambda evs: len(evs) >= 2)
+        child = [e for e in events if e.pid == 501][0]
+        assert plain.ancestors(child.process_guid)[0].command_line == parent_line
+
+
+def test_the_table_is_bounded_in_bytes_whatever_the_command_lines():
+    """A local user who execs processes with 32 K-character command lines cannot grow the table (and so the root
+    daemon's memory) past its byte cap: what tracemalloc sees it hold stays under the cap, evictions counted."""
+    import tracemalloc
+
+    cap = 4 << 20
+    st, big_sink = stage(max_processes=16384)
+    st.table = type(st.table)(16384, cap)
+    line = "A" * 32000
+    records = []
+    for i in range(300):  # each the child of the one before, half of them exited
+        records.append(R.encode_process_create(T + 100 * i, 2000 + i, 1999 + i, 1999 + i, 1999 + i, line,
+                                               Details(image="/usr/bin/x", start_filetime=T + 100 * i)))
+        if i % 2:
+            records.append(R.encode_process_exit(T + 100 * i + 50, 2000 + i - 1, 0))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for record in records:
+        st.push(record)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    stats = st.stats()
+    assert stats["bytes"] <= cap and stats["max_bytes"] == cap
+    assert stats["evicted"] > 200 and stats["evicted_live"] > 0  # exited ones first, then live ones
+    # what the table holds is what it counts, at most: the sink's copies of the records are not the table's
+    sink_bytes = sum(len(r) + 33 for r in big_sink.records)
+    assert held - sink_bytes <= stats["bytes"] * 1.1 + 64 * 1024
+    # a small table of ordinary processes counts within 10 % of what it holds
+    small, sink = stage(max_processes=16384)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(1000):
+        small.push(R.encode_process_create(T + i, 5000 + i, 1, 1, 1, f"/usr/bin/prog --flag {i}",
+                                           Details(image="/usr/bin/prog", current_directory="/home/u", uid=1000,
+                                                   user="u", start_filetime=T + i)))
+    held = tracemalloc.get_traced_memory()[0] - before - sum(len(r) + 33 for r in sink.records)
+    tracemalloc.stop()
+    assert 0.9 * held <= small.table.bytes <= 1.5 * held
+
+
+def test_records_the_kernel_wrote_pass_whole_but_a_seeded_processs_get_the_tables_guid():
+    import numpy as np
+
+    from etwmon.records import pack_field, with_packed
+
+    class BatchSink(ListSink):
+        batches = 0
+
+        def push_batch(self, data, ends):
+            self.batches += 1
+            start = 0
+            for end in map(int, ends):
+                self.push(bytes(data[start:end]))
+                start = end
+
+    sink = BatchSink()
+    st = IdentityStage(sink, HOST)
+
+    def take() -> list:
+        out = sink.events()
+        sink.records.clear()
+        return out
+
+    seeded_start = T - 10**9
+    st.seed([(300, 1, "seeded --daemon", Details(start_filetime=seeded_start))])
+    prefix = guid_prefix(HOST)
+    st.push(R.encode_process_create(T, 400, 300, 300, 300, "child"))  # the table gives it its guid
+    (child,) = take()
+    kernel_guid = R.guid_bytes(child.process_guid)  # the programs compute the same bytes
+    other_guid = make_guid(prefix, 300, seeded_start + 12345)  # what the kernel's exact start makes of pid 300
+    records = [with_packed(R.encode_thread_create(T + 1, 401, 400), 0, [pack_field(1, kernel_guid)]),
+               with_packed(R.encode_thread_create(T + 2, 301, 300), 0, [pack_field(1, other_guid)]),
+               with_packed(R.encode_process_exit(T + 3, 400, 0), 0, [pack_field(1, kernel_guid)])]
+    data = b"".join(records)
+    st.push_batch(np.frombuffer(data, dtype=np.uint8), np.cumsum([len(r) for r in records]))
+    thread, seeded_thread, exit_ = take()
+    assert thread.process_guid == exit_.process_guid == child.process_guid
+    assert seeded_thread.process_guid == R.guid_text(make_guid(prefix, 300, seeded_start))  # the table's
+    assert sink.batches == 2  # the two runs around the seeded process's record
+    assert not st.table.live[400].exited  # not applied yet: nobody looked
+    assert st.process(child.process_guid).exited  # applied when the table is read
+    assert st.stats()["processes"] == 1  # only the seeded process lives on
+
+
+def test_a_seeded_parent_with_a_command_line_longer_than_a_record_gives_its_child_a_cut_one():
+    """/proc's command line of a process that ran before the monitor can exceed what a record holds; its child's
+    ParentCommandLine is cut (visibly), and the stage keeps going."""
+    st, sink = stage()
+    st.seed([(300, 1, "sh -c x " + "A" * 70_000, Details(start_filetime=T - 50, image="/bin/sh"))])
+    fork(st, T, 400, 300, "sh -c x")
+    (create,) = sink.events()
+    assert create.parent_command_line.startswith("sh -c x AAAA")
+    assert create.parent_command_line.endswith(R.TRUNCATION_MARKER) and create.truncated
+    assert len(create.encode()) <= R.MAX_RECORD_SIZE

@@ -56,6 +56,15 @@ def _collect(mon: etwmon.Monitor, until, timeout: float = 10.0) -> list:
     return events
 
 
+def _watch(name: str, script: str, until) -> tuple[list, subprocess.Popen]:
+    """Events of a ``bash -c script`` run under a monitor of source ``name``, until ``until(events, child)``."""
+    with etwmon.Monitor(source=name, max_items=200_000) as mon:
+        time.sleep(0.3)
+        child = subprocess.Popen([BASH, "-c", script])
+        child.wait(10)
+        return _collect(mon, lambda evs: until(evs, child)), child
+
+
 def _starts(events: list, pid: int) -> list:
     """The process's ProcessCreate/ProcessExec events, the last one being its final program."""
     return [e for e in events if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec) and e.pid == pid]
@@ -76,11 +85,7 @@ def test_runuser_nobody_shows_that_uid_and_user_and_a_cd_shows_the_directory(nam
     tmp_path.chmod(0o755)
     tag = _tag()
     script = f"cd {shlex.quote(str(workdir))} && runuser -u nobody -- {SLEEP} {tag}; true"
-    with etwmon.Monitor(source=name, max_items=200_000) as mon:
-        time.sleep(0.3)
-        child = subprocess.Popen([BASH, "-c", script])
-        child.wait(10)
-        events = _collect(mon, lambda evs: any(e.image == SLEEP for e in _running(evs, tag)))
+    events, _ = _watch(name, script, lambda evs, child: any(e.image == SLEEP for e in _running(evs, tag)))
     sleeps = [e for e in _running(events, tag) if e.image == SLEEP]
     assert sleeps, f"{name}: no event shows {SLEEP} running {tag}: {_running(events, tag)}"
     last = sleeps[-1]
@@ -150,13 +155,9 @@ def test_a_grandchild_carries_its_parents_image_and_command_line(name):
     cls = _source(name, "image")
     tag = _tag()
     script = f"{SLEEP} {tag}; true"
-    with etwmon.Monitor(source=name, max_items=200_000) as mon:
-        time.sleep(0.3)
-        child = subprocess.Popen([BASH, "-c", script])
-        child.wait(10)
-        exits = "process_exit" in cls.delivers
-        events = _collect(mon, lambda evs: any(e.image == SLEEP for e in _running(evs, tag)) and (not exits or any(
-            e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs)))
+    exits = "process_exit" in cls.delivers
+    events, child = _watch(name, script, lambda evs, child: any(e.image == SLEEP for e in _running(evs, tag)) and (
+        not exits or any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs)))
     bash = [e for e in _starts(events, child.pid) if e.image == BASH]
     assert bash, _starts(events, child.pid)
     bash = bash[-1]

@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from . import cn_builders as cb
-from .helpers import ListSink, fork_storm_while_stalled, of_type, read_until, unprivileged
+from .helpers import (
+    ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread, unprivileged,
+)
 
 import etwmon
 from etwmon import ItemType, parse
@@ -413,26 +415,17 @@ def netlink_monitor():
 @pytest.mark.root
 def test_live_exit_codes(netlink_monitor):
     mon = netlink_monitor
-    exited = subprocess.Popen(["sh", "-c", "exit 3"])
-    exited.wait()
-    killed = subprocess.Popen(["sleep", "30"])
-    time.sleep(0.05)
-    killed.kill()
-    killed.wait()
-    events = read_until(mon, lambda evs: {killed.pid, exited.pid} <= {e.pid for e in of_type(evs, ItemType.ProcessExit)})
+    exited, killed = exit_3_and_sigkill()
+    events = read_until(mon, lambda evs: {killed, exited} <= {e.pid for e in of_type(evs, ItemType.ProcessExit)})
     exits = {e.pid: e.exit_code for e in of_type(events, ItemType.ProcessExit)}
-    assert exits[exited.pid] == 3
-    assert exits[killed.pid] == 137
+    assert exits[exited] == 3
+    assert exits[killed] == 137
     assert mon.stats.lost == 0
 
 
 @pytest.mark.root
 def test_live_thread_create_and_exit(netlink_monitor):
-    code = ("import threading, time\n"
-            "t = threading.Thread(target=time.sleep, args=(0.1,)); t.start()\n"
-            "print(t.native_id, flush=True); t.join()\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    tid = int(child.stdout)
+    tid = run_one_thread()
     def process_ended(evs) -> bool:
         pids = {e.pid for e in evs if e.type == ItemType.ThreadCreate and e.tid == tid}
         return any(e.type == ItemType.ProcessExit and e.pid in pids for e in evs)

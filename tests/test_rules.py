@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 
+from etwmon.errors import RuleConfigError
+
 pytest.importorskip("defusedxml")
 
 from etwmon.records import ProcessExec, ProcessExit, ProcessCreate, filetime_now  # noqa: E402
@@ -296,11 +298,11 @@ def test_kleene_logic_in_an_and_rule():
 # --- what etwmon ignores ------------------------------------------------------------------------------------
 
 def test_a_field_etwmon_cannot_evaluate_is_reported_and_never_matches():
-    ruleset = include('<Hashes condition="contains">SHA1=00</Hashes>',
+    ruleset = include('<FileVersion condition="contains">1.0</FileVersion>',
                       '<CommandLine condition="contains">ssh</CommandLine>')
-    assert any("Hashes" in line and "line" in line for line in ruleset.ignored)
+    assert any("FileVersion" in line and "line" in line for line in ruleset.ignored)
     assert ruleset.decide(ev("ssh")).keep
-    assert not ruleset.decide(ev("ls")).keep  # the Hashes rule is not a match (nor undecided)
+    assert not ruleset.decide(ev("ls")).keep  # the FileVersion rule is not a match (nor undecided)
     assert [r.supported for r in ruleset.report()] == [False, True]
 
 
@@ -312,25 +314,68 @@ def test_an_and_rule_with_an_unevaluable_part_is_ignored_whole():
 
 
 def test_an_or_rule_keeps_its_evaluable_conditions():
-    ruleset = include('<Rule groupRelation="or" name="r"><Hashes>x</Hashes>'
+    ruleset = include('<Rule groupRelation="or" name="r"><Company>x</Company>'
                       '<CommandLine condition="contains">ssh</CommandLine></Rule>')
     assert ruleset.decide(ev("ssh")).rule_name == "r"
-    assert any("Hashes" in line for line in ruleset.ignored)
+    assert any("Company" in line for line in ruleset.ignored)
 
 
 def test_other_event_types_and_settings_are_reported_and_ignored():
-    ruleset = RuleSet.from_xml('<Sysmon schemaversion="4.90"><HashAlgorithms>md5</HashAlgorithms><EventFiltering>'
+    ruleset = RuleSet.from_xml('<Sysmon schemaversion="4.90"><CheckRevocation/><EventFiltering>'
                                '<RuleGroup groupRelation="or"><NetworkConnect onmatch="include"><DestinationPort>'
                                '443</DestinationPort></NetworkConnect></RuleGroup></EventFiltering></Sysmon>')
     assert any("NetworkConnect" in line for line in ruleset.ignored)
-    assert any("HashAlgorithms" in line for line in ruleset.ignored)
+    assert any("CheckRevocation" in line for line in ruleset.ignored)
     assert ruleset.decide(ev()).keep
+
+
+def test_hash_algorithms_are_read_and_imphash_is_left_out_with_its_reason():
+    ruleset = RuleSet.from_xml('<Sysmon schemaversion="4.90"><HashAlgorithms>SHA256,md5,IMPHASH</HashAlgorithms>'
+                               '<EventFiltering/></Sysmon>')
+    assert ruleset.config.hash_algorithms == "MD5,SHA256"  # Sysmon's order
+    assert any("IMPHASH" in line and "PE" in line for line in ruleset.ignored)
+    with pytest.raises(RuleConfigError, match="line 1.*HashAlgorithms.*crc32"):
+        RuleSet.from_xml('<Sysmon schemaversion="4.90"><HashAlgorithms>crc32</HashAlgorithms></Sysmon>')
+
+
+def test_hashes_are_a_field_rules_match():
+    digest = "C79BF44242829108E323378531F4AC839513CA1FBA45EFD6583643526E1E9FD2"
+    ruleset = include(f'<Hashes condition="contains" name="known bad">SHA256={digest.lower()}</Hashes>')
+    assert ruleset.decide(ev(hashes=f"MD5=00,SHA256={digest}")).rule_name == "known bad"  # no case, as Sysmon
+    assert not ruleset.decide(ev(hashes="SHA256=" + "0" * 64)).keep
+    assert ruleset.decide(ev()).unknown == "Hashes"  # not hashed: unknown, never a silent miss
+
+
+def test_container_fields_are_an_etwmon_extension_derived_from_the_cgroup():
+    cid = "ab" * 32
+    ruleset = include('<ContainerId condition="is" name="that one">' + cid + '</ContainerId>',
+                      '<PidNamespace condition="more than">4026531836</PidNamespace>')
+    assert ruleset.decide(ev(cgroup=f"/system.slice/docker-{cid}.scope")).rule_name == "that one"
+    assert not ruleset.decide(ev(cgroup="/user.slice", pid_ns=4026531836)).keep
+    assert ruleset.decide(ev(cgroup="/user.slice", pid_ns=4026532000)).keep
+    assert ruleset.decide(ev(pid_ns=4026531836)).unknown == "ContainerId"  # no cgroup known: undecided
+
+
+def test_container_and_file_fields_are_read_from_the_record_as_from_the_event():
+    cid = "cd" * 32
+    filters = [f'<ContainerId condition="is" name="c">{cid}</ContainerId>',
+               '<Cgroup condition="contains" name="g">kubepods</Cgroup>',
+               '<ImageInode condition="is" name="i">4242</ImageInode>',
+               '<NamespacePid condition="less than" name="n">3</NamespacePid>',
+               '<Hashes condition="contains" name="h">SHA256=AB</Hashes>']
+    events = [ev(cgroup=f"/system.slice/docker-{cid}.scope"), ev(cgroup=f"/kubepods/pod1/{cid}"),
+              ev(cgroup="/kubepods/besteffort"), ev(cgroup="/user.slice"), ev(exe_inode=4242), ev(ns_pid=1),
+              ev(ns_pid=7, pid_ns=4026532000), ev(hashes="MD5=00,SHA256=ABCD"), ev(container_id=cid), ev()]
+    for one in filters + ["".join(filters)]:
+        ruleset = include(one)
+        for event in events:
+            assert ruleset.decide_record(event.encode()) == ruleset.decide(event), (one, event)
 
 
 def test_ignored_rules_are_logged_once_at_load(caplog):
     with caplog.at_level("WARNING", logger="etwmon.rules"):
-        include('<Hashes condition="contains" name="h">x</Hashes>')
-    assert [r.getMessage() for r in caplog.records if "Hashes" in r.getMessage()].__len__() == 1
+        include('<Product condition="contains" name="h">x</Product>')
+    assert [r.getMessage() for r in caplog.records if "Product" in r.getMessage()].__len__() == 1
 
 
 # --- the compiled evaluation agrees with a plain reading of the rules --------------------------------------

@@ -38,14 +38,18 @@ FIELDS: dict[str, dict[str, str]] = {
         "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "CommandLine": "command_line",
         "CurrentDirectory": "current_directory", "User": "user", "ParentProcessGuid": "parent_process_guid",
         "ParentProcessId": "parent_pid", "ParentImage": "parent_image",
-        "ParentCommandLine": "parent_command_line", "ParentUser": "parent_user",
+        "ParentCommandLine": "parent_command_line", "ParentUser": "parent_user", "Hashes": "hashes",
+        # etwmon's own (not Sysmon's): where the process ran and which file (docs/identity.md, docs/rules.md)
+        "Cgroup": "cgroup", "ContainerId": "container_id", "PidNamespace": "pid_ns", "NamespacePid": "ns_pid",
+        "MountNamespace": "mnt_ns", "ImageDevice": "exe_device", "ImageInode": "exe_inode",
     },
     "ProcessTerminate": {
         "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "User": "user",
     },
 }
 #: Integer fields: "less than"/"more than" compare them as numbers.
-INTEGER_FIELDS = frozenset({"ProcessId", "ParentProcessId"})
+INTEGER_FIELDS = frozenset({"ProcessId", "ParentProcessId", "PidNamespace", "NamespacePid", "MountNamespace",
+                            "ImageDevice", "ImageInode"})
 
 #: Sysmon fields of events 1 and 5 that etwmon can never evaluate, and why.
 _WINDOWS_FILE_INFO = "a Windows PE version resource that etwmon does not read"
@@ -58,7 +62,6 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
         "LogonId": "Windows logon sessions have no etwmon equivalent",
         "TerminalSessionId": "Windows terminal sessions have no etwmon equivalent",
         "IntegrityLevel": "Windows integrity levels have no etwmon equivalent",
-        "Hashes": "etwmon does not hash executables",
         "RuleName": "RuleName is an output of rules, not an input",
     },
     "ProcessTerminate": {
@@ -132,6 +135,8 @@ class Config:
     blocks: dict[tuple[str, str], int] = field(default_factory=dict)
     redactions: list[Redaction] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    #: ``<HashAlgorithms>``: the hashes asked for, as etwmon.hashes reads them ("md5,sha256"); None when absent.
+    hash_algorithms: str | None = None
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -355,6 +360,18 @@ def _block(node: _Node, group: _Node | None, config: Config, source: str) -> Non
         append(item if isinstance(item, Rule) else make((item,), "or", item.name or group_name, item.line))
 
 
+def _hash_algorithms(node, config: Config, source: str) -> None:
+    """``<HashAlgorithms>md5,sha256,IMPHASH</HashAlgorithms>``: what etwmon computes is kept, the rest noted."""
+    from ..hashes import parse_algorithms
+
+    try:
+        names, skipped = parse_algorithms("".join(node.text), strict=False)
+    except ValueError as exc:
+        raise RuleConfigError(f"{source}, line {node.line}: <HashAlgorithms>: {exc}") from None
+    config.hash_algorithms = ",".join(names) or None
+    config.ignored += [f"line {node.line}: <HashAlgorithms> {why}" for why in skipped]
+
+
 def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     """A configuration from its XML text; RuleConfigError (naming ``source`` and the line) if it is refused."""
     if isinstance(data, str):
@@ -384,6 +401,8 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
                     raise RuleConfigError(f"{source}, line {item.line}: <Redaction> holds <Redact> elements, "
                                           f"not <{item.tag}>")
                 config.redactions.append(Redaction("".join(item.text), _name(item), item.line))
+        elif child.tag == "HashAlgorithms":
+            _hash_algorithms(child, config, source)
         else:
             config.ignored.append(f"line {child.line}: <{child.tag}>: a Sysmon setting etwmon has no use for")
     return config

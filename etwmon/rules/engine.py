@@ -18,10 +18,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Union
 
+from ..containers import rule_container_id
 from ..records import ItemType
 from .config import FIELDS, INTEGER_FIELDS, Condition, Config, Redaction, Rule, parse_config, read_config
 from .fields import RecordFields
 from .redact import REDACTED, Redactors
+
+#: Rule attributes read through a function, not getattr: the container id is derived from the cgroup path.
+_DERIVED = {"container_id": rule_container_id}
 
 __all__ = ["RuleSet", "Verdict", "RuleReport", "REDACTED", "EVENT_OF_TYPE"]
 
@@ -483,7 +487,7 @@ class _EventRules:
     def values(self, event: object) -> dict[str, str | None]:
         values: dict[str, str | None] = {}
         for name, attribute in self.fields:
-            value = getattr(event, attribute, None)
+            value = _DERIVED[attribute](event) if attribute in _DERIVED else getattr(event, attribute, None)
             if value is None:
                 values[name] = None
             elif type(value) is str:

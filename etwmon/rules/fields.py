@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable
 
+from ..containers import container_id_from_cgroup
 from ..errors import RecordFormatError
 from ..records import EXTENSION_VERSION, ExtensionTag, guid_text
 
@@ -31,6 +32,12 @@ _WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
         "User": (int(ExtensionTag.User), "text"), "ParentImage": (int(ExtensionTag.ParentImage), "text"),
         "ParentCommandLine": (int(ExtensionTag.ParentCommandLine), "text"),
         "ParentUser": (int(ExtensionTag.ParentUser), "text"),
+        "Hashes": (int(ExtensionTag.Hashes), "text"), "Cgroup": (int(ExtensionTag.Cgroup), "text"),
+        "ContainerId": ("container_id", None),
+        "PidNamespace": (int(ExtensionTag.PidNamespace), "u32"),
+        "NamespacePid": (int(ExtensionTag.NamespacePid), "u32"),
+        "MountNamespace": (int(ExtensionTag.MountNamespace), "u32"),
+        "ImageDevice": (int(ExtensionTag.ExeDevice), "u32"), "ImageInode": (int(ExtensionTag.ExeInode), "u64"),
     },
     "ProcessTerminate": {
         "ProcessId": ("u32", 16), "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
@@ -39,12 +46,30 @@ _WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 
 
+#: Internal keys for the texts ContainerId is derived from (not Sysmon field names, so they never clash).
+_CONTAINER, _CGROUP = "\0container_id", "\0cgroup"
+
+
+def _container_of(values: dict[str, str | None], container_key: str, cgroup_key: str) -> str | None:
+    """ContainerId as rules see it (etwmon.containers.rule_container_id): the record's id, else the one its
+    cgroup path names, "" when the cgroup is known and names none, None when nothing says where it ran."""
+    known, cgroup = values.get(container_key), values.get(cgroup_key)
+    values.pop(_CONTAINER, None)
+    values.pop(_CGROUP, None)
+    if known is not None:
+        return known
+    if cgroup is None:
+        return None
+    found = container_id_from_cgroup(cgroup)
+    return "" if found is None else found.lower()
+
+
 class RecordFields:
     """``RecordFields(event, names).values(record)``: {Sysmon field: lower-cased text or None (unknown)} of one
     encoded record of that Sysmon event (ProcessCreate: a ProcessCreate or ProcessExec record; ProcessTerminate:
     a ProcessExit record). RecordFormatError when the record does not follow the wire format."""
 
-    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "create")
+    __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "numbers", "container", "sources", "create")
 
     def __init__(self, event: str, names: Iterable[str]) -> None:
         where = _WHERE[event]
@@ -54,6 +79,8 @@ class RecordFields:
         self.command_line: str | None = None
         self.texts: dict[int, str] = {}  # tag → field, for text fields
         self.guids: dict[int, str] = {}
+        self.numbers: dict[int, tuple[str, int]] = {}  # tag → (field, value size)
+        self.container: str | None = None  # ContainerId: the record's, else the one its cgroup path names
         for name in names:
             kind, arg = where[name]
             self.empty[name] = None
@@ -61,8 +88,18 @@ class RecordFields:
                 self.fixed.append((name, arg))
             elif kind == "command_line":
                 self.command_line = name
+            elif kind == "container_id":
+                self.container = name
+            elif arg in ("u32", "u64"):
+                self.numbers[kind] = (name, 4 if arg == "u32" else 8)
             elif kind is not None:
                 (self.texts if arg == "text" else self.guids)[kind] = name
+        # ContainerId is derived from the record's ContainerId and Cgroup texts, read under their field names
+        # when rules use those too, else under internal keys.
+        self.sources: tuple[str, str] = ("", "")
+        if self.container is not None:
+            self.sources = (self.texts.setdefault(int(ExtensionTag.ContainerId), _CONTAINER),
+                            self.texts.setdefault(int(ExtensionTag.Cgroup), _CGROUP))
 
     def values(self, record: Any) -> dict[str, str | None]:
         size = record[2] | record[3] << 8
@@ -82,8 +119,10 @@ class RecordFields:
             values[name] = str(_U32.unpack_from(record, offset)[0])
         if self.command_line is not None:
             values[self.command_line] = record[34:base - 6].decode("utf-16-le", "surrogatepass").lower()
-        if (self.texts or self.guids) and size - base >= 8:
+        if (self.texts or self.guids or self.numbers) and size - base >= 8:
             self._block(record, base, size, values)
+        if self.container is not None:
+            values[self.container] = _container_of(values, *self.sources)
         return values
 
     def _block(self, record: Any, base: int, end: int, values: dict[str, str | None]) -> None:
@@ -105,4 +144,8 @@ class RecordFields:
                 values[name] = record[pos:pos + n].decode("utf-16-le", "surrogatepass").lower()
             elif tag in guids and n == 16 and pos + n <= stop + 4:  # a GUID; another length is unknown
                 values[guids[tag]] = guid_text(record[pos:pos + n]).lower()
+            elif tag in self.numbers and pos + n <= stop + 4:
+                field, width = self.numbers[tag]
+                if n == width:  # another size is unknown
+                    values[field] = str(int.from_bytes(record[pos:pos + n], "little"))
             pos += n

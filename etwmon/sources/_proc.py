@@ -6,10 +6,11 @@ from __future__ import annotations
 import functools
 import os
 import pwd
-import re
+import stat as _stat
 
 from ..clock import CLOCK_BOOTTIME, KernelClock
-from ..records import Details, EventFlags
+from ..containers import container_id_from_cgroup
+from ..records import Details, EventFlags, ExeFlags
 
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
@@ -122,22 +123,73 @@ def _readlink(path: str) -> str | None:
         return None
 
 
-#: A container runtime's id in a cgroup path: 64 hex digits (docker, containerd, cri-o, podman).
-_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
-
-
-def container_id(cgroup: str) -> str | None:
-    """The container id a cgroup v2 path names, or None when it is not a container's."""
-    match = _CONTAINER_ID.search(cgroup)
-    return match.group(1) if match else None
+# The hierarchies read when the v2 one says "/" (as the bpf source's kernel side does: etwmon_cgroup.h).
+_V1_HIERARCHIES = (b"pids", b"memory")
 
 
 def cgroup_path(data: bytes) -> str | None:
-    """The cgroup v2 path from /proc/<pid>/cgroup (its "0::" line)."""
+    """The cgroup path from /proc/<pid>/cgroup: the v2 one (its "0::" line) unless it is the root, else the
+    pids, then the memory controller's v1 one when that is below its root, else "/" (or None without a v2
+    line and a v1 one)."""
+    v2 = None
+    v1: dict[bytes, bytes] = {}
     for line in data.splitlines():
         if line.startswith(b"0::"):
-            return os.fsdecode(line[3:])
-    return None
+            v2 = line[3:]
+        else:
+            _, _, rest = line.partition(b":")
+            controllers, _, path = rest.partition(b":")
+            for name in controllers.split(b","):
+                v1.setdefault(name, path)
+    if v2 is not None and v2 != b"/":
+        return os.fsdecode(v2)
+    for name in _V1_HIERARCHIES:
+        path = v1.get(name)
+        if path is not None and path != b"/":
+            return os.fsdecode(path)
+    return None if v2 is None else "/"
+
+
+def _namespace_pid(status: bytes) -> int | None:
+    """The pid in the process's own pid namespace: the last number of status's "NSpid:" line."""
+    at = status.find(b"\nNSpid:")
+    if at < 0:
+        return None
+    try:
+        return int(status[at + 7:status.index(b"\n", at + 7)].split()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def where_details(proc: str, pid: int, image: str | None, status: bytes | None) -> dict:
+    """Which file ``pid`` runs (exe_device, exe_inode, exe_flags from a stat of /proc/<pid>/exe, which reaches
+    the task's own file) and in which namespaces (mnt_ns, pid_ns: the inode numbers of /proc/<pid>/ns/*; ns_pid
+    from status): the keyword arguments of ``records.Details``, what cannot be read left out."""
+    out: dict = {}
+    try:
+        st = os.stat(f"{proc}/{pid}/exe")
+    except OSError:
+        st = None
+    if st is not None:
+        flags = 0
+        if image is not None and image.startswith("/memfd:"):
+            flags |= ExeFlags.MEMFD
+        if image is not None and image.endswith(" (deleted)") or st.st_nlink == 0:
+            flags |= ExeFlags.DELETED
+        if st.st_mode & _stat.S_ISUID:
+            flags |= ExeFlags.SETUID
+        if st.st_mode & (_stat.S_ISGID | _stat.S_IXGRP) == _stat.S_ISGID | _stat.S_IXGRP:
+            flags |= ExeFlags.SETGID
+        out.update(exe_device=st.st_dev & 0xFFFFFFFF, exe_inode=st.st_ino, exe_flags=int(flags))
+    for name, key in (("mnt", "mnt_ns"), ("pid", "pid_ns")):
+        try:
+            out[key] = os.stat(f"{proc}/{pid}/ns/{name}").st_ino
+        except OSError:
+            pass
+    ns_pid = _namespace_pid(status) if status and "pid_ns" in out else None
+    if ns_pid is not None:
+        out["ns_pid"] = ns_pid
+    return out
 
 
 def process_details(proc: str, pid: int) -> dict:
@@ -153,9 +205,11 @@ def process_details(proc: str, pid: int) -> dict:
         out["current_directory"] = os.fsdecode(cwd)
     # A file, the field read from it, and a field that follows from that one: the user of a uid, the container
     # of a cgroup.
+    texts = {}
     for file, read, key, derive, derived_key in (("status", effective_uid, "uid", user_name, "user"),
-                                                 ("cgroup", cgroup_path, "cgroup", container_id, "container_id")):
-        text = read_proc(f"{proc}/{pid}/{file}", 4096)
+                                                 ("cgroup", cgroup_path, "cgroup", container_id_from_cgroup,
+                                                  "container_id")):
+        text = texts[file] = read_proc(f"{proc}/{pid}/{file}", 4096)
         value = read(text) if text else None
         if value is None:
             continue
@@ -163,6 +217,7 @@ def process_details(proc: str, pid: int) -> dict:
         derived = derive(value)
         if derived is not None:
             out[derived_key] = derived
+    out.update(where_details(proc, pid, out.get("image"), texts["status"]))
     return out
 
 

@@ -13,6 +13,7 @@ import mmap
 import os
 import select
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -22,8 +23,14 @@ from ...errors import SourceUnavailable
 from .._linux import WakePipe, has_capability
 from ..base import Sink, Source
 from .._proc import host_and_boot_id, snapshot
+from ...identity import guid_prefix
+from ...records import FILETIME_UNIX_EPOCH
 from ._details import task_enricher
-from ._event import EVENT_SIZE, Enricher, EventDecoder, TaskDetails
+from ._libbpf import wait_for_rcu_grace_period
+from ._event import (
+    CONFIG, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
+)
+from ._wire import WireMover
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
 
@@ -33,10 +40,18 @@ log = logging.getLogger(__name__)
 OBJECT_PATH = Path(__file__).with_name("etwmon.bpf.o")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 _PROGRAMS = ["etwmon_exit", "etwmon_exec", "etwmon_fork"]  # exits first: a task seen born is seen dying
+#: The exit program that takes the tracepoint's group_dead, where sched_process_exit passes it (see exit_program).
+_EXIT_GROUP_DEAD = "etwmon_exit_group_dead"
 _LOCKDOWN = "/sys/kernel/security/lockdown"
 #: Linux 5.17: bpf_loop (the path walks); ring buffers, bpf_ktime_get_boot_ns and CAP_BPF are 5.8, tp_btf 5.5.
 MIN_KERNEL = (5, 17)
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+#: At stop, after the programs are detached: the pause when the kernel cannot wait for them (see _settle), and
+#: how long a record may stay reserved before it is skipped and counted as lost.
+_SETTLE_PAUSE = 0.01
+_WIRE_MIN = 24  # the smallest wire record (ThreadCreate without a block)
+_KIND_HIGH = KIND_BASE >> 8  # the high byte of the first 16 bits: 0 for a wire Type, >= 1 for an event kind
+_BUSY_WAIT = 0.1
 _FIX = "use `--source netlink` (or source='netlink')"
 
 
@@ -46,6 +61,15 @@ def _kernel_version(release: str | None = None) -> tuple[int, int]:
         return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
     except (IndexError, ValueError):
         return (0, 0)
+
+
+def choose_exit_program(libbpf) -> str:
+    """The exit program for this kernel: the one that takes sched_process_exit's ``group_dead`` (true for
+    exactly one thread of a process) where the tracepoint passes it, per the kernel's BTF; otherwise the one
+    that reads ``signal->live``, which two threads ending in one exit_group can both see at 0."""
+    from ._libbpf import tracepoint_arguments
+
+    return _EXIT_GROUP_DEAD if (tracepoint_arguments(libbpf, "sched_process_exit") or 0) >= 2 else "etwmon_exit"
 
 
 class BpfSource(Source):
@@ -65,6 +89,7 @@ class BpfSource(Source):
     delivers: ClassVar[frozenset[str]] = frozenset({
         "process_create", "process_exit", "process_exec", "thread_create", "thread_exit", "command_line",
         "exit_code", "exact_loss_count", "image", "current_directory", "uid", "user", "tty", "process_snapshot",
+        "cgroup",
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
@@ -89,6 +114,18 @@ class BpfSource(Source):
         self._stopping = False
         self._lost_reported = 0
         self.wakeups = 0
+        self._mover: WireMover | None = None
+        #: Whether the programs write thread records and exits in the wire format (set by open(): not when a
+        #: custom ``enrich`` wants every event as TaskDetails).
+        self.wire = False
+        #: The exit program in use (``choose_exit_program``), set by open().
+        self.exit_program: str | None = None
+        #: Ring records this reader could not use (shorter than an event, or still reserved when the programs
+        #: were gone): counted in ``lost`` with the kernel's own count.
+        self.skipped = 0
+        self._state = threading.Lock()  # run() vs close() from another thread
+        self._running = False
+        self._close_pending = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -113,6 +150,10 @@ class BpfSource(Source):
             load_libbpf()
         except OSError as exc:
             return f"libbpf.so.1 cannot be loaded ({exc}): install libbpf1 (apt-get install libbpf1) or {_FIX}"
+        from ._libbpf import memory_ordering_reason
+        ordering = memory_ordering_reason()
+        if ordering is not None:
+            return f"{ordering}: install libatomic1 or {_FIX}"
         if not OBJECT_PATH.is_file():
             return f"the BPF object {OBJECT_PATH} is missing from this installation: reinstall etwmon or {_FIX}"
         return None
@@ -128,9 +169,20 @@ class BpfSource(Source):
         from ._libbpf import LoadedObject, PerCpuCounter, RingBuffer, load_libbpf
         libbpf = load_libbpf()
         cpus = libbpf.libbpf_num_possible_cpus()
+        exit_program = self.exit_program = choose_exit_program(libbpf)
+        other = _EXIT_GROUP_DEAD if exit_program == "etwmon_exit" else "etwmon_exit"
+        # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once, and
+        # given to the programs too, which write thread records and exits in the wire format themselves (unless
+        # a custom enricher wants to see every event).
+        boot_clock = KernelClock(CLOCK_BOOTTIME)
+        self.wire = self.enrich is None
+        flags = (CONFIG_WIRE if self.wire else 0) | (CONFIG_IDENTITY if self.details else 0)
+        settings = CONFIG.pack(boot_clock.offset_ns + 100 * FILETIME_UNIX_EPOCH,
+                               guid_prefix(self.host_and_boot_id()), flags, 0)
         try:
-            obj = LoadedObject(libbpf, str(OBJECT_PATH), _PROGRAMS,
-                               {"scratch": max(cpus, 1), "events": self.ring_size})
+            obj = LoadedObject(libbpf, str(OBJECT_PATH), [exit_program] + _PROGRAMS[1:],
+                               {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,),
+                               settings={"config": settings})
         except OSError as exc:
             raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
         try:
@@ -145,13 +197,13 @@ class BpfSource(Source):
             raise
         self._object = obj
         self._lost_reported = 0
+        self.skipped = 0
         self._stopping = False
-        # bpf_ktime_get_boot_ns() is CLOCK_BOOTTIME: its offset to the wall clock is measured now, once
-        boot_clock = KernelClock(CLOCK_BOOTTIME)
         enrich = self.enrich
         if enrich is None and self.details:  # the identity stage is on: the kernel's facts go in the records
             enrich = task_enricher(boot_clock)
         self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
+        self._mover = WireMover(self._decoder)
 
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
@@ -164,9 +216,21 @@ class BpfSource(Source):
         raise RuntimeError("BpfSource: run() attaches the sink")
 
     def run(self, sink: Sink) -> None:
-        ring, decoder = self._ring, self._decoder
-        if ring is None or decoder is None:
-            raise SourceUnavailable("BpfSource.run() before open()")
+        with self._state:
+            ring, decoder = self._ring, self._decoder
+            if ring is None or decoder is None:
+                raise SourceUnavailable("BpfSource.run() before open()")
+            self._running = True
+        try:
+            self._run(sink, ring, decoder)
+        finally:
+            with self._state:
+                self._running = False
+                release = self._close_pending
+            if release:  # close() came while this thread still read the ring: it is this thread's to free
+                self._release()
+
+    def _run(self, sink: Sink, ring, decoder: EventDecoder) -> None:
         decoder.push = sink.push
         poller = select.poll()
         poller.register(ring.fd, select.POLLIN)
@@ -185,11 +249,42 @@ class BpfSource(Source):
         # Detach first, then take what is left: every event the programs wrote is read or counted as lost
         # (a source that has run is opened again before it runs again).
         self._object.detach()  # type: ignore[union-attr]
-        time.sleep(0.002)  # a program already running on another CPU as it was detached finishes (microseconds)
-        while self._drain(sink):
-            pass
+        self._settle()
+        self._final_drain(sink)
 
-    def _drain(self, sink: Sink) -> int:
+    def _settle(self) -> None:
+        """Wait until no program that was running as they were detached still runs: membarrier's global
+        command waits for an RCU grace period, and tracepoint programs run inside RCU read-side sections; where
+        the kernel refuses it (nohz_full), a pause far longer than any program runs."""
+        if not wait_for_rcu_grace_period():
+            time.sleep(_SETTLE_PAUSE)
+
+    def _final_drain(self, sink: Sink) -> None:
+        """Everything left in the ring, read or counted: what is still reserved after a wait (a program that
+        could not finish) is skipped and counted as lost, as are the losses counted after the last pass."""
+        deadline = time.monotonic() + _BUSY_WAIT
+        ring = self._ring
+        while True:
+            self._drain(sink)
+            if ring.consumer_pos() >= ring.producer_pos():  # type: ignore[union-attr]
+                break
+            if time.monotonic() >= deadline:
+                self._drain(sink, final=True)
+                break
+            time.sleep(0.001)
+        if self._report_lost(sink):
+            sink.notify()
+
+    def _report_lost(self, sink: Sink) -> bool:
+        """Pass on what the kernel counted as lost, and what this reader had to skip, since the last report."""
+        lost = self._lost.total() + self.skipped  # type: ignore[union-attr]
+        if lost > self._lost_reported:
+            sink.push_lost(lost - self._lost_reported)
+            self._lost_reported = lost
+            return True
+        return False
+
+    def _drain(self, sink: Sink, final: bool = False) -> int:
         """Decode what the ring holds now (one pass: a storm that keeps filling it must not keep readers
         waiting), give the space back, report new kernel-side losses and wake readers; returns the number of
         events.
@@ -197,29 +292,46 @@ class BpfSource(Source):
         The ring is read through its mmap'ed pages rather than libbpf's ring_buffer__consume: measured here on
         100 k thread events with the same decoder, the reader thread used 1.7-2.2 us per event this way and
         2.4-2.7 us with ring_buffer__consume, whose ctypes callback per record costs more than walking the
-        records in place (what libbpf's consumer does in C, see its ringbuf.c)."""
+        records in place (what libbpf's consumer does in C, see its ringbuf.c). ``final``: the programs are
+        detached and settled, so a record still reserved will never be committed: skip it, counted as lost."""
         ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
-        data, mask = ring.data, ring.mask
+        move = self._mover.push
+        data, mask, header = ring.data, ring.mask, ring.header
         busy, discard = ring.BUSY, ring.DISCARD
         cons = start = ring.consumer_pos()
-        prod = ring.producer_pos()
+        prod = ring.producer_pos()  # an acquire load: the records before it are visible (see RingBuffer)
         count = 0
+        ats: list[int] = []  # wire records the kernel wrote (thread records, exits), moved in one batch
+        sizes: list[int] = []
         while cons < prod:
             at = cons & mask
-            length = int.from_bytes(data[at:at + 4], "little")
+            length = header(at)
             if length & busy:
-                break  # reserved, not committed yet: the next pass takes it
+                if not final:
+                    break  # reserved, not committed yet: the next pass takes it
+                self.skipped += 1  # never to be committed (final pass, after the wait): counted, not waited for
             size = length & ~(busy | discard)
-            if not length & discard and size >= EVENT_SIZE:
-                decode(data, at + 8)
-                count += 1
+            if not length & (discard | busy):
+                if size < _WIRE_MIN:
+                    self.skipped += 1  # shorter than any record: nothing to read, but never silently gone
+                elif data[at + 9] < _KIND_HIGH:  # a wire record's Type (< 0x100), not an event's kind
+                    ats.append(at + 8)
+                    sizes.append(size)
+                    count += 1
+                elif size >= EVENT_SIZE:
+                    if ats:  # in ring order: the wire records before this event first
+                        move(sink, data, ats, sizes)
+                        ats, sizes = [], []
+                    decode(data, at + 8)
+                    count += 1
+                else:
+                    self.skipped += 1
             cons += (size + 8 + 7) & ~7
+        if ats:
+            move(sink, data, ats, sizes)
         if cons != start:
             ring.advance(cons)
-        lost = self._lost.total()  # type: ignore[union-attr]
-        if lost > self._lost_reported:
-            sink.push_lost(lost - self._lost_reported)
-            self._lost_reported = lost
+        if self._report_lost(sink):
             count += 1
         if count:
             sink.notify()
@@ -230,20 +342,33 @@ class BpfSource(Source):
         self._wake.wake()
 
     def close(self) -> None:
+        """Free the programs, maps and ring. Safe while ``run()`` still reads the ring on another thread (a
+        Monitor whose stop timed out): the thread is told to stop and frees them itself when it returns."""
         self._stopping = True
-        ring, self._ring = self._ring, None
+        with self._state:
+            if self._running:
+                self._close_pending = True
+                self._wake.wake()
+                return
+        self._release()
+
+    def _release(self) -> None:
+        with self._state:
+            self._close_pending = False
+            ring, self._ring = self._ring, None
+            obj, self._object = self._object, None
+            self._lost = None
         if ring is not None:
             ring.close()
-        obj, self._object = self._object, None
         if obj is not None:
             obj.close()
-        self._lost = None
         self._wake.close()
 
     def stats(self) -> dict[str, int]:
         d = self._decoder
-        base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups}
+        base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped}
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
-                        argv_unreadable=d.argv_unreadable)
+                        argv_unreadable=d.argv_unreadable,
+                        kernel_written=self._mover.records if self._mover is not None else 0)
         return base

@@ -9,18 +9,49 @@ import struct
 from typing import Callable
 
 from ...clock import KernelClock
-from ...records import EventFlags, ExtensionTag, pack_field, with_packed
+from ...records import EventFlags, ExeFlags, ExtensionTag, pack_field, with_packed
 from .._proc import user_name
-from ._event import CWD_TRUNCATED, EXE_TRUNCATED, EXEC, EXIT_PROCESS, FORK_PROCESS, TaskDetails
+from ._event import (
+    CGROUP_TRUNCATED, CWD_TRUNCATED, EXE_DELETED, EXE_MEMFD, EXE_SETGID, EXE_SETUID, EXE_TRUNCATED, EXEC, EXIT_PROCESS, FORK_PROCESS,
+    TaskDetails,
+)
 
-__all__ = ["task_enricher", "tty_name"]
+__all__ = ["task_enricher", "tty_name", "where_fields"]
 
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
-_UID, _START, _IMAGE, _CWD, _USER, _TTY = (int(ExtensionTag.Uid), int(ExtensionTag.StartTime),
-                                           int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory),
-                                           int(ExtensionTag.User), int(ExtensionTag.Tty))
+_UID, _START, _IMAGE, _CWD, _USER, _TTY, _CGROUP = (
+    int(ExtensionTag.Uid), int(ExtensionTag.StartTime), int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory),
+    int(ExtensionTag.User), int(ExtensionTag.Tty), int(ExtensionTag.Cgroup))
 _TRUNCATED = int(EventFlags.TRUNCATED)
+_U64 = struct.Struct("<Q")
+_EXE_DEV, _EXE_INO, _EXE_FLAGS, _MNT_NS, _PID_NS, _NS_PID, _CGROUP_ID = (
+    int(ExtensionTag.ExeDevice), int(ExtensionTag.ExeInode), int(ExtensionTag.ExeFlags),
+    int(ExtensionTag.MountNamespace), int(ExtensionTag.PidNamespace), int(ExtensionTag.NamespacePid),
+    int(ExtensionTag.CgroupId))
+# etwmon_event.exe_flags bits -> records.ExeFlags bits
+_EXE_BITS = ((EXE_MEMFD, int(ExeFlags.MEMFD)), (EXE_DELETED, int(ExeFlags.DELETED)),
+             (EXE_SETUID, int(ExeFlags.SETUID)), (EXE_SETGID, int(ExeFlags.SETGID)))
+
+
+def where_fields(task: TaskDetails) -> list[bytes]:
+    """The packed fields that say which file ran and where (ExeDevice .. CgroupId, block order): what tells a
+    program apart from another at the same path (a bind mount, another mount namespace)."""
+    out = []
+    if task.exe_dev is not None:
+        bits = 0
+        for kernel, ours in _EXE_BITS:
+            if task.exe_flags & kernel:
+                bits |= ours
+        out += [pack_field(_EXE_DEV, _U32.pack(task.exe_dev & 0xFFFFFFFF)),
+                pack_field(_EXE_INO, _U64.pack(task.exe_ino)), pack_field(_EXE_FLAGS, _U32.pack(bits))]
+    if task.mnt_ns is not None:
+        out.append(pack_field(_MNT_NS, _U32.pack(task.mnt_ns)))
+    if task.pid_ns is not None:
+        out += [pack_field(_PID_NS, _U32.pack(task.pid_ns)), pack_field(_NS_PID, _U32.pack(task.ns_pid))]
+    if task.cgroup_id:
+        out.append(pack_field(_CGROUP_ID, _U64.pack(task.cgroup_id)))
+    return out
 
 
 def tty_name(tty: bytes | None) -> str | None:
@@ -49,7 +80,7 @@ def task_enricher(boot_clock: KernelClock) -> Callable[[bytes, TaskDetails], byt
         if kind != FORK_PROCESS and kind != EXEC:
             return record
         flags = 0
-        fields = [pack_field(_UID, _U32.pack(task.euid)), start]
+        fields = [pack_field(_UID, _U32.pack(task.euid)), start, *where_fields(task)]
         if task.exe is not None:
             if task.flags & EXE_TRUNCATED:
                 flags |= _TRUNCATED
@@ -66,6 +97,10 @@ def task_enricher(boot_clock: KernelClock) -> Callable[[bytes, TaskDetails], byt
         tty = tty_name(task.tty)
         if tty is not None:
             fields.append(pack_field(_TTY, tty.encode("utf-16-le")))
+        if task.cgroup is not None:
+            fields.append(_text(_CGROUP, task.cgroup))
+        elif task.flags & CGROUP_TRUNCATED:
+            flags |= _TRUNCATED
         return with_packed(record, flags, fields)
 
     enrich.threads = False  # type: ignore[attr-defined]  # (the stage names a thread's process itself)

@@ -21,11 +21,16 @@ __all__ = [
     "EVENT", "EVENT_SIZE", "FIELDS", "TaskDetails", "EventDecoder",
     "FORK_PROCESS", "FORK_THREAD", "EXEC", "EXIT_THREAD", "EXIT_PROCESS",
     "ARGV_TRUNCATED", "ARGV_FAULT", "NO_MM", "EXE_TRUNCATED", "CWD_TRUNCATED", "LEADER_REPLACED",
-    "FILENAME_TRUNCATED", "NO_TTY", "ARGV_MAX",
+    "FILENAME_TRUNCATED", "NO_TTY", "CGROUP_TRUNCATED", "CGROUP_V1", "ARGV_MAX", "EXE_KNOWN", "EXE_MEMFD",
+    "EXE_DELETED", "EXE_SETUID", "EXE_SETGID", "stat_device", "KIND_BASE", "CONFIG", "CONFIG_WIRE", "CONFIG_IDENTITY",
 ]
 
-# etwmon_event.kind
-FORK_PROCESS, FORK_THREAD, EXEC, EXIT_THREAD, EXIT_PROCESS = 1, 2, 3, 4, 5
+# etwmon_event.kind: from KIND_BASE up, so that the ring tells them from the wire records the kernel writes itself
+KIND_BASE = 0x100
+FORK_PROCESS, FORK_THREAD, EXEC, EXIT_THREAD, EXIT_PROCESS = 0x101, 0x102, 0x103, 0x104, 0x105
+# struct etwmon_config (the `config` map) and its flags
+CONFIG = struct.Struct("<Q8sII")
+CONFIG_WIRE, CONFIG_IDENTITY = 0x1, 0x2
 # etwmon_event.flags
 ARGV_TRUNCATED = 0x0001
 ARGV_FAULT = 0x0002
@@ -35,7 +40,11 @@ CWD_TRUNCATED = 0x0010
 LEADER_REPLACED = 0x0020
 FILENAME_TRUNCATED = 0x0040
 NO_TTY = 0x0080
+CGROUP_TRUNCATED = 0x0100
+CGROUP_V1 = 0x0200
 ARGV_MAX = 32768
+# etwmon_event.exe_flags
+EXE_KNOWN, EXE_MEMFD, EXE_DELETED, EXE_SETUID, EXE_SETGID = 0x01, 0x02, 0x04, 0x08, 0x10
 
 #: struct etwmon_event, field by field (name, struct code); tests check it against the object's BTF.
 FIELDS: list[tuple[str, str]] = [
@@ -46,13 +55,21 @@ FIELDS: list[tuple[str, str]] = [
     ("argv_len", "I"), ("argv_full_len", "I"),
     ("filename_len", "H"), ("exe_len", "H"), ("cwd_len", "H"), ("reserved", "H"),
     ("comm", "16s"), ("tty", "32s"),
+    ("exe_ino", "Q"), ("exe_dev", "I"), ("exe_flags", "I"), ("mnt_ns", "I"), ("pid_ns", "I"), ("ns_pid", "I"),
+    ("cgroup_len", "H"), ("reserved2", "H"),
 ]
 EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
-EVENT_SIZE = EVENT.size  # 152: the tail starts here
+EVENT_SIZE = EVENT.size  # 184: the tail starts here
 # The first ten fields: all that a thread event or an exit needs (the hot path of a thread storm).
 _HEAD = struct.Struct("<HHIQIIIIII")
 
 _UNSET = 0xFFFFFFFF
+
+
+def stat_device(dev: int) -> int:
+    """The kernel's internal device number (major << 20 | minor) as ``os.stat().st_dev`` gives it."""
+    major, minor = dev >> 20, dev & 0xFFFFF
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +101,21 @@ class TaskDetails:
     filename: bytes | None    # exec: bprm->filename, the path exec was given
     exe: bytes | None         # the executable's path (mm->exe_file), up to the root of its mount namespace
     cwd: bytes | None         # the working directory, likewise
+    exe_dev: int | None = None  # forks and execs: the executable's device (st_dev) and inode; None if unknown
+    exe_ino: int | None = None
+    exe_flags: int = 0          # EXE_* bits (EXE_KNOWN: the task had an executable)
+    mnt_ns: int | None = None   # inode numbers of the task's mount and pid namespaces; None if unknown
+    pid_ns: int | None = None
+    ns_pid: int | None = None   # the process id in its pid namespace
+    cgroup: bytes | None = None  # forks and execs: the cgroup path (etwmon_cgroup.h: v2, else a v1 hierarchy's)
 
     @classmethod
     def from_event(cls, data, offset: int) -> "TaskDetails":
         (kind, flags, _, time_ns, pid, tid, ppid, _, _, _, start, pstart, cgroup, uid, euid, gid, egid, loginuid,
-         sessionid, argv_len, _, filename_len, exe_len, cwd_len, _, comm, tty) = EVENT.unpack_from(data, offset)
+         sessionid, argv_len, _, filename_len, exe_len, cwd_len, _, comm, tty, exe_ino, exe_dev, exe_flags, mnt_ns,
+         pid_ns, ns_pid, cgroup_len, _) = EVENT.unpack_from(data, offset)
         has_tail = kind in (FORK_PROCESS, EXEC)
-        filename = exe = cwd = None
+        filename = exe = cwd = cgroup_path = None
         if has_tail:
             at = offset + EVENT_SIZE + argv_len
             filename = bytes(data[at:at + filename_len]) if kind == EXEC else None
@@ -98,9 +123,13 @@ class TaskDetails:
             exe = bytes(data[at:at + exe_len]) if exe_len else None
             at += exe_len
             cwd = bytes(data[at:at + cwd_len]) if cwd_len else None
+            at += cwd_len
+            cgroup_path = bytes(data[at:at + cgroup_len]) if cgroup_len else None
         return cls(kind, flags, time_ns, pid, tid, ppid, start, pstart, uid, euid, gid, egid,
                    None if loginuid == _UNSET else loginuid, None if sessionid == _UNSET else sessionid, cgroup,
-                   comm.rstrip(b"\0"), tty.rstrip(b"\0") if has_tail else None, filename, exe, cwd)
+                   comm.rstrip(b"\0"), tty.rstrip(b"\0") if has_tail else None, filename, exe, cwd,
+                   stat_device(exe_dev) if exe_flags else None, exe_ino if exe_flags else None, exe_flags,
+                   mnt_ns or None, pid_ns or None, ns_pid if pid_ns else None, cgroup_path)
 
 
 #: ``enrich(record, details) -> record``: called for each record when given (see BpfSource); one whose

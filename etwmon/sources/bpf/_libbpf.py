@@ -18,7 +18,8 @@ import platform
 import struct
 from typing import Any
 
-__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "LIBBPF_SONAME"]
+__all__ = ["Libbpf", "LoadedObject", "RingBuffer", "load_libbpf", "tracepoint_arguments",
+           "wait_for_rcu_grace_period", "memory_ordering_reason", "LIBBPF_SONAME"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,23 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_program__attach": (_c_void_p, [_c_void_p]),
     "bpf_link__destroy": (_c_int, [_c_void_p]),
     "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+    "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
     "libbpf_num_possible_cpus": (_c_int, []),
     "libbpf_set_print": (_c_void_p, [_c_void_p]),
+    "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
+    "btf__load_vmlinux_btf": (_c_void_p, []),
+    "btf__find_by_name_kind": (ctypes.c_int32, [_c_void_p, _c_char_p, _c_uint32]),
+    "btf__type_by_id": (_c_void_p, [_c_void_p, _c_uint32]),
+    "btf__free": (None, [_c_void_p]),
 }
+
+_BTF_KIND_PTR, _BTF_KIND_TYPEDEF, _BTF_KIND_FUNC_PROTO = 2, 8, 13
+
+
+class _BtfType(ctypes.Structure):
+    """struct btf_type (uapi linux/btf.h): name_off, info (vlen in bits 0-15, kind in bits 24-28), size/type."""
+
+    _fields_ = [("name_off", _c_uint32), ("info", _c_uint32), ("type", _c_uint32)]
 
 
 class Libbpf:
@@ -112,6 +127,32 @@ def load_libbpf() -> Libbpf:
     return _LIBBPF
 
 
+def tracepoint_arguments(libbpf: Libbpf, tracepoint: str) -> int | None:
+    """How many arguments the running kernel's tracepoint passes to a tp_btf program (its
+    ``btf_trace_<tracepoint>`` prototype, less the leading context pointer), from the kernel's BTF; None when
+    the BTF cannot say."""
+    btf = libbpf.btf__load_vmlinux_btf()
+    if not btf:
+        return None
+    try:
+        type_id = libbpf.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _BTF_KIND_TYPEDEF)
+        for kind in (_BTF_KIND_TYPEDEF, _BTF_KIND_PTR, _BTF_KIND_FUNC_PROTO):
+            if type_id <= 0:
+                return None
+            ptr = libbpf.btf__type_by_id(btf, type_id)
+            if not ptr:
+                return None
+            t = _BtfType.from_address(ptr)
+            if (t.info >> 24) & 0x1F != kind:
+                return None
+            if kind == _BTF_KIND_FUNC_PROTO:
+                return max((t.info & 0xFFFF) - 1, 0)
+            type_id = t.type
+        return None
+    finally:
+        libbpf.btf__free(btf)
+
+
 def _errno_error(what: str, code: int, detail: str = "") -> OSError:
     code = abs(code) or errno.EINVAL
     message = f"{what}: {os.strerror(code)}"
@@ -121,9 +162,12 @@ def _errno_error(what: str, code: int, detail: str = "") -> OSError:
 
 
 class LoadedObject:
-    """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it."""
+    """A BPF object file opened, sized, loaded into the kernel and attached; ``close()`` undoes all of it.
+    ``skip``: programs of the object not to load at all; ``settings``: map name -> the value of its entry 0,
+    written after load and before the programs are attached."""
 
-    def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int]) -> None:
+    def __init__(self, libbpf: Libbpf, path: str, programs: list[str], max_entries: dict[str, int],
+                 skip: tuple[str, ...] = (), settings: dict[str, bytes] | None = None) -> None:
         self.libbpf = libbpf
         self._obj: int | None = None
         self._links: list[int] = []
@@ -141,9 +185,19 @@ class LoadedObject:
                     err = lb.bpf_map__set_max_entries(rc, entries)
                     if err:
                         raise _errno_error(f"cannot size map {name!r} to {entries}", err)
+                for name in skip:  # programs this kernel cannot load (another variant of one is used)
+                    prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+                    if not prog or lb.bpf_program__set_autoload(prog, False):
+                        raise _errno_error(f"cannot leave program {name!r} out", errno.ENOENT)
                 err = lb.bpf_object__load(obj)
                 if err:
                     raise _errno_error("the kernel refused the BPF object", err, lb.messages())
+                for name, value in (settings or {}).items():
+                    key = ctypes.c_uint32(0)
+                    buf = ctypes.create_string_buffer(value, len(value))
+                    err = lb.bpf_map_update_elem(self.map_fd(name), ctypes.byref(key), buf, 0)
+                    if err:
+                        raise _errno_error(f"cannot write the settings map {name!r}", ctypes.get_errno())
                 for name in programs:
                     prog = lb.bpf_object__find_program_by_name(obj, name.encode())
                     if not prog:
@@ -194,13 +248,64 @@ class PerCpuCounter:
         return sum(self._values)
 
 
+# --- memory ordering ---------------------------------------------------------------------------------------
+#
+# libbpf's consumer (ringbuf.c) reads producer_pos and each record's header with smp_load_acquire and writes
+# consumer_pos with smp_store_release: a record's bytes are read only after the kernel's commit of it is seen,
+# and the kernel reuses space only after the reader is done with it. On x86-64 every load is an acquire load and
+# every store a release store (TSO), so plain reads of the mapping do it. Elsewhere (arm64) the reads go through
+# libatomic's __atomic_load_N/__atomic_store_N with those orders.
+
+_ACQUIRE, _RELEASE = 2, 3  # __ATOMIC_ACQUIRE, __ATOMIC_RELEASE
+_TSO = platform.machine() in ("x86_64", "AMD64", "i386", "i686")
+_ATOMIC: Any = None
+
+
+def _libatomic() -> Any:
+    global _ATOMIC
+    if _ATOMIC is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        for name, ctype in (("__atomic_load_4", ctypes.c_uint32), ("__atomic_load_8", ctypes.c_uint64)):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctype, [_c_void_p, _c_int]
+        lib.__atomic_store_8.restype = None
+        lib.__atomic_store_8.argtypes = [_c_void_p, ctypes.c_uint64, _c_int]
+        _ATOMIC = lib
+    return _ATOMIC
+
+
+def memory_ordering_reason() -> str | None:
+    """None when this machine can read a BPF ring with the ordering libbpf uses; else why not."""
+    if _TSO:
+        return None
+    try:
+        _libatomic()
+    except OSError as exc:
+        return f"reading the ring on {platform.machine()} needs libatomic.so.1 for acquire loads ({exc})"
+    return None
+
+
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "arm64": 283, "i686": 375, "i386": 375}.get(platform.machine())
+_MEMBARRIER_CMD_GLOBAL = 1
+
+
+def wait_for_rcu_grace_period() -> bool:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns once every CPU has passed an RCU grace period, so a program
+    that a tracepoint was running when it was detached has finished. False when the kernel refuses it."""
+    if _SYS_MEMBARRIER is None:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.syscall(ctypes.c_long(_SYS_MEMBARRIER), _c_int(_MEMBARRIER_CMD_GLOBAL), _c_int(0)) == 0
+
+
 class RingBuffer:
     """A BPF ring buffer map read through its mmap'ed pages, as libbpf's ringbuf.c consumer does.
 
     Layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (we write it), page 1 producer_pos (the kernel
     writes it), then the data pages, mapped twice in a row so a record that wraps is contiguous. Each record
     has an 8-byte header: its length with bit 31 "busy" (not committed yet) and bit 30 "discarded", then the
-    sample, padded to 8 bytes.
+    sample, padded to 8 bytes. ``producer_pos()`` and ``header()`` are acquire loads, ``advance()`` a release
+    store (see above).
     """
 
     BUSY = 1 << 31
@@ -222,6 +327,25 @@ class RingBuffer:
         self.data = memoryview(self._producer)[page:]
         self._pos = ctypes.c_uint64.from_buffer(self._consumer)  # the consumer position, stored in place
         self._producer_view = memoryview(self._producer)
+        if _TSO:
+            unpack = struct.Struct("<I").unpack_from
+            data = self.data
+            self.header = lambda at: unpack(data, at)[0]
+        else:
+            atomic = _libatomic()
+            import numpy as np
+
+            producer = np.frombuffer(self._producer_view, dtype=np.uint8).ctypes.data  # read-only mapping
+            base = producer + page
+            load4, load8, store8 = atomic.__atomic_load_4, atomic.__atomic_load_8, atomic.__atomic_store_8
+            consumer = ctypes.addressof(self._pos)
+            self.header = lambda at: load4(base + at, _ACQUIRE)
+            self.producer_pos = lambda: load8(producer, _ACQUIRE)  # type: ignore[method-assign]
+            self.advance = lambda pos: store8(consumer, pos, _RELEASE)  # type: ignore[method-assign]
+
+    def header(self, at: int) -> int:  # pragma: no cover - replaced per instance in __init__
+        """The length word of the record at data offset ``at`` (with the BUSY and DISCARD bits)."""
+        raise NotImplementedError
 
     def consumer_pos(self) -> int:
         return self._pos.value
@@ -234,6 +358,9 @@ class RingBuffer:
         self._pos.value = pos
 
     def close(self) -> None:
+        self.__dict__.pop("header", None)
+        self.__dict__.pop("producer_pos", None)
+        self.__dict__.pop("advance", None)
         del self._pos
         self.data.release()
         self._producer_view.release()

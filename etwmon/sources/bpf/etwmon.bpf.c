@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "etwmon_event.h"
+#include "etwmon_cgroup.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -22,10 +23,16 @@ char LICENSE[] SEC("license") = "GPL";
 #define TAIL_ROOM (TAIL_MASK + 1 + ETWMON_ARGV_MAX)
 #define NAME_MAX 255
 
+/* A wire record the kernel writes itself (a thread record or a process exit, see etwmon_event.h) is built in
+ * `wire`: the fixed part, the block, and the image path widened to UTF-16 (two bytes per path byte). */
+#define WIRE_SIZE 16384
+#define WIRE_MASK (WIRE_SIZE - 1)
+
 struct scratch {
 	struct etwmon_event e;
 	char tail[TAIL_ROOM];
 	char path[ETWMON_PATH_MAX + NAME_MAX + 1]; /* a path is built here backwards, then copied to the tail */
+	__u8 wire[WIRE_SIZE];
 };
 
 /* One scratch buffer per CPU (an event is too big for the BPF stack and for a per-CPU array's 32 KiB
@@ -43,6 +50,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 22);
 } events SEC(".maps");
+
+/* The loader's settings (struct etwmon_config), written once after load and before attach. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct etwmon_config);
+} config SEC(".maps");
 
 /* Events that could not be written (ring full), per CPU: the reader sums them. */
 struct {
@@ -84,6 +99,53 @@ static __always_inline void emit(struct scratch *s, __u32 tail_len)
 		count_lost();
 }
 
+/* The task's mount and pid namespaces and its process id in the latter (the leader's pid struct numbers the
+ * process; level is how deep the namespace is nested). */
+static __always_inline void read_namespaces(struct etwmon_event *e, struct task_struct *task)
+{
+	struct pid *pid = BPF_CORE_READ(task, group_leader, thread_pid);
+	unsigned int level = BPF_CORE_READ(pid, level);
+	struct upid up = {};
+
+	e->mnt_ns = BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum); /* 0 when nsproxy is gone (late in exit) */
+	bpf_core_read(&up, sizeof(up), &pid->numbers[level & 31]);
+	e->ns_pid = up.nr;
+	e->pid_ns = BPF_CORE_READ(up.ns, ns.inum);
+}
+
+#define TMPFS_MAGIC 0x01021994
+#define HUGETLBFS_MAGIC 0x958458f6
+#define S_ISUID 04000
+#define S_ISGID 02000
+#define S_IXGRP 00010
+
+/* Which file `exe` is (device, inode) and what kind: memfd, deleted, set-id (cheap reads, no path walk). */
+static __always_inline void read_exe_identity(struct etwmon_event *e, struct file *exe)
+{
+	struct inode *inode = BPF_CORE_READ(exe, f_inode);
+	struct super_block *sb = BPF_CORE_READ(inode, i_sb);
+	unsigned long magic = BPF_CORE_READ(sb, s_magic);
+	unsigned short mode = BPF_CORE_READ(inode, i_mode);
+	char name[6] = {};
+	__u32 flags = ETWMON_EXE_KNOWN;
+
+	e->exe_ino = BPF_CORE_READ(inode, i_ino);
+	e->exe_dev = BPF_CORE_READ(sb, s_dev);
+	if (BPF_CORE_READ(inode, i_nlink) == 0)
+		flags |= ETWMON_EXE_DELETED;
+	if (mode & S_ISUID)
+		flags |= ETWMON_EXE_SETUID;
+	if ((mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP))
+		flags |= ETWMON_EXE_SETGID;
+	if (magic == TMPFS_MAGIC || magic == HUGETLBFS_MAGIC) {
+		bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(exe, f_path.dentry, d_name.name));
+		if (name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 'f' && name[4] == 'd' &&
+		    name[5] == ':')
+			flags |= ETWMON_EXE_MEMFD;
+	}
+	e->exe_flags = flags;
+}
+
 /* The fields every event carries about `task`. */
 static __always_inline void fill(struct etwmon_event *e, __u16 kind, struct task_struct *task)
 {
@@ -116,6 +178,10 @@ static __always_inline void fill(struct etwmon_event *e, __u16 kind, struct task
 	e->filename_len = e->exe_len = e->cwd_len = 0;
 	e->reserved = 0;
 	BPF_CORE_READ_INTO(&e->comm, task, comm);
+	e->exe_ino = 0;
+	e->exe_dev = e->exe_flags = 0;
+	e->cgroup_len = e->reserved2 = 0;
+	read_namespaces(e, task);
 }
 
 /* argv of `task` (whose memory is current's) into the tail at 0; returns its length. */
@@ -243,15 +309,28 @@ static __always_inline __u32 read_exe_cwd(struct scratch *s, __u32 off, struct t
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
 	__u32 n = 0;
 
-	if (exe)
+	if (exe) {
+		read_exe_identity(&s->e, exe);
 		n = read_path(s, off, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
 			      ETWMON_EXE_TRUNCATED);
+	}
 	s->e.exe_len = n;
 	off += n;
 	n = read_path(s, off, BPF_CORE_READ(task, fs, pwd.dentry), BPF_CORE_READ(task, fs, pwd.mnt),
 		      ETWMON_CWD_TRUNCATED);
 	s->e.cwd_len = n;
 	return off + n;
+}
+
+/* The task's cgroup path (etwmon_cgroup.h) after what is in the tail up to `off`; returns the new end. */
+static __always_inline __u32 read_cgroup(struct scratch *s, __u32 off, struct task_struct *task)
+{
+	__u32 start = read_cgroup_path(task, s->path, &s->e.flags);
+	__u32 len = (ETWMON_PATH_MAX - start) & (ETWMON_PATH_MAX - 1);
+
+	s->e.cgroup_len = len;
+	bpf_probe_read_kernel(&s->tail[off & TAIL_MASK], len, &s->path[start & (ETWMON_PATH_MAX - 1)]);
+	return off + len;
 }
 
 static __always_inline void read_tty(struct etwmon_event *e, struct task_struct *task)
@@ -266,6 +345,168 @@ static __always_inline void read_tty(struct etwmon_event *e, struct task_struct 
 	bpf_probe_read_kernel_str(e->tty, sizeof(e->tty), &tty->name);
 }
 
+/* --- wire records written here (etwmon_event.h): thread records and process exits ------------------------- */
+
+static __always_inline struct etwmon_config *wire_config(void)
+{
+	__u32 zero = 0;
+	struct etwmon_config *c = bpf_map_lookup_elem(&config, &zero);
+
+	return c && (c->flags & ETWMON_CONFIG_WIRE) ? c : 0;
+}
+
+static __always_inline __u64 filetime(struct etwmon_config *c, __u64 ns)
+{
+	return (ns + c->filetime_base) / 100;
+}
+
+/* The status as a shell reports it: exit(3) -> 3, killed by signal n -> 128 + n (etwmon's netlink too). */
+static __always_inline __u32 shell_code(__u32 status)
+{
+	__u32 signo = status & 0x7F;
+
+	return signo ? 128 + signo : (status >> 8) & 0xFF;
+}
+
+static __always_inline void put16(__u8 *at, __u16 v)
+{
+	at[0] = v;
+	at[1] = v >> 8;
+}
+
+static __always_inline void put32(__u8 *at, __u32 v)
+{
+	put16(at, v);
+	put16(at + 2, v >> 16);
+}
+
+static __always_inline void put64(__u8 *at, __u64 v)
+{
+	put32(at, v);
+	put32(at + 4, v >> 32);
+}
+
+/* ItemHeader: Type, Size, padding, Time. */
+static __always_inline void put_header(__u8 *w, __u16 type, __u16 size, __u64 time)
+{
+	put16(w, type);
+	put16(w + 2, size);
+	put32(w + 4, 0);
+	put64(w + 8, time);
+}
+
+/* Tag, Length, then the ProcessGuid: the host and boot tags, the pid and the low 32 bits of the start FILETIME,
+ * both big-endian (etwmon.identity.make_guid). */
+static __always_inline void put_guid(__u8 *w, struct etwmon_config *c, __u32 pid, __u64 start)
+{
+	put16(w, 1);
+	put16(w + 2, 16);
+	__builtin_memcpy(w + 4, c->guid_prefix, 8);
+	put32(w + 12, __builtin_bswap32(pid));
+	put32(w + 16, __builtin_bswap32((__u32)start));
+}
+
+static __always_inline void put_block_header(__u8 *w, __u16 length)
+{
+	put16(w, 1); /* EXTENSION_VERSION */
+	put16(w + 2, length);
+	put32(w + 4, 0);
+}
+
+static __always_inline void output(__u8 *w, __u32 size)
+{
+	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, OUTPUT_FLAGS))
+		count_lost();
+}
+
+/* ThreadCreate (exit = 0) or ThreadExit of thread `tid` of process `pid`, whose leader started at `start`. */
+static __always_inline void wire_thread(struct scratch *s, struct etwmon_config *c, bool exit, __u64 time,
+					__u32 tid, __u32 pid, __u32 code, __u64 start)
+{
+	__u8 *w = s->wire;
+	__u32 base = exit ? 32 : 24;
+	__u32 size = base;
+
+	put32(w + 16, tid);
+	put32(w + 20, pid);
+	if (exit) {
+		put32(w + 24, code);
+		put32(w + 28, 0);
+	}
+	if (c->flags & ETWMON_CONFIG_IDENTITY) {
+		put_block_header(w + base, 28);
+		put_guid(w + base + 8, c, pid, start);
+		size += 28;
+	}
+	put_header(w, exit ? 4 : 3, size, time);
+	output(w, size);
+}
+
+struct widen {
+	struct scratch *s;
+	__u32 len;
+	__u32 non_ascii;
+};
+
+/* One byte of the path in the tail to its UTF-16 code unit in the wire record, from offset 80 on. */
+static long widen_step(__u32 i, void *arg)
+{
+	struct widen *x = arg;
+	struct scratch *s = x->s;
+	__u8 c;
+
+	if (i >= x->len)
+		return 1;
+	c = s->tail[i & (ETWMON_PATH_MAX - 1)];
+	if (c & 0x80) {
+		x->non_ascii = 1; /* UTF-8 (or not): user space writes this one */
+		return 1;
+	}
+	s->wire[(80 + 2 * i) & WIRE_MASK] = c;
+	s->wire[(81 + 2 * i) & WIRE_MASK] = 0;
+	return 0;
+}
+
+/* ProcessExit of `task`'s process, written here; false when user space must write it (a non-ASCII image). */
+static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_config *c, struct task_struct *task,
+					      __u64 time, __u32 pid, __u32 code, __u64 start)
+{
+	__u8 *w = s->wire;
+	__u32 size = 24;
+
+	put32(w + 16, pid);
+	put32(w + 20, code);
+	if (c->flags & ETWMON_CONFIG_IDENTITY) {
+		struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+		struct widen x = {.s = s, .len = 0, .non_ascii = 0};
+
+		put_guid(w + 32, c, pid, start);
+		put16(w + 52, 14); /* StartTime */
+		put16(w + 54, 8);
+		put64(w + 56, start);
+		put16(w + 64, 15); /* Lifetime, microseconds */
+		put16(w + 66, 8);
+		put64(w + 68, time > start ? (time - start) / 10 : 0);
+		size = 76;
+		s->e.flags = 0;
+		if (exe)
+			x.len = read_path(s, 0, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
+					  ETWMON_EXE_TRUNCATED);
+		if (x.len) { /* known and whole (a cut path stays unknown, as the identity stage leaves it) */
+			bpf_loop(ETWMON_PATH_MAX, widen_step, &x, 0);
+			if (x.non_ascii)
+				return false;
+			put16(w + 76, 3); /* Image */
+			put16(w + 78, (2 * x.len) & 0xFFFF);
+			size = 80 + 2 * (x.len & (ETWMON_PATH_MAX - 1));
+		}
+		put_block_header(w + 24, size - 24);
+	}
+	put_header(w, 2, size, time);
+	output(w, size);
+	return true;
+}
+
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 {
@@ -275,6 +516,14 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	if (!s)
 		return 0;
 	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid)) {
+		struct etwmon_config *c = wire_config();
+
+		if (c) {
+			wire_thread(s, c, false, filetime(c, bpf_ktime_get_boot_ns()), BPF_CORE_READ(child, pid),
+				    BPF_CORE_READ(child, tgid), 0,
+				    filetime(c, BPF_CORE_READ(child, group_leader, start_boottime)));
+			return 0;
+		}
 		fill(&s->e, ETWMON_FORK_THREAD, child);
 		s->e.creating_pid = BPF_CORE_READ(parent, tgid);
 		s->e.creating_tid = BPF_CORE_READ(parent, pid);
@@ -287,6 +536,7 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	read_tty(&s->e, child);
 	off = read_argv(s, parent); /* the forking task is current: its argv is what the child inherits */
 	off = read_exe_cwd(s, off, child);
+	off = read_cgroup(s, off, child);
 	emit(s, off);
 	return 0;
 }
@@ -314,6 +564,7 @@ int BPF_PROG(etwmon_exec, struct task_struct *task, pid_t old_pid, struct linux_
 		off += s->e.filename_len;
 	}
 	off = read_exe_cwd(s, off, task);
+	off = read_cgroup(s, off, task);
 	emit(s, off);
 	return 0;
 }
@@ -325,13 +576,14 @@ static __always_inline struct task_struct *exec_task(struct signal_struct *sig)
 	return BPF_CORE_READ((struct signal_struct___old *)sig, group_exit_task);
 }
 
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(etwmon_exit, struct task_struct *task)
+/* One task's end; `last` is true when it is the last thread of its process (group_dead). */
+static __always_inline int task_exit(struct task_struct *task, bool last)
 {
 	struct scratch *s = scratch_buffer();
 	struct signal_struct *sig;
 	struct task_struct *execing;
-	__u32 pid, tgid;
+	struct etwmon_config *c;
+	__u32 pid, tgid, code;
 
 	if (!s)
 		return 0;
@@ -339,6 +591,34 @@ int BPF_PROG(etwmon_exit, struct task_struct *task)
 	pid = BPF_CORE_READ(task, pid);
 	tgid = BPF_CORE_READ(task, tgid);
 	execing = exec_task(sig);
+	c = wire_config();
+	if (c) {
+		__u64 time = filetime(c, bpf_ktime_get_boot_ns());
+		__u64 start = filetime(c, BPF_CORE_READ(task, group_leader, start_boottime));
+		__u32 own = shell_code(BPF_CORE_READ(task, exit_code));
+
+		if (pid == tgid && execing && execing != task) { /* de_thread: see below */
+			wire_thread(s, c, true, time, BPF_CORE_READ(execing, pid), tgid, own, start);
+			return 0;
+		}
+		if (!last) {
+			wire_thread(s, c, true, time, pid, tgid, own, start);
+			return 0;
+		}
+		code = BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT ? BPF_CORE_READ(sig, group_exit_code)
+								     : BPF_CORE_READ(task, group_leader, exit_code);
+		if (pid != tgid) /* the last thread is not the leader: it ends too */
+			wire_thread(s, c, true, time, pid, tgid, own, start);
+		if (wire_process_exit(s, c, task, time, tgid, shell_code(code), start))
+			return 0;
+		/* the image is not ASCII: the event below, which user space writes (its thread exit is done) */
+		fill(&s->e, ETWMON_EXIT_PROCESS, task);
+		s->e.tid = tgid;
+		s->e.start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
+		s->e.exit_code = code;
+		emit(s, 0);
+		return 0;
+	}
 	if (pid == tgid && execing && execing != task) {
 		/* A non-leader thread is exec'ing and the old leader dies for it (de_thread): the process lives
 		 * on under its pid, and the exec'ing thread's old id is the one that goes away. */
@@ -349,10 +629,10 @@ int BPF_PROG(etwmon_exit, struct task_struct *task)
 		emit(s, 0);
 		return 0;
 	}
-	/* do_exit() has already decremented signal->live: 0 means this was the last thread (pid == tgid is
-	 * not that: the leader may end first, and a non-leader exec makes the old leader exit). */
-	if (BPF_CORE_READ(sig, live.counter) == 0) {
+	if (last) {
 		fill(&s->e, ETWMON_EXIT_PROCESS, task);
+		/* the process started when its leader did (this thread may be another, started later) */
+		s->e.start_boottime = BPF_CORE_READ(task, group_leader, start_boottime);
 		/* what wait() reports for the process (wait_task_zombie) */
 		if (BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT)
 			s->e.exit_code = BPF_CORE_READ(sig, group_exit_code);
@@ -366,4 +646,20 @@ int BPF_PROG(etwmon_exit, struct task_struct *task)
 	s->e.exit_code = BPF_CORE_READ(task, exit_code);
 	emit(s, 0);
 	return 0;
+}
+
+/* Where the tracepoint passes group_dead (do_exit's atomic_dec_and_test of signal->live: true for exactly one
+ * thread of a process). The loader picks this program or the next one from the kernel's BTF. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(etwmon_exit_group_dead, struct task_struct *task, bool group_dead)
+{
+	return task_exit(task, group_dead);
+}
+
+/* Older kernels: signal->live as read at the tracepoint. do_exit() decremented it earlier, so when threads
+ * of an exit_group end at the same moment two of them may both read 0 (the reason to prefer group_dead). */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(etwmon_exit, struct task_struct *task)
+{
+	return task_exit(task, BPF_CORE_READ(task, signal, live.counter) == 0);
 }

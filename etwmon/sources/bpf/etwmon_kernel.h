@@ -67,8 +67,21 @@ struct path {
 	struct dentry *dentry;
 };
 
+struct super_block {
+	__u32 s_dev;
+	unsigned long s_magic;
+};
+
+struct inode {
+	unsigned short i_mode;
+	unsigned int i_nlink;
+	unsigned long i_ino;
+	struct super_block *i_sb;
+};
+
 struct file {
 	struct path f_path;
+	struct inode *f_inode;
 };
 
 struct fs_struct {
@@ -119,6 +132,32 @@ struct css_set {
 	struct cgroup *dfl_cgrp;
 };
 
+struct ns_common {
+	unsigned int inum;
+};
+
+struct mnt_namespace {
+	struct ns_common ns;
+};
+
+struct pid_namespace {
+	struct ns_common ns;
+};
+
+struct nsproxy {
+	struct mnt_namespace *mnt_ns;
+};
+
+struct upid {
+	int nr;
+	struct pid_namespace *ns;
+};
+
+struct pid {
+	unsigned int level;
+	struct upid numbers[1];
+};
+
 struct task_struct {
 	pid_t pid;
 	pid_t tgid;
@@ -133,6 +172,8 @@ struct task_struct {
 	const struct cred *cred;
 	struct fs_struct *fs;
 	struct css_set *cgroups;
+	struct nsproxy *nsproxy;
+	struct pid *thread_pid;
 	kuid_t loginuid;
 	unsigned int sessionid;
 };
