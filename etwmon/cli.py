@@ -139,6 +139,15 @@ def _host_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _nats_url(text: str) -> str:
+    from .fleet.wire import FleetError, check_server_url
+
+    try:
+        return check_server_url(text)
+    except FleetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _hash_algorithms(text: str) -> str:
     from .hashes import parse_algorithms
 
@@ -235,7 +244,7 @@ def _build_parser() -> _Parser:
     tail_.add_argument("--format", choices=sorted(RENDERERS), default=None,
                        help="text (default: one line per event, its date and time in ISO-8601 UTC, e.g. "
                             "2026-12-06T23:17:12.123Z), json, or ecs (Elastic Common Schema documents, one per line)")
-    tail_.add_argument("--from", dest="servers", action="append", metavar="URL",
+    tail_.add_argument("--from", dest="servers", action="append", metavar="URL", type=_nats_url,
                        help="read the fleet's events from NATS JetStream at nats://HOST:PORT instead of a local "
                             "source (repeat for a cluster's servers); see docs/fleet.md")
     tail_.add_argument("--replay", metavar="FILE",
@@ -289,7 +298,7 @@ def _build_parser() -> _Parser:
                     "JetStream stream (made if absent). Records wait in the ring while the server is away.",
         epilog="Credentials: --auth-file or the ETWMON_NATS_* environment variables, never argv. "
                "Reference: docs/fleet.md.")
-    ship.add_argument("--to", dest="servers", action="append", required=True, metavar="URL",
+    ship.add_argument("--to", dest="servers", action="append", required=True, metavar="URL", type=_nats_url,
                       help="nats://HOST:PORT (or tls://); repeat for the servers of a cluster")
     ship.add_argument("--host-id", type=_host_id, metavar="NAME",
                       help="this host's name in the fleet (default: the hostname, dots made '_')")
@@ -313,6 +322,11 @@ def _build_parser() -> _Parser:
     ship.add_argument("--batch-wait", type=_seconds(0, MAX_BATCH_WAIT, True), default=DEFAULT_BATCH_WAIT,
                       metavar="SECONDS",
                       help=f"let a batch gather this long after its first record (default: {DEFAULT_BATCH_WAIT})")
+    ship.add_argument("--stats", action="store_true",
+                      help="print a status line (rate, ring fill, lost, dropped, sent) on stderr periodically")
+    ship.add_argument("--stats-interval", type=_seconds(0, MAX_STATS_INTERVAL, False), metavar="SECONDS",
+                      help="seconds between --stats lines (default: 5), and between the lines saying the server "
+                           "is out of reach while it is (default: 30)")
     _nats_options(ship)
 
     sources = commands.add_parser("sources", help="which event sources work here, and why the others don't",
@@ -652,16 +666,11 @@ def _ship(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> int
                       max_bytes=max_bytes, rules=rules)
     shipper = fleet.Shipper(monitor, args.servers, args.host_id, stream=args.stream, auth=auth,
                             max_age=args.retention_age, max_bytes=args.retention_bytes, replicas=args.replicas,
-                            create_stream=not args.no_create_stream, batch_wait=args.batch_wait)
-    with monitor:
-        stats = shipper.run(stop_signals=True, on_ready=lambda: say(
-            err, f"shipping to {shipper.describe()} (source: {monitor.source.name}, ring: "
-                 f"{monitor.ring.max_items} records); Ctrl-C to stop"))
-        ring = monitor.stats
-    unsent = f", {stats.unsent} not sent (the server stayed away)" if stats.unsent else ""
-    say(err, f"stopped: {stats.batches} batches, {stats.records} records sent, {ring.lost} missed, "
-             f"{ring.dropped} dropped{unsent}")
-    return EXIT_RUNTIME if stats.unsent else EXIT_OK
+                            create_stream=not args.no_create_stream, batch_wait=args.batch_wait,
+                            away_report=args.stats_interval or 30.0)
+    from .fleet.command import run_ship
+
+    return run_ship(monitor, shipper, err, (args.stats_interval or 5.0) if args.stats else None)
 
 
 def _load_rules(path: str):

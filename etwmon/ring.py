@@ -4,6 +4,15 @@ Records live back to back in a preallocated numpy ``uint8`` arena used as a circ
 wrap around its end); a numpy int64 slot table holds each record's end position in that stream. Both are fixed
 by the caps, so memory does not grow with the event rate. ``readinto`` finds how many whole records fit with
 one binary search over the slot table and moves them with one or two slice copies, not a loop per record.
+
+A loss sits where it happened. ``push_lost`` marks the stream position between the last record pushed and the
+next one; a full ring that drops its oldest records marks the position they leave behind, just before the oldest
+record it keeps — which is where they were in the stream: everything before that point that a reader has not
+taken is gone, so a reader sees ``[..., what it read before, RecordsLost n, oldest record kept, ...]``. Marks that
+meet at one position (drops that reach a ``push_lost`` mark, repeated ``push_lost`` calls with nothing pushed
+between) are one RecordsLost record with the sum. Its Time is when the source reported the loss; for drops alone,
+the Time of the oldest record kept (the first after them: the bytes of those dropped are already overwritten), so
+the stream keeps its order in time.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import operator
 import threading
 from bisect import bisect_left, bisect_right
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,15 +115,22 @@ class EventRing:
         self._tail_pos = 0  # stream position where the next record goes
         self._tail_slot = 0  # slot the next record's end goes to
         self._read = self._dropped = self._lost = 0
-        self._pending_lost = 0  # lost + dropped not yet reported in-band
+        self._pending_lost = 0  # not yet reported in-band: the marks' counts (+ drops not yet marked, below)
+        # Loss marks, oldest first: [stream position, count, Time]. A mark at position p is read out as a
+        # RecordsLost record just before the record that starts at p (or after everything, at the tail).
+        self._marks: deque[list[int]] = deque()
+        # Drops happen at the front, so their mark is always at _head_pos: _dropped - _drops_marked of them (plus
+        # _head_lost from marks they reached, the latest Time of those in _head_time), made a mark only when
+        # read, so a full ring's push only counts.
+        self._drops_marked = self._head_lost = self._head_time = 0
 
     # -- producer --------------------------------------------------------------------------------------
 
     def push(self, record) -> None:
         """Append one encoded record (its header's Size must equal its length).
 
-        A full ring (either cap) first drops its oldest records, counted in ``stats.dropped`` and reported to
-        the next reader as a RecordsLost record. Raises ``RecordFormatError`` (and changes nothing) on a record
+        A full ring (either cap) first drops its oldest records, counted in ``stats.dropped`` and reported
+        in-band as a RecordsLost record where they were: just before the oldest record kept. Raises ``RecordFormatError`` (and changes nothing) on a record
         that is too short, whose Size disagrees with its length, or that is larger than ``max_bytes``, and
         ``TypeError`` on something that is not bytes-like. Any C-contiguous buffer counts by its bytes (a numpy
         array of another item type too).
@@ -148,17 +165,23 @@ class EventRing:
             self._tail_pos = end
 
     def push_lost(self, count: int) -> None:
-        """Record that a source missed ``count`` records: counted in ``stats.lost`` and reported to the next
-        reader in the same RecordsLost record as the ring's own drops. ``count`` is a whole number >= 0
-        (``TypeError``/``ValueError`` otherwise, and nothing changes)."""
+        """Record that a source missed ``count`` records just now: counted in ``stats.lost`` and read out as a
+        RecordsLost record after the records pushed so far and before the next one. ``count`` is a whole
+        number >= 0 (``TypeError``/``ValueError`` otherwise, and nothing changes)."""
         if type(count) is not int:
             count = _whole_count(count)
         if count < 0:
             raise ValueError(f"push_lost() takes a count of records >= 0, not {count}")
         if count:
+            now = filetime_now()
             with self._lock:
                 self._lost += count
                 self._pending_lost += count
+                marks = self._marks
+                if marks and marks[-1][0] == self._tail_pos:
+                    marks[-1][1] += count
+                else:
+                    marks.append([self._tail_pos, count, now])
 
     def _reject(self, record) -> None:
         if len(record) < HEADER_SIZE:
@@ -232,8 +255,12 @@ class EventRing:
             start = self._tail_pos
             end = start + n
             if first:
-                # Even the batch's own older records did not fit: nothing held before them can stay.
-                self._make_room_for(end, max_items)
+                # Even the batch's own older records did not fit: nothing held before them can stay, and the
+                # batch's dropped records join the same mark, at the start of what it keeps.
+                self._make_room_for(end, max_items)  # the head is now at ``start``
+                self._dropped += first
+                if self._marks and self._marks[0][0] <= start:
+                    self._take_marks(start)
             elif self._count + keep > max_items or end - self._head_pos > cap:
                 self._make_room_for(end, keep)
             at = start % cap
@@ -252,8 +279,6 @@ class EventRing:
             self._tail_slot = (slot + keep) % max_items
             self._count += keep
             self._tail_pos = end
-            self._dropped += first
-            self._pending_lost += first
 
     def _make_room(self, end: int) -> None:
         """Drop the oldest records until the one ending at stream position ``end`` fits (lock held). A loop:
@@ -266,8 +291,10 @@ class EventRing:
             count -= 1
             dropped += 1
         self._head, self._head_pos, self._count = head, head_pos, count
-        self._dropped += dropped
-        self._pending_lost += dropped
+        if dropped:
+            self._dropped += dropped
+            if self._marks and self._marks[0][0] <= head_pos:
+                self._take_marks(head_pos)
 
     def _make_room_for(self, end: int, items: int) -> None:
         """``_make_room`` for a batch of ``items`` records ending at ``end``, which may drop thousands (a client
@@ -291,15 +318,34 @@ class EventRing:
             self._head = (last + 1) % max_items
             self._count = count - drop
             self._dropped += drop
-            self._pending_lost += drop
+            if self._marks and self._marks[0][0] <= self._head_pos:
+                self._take_marks(self._head_pos)
+
+    def _take_marks(self, pos: int) -> None:
+        """Records dropped from the front up to ``pos`` reached the marks at or before it (lock held): those
+        losses sat among the dropped records and join the same RecordsLost record."""
+        marks = self._marks
+        while marks and marks[0][0] <= pos:
+            _, count, time = marks.popleft()
+            self._head_lost += count
+            if time > self._head_time:
+                self._head_time = time
+
+    def _time_of(self, pos: int) -> int:
+        """The Time field of the record held at stream position ``pos``."""
+        cap = self.max_bytes
+        at = (pos + 8) % cap
+        if at + 8 <= cap:
+            return int.from_bytes(self._mem[at:at + 8], "little", signed=True)
+        return int.from_bytes(bytes(self._mem[at:]) + bytes(self._mem[:at + 8 - cap]), "little", signed=True)
 
     # -- readers ---------------------------------------------------------------------------------------
 
     def readinto(self, buffer) -> int:
         """Copy as many whole records as fit into ``buffer``, oldest first, and return the byte count.
 
-        The first record that does not fit stays for the next call. After losses the copy starts with one
-        RecordsLost record. Returns 0 when the ring is empty; raises ``BufferTooSmall`` (consuming nothing)
+        The first record that does not fit stays for the next call. Losses are RecordsLost records where they
+        happened (see the module's note), so one copy may hold several. Returns 0 when the ring is empty; raises ``BufferTooSmall`` (consuming nothing)
         when not even one record fits, and ``TypeError`` for a read-only buffer.
         """
         return self._copy_out(buffer, None)[0]
@@ -310,7 +356,9 @@ class EventRing:
 
         ``ends`` is a writable int64 array with room for ``len(buffer) // 16 + 1`` entries; entry i gets the
         end offset of record i in ``buffer``. Returns (bytes, records, lost): ``lost`` is the count of the
-        leading RecordsLost record (then record 0), or 0 when there is none.
+        leading RecordsLost record (then record 0), or 0 when there is none. A copy stops just before any
+        other loss, so a RecordsLost record only ever leads a batch and whoever passes batches on (``push_lost``
+        then ``push_batch``) keeps every loss where it was.
         """
         if len(ends) < len(memoryview(buffer).cast("B")) // HEADER_SIZE + 1:
             raise ValueError(f"ends needs room for len(buffer) // {HEADER_SIZE} + 1 entries")
@@ -321,23 +369,45 @@ class EventRing:
         room = len(out)
         with self._lock:
             pos = records = lost = 0
-            if self._pending_lost:
-                if room < _LOST_SIZE:
-                    raise BufferTooSmall(_LOST_SIZE, room)
-                lost = min(self._pending_lost, _MAX_LOST_COUNT)
-                out[:_LOST_SIZE] = encode_records_lost(filetime_now(), lost)
-                self._pending_lost -= lost
-                pos = _LOST_SIZE
-                if index is not None:
-                    index[0] = _LOST_SIZE
-                    records = 1
             count, max_items, cap = self._count, self.max_items, self.max_bytes
             head, head_pos = self._head, self._head_pos
-            ends = self._endv
-            while count:
+            ends, marks = self._endv, self._marks
+            at_head = self._dropped - self._drops_marked + self._head_lost
+            if at_head:  # the drops' mark, at the head; Time 0: the Time of the record after it
+                if marks and marks[0][0] <= head_pos:  # a source loss reported there since
+                    marks[0][1] += at_head
+                    marks[0][2] = max(marks[0][2], self._head_time)
+                else:
+                    marks.appendleft([head_pos, at_head, self._head_time])
+                self._pending_lost += self._dropped - self._drops_marked
+                self._drops_marked = self._dropped
+                self._head_lost = self._head_time = 0
+            while True:
+                if marks and marks[0][0] <= head_pos:
+                    mark = marks[0]
+                    if room - pos < _LOST_SIZE or (index is not None and records):
+                        break
+                    n = min(mark[1], _MAX_LOST_COUNT)
+                    when = mark[2] or (self._time_of(head_pos) if count else filetime_now())
+                    out[pos:pos + _LOST_SIZE] = encode_records_lost(when, n)
+                    pos += _LOST_SIZE
+                    self._pending_lost -= n
+                    if n == mark[1]:
+                        marks.popleft()
+                    else:
+                        mark[1] -= n
+                    if index is not None:
+                        index[0] = _LOST_SIZE
+                        records, lost = 1, n
+                    continue
+                if not count:
+                    break
+                limit = head_pos + room - pos
+                if marks and marks[0][0] < limit:
+                    limit = marks[0][0]  # the records before the next loss, then the loss
                 hi = head + count if head + count <= max_items else max_items
-                # Records head..j-1 all end within the room left: one binary search, no per-record loop.
-                j = bisect_right(ends, head_pos + room - pos, head, hi)
+                # Records head..j-1 all end within the limit: one binary search, no per-record loop.
+                j = bisect_right(ends, limit, head, hi)
                 if j == head:
                     break
                 nbytes = ends[j - 1] - head_pos
@@ -356,11 +426,12 @@ class EventRing:
                 count -= j - head
                 self._read += j - head
                 head = j if j < max_items else 0
-                if j < hi:
+                if j < hi and not (marks and marks[0][0] <= head_pos):
                     break
             self._head, self._head_pos, self._count = head, head_pos, count
-            if pos == 0 and count:
-                raise BufferTooSmall(ends[head] - head_pos, room)
+            if pos == 0 and (count or marks):
+                needed = _LOST_SIZE if marks and marks[0][0] <= head_pos else ends[head] - head_pos
+                raise BufferTooSmall(needed, room)
             return pos, records, lost
 
     # -- state -----------------------------------------------------------------------------------------
@@ -372,7 +443,7 @@ class EventRing:
     @property
     def pending_lost(self) -> int:
         """Records lost or dropped that no reader has been told about yet."""
-        return self._pending_lost
+        return self._pending_lost + self._dropped - self._drops_marked
 
     def readable(self) -> bool:
         """True when ``readinto`` would return something (records, or a RecordsLost report)."""

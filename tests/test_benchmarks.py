@@ -85,7 +85,7 @@ def test_ring_figures_are_complete_and_sane(quick_run):
     for row in ring["readinto"]:
         for key in ("ring_MBps", "naive_MBps", "ceiling_MBps", "ring_vs_naive", "ring_vs_ceiling"):
             _stat_ok(row[key], low=1e-9)
-    for key in ("ring_records_per_s", "deque_records_per_s", "ring_vs_deque"):
+    for key in ("ring_records_per_s", "deque_records_per_s", "ring_vs_deque", "full_ring_records_per_s"):
         _stat_ok(ring["push"][key], low=1e-9)
     names = {t["name"] for t in ring["targets"]}
     assert names == {"readinto 64 KiB vs naive list", "readinto 1 MiB vs copy ceiling", "push rate",

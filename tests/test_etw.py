@@ -410,7 +410,7 @@ def test_kernel_process_session_end_to_end(windows):
         assert (provider.level, provider.any_bitmask, provider.all_bitmask) == (4, 0x10 | 0x20 | 0x40, 0)
         assert windows.enabled == [(name, provider)]
         props = session.properties.get().contents
-        assert props.BufferSize == 64 and props.FlushTimer == 1 and session.ignore_exists_error is False
+        assert props.BufferSize == 256 and props.FlushTimer == 1 and session.ignore_exists_error is False
         windows.emit(
             B.kp_process_start(version=2, pid=6312, ppid=4420, image=NOTEPAD_NT, creating_pid=4420, creating_tid=77),
             B.kp_thread_start(pid=6312, tid=7720, timestamp=T0 + 1),
@@ -449,7 +449,7 @@ def test_private_kernel_logger_sessions(windows):
     with etwmon.Monitor(source=first, identity=False) as mon, etwmon.Monitor(source=second, identity=False):
         assert len(windows.sessions) == 2  # private sessions live side by side
         one_session, other = windows.sessions[first.session_name], windows.sessions[second.session_name]
-        for session, flags, kb in ((one_session, 0x7, 64), (other, 0x3, 128)):
+        for session, flags, kb in ((one_session, 0x7, 256), (other, 0x3, 128)):
             props = session.properties.get().contents
             assert session.providers == [] and props.EnableFlags == flags and props.BufferSize == kb
             assert props.FlushTimer == 1
@@ -1213,3 +1213,44 @@ def test_an_etw_module_that_is_not_pywintrace(tmp_path, monkeypatch):
     with pytest.raises(etwmon.SourceUnavailable, match=r"not pywintrace.*pip install -e \"\.\[etw\]\""):
         E._import_pywintrace()
     sys.modules.pop("etw", None), sys.modules.pop("etw.etw", None)
+
+
+# --- buffers: sized for a burst of process starts, memory said -----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", E.MODES)
+@pytest.mark.parametrize("cpus, minimum, maximum", [(1, 8, 56), (4, 8, 56), (8, 16, 64), (64, 128, 176)])
+def test_sessions_get_256_kib_buffers_and_a_pool_sized_by_cpus(windows, monkeypatch, mode, cpus, minimum, maximum):
+    monkeypatch.setattr(E, "_cpu_count", lambda: cpus)
+    source = EtwSource(mode)
+    with etwmon.Monitor(source=source, identity=False):
+        _, session = only_session(windows)
+        props = session.properties.get().contents
+        assert (props.BufferSize, props.MinimumBuffers, props.MaximumBuffers) == (256, minimum, maximum)
+        stats = source.stats()
+        assert (stats["buffer_kb"], stats["min_buffers"], stats["max_buffers"]) == (256, minimum, maximum)
+        assert stats["buffer_memory_max"] == maximum * 256 * 1024
+
+
+def test_buffer_counts_can_be_chosen_and_nonsense_is_refused(windows):
+    source = EtwSource("kernel-process", buffer_kb=1024, min_buffers=20, max_buffers=200)
+    with etwmon.Monitor(source=source, identity=False):
+        _, session = only_session(windows)
+        props = session.properties.get().contents
+        assert (props.BufferSize, props.MinimumBuffers, props.MaximumBuffers) == (1024, 20, 200)
+    for bad in (dict(min_buffers=1), dict(max_buffers=1), dict(min_buffers=30, max_buffers=20),
+                dict(min_buffers=True), dict(max_buffers=2.5), dict(max_buffers=100_000)):
+        with pytest.raises(ValueError, match="buffers"):
+            EtwSource(**bad)
+
+
+def test_what_etw_loses_with_the_new_buffers_still_reaches_the_stream(windows):
+    source = EtwSource("kernel-logger", loss_poll_seconds=0.01)
+    with etwmon.Monitor(source=source) as mon:
+        name, session = only_session(windows)
+        assert session.properties.get().contents.BufferSize == 256
+        windows.lost[name] = (3, 1)
+        seen, deadline = 0, time.monotonic() + 30
+        while seen < 4 and time.monotonic() < deadline:
+            seen += sum(e.count for e in read_events(mon, 1, timeout=0.5) if isinstance(e, RecordsLost))
+        assert seen == 4 and mon.stats.lost == 4

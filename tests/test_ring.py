@@ -35,34 +35,71 @@ def normalized(data: bytes) -> bytes:
 
 
 class ModelRing:
-    """What EventRing must do, written the plainest way: a deque, two caps, drop oldest, whole records out."""
+    """What EventRing must do, written the plainest way: a deque of records and loss counts in stream order, two
+    caps, drop oldest, whole records out. A loss count sits where it happened; dropped records become a loss
+    count where they were (the front), joined with the counts they reach."""
 
     def __init__(self, max_items: int, max_bytes: int) -> None:
-        self.items: deque[bytes] = deque()
+        self.stream: deque[bytes | int] = deque()
         self.max_items, self.max_bytes = max_items, max_bytes
-        self.dropped = self.pending = self.pushed = self.read = 0
+        self.dropped = self.pushed = self.read = 0
+
+    @property
+    def items(self) -> list[bytes]:
+        return [e for e in self.stream if isinstance(e, bytes)]
+
+    @property
+    def pending(self) -> int:
+        return sum(e for e in self.stream if isinstance(e, int))
 
     def push(self, record: bytes) -> None:
+        gone = 0
         while self.items and (len(self.items) == self.max_items
                               or sum(map(len, self.items)) + len(record) > self.max_bytes):
-            self.items.popleft()
-            self.dropped += 1
-            self.pending += 1
-        self.items.append(record)
+            entry = self.stream.popleft()
+            if isinstance(entry, bytes):
+                self.dropped += 1
+                gone += 1
+            else:
+                gone += entry
+        if gone:
+            while self.stream and isinstance(self.stream[0], int):  # a loss just after the dropped ones
+                gone += self.stream.popleft()
+            self.stream.appendleft(gone)
+        self.stream.append(record)
         self.pushed += 1
 
-    def readinto(self, size: int) -> bytes:
+    def push_lost(self, count: int) -> None:
+        if count:
+            if self.stream and isinstance(self.stream[-1], int):
+                self.stream[-1] += count
+            else:
+                self.stream.append(count)
+
+    def readinto(self, size: int, indexed: bool = False) -> bytes:
+        """``indexed``: stop before a loss that would not lead the batch (``readinto_indexed``)."""
         out = b""
-        if self.pending:
-            if size < 24:
-                raise etwmon.BufferTooSmall(24)
-            out = R.encode_records_lost(0, self.pending)
-            self.pending = 0
-        while self.items and len(out) + len(self.items[0]) <= size:
-            out += self.items.popleft()
-            self.read += 1
-        if not out and self.items:
-            raise etwmon.BufferTooSmall(len(self.items[0]))
+        records = 0
+        while self.stream:
+            entry = self.stream[0]
+            if isinstance(entry, int):
+                if len(out) + 24 > size or (indexed and records):
+                    break
+                count = min(entry, 0xFFFFFFFF)
+                out += R.encode_records_lost(0, count)
+                if count == entry:
+                    self.stream.popleft()
+                else:
+                    self.stream[0] = entry - count
+            elif len(out) + len(entry) <= size:
+                out += self.stream.popleft()
+                self.read += 1
+            else:
+                break
+            records += 1
+        if not out and self.stream:
+            entry = self.stream[0]
+            raise etwmon.BufferTooSmall(24 if isinstance(entry, int) else len(entry))
         return out
 
 
@@ -102,12 +139,17 @@ class RingMachine(RuleBasedStateMachine):
         for record in records:
             self.model.push(record)
 
+    @rule(count=st.sampled_from([0, 1, 3, 0xFFFFFFFF, 2**32 + 2]))
+    def push_lost(self, count):
+        self.ring.push_lost(count)
+        self.model.push_lost(count)
+
     @rule(size=st.integers(0, 700))
     def readinto_indexed(self, size):
         buf = bytearray(size)
         ends = np.full(size // 16 + 1, -1, dtype=np.int64)
         try:
-            expected = self.model.readinto(size)
+            expected = self.model.readinto(size, indexed=True)
         except etwmon.BufferTooSmall as want:
             with pytest.raises(etwmon.BufferTooSmall) as got:
                 self.ring.readinto_indexed(buf, ends)
@@ -118,6 +160,7 @@ class RingMachine(RuleBasedStateMachine):
         headers = R.record_headers(buf[:n])
         assert ends[:count].tolist() == (headers["offset"] + headers["Size"]).tolist()
         assert lost == (next(etwmon.parse(buf[:24])).count if count and headers["Type"][0] == LOST else 0)
+        assert LOST not in headers["Type"][1:].tolist()  # a loss only ever leads an indexed batch
 
     @rule(size=st.integers(0, 700))
     def readinto(self, size):
@@ -144,6 +187,7 @@ class RingMachine(RuleBasedStateMachine):
         assert s.bytes == sum(map(len, m.items)) <= s.max_bytes
         assert len(self.ring) == len(m.items)
         assert self.ring.readable() == bool(m.items or m.pending)
+        assert self.ring.pending_lost == m.pending
 
 
 TestRingAgainstModel = RingMachine.TestCase
@@ -221,14 +265,134 @@ def test_byte_cap_drops_oldest_and_wraps_records_around_the_arena():
     assert ring.stats.dropped == 2 and ring.stats.bytes == 0
 
 
-def test_source_losses_share_the_in_band_report():
+def read_all(ring: EventRing, size: int = 4096) -> list:
+    """Every event the ring holds, read with ``size``-byte buffers."""
+    buf, events = bytearray(size), []
+    while (n := ring.readinto(buf)):
+        events += etwmon.parse(buf[:n])
+    return events
+
+
+def shape(events) -> list:
+    """('lost', count) for a RecordsLost, the pid for a record: the order a reader sees."""
+    return [("lost", e.count) if e.type == LOST else e.pid for e in events]
+
+
+def test_a_source_loss_sits_between_the_records_around_it():
+    ring = EventRing()
+    ring.push(record_of_size(24, 1))
+    ring.push_lost(5)
+    ring.push(record_of_size(40, 3))
+    assert shape(read_all(ring)) == [1, ("lost", 5), 3]
+    assert ring.stats.lost == 5 and ring.pending_lost == 0
+
+
+@pytest.mark.parametrize("size", [40, 48, 64, 88, 100, 4096])
+def test_a_loss_keeps_its_place_across_partial_reads(size):
+    ring = EventRing()
+    ring.push(record_of_size(24, 1))
+    ring.push(record_of_size(40, 2))
+    ring.push_lost(5)
+    ring.push_lost(2)  # nothing pushed between: one report
+    ring.push(record_of_size(24, 3))
+    ring.push_lost(1)  # at the end, after everything
+    assert shape(read_all(ring, size)) == [1, 2, ("lost", 7), 3, ("lost", 1)]
+
+
+def test_a_read_that_ends_just_before_a_loss_leaves_it_for_the_next_read():
+    ring = EventRing()
+    ring.push(record_of_size(24, 1))
+    ring.push_lost(5)
+    ring.push(record_of_size(24, 2))
+    buf = bytearray(40)  # room for the record and not for the report after it
+    assert shape(etwmon.parse(buf[:ring.readinto(buf)])) == [1]
+    assert ring.pending_lost == 5 and ring.readable()
+    assert shape(read_all(ring)) == [("lost", 5), 2]
+
+
+def test_dropped_records_are_reported_where_they_were_before_the_oldest_kept():
+    # The oldest records are dropped: in the stream they sat just after what a reader already took, so
+    # that is where their report goes, ahead of the oldest record the ring still holds.
+    ring = EventRing(max_items=3)
+    ring.push(record_of_size(24, 1))
+    buf = bytearray(24)
+    assert shape(etwmon.parse(buf[:ring.readinto(buf)])) == [1]
+    for pid in range(2, 7):  # 2 and 3 are dropped for 5 and 6
+        ring.push(record_of_size(24, pid))
+    ring.push_lost(4)
+    ring.push(record_of_size(24, 7))  # drops 4: a third drop, still just before 5
+    assert shape(read_all(ring)) == [("lost", 3), 5, 6, ("lost", 4), 7]
+    assert ring.stats.dropped == 3 and ring.stats.lost == 4
+
+
+def test_drops_that_reach_a_source_loss_join_it_in_one_report():
     ring = EventRing(max_items=2)
     for i in range(3):
+        ring.push(record_of_size(24, i))  # 0 dropped
+    ring.push_lost(5)  # after 1 and 2
+    ring.push(record_of_size(24, 3))  # drops 1: not yet at the loss
+    assert shape(read_all(ring)) == [("lost", 2), 2, ("lost", 5), 3]
+    for i in range(10, 12):
         ring.push(record_of_size(24, i))
+    ring.push_lost(5)  # after 10 and 11
+    ring.push(record_of_size(24, 12))
+    ring.push(record_of_size(24, 13))  # 10 and 11 dropped: they reach the loss after them
+    assert shape(read_all(ring)) == [("lost", 7), 12, 13]
+    assert ring.stats.lost == 10 and ring.stats.dropped == 4
+
+
+def test_a_batch_too_big_for_the_ring_reports_its_drops_before_what_it_keeps():
+    ring = EventRing(max_items=3)
+    ring.push(record_of_size(24, 1))
+    ring.push_lost(2)
+    records = [record_of_size(24, pid) for pid in range(10, 30)]
+    ring.push_batch(b"".join(records), np.cumsum([24] * 20))
+    # 1, the loss after it and the batch's first 17 are gone: one report where they were
+    assert shape(read_all(ring)) == [("lost", 1 + 2 + 17), 27, 28, 29]
+
+
+def test_indexed_reads_stop_before_a_loss_so_batches_passed_on_keep_it_in_place():
+    ring = EventRing()
+    ring.push(record_of_size(24, 1))
     ring.push_lost(5)
-    buf = bytearray(4096)
-    events = list(etwmon.parse(buf[:ring.readinto(buf)]))
-    assert events[0].count == 6 and ring.stats.lost == 5 and ring.stats.dropped == 1
+    ring.push(record_of_size(24, 2))
+    buf, ends = bytearray(4096), np.zeros(4096 // 16 + 1, dtype=np.int64)
+    batches = []
+    while True:
+        n, count, lost = ring.readinto_indexed(buf, ends)
+        if not n:
+            break
+        batches.append((shape(etwmon.parse(buf[:n])), count, lost))
+    assert batches == [([1], 1, 0), ([("lost", 5), 2], 2, 5)]
+    # and a queue fed the way the service feeds its clients' queues ends up the same
+    queue = EventRing()
+    source = EventRing()
+    source.push(record_of_size(24, 1))
+    source.push_lost(5)
+    source.push(record_of_size(24, 2))
+    while (got := source.readinto_indexed(buf, ends))[0]:
+        n, count, lost = got
+        first = 1 if lost else 0
+        queue.push_lost(lost)
+        if count > first:
+            offset = int(ends[0]) if lost else 0
+            queue.push_batch(buf[offset:n], ends[first:count] - offset)
+    assert shape(read_all(queue)) == [1, ("lost", 5), 2]
+
+
+def test_a_loss_report_carries_the_time_of_where_it_sits():
+    ring = EventRing(max_items=2)
+    before = R.filetime_now()
+    ring.push(R.encode_process_exit(1000, 1, 0))
+    ring.push_lost(1)  # the time the source said so
+    after = R.filetime_now()
+    ring.push(R.encode_process_exit(2000, 2, 0))
+    ring.push(R.encode_process_exit(3000, 3, 0))  # drops pid 1 (Time 1000), which reaches the loss mark
+    lost = read_all(ring)[0]
+    assert lost.count == 2 and before <= lost.filetime <= after
+    for time in (4000, 5000, 6000, 7000):  # drops 4000 and 5000: the oldest record kept says when
+        ring.push(R.encode_process_exit(time, time, 0))
+    assert [(e.type, e.filetime) for e in read_all(ring)] == [(LOST, 6000), (2, 6000), (2, 7000)]
 
 
 def test_huge_losses_are_split_into_ulong_reports():
@@ -390,7 +554,7 @@ def test_push_lost_refuses_what_is_not_a_count_and_the_ring_stays_readable(count
         ring.push_lost(count)
     assert ring.stats == before and ring.pending_lost == 2
     buf = bytearray(100)
-    lost, record = R.parse(buf[:ring.readinto(buf)])  # not wedged: the next read works and is exact
+    record, lost = R.parse(buf[:ring.readinto(buf)])  # not wedged: the next read works and is exact
     assert lost.count == 2 and record.pid == 1
 
 

@@ -60,7 +60,7 @@ class FleetAuth:
 
             if importlib.util.find_spec("nkeys") is None:  # nats-py signs the server's nonce with it
                 raise FleetError("nkey and credentials-file authentication need the nkeys package: "
-                                 "pip install nkeys")
+                                 "pip install 'etwmon[nats]'")
             if self.nkey_seed_file:
                 opts["nkeys_seed"] = self.nkey_seed_file
             if self.creds_file:

@@ -18,6 +18,7 @@ from ..errors import Error, RecordFormatError
 from ..records import HEADER_SIZE, Event, ItemType, RecordsLost, filetime_now, parse, record_headers
 from .auth import FleetAuth, _connect
 from .wire import (
+    MAX_FILETIME, MIN_FILETIME, describe_servers, no_jetstream, no_jetstream_error,
     DEFAULT_STREAM, H_BOOT, H_COUNT, H_HOST, H_RUN, H_SEQ, H_SOURCE, H_TOTAL, SUBJECT_PATTERN, _HOST_ID, _TOKEN,
     FleetError, _describe_url, _nats, check_host_id, parse_since, subject_for,
 )
@@ -77,6 +78,12 @@ class _HostState:
     run: str
     seq: int
     total: int
+    # Runs of this host that a newer run replaced (bounded): a late batch of one is refused. A run id is only
+    # ever compared for equality: its leading clock reading says nothing once a clock has stepped back.
+    replaced: dict[str, None] = field(default_factory=dict)
+
+
+_REPLACED_RUNS = 64  # runs remembered per host
 
 
 _MAX_LOST_COUNT = 0xFFFFFFFF  # RecordsLost's Count is a ULONG
@@ -111,6 +118,17 @@ def _header_token(headers: Mapping[str, str], name: str) -> str:
     if not _TOKEN.fullmatch(text):
         raise _BadMessage("malformed", f"{name} {text[:40]!r} is not a plain token")
     return text
+
+
+def _check_times(events: list[Event], seq: int, run: str) -> None:
+    """Refuse a batch with a time no one could show (before 1601, or past year 9998): every formatter turns a
+    FILETIME into a date."""
+    for index, event in enumerate(events):
+        for name in ("filetime", "start_filetime"):
+            value = getattr(event, name, None)
+            if value is not None and not MIN_FILETIME <= value < MAX_FILETIME:
+                raise _BadMessage("malformed", f"batch {seq} of run {run}: record {index} has a {name} of {value}, "
+                                               "outside 1601-01-01 .. 9999-01-01")
 
 
 class FleetConsumer:
@@ -172,9 +190,14 @@ class FleetConsumer:
         return SUBJECT_PATTERN
 
     def open(self) -> "FleetConsumer":
-        """Connect and make the server-side consumer (``FleetError`` on refused credentials, no stream)."""
+        """Connect and make the server-side consumer (``FleetError`` on refused credentials, no JetStream, no
+        stream; it may be opened again after)."""
         if self._nc is None:
-            self._loop.run_until_complete(self._open())
+            try:
+                self._loop.run_until_complete(self._open())
+            except BaseException:
+                self._nc = self._js = None
+                raise
         return self
 
     def __enter__(self) -> "FleetConsumer":
@@ -218,8 +241,13 @@ class FleetConsumer:
             await self._js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             await self._nc.close()
-            raise FleetError(f"there is no stream {self.stream} on {_describe_url(str(self.url))} yet "
-                             "(etwmon ship creates it)") from None
+            raise FleetError(f"there is no stream {self.stream} on {describe_servers(self.url)} yet: nothing was "
+                             "shipped there (etwmon ship creates it)") from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            await self._nc.close()
+            if no_jetstream(exc):
+                raise no_jetstream_error(self.url) from None
+            raise FleetError(f"JetStream on {describe_servers(self.url)} is unavailable: {exc.description}") from None
         await self._subscribe(first=True)
 
     def _config(self, start_seq: int | None):
@@ -409,9 +437,13 @@ class FleetConsumer:
         try:
             return self._check(host, stats, headers, body)
         except _BadMessage as bad:
-            stats.malformed += 1
-            self.notices += 1
-            return [FleetNotice(host, bad.kind, str(bad))]
+            kind, text = bad.kind, str(bad)
+        except Exception as exc:  # whatever a hostile message finds: it is that message's fault, never the reader's
+            log.debug("message on %s refused", subject, exc_info=True)
+            kind, text = "malformed", f"{type(exc).__name__}: {exc}"[:300]
+        stats.malformed += 1
+        self.notices += 1
+        return [FleetNotice(host, kind, text)]
 
     def _check(self, host: str, stats: HostStats, headers: Mapping[str, str], body: bytes) -> list:
         claimed = headers.get(H_HOST)
@@ -428,6 +460,9 @@ class FleetConsumer:
             events = list(parse(body))
         except RecordFormatError as exc:
             raise _BadMessage("malformed", f"batch {seq} of run {run}: {exc}") from None
+        except Exception as exc:  # parse is meant to raise only RecordFormatError; a reader does not rely on it
+            raise _BadMessage("malformed", f"batch {seq} of run {run}: {type(exc).__name__}: {exc}"[:300]) from None
+        _check_times(events, seq, run)
         if len(events) != count:
             raise _BadMessage("malformed", f"batch {seq} of run {run} holds {len(events)} records, its "
                                            f"{H_COUNT} says {count}")
@@ -442,8 +477,8 @@ class FleetConsumer:
         gap = 0
         if state is None or state.run != run:
             if state is not None:
-                if run < state.run:
-                    raise _BadMessage("malformed", f"batch {seq} of an older run {run} after run {state.run}")
+                if run in state.replaced:
+                    raise _BadMessage("malformed", f"batch {seq} of run {run}, which run {state.run} replaced")
                 stats.restarts += 1
                 self.notices += 1
                 out.append(FleetNotice(host, "restarted",
@@ -453,7 +488,12 @@ class FleetConsumer:
                 if gap > _MAX_LOST_COUNT:
                     raise _BadMessage("malformed", f"batch {seq} of run {run} claims {gap} events before it")
                 stats.batches_lost += seq - 1
-            state = self._state[host] = _HostState(boot, run, seq, total)
+            replaced = state.replaced if state is not None else {}
+            if state is not None:
+                replaced[state.run] = None
+                while len(replaced) > _REPLACED_RUNS:
+                    del replaced[next(iter(replaced))]
+            state = self._state[host] = _HostState(boot, run, seq, total, replaced)
         else:
             if seq <= state.seq:
                 stats.duplicates += 1

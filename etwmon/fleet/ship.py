@@ -9,6 +9,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from ..errors import Error
@@ -16,8 +17,8 @@ from ..records import HEADER_SIZE, ItemType
 from .auth import FleetAuth, _connect
 from .wire import (
     DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_STREAM, DUPLICATE_WINDOW, H_BOOT, H_COUNT, H_FIRST, H_HOST, H_LAST,
-    H_MSG_ID, H_RUN, H_SEQ, H_SOURCE, H_TOTAL, SUBJECT_PATTERN, _TOKEN, FleetError, _boot_id, _describe_url, _nats,
-    check_host_id, default_host_id, subject_for,
+    H_MSG_ID, H_RUN, H_SEQ, H_SOURCE, H_TOTAL, SUBJECT_PATTERN, _TOKEN, FleetError, _boot_id, _nats,
+    check_host_id, default_host_id, describe_servers, no_jetstream, no_jetstream_error, subject_for,
 )
 
 __all__ = ["Shipper", "ShipperStats"]
@@ -43,6 +44,7 @@ class ShipperStats:
     duplicates: int = 0  # acknowledgements saying JetStream already had the batch (a retry that had landed)
     unsent: int = 0  # records left when stopping while the server stayed away (logged as an error)
     connected: bool = False
+    ever_connected: bool = False  # reached the server at least once (else nothing could be delivered)
 
 
 def _batch_summary(body: memoryview) -> tuple[int, int, int, int, int]:
@@ -77,7 +79,7 @@ class Shipper:
                  stream: str = DEFAULT_STREAM, auth: FleetAuth | None = None, max_age: float = DEFAULT_MAX_AGE,
                  max_bytes: int = DEFAULT_MAX_BYTES, replicas: int = 1, create_stream: bool = True,
                  batch_bytes: int = 0x10000, batch_wait: float = 0.01, publish_timeout: float = 2.0,
-                 max_backoff: float = 2.0, drain_timeout: float = 10.0) -> None:
+                 max_backoff: float = 2.0, drain_timeout: float = 10.0, away_report: float = 30.0) -> None:
         self.monitor = monitor
         self.url = url
         self.host = check_host_id(host_id or default_host_id())
@@ -90,26 +92,53 @@ class Shipper:
         self.create_stream = create_stream
         self.batch_wait, self.publish_timeout, self.max_backoff = batch_wait, publish_timeout, max_backoff
         self.drain_timeout = drain_timeout
+        if not away_report > 0:
+            raise ValueError(f"away_report must be > 0 seconds, not {away_report!r}")
+        self.away_report = away_report
         self._give_up_at = float("inf")
         self.boot = _boot_id()
-        # Runs of one host sort by start time, so a consumer can tell the newer run.
+        # Unique per run (a consumer only compares run ids for equality); the start time in it is for people.
         self.run_id = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         self._buf = bytearray(batch_bytes)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: FleetError | None = None
         self._denied = ""  # the last permissions violation the server reported
-        self._connected = False
+        self._connected = self._ever_connected = False
+        self._away_since: float | None = None  # wall-clock time since when the server is out of reach
+        self._away_why = ""  # what the last attempt to reach it said
         self._seq = self._total = 0
         self._counts = dict(batches=0, records=0, bytes=0, lost_reported=0, retries=0, duplicates=0, unsent=0)
 
     def describe(self) -> str:
-        servers = [self.url] if isinstance(self.url, str) else list(self.url)
-        return f"{', '.join(map(_describe_url, servers))} as {self.host} (stream {self.stream})"
+        return f"{describe_servers(self.url)} as {self.host} (stream {self.stream})"
 
     @property
     def stats(self) -> ShipperStats:
-        return ShipperStats(host=self.host, run=self.run_id, connected=self._connected, **self._counts)
+        return ShipperStats(host=self.host, run=self.run_id, connected=self._connected,
+                            ever_connected=self._ever_connected, **self._counts)
+
+    def away_text(self) -> str | None:
+        """While the server is out of reach, one line saying so: which server, since when, why, and what waits
+        (records in the ring; dropped and missed so far). None while connected."""
+        since = self._away_since
+        if since is None:
+            return None
+        ring = self.monitor.stats
+        when = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        why = f" ({self._away_why})" if self._away_why else ""
+        return (f"cannot reach {describe_servers(self.url)} since {when}{why}; still trying: {ring.items} records "
+                f"waiting in the ring, {ring.dropped} dropped, {ring.lost} missed")
+
+    async def _report_while_away(self) -> None:
+        """Every ``away_report`` seconds the server stays out of reach, log ``away_text``."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.away_report)
+            except asyncio.TimeoutError:
+                text = self.away_text()
+                if text is not None:
+                    log.warning("%s", text)
 
     def stop(self) -> None:
         """Ask ``run`` to stop the Monitor, send what its ring holds and return (thread-safe)."""
@@ -137,6 +166,7 @@ class Shipper:
 
         def on_error(exc: Exception) -> None:
             text = str(exc)
+            self._away_why = (text or type(exc).__name__)[:200]
             if "permissions violation" in text.lower():
                 self._denied = text
             if "permissions violation" in text.lower() and self.subject in text:
@@ -151,21 +181,32 @@ class Shipper:
         def disconnected() -> None:
             if self._connected:  # (not when closing)
                 log.warning("lost the connection to NATS; records wait in the ring")
+                self._away_since, self._away_why = time.time(), ""
             self._connected = False
 
         def reconnected() -> None:
             self._connected = True
+            self._away_since = None
             log.warning("reconnected to NATS")
 
-        nc = await _connect(self.url, self.auth, f"etwmon-ship-{self.host}", on_error,
-                            on_disconnect=disconnected, on_reconnect=reconnected, stop=self._stop)
-        if nc is None:
-            return self.stats
-        self._connected = True
+        self._away_since = time.time()
+        reporter = asyncio.ensure_future(self._report_while_away())
+        try:
+            nc = await _connect(self.url, self.auth, f"etwmon-ship-{self.host}", on_error,
+                                on_disconnect=disconnected, on_reconnect=reconnected, stop=self._stop)
+            if nc is None:  # stopped before any server answered: all the ring holds stays unsent
+                self._counts["unsent"] += len(self.monitor.ring)
+                return self.stats
+            self._connected = self._ever_connected = True
+            self._away_since = None
+            return await self._connected_run(nc, nats, until, on_ready)
+        finally:
+            reporter.cancel()
+
+    async def _connected_run(self, nc, nats, until, on_ready) -> ShipperStats:
         try:
             js = nc.jetstream(timeout=self.publish_timeout)
-            if self.create_stream:
-                await self._ensure_stream(js, nats)
+            await self._ensure_stream(js, nats)
             if on_ready is not None:
                 on_ready()
             await self._ship(js, nats, until)
@@ -184,7 +225,14 @@ class Shipper:
             await js.stream_info(self.stream)
             return
         except nats.js.errors.NotFoundError:
-            pass
+            if not self.create_stream:
+                log.warning("there is no stream %s yet; publishing anyway (an administrator makes it)", self.stream)
+                return
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if no_jetstream(exc):
+                raise no_jetstream_error(self.url) from None
+            log.warning("could not check stream %s (%s); publishing anyway", self.stream, exc.description or exc)
+            return
         except unanswered as exc:  # not allowed to ask, or JetStream busy (a cluster electing): publish anyway
             log.warning("could not check stream %s (%s); publishing anyway", self.stream,
                         self._denied or type(exc).__name__)

@@ -14,6 +14,7 @@ import re
 import socket
 import uuid
 from datetime import datetime, timedelta, timezone
+from typing import Sequence
 
 from ..errors import Error
 
@@ -126,3 +127,48 @@ def parse_since(text: str, now: datetime | None = None) -> datetime | None:
 
 def _describe_url(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)  # never repeat a password given in the URL
+
+
+def describe_servers(url: str | Sequence[str]) -> str:
+    """The server URL(s) as a person reads them: comma-separated, any password left out."""
+    return ", ".join(map(_describe_url, [url] if isinstance(url, str) else list(url)))
+
+
+_SCHEMES = ("nats", "tls")
+
+
+def check_server_url(url: str) -> str:
+    """``url`` if it names a NATS server (``nats://HOST[:PORT]`` or ``tls://HOST[:PORT]``), else ``FleetError``:
+    another scheme would only fail later, as a DNS or protocol error."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme.lower() in _SCHEMES and bool(parts.hostname) and url.lower().startswith(
+            tuple(f"{s}://" for s in _SCHEMES))
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number in range)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise FleetError(f"{_describe_url(url)!r} is not a NATS server URL: give nats://HOST:PORT "
+                         "(or tls://HOST:PORT)")
+    return url
+
+
+def no_jetstream(exc: BaseException) -> bool:
+    """True when ``exc`` (from a JetStream API call) means nothing answers the JetStream API at all: the server
+    runs without JetStream. A JetStream that is there but busy (a cluster electing) answers with an error code."""
+    errors = _nats().js.errors
+    return isinstance(exc, errors.ServiceUnavailableError) and exc.err_code is None and not exc.description
+
+
+def no_jetstream_error(url: str | Sequence[str]) -> FleetError:
+    return FleetError(f"{describe_servers(url)} has no JetStream, which keeps the fleet's batches: turn it on in "
+                      'the server\'s configuration (Debian: /etc/nats-server.conf), e.g. listen: "0.0.0.0:4222" '
+                      'and jetstream { store_dir: "/var/lib/nats" }, then restart nats-server (docs/fleet.md)')
+
+
+#: The record times a consumer accepts: from FILETIME 0 (1601-01-01) to the start of year 9999, so that every
+#: time shown, in any zone, is a date Python (and JSON readers) can hold.
+MIN_FILETIME = 0
+MAX_FILETIME = 252_455_616_000_000_000  # 9999-01-01T00:00:00Z
