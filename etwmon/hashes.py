@@ -190,7 +190,7 @@ class HashStage:
         self._push = sink.push
         self.push_lost = sink.push_lost
         self.notify = sink.notify
-        if hasattr(sink, "push_batch"):  # batches hold thread records and exits only: nothing to hash there
+        if hasattr(sink, "push_batch"):  # the identity stage keeps creates out of batches (batch_creates)
             self.push_batch = sink.push_batch
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="etwmon-hashes", daemon=True)
