@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import struct
 from dataclasses import dataclass
 from typing import Iterable
@@ -317,6 +318,9 @@ class IdentityStage:
         #: from the batches when it is read (``ancestors``, ``process``) and gives them there (docs/identity.md).
         self.lean = bool(lean)
         self._users: dict[int, bytes | None] = {}  # uid -> the packed User field (None: no name)
+        # Lean: a reader (ancestors) may apply the noted records while the source's thread notes more or pushes
+        # one; this lock keeps them apart (taken once per batch, or per record pushed one by one).
+        self._lock = threading.Lock()
         self._push_batch = None
         self._batch_creates = True
         if sink is not None:
@@ -445,8 +449,9 @@ class IdentityStage:
         if not creates and not self._pending:
             self._note_exits(raw, starts, ends)
             return
-        self._pending.append((raw, starts, ends))
-        self._pending_count += len(starts)
+        with self._lock:
+            self._pending.append((raw, starts, ends))
+            self._pending_count += len(starts)
         if self._pending_count > _MAX_PENDING_RECORDS:
             self._apply_pending(compact=True)
 
@@ -464,10 +469,16 @@ class IdentityStage:
         within what waits are dropped first, oldest first, as many as the table would have to evict for them
         anyway, so that a storm nobody reads the table during costs little per process; they are counted as
         evicted."""
+        with self._lock:
+            self._apply_pending_locked(compact)
+
+    def _apply_pending_locked(self, compact: bool) -> None:
         pending, self._pending, self._pending_count = self._pending, [], 0
         if not pending:
             return
-        self.apply_exits()  # exits noted before the first create
+        for entry in self.table.apply_exits():  # exits noted before the first create
+            if entry.seeded:
+                self._forget_seeded(entry.pid)
         records = [(raw, int(a), int(b)) for raw, starts, ends in pending for a, b in zip(starts, ends)]
         drop = self._short_lived(records) if compact else set()
         table = self.table
@@ -557,8 +568,14 @@ class IdentityStage:
     # -- the Sink side (the source's thread) ------------------------------------------------------------
 
     def push(self, record: bytes) -> None:
-        if self._pending:  # creates that passed in batches first: this record may need them in the table
-            self._apply_pending()
+        if self.lean:
+            with self._lock:
+                self._apply_pending_locked(False)  # the creates noted before it: it may need them in the table
+                self._push_one(record)
+        else:
+            self._push_one(record)
+
+    def _push_one(self, record: bytes) -> None:
         item = record[0]
         if record[1] or item > 4 or item == 0:
             if item == 101 and record[1] == 0:
