@@ -43,7 +43,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     from etwmon.records import filetime_now, record_headers
 
     monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
-                      identity=args.identity == "on")
+                      identity="lean" if args.identity == "lean" else args.identity == "on")
     monitor.start()
     chunks: list[tuple[int, bytes]] = []  # (FILETIME when readinto returned, the bytes it gave)
     keep = not args.discard
@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max-bytes", type=int, default=None)
     e.add_argument("--buffer", type=int, default=1 << 20, help="readinto buffer size")
     e.add_argument("--discard", action="store_true", help="keep nothing (the memory benchmark)")
-    e.add_argument("--identity", choices=("on", "off"), default="on",
-                   help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost")
+    e.add_argument("--identity", choices=("on", "off", "lean"), default="on",
+                   help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost, lean "
+                        "(Monitor(identity='lean'): creates the kernel wrote pass whole)")
     e.add_argument("--mode", choices=("readinto", "parse", "parse_array"), default="readinto",
                    help="what the reader does with each buffer: nothing (readinto only), parse every record, or "
                         "parse_array")
