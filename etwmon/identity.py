@@ -62,7 +62,6 @@ _SAME_START = 250_000  # 25 ms in FILETIME ticks
 #: Process records noted from batches while creates are among them: past this many they are applied (after
 #: dropping the processes that started and ended among them, as far as the table would evict them anyway).
 _MAX_PENDING_RECORDS = 16384
-_ZERO = np.zeros(1, dtype=np.int64)
 
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
@@ -332,8 +331,9 @@ class IdentityStage:
         self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
         self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
         # Process records that passed in batches while creates were among them: (batch array, starts, ends).
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple] = []  # (record bytes, None, None) for one passed alone
         self._pending_count = 0
+        self._pending_pids: set[int] = set()  # the pids their process records name
 
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
@@ -377,8 +377,9 @@ class IdentityStage:
             if parents is not None:
                 parents &= creates
                 special = parents if special is None else special | parents
-        if has_creates and not (self.lean and self._batch_creates):  # creates one by one (see ``lean``)
-            special = creates if special is None else special | creates
+        if has_creates and not (self.lean and self._batch_creates) and self._push_batch is not None:
+            self._push_each(raw, starts, ends)  # creates one by one (see ``lean``), the rest as it is
+            return
         if special is not None and not special.any():
             special = None
         if self._push_batch is None or special is not None:
@@ -399,9 +400,39 @@ class IdentityStage:
                                               or _U32.unpack_from(record, 20)[0] in self._seeded):
             self.push(record)
             return
-        if process:
-            self._note(np.frombuffer(record, dtype=np.uint8), _ZERO, np.array([len(record)], dtype=np.int64), create)
+        if create or process and self._pending:
+            with self._lock:
+                self._pending.append((record, None, None))
+                self._pending_count += 1
+                self._pending_pids.add(pid)
+            if self._pending_count > _MAX_PENDING_RECORDS:
+                self._apply_pending(compact=True)
+        elif process and len(record) >= 52:
+            self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
         self._push(record)
+
+    def _push_each(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """A batch with creates for a stage that adds their User and parent fields: the creates and execs through
+        ``push``, thread records and exits passed on as they are (an exit marks its process exited), except those
+        of processes seeded from /proc (``push``, for the table's guid)."""
+        data = raw.tobytes()
+        push, push_one, table, seeded = self._push, self._push_one, self.table, self._seeded
+        unpack = _U32.unpack_from
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            record = data[a:b]
+            item = record[0]
+            if item == 3 or item == 4:
+                if seeded and unpack(record, 20)[0] in seeded:
+                    push_one(record)
+                else:
+                    push(record)
+            elif item == 2 and b - a >= 52 and not (seeded and unpack(record, 16)[0] in seeded):
+                entry = table.by_guid.get(record[36:52])
+                if entry is not None and not entry.exited:
+                    table.exit(entry)
+                push(record)
+            else:
+                push_one(record)
 
     def _seeded_mask(self, pids: np.ndarray) -> np.ndarray | None:
         """Which of ``pids`` are processes seeded from /proc (None when none is)."""
@@ -449,9 +480,11 @@ class IdentityStage:
         if not creates and not self._pending:
             self._note_exits(raw, starts, ends)
             return
+        pids = _u32_at(raw, starts + 16).tolist()
         with self._lock:
             self._pending.append((raw, starts, ends))
             self._pending_count += len(starts)
+            self._pending_pids.update(pids)
         if self._pending_count > _MAX_PENDING_RECORDS:
             self._apply_pending(compact=True)
 
@@ -476,16 +509,21 @@ class IdentityStage:
         pending, self._pending, self._pending_count = self._pending, [], 0
         if not pending:
             return
+        self._pending_pids = set()
         for entry in self.table.apply_exits():  # exits noted before the first create
             if entry.seeded:
                 self._forget_seeded(entry.pid)
-        records = [(raw, int(a), int(b)) for raw, starts, ends in pending for a, b in zip(starts, ends)]
+        records = [(raw, 0, len(raw)) if starts is None else (raw, a, b)
+                   for raw, starts, ends in pending for a, b in ([(0, 0)] if starts is None
+                                                                  else zip(starts.tolist(), ends.tolist()))]
         drop = self._short_lived(records) if compact else set()
         table = self.table
         for k, (raw, a, b) in enumerate(records):
             if k in drop:
                 continue
-            record = raw[a:b].tobytes()
+            record = raw[a:b]
+            if not isinstance(record, bytes):
+                record = record.tobytes()
             if record[0] == 2:
                 entry = table.by_guid.get(record[36:52]) if len(record) >= 52 else None
                 if entry is not None and not entry.exited:
@@ -503,11 +541,11 @@ class IdentityStage:
         for k, (raw, a, b) in enumerate(records):
             if raw[a] == 2:
                 if b - a >= 52:
-                    ended.append((k, raw[a + 36:a + 52].tobytes()))
+                    ended.append((k, bytes(raw[a + 36:a + 52])))
                 continue
             at = a + 40 + 2 * (int(raw[a + 32]) | int(raw[a + 33]) << 8) + 12  # block header, Tag, Length
             if at + 16 <= b:
-                creates_of.setdefault(raw[at:at + 16].tobytes(), []).append(k)
+                creates_of.setdefault(bytes(raw[at:at + 16]), []).append(k)
         excess = len(self.table) + len(creates_of) - self.table.max_processes
         drop: set[int] = set()
         gone = 0
@@ -568,9 +606,13 @@ class IdentityStage:
     # -- the Sink side (the source's thread) ------------------------------------------------------------
 
     def push(self, record: bytes) -> None:
-        if self.lean:
+        if self.lean and self._pending:
             with self._lock:
-                self._apply_pending_locked(False)  # the creates noted before it: it may need them in the table
+                # the records noted before it, when it may need them in the table: a process record, or a thread
+                # of a process one of them names
+                if (record[0] != 3 and record[0] != 4 or record[1]
+                        or _U32.unpack_from(record, 20)[0] in self._pending_pids):
+                    self._apply_pending_locked(False)
                 self._push_one(record)
         else:
             self._push_one(record)

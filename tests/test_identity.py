@@ -12,7 +12,7 @@ import pytest
 import etwmon
 from etwmon import records as R
 from etwmon.identity import IdentityStage, guid_prefix, make_guid
-from etwmon.records import Details, EventFlags
+from etwmon.records import Details, EventFlags, with_packed
 
 HOST = b"machine-a\0boot-1"
 T = 134_000_000_000_000_000
@@ -474,3 +474,24 @@ def test_lean_a_storm_nobody_reads_drops_processes_that_came_and_went_as_the_tab
     stats = st.stats()
     assert stats["known"] <= 100 and stats["evicted"] >= len(records) // 2 - 100
     assert st.process(R.guid_text(make_guid(guid_prefix(HOST), 10, T))) is not None  # the live one is kept
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_kernel_written_records_one_by_one_feed_the_table_in_order(lean):
+    sink = _Batches()
+    st = IdentityStage(sink, HOST, lean=lean)
+    st.seed([(300, 1, "seeded", Details(start_filetime=T - 10**9, image="/usr/sbin/s"))])
+    records = [_kernel_create(1, T, 500, 400, T, T - 9, "a"), _kernel_create(1, T + 1, 501, 500, T + 1, T, "b"),
+               _kernel_exit(T + 2, 500, T), _kernel_create(1, T + 3, 500, 1, T + 3, T - 99, "reused"),
+               with_packed(R.encode_thread_create(T + 4, 302, 300), 0, [R.pack_field(1, b"\1" * 16)])]
+    for record in records:
+        st.push_written(record)
+    events = [next(iter(R.parse(r))) for r in sink.records]
+    if lean:
+        assert sink.records[:4] == records[:4]  # as the kernel wrote them
+    else:
+        assert events[1].parent_command_line == "a" and events[1].user == "root"
+    assert events[4].process_guid == R.guid_text(make_guid(guid_prefix(HOST), 300, T - 10**9))  # the table's
+    first = R.guid_text(make_guid(guid_prefix(HOST), 500, T))
+    assert st.process(first).exited and not st.process(events[3].process_guid).exited
+    assert [p.command_line for p in st.ancestors(events[1].process_guid)] == ["a"]
