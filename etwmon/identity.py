@@ -608,10 +608,12 @@ class IdentityStage:
     def push(self, record: bytes) -> None:
         if self.lean and self._pending:
             with self._lock:
-                # the records noted before it, when it may need them in the table: a process record, or a thread
-                # of a process one of them names
-                if (record[0] != 3 and record[0] != 4 or record[1]
-                        or _U32.unpack_from(record, 20)[0] in self._pending_pids):
+                # the records noted before it, when it may need them in the table: when they name its process
+                # (or a create's parent); a record of a seeded process or a child of one needs only the seed
+                item = record[0] | record[1] << 8
+                pids = self._pending_pids
+                if (item > 4 and item != 101 or (_U32.unpack_from(record, 20 if item in (3, 4) else 16)[0] in pids)
+                        or item in (1, 101) and _U32.unpack_from(record, 20)[0] in pids):
                     self._apply_pending_locked(False)
                 self._push_one(record)
         else:
