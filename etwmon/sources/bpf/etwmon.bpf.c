@@ -458,28 +458,31 @@ static __always_inline void wire_thread(struct scratch *s, struct etwmon_config 
 	output(w, size);
 }
 
-struct widen {
+/* A path in the tail widened to UTF-16 in the wire record: `len` bytes from tail offset `from` to wire
+ * offset `to`, one bpf_loop step per byte; `fail` set at a byte >= 0x80 (UTF-8, or not: user space writes it). */
+struct copy16 {
 	struct scratch *s;
+	__u32 from; /* tail offset */
+	__u32 to;   /* wire offset */
 	__u32 len;
-	__u32 non_ascii;
+	__u32 fail;
 };
 
-/* One byte of the path in the tail to its UTF-16 code unit in the wire record, from offset 80 on. */
-static long widen_step(__u32 i, void *arg)
+static long copy16_step(__u32 i, void *arg)
 {
-	struct widen *x = arg;
+	struct copy16 *x = arg;
 	struct scratch *s = x->s;
 	__u8 c;
 
 	if (i >= x->len)
 		return 1;
-	c = s->tail[i & (ETWMON_PATH_MAX - 1)];
+	c = s->tail[(x->from + i) & TAIL_MASK];
 	if (c & 0x80) {
-		x->non_ascii = 1; /* UTF-8 (or not): user space writes this one */
+		x->fail = 1;
 		return 1;
 	}
-	s->wire[(80 + 2 * i) & WIRE_MASK] = c;
-	s->wire[(81 + 2 * i) & WIRE_MASK] = 0;
+	s->wire[(x->to + 2 * i) & WIRE_MASK] = c;
+	s->wire[(x->to + 2 * i + 1) & WIRE_MASK] = 0;
 	return 0;
 }
 
@@ -494,7 +497,7 @@ static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_c
 	put32(w + 20, code);
 	if (c->flags & ETWMON_CONFIG_IDENTITY) {
 		struct file *exe = BPF_CORE_READ(task, mm, exe_file);
-		struct widen x = {.s = s, .len = 0, .non_ascii = 0};
+		struct copy16 x = {.s = s, .from = 0, .to = 80, .len = 0, .fail = 0};
 
 		put_guid(w + 32, c, pid, start);
 		put16(w + 52, 14); /* StartTime */
@@ -509,8 +512,8 @@ static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_c
 			x.len = read_path(s, 0, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
 					  ETWMON_EXE_TRUNCATED);
 		if (x.len) { /* known and whole (a cut path stays unknown, as the identity stage leaves it) */
-			bpf_loop(ETWMON_PATH_MAX, widen_step, &x, 0);
-			if (x.non_ascii)
+			bpf_loop(ETWMON_PATH_MAX, copy16_step, &x, 0);
+			if (x.fail)
 				return false;
 			put16(w + 76, 3); /* Image */
 			put16(w + 78, (2 * x.len) & 0xFFFF);
@@ -642,32 +645,6 @@ static __always_inline long wire_command_line(struct scratch *s)
 	if (V(x->fail))
 		return -1;
 	return V(x->k) & 0xFFFF;
-}
-
-struct copy16 {
-	struct scratch *s;
-	__u32 from; /* tail offset */
-	__u32 to;   /* wire offset */
-	__u32 len;
-	__u32 fail;
-};
-
-static long copy16_step(__u32 i, void *arg)
-{
-	struct copy16 *x = arg;
-	struct scratch *s = x->s;
-	__u8 c;
-
-	if (i >= x->len)
-		return 1;
-	c = s->tail[(x->from + i) & TAIL_MASK];
-	if (c & 0x80) {
-		x->fail = 1;
-		return 1;
-	}
-	s->wire[(x->to + 2 * i) & WIRE_MASK] = c;
-	s->wire[(x->to + 2 * i + 1) & WIRE_MASK] = 0;
-	return 0;
 }
 
 /* The tty name: its length, ASCII, and whether it is "pts" and digits (pass 1). */
