@@ -172,6 +172,9 @@ def _open_verified(pid: int, image: str | None, device: int, inode: int) -> tupl
 class HashStage:
     """The hashing stage (see the module's text): ``attach(sink)`` returns the sink a source pushes into."""
 
+    #: Creates and execs come one by one (the identity stage keeps them out of batches): each names a file to hash.
+    batch_creates = False
+
     def __init__(self, algorithms: str | Iterable[str], *, max_entries: int = DEFAULT_MAX_ENTRIES,
                  wait: float = DEFAULT_WAIT, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.algorithms, _ = parse_algorithms(algorithms)
@@ -190,7 +193,7 @@ class HashStage:
         self._push = sink.push
         self.push_lost = sink.push_lost
         self.notify = sink.notify
-        if hasattr(sink, "push_batch"):  # batches hold thread records and exits only: nothing to hash there
+        if hasattr(sink, "push_batch"):  # the identity stage keeps creates out of batches (batch_creates)
             self.push_batch = sink.push_batch
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="etwmon-hashes", daemon=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import struct
 from dataclasses import dataclass
 from typing import Iterable
@@ -58,6 +59,10 @@ _MAX_PENDING_EXITS = 16384
 #: /proc's start time (cut to 10 ms clock ticks) of the same process differ by up to a tick and a bit.
 _SAME_START = 250_000  # 25 ms in FILETIME ticks
 
+#: Process records noted from batches while creates are among them: past this many they are applied (after
+#: dropping the processes that started and ended among them, as far as the table would evict them anyway).
+_MAX_PENDING_RECORDS = 16384
+
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
 _SEQUENCE = struct.Struct(">Q")
@@ -77,6 +82,12 @@ _STAGE_TAGS = frozenset({_GUID, _PGUID, _PIMAGE, _PCMD, _PUSER, _START})
 _UNKNOWN_PARENT = int(EventFlags.UNKNOWN_PARENT)
 _SEEDED = int(EventFlags.SEEDED)
 _PROCFS = int(EventFlags.PROCFS)
+
+
+def _u32_at(raw: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The little-endian 32-bit values at byte offsets ``where`` of ``raw``."""
+    return (raw[where].astype(np.uint32) | raw[where + 1].astype(np.uint32) << 8
+            | raw[where + 2].astype(np.uint32) << 16 | raw[where + 3].astype(np.uint32) << 24)
 
 
 def guid_prefix(host_and_boot: bytes) -> bytes:
@@ -299,8 +310,18 @@ class IdentityStage:
     """
 
     def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, lean: bool = False) -> None:
+        #: False (the default): every create and exec carries User and the parent's fields (ParentImage,
+        #: ParentUser, ParentCommandLine) from the table, added here record by record. True: a create or exec the
+        #: kernel wrote whole (the bpf source) passes on as it is, in its batch, without them; the table is fed
+        #: from the batches when it is read (``ancestors``, ``process``) and gives them there (docs/identity.md).
+        self.lean = bool(lean)
+        self._users: dict[int, bytes | None] = {}  # uid -> the packed User field (None: no name)
+        # Lean: a reader (ancestors) may apply the noted records while the source's thread notes more or pushes
+        # one; this lock keeps them apart (taken once per batch, or per record pushed one by one).
+        self._lock = threading.Lock()
         self._push_batch = None
+        self._batch_creates = True
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
@@ -309,6 +330,10 @@ class IdentityStage:
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
         self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
         self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
+        # Process records that passed in batches while creates were among them: (batch array, starts, ends).
+        self._pending: list[tuple] = []  # (record bytes, None, None) for one passed alone
+        self._pending_count = 0
+        self._pending_pids: set[int] = set()  # the pids their process records name
 
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
@@ -320,16 +345,20 @@ class IdentityStage:
         self.push_lost = sink.push_lost
         self._push = sink.push
         self._push_batch = getattr(sink, "push_batch", None)
+        # A stage that must see each create (hashing the executable) takes batches without them.
+        self._batch_creates = getattr(sink, "batch_creates", True)
         return self
 
     # -- records the kernel wrote whole (the bpf source's thread records and exits) ---------------------------
 
     def push_batch(self, data, ends) -> None:
-        """Thread records and ProcessExits that already carry their ProcessGuid (the bpf programs write them
-        with the guid this stage would give: same prefix, pid and start time), back to back in ``data``,
-        ``ends`` where each ends. They pass on in one batch; the table only notes the exits, to apply when it
-        is next looked at. Records of a process seeded from /proc (whose guid the table made from /proc's
-        start time) and any batch the next stage cannot take whole go through ``push`` one by one."""
+        """Records that already carry their ProcessGuid (the bpf programs write them with the guid this stage
+        would give: same prefix, pid and start time), back to back in ``data``, ``ends`` where each ends: thread
+        records, ProcessExits, and ProcessCreates/ProcessExecs with the kernel's fields (parent guid included).
+        They pass on in one batch; the table only notes the creates, execs and exits, to apply when it is next
+        looked at (``apply_exits``). Records of a process seeded from /proc (whose guid the table made from
+        /proc's start time), creates whose parent was seeded (the same for its guid), and any batch the next
+        stage cannot take whole go through ``push`` one by one."""
         view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data
         ends = np.asarray(ends, dtype=np.int64)
         raw = np.frombuffer(view, dtype=np.uint8)
@@ -338,29 +367,78 @@ class IdentityStage:
         starts[1:] = ends[:-1]
         types = raw[starts]
         exits = types == 2
-        where = starts + np.where((types == 3) | (types == 4), 20, 16)  # a thread record's ProcessId; an exit's or
-        # an image load's
-        pids = (raw[where].astype(np.uint32) | raw[where + 1].astype(np.uint32) << 8
-                | raw[where + 2].astype(np.uint32) << 16 | raw[where + 3].astype(np.uint32) << 24)
-        special = self._seeded_mask(pids)
+        creates = (types == 1) | (types == 101)
+        noted = exits | creates
+        # A thread record's ProcessId is at 20; a process record's, an exit's and an image load's at 16.
+        where = starts + np.where((types == 3) | (types == 4), 20, 16)
+        special = self._seeded_mask(_u32_at(raw, where))
+        has_creates = bool(creates.any())
+        if has_creates and self._seeded:
+            parents = self._seeded_mask(_u32_at(raw, starts + 20))
+            if parents is not None:
+                parents &= creates
+                special = parents if special is None else special | parents
+        if has_creates and not (self.lean and self._batch_creates) and self._push_batch is not None:
+            self._push_each(raw, starts, ends)  # creates one by one (see ``lean``), the rest as it is
+            return
+        if special is not None and not special.any():
+            special = None
         if self._push_batch is None or special is not None:
             self._push_slowly(raw, starts, ends, special)
             return
-        if exits.any():
-            self._note_exits(raw, starts[exits], ends[exits])
+        if noted.any():
+            self._note(raw, starts[noted], ends[noted], has_creates)
         self._push_batch(raw, ends)
 
     def push_written(self, record: bytes) -> None:
-        """One record of the kind ``push_batch`` takes (a thread record or ProcessExit with its guid already):
-        passed on as it is, unless its process was seeded from /proc."""
-        exit_ = record[0] == 2
-        pid = _U32.unpack_from(record, 16 if exit_ else 20)[0]
-        if pid in self._seeded:
+        """One record of the kind ``push_batch`` takes: passed on as it is, unless its process (or a create's
+        parent) was seeded from /proc, or the next stage wants creates one by one."""
+        item = record[0]
+        if item == 5:  # an image load: nothing for the table
+            self._push(record)
+            return
+        process = item != 3 and item != 4
+        pid = _U32.unpack_from(record, 16 if process else 20)[0]
+        create = item == 1 or item == 101
+        if pid in self._seeded or create and (not (self.lean and self._batch_creates)
+                                              or _U32.unpack_from(record, 20)[0] in self._seeded):
             self.push(record)
             return
-        if exit_ and len(record) >= 52:
+        if create or process and self._pending:
+            with self._lock:
+                self._pending.append((record, None, None))
+                self._pending_count += 1
+                self._pending_pids.add(pid)
+            if self._pending_count > _MAX_PENDING_RECORDS:
+                self._apply_pending(compact=True)
+        elif process and len(record) >= 52:
             self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
         self._push(record)
+
+    def _push_each(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """A batch with creates for a stage that adds their User and parent fields: the creates and execs through
+        ``push``, thread records and exits passed on as they are (an exit marks its process exited), except those
+        of processes seeded from /proc (``push``, for the table's guid)."""
+        data = raw.tobytes()
+        push, push_one, table, seeded = self._push, self._push_one, self.table, self._seeded
+        unpack = _U32.unpack_from
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            record = data[a:b]
+            item = record[0]
+            if item == 5:  # an image load: nothing for the table
+                push(record)
+            elif item == 3 or item == 4:
+                if seeded and unpack(record, 20)[0] in seeded:
+                    push_one(record)
+                else:
+                    push(record)
+            elif item == 2 and b - a >= 52 and not (seeded and unpack(record, 16)[0] in seeded):
+                entry = table.by_guid.get(record[36:52])
+                if entry is not None and not entry.exited:
+                    table.exit(entry)
+                push(record)
+            else:
+                push_one(record)
 
     def _seeded_mask(self, pids: np.ndarray) -> np.ndarray | None:
         """Which of ``pids`` are processes seeded from /proc (None when none is)."""
@@ -387,9 +465,11 @@ class IdentityStage:
             while j < n and not special[j]:
                 j += 1
             run_ends = ends[i:j]
-            exits = raw[starts[i:j]] == 2
-            if exits.any():
-                self._note_exits(raw, starts[i:j][exits], run_ends[exits])
+            types = raw[starts[i:j]]
+            creates = (types == 1) | (types == 101)
+            noted = creates | (types == 2)
+            if noted.any():
+                self._note(raw, starts[i:j][noted], run_ends[noted], bool(creates.any()))
             base = int(starts[i])
             batch(raw[base:int(ends[j - 1])], run_ends - base)
             i = j
@@ -399,6 +479,21 @@ class IdentityStage:
             self._seeded.discard(pid)
             self._seeded_array = None
 
+    def _note(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, creates: bool) -> None:
+        """Keep the process records of a batch (creates, execs, exits) for the table, in order: exits alone as
+        their guids in the table's own list (``ProcessTable.note_exits``) while no create waits, else the records
+        themselves (``raw`` is the batch's own array, kept, not copied), applied by ``apply_exits``."""
+        if not creates and not self._pending:
+            self._note_exits(raw, starts, ends)
+            return
+        pids = _u32_at(raw, starts + 16).tolist()
+        with self._lock:
+            self._pending.append((raw, starts, ends))
+            self._pending_count += len(starts)
+            self._pending_pids.update(pids)
+        if self._pending_count > _MAX_PENDING_RECORDS:
+            self._apply_pending(compact=True)
+
     def _note_exits(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
         """Keep the ProcessGuids of exits the kernel wrote (after the 8-byte block header and the 4-byte
         field header), for ``apply_exits``."""
@@ -407,8 +502,76 @@ class IdentityStage:
         if len(at):
             self.table.note_exits(raw[at[:, None] + np.arange(16)])
 
+    def _apply_pending(self, compact: bool = False) -> None:
+        """Apply the noted creates, execs and exits to the table, in order (each create as ``push`` would have
+        made it, the result not passed on). ``compact`` (too many wait): processes that were created and ended
+        within what waits are dropped first, oldest first, as many as the table would have to evict for them
+        anyway, so that a storm nobody reads the table during costs little per process; they are counted as
+        evicted."""
+        with self._lock:
+            self._apply_pending_locked(compact)
+
+    def _apply_pending_locked(self, compact: bool) -> None:
+        pending, self._pending, self._pending_count = self._pending, [], 0
+        if not pending:
+            return
+        self._pending_pids = set()
+        for entry in self.table.apply_exits():  # exits noted before the first create
+            if entry.seeded:
+                self._forget_seeded(entry.pid)
+        records = [(raw, 0, len(raw)) if starts is None else (raw, a, b)
+                   for raw, starts, ends in pending for a, b in ([(0, 0)] if starts is None
+                                                                  else zip(starts.tolist(), ends.tolist()))]
+        drop = self._short_lived(records) if compact else set()
+        table = self.table
+        for k, (raw, a, b) in enumerate(records):
+            if k in drop:
+                continue
+            record = raw[a:b]
+            if not isinstance(record, bytes):
+                record = record.tobytes()
+            if record[0] == 2:
+                entry = table.by_guid.get(record[36:52]) if len(record) >= 52 else None
+                if entry is not None and not entry.exited:
+                    table.exit(entry)
+                    if entry.seeded:
+                        self._forget_seeded(entry.pid)
+            else:
+                self._create(record, record[0] == 1)
+
+    def _short_lived(self, records: list) -> set[int]:
+        """Indices of the creates and exits of processes that started and ended among ``records``, the oldest
+        first, at most as many processes as the table would evict to hold every process created there."""
+        creates_of: dict[bytes, list[int]] = {}  # guid -> its create and execs (one guid for all of them)
+        ended: list[tuple[int, bytes]] = []
+        for k, (raw, a, b) in enumerate(records):
+            if raw[a] == 2:
+                if b - a >= 52:
+                    ended.append((k, bytes(raw[a + 36:a + 52])))
+                continue
+            at = a + 40 + 2 * (int(raw[a + 32]) | int(raw[a + 33]) << 8) + 12  # block header, Tag, Length
+            if at + 16 <= b:
+                creates_of.setdefault(bytes(raw[at:at + 16]), []).append(k)
+        excess = len(self.table) + len(creates_of) - self.table.max_processes
+        drop: set[int] = set()
+        gone = 0
+        for k, guid in ended:  # in order of the exits; a process's create came before its exit
+            if gone >= excess:
+                break
+            ks = creates_of.get(guid)
+            if ks is None:
+                continue
+            drop.add(k)
+            drop.update(ks)
+            gone += 1
+        self.table.evicted += gone
+        return drop
+
     def apply_exits(self) -> None:
-        """Mark exited the processes whose exits passed in batches (before the table is read)."""
+        """Apply what passed in batches (creates, execs, exits) to the table, before it is read."""
+        if self._pending:
+            self._apply_pending()
+            return
         for entry in self.table.apply_exits():
             if entry.seeded:
                 self._forget_seeded(entry.pid)
@@ -449,6 +612,20 @@ class IdentityStage:
     # -- the Sink side (the source's thread) ------------------------------------------------------------
 
     def push(self, record: bytes) -> None:
+        if self.lean and self._pending:
+            with self._lock:
+                # the records noted before it, when it may need them in the table: when they name its process
+                # (or a create's parent); a record of a seeded process or a child of one needs only the seed
+                item = record[0] | record[1] << 8
+                pids = self._pending_pids
+                if (item > 4 and item != 101 or (_U32.unpack_from(record, 20 if item in (3, 4) else 16)[0] in pids)
+                        or item in (1, 101) and _U32.unpack_from(record, 20)[0] in pids):
+                    self._apply_pending_locked(False)
+                self._push_one(record)
+        else:
+            self._push_one(record)
+
+    def _push_one(self, record: bytes) -> None:
         item = record[0]
         if record[1] or item > 4 or item == 0:
             if item == 101 and record[1] == 0:
@@ -481,6 +658,17 @@ class IdentityStage:
                     start_given = _Q.unpack_from(field_, 4)[0] if len(field_) == 12 else None
                 elif tag not in _STAGE_TAGS:
                     own[tag] = field_
+            if _USER not in own and _UID in own:  # the kernel wrote the record: the name of its uid, looked up once
+                uid = _U32.unpack_from(own[_UID], 4)[0]
+                user = self._users.get(uid, False)
+                if user is False:
+                    from .sources._proc import user_name  # (POSIX only: records with a Uid come from Linux)
+
+                    name = user_name(uid)
+                    user = self._users[uid] = None if name is None else pack_field(
+                        _USER, name.encode("utf-16-le", "surrogatepass"))
+                if user is not None:
+                    own[_USER] = user
         table = self.table
         entry = table.live.get(pid)
         sequence = getattr(record, "process_sequence_number", None)  # ETW's (etwmon.sources.etw.EtwRecord)

@@ -185,7 +185,9 @@ class Monitor(EventReader):
     ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
     and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
     (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
-    records and spares the cost.
+    records and spares the cost. ``identity="lean"``: the same stage, but a create or exec the kernel wrote whole
+    (the bpf source) passes as it is, without User and the parent's fields, which ``ancestors()`` gives
+    (docs/identity.md).
 
     ``image_loads=True`` (bpf source): also an ImageLoad record per file mapped executable (shared libraries,
     dlopen, LD_PRELOAD); off by default, and off attaches nothing to mmap.
@@ -198,7 +200,7 @@ class Monitor(EventReader):
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,
-                 rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool = True,
+                 rules: Union["RuleSet", str, "os.PathLike[str]", None] = None, *, identity: bool | str = True,
                  max_processes: int = DEFAULT_MAX_PROCESSES, max_process_bytes: int = DEFAULT_MAX_BYTES,
                  hashes: str | None = None,
                  **source_options: Any) -> None:
@@ -212,7 +214,10 @@ class Monitor(EventReader):
             self._hash_stage = HashStage(hashes)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
+        if isinstance(identity, str) and identity != "lean":
+            raise ValueError(f"identity must be True, False or 'lean', not {identity!r}")
         self._identity = bool(identity)
+        self._lean = identity == "lean"
         self._max_processes = max_processes
         self._max_process_bytes = max_process_bytes
         self._stage: IdentityStage | None = None
@@ -244,7 +249,7 @@ class Monitor(EventReader):
             if self._identity:
                 # Seeded after open(): a process that starts in between is both in the seed and in the events.
                 self._stage = IdentityStage(None, self._source.host_and_boot_id(), self._max_processes,
-                                            self._max_process_bytes)
+                                            self._max_process_bytes, lean=self._lean)
                 self._stage.seed(self._source.process_snapshot())
             self._error, self._error_reported = None, False
             if self._wakeup is None:

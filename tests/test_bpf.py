@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import shutil
+import shlex
 import signal
 import struct
 import subprocess
@@ -20,7 +21,8 @@ import pytest
 import etwmon
 from etwmon import ItemType, parse
 from etwmon.records import (
-    FILETIME_UNIX_EPOCH, MAX_COMMAND_LINE, MAX_RECORD_SIZE, TRUNCATION_MARKER, command_line_from_argv, filetime_now,
+    FILETIME_UNIX_EPOCH, MAX_COMMAND_LINE, MAX_RECORD_SIZE, TRUNCATION_MARKER, block_fields, command_line_from_argv,
+    filetime_now,
 )
 from etwmon.clock import CLOCK_BOOTTIME, KernelClock
 from etwmon.sources import bpf as bpf_module
@@ -935,3 +937,96 @@ def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_o
     assert missing <= stats.lost <= missing + others
     assert sum(e.count for e in of_type(events, ItemType.RecordsLost)) == stats.lost + stats.dropped
     assert stats.dropped == 0
+
+
+# --- process creates and execs the kernel writes itself ---------------------------------------------------------
+
+#: Spaces, quotes of both kinds, an empty argument, a tab, shell characters, safe punctuation: every shlex.quote case.
+HOSTILE_ARGV = ["/bin/echo", "a b", "", "it's", "plain-x.y/z:1,2@h%+=", "$HOME", 'x"y', "tab\there", "'", "--o=v"]
+
+
+def raw_until(mon: etwmon.Monitor, until, timeout: float = 20.0) -> list[bytes]:
+    """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds, and a moment more."""
+    buf = bytearray(1 << 22)
+    out: list[bytes] = []
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until(events):
+            deadline = min(deadline, time.monotonic() + 0.3)
+        mon.wait(0.1)
+        n = mon.readinto(buf)
+        at = 0
+        while at < n:
+            size = buf[at + 2] | buf[at + 3] << 8
+            out.append(bytes(buf[at:at + size]))
+            at += size
+        events += parse(bytes(buf[:n]))
+    return out
+
+
+def grandchild_records(records: list[bytes], argv: list[str]):
+    """(sh's records, the records of sh's child that ran ``argv``), from a ``sh -c '<argv>; true'`` run."""
+    want = command_line_from_argv(argv)
+    events = [(r, next(iter(parse(r)))) for r in records]
+    execs = [(r, e) for r, e in events if e.type == ItemType.ProcessExec and e.command_line == want]
+    assert execs, f"no exec of {want!r}"
+    pid = execs[-1][1].pid
+    return [(r, e) for r, e in events if getattr(e, "pid", None) == pid and e.type in (
+        ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit)]
+
+
+@pytest.mark.root
+def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_writes(bpf_ok, monkeypatch):
+    # Both monitors map the kernel's clock with one offset, so that times and guids can be compared byte for byte.
+    offset = KernelClock(CLOCK_BOOTTIME).offset_ns
+    monkeypatch.setattr(bpf_module, "KernelClock", lambda clock: KernelClock(clock, offset_ns=offset))
+    script = shlex.join(HOSTILE_ARGV) + " >/dev/null; true"  # sh forks, its child execs echo
+    with etwmon.Monitor(source="bpf", identity="lean", max_items=200_000) as lean, \
+            etwmon.Monitor(source="bpf", max_items=200_000, kernel_creates=False) as old:
+        time.sleep(0.2)
+        sh = subprocess.Popen(["sh", "-c", script])
+        sh.wait()
+        done = exited(sh.pid)
+        new_records = raw_until(lean, done)
+        old_records = raw_until(old, done)
+        lean_stats, old_stats = lean.stats.source_stats, old.stats.source_stats
+        mine = grandchild_records(new_records, HOSTILE_ARGV)
+        chain = lean.ancestors(mine[1][1].process_guid)
+    theirs = grandchild_records(old_records, HOSTILE_ARGV)
+    assert [e.type for _, e in mine] == [e.type for _, e in theirs] == [
+        ItemType.ProcessCreate, ItemType.ProcessExec, ItemType.ProcessExit]
+    assert old_stats["kernel_written"] > 0 and lean_stats["kernel_written"] > 0
+    for (new, n), (was, w) in zip(mine[:2], theirs[:2]):
+        base = 40 + 2 * (new[32] | new[33] << 8)
+        assert new[16:base] == was[16:base]  # pids, command line, its NUL
+        assert abs(n.filetime - w.filetime) < 20_000  # (a time is raised when two CPUs stamp out of order)
+        kernel_fields = block_fields(new)
+        assert kernel_fields[0] == block_fields(was)[0]  # flags
+        # every field the kernel wrote, in the identity stage's order and bytes; the stage's own on top
+        assert kernel_fields[1] == [(t, v) for t, v in block_fields(was)[1] if t not in (6, 7, 8, 9)]
+        assert {t for t, _ in block_fields(was)[1]} - {t for t, _ in kernel_fields[1]} == {6, 7, 8, 9}
+        assert n.command_line == command_line_from_argv(HOSTILE_ARGV) or n.type == ItemType.ProcessCreate
+        assert n.user is None and w.user == "root"  # the name is the table's (lean) or the stage's to add
+    create, exec_, exit_ = (e for _, e in mine)
+    assert shlex.split(exec_.command_line) == HOSTILE_ARGV
+    assert create.process_guid == exec_.process_guid == exit_.process_guid
+    assert exec_.parent_process_guid == create.parent_process_guid == chain[0].process_guid
+    assert chain[0].pid == sh.pid and shlex.split(chain[0].command_line) == ["sh", "-c", script]
+    assert chain[1].pid == os.getpid() and chain[0].user == "root"
+
+
+@pytest.mark.root
+def test_live_a_command_line_that_is_not_ascii_comes_as_an_event_and_survives_byte_for_byte(bpf_ok):
+    argv = [b"/bin/echo", b"caf\xc3\xa9", b"\xff\xfe not utf-8", b"it's"]
+    code = f"import subprocess; subprocess.run({argv!r}, stdout=subprocess.DEVNULL)"
+    with etwmon.Monitor(source="bpf", identity="lean", max_items=200_000) as mon:
+        time.sleep(0.2)
+        child = subprocess.Popen([sys.executable, "-c", code])
+        child.wait()
+        events = read_until(mon, exited(child.pid))
+        stats = mon.stats.source_stats
+    execs = [e for e in of_type(events, ItemType.ProcessExec) if e.parent_pid == child.pid]
+    assert execs and execs[-1].argv == argv
+    assert execs[-1].image == "/usr/bin/echo" and execs[-1].process_guid and execs[-1].parent_process_guid
+    assert stats["creates_slow"] >= 1 and stats["kernel_written"] > 0

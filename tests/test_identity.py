@@ -12,7 +12,7 @@ import pytest
 import etwmon
 from etwmon import records as R
 from etwmon.identity import IdentityStage, guid_prefix, make_guid
-from etwmon.records import Details, EventFlags
+from etwmon.records import Details, EventFlags, with_packed
 
 HOST = b"machine-a\0boot-1"
 T = 134_000_000_000_000_000
@@ -374,3 +374,124 @@ def test_a_seeded_parent_with_a_command_line_longer_than_a_record_gives_its_chil
     assert create.parent_command_line.startswith("sh -c x AAAA")
     assert create.parent_command_line.endswith(R.TRUNCATION_MARKER) and create.truncated
     assert len(create.encode()) <= R.MAX_RECORD_SIZE
+
+
+def _kernel_create(item: int, t: int, pid: int, ppid: int, start: int, pstart: int, line: str) -> bytes:
+    """A ProcessCreate/ProcessExec as the bpf programs write it: the guids, uid, start and image, no User or
+    parent fields."""
+    prefix = guid_prefix(HOST)
+    encode = R.encode_process_create if item == 1 else R.encode_process_exec
+    return encode(t, pid, ppid, ppid, ppid, line, Details(
+        process_guid=R.guid_text(make_guid(prefix, pid, start)),
+        parent_process_guid=R.guid_text(make_guid(prefix, ppid, pstart)), uid=0, start_filetime=start,
+        image=f"/usr/bin/p{pid}"))
+
+
+def _kernel_exit(t: int, pid: int, start: int) -> bytes:
+    from etwmon.records import pack_field, with_packed
+
+    return with_packed(R.encode_process_exit(t, pid, 0), 0, [pack_field(1, make_guid(guid_prefix(HOST), pid, start))])
+
+
+class _Batches:
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.batches = 0
+
+    def push(self, record: bytes) -> None:
+        self.records.append(bytes(record))
+
+    def push_batch(self, data, ends) -> None:
+        self.batches += 1
+        start = 0
+        for end in map(int, ends):
+            self.records.append(bytes(data[start:end]))
+            start = end
+
+    def push_lost(self, n: int) -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+
+def _batch(st, records) -> None:
+    import numpy as np
+
+    data = b"".join(records)
+    st.push_batch(np.frombuffer(data, dtype=np.uint8).copy(), np.cumsum([len(r) for r in records]))
+
+
+def test_lean_creates_the_kernel_wrote_pass_whole_and_feed_the_table_when_it_is_read():
+    sink = _Batches()
+    st = IdentityStage(sink, HOST, lean=True)
+    records = [_kernel_create(1, T, 500, 400, T, T - 9, "sh -c x"), _kernel_create(101, T + 1, 500, 400, T, T - 9, "sh -c x"),
+               _kernel_create(1, T + 2, 501, 500, T + 2, T, "sh -c x"),
+               _kernel_create(101, T + 3, 501, 500, T + 2, T, "/usr/bin/p501 'a b'"), _kernel_exit(T + 4, 501, T + 2)]
+    _batch(st, records)
+    assert sink.records == records and sink.batches == 1  # byte for byte, in one batch
+    assert len(st.table) == 0 and st._pending_count == 5  # noted, not applied: nobody asked
+    guid = R.guid_text(make_guid(guid_prefix(HOST), 501, T + 2))
+    chain = st.ancestors(guid)
+    assert [(p.pid, p.command_line, p.image) for p in chain] == [(500, "sh -c x", "/usr/bin/p500")]
+    assert st.process(guid).exited and st.process(guid).command_line == "/usr/bin/p501 'a b'"
+    assert st.process(guid).user == "root"  # the uid's name, looked up when the table is fed
+    # the default stage writes User and the parent's fields into the same records, one by one
+    full_sink = _Batches()
+    full = IdentityStage(full_sink, HOST)
+    _batch(full, records)
+    event = list(R.parse(full_sink.records[3]))[0]
+    assert (event.user, event.parent_image, event.parent_command_line) == ("root", "/usr/bin/p500", "sh -c x")
+    assert full_sink.records[4] == records[4]  # the exit passes whole
+    lean = list(R.parse(records[3]))[0]
+    for name in ("process_guid", "parent_process_guid", "uid", "start_filetime", "image", "command_line"):
+        assert getattr(lean, name) == getattr(event, name), name
+
+
+def test_lean_a_create_whose_parent_was_seeded_takes_the_tables_guid_for_the_parent():
+    sink = _Batches()
+    st = IdentityStage(sink, HOST, lean=True)
+    st.seed([(400, 1, "daemon", Details(start_filetime=T - 10**9, image="/usr/sbin/d"))])
+    record = _kernel_create(1, T, 500, 400, T, T - 10**9 + 12345, "daemon")  # the kernel's exact parent start
+    _batch(st, [record])
+    (out,) = list(R.parse(sink.records[0]))
+    assert out.parent_process_guid == R.guid_text(make_guid(guid_prefix(HOST), 400, T - 10**9))
+    assert out.parent_image == "/usr/sbin/d" and out.parent_command_line == "daemon"
+
+
+def test_lean_a_storm_nobody_reads_drops_processes_that_came_and_went_as_the_table_would_evict_them():
+    import etwmon.identity as identity
+
+    sink = _Batches()
+    st = IdentityStage(sink, HOST, max_processes=100, lean=True)
+    records = [_kernel_create(1, T, 10, 1, T, T - 5, "init-child")]  # lives on
+    for i in range(identity._MAX_PENDING_RECORDS // 2 + 10):
+        pid = 1000 + i
+        records += [_kernel_create(1, T + i, pid, 10, T + i, T, "x"), _kernel_exit(T + i + 1, pid, T + i)]
+    for k in range(0, len(records), 500):
+        _batch(st, records[k:k + 500])
+    assert len(sink.records) == len(records)
+    stats = st.stats()
+    assert stats["known"] <= 100 and stats["evicted"] >= len(records) // 2 - 100
+    assert st.process(R.guid_text(make_guid(guid_prefix(HOST), 10, T))) is not None  # the live one is kept
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_kernel_written_records_one_by_one_feed_the_table_in_order(lean):
+    sink = _Batches()
+    st = IdentityStage(sink, HOST, lean=lean)
+    st.seed([(300, 1, "seeded", Details(start_filetime=T - 10**9, image="/usr/sbin/s"))])
+    records = [_kernel_create(1, T, 500, 400, T, T - 9, "a"), _kernel_create(1, T + 1, 501, 500, T + 1, T, "b"),
+               _kernel_exit(T + 2, 500, T), _kernel_create(1, T + 3, 500, 1, T + 3, T - 99, "reused"),
+               with_packed(R.encode_thread_create(T + 4, 302, 300), 0, [R.pack_field(1, b"\1" * 16)])]
+    for record in records:
+        st.push_written(record)
+    events = [next(iter(R.parse(r))) for r in sink.records]
+    if lean:
+        assert sink.records[:4] == records[:4]  # as the kernel wrote them
+    else:
+        assert events[1].parent_command_line == "a" and events[1].user == "root"
+    assert events[4].process_guid == R.guid_text(make_guid(guid_prefix(HOST), 300, T - 10**9))  # the table's
+    first = R.guid_text(make_guid(guid_prefix(HOST), 500, T))
+    assert st.process(first).exited and not st.process(events[3].process_guid).exited
+    assert [p.command_line for p in st.ancestors(events[1].process_guid)] == ["a"]

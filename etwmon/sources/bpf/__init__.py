@@ -28,7 +28,7 @@ from ...records import FILETIME_UNIX_EPOCH
 from ._details import task_enricher
 from ._libbpf import wait_for_rcu_grace_period
 from ._event import (
-    CONFIG, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
+    CONFIG, CONFIG_CREATES, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
 )
 from ._wire import WireMover
 
@@ -78,9 +78,11 @@ class BpfSource(Source):
     Options: ``ring_size`` (bytes of the BPF ring buffer, a power of two of pages; default 8 MiB),
     ``batch_wait`` (seconds the reader waits after a wake-up so that one wake-up serves a batch; default
     0.001), ``enrich`` (``enrich(record, details) -> record``: called with each record and the kernel's
-    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing), ``image_loads``
-    (also an ImageLoad record per file mapped executable, from programs on mmap's syscall tracepoints; default
-    False, which attaches nothing there).
+    ``TaskDetails`` for it, e.g. to add an extension block; default None, which costs nothing; given, every
+    event comes as TaskDetails and the kernel writes no record itself), ``kernel_creates`` (default True: the
+    programs write ProcessCreate and ProcessExec records themselves, see docs/linux.md; False: user space writes
+    them from the events, as it did before), ``image_loads`` (also an ImageLoad record per file mapped
+    executable, from programs on mmap's syscall tracepoints; default False, which attaches nothing there).
 
     Nothing outlives the process: the programs, their links and the maps are file descriptors of it, so
     ``stale_state()`` has nothing to report even after a SIGKILL (the kernel frees them when it exits).
@@ -96,7 +98,7 @@ class BpfSource(Source):
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
-                 enrich: Enricher | None = None, image_loads: bool = False) -> None:
+                 enrich: Enricher | None = None, kernel_creates: bool = True, image_loads: bool = False) -> None:
         super().__init__()
         page = mmap.PAGESIZE
         if (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < page
@@ -109,6 +111,9 @@ class BpfSource(Source):
         self.ring_size = ring_size
         self.batch_wait = float(batch_wait)
         self.enrich = enrich
+        #: Whether the programs write process creates and execs in the wire format too (the default; False: they
+        #: come as events and are written here, per record, as before).
+        self.kernel_creates = bool(kernel_creates)
         self.image_loads = bool(image_loads)  # image loads: opt-in, see imageload.py
         self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
         self._object = None
@@ -181,7 +186,8 @@ class BpfSource(Source):
         # a custom enricher wants to see every event).
         boot_clock = KernelClock(CLOCK_BOOTTIME)
         self.wire = self.enrich is None
-        flags = (CONFIG_WIRE if self.wire else 0) | (CONFIG_IDENTITY if self.details else 0)
+        flags = ((CONFIG_WIRE | (CONFIG_CREATES if self.kernel_creates else 0) if self.wire else 0)
+                 | (CONFIG_IDENTITY if self.details else 0))
         settings = CONFIG.pack(boot_clock.offset_ns + 100 * FILETIME_UNIX_EPOCH,
                                guid_prefix(self.host_and_boot_id()), flags, 0)
         try:
@@ -208,6 +214,7 @@ class BpfSource(Source):
         if enrich is None and self.details:  # the identity stage is on: the kernel's facts go in the records
             enrich = task_enricher(boot_clock)
         self._decoder = EventDecoder(self._no_sink, boot_clock, enrich)
+        self._decoder.kernel_creates = bool(self.wire and self.kernel_creates)
         self._mover = WireMover(self._decoder)
         if self.image_loads:  # image loads: their own object and ring, sharing this clock (times and guids)
             from .imageload import ImageLoadReader
@@ -396,7 +403,7 @@ class BpfSource(Source):
         base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped}
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
-                        argv_unreadable=d.argv_unreadable,
+                        argv_unreadable=d.argv_unreadable, creates_slow=d.creates_slow,
                         kernel_written=self._mover.records if self._mover is not None else 0)
         if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
             images = self._images.stats()

@@ -23,6 +23,7 @@ __all__ = [
     "ARGV_TRUNCATED", "ARGV_FAULT", "NO_MM", "EXE_TRUNCATED", "CWD_TRUNCATED", "LEADER_REPLACED",
     "FILENAME_TRUNCATED", "NO_TTY", "CGROUP_TRUNCATED", "CGROUP_V1", "ARGV_MAX", "EXE_KNOWN", "EXE_MEMFD",
     "EXE_DELETED", "EXE_SETUID", "EXE_SETGID", "stat_device", "KIND_BASE", "CONFIG", "CONFIG_WIRE", "CONFIG_IDENTITY",
+    "CONFIG_CREATES",
 ]
 
 # etwmon_event.kind: from KIND_BASE up, so that the ring tells them from the wire records the kernel writes itself
@@ -30,7 +31,7 @@ KIND_BASE = 0x100
 FORK_PROCESS, FORK_THREAD, EXEC, EXIT_THREAD, EXIT_PROCESS = 0x101, 0x102, 0x103, 0x104, 0x105
 # struct etwmon_config (the `config` map) and its flags
 CONFIG = struct.Struct("<Q8sII")
-CONFIG_WIRE, CONFIG_IDENTITY = 0x1, 0x2
+CONFIG_WIRE, CONFIG_IDENTITY, CONFIG_CREATES = 0x1, 0x2, 0x4
 # etwmon_event.flags
 ARGV_TRUNCATED = 0x0001
 ARGV_FAULT = 0x0002
@@ -157,6 +158,11 @@ class EventDecoder:
         self.events = 0
         self.argv_truncated = 0
         self.argv_unreadable = 0
+        #: Process creates and execs that came as events while the kernel writes them itself (argv, a path or the
+        #: tty not ASCII, argv cut or unreadable, a record over 64 KiB): written here, exactly as before.
+        self.creates_slow = 0
+        #: Whether the kernel writes creates and execs itself (set by the source).
+        self.kernel_creates = False
 
     def decode(self, data, offset: int) -> None:
         """One event at ``offset`` of ``data`` (the ring's mapped pages)."""
@@ -182,6 +188,8 @@ class EventDecoder:
                 push(threads(thread_exit, TaskDetails.from_event(data, offset)) if threads else thread_exit)
             record = encode_process_exit(ft, pid, shell_exit_code(code))
         elif kind == FORK_PROCESS or kind == EXEC:
+            if self.kernel_creates:
+                self.creates_slow += 1
             line = self._command_line(data, offset, flags)
             encode = encode_process_exec if kind == EXEC else encode_process_create
             record = encode(ft, pid, ppid, cpid, ctid, line)

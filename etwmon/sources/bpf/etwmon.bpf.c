@@ -23,16 +23,25 @@ char LICENSE[] SEC("license") = "GPL";
 #define TAIL_ROOM (TAIL_MASK + 1 + ETWMON_ARGV_MAX)
 #define NAME_MAX 255
 
-/* A wire record the kernel writes itself (a thread record or a process exit, see etwmon_event.h) is built in
- * `wire`: the fixed part, the block, and the image path widened to UTF-16 (two bytes per path byte). */
-#define WIRE_SIZE 16384
+/* A wire record the kernel writes itself (see etwmon_event.h) is built in `wire`: the fixed part, the command
+ * line and paths widened to UTF-16 (two bytes per byte), the block. Offsets into it are masked with WIRE_MASK;
+ * the slack after it takes the few bytes a field writes past a masked offset. */
+#define WIRE_SIZE 65536
 #define WIRE_MASK (WIRE_SIZE - 1)
+#define WIRE_SLACK 64
+/* The longest command line (UTF-16 code units) a record can hold: (65535 - sizeof(ProcessCreateInfo)) / 2. */
+#define MAX_COMMAND_LINE 32747
 
 struct scratch {
 	struct etwmon_event e;
 	char tail[TAIL_ROOM];
 	char path[ETWMON_PATH_MAX + NAME_MAX + 1]; /* a path is built here backwards, then copied to the tail */
-	__u8 wire[WIRE_SIZE];
+	__u8 wire[WIRE_SIZE + WIRE_SLACK];
+	__u8 quote[ETWMON_ARGV_MAX + 1]; /* at the offset where each argument starts: 1 when it must be quoted */
+	__u32 at; /* the write position in `wire` while a record is built (see AT) */
+	struct cursor {
+		__u32 n, start, k, unsafe, quoted, fail, pts;
+	} cur; /* the command line's passes and the tty's (see V) */
 };
 
 /* One scratch buffer per CPU (an event is too big for the BPF stack and for a per-CPU array's 32 KiB
@@ -415,8 +424,15 @@ static __always_inline void put_block_header(__u8 *w, __u16 length)
 
 static __always_inline void output(__u8 *w, __u32 size)
 {
+	barrier_var(size); /* keep the mask below: the verifier needs it even where the compiler sees no use */
 	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, OUTPUT_FLAGS))
 		count_lost();
+}
+
+static __always_inline void put_tlv(__u8 *at, __u16 tag, __u16 len)
+{
+	put16(at, tag);
+	put16(at + 2, len);
 }
 
 /* ThreadCreate (exit = 0) or ThreadExit of thread `tid` of process `pid`, whose leader started at `start`. */
@@ -442,28 +458,31 @@ static __always_inline void wire_thread(struct scratch *s, struct etwmon_config 
 	output(w, size);
 }
 
-struct widen {
+/* A path in the tail widened to UTF-16 in the wire record: `len` bytes from tail offset `from` to wire
+ * offset `to`, one bpf_loop step per byte; `fail` set at a byte >= 0x80 (UTF-8, or not: user space writes it). */
+struct copy16 {
 	struct scratch *s;
+	__u32 from; /* tail offset */
+	__u32 to;   /* wire offset */
 	__u32 len;
-	__u32 non_ascii;
+	__u32 fail;
 };
 
-/* One byte of the path in the tail to its UTF-16 code unit in the wire record, from offset 80 on. */
-static long widen_step(__u32 i, void *arg)
+static long copy16_step(__u32 i, void *arg)
 {
-	struct widen *x = arg;
+	struct copy16 *x = arg;
 	struct scratch *s = x->s;
 	__u8 c;
 
 	if (i >= x->len)
 		return 1;
-	c = s->tail[i & (ETWMON_PATH_MAX - 1)];
+	c = s->tail[(x->from + i) & TAIL_MASK];
 	if (c & 0x80) {
-		x->non_ascii = 1; /* UTF-8 (or not): user space writes this one */
+		x->fail = 1;
 		return 1;
 	}
-	s->wire[(80 + 2 * i) & WIRE_MASK] = c;
-	s->wire[(81 + 2 * i) & WIRE_MASK] = 0;
+	s->wire[(x->to + 2 * i) & WIRE_MASK] = c;
+	s->wire[(x->to + 2 * i + 1) & WIRE_MASK] = 0;
 	return 0;
 }
 
@@ -478,7 +497,7 @@ static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_c
 	put32(w + 20, code);
 	if (c->flags & ETWMON_CONFIG_IDENTITY) {
 		struct file *exe = BPF_CORE_READ(task, mm, exe_file);
-		struct widen x = {.s = s, .len = 0, .non_ascii = 0};
+		struct copy16 x = {.s = s, .from = 0, .to = 80, .len = 0, .fail = 0};
 
 		put_guid(w + 32, c, pid, start);
 		put16(w + 52, 14); /* StartTime */
@@ -493,8 +512,8 @@ static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_c
 			x.len = read_path(s, 0, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
 					  ETWMON_EXE_TRUNCATED);
 		if (x.len) { /* known and whole (a cut path stays unknown, as the identity stage leaves it) */
-			bpf_loop(ETWMON_PATH_MAX, widen_step, &x, 0);
-			if (x.non_ascii)
+			bpf_loop(ETWMON_PATH_MAX, copy16_step, &x, 0);
+			if (x.fail)
 				return false;
 			put16(w + 76, 3); /* Image */
 			put16(w + 78, (2 * x.len) & 0xFFFF);
@@ -507,16 +526,319 @@ static __always_inline bool wire_process_exit(struct scratch *s, struct etwmon_c
 	return true;
 }
 
+/* --- ProcessCreate and ProcessExec written here ------------------------------------------------------------
+ * The command line is what etwmon.records.command_line_from_argv makes of argv (shlex.join): arguments split
+ * at NULs (one trailing NUL dropped), joined by spaces, an argument of only safe characters ([A-Za-z0-9_@%+=:,./-])
+ * as it is, any other quoted in '...' with each ' written '"'"', an empty one ''. Two passes over argv, one
+ * bpf_loop step per byte: which arguments need quotes, then the UTF-16LE text. Any byte >= 0x80 anywhere (argv,
+ * paths, tty), argv cut or unreadable, or a record that would not fit in 64 KiB: the event goes out as an
+ * etwmon_event instead, for user space to write exactly as before (it counts them). */
+
+/* The state of the two passes, kept in the scratch buffer (struct cursor): a counter on the stack would make the
+ * verifier follow each of its values through the loop as a state of its own. V() reads and writes it. */
+#define V(x) (*(volatile __u32 *)&(x))
+
+struct loop_arg {
+	struct scratch *s;
+};
+
+static __always_inline bool safe_char(__u8 c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '@' ||
+	       c == '%' || c == '+' || c == '=' || c == ':' || c == ',' || c == '.' || c == '/' || c == '-';
+}
+
+static long classify_step(__u32 i, void *arg)
+{
+	struct scratch *s = ((struct loop_arg *)arg)->s;
+	struct cursor *x = &s->cur;
+	__u32 n = V(x->n), start;
+	__u8 c;
+
+	if (i > n)
+		return 1;
+	c = i == n ? 0 : s->tail[i & TAIL_MASK];
+	if (c & 0x80) {
+		V(x->fail) = 1;
+		return 1;
+	}
+	if (c == 0) {
+		start = V(x->start);
+		s->quote[start & (ETWMON_ARGV_MAX - 1)] = V(x->unsafe) || i == start;
+		V(x->start) = i + 1;
+		V(x->unsafe) = 0;
+	} else if (!safe_char(c)) {
+		V(x->unsafe) = 1;
+	}
+	return 0;
+}
+
+static __always_inline void put_char(struct scratch *s, __u8 c)
+{
+	__u32 k = V(s->cur.k), at = 34 + 2 * k;
+
+	s->wire[at & WIRE_MASK] = c;
+	s->wire[(at + 1) & WIRE_MASK] = 0;
+	V(s->cur.k) = k + 1;
+}
+
+static long text_step(__u32 i, void *arg)
+{
+	struct scratch *s = ((struct loop_arg *)arg)->s;
+	struct cursor *x = &s->cur;
+	__u32 n = V(x->n), quoted;
+	__u8 c;
+
+	if (i > n)
+		return 1;
+	if (V(x->k) > MAX_COMMAND_LINE - 8) {
+		V(x->fail) = 1; /* the record would be cut: user space cuts it exactly as before */
+		return 1;
+	}
+	if (i == V(x->start)) {
+		if (i)
+			put_char(s, ' ');
+		V(x->quoted) = s->quote[i & (ETWMON_ARGV_MAX - 1)];
+		if (V(x->quoted))
+			put_char(s, '\'');
+	}
+	quoted = V(x->quoted);
+	c = i == n ? 0 : s->tail[i & TAIL_MASK];
+	if (c == 0) {
+		if (quoted)
+			put_char(s, '\'');
+		V(x->start) = i + 1;
+	} else if (c == '\'' && quoted) {
+		put_char(s, '\'');
+		put_char(s, '"');
+		put_char(s, '\'');
+		put_char(s, '"');
+		put_char(s, '\'');
+	} else {
+		put_char(s, c);
+	}
+	return 0;
+}
+
+/* The command line from the argv in the tail, UTF-16LE at offset 34 of the wire record; its length in code units,
+ * or -1 when user space must write it. */
+static __always_inline long wire_command_line(struct scratch *s)
+{
+	struct loop_arg arg = {.s = s};
+	struct cursor *x = &s->cur;
+	__u32 len = s->e.argv_len;
+
+	if (s->e.flags & (ETWMON_ARGV_TRUNCATED | ETWMON_ARGV_FAULT | ETWMON_NO_MM))
+		return -1;
+	if (!len)
+		return 0;
+	V(x->n) = s->tail[(len - 1) & TAIL_MASK] ? len : len - 1;
+	V(x->start) = 0;
+	V(x->unsafe) = 0;
+	V(x->fail) = 0;
+	V(x->k) = 0;
+	bpf_loop(ETWMON_ARGV_MAX + 1, classify_step, &arg, 0);
+	if (V(x->fail))
+		return -1;
+	V(x->start) = 0;
+	bpf_loop(ETWMON_ARGV_MAX + 1, text_step, &arg, 0);
+	if (V(x->fail))
+		return -1;
+	return V(x->k) & 0xFFFF;
+}
+
+/* The tty name: its length, ASCII, and whether it is "pts" and digits (pass 1). */
+static long tty_check_step(__u32 j, void *arg)
+{
+	struct scratch *s = ((struct loop_arg *)arg)->s;
+	__u8 ch = s->e.tty[j & 31];
+
+	if (j >= sizeof(s->e.tty) - 1 || !ch)
+		return 1;
+	if (ch & 0x80) {
+		V(s->cur.fail) = 1;
+		return 1;
+	}
+	if (j < 3 ? ch != "pts"[j] : ch < '0' || ch > '9')
+		V(s->cur.pts) = 0;
+	V(s->cur.n) = j + 1;
+	return 0;
+}
+
+/* ... widened, with '/' after "pts" (pass 2), at s->at. */
+static long tty_step(__u32 j, void *arg)
+{
+	struct scratch *s = ((struct loop_arg *)arg)->s;
+	__u32 at;
+
+	if (j >= V(s->cur.n))
+		return 1;
+	if (V(s->cur.pts) && j == 3) {
+		at = V(s->at);
+		put16(&s->wire[at & WIRE_MASK], '/');
+		V(s->at) = at + 2;
+	}
+	at = V(s->at);
+	put16(&s->wire[at & WIRE_MASK], s->e.tty[j & 31]);
+	V(s->at) = at + 2;
+	return 0;
+}
+
+/* A text field (tag, UTF-16LE of `len` ASCII bytes of the tail at `from`) at wire offset `at`; the offset after
+ * it, or 0 when it is not ASCII or would not fit. */
+static __always_inline __u32 put_text(struct scratch *s, __u32 at, __u16 tag, __u32 from, __u32 len)
+{
+	struct copy16 x = {.s = s, .from = from, .to = at + 4, .len = len};
+
+	if (at + 4 + 2 * len > 0xFFFF)
+		return 0;
+	put_tlv(&s->wire[at & WIRE_MASK], tag, 2 * len);
+	bpf_loop(ETWMON_PATH_MAX, copy16_step, &x, 0);
+	return x.fail ? 0 : at + 4 + 2 * len;
+}
+
+/* Where the next field of the record being built goes: kept in the scratch buffer (read and written through
+ * volatile accesses) rather than in a register, so that the fields that may be present or not do not make the
+ * verifier follow every combination of them as a distinct state. */
+#define AT(s) (*(volatile __u32 *)&(s)->at)
+
+/* A fixed-size field: Tag, Length, then `len` bytes of `v` (little-endian). */
+static __always_inline void put_fixed(struct scratch *s, __u16 tag, __u16 len, __u64 v)
+{
+	__u32 at = AT(s);
+
+	put_tlv(&s->wire[at & WIRE_MASK], tag, len);
+	if (len == 8)
+		put64(&s->wire[(at + 4) & WIRE_MASK], v);
+	else
+		put32(&s->wire[(at + 4) & WIRE_MASK], v);
+	AT(s) = at + 4 + len;
+}
+
+/* A text field from the tail (see put_text), at AT(s); false when user space must write the record. */
+static __always_inline bool put_tail_text(struct scratch *s, __u16 tag, __u32 from, __u32 len)
+{
+	__u32 at = put_text(s, AT(s), tag, from, len);
+
+	AT(s) = at;
+	return at != 0;
+}
+
+/* ProcessCreate (type 1) or ProcessExec (101) from the event and tail in `s`; false when user space must write
+ * it (the event is emitted instead). The block's fields are those the identity stage writes for the kernel's
+ * facts, in its order (etwmon.records.TAG_ORDER): see docs/identity.md for those left to user space. */
+static __always_inline bool wire_create(struct scratch *s, struct etwmon_config *c, __u16 type,
+					struct task_struct *task, __u32 filename_len)
+{
+	struct etwmon_event *e = &s->e;
+	__u8 *w = s->wire;
+	long chars = wire_command_line(s);
+	__u32 at, block, from, i;
+	__u16 flags = 0;
+
+	if (chars < 0)
+		return false;
+	put32(w + 16, e->pid);
+	put32(w + 20, e->ppid);
+	put32(w + 24, e->creating_tid);
+	put32(w + 28, e->creating_pid);
+	put16(w + 32, chars);
+	at = 34 + 2 * (chars & 0xFFFF);
+	for (i = 0; i < 6; i++) /* the NUL and the struct's tail padding */
+		w[(at + i) & WIRE_MASK] = 0;
+	at += 6;
+	AT(s) = at;
+	if (c->flags & ETWMON_CONFIG_IDENTITY) {
+		struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+		__u64 pstart = filetime(c, BPF_CORE_READ(parent, group_leader, start_boottime));
+		__u64 start = filetime(c, e->start_boottime);
+
+		block = at;
+		at += 8;
+		put_guid(&w[at & WIRE_MASK], c, e->pid, start);
+		put_guid(&w[(at + 20) & WIRE_MASK], c, e->ppid, pstart);
+		put16(&w[(at + 20) & WIRE_MASK], 2); /* ParentProcessGuid */
+		AT(s) = at + 40;
+		put_fixed(s, 5, 4, e->euid); /* Uid: the effective one */
+		put_fixed(s, 14, 8, start); /* StartTime */
+		if (e->exe_flags) {
+			__u32 major = e->exe_dev >> 20, minor = e->exe_dev & 0xFFFFF;
+
+			/* ExeDevice as stat's st_dev, ExeInode, ExeFlags (records.ExeFlags is the kernel's >> 1) */
+			put_fixed(s, 17, 4, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12));
+			put_fixed(s, 18, 8, e->exe_ino);
+			put_fixed(s, 19, 4, (e->exe_flags >> 1) & 0xF);
+		}
+		if (e->mnt_ns)
+			put_fixed(s, 20, 4, e->mnt_ns);
+		if (e->pid_ns) {
+			put_fixed(s, 21, 4, e->pid_ns);
+			put_fixed(s, 22, 4, e->ns_pid);
+		}
+		if (e->cgroup_id)
+			put_fixed(s, 23, 8, e->cgroup_id);
+		from = e->argv_len + filename_len;
+		if (e->exe_len && !put_tail_text(s, 3, from, e->exe_len)) /* Image */
+			return false;
+		from += e->exe_len;
+		if (e->cwd_len && !put_tail_text(s, 4, from, e->cwd_len)) /* CurrentDirectory */
+			return false;
+		from += e->cwd_len;
+		if (e->tty[0]) { /* Tty as ps writes it: "pts3" is "pts/3" */
+			struct loop_arg arg = {.s = s};
+			__u32 field = AT(s);
+
+			V(s->cur.fail) = 0;
+			V(s->cur.pts) = 1;
+			V(s->cur.n) = 0;
+			bpf_loop(sizeof(e->tty), tty_check_step, &arg, 0);
+			if (V(s->cur.fail))
+				return false;
+			if (V(s->cur.n) <= 3)
+				V(s->cur.pts) = 0;
+			AT(s) = field + 4;
+			bpf_loop(sizeof(e->tty), tty_step, &arg, 0);
+			at = AT(s);
+			put_tlv(&w[field & WIRE_MASK], 10, (at - field - 4) & 0xFFFF);
+		}
+		if (e->cgroup_len) {
+			if (!put_tail_text(s, 12, from, e->cgroup_len)) /* Cgroup */
+				return false;
+		} else if (e->flags & ETWMON_CGROUP_TRUNCATED) {
+			flags |= 1; /* EventFlags.TRUNCATED, as the identity stage sets it */
+		}
+		at = AT(s);
+		if (at > 0xFFFF)
+			return false;
+		put_block_header(&w[block & WIRE_MASK], at - block);
+		put16(&w[(block + 4) & WIRE_MASK], flags);
+	}
+	at = AT(s);
+	if (at > 0xFFFF)
+		return false;
+	put_header(w, type, at, filetime(c, e->time_ns));
+	output(w, at);
+	return true;
+}
+
+static __always_inline struct etwmon_config *create_config(void)
+{
+	struct etwmon_config *c = wire_config();
+
+	return c && (c->flags & ETWMON_CONFIG_CREATES) ? c : 0;
+}
+
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 {
 	struct scratch *s = scratch_buffer();
+	struct etwmon_config *c;
 	__u32 off;
 
 	if (!s)
 		return 0;
 	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid)) {
-		struct etwmon_config *c = wire_config();
+		c = wire_config();
 
 		if (c) {
 			wire_thread(s, c, false, filetime(c, bpf_ktime_get_boot_ns()), BPF_CORE_READ(child, pid),
@@ -537,6 +859,9 @@ int BPF_PROG(etwmon_fork, struct task_struct *parent, struct task_struct *child)
 	off = read_argv(s, parent); /* the forking task is current: its argv is what the child inherits */
 	off = read_exe_cwd(s, off, child);
 	off = read_cgroup(s, off, child);
+	c = create_config();
+	if (c && wire_create(s, c, 1, child, 0))
+		return 0;
 	emit(s, off);
 	return 0;
 }
@@ -545,6 +870,7 @@ SEC("tp_btf/sched_process_exec")
 int BPF_PROG(etwmon_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
 	struct scratch *s = scratch_buffer();
+	struct etwmon_config *c;
 	__u32 off;
 	long n;
 
@@ -565,6 +891,9 @@ int BPF_PROG(etwmon_exec, struct task_struct *task, pid_t old_pid, struct linux_
 	}
 	off = read_exe_cwd(s, off, task);
 	off = read_cgroup(s, off, task);
+	c = create_config();
+	if (c && wire_create(s, c, 101, task, s->e.filename_len))
+		return 0;
 	emit(s, off);
 	return 0;
 }

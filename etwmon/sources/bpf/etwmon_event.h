@@ -82,6 +82,7 @@ struct etwmon_event {
 /* The loader's settings, in the one-entry array map `config`, written after load and before attach. */
 #define ETWMON_CONFIG_WIRE 0x1     /* thread records and process exits are written as etwmon's wire records */
 #define ETWMON_CONFIG_IDENTITY 0x2 /* ... with the extension block (ProcessGuid; StartTime, Lifetime, Image) */
+#define ETWMON_CONFIG_CREATES 0x4  /* ... and process creates and execs too (with WIRE) */
 
 struct etwmon_config {
 	__u64 filetime_base;   /* FILETIME = (CLOCK_BOOTTIME ns + filetime_base) / 100 */
@@ -99,6 +100,12 @@ struct etwmon_config {
  *     threads: ProcessGuid (1, 16 bytes)
  *     process exit: ProcessGuid (1), StartTime (14, s64 FILETIME), Lifetime (15, u64 us), Image (3, UTF-16LE,
  *     when the path is known and ASCII; otherwise the exit comes as an etwmon_event for user space to write)
+ *   ProcessCreate Type 1 (fork), ProcessExec Type 101: ItemHeader | ProcessId @16 | ParentProcessId @20 |
+ *     CreatingThreadId @24 | CreatingProcessId @28 | CommandLineLength @32 (code units) | CommandLine @34
+ *     (UTF-16LE) | NUL and 4 bytes of padding | block: ProcessGuid (1), ParentProcessGuid (2), Uid (5),
+ *     StartTime (14), ExeDevice..CgroupId (17-23, those known), Image (3), CurrentDirectory (4), Tty (10),
+ *     Cgroup (12); when argv, a path or the tty is not ASCII, argv was cut or unreadable, or the record would
+ *     not fit, the event comes as an etwmon_event instead
  * A wire record is told from an etwmon_event by its first 16 bits: wire Types are below ETWMON_KIND_BASE. */
 #define ETWMON_KIND_BASE 0x100
 
