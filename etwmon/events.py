@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from .errors import RecordFormatError
-from .records import (
-    _CMDLINE_OFFSET, _HEADER, _IMAGE_NAME_CHARS, _TAG_FIELDS, DTYPES, EXTENSION_HEADER_SIZE,
+from .records import (  # the wire's small structs too (_EXT_HEADER, _TLV, _I64, _U32)
+    _CMDLINE_OFFSET, _EXT_HEADER, _HEADER, _I64, _TLV, _U32, _IMAGE_NAME_CHARS, _TAG_FIELDS, DTYPES, EXTENSION_HEADER_SIZE,
     EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE, TRUNCATION_MARKER, Details,
     EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime, encode_image_load,
     encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit, filetime_to_datetime,
@@ -290,10 +290,6 @@ def _details_of(event: Event) -> Details | None:
 
 _U32X2 = struct.Struct("<II")
 _U32X3 = struct.Struct("<III")
-_U32 = struct.Struct("<I")
-_I64 = struct.Struct("<q")
-_EXT_HEADER = struct.Struct("<HHI")
-_TLV = struct.Struct("<HH")
 _CREATE_FIELDS = struct.Struct("<IIIIH")
 _IMAGE_FIELDS = struct.Struct("<IIQ")
 _CREATE_SIZE = PROCESS_CREATE_DTYPE.itemsize  # 40

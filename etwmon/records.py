@@ -254,7 +254,7 @@ _BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4
 _TLV = struct.Struct("<HH")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
-_U32_ = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 # Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, u64, us (microseconds as a timedelta).
 _TAG_FIELDS: dict[int, tuple[str, str]] = {
     1: ("process_guid", "guid"), 2: ("parent_process_guid", "guid"), 3: ("image", "text"),
@@ -289,7 +289,7 @@ def _value_bytes(kind: str, value) -> bytes:
     if kind == "guid":
         return guid_bytes(value) if isinstance(value, str) else bytes(value)
     if kind == "u32":
-        return _U32_.pack(value & 0xFFFFFFFF)
+        return _U32.pack(value & 0xFFFFFFFF)
     if kind == "i64":
         return _I64.pack(value)
     if kind == "u64":
@@ -304,7 +304,7 @@ def _field_value(kind: str, data: bytes):
     if kind == "guid":
         return guid_text(data) if len(data) == 16 else None
     if kind == "u32":
-        return _U32_.unpack(data)[0] if len(data) == 4 else None
+        return _U32.unpack(data)[0] if len(data) == 4 else None
     if kind == "i64":
         return _I64.unpack(data)[0] if len(data) == 8 else None
     if kind == "u64":
