@@ -20,10 +20,11 @@ import numpy as np
 
 from .errors import RecordFormatError
 from .records import (  # the wire's small structs too (_EXT_HEADER, _TLV, _I64, _U32)
-    _CMDLINE_OFFSET, _EXT_HEADER, _HEADER, _I64, _TLV, _U32, _IMAGE_NAME_CHARS, _TAG_FIELDS, DTYPES, EXTENSION_HEADER_SIZE,
-    EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE, TRUNCATION_MARKER, Details,
-    EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime, encode_image_load,
-    encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit, filetime_to_datetime,
+    _CMDLINE_OFFSET, _EXT_HEADER, _HEADER, _I64, _IMAGE_NAME_CHARS, _TAG_FIELDS, _TLV, _U32, DTYPES,
+    EXTENSION_HEADER_SIZE, EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE,
+    TRUNCATION_MARKER, Details, EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime,
+    encode_image_load, encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit,
+    filetime_to_datetime,
 )
 
 __all__ = [
