@@ -39,6 +39,11 @@ def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[st
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _para(text: str) -> list[str]:
+    """A paragraph and the blank line after it."""
+    return [text, ""]
+
+
 def _header(results: dict, markdown: bool) -> list[str]:
     m = results["machine"]
     facts = [("Date", m["date"]), ("CPU", f"{m['cpu']}, {m['cores']} cores"), ("Kernel", m["kernel"]),
@@ -52,11 +57,9 @@ def _header(results: dict, markdown: bool) -> list[str]:
 
 
 def _ring(ring: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p, push = ring["params"], ring["push"]
-    out.append(f"{p['records']:,} records ({p['record_mix']}, {p['mean_record_bytes']} bytes on average), "
-               f"{p['volume_bytes'] / MIB:.1f} MiB per drain; median [min–max] of {p['repeats']} repeats.")
-    out.append("")
+    out = _para(f"{p['records']:,} records ({p['record_mix']}, {p['mean_record_bytes']} bytes on average), "
+                f"{p['volume_bytes'] / MIB:.1f} MiB per drain; median [min–max] of {p['repeats']} repeats.")
     out += _table(["push (1 record per call)", "records/s"], [
         ["EventRing.push", stat(push["ring_records_per_s"], 2)],
         ["deque port append", stat(push["deque_records_per_s"], 2)],
@@ -70,12 +73,10 @@ def _ring(ring: dict, results: dict, markdown: bool) -> list[str]:
 
 
 def _rules(rules: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p = rules["params"]
-    out.append(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
-               f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
-               f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
-    out.append("")
+    out = _para(f"{p['rules']} rules ({p['config_bytes'] / 1024:.0f} KiB of XML); {p['events']:,} ProcessExec "
+                f"events carrying every field ({p['events_kept']:,} kept); a stream of {p['stream_records']:,} "
+                f"records ({p['stream_mix']}); median [min–max] of {p['repeats']} repeats.")
     out += _table(["what", "µs per event"], [
         ["RuleSet.decide, ~500 rules", stat(rules["decide_us"], 2)],
         ["RuleSet.decide, 1 rule", stat(rules["decide_one_rule_us"], 2)],
@@ -90,12 +91,11 @@ def _storms(storms: dict, results: dict, markdown: bool) -> list[str]:
     out: list[str] = []
     out += _skipped(storms, markdown)
     p = storms["params"]
-    out.append(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
-               "of the machine's unthrottled rate (max = unthrottled; "
-               + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
-               + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
-               "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
-    out.append("")
+    out += _para(f"Storms of ~{p['seconds_per_storm']} s at {', '.join(f'{x:g}' for x in p['levels']['threads'])} "
+                 "of the machine's unthrottled rate (max = unthrottled; "
+                 + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
+                 + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
+                 "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
     rows = []
     for r in storms["summary"]:
         rows.append([r["kind"], "max" if r["level"] == 1.0 else f"{r['level']:g} max", stat(r["events_per_s"], 1, spread=False), r["tool"],
@@ -155,10 +155,9 @@ def _delivered(row: dict) -> str:
 def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
     out = _skipped(perf, markdown)
     p = perf["params"]
-    out.append(f"After SysmonForLinux's perftest: /bin/true fork+exec'd at {p['rate']:,.0f}/s for {p['seconds']:g} s "
-               f"({p['execs']:,} execs), one monitor at a time. Rate: {p['rate_reason']}. CPU = the monitor's "
-               "utime+stime over the run; µs per exec covers its fork, exec and exit events.")
-    out.append("")
+    out += _para(f"After SysmonForLinux's perftest: /bin/true fork+exec'd at {p['rate']:,.0f}/s for {p['seconds']:g} s "
+                 f"({p['execs']:,} execs), one monitor at a time. Rate: {p['rate_reason']}. CPU = the monitor's "
+                 "utime+stime over the run; µs per exec covers its fork, exec and exit events.")
     rows = [[r["tool"], _num(r.get("execs_per_s"), 0) + ("" if r.get("rate_kept", True) else " (behind)"),
              _num(r.get("cpu_pct_of_core"), 1),
              _num(r.get("us_per_exec"), 1), _delivered(r), _num(r.get("captured_pct"), 2),
@@ -175,9 +174,8 @@ def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
 def _cost(cost: dict, results: dict, markdown: bool) -> list[str]:
     out: list[str] = []
     out += _skipped(cost, markdown)
-    out.append(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
-               "rounds; each monitor's run is compared with a no-monitor run just before it.")
-    out.append("")
+    out += _para(f"{cost['params']['items']:,} fork+exec of /bin/true per run, {cost['params']['rounds']} "
+                 "rounds; each monitor's run is compared with a no-monitor run just before it.")
     rows = [[r["tool"], stat(r["items_per_s"], 0), (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["slowdown_pct"], 1),
              stat(r["cmdline_right_pct"], 1), "; ".join(r["errors"])[:80]] for r in cost["rows"]]
     out += _table(["monitor", "execs/s", "vs none", "slower %", "cmdline right %", "errors"], rows, markdown)
@@ -215,21 +213,18 @@ def _memory(first: dict, results: dict, markdown: bool) -> list[str]:
 
 
 def _service(service: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p = service["params"]
-    out.append(f"{p['records']:,} records ({p['volume_bytes'] / MIB:.1f} MiB, {p['mean_record_bytes']} bytes "
-               f"on average) pushed as fast as a source can, read with {p['read_size'] // 1024} KiB "
-               f"readinto; {p['repeats']} repeats. Server and clients are separate processes; the load average "
-               f"was {p.get('load_average_1min', 0):.1f} on {results['machine']['cores']} cores.")
-    out.append("")
+    out = _para(f"{p['records']:,} records ({p['volume_bytes'] / MIB:.1f} MiB, {p['mean_record_bytes']} bytes "
+                f"on average) pushed as fast as a source can, read with {p['read_size'] // 1024} KiB "
+                f"readinto; {p['repeats']} repeats. Server and clients are separate processes; the load average "
+                f"was {p.get('load_average_1min', 0):.1f} on {results['machine']['cores']} cores.")
     rows = [[r["path"], stat(r["records_per_s"], 0), stat(r["MBps"], 1),
              (stat(r["vs_inprocess"], 2) + " x") if r["vs_inprocess"] else "–"] for r in service["throughput"]]
     out += _table(["path", "records/s (each client)", "MB/s", "vs in-process"], rows, markdown)
     lat = service["latency"]
     out.append("")
-    out.append(f"Latency, push to reader, {p['latency_records']} records {p['latency_spacing_ms']:g} ms "
-               "apart (µs):")
-    out.append("")
+    out += _para(f"Latency, push to reader, {p['latency_records']} records {p['latency_spacing_ms']:g} ms "
+                 "apart (µs):")
     out += _table(["path", "p50", "p99", "max"],
                   [[name, f"{lat[key]['p50']:.0f}", f"{lat[key]['p99']:.0f}", f"{lat[key]['max']:.0f}"]
                    for name, key in (("in-process", "inprocess_us"), ("socket", "socket_us"))]
@@ -239,12 +234,10 @@ def _service(service: dict, results: dict, markdown: bool) -> list[str]:
 
 
 def _identity(ident: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p = ident["params"]
-    out.append(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
-               f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
-               "utime+stime per 1000 events it delivered.")
-    out.append("")
+    out = _para(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
+                f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
+                "utime+stime per 1000 events it delivered.")
     rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
              (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
              "; ".join(r["errors"])[:80]] for r in ident["rows"]]
@@ -259,13 +252,11 @@ def _identity(ident: dict, results: dict, markdown: bool) -> list[str]:
 
 
 def _fleet(fleet: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p = fleet["params"]
-    out.append(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
-               f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
-               f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
-               "Latency: the consumer's read() returning the record minus the record's Time.")
-    out.append("")
+    out = _para(f"A Monitor over a paced source in a child process, shipped by etwmon.fleet.Shipper "
+                f"({p['batch_bytes'] // 1024} KiB batches, {p['batch_wait_s'] * 1000:.0f} ms batch wait); "
+                f"a FleetConsumer in this process; {p['seconds']:.0f} s per trial, {p['repeats']} repeats. "
+                "Latency: the consumer's read() returning the record minus the record's Time.")
     out += _table(["trial", "records/s", "missing", "p50 ms", "p99 ms"], [
         [f"paced {p['paced_rate']:,}/s", stat(fleet["paced_records_per_s"], 0), stat(fleet["paced_missing"], 0),
          stat(fleet["paced_p50_ms"], 1), stat(fleet["paced_p99_ms"], 1)],
@@ -281,12 +272,10 @@ def _fleet(fleet: dict, results: dict, markdown: bool) -> list[str]:
 
 
 def _imageload(images: dict, results: dict, markdown: bool) -> list[str]:
-    out: list[str] = []
     p = images["params"]
-    out.append(f"A dlopen/dlclose storm of {p['loads_per_storm']:,} loads of one library, {p['repeats']} "
-               "round(s), image loads on and off alternating; CPU = the monitor's with them on less off, "
-               "per image load it delivered (the storm's and the rest of the machine's).")
-    out.append("")
+    out = _para(f"A dlopen/dlclose storm of {p['loads_per_storm']:,} loads of one library, {p['repeats']} "
+                "round(s), image loads on and off alternating; CPU = the monitor's with them on less off, "
+                "per image load it delivered (the storm's and the rest of the machine's).")
     out += _table(["figure", "median (min–max)"], [
         ["monitor CPU µs per image load", stat(images["cpu_us_per_load"], 1)],
         ["dlopen+dlclose µs, no monitor", stat(images["storm_us_per_load_none"], 1)],
@@ -378,10 +367,9 @@ def _recording_section(rec: dict | None, h, stat, markdown: bool) -> list[str]:
     if rec["status"] != "ok":
         return out + [_status_line(rec)]
     p = rec["params"]
-    out.append(f"{p['events']:,} records of {p['processes']:,} processes (fork, exec, exit with every detail), in "
-               f"{p['batch_bytes'] // 1024} KiB readinto batches; CPU time per event, median [min–max] of "
-               f"{p['repeats']} repeats; the source's own cost (the same under both) left out.")
-    out.append("")
+    out += _para(f"{p['events']:,} records of {p['processes']:,} processes (fork, exec, exit with every detail), in "
+                 f"{p['batch_bytes'] // 1024} KiB readinto batches; CPU time per event, median [min–max] of "
+                 f"{p['repeats']} repeats; the source's own cost (the same under both) left out.")
     out += _table(["reader", "µs per event", "added over tail"], [
         ["tail (parse + text)", stat(rec["tail_us"], 2), ""],
         ["record everything", stat(rec["record_all_us"], 2), stat(rec["added_all_us"], 2)],

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import struct
 from _codecs import utf_16_le_decode as _utf_16_le_decode
-from dataclasses import dataclass, field, fields as _dc_fields
+from dataclasses import dataclass, field, fields as _dc_fields, make_dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
 from .errors import RecordFormatError
-from .records import (
-    _CMDLINE_OFFSET, _HEADER, _IMAGE_NAME_CHARS, _TAG_FIELDS, DTYPES, EXTENSION_HEADER_SIZE,
-    EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE, TRUNCATION_MARKER, Details,
-    EventFlags, ItemType, _encode_create, _field_value, datetime_to_filetime, encode_image_load,
-    encode_process_exit, encode_records_lost, encode_thread_create, encode_thread_exit, filetime_to_datetime,
+from .records import (  # the wire's small structs too (_EXT_HEADER, _TLV, _I64, _U32)
+    _CMDLINE_OFFSET, _EXT_HEADER, _HEADER, _I64, _IMAGE_NAME_CHARS, _TAG_FIELDS, _TLV, _U32, DTYPES,
+    EXTENSION_HEADER_SIZE, EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE,
+    TRUNCATION_MARKER, _DETAILS_DOC, EventFlags, ItemType, _details_fields, _encode_create, _field_value,
+    datetime_to_filetime, encode_image_load, encode_process_exit, encode_records_lost, encode_thread_create,
+    encode_thread_exit, filetime_to_datetime,
 )
 
 __all__ = [
@@ -267,6 +268,20 @@ _ENCODERS: dict[int, Any] = {
 }
 
 _TAG_NAMES = frozenset(name for name, _ in _TAG_FIELDS.values())
+
+
+def _details_class() -> type:
+    """``records.Details``, made from the Event classes' declarations of the attributes a block carries:
+    ProcessCreate's, with ProcessExit's ``lifetime`` after ``start_filetime``; then ``flags`` as an int."""
+    create = [f for f in _dc_fields(ProcessCreate) if f.name in _TAG_NAMES]
+    at = [f.name for f in create].index("start_filetime") + 1
+    block = create[:at] + [f for f in _dc_fields(ProcessExit) if f.name == "lifetime"] + create[at:]
+    spec = [(f.name, f.type, field(default=None)) for f in block] + [("flags", "int", field(default=0))]
+    namespace = {"__doc__": _DETAILS_DOC, "__module__": "etwmon.records", "fields": _details_fields}
+    return make_dataclass("Details", spec, frozen=True, namespace=namespace)
+
+
+Details = _details_class()
 #: Per record type, the Event attributes its extension block can carry.
 _EXTENSION_ATTRS: dict[int, frozenset[str]] = {
     int(cls.type): frozenset(f.name for f in _dc_fields(cls)) & _TAG_NAMES
@@ -290,10 +305,6 @@ def _details_of(event: Event) -> Details | None:
 
 _U32X2 = struct.Struct("<II")
 _U32X3 = struct.Struct("<III")
-_U32 = struct.Struct("<I")
-_I64 = struct.Struct("<q")
-_EXT_HEADER = struct.Struct("<HHI")
-_TLV = struct.Struct("<HH")
 _CREATE_FIELDS = struct.Struct("<IIIIH")
 _IMAGE_FIELDS = struct.Struct("<IIQ")
 _CREATE_SIZE = PROCESS_CREATE_DTYPE.itemsize  # 40

@@ -32,8 +32,8 @@ from typing import Iterable
 import numpy as np
 
 from .records import (
-    MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, field_value, guid_bytes, guid_text, pack_field,
-    with_packed,
+    _I64, _U32, _U64, MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, field_value, guid_bytes,
+    guid_text, pack_field, with_packed,
 )
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
@@ -66,10 +66,6 @@ _MAX_PENDING_RECORDS = 16384
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
 _SEQUENCE = struct.Struct(">Q")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_Q = struct.Struct("<q")
-_TLV = struct.Struct("<HH")
 
 _GUID, _PGUID = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
 _IMAGE, _CWD, _UID, _USER = (int(ExtensionTag.Image), int(ExtensionTag.CurrentDirectory), int(ExtensionTag.Uid),
@@ -141,7 +137,7 @@ class _Entry:
         self.command_line = b""  # UTF-16LE
         # The packed ProcessGuid (and ParentProcessGuid) that start every block of this process, and its StartTime.
         self.head = [pack_field(_GUID, guid)] + ([pack_field(_PGUID, parent.guid)] if parent is not None else [])
-        self.start_field = pack_field(_START, _Q.pack(start))
+        self.start_field = pack_field(_START, _I64.pack(start))
         self.thread_block = [self.head[0]]
         self.parent_tail = parent.child_tail() if parent is not None else []
         self.tail: list[bytes] | None = None  # child_tail(), made when a first child needs it
@@ -655,7 +651,7 @@ class IdentityStage:
             flags, given = block_fields(record, packed=True)
             for tag, field_ in given:
                 if tag == _START:
-                    start_given = _Q.unpack_from(field_, 4)[0] if len(field_) == 12 else None
+                    start_given = _I64.unpack_from(field_, 4)[0] if len(field_) == 12 else None
                 elif tag not in _STAGE_TAGS:
                     own[tag] = field_
             if _USER not in own and _UID in own:  # the kernel wrote the record: the name of its uid, looked up once
@@ -675,7 +671,7 @@ class IdentityStage:
         if sequence is not None:
             return self._create_numbered(record, pid, ppid, chars, flags, own, start_given, sequence)
         if fork:
-            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
+            start = _I64.unpack_from(record, 8)[0] if start_given is None else start_given
             same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
         else:
             start = start_given
@@ -706,7 +702,7 @@ class IdentityStage:
             if parent_sequence is not None and (parent is None or parent.guid != guid_from_sequence(
                     self.prefix, parent_sequence)):
                 parent = None  # the table's process with that pid is not the parent the kernel names
-            start = _Q.unpack_from(record, 8)[0] if start_given is None else start_given
+            start = _I64.unpack_from(record, 8)[0] if start_given is None else start_given
             entry = _Entry(pid, guid, start, ppid, parent)
             if parent is None and parent_sequence is not None:  # known by number, not in the table
                 entry.parent_guid = guid_from_sequence(self.prefix, parent_sequence)
@@ -756,13 +752,13 @@ class IdentityStage:
                 return record
             # A process that started before the monitor, and the source knows when (bpf): that names it.
             guid = make_guid(self.prefix, pid, start)
-            lifetime = max(_Q.unpack_from(record, 8)[0] - start, 0) // 10
-            return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _Q.pack(start)),
+            lifetime = max(_I64.unpack_from(record, 8)[0] - start, 0) // 10
+            return with_packed(record, 0, [pack_field(_GUID, guid), pack_field(_START, _I64.pack(start)),
                                            pack_field(_LIFETIME, _U64.pack(lifetime))])
         self.table.exit(entry)
         if entry.seeded:
             self._forget_seeded(pid)
-        lifetime = max(_Q.unpack_from(record, 8)[0] - entry.start, 0) // 10
+        lifetime = max(_I64.unpack_from(record, 8)[0] - entry.start, 0) // 10
         packed = [entry.head[0], entry.start_field, pack_field(_LIFETIME, _U64.pack(lifetime))]
         image = entry.fields.get(_IMAGE)
         if image is not None:
@@ -776,7 +772,7 @@ class IdentityStage:
             return None
         for tag, field_ in block_fields(record, packed=True)[1]:
             if tag == _START and len(field_) == 12:
-                return _Q.unpack_from(field_, 4)[0]
+                return _I64.unpack_from(field_, 4)[0]
         return None
 
     # -- the reader's side --------------------------------------------------------------------------------

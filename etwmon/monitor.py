@@ -62,44 +62,58 @@ class _Sink:
         self.notify = wakeup.set
 
 
-class _Wakeup:
-    """A level-triggered "records are waiting" flag that select() can watch (a socket pair works on every OS)."""
+class ReadyFlag:
+    """A descriptor select() sees readable exactly while the flag is up: one byte in a socket pair (which works
+    on every OS), sent once when it goes up and taken back when it goes down."""
 
-    def __init__(self, ring: EventRing) -> None:
-        self._ring = ring
+    def __init__(self) -> None:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
-        self._lock = threading.Lock()
-        self._set = False
+        self.up = False
 
     def fileno(self) -> int:
         return self._r.fileno()
+
+    def put(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        try:
+            if up:
+                self._w.send(b"\1")
+            else:
+                self._r.recv(64)
+        except OSError:  # BlockingIOError too
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+class _Wakeup:
+    """A level-triggered "records are waiting" flag for a ring's readers."""
+
+    def __init__(self, ring: EventRing) -> None:
+        self._ring = ring
+        self._flag = ReadyFlag()
+        self._lock = threading.Lock()
+        self.fileno = self._flag.fileno
+        self.close = self._flag.close
 
     def set(self, force: bool = False) -> None:
         """Make the descriptor readable if records are waiting (a source's notify() after pushing nothing
         must not wake readers for nothing), or in any case with ``force`` (the end, an error)."""
         with self._lock:
-            if not self._set and (force or self._ring.readable()):
-                self._set = True
-                try:
-                    self._w.send(b"\1")
-                except (BlockingIOError, OSError):
-                    pass
+            if not self._flag.up and (force or self._ring.readable()):
+                self._flag.put(True)
 
     def clear_if_drained(self) -> None:
         # Under the lock a push either happened before readable() (seen) or its notify() comes after (sets).
         with self._lock:
-            if self._set and not self._ring.readable():
-                self._set = False
-                try:
-                    self._r.recv(64)
-                except (BlockingIOError, OSError):
-                    pass
-
-    def close(self) -> None:
-        self._r.close()
-        self._w.close()
+            if self._flag.up and not self._ring.readable():
+                self._flag.put(False)
 
 
 class EventReader:
@@ -120,6 +134,22 @@ class EventReader:
 
     def readable(self) -> bool:
         raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release(self) -> None:
+        """What collecting an unclosed reader does: ``close()`` unless a reader says otherwise."""
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._release()
+        except Exception:
+            pass
 
     def read_array(self, buffer: bytearray | memoryview | None = None) -> "RecordBatch":
         """One ``readinto`` as columns (``etwmon.records.parse_array``): the records waiting now, none when there
@@ -328,9 +358,6 @@ class Monitor(EventReader):
     def __enter__(self) -> "Monitor":
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """stop() and close the wake-up descriptors (``fileno()`` is invalid afterwards; records already
         read in stay readable)."""
@@ -339,12 +366,6 @@ class Monitor(EventReader):
             if self._wakeup is not None:
                 self._wakeup.close()
                 self._wakeup = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- reading ---------------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ import enum
 import shlex
 import struct
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Sequence, Union
 
@@ -254,7 +253,7 @@ _BASE_SIZE = {2: PROCESS_EXIT_DTYPE.itemsize, 3: THREAD_CREATE_DTYPE.itemsize, 4
 _TLV = struct.Struct("<HH")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
-_U32_ = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 # Tag -> (Event attribute, kind). Kinds: guid, text, u32, i64, u64, us (microseconds as a timedelta).
 _TAG_FIELDS: dict[int, tuple[str, str]] = {
     1: ("process_guid", "guid"), 2: ("parent_process_guid", "guid"), 3: ("image", "text"),
@@ -289,7 +288,7 @@ def _value_bytes(kind: str, value) -> bytes:
     if kind == "guid":
         return guid_bytes(value) if isinstance(value, str) else bytes(value)
     if kind == "u32":
-        return _U32_.pack(value & 0xFFFFFFFF)
+        return _U32.pack(value & 0xFFFFFFFF)
     if kind == "i64":
         return _I64.pack(value)
     if kind == "u64":
@@ -304,7 +303,7 @@ def _field_value(kind: str, data: bytes):
     if kind == "guid":
         return guid_text(data) if len(data) == 16 else None
     if kind == "u32":
-        return _U32_.unpack(data)[0] if len(data) == 4 else None
+        return _U32.unpack(data)[0] if len(data) == 4 else None
     if kind == "i64":
         return _I64.unpack(data)[0] if len(data) == 8 else None
     if kind == "u64":
@@ -312,50 +311,26 @@ def _field_value(kind: str, data: bytes):
     return timedelta(microseconds=_U64.unpack(data)[0]) if len(data) == 8 else None
 
 
-@dataclass(frozen=True)
-class Details:
-    """What the extension block of one record says; None = unknown (the field is left out of the block).
+# ``Details`` (what a block says: a frozen dataclass of every attribute a block can carry, and ``flags``) is
+# made in etwmon.events from the Event classes' declarations of those attributes, so they are declared once;
+# re-exported at the end of this module. Its docstring and its ``fields`` method are these:
+_DETAILS_DOC = """What the extension block of one record says; None = unknown (the field is left out of the block).
 
     Sources that know details exactly at the event, and the identity stage, hand one of these to the encoders
     (or to ``with_details``). Text is as in the Event attributes; ``process_guid`` in ``guid_text`` form.
     """
 
-    process_guid: str | None = None
-    parent_process_guid: str | None = None
-    image: str | None = None
-    current_directory: str | None = None
-    uid: int | None = None
-    user: str | None = None
-    parent_image: str | None = None
-    parent_command_line: str | None = None
-    parent_user: str | None = None
-    tty: str | None = None
-    session: int | None = None
-    cgroup: str | None = None
-    container_id: str | None = None
-    start_filetime: int | None = None
-    lifetime: timedelta | None = None
-    rule_name: str | None = None
-    exe_device: int | None = None
-    exe_inode: int | None = None
-    exe_flags: int | None = None
-    mnt_ns: int | None = None
-    pid_ns: int | None = None
-    ns_pid: int | None = None
-    cgroup_id: int | None = None
-    hashes: str | None = None
-    flags: int = 0
 
-    def fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
-        """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes). The
-        loaded image's whole path (ImageLoaded) is the ImageLoad record's own: its encoder adds it."""
-        out = []
-        for tag in _TAG_ORDER:
-            name, kind = _TAG_FIELDS[tag]
-            value = getattr(self, name, None)
-            if value is not None and (allowed is None or name in allowed):
-                out.append((tag, _value_bytes(kind, value)))
-        return out
+def _details_fields(self, allowed: frozenset[str] | None = None) -> list[tuple[int, bytes]]:
+    """(tag, value bytes) of every known field, in block order (``allowed``: only these attributes). The
+    loaded image's whole path (ImageLoaded) is the ImageLoad record's own: its encoder adds it."""
+    out = []
+    for tag in _TAG_ORDER:
+        name, kind = _TAG_FIELDS[tag]
+        value = getattr(self, name, None)
+        if value is not None and (allowed is None or name in allowed):
+            out.append((tag, _value_bytes(kind, value)))
+    return out
 
 
 def _block(flags: int, fields: Sequence[tuple[int, bytes]], room: int) -> bytes:
@@ -590,9 +565,10 @@ def field_value(tag: int, data: bytes):
 
 
 # The Event classes and parse live in etwmon.events (which imports the layouts above); re-exported here so
-# ``from etwmon.records import parse`` keeps working. Imported last: events needs everything above.
+# ``from etwmon.records import parse`` keeps working (and Details, made there). Imported last: events needs
+# everything above.
 from .events import (  # noqa: E402
-    _CREATE_ATTRS, _EXTENSION_ATTRS, ARRAY_DTYPE, MAX_FILETIME, RECORD_INDEX_DTYPE, Event, ImageLoad, ProcessCreate,
-    ProcessExec, ProcessExit, RecordBatch, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, parse,
+    _CREATE_ATTRS, _EXTENSION_ATTRS, ARRAY_DTYPE, MAX_FILETIME, RECORD_INDEX_DTYPE, Details, Event, ImageLoad,
+    ProcessCreate, ProcessExec, ProcessExit, RecordBatch, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, parse,
     parse_array, parse_arrays, read_array, record_headers,
 )

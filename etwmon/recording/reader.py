@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import stat
 from typing import Any, Iterator
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..errors import BufferTooSmall, RecordFormatError
 from ..formats import escape_text, human_bytes
-from ..monitor import EventReader, MonitorStats
+from ..monitor import EventReader, MonitorStats, ReadyFlag
 from ..records import Event, HEADER_SIZE, ItemType, record_headers
 from .format import (
     CHUNK_HEADER, END, MAX_CHUNK_RAW, RECS, ChunkHeader, RecordingFormatError, decompress, read_chunk_header,
@@ -70,10 +69,7 @@ class RecordingReader(EventReader):
         self._at = 0  # next record in the current chunk
         self._read = self._lost_read = 0
         self._stopped = False
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-        self._signalled = False
+        self._flag = ReadyFlag()
         self._update_wakeup()
 
     # -- the file --------------------------------------------------------------------------------------
@@ -162,20 +158,10 @@ class RecordingReader(EventReader):
     def close(self) -> None:
         self._stopped = True
         self._file.close()
-        for sock in (self._r, self._w):
-            sock.close()
+        self._flag.close()
 
     def __enter__(self) -> "RecordingReader":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     @property
     def running(self) -> bool:
@@ -190,7 +176,7 @@ class RecordingReader(EventReader):
 
     def fileno(self) -> int:
         """Readable while records are left."""
-        return self._r.fileno()
+        return self._flag.fileno()
 
     def readinto(self, buffer) -> int:
         """Whole records into ``buffer``, as many as fit (at most one chunk's); 0 at the end. Raises
@@ -214,17 +200,7 @@ class RecordingReader(EventReader):
 
     def _update_wakeup(self) -> None:
         """Keep ``fileno()`` readable exactly while records are left (one byte in the pair, sent once)."""
-        left = self.readable()
-        if left == self._signalled:
-            return
-        self._signalled = left
-        try:
-            if left:
-                self._w.send(b"\1")
-            else:
-                self._r.recv(64)
-        except (BlockingIOError, OSError):
-            pass
+        self._flag.put(self.readable())
 
     def events(self, timeout: float | None = None, bufsize: int = 0x10000) -> Iterator[Event]:
         """Every event of the recording, in order (``timeout`` is ignored: a file does not wait)."""

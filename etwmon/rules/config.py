@@ -57,32 +57,28 @@ INTEGER_FIELDS = frozenset({"ProcessId", "ParentProcessId", "PidNamespace", "Nam
                             "ImageDevice", "ImageInode"})
 
 #: Sysmon fields of events 1, 5 and 7 that etwmon can never evaluate, and why.
-_WINDOWS_FILE_INFO = "a Windows PE version resource that etwmon does not read"
+_EVERY_EVENT = {
+    "UtcTime": "etwmon does not filter on time",
+    "RuleName": "RuleName is an output of rules, not an input",
+}
+#: The fields Sysmon reads from a Windows PE version resource (events 1 and 7).
+_WINDOWS_FILE_INFO = dict.fromkeys(("FileVersion", "Description", "Product", "Company", "OriginalFileName"),
+                                   "a Windows PE version resource that etwmon does not read")
+_NO_SIGNATURE = "Linux libraries carry no Authenticode signature"
 UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
     "ProcessCreate": {
-        "UtcTime": "etwmon does not filter on time",
-        "FileVersion": _WINDOWS_FILE_INFO, "Description": _WINDOWS_FILE_INFO, "Product": _WINDOWS_FILE_INFO,
-        "Company": _WINDOWS_FILE_INFO, "OriginalFileName": _WINDOWS_FILE_INFO,
+        **_EVERY_EVENT, **_WINDOWS_FILE_INFO,
         "LogonGuid": "Windows logon sessions have no etwmon equivalent",
         "LogonId": "Windows logon sessions have no etwmon equivalent",
         "TerminalSessionId": "Windows terminal sessions have no etwmon equivalent",
         "IntegrityLevel": "Windows integrity levels have no etwmon equivalent",
-        "RuleName": "RuleName is an output of rules, not an input",
     },
-    "ProcessTerminate": {
-        "UtcTime": "etwmon does not filter on time",
-        "RuleName": "RuleName is an output of rules, not an input",
-    },
+    "ProcessTerminate": dict(_EVERY_EVENT),
     "ImageLoad": {
-        "UtcTime": "etwmon does not filter on time",
-        "FileVersion": _WINDOWS_FILE_INFO, "Description": _WINDOWS_FILE_INFO, "Product": _WINDOWS_FILE_INFO,
-        "Company": _WINDOWS_FILE_INFO, "OriginalFileName": _WINDOWS_FILE_INFO,
+        **_EVERY_EVENT, **_WINDOWS_FILE_INFO,
         "Hashes": "etwmon does not hash loaded images",
-        "Signed": "Linux libraries carry no Authenticode signature",
-        "Signature": "Linux libraries carry no Authenticode signature",
-        "SignatureStatus": "Linux libraries carry no Authenticode signature",
+        "Signed": _NO_SIGNATURE, "Signature": _NO_SIGNATURE, "SignatureStatus": _NO_SIGNATURE,
         "User": "etwmon's ImageLoad records carry no user",
-        "RuleName": "RuleName is an output of rules, not an input",
     },
 }
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import BufferTooSmall, Error, ServiceRefused, ServiceUnavailable, SourceError
-from ..monitor import EventReader, MonitorStats
+from ..monitor import EventReader, MonitorStats, ReadyFlag
 from ..ring import writable_bytes
 from ..safedir import describe_mode
 from . import protocol as P
@@ -96,9 +96,7 @@ class Connection(EventReader):
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._poll: Any = None  # epoll over the socket and the "records are here" flag: fileno()
-        self._flag_r: socket.socket | None = None
-        self._flag_w: socket.socket | None = None
-        self._flagged = False
+        self._flag: ReadyFlag | None = None
         self._frames: deque[_Frame] = deque()
         self._rbuf = bytearray(0)
         self._rview = memoryview(self._rbuf)
@@ -180,10 +178,9 @@ class Connection(EventReader):
             raise
         sock.setblocking(False)
         self._poll = select.epoll()
-        self._flag_r, self._flag_w = socket.socketpair()
-        self._flag_r.setblocking(False)
+        self._flag = ReadyFlag()
         self._poll.register(sock.fileno(), select.EPOLLIN)
-        self._poll.register(self._flag_r.fileno(), select.EPOLLIN)
+        self._poll.register(self._flag.fileno(), select.EPOLLIN)
         self._set_flag()
         return self
 
@@ -215,25 +212,20 @@ class Connection(EventReader):
         self.stop()
 
     def _close_descriptors(self) -> None:
-        for closer in (self._poll, self._flag_r, self._flag_w, self._sock):
+        for closer in (self._poll, self._flag, self._sock):
             if closer is not None:
                 try:
                     closer.close()
                 except OSError:
                     pass
-        self._poll = self._flag_r = self._flag_w = self._sock = None
+        self._poll = self._flag = self._sock = None
 
     def __enter__(self) -> "Connection":
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self._close_descriptors()
-        except Exception:
-            pass
+    def _release(self) -> None:
+        """Collected unclosed: the descriptors only (no goodbye to the service from a finalizer)."""
+        self._close_descriptors()
 
     @property
     def running(self) -> bool:
@@ -344,17 +336,8 @@ class Connection(EventReader):
     # -- the "records are here" flag behind fileno() ------------------------------------------------------
 
     def _set_flag(self) -> None:
-        want = bool(self._frames)
-        if want == self._flagged or self._flag_w is None:
-            return
-        self._flagged = want
-        try:
-            if want:
-                self._flag_w.send(b"\1")
-            else:
-                self._flag_r.recv(64)
-        except OSError:
-            pass
+        if self._flag is not None:
+            self._flag.put(bool(self._frames))
 
     # -- reading ---------------------------------------------------------------------------------------
 
