@@ -49,7 +49,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "ImageLoad": {  # Image: the process's executable; ImageLoaded: the file mapped
         "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "ImageLoaded": "image_name",
         # etwmon's own, as for ProcessCreate: which file was loaded, whatever its path says
-        "ImageDevice": "exe_device", "ImageInode": "exe_inode",
+        "ImageDevice": "exe_device", "ImageInode": "exe_inode", "Hashes": "hashes",  # Hashes: the loaded file's
     },
 }
 #: Integer fields: "less than"/"more than" compare them as numbers.
@@ -77,7 +77,6 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
         "UtcTime": "etwmon does not filter on time",
         "FileVersion": _WINDOWS_FILE_INFO, "Description": _WINDOWS_FILE_INFO, "Product": _WINDOWS_FILE_INFO,
         "Company": _WINDOWS_FILE_INFO, "OriginalFileName": _WINDOWS_FILE_INFO,
-        "Hashes": "etwmon does not hash loaded images",
         "Signed": "Linux libraries carry no Authenticode signature",
         "Signature": "Linux libraries carry no Authenticode signature",
         "SignatureStatus": "Linux libraries carry no Authenticode signature",
