@@ -264,7 +264,8 @@ def _build_parser() -> _Parser:
                             "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
                             "with 'etwmon rules check FILE')")
     tail_.add_argument("--hashes", type=hash_algorithms, metavar="ALGS",
-                       help="the executable's hashes in each process record, Sysmon's form (MD5=...,SHA256=...): "
+                       help="the executable's hashes in each process record (and the file's in each image load), "
+                            "Sysmon's form (MD5=...,SHA256=...): "
                             "md5, sha1, sha256 comma-separated, or * (default: the --config file's "
                             "<HashAlgorithms>, else none; docs/identity.md)")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
