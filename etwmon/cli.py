@@ -21,6 +21,7 @@ from typing import Callable, NoReturn, Sequence, TextIO
 from . import __version__
 from .errors import Error, RecordingFormatError, SourceError, SourceUnavailable
 from .filters import DEFAULT_EVENT_TYPES, EventFilter, parse_event_types
+from .cli_options import UsageError, add_capture_options, hash_algorithms, image_load_option
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
@@ -49,10 +50,6 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
 # --- options: each value is checked once, by its argparse ``type=`` callable --------------------------------------
-
-
-class UsageError(Exception):
-    """A bad option or environment value: one line on stderr, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,15 +142,6 @@ def _nats_url(text: str) -> str:
     try:
         return check_server_url(text)
     except FleetError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _hash_algorithms(text: str) -> str:
-    from .hashes import parse_algorithms
-
-    try:
-        return ",".join(parse_algorithms(text)[0])
-    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -275,8 +263,9 @@ def _build_parser() -> _Parser:
                        help="a Sysmon XML configuration: only the processes its ProcessCreate/ProcessTerminate "
                             "rules keep, named by rule, command lines redacted (docs/rules.md; check it first "
                             "with 'etwmon rules check FILE')")
-    tail_.add_argument("--hashes", type=_hash_algorithms, metavar="ALGS",
-                       help="the executable's hashes in each process record, Sysmon's form (MD5=...,SHA256=...): "
+    tail_.add_argument("--hashes", type=hash_algorithms, metavar="ALGS",
+                       help="the executable's hashes in each process record (and the file's in each image load), "
+                            "Sysmon's form (MD5=...,SHA256=...): "
                             "md5, sha1, sha256 comma-separated, or * (default: the --config file's "
                             "<HashAlgorithms>, else none; docs/identity.md)")
     tail_.add_argument("--max-items", type=_whole_number(1), metavar="N",
@@ -375,6 +364,7 @@ def _build_parser() -> _Parser:
     serve.add_argument("--config", metavar="FILE",
                        help="Sysmon-style rules (XML, see docs/rules.md) applied before any client sees an event; "
                             "SIGHUP reloads it (a refused file keeps the rules in force)")
+    add_capture_options(serve, "serve")
 
     service = commands.add_parser("service", help="install the service as a systemd unit, or remove it",
                                   description="Install etwmon as a systemd service (as 'sysmon -i config.xml' does): "
@@ -444,6 +434,7 @@ def _recording_commands(commands) -> None:
     record.add_argument("--grace", type=_seconds(0, 60, True), default=DEFAULT_GRACE, metavar="SECONDS",
                         help=f"after COMMAND exits, keep recording this long (default: {DEFAULT_GRACE})")
     record.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    add_capture_options(record, "record")
     record.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND ARGS",
                         help="the command to run and record (after --)")
 
@@ -476,7 +467,8 @@ def _recording(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -
             _load_rules(args.config)  # a refused configuration is a usage error, before anything starts
         return record(RecordOptions(output=args.output, command=command, source=args.source, config=args.config,
                                     user=args.user, max_size=args.max_size, duration=args.duration,
-                                    grace=args.grace, overwrite=args.force), err, environ)
+                                    grace=args.grace, overwrite=args.force, hashes=args.hashes,
+                                    image_loads=bool(image_load_option(args))), err, environ)
     if args.command == "report":
         from .recording.report import write_report
 
@@ -589,7 +581,7 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
     from .monitor import Monitor  # here, so `etwmon sources` and --help stay light
 
     rules = _load_rules(args.config) if args.config else None
-    options = _image_load_option(args)  # image loads
+    options = image_load_option(args)  # image loads
     try:
         return Monitor(source=args.source, max_items=items, max_bytes=max_bytes, rules=rules,
                        identity=args.identity, hashes=args.hashes, **options), True
@@ -598,18 +590,6 @@ def _open_reader(args: argparse.Namespace, environ: dict[str, str], err: TextIO)
         why = "not enough memory" if isinstance(exc, MemoryError) else str(exc)
         raise UsageError(f"cannot allocate a ring of {items} records / {size}: {why}; "
                          f"give a smaller --max-bytes or --max-items (or {ENV_MAX_BYTES}/{ENV_MAX_ITEMS})") from None
-
-
-def _image_load_option(args: argparse.Namespace) -> dict:
-    """``{"image_loads": True}`` when --type asks for image loads (off otherwise: nothing watches mmap)."""
-    from .records import ItemType
-
-    if not args.types or ItemType.ImageLoad not in frozenset().union(*args.types):
-        return {}
-    if args.source not in ("auto", "bpf"):
-        raise UsageError(f"image loads come from the bpf source only; the {args.source} source does not see them "
-                         "(use --source bpf, as root)")
-    return {"image_loads": True}
 
 
 def _service_filter(args: argparse.Namespace) -> dict:
@@ -718,7 +698,8 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
     items = DEFAULT_SERVE_MAX_ITEMS if max_items is None else max_items
     try:
         monitor = Monitor(source=args.source, max_items=items, max_bytes=max_bytes,
-                          rules=_load_rules(args.config) if args.config else None)
+                          rules=_load_rules(args.config) if args.config else None, hashes=args.hashes,
+                          **image_load_option(args))
     except (MemoryError, ValueError) as exc:
         raise UsageError(f"cannot allocate a ring of {items} records: {exc}; give a smaller --max-bytes or "
                          "--max-items") from None

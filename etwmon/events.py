@@ -223,6 +223,8 @@ class ImageLoad(Event):
     #: The loaded file's device (st_dev) and inode: the extension block's "the record's file" fields.
     exe_device: int | None = None
     exe_inode: int | None = None
+    #: The loaded file's hashes in Sysmon's form (``SHA256=<HEX>``), when asked for (etwmon.hashes).
+    hashes: str | None = None
     flags: EventFlags = EventFlags(0)
 
     @property

@@ -153,7 +153,8 @@ def _text_line(item: int, when: str, a: int, b: int, c: int, text: str | None, d
     if item == 5:
         process = get("image")  # the process's executable (image= is the loaded file, as Windows names it)
         return (f"{when} {'image-load':<{_WIDTH}} pid={a} address=0x{c:x} size={b} "
-                f"image={escape_text(text)}{'' if process is None else ' process=' + escape_text(process)}")
+                f"image={escape_text(text)}{'' if process is None else ' process=' + escape_text(process)}"
+                f"{'' if get('hashes') is None else ' hashes=' + escape_text(get('hashes'))}")
     if item == 100:
         return f"{when} WARNING: {a} {_RECORDS_LOST_TEXT}"
     return f"{when} {'unknown':<{_WIDTH}} item_type={item} size={a}"
@@ -241,7 +242,7 @@ _PROCESS_DETAILS = ("process_guid", "parent_process_guid", "image", "current_dir
                     "image_inode", "image_flags", "hashes", "start_time", "rule_name", "flags")
 _EXIT_DETAILS = ("process_guid", "image", "uid", "user", "start_time", "lifetime", "rule_name", "flags")
 _THREAD_DETAILS = ("process_guid", "flags")
-_IMAGE_LOAD_DETAILS = ("process_guid", "image", "image_device", "image_inode", "flags")
+_IMAGE_LOAD_DETAILS = ("process_guid", "image", "image_device", "image_inode", "hashes", "flags")
 _TEXT_DETAILS = frozenset({"image", "current_directory", "user", "parent_image", "parent_command_line",
                            "parent_user", "tty", "cgroup", "container_id", "rule_name", "hashes"})
 _JSON_DETAILS = {1: _PROCESS_DETAILS, 101: _PROCESS_DETAILS, 2: _EXIT_DETAILS, 3: _THREAD_DETAILS,
@@ -496,18 +497,21 @@ _ECS_ENRICHMENT = (
 )
 
 
+def _ecs_hashes(doc: dict, hashes: str | None, where: str) -> None:
+    """``where``.hash.md5/sha1/sha256 (ECS's lower-case hex) from Sysmon's ``MD5=<HEX>,SHA256=<HEX>``."""
+    for item in (hashes or "").split(","):
+        algorithm, _, value = item.partition("=")
+        if algorithm.upper() in ("MD5", "SHA1", "SHA256", "SHA512") and value:
+            _put(doc, (where, "hash", algorithm.lower()), value.lower())
+
+
 def _ecs_where(doc: dict, event: Event) -> None:
     """container.id, process.hash.* (ECS's lower-case hex) and etwmon.* for the namespaces and the file."""
     get = lambda name: getattr(event, name, None)  # noqa: E731
     container = _container(get)
     if container is not None:
         _put(doc, ("container", "id"), container)
-    hashes = getattr(event, "hashes", None)
-    if hashes:
-        for item in hashes.split(","):
-            algorithm, _, value = item.partition("=")
-            if algorithm.upper() in ("MD5", "SHA1", "SHA256", "SHA512") and value:
-                _put(doc, ("process", "hash", algorithm.lower()), value.lower())
+    _ecs_hashes(doc, getattr(event, "hashes", None), "process")
     for name in ("pid_namespace", "namespace_pid", "mount_namespace", "image_device", "image_inode",
                  "image_flags"):
         value = _WHERE[name](get)
@@ -572,6 +576,7 @@ def event_to_ecs(event: Event, host: str | None = None) -> dict:
         for name, value in (("image_device", event.exe_device), ("image_inode", event.exe_inode)):  # the dll's
             if value is not None:
                 _put(doc, ("etwmon", name), value)
+        _ecs_hashes(doc, event.hashes, "dll")  # the loaded file's: dll.hash.*
     elif isinstance(event, RecordsLost):
         doc["message"] = f"{event.count} records lost here (ring full or source overrun)"
         _put(doc, ("etwmon", "records_lost"), event.count)

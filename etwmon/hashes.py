@@ -17,6 +17,11 @@ file ran (its ExeDevice and ExeInode fields, read in the kernel by the bpf sourc
    ready by then is written with EventFlags.HASH_PENDING (the same file's next records carry them). A file
    that cannot be hashed (gone, a memory file whose process ended, changed since, bigger than ``max_file_bytes``)
    is marked EventFlags.NO_HASH. Nothing is guessed.
+
+An ImageLoad (opt-in, ``image_loads=True``) is hashed the same way, the file being the loaded library: it is
+found by its path (the extension block's whole ImageLoaded when ImageFileName was cut, else ImageFileName),
+opened without following a final symlink and used only when fstat says it is the record's device and inode (a
+file swapped in at that path is NO_HASH, never hashed in its place); same cache, worker and flags.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import threading
 from collections import OrderedDict
 from typing import Iterable
 
-from .records import EventFlags, ExtensionTag, block_fields, pack_field, with_packed
+import numpy as np
+
+from .records import IMAGE_LOAD_DTYPE, EventFlags, ExtensionTag, block_fields, pack_field, with_packed
 
 __all__ = ["ALGORITHMS", "parse_algorithms", "HashCache", "HashStage", "file_hashes", "DEFAULT_MAX_ENTRIES"]
 
@@ -49,6 +56,7 @@ _QUEUE = 256
 
 _TAG = int(ExtensionTag.Hashes)
 _DEV, _INO, _IMAGE = int(ExtensionTag.ExeDevice), int(ExtensionTag.ExeInode), int(ExtensionTag.Image)
+_LOADED = int(ExtensionTag.ImageLoaded)
 _LATE_TAGS = (int(ExtensionTag.ParentImage), int(ExtensionTag.ParentUser), int(ExtensionTag.ParentCommandLine))
 _PENDING, _NO_HASH = int(EventFlags.HASH_PENDING), int(EventFlags.NO_HASH)
 _U32 = struct.Struct("<I")
@@ -56,6 +64,8 @@ _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _EPOCH_DIFF = 116_444_736_000_000_000  # FILETIME ticks from 1601 to 1970
 _O_PATH = getattr(os, "O_PATH", 0)
+_IMAGE_NAME_AT = IMAGE_LOAD_DTYPE.fields["ImageFileName"][1]
+_IMAGE_NAME_END = _IMAGE_NAME_AT + IMAGE_LOAD_DTYPE.fields["ImageFileName"][0].itemsize
 
 
 def parse_algorithms(spec: str | Iterable[str] | None, strict: bool = True) -> tuple[tuple[str, ...], list[str]]:
@@ -137,14 +147,17 @@ def _stat_of(path: str, follow: bool) -> os.stat_result | None:
         return None
 
 
-def _open_verified(pid: int, image: str | None, device: int, inode: int) -> tuple[int, os.stat_result] | None:
-    """A read-only descriptor of the file (device, inode) the record says ran, and its stat; None if neither the
-    task's exe nor the path leads to that very file."""
+def _open_verified(pid: int | None, image: str | None, device: int,
+                   inode: int) -> tuple[int, os.stat_result] | None:
+    """A read-only descriptor of the file (device, inode) the record names, and its stat; None if neither the
+    task's exe (``pid``; None: by the path only, as for a loaded library) nor the path leads to that very file."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    try:
-        fd = os.open(f"/proc/{pid}/exe", flags)  # an exec'd file: a regular file, whatever its path is now
-    except OSError:
-        fd = -1
+    fd = -1
+    if pid is not None:
+        try:
+            fd = os.open(f"/proc/{pid}/exe", flags)  # an exec'd file: a regular file, whatever its path is now
+        except OSError:
+            fd = -1
     if fd >= 0:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) == (device, inode) and stat.S_ISREG(st.st_mode):
@@ -193,8 +206,9 @@ class HashStage:
         self._push = sink.push
         self.push_lost = sink.push_lost
         self.notify = sink.notify
-        if hasattr(sink, "push_batch"):  # the identity stage keeps creates out of batches (batch_creates)
-            self.push_batch = sink.push_batch
+        self._push_batch = getattr(sink, "push_batch", None)
+        if self._push_batch is None:  # the sink takes records one by one: so does this stage
+            self.push_batch = self._batch_one_by_one  # type: ignore[method-assign]
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="etwmon-hashes", daemon=True)
             self._worker.start()
@@ -214,21 +228,52 @@ class HashStage:
 
     def push(self, record) -> None:
         item = record[0] | (record[1] << 8)
-        if item != 1 and item != 101:
+        if item != 1 and item != 101 and item != 5:
             self._push(record)
             return
         self._push(self.hashed(bytes(record)))
 
+    def push_batch(self, data, ends) -> None:
+        """Records back to back in ``data`` (``ends``: where each ends): thread records and exits pass on as they
+        are, in one batch; a batch holding image loads (or process records) has those hashed first."""
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data
+        raw = np.frombuffer(view, dtype=np.uint8)
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = np.concatenate(([0], ends[:-1])) if len(ends) else ends
+        types = raw[starts] if len(ends) else raw[:0]
+        if not ((types == 1) | (types == 101) | (types == 5)).any():
+            self._push_batch(data, ends)
+            return
+        records = [raw[a:b].tobytes() for a, b in zip(starts.tolist(), ends.tolist())]
+        records = [self.hashed(r) if r[0] in (1, 101, 5) and r[1] == 0 else r for r in records]
+        self._push_batch(b"".join(records), np.cumsum([len(r) for r in records]))
+
+    def _batch_one_by_one(self, data, ends) -> None:
+        start = 0
+        for end in np.asarray(ends, dtype=np.int64).tolist():
+            self.push(memoryview(data).cast("B")[start:end].tobytes())
+            start = end
+
     def hashed(self, record: bytes) -> bytes:
-        """``record`` with its Hashes field, or HASH_PENDING / NO_HASH in its flags."""
+        """``record`` (a ProcessCreate/ProcessExec: its executable's; an ImageLoad: the loaded file's) with its
+        Hashes field, or HASH_PENDING / NO_HASH in its flags."""
         flags, fields = block_fields(record, packed=True)
         values = {tag: value[4:] for tag, value in fields}
         if _DEV not in values or _INO not in values:
             return record  # the source does not say which file ran: nothing to hash it by
         device, inode = _U32.unpack(values[_DEV])[0], _U64.unpack(values[_INO])[0]
-        image = values[_IMAGE].decode("utf-16-le", "surrogatepass") if _IMAGE in values else None
-        pid = _U32.unpack_from(record, 16)[0]
         when_ns = (_I64.unpack_from(record, 8)[0] - _EPOCH_DIFF) * 100
+        pid: int | None
+        if record[0] == 5 and record[1] == 0:  # the loaded library, by its path only (its process ran another file)
+            pid = None
+            if _LOADED in values:
+                image = values[_LOADED].decode("utf-16-le", "surrogatepass")
+            else:
+                name = record[_IMAGE_NAME_AT:_IMAGE_NAME_END].decode("utf-16-le", "surrogatepass")
+                image = name.split("\0", 1)[0]
+        else:
+            pid = _U32.unpack_from(record, 16)[0]
+            image = values[_IMAGE].decode("utf-16-le", "surrogatepass") if _IMAGE in values else None
         text = self._lookup(pid, image, device, inode, when_ns)
         if isinstance(text, str):
             at = next((i for i, (tag, _) in enumerate(fields) if tag in _LATE_TAGS), len(fields))
@@ -238,10 +283,10 @@ class HashStage:
         self.counts["pending" if text is _PENDING else "no_hash"] += 1
         return with_packed(record, flags | text, [value for _, value in fields])
 
-    def _lookup(self, pid: int, image: str | None, device: int, inode: int, when_ns: int) -> str | int:
+    def _lookup(self, pid: int | None, image: str | None, device: int, inode: int, when_ns: int) -> str | int:
         # The common case, a file hashed before: a stat of the task's exe, or of the path (without following a
         # symlink) once the process is gone; no descriptor. Only the very inode, unchanged, finds the entry.
-        st = _stat_of(f"/proc/{pid}/exe", True)
+        st = None if pid is None else _stat_of(f"/proc/{pid}/exe", True)
         if (st is None or (st.st_dev, st.st_ino) != (device, inode)) and image and image.startswith("/"):
             st = _stat_of(image, False)
         if st is not None and (st.st_dev, st.st_ino) == (device, inode) and st.st_ctime_ns <= when_ns:

@@ -225,8 +225,9 @@ class Monitor(EventReader):
     ``rules``: an ``etwmon.rules.RuleSet`` or the path of a Sysmon XML configuration (read here, so a refused
     one raises ``RuleConfigError`` before anything starts). Rules run between the source and the ring.
 
-    ``hashes``: ``"sha256"``, ``"md5,sha256"``, ``"*"`` — the executable's hashes in each process record
-    (``etwmon.hashes``; default: the rules configuration's ``<HashAlgorithms>``, else none and no cost).
+    ``hashes``: ``"sha256"``, ``"md5,sha256"``, ``"*"`` — the executable's hashes in each process record, and
+    the loaded file's in each image load (``etwmon.hashes``; default: the rules configuration's
+    ``<HashAlgorithms>``, else none and no cost).
     """
 
     def __init__(self, source: str | Source = "auto", max_items: int = 10_000, max_bytes: int | None = None,

@@ -227,6 +227,23 @@ def test_the_tree_follows_pids_when_records_have_no_guid():
         ("ProcessCreate", 700), ("ProcessCreate", 701), ("ProcessCreate", 702), ("ProcessExit", 701)]
 
 
+def test_the_tree_keeps_its_image_loads_by_guid_even_after_the_exit():
+    from etwmon.records import Details, encode_image_load
+
+    root = life(500, 42, "sh run.sh", start=0, end=50, parent_guid=guid(42))
+    other = life(600, 1, "cron job", start=10, end=60, parent_guid=guid(1))
+
+    def load(pid: int, start: int, name: str) -> bytes:  # the bpf source's: a ring of its own, after the exits
+        return encode_image_load(T0 + 70, pid, 4096, 0x7F0000000000, name, Details(process_guid=guid(pid, start)))
+
+    records = root + other + [load(500, 0, "/tmp/mine.so"), load(600, 10, "/tmp/theirs.so"),
+                              load(500, 999, "/tmp/pid-reused.so"),
+                              encode_image_load(T0 + 80, 500, 4096, 0x1000, "/tmp/no-guid.so")]  # exited: by pid
+    tree = ProcessTreeFilter(500, 42)
+    data, _ = tree.select(b"".join(records))
+    assert [e.image_name for e in parse(data) if e.type == ItemType.ImageLoad] == ["/tmp/mine.so"]
+
+
 # --- output files -------------------------------------------------------------------------------------------
 
 

@@ -52,6 +52,10 @@ class RecordOptions:
     duration: float | None = None
     grace: float = DEFAULT_GRACE
     overwrite: bool = False
+    #: Hashes asked for (``"sha256"``; None: the configuration's <HashAlgorithms>, else none).
+    hashes: str | None = None
+    #: Image loads too (bpf only; off: nothing watches mmap).
+    image_loads: bool = False
 
 
 class RecordError(Error):
@@ -264,8 +268,12 @@ class _Recorder:
         owner = (self.account.uid, self.account.gid) if self.account is not None and os.geteuid() == 0 else None
         # The file first: a name that cannot be used fails before anything is started.
         self.writer = RecordingWriter(options.output, overwrite=options.overwrite, owner=owner)
+        hashes = options.hashes
+        if hashes is None and self.rules is not None:  # the rules judge a command's tree here, not in the Monitor
+            hashes = getattr(self.rules.config, "hash_algorithms", None)
         monitor = Monitor(source=options.source, max_items=RING_ITEMS,
-                          rules=None if options.command else self.rules)
+                          rules=None if options.command else self.rules, hashes=hashes,
+                          **({"image_loads": True} if options.image_loads else {}))
         started = datetime.now(timezone.utc)
         start_filetime = filetime_now()
         try:

@@ -3,7 +3,8 @@
 The root is the process the recorder started (its ProcessCreate: that pid, forked by the recorder). A process
 joins when its ProcessCreate names a member as its parent (``parent_process_guid``), so a child that daemonizes
 and is re-parented to init stays in, and a pid reused by an unrelated process later does not get in (its guid
-differs). Every later record of a member (exec, threads, exit) carries its guid. RecordsLost always passes:
+differs). Every later record of a member (exec, threads, exit, image loads) carries its guid: an image load,
+read from a ring of its own, may come after its process's exit and is still kept. RecordsLost always passes:
 a loss may have touched the tree, and is never hidden.
 
 Records without a guid (``--no-identity``, or a source that did not know one) are followed by pid while the
@@ -15,13 +16,14 @@ from __future__ import annotations
 import struct
 
 from ..errors import RecordFormatError
-from ..records import HEADER_SIZE, Event, ExtensionTag, ItemType, block_fields, guid_bytes
+from ..records import HEADER_SIZE, IMAGE_LOAD_DTYPE, Event, ExtensionTag, ItemType, block_fields, guid_bytes
 
 __all__ = ["ProcessTreeFilter"]
 
 _CREATE, _EXEC, _EXIT, _LOST = (int(ItemType.ProcessCreate), int(ItemType.ProcessExec), int(ItemType.ProcessExit),
                                 int(ItemType.RecordsLost))
 _CREATES = frozenset({_CREATE, _EXEC})
+_IMAGE_LOAD, _IMAGE_BASE = int(ItemType.ImageLoad), IMAGE_LOAD_DTYPE.itemsize
 _GUID_TAG, _PARENT_TAG = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
 _HEAD = struct.Struct("<hH")
 _U32 = struct.Struct("<I")
@@ -99,7 +101,14 @@ class ProcessTreeFilter:
                 self.lost += _U32.unpack_from(record, 16)[0] if size >= 20 else 0
                 continue
             pids = _PIDS_AT.get(kind)
-            if pids is None:  # ImageLoad and unknown types: by pid
+            if pids is None:  # ImageLoad (by its ProcessGuid, else by pid) and unknown types (by pid)
+                guid = None
+                if kind == _IMAGE_LOAD and size > _IMAGE_BASE:
+                    guid = next((value for tag, value in block_fields(record)[1] if tag == _GUID_TAG), None)
+                if guid is not None:  # image loads come from a ring of their own: maybe after the exit
+                    if guid in self.guids:
+                        parts.append(record)
+                    continue
                 pid = _U32.unpack_from(record, 16)[0] if size >= 20 else 0
                 if pid in self.live_pids:
                     parts.append(record)

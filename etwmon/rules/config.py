@@ -49,7 +49,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "ImageLoad": {  # Image: the process's executable; ImageLoaded: the file mapped
         "ProcessGuid": "process_guid", "ProcessId": "pid", "Image": "image", "ImageLoaded": "image_name",
         # etwmon's own, as for ProcessCreate: which file was loaded, whatever its path says
-        "ImageDevice": "exe_device", "ImageInode": "exe_inode",
+        "ImageDevice": "exe_device", "ImageInode": "exe_inode", "Hashes": "hashes",  # Hashes: the loaded file's
     },
 }
 #: Integer fields: "less than"/"more than" compare them as numbers.
@@ -76,7 +76,6 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, str]] = {
     "ProcessTerminate": dict(_EVERY_EVENT),
     "ImageLoad": {
         **_EVERY_EVENT, **_WINDOWS_FILE_INFO,
-        "Hashes": "etwmon does not hash loaded images",
         "Signed": _NO_SIGNATURE, "Signature": _NO_SIGNATURE, "SignatureStatus": _NO_SIGNATURE,
         "User": "etwmon's ImageLoad records carry no user",
     },

@@ -47,6 +47,7 @@ _WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
         "ProcessId": ("u32", 16), "ProcessGuid": (int(ExtensionTag.ProcessGuid), "guid"),
         "Image": (int(ExtensionTag.Image), "text"), "ImageLoaded": ("image_loaded", None),
         "ImageDevice": (int(ExtensionTag.ExeDevice), "u32"), "ImageInode": (int(ExtensionTag.ExeInode), "u64"),
+        "Hashes": (int(ExtensionTag.Hashes), "text"),  # the loaded file's
     },
 }
 #: Where an ImageLoad record's block starts (sizeof ImageLoadInfo), and its ImageFileName (WCHAR[301]).
