@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import sys
-from typing import Callable, NoReturn, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
 from . import __version__
 from .errors import Error, RecordingFormatError, SourceError, SourceUnavailable
@@ -127,40 +127,24 @@ def _limits(args: argparse.Namespace, environ: dict[str, str]) -> tuple[int | No
     return items, size
 
 
-def _host_id(text: str) -> str:
-    from .fleet import FleetError, check_host_id
+def _fleet_type(name: str, then: Callable[[Any], Any] = lambda value: value) -> Callable[[str], Any]:
+    """An argparse type made of the fleet wire contract's own check ``name`` (loaded when it is used): what it
+    refuses is a usage error with its message."""
+    def convert(text: str) -> Any:
+        from .fleet import wire
 
-    try:
-        return check_host_id(text)
-    except FleetError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            return then(getattr(wire, name)(text))
+        except (wire.FleetError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _nats_url(text: str) -> str:
-    from .fleet.wire import FleetError, check_server_url
-
-    try:
-        return check_server_url(text)
-    except FleetError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _since(text: str):
-    from .fleet import parse_since
-
-    try:
-        return parse_since(text) or "all"
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _duration(text: str) -> float:
-    from .fleet import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_host_id = _fleet_type("check_host_id")
+_nats_url = _fleet_type("check_server_url")
+_since = _fleet_type("parse_since", lambda since: since or "all")
+_duration = _fleet_type("parse_duration")
 
 
 def _nats_options(command: argparse.ArgumentParser) -> None:
