@@ -71,6 +71,21 @@ class ListSink:
         return list(parse(b"".join(records)))
 
 
+class BatchSink(ListSink):
+    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def push_batch(self, data, ends) -> None:
+        view, start = bytes(memoryview(data).cast("B")), 0
+        self.batches.append(len(ends))
+        for end in map(int, ends):
+            self.push(view[start:end])
+            start = end
+
+
 def drain(mon: etwmon.Monitor, bufsize: int = 1 << 20) -> list[Event]:
     """Every event readable right now (no waiting)."""
     buf = bytearray(bufsize)

@@ -32,7 +32,7 @@ from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
+from .helpers import BatchSink, ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -353,21 +353,6 @@ def test_close_while_run_still_reads_leaves_the_ring_to_the_reading_thread():
     assert not runner.is_alive() and ring.closed and object_.closed and source._ring is None
     os.close(ring.fd)
     os.close(never)
-
-
-class BatchSink(ListSink):
-    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batches: list[int] = []
-
-    def push_batch(self, data, ends) -> None:
-        view, start = bytes(memoryview(data).cast("B")), 0
-        self.batches.append(len(ends))
-        for end in map(int, ends):
-            self.push(view[start:end])
-            start = end
 
 
 def kernel_thread_record(tid: int, pid: int, time_: int, guid: bytes = b"\1" * 16, exit_code: int | None = None):
