@@ -140,6 +140,28 @@ def read_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool] | None,
             return events
 
 
+def records_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool], timeout: float = 20.0,
+                  linger: float = 0.3, bufsize: int = 1 << 22) -> list[bytes]:
+    """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds (then ``linger``
+    seconds more) or ``timeout`` seconds pass."""
+    buf = bytearray(bufsize)
+    out: list[bytes] = []
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until(events):
+            deadline = min(deadline, time.monotonic() + linger)
+        mon.wait(0.1)
+        n = mon.readinto(buf)
+        at = 0
+        while at < n:
+            size = buf[at + 2] | buf[at + 3] << 8
+            out.append(bytes(buf[at:at + size]))
+            at += size
+        events += parse(bytes(buf[:n]))
+    return out
+
+
 class ScriptedSource(Source):
     """Pushes what the test hands it, when the test says so; can be told to fail."""
 

@@ -32,7 +32,10 @@ from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import BatchSink, ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
+from .helpers import (
+    BatchSink, ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, records_until,
+    run_one_thread,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -930,26 +933,6 @@ def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_o
 HOSTILE_ARGV = ["/bin/echo", "a b", "", "it's", "plain-x.y/z:1,2@h%+=", "$HOME", 'x"y', "tab\there", "'", "--o=v"]
 
 
-def raw_until(mon: etwmon.Monitor, until, timeout: float = 20.0) -> list[bytes]:
-    """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds, and a moment more."""
-    buf = bytearray(1 << 22)
-    out: list[bytes] = []
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if until(events):
-            deadline = min(deadline, time.monotonic() + 0.3)
-        mon.wait(0.1)
-        n = mon.readinto(buf)
-        at = 0
-        while at < n:
-            size = buf[at + 2] | buf[at + 3] << 8
-            out.append(bytes(buf[at:at + size]))
-            at += size
-        events += parse(bytes(buf[:n]))
-    return out
-
-
 def grandchild_records(records: list[bytes], argv: list[str]):
     """(sh's records, the records of sh's child that ran ``argv``), from a ``sh -c '<argv>; true'`` run."""
     want = command_line_from_argv(argv)
@@ -973,8 +956,8 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
         sh = subprocess.Popen(["sh", "-c", script])
         sh.wait()
         done = exited(sh.pid)
-        new_records = raw_until(lean, done)
-        old_records = raw_until(old, done)
+        new_records = records_until(lean, done)
+        old_records = records_until(old, done)
         lean_stats, old_stats = lean.stats.source_stats, old.stats.source_stats
         mine = grandchild_records(new_records, HOSTILE_ARGV)
         chain = lean.ancestors(mine[1][1].process_guid)
