@@ -140,6 +140,17 @@ def read_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool] | None,
             return events
 
 
+def timed_sleep(mon: etwmon.Monitor) -> tuple[int, int, list[Event], list[Event]]:
+    """Run ``sleep 0.3`` between two readings of the wall clock (FILETIME) and read ``mon`` until its exit:
+    (before, after, every event read, the sleep's own events)."""
+    before = R.filetime_now()
+    child = subprocess.Popen(["sleep", "0.3"])
+    child.wait()
+    after = R.filetime_now()
+    events = read_until(mon, lambda evs: any(e.type == R.ItemType.ProcessExit and e.pid == child.pid for e in evs))
+    return before, after, events, [e for e in events if getattr(e, "pid", None) == child.pid]
+
+
 def records_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool], timeout: float = 20.0,
                   linger: float = 0.3, bufsize: int = 1 << 22) -> list[bytes]:
     """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds (then ``linger``

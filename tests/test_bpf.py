@@ -34,7 +34,7 @@ from . import cn_builders as cb
 from .conftest import require
 from .helpers import (
     BatchSink, ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, records_until,
-    run_one_thread,
+    run_one_thread, timed_sleep,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
@@ -544,12 +544,7 @@ def test_live_exit_codes_and_exec_argv(bpf_monitor):
 
 @pytest.mark.root
 def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
-    before = filetime_now()
-    child = subprocess.Popen(["sleep", "0.3"])
-    child.wait()
-    after = filetime_now()
-    events = read_until(bpf_monitor, exited(child.pid))
-    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    before, after, events, mine = timed_sleep(bpf_monitor)
     for e in mine:
         assert before - 20_000 <= e.filetime <= after + 20_000, e  # within 2 ms of the wall clock around it
     assert 0.29 <= (mine[-1].filetime - mine[1].filetime) / 1e7 < 2.0  # exec -> exit: the 0.3 s it slept
