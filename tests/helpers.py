@@ -71,6 +71,21 @@ class ListSink:
         return list(parse(b"".join(records)))
 
 
+class BatchSink(ListSink):
+    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def push_batch(self, data, ends) -> None:
+        view, start = bytes(memoryview(data).cast("B")), 0
+        self.batches.append(len(ends))
+        for end in map(int, ends):
+            self.push(view[start:end])
+            start = end
+
+
 def drain(mon: etwmon.Monitor, bufsize: int = 1 << 20) -> list[Event]:
     """Every event readable right now (no waiting)."""
     buf = bytearray(bufsize)
@@ -123,6 +138,39 @@ def read_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool] | None,
             return events
         if not mon.running and not mon.readable():
             return events
+
+
+def timed_sleep(mon: etwmon.Monitor) -> tuple[int, int, list[Event], list[Event]]:
+    """Run ``sleep 0.3`` between two readings of the wall clock (FILETIME) and read ``mon`` until its exit:
+    (before, after, every event read, the sleep's own events)."""
+    before = R.filetime_now()
+    child = subprocess.Popen(["sleep", "0.3"])
+    child.wait()
+    after = R.filetime_now()
+    events = read_until(mon, lambda evs: any(e.type == R.ItemType.ProcessExit and e.pid == child.pid for e in evs))
+    return before, after, events, [e for e in events if getattr(e, "pid", None) == child.pid]
+
+
+def records_until(mon: etwmon.Monitor, until: Callable[[list[Event]], bool], timeout: float = 20.0,
+                  linger: float = 0.3, bufsize: int = 1 << 22) -> list[bytes]:
+    """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds (then ``linger``
+    seconds more) or ``timeout`` seconds pass."""
+    buf = bytearray(bufsize)
+    out: list[bytes] = []
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until(events):
+            deadline = min(deadline, time.monotonic() + linger)
+        mon.wait(0.1)
+        n = mon.readinto(buf)
+        at = 0
+        while at < n:
+            size = buf[at + 2] | buf[at + 3] << 8
+            out.append(bytes(buf[at:at + size]))
+            at += size
+        events += parse(bytes(buf[:n]))
+    return out
 
 
 class ScriptedSource(Source):

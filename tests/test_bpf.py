@@ -32,7 +32,10 @@ from etwmon.sources.bpf._wire import WireMover
 
 from . import cn_builders as cb
 from .conftest import require
-from .helpers import ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread
+from .helpers import (
+    BatchSink, ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, records_until,
+    run_one_thread, timed_sleep,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eBPF is Linux only")
 
@@ -355,21 +358,6 @@ def test_close_while_run_still_reads_leaves_the_ring_to_the_reading_thread():
     os.close(never)
 
 
-class BatchSink(ListSink):
-    """A ListSink that also takes batches, the way the Monitor's ring does (records back to back, their ends)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batches: list[int] = []
-
-    def push_batch(self, data, ends) -> None:
-        view, start = bytes(memoryview(data).cast("B")), 0
-        self.batches.append(len(ends))
-        for end in map(int, ends):
-            self.push(view[start:end])
-            start = end
-
-
 def kernel_thread_record(tid: int, pid: int, time_: int, guid: bytes = b"\1" * 16, exit_code: int | None = None):
     """A thread record as the programs write it (etwmon_event.h): the book's layout, then the guid's block."""
     from etwmon.records import encode_thread_create, encode_thread_exit, pack_field, with_packed
@@ -556,12 +544,7 @@ def test_live_exit_codes_and_exec_argv(bpf_monitor):
 
 @pytest.mark.root
 def test_live_times_are_the_kernels_and_close_to_the_wall_clock(bpf_monitor):
-    before = filetime_now()
-    child = subprocess.Popen(["sleep", "0.3"])
-    child.wait()
-    after = filetime_now()
-    events = read_until(bpf_monitor, exited(child.pid))
-    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    before, after, events, mine = timed_sleep(bpf_monitor)
     for e in mine:
         assert before - 20_000 <= e.filetime <= after + 20_000, e  # within 2 ms of the wall clock around it
     assert 0.29 <= (mine[-1].filetime - mine[1].filetime) / 1e7 < 2.0  # exec -> exit: the 0.3 s it slept
@@ -945,26 +928,6 @@ def test_forced_loss_a_one_page_ring_counts_every_event_it_had_no_room_for(bpf_o
 HOSTILE_ARGV = ["/bin/echo", "a b", "", "it's", "plain-x.y/z:1,2@h%+=", "$HOME", 'x"y', "tab\there", "'", "--o=v"]
 
 
-def raw_until(mon: etwmon.Monitor, until, timeout: float = 20.0) -> list[bytes]:
-    """The records (each one's bytes, as the ring gives them) until ``until(events)`` holds, and a moment more."""
-    buf = bytearray(1 << 22)
-    out: list[bytes] = []
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if until(events):
-            deadline = min(deadline, time.monotonic() + 0.3)
-        mon.wait(0.1)
-        n = mon.readinto(buf)
-        at = 0
-        while at < n:
-            size = buf[at + 2] | buf[at + 3] << 8
-            out.append(bytes(buf[at:at + size]))
-            at += size
-        events += parse(bytes(buf[:n]))
-    return out
-
-
 def grandchild_records(records: list[bytes], argv: list[str]):
     """(sh's records, the records of sh's child that ran ``argv``), from a ``sh -c '<argv>; true'`` run."""
     want = command_line_from_argv(argv)
@@ -988,8 +951,8 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
         sh = subprocess.Popen(["sh", "-c", script])
         sh.wait()
         done = exited(sh.pid)
-        new_records = raw_until(lean, done)
-        old_records = raw_until(old, done)
+        new_records = records_until(lean, done)
+        old_records = records_until(old, done)
         lean_stats, old_stats = lean.stats.source_stats, old.stats.source_stats
         mine = grandchild_records(new_records, HOSTILE_ARGV)
         chain = lean.ancestors(mine[1][1].process_guid)

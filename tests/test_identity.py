@@ -14,27 +14,11 @@ from etwmon import records as R
 from etwmon.identity import IdentityStage, guid_prefix, make_guid
 from etwmon.records import Details, EventFlags, with_packed
 
+from .helpers import BatchSink, ListSink
+
 HOST = b"machine-a\0boot-1"
 T = 134_000_000_000_000_000
 SYSMON_GUID = re.compile(r"^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$")
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.lost = 0
-
-    def push(self, record: bytes) -> None:
-        self.records.append(bytes(record))
-
-    def push_lost(self, count: int) -> None:
-        self.lost += count
-
-    def notify(self) -> None:
-        pass
-
-    def events(self) -> list:
-        return list(etwmon.parse(b"".join(self.records)))
 
 
 def stage(max_processes: int = 1000) -> tuple[IdentityStage, ListSink]:
@@ -184,7 +168,7 @@ def test_other_records_pass_unchanged_and_losses_go_through():
     st.push(lost)
     st.push(image)
     st.push_lost(3)
-    assert sink.records == [lost, image] and sink.lost == 3
+    assert sink.records == [lost, image] and sink.lost == [3]
 
 
 def test_the_table_is_bounded_and_counts_what_it_forgets():
@@ -325,16 +309,6 @@ def test_records_the_kernel_wrote_pass_whole_but_a_seeded_processs_get_the_table
 
     from etwmon.records import pack_field, with_packed
 
-    class BatchSink(ListSink):
-        batches = 0
-
-        def push_batch(self, data, ends):
-            self.batches += 1
-            start = 0
-            for end in map(int, ends):
-                self.push(bytes(data[start:end]))
-                start = end
-
     sink = BatchSink()
     st = IdentityStage(sink, HOST)
 
@@ -358,7 +332,7 @@ def test_records_the_kernel_wrote_pass_whole_but_a_seeded_processs_get_the_table
     thread, seeded_thread, exit_ = take()
     assert thread.process_guid == exit_.process_guid == child.process_guid
     assert seeded_thread.process_guid == R.guid_text(make_guid(prefix, 300, seeded_start))  # the table's
-    assert sink.batches == 2  # the two runs around the seeded process's record
+    assert len(sink.batches) == 2  # the two runs around the seeded process's record
     assert not st.table.live[400].exited  # not applied yet: nobody looked
     assert st.process(child.process_guid).exited  # applied when the table is read
     assert st.stats()["processes"] == 1  # only the seeded process lives on
@@ -393,28 +367,6 @@ def _kernel_exit(t: int, pid: int, start: int) -> bytes:
     return with_packed(R.encode_process_exit(t, pid, 0), 0, [pack_field(1, make_guid(guid_prefix(HOST), pid, start))])
 
 
-class _Batches:
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.batches = 0
-
-    def push(self, record: bytes) -> None:
-        self.records.append(bytes(record))
-
-    def push_batch(self, data, ends) -> None:
-        self.batches += 1
-        start = 0
-        for end in map(int, ends):
-            self.records.append(bytes(data[start:end]))
-            start = end
-
-    def push_lost(self, n: int) -> None:
-        pass
-
-    def notify(self) -> None:
-        pass
-
-
 def _batch(st, records) -> None:
     import numpy as np
 
@@ -423,13 +375,13 @@ def _batch(st, records) -> None:
 
 
 def test_lean_creates_the_kernel_wrote_pass_whole_and_feed_the_table_when_it_is_read():
-    sink = _Batches()
+    sink = BatchSink()
     st = IdentityStage(sink, HOST, lean=True)
     records = [_kernel_create(1, T, 500, 400, T, T - 9, "sh -c x"), _kernel_create(101, T + 1, 500, 400, T, T - 9, "sh -c x"),
                _kernel_create(1, T + 2, 501, 500, T + 2, T, "sh -c x"),
                _kernel_create(101, T + 3, 501, 500, T + 2, T, "/usr/bin/p501 'a b'"), _kernel_exit(T + 4, 501, T + 2)]
     _batch(st, records)
-    assert sink.records == records and sink.batches == 1  # byte for byte, in one batch
+    assert sink.records == records and len(sink.batches) == 1  # byte for byte, in one batch
     assert len(st.table) == 0 and st._pending_count == 5  # noted, not applied: nobody asked
     guid = R.guid_text(make_guid(guid_prefix(HOST), 501, T + 2))
     chain = st.ancestors(guid)
@@ -437,7 +389,7 @@ def test_lean_creates_the_kernel_wrote_pass_whole_and_feed_the_table_when_it_is_
     assert st.process(guid).exited and st.process(guid).command_line == "/usr/bin/p501 'a b'"
     assert st.process(guid).user == "root"  # the uid's name, looked up when the table is fed
     # the default stage writes User and the parent's fields into the same records, one by one
-    full_sink = _Batches()
+    full_sink = BatchSink()
     full = IdentityStage(full_sink, HOST)
     _batch(full, records)
     event = list(R.parse(full_sink.records[3]))[0]
@@ -449,7 +401,7 @@ def test_lean_creates_the_kernel_wrote_pass_whole_and_feed_the_table_when_it_is_
 
 
 def test_lean_a_create_whose_parent_was_seeded_takes_the_tables_guid_for_the_parent():
-    sink = _Batches()
+    sink = BatchSink()
     st = IdentityStage(sink, HOST, lean=True)
     st.seed([(400, 1, "daemon", Details(start_filetime=T - 10**9, image="/usr/sbin/d"))])
     record = _kernel_create(1, T, 500, 400, T, T - 10**9 + 12345, "daemon")  # the kernel's exact parent start
@@ -462,7 +414,7 @@ def test_lean_a_create_whose_parent_was_seeded_takes_the_tables_guid_for_the_par
 def test_lean_a_storm_nobody_reads_drops_processes_that_came_and_went_as_the_table_would_evict_them():
     import etwmon.identity as identity
 
-    sink = _Batches()
+    sink = BatchSink()
     st = IdentityStage(sink, HOST, max_processes=100, lean=True)
     records = [_kernel_create(1, T, 10, 1, T, T - 5, "init-child")]  # lives on
     for i in range(identity._MAX_PENDING_RECORDS // 2 + 10):
@@ -478,7 +430,7 @@ def test_lean_a_storm_nobody_reads_drops_processes_that_came_and_went_as_the_tab
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_kernel_written_records_one_by_one_feed_the_table_in_order(lean):
-    sink = _Batches()
+    sink = BatchSink()
     st = IdentityStage(sink, HOST, lean=lean)
     st.seed([(300, 1, "seeded", Details(start_filetime=T - 10**9, image="/usr/sbin/s"))])
     records = [_kernel_create(1, T, 500, 400, T, T - 9, "a"), _kernel_create(1, T + 1, 501, 500, T + 1, T, "b"),

@@ -21,6 +21,7 @@ from etwmon.records import EventFlags
 from etwmon.sources import SOURCES, source_class
 
 from .conftest import require
+from .helpers import records_until
 
 SOURCE_NAMES = [n for n in SOURCES if n != "etw"]
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -44,16 +45,7 @@ def _source(name: str, *needs: str):
 
 def _collect(mon: etwmon.Monitor, until, timeout: float = 10.0) -> list:
     """Events until ``until(events)`` holds (then half a second more) or ``timeout`` seconds pass."""
-    buf = bytearray(1 << 20)
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if until(events):
-            deadline = min(deadline, time.monotonic() + 0.5)
-        mon.wait(0.1)
-        n = mon.readinto(buf)
-        events += parse(bytes(buf[:n]))
-    return events
+    return list(parse(b"".join(records_until(mon, until, timeout, linger=0.5, bufsize=1 << 20))))
 
 
 def _watch(name: str, script: str, until) -> tuple[list, subprocess.Popen]:

@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 
 from . import cn_builders as cb
 from .helpers import (
-    ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread, unprivileged,
+    ListSink, exit_3_and_sigkill, fork_storm_while_stalled, of_type, read_until, run_one_thread, timed_sleep,
+    unprivileged,
 )
 
 import etwmon
 from etwmon import ItemType, parse
-from etwmon.records import FILETIME_UNIX_EPOCH, filetime_now
+from etwmon.records import FILETIME_UNIX_EPOCH
 from etwmon.sources.netlink import (
     MESSAGE_SIZE, NetlinkSource, ProcEventDecoder, shell_exit_code,
 )
@@ -459,13 +460,7 @@ def test_live_fork_without_exec_has_the_right_parent_and_inherited_command_line(
 
 @pytest.mark.root
 def test_live_exec_command_line_and_times_close_to_the_wall_clock(netlink_monitor):
-    before = filetime_now()
-    child = subprocess.Popen(["sleep", "0.3"])
-    child.wait()
-    after = filetime_now()
-    events = read_until(netlink_monitor, lambda evs: any(e.type == ItemType.ProcessExit and e.pid == child.pid
-                                                    for e in evs))
-    mine = [e for e in events if getattr(e, "pid", None) == child.pid]
+    before, after, _, mine = timed_sleep(netlink_monitor)
     (exec_,) = of_type(mine, ItemType.ProcessExec)
     assert exec_.argv == [b"sleep", b"0.3"]
     assert exec_.parent_pid == os.getpid()

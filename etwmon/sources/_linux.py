@@ -6,12 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
+from ..errors import SourceUnavailable
 from ._proc import parse_stat, read_proc, stat_state
+
+if TYPE_CHECKING:
+    from .base import Source
 
 __all__ = [
     "CAP_NET_ADMIN", "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "effective_capabilities", "has_capability",
-    "live_process_start", "netlink_socket_drops", "set_receive_buffer",
+    "live_process_start", "netlink_socket_drops", "require_available", "set_receive_buffer",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,14 @@ def live_process_start(pid: int, proc_root: str = "/proc") -> int | None:
     if parsed is None or stat_state(data) in ("Z", "X"):  # type: ignore[arg-type]
         return None
     return parsed[2]
+
+
+def require_available(source: Source) -> None:
+    """Raise SourceUnavailable with the source's own reason when it cannot run here (what a source's open() checks
+    first)."""
+    reason = source.unavailable_reason()
+    if reason is not None:
+        raise SourceUnavailable(reason)
 
 
 def _rmem_max() -> int | None:

@@ -24,7 +24,7 @@ from ..records import (
     Details, command_line_from_argv, encode_process_create, encode_process_exec,
     encode_process_exit, encode_thread_create, encode_thread_exit,
 )
-from ._linux import CAP_NET_ADMIN, WakePipe, has_capability, set_receive_buffer
+from ._linux import CAP_NET_ADMIN, WakePipe, has_capability, require_available, set_receive_buffer
 from ._proc import (
     argv_of, clock_tick_ns, details_now, host_and_boot_id, parse_stat, read_proc, snapshot,
     stat_details,
@@ -467,9 +467,7 @@ class NetlinkSource(Source):
     def open(self) -> None:
         if self._sock is not None:
             return
-        reason = self.unavailable_reason()
-        if reason is not None:
-            raise SourceUnavailable(reason)
+        require_available(self)
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
         except OSError as exc:

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from ...clock import CLOCK_BOOTTIME, KernelClock
 from ...errors import SourceUnavailable
-from .._linux import WakePipe, has_capability
+from .._linux import WakePipe, has_capability, require_available
 from ..base import Sink, Source
 from .._proc import host_and_boot_id, snapshot
 from ...identity import guid_prefix
@@ -173,9 +173,7 @@ class BpfSource(Source):
     def open(self) -> None:
         if self._object is not None:
             return
-        reason = self.unavailable_reason()
-        if reason is not None:
-            raise SourceUnavailable(reason)
+        require_available(self)
         from ._libbpf import LoadedObject, PerCpuCounter, RingBuffer, load_libbpf
         libbpf = load_libbpf()
         cpus = libbpf.libbpf_num_possible_cpus()

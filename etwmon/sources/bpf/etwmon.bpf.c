@@ -225,60 +225,9 @@ static __always_inline __u32 read_argv(struct scratch *s, struct task_struct *ta
 	return len;
 }
 
-/* A walk from a dentry up to the root of its mount namespace, one component per bpf_loop step (a loop in
- * one program would make the verifier follow every mix of mount crossings and names: too many states). */
-struct walk {
-	struct scratch *s;
-	struct dentry *dentry;
-	struct vfsmount *vfsmnt;
-	struct mount *mnt;
-	__u32 pos; /* the path so far is s->path[pos..ETWMON_PATH_MAX) */
-	__u32 end; /* 1: reached the root; 2: too long (truncated) */
-};
-
-static long path_step(__u32 index, void *arg)
-{
-	struct walk *w = arg;
-	struct scratch *s = w->s;
-	struct dentry *dentry = w->dentry;
-	struct vfsmount *vfsmnt = w->vfsmnt; /* locals: BPF_CORE_READ must see only kernel types */
-	struct mount *mnt = w->mnt;
-	struct dentry *parent;
-	const unsigned char *name;
-	__u32 len, pos;
-
-	if (dentry == BPF_CORE_READ(vfsmnt, mnt_root)) {
-		struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
-
-		if (up == mnt) {
-			w->end = 1; /* the root of the namespace */
-			return 1;
-		}
-		w->dentry = BPF_CORE_READ(mnt, mnt_mountpoint); /* cross to the mount it sits on */
-		w->mnt = up;
-		w->vfsmnt = &up->mnt;
-		return 0;
-	}
-	parent = BPF_CORE_READ(dentry, d_parent);
-	if (dentry == parent) {
-		w->end = 1; /* the root of a filesystem that is not mounted here (pipes, deleted mounts) */
-		return 1;
-	}
-	len = BPF_CORE_READ(dentry, d_name.len);
-	name = BPF_CORE_READ(dentry, d_name.name);
-	pos = w->pos;
-	if (len > NAME_MAX || len + 1 >= pos) {
-		w->end = 2;
-		return 1;
-	}
-	pos -= len;
-	bpf_probe_read_kernel(&s->path[pos & (ETWMON_PATH_MAX - 1)], len & NAME_MAX, name);
-	pos -= 1;
-	s->path[pos & (ETWMON_PATH_MAX - 1)] = '/';
-	w->pos = pos;
-	w->dentry = parent;
-	return 0;
-}
+#define ETWMON_WALK_MAX ETWMON_PATH_MAX
+#define ETWMON_WALK_ROOM 0
+#include "etwmon_path.h"
 
 /* The path of (dentry, vfsmnt) up to the root of its mount namespace, written at `off` in the tail; returns
  * its length (0 and `trunc_flag` set when it does not fit in ETWMON_PATH_DEPTH components or

@@ -166,60 +166,11 @@ static __always_inline __u64 filetime(__u64 boot_ns)
 	return (__u64)((__s64)boot_ns + imageload_config.offset_ns) / 100 + FILETIME_UNIX_EPOCH;
 }
 
-/* --- the path walk (d_path's, bounded; as etwmon.bpf.c's read_path, into this program's scratch) --- */
+/* --- the path walk (etwmon_path.h, into this program's scratch) ------------------------------------ */
 
-struct walk {
-	struct scratch *s;
-	struct dentry *dentry;
-	struct vfsmount *vfsmnt;
-	struct mount *mnt;
-	__u32 pos; /* the path so far is s->path[pos..IMAGELOAD_PATH_MAX) */
-	__u32 end; /* 1: reached the root; 2: too long */
-};
-
-static long path_step(__u32 index, void *arg)
-{
-	struct walk *w = arg;
-	struct scratch *s = w->s;
-	struct dentry *dentry = w->dentry;
-	struct vfsmount *vfsmnt = w->vfsmnt;
-	struct mount *mnt = w->mnt;
-	struct dentry *parent;
-	const unsigned char *name;
-	__u32 len, pos;
-
-	if (dentry == BPF_CORE_READ(vfsmnt, mnt_root)) {
-		struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
-
-		if (up == mnt) {
-			w->end = 1;
-			return 1;
-		}
-		w->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
-		w->mnt = up;
-		w->vfsmnt = &up->mnt;
-		return 0;
-	}
-	parent = BPF_CORE_READ(dentry, d_parent);
-	if (dentry == parent) {
-		w->end = 1;
-		return 1;
-	}
-	len = BPF_CORE_READ(dentry, d_name.len);
-	name = BPF_CORE_READ(dentry, d_name.name);
-	pos = w->pos;
-	if (len > NAME_MAX || len + 1 + MARKER_ROOM >= pos) {
-		w->end = 2;
-		return 1;
-	}
-	pos -= len;
-	bpf_probe_read_kernel(&s->path[pos & PATH_MASK], len & NAME_MAX, name);
-	pos -= 1;
-	s->path[pos & PATH_MASK] = '/';
-	w->pos = pos;
-	w->dentry = parent;
-	return 0;
-}
+#define ETWMON_WALK_MAX IMAGELOAD_PATH_MAX
+#define ETWMON_WALK_ROOM MARKER_ROOM
+#include "etwmon_path.h"
 
 /* The path of `f` in s->path[*start .. IMAGELOAD_PATH_MAX); returns its length. A path deeper than
  * IMAGELOAD_PATH_DEPTH components or longer than the buffer keeps its end, with TRUNCATION_MARKER (UTF-8) in
