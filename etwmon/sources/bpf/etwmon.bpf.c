@@ -47,34 +47,16 @@ struct scratch {
 /* One scratch buffer per CPU (an event is too big for the BPF stack and for a per-CPU array's 32 KiB
  * value limit); the loader sets max_entries to the number of possible CPUs. Tracepoint programs run with
  * preemption off, so a CPU's buffer is used by one program at a time. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} scratch SEC(".maps");
+ETWMON_MAP(scratch, BPF_MAP_TYPE_ARRAY, 1, __u32, struct scratch);
 
 /* The events, in the order they were reserved. The loader sets the size (a power of two of pages). */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
-} events SEC(".maps");
+ETWMON_RINGBUF_MAP(events);
 
 /* The loader's settings (struct etwmon_config), written once after load and before attach. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct etwmon_config);
-} config SEC(".maps");
+ETWMON_MAP(config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct etwmon_config);
 
 /* Events that could not be written (ring full), per CPU: the reader sums them. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} lost SEC(".maps");
+ETWMON_MAP(lost, BPF_MAP_TYPE_PERCPU_ARRAY, 1, __u32, __u64);
 
 /* Wake-ups: with flags 0 the ring wakes the reader only when it has caught up (the adaptive rule of
  * bpf_ringbuf_output); the reader then waits a moment before draining, so one wake-up serves a batch. */

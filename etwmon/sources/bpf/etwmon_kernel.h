@@ -185,4 +185,19 @@ struct linux_binprm {
 
 #pragma clang attribute pop
 
+/* The maps both programs declare alike: arrays with u32 keys (a per-CPU scratch buffer, settings, loss
+ * counters), hash maps with u64 keys, and a ring buffer (the loader sets its size). */
+#define ETWMON_MAP(name, kind, entries, key_type, value_type) \
+	struct { \
+		__uint(type, kind); \
+		__uint(max_entries, entries); \
+		__type(key, key_type); \
+		__type(value, value_type); \
+	} name SEC(".maps")
+#define ETWMON_RINGBUF_MAP(name) \
+	struct { \
+		__uint(type, BPF_MAP_TYPE_RINGBUF); \
+		__uint(max_entries, 1 << 22); \
+	} name SEC(".maps")
+
 #endif /* ETWMON_KERNEL_H */

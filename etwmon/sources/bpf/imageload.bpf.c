@@ -56,24 +56,11 @@ struct scratch {
 
 /* One scratch buffer per CPU (too big for the stack and for a per-CPU array value); the loader sets
  * max_entries to the number of possible CPUs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} imageload_scratch SEC(".maps");
+ETWMON_MAP(imageload_scratch, BPF_MAP_TYPE_ARRAY, 1, __u32, struct scratch);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
-} imageload_events SEC(".maps");
+ETWMON_RINGBUF_MAP(imageload_events);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, IMAGELOAD_LOST_SLOTS);
-	__type(key, __u32);
-	__type(value, __u64);
-} imageload_lost SEC(".maps");
+ETWMON_MAP(imageload_lost, BPF_MAP_TYPE_PERCPU_ARRAY, IMAGELOAD_LOST_SLOTS, __u32, __u64);
 
 /* An mmap between its entry and its exit, per thread (pid_tgid). Entries are removed at the exit. */
 struct pending {
@@ -83,12 +70,7 @@ struct pending {
 	__u32 prot;
 };
 
-struct {
-	__uint(type, 1 /* BPF_MAP_TYPE_HASH */);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct pending);
-} imageload_pending SEC(".maps");
+ETWMON_MAP(imageload_pending, 1 /* BPF_MAP_TYPE_HASH */, 16384, __u64, struct pending);
 
 /* The last offset-0 mapping of a file per thread: the span ld.so reserves for an image. Least recently used
  * ones make room (then the fallback base, address - offset, is reported). */
@@ -100,12 +82,7 @@ struct span {
 	__u32 reserved;
 };
 
-struct {
-	__uint(type, 9 /* BPF_MAP_TYPE_LRU_HASH */);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct span);
-} imageload_spans SEC(".maps");
+ETWMON_MAP(imageload_spans, 9 /* BPF_MAP_TYPE_LRU_HASH */, 16384, __u64, struct span);
 
 /* The syscall tracepoints' records (events/syscalls/sys_{enter,exit}_mmap/format). */
 struct syscall_enter {
