@@ -257,6 +257,7 @@ class Monitor(EventReader):
         self._source: Source | None = source if isinstance(source, Source) else None
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None
+        self._inline: Any = None  # the source's ReaderWait for this run, False when it has none (see wait())
         self._error: BaseException | None = None
         self._error_reported = False
         self._lifecycle = threading.Lock()
@@ -286,6 +287,7 @@ class Monitor(EventReader):
             if self._wakeup is None:
                 self._wakeup = _Wakeup(self.ring)
             wakeup = self._wakeup
+            self._inline = None
             self._thread = threading.Thread(target=self._run, args=(self._source, wakeup, self._sink(wakeup)),
                                             name=f"etwmon-{self._source.name}", daemon=True)
             self._thread.start()
@@ -328,6 +330,7 @@ class Monitor(EventReader):
             if self._hash_stage is not None:
                 self._hash_stage.close()
             self._thread = None
+            self._inline = None
             wakeup.set(force=True)  # wake anyone still waiting: running is over
 
     def set_rules(self, rules: Union["RuleSet", str, "os.PathLike[str]"]) -> None:
@@ -409,11 +412,15 @@ class Monitor(EventReader):
         wakeup = self._wakeup
         if wakeup is None or not self.running:
             return False
+        inline = self._reader_wait(wakeup)
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout
         while True:
             try:
-                select.select([wakeup], [], [], left)
+                if inline is not None:  # woken by the kernel, this thread takes the records from the source
+                    inline.wait(left)
+                else:
+                    select.select([wakeup], [], [], left)
             except (ValueError, OSError):  # closed by a concurrent stop()
                 return self.ring.readable()
             self._check_error()
@@ -426,6 +433,15 @@ class Monitor(EventReader):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
+
+    def _reader_wait(self, wakeup: _Wakeup):
+        """The source's ReaderWait (``BpfSource.reader_wait``) for this run, made at the first wait(); None
+        when the source has none (every other source, and bpf without its kernel pacer)."""
+        inline = self._inline
+        if inline is None:
+            make = getattr(self._source, "reader_wait", None)
+            inline = self._inline = (make(wakeup.fileno()) if make is not None else None) or False
+        return inline or None
 
     def readable(self) -> bool:
         """True when ``readinto`` would return something now (records, or a RecordsLost report)."""

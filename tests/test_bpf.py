@@ -53,7 +53,7 @@ def test_the_committed_object_rebuilds_byte_for_byte(tmp_path):
                                                 "clang-14 llvm-14 libbpf-dev)")
     require(Path("/usr/include/bpf/bpf_helpers.h").is_file(), "libbpf-dev's headers are needed to rebuild")
     subprocess.run(["sh", str(BPF_DIR / "build.sh"), str(tmp_path)], check=True, cwd=tmp_path)
-    for name in ("etwmon.bpf.o", "imageload.bpf.o"):
+    for name in ("etwmon.bpf.o", "etwmon_nopace.bpf.o", "imageload.bpf.o"):
         rebuilt = (tmp_path / name).read_bytes()
         committed = (BPF_DIR / name).read_bytes()
         assert rebuilt == committed, f"{name} differs from its source: run etwmon/sources/bpf/build.sh"

@@ -30,6 +30,7 @@ from ._libbpf import wait_for_rcu_grace_period
 from ._event import (
     CONFIG, CONFIG_CREATES, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
 )
+from ._wait import ReaderWait, RingWaiter
 from ._wire import WireMover
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: The committed, reproducibly built object (build.sh next to it rebuilds it).
 OBJECT_PATH = Path(__file__).with_name("etwmon.bpf.o")
+#: The same programs without the wake-up pacer (a BPF timer), for a kernel that refuses a timer in them.
+NOPACE_OBJECT_PATH = Path(__file__).with_name("etwmon_nopace.bpf.o")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 _PROGRAMS = ["etwmon_exit", "etwmon_exec", "etwmon_fork"]  # exits first: a task seen born is seen dying
 #: The exit program that takes the tracepoint's group_dead, where sched_process_exit passes it (see exit_program).
@@ -52,6 +55,15 @@ _SETTLE_PAUSE = 0.01
 _WIRE_MIN = 24  # the smallest wire record (ThreadCreate without a block)
 _KIND_HIGH = KIND_BASE >> 8  # the high byte of the first 16 bits: 0 for a wire Type, >= 1 for an event kind
 _BUSY_WAIT = 0.1
+#: With the pacer: how long the source's thread sleeps while a reader waits on the ring itself (it then drains
+#: what a reader that stopped reading left), and at most between wake-ups otherwise (none is missed: a timeout
+#: only bounds the damage of a kernel that could not deliver the pacer's wake-up).
+_READER_BACKSTOP_MS = 250
+_IDLE_BACKSTOP = 1.0
+#: How often a run reads the kernel's loss counter (a system call; the last pass always reads it).
+_LOST_CHECK = 0.05
+#: struct pacer's size (a bpf_timer and two u32): writing zeros over it cancels the timer.
+_PACER_SIZE = 24
 _FIX = "use `--source netlink` (or source='netlink')"
 
 
@@ -98,7 +110,8 @@ class BpfSource(Source):
     })
 
     def __init__(self, *, ring_size: int = 8 << 20, batch_wait: float = 0.001,
-                 enrich: Enricher | None = None, kernel_creates: bool = True, image_loads: bool = False) -> None:
+                 enrich: Enricher | None = None, kernel_creates: bool = True, image_loads: bool = False,
+                 kernel_pacing: bool = True) -> None:
         super().__init__()
         page = mmap.PAGESIZE
         if (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < page
@@ -115,6 +128,20 @@ class BpfSource(Source):
         #: come as events and are written here, per record, as before).
         self.kernel_creates = bool(kernel_creates)
         self.image_loads = bool(image_loads)  # image loads: opt-in, see imageload.py
+        #: Whether to load the programs with the kernel's wake-up pacer (when the kernel accepts it; False: the
+        #: object without it, woken by the ring's adaptive rule, with the ``batch_wait`` pause in this thread).
+        self.kernel_pacing = bool(kernel_pacing)
+        #: How wake-ups are paced once open: "kernel" (the pacer: one per ``batch_wait`` window, and a reader in
+        #: ``Monitor.wait()`` drains the ring itself), "reader" (without the pacer: this thread pauses
+        #: ``batch_wait`` after each wake-up) or "none" (``batch_wait`` 0: every wake-up is drained at once).
+        self.pacing: str | None = None
+        self._drain_lock = threading.Lock()  # one pass at a time: this thread's or a waiting reader's
+        self._sink: Sink | None = None
+        self._waiting = 0  # readers in ReaderWait.wait(), drained for by themselves
+        self._reader_entries = 0  # how many times a reader has begun such a wait
+        self._waiting_lock = threading.Lock()
+        self._reader_waits: list[ReaderWait] = []
+        self._closed_reader_wakeups = 0
         self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
         self._object = None
         self._ring = None
@@ -123,6 +150,8 @@ class BpfSource(Source):
         self._wake = WakePipe()
         self._stopping = False
         self._lost_reported = 0
+        self._kernel_lost = 0  # the kernel's loss count as last read, and when to read it next
+        self._lost_due = 0.0
         self.wakeups = 0
         self._mover: WireMover | None = None
         #: Whether the programs write thread records and exits in the wire format (set by open(): not when a
@@ -186,14 +215,23 @@ class BpfSource(Source):
         self.wire = self.enrich is None
         flags = ((CONFIG_WIRE | (CONFIG_CREATES if self.kernel_creates else 0) if self.wire else 0)
                  | (CONFIG_IDENTITY if self.details else 0))
+        wake_us = round(self.batch_wait * 1e6)
         settings = CONFIG.pack(boot_clock.offset_ns + 100 * FILETIME_UNIX_EPOCH,
-                               guid_prefix(self.host_and_boot_id()), flags, 0)
-        try:
-            obj = LoadedObject(libbpf, str(OBJECT_PATH), [exit_program] + _PROGRAMS[1:],
-                               {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,),
-                               settings={"config": settings})
-        except OSError as exc:
-            raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
+                               guid_prefix(self.host_and_boot_id()), flags, wake_us)
+        paths = [OBJECT_PATH, NOPACE_OBJECT_PATH] if self.kernel_pacing else [NOPACE_OBJECT_PATH]
+        for path in paths:
+            try:
+                obj = LoadedObject(libbpf, str(path), [exit_program] + _PROGRAMS[1:],
+                                   {"scratch": max(cpus, 1), "events": self.ring_size}, skip=(other,),
+                                   settings={"config": settings})
+                break
+            except OSError as exc:
+                if path is not paths[-1]:  # the pacer refused (a timer in these programs): do without it
+                    log.info("etwmon bpf: the kernel refused the wake-up pacer (%s); the ring's adaptive wake-ups "
+                             "are used, with a %.0f ms pause in the reader", exc, 1000 * self.batch_wait)
+                    continue
+                raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
+        self.pacing = ("none" if not wake_us else "kernel" if path == OBJECT_PATH else "reader")
         try:
             self._ring = RingBuffer(obj.map_fd("events"), self.ring_size)
             self._lost = PerCpuCounter(libbpf, obj.map_fd("lost"))
@@ -205,7 +243,8 @@ class BpfSource(Source):
             obj.close()
             raise
         self._object = obj
-        self._lost_reported = 0
+        self._lost_reported = self._kernel_lost = 0
+        self._lost_due = 0.0
         self.skipped = 0
         self._stopping = False
         enrich = self.enrich
@@ -250,29 +289,95 @@ class BpfSource(Source):
 
     def _run(self, sink: Sink, ring, decoder: EventDecoder) -> None:
         decoder.push = sink.push
-        poller = select.poll()
-        poller.register(ring.fd, select.POLLIN)
-        poller.register(self._wake.fileno(), select.POLLIN)
-        if self._images is not None:  # image loads
-            poller.register(self._images.fd, select.POLLIN)
-        stopper = select.poll()  # the wait between passes, which stop() cuts short
-        stopper.register(self._wake.fileno(), select.POLLIN)
-        wait_ms = self.batch_wait * 1000
-        while not self._stopping:
-            if not self._drain(sink):
-                poller.poll()  # readable as soon as the ring holds anything (the kernel's adaptive wake-up)
-                self.wakeups += 1
-            if wait_ms:
-                # Let the events behind the first land, in a storm as after a wake-up: at most one pass (and
-                # one notify of readers) per batch_wait instead of one per event.
-                stopper.poll(wait_ms)
+        self._sink = sink
+        if self.pacing == "kernel":
+            self._run_paced(sink, ring)
+        else:
+            self._run_adaptive(sink, ring)
         # Detach first, then take what is left: every event the programs wrote is read or counted as lost
         # (a source that has run is opened again before it runs again).
         self._object.detach()  # type: ignore[union-attr]
         if self._images is not None:  # image loads
             self._images.detach()
+        if self.pacing == "kernel":  # a wake-up still pending would come after the last pass: cancel it
+            self._object.write_entry("pacer", bytes(_PACER_SIZE))  # type: ignore[union-attr]
         self._settle()
-        self._final_drain(sink)
+        with self._drain_lock:
+            self._final_drain(sink)
+
+    def _rings(self, ring) -> list[int]:
+        return [ring.fd] + ([self._images.fd] if self._images is not None else [])
+
+    def _run_paced(self, sink: Sink, ring) -> None:
+        """The kernel wakes the rings' readers once per ``batch_wait`` window: a pass per wake-up. While a reader
+        waits in ``Monitor.wait()`` (ReaderWait) it is woken instead and takes the records itself; this thread
+        then only looks in now and then for a reader that stopped reading."""
+        waiter = RingWaiter(self._rings(ring), self._wake.fileno())
+        stopper = select.poll()
+        stopper.register(self._wake.fileno(), select.POLLIN)
+        entries = self._reader_entries
+        try:
+            while not self._stopping:
+                if self._waiting or self._reader_entries != entries:  # a reader waits on the ring (or did since)
+                    entries = self._reader_entries
+                    stopper.poll(_READER_BACKSTOP_MS)
+                    continue
+                self._pass(sink)
+                if not self._stopping and waiter.sleep(_IDLE_BACKSTOP):
+                    self.wakeups += 1
+        finally:
+            waiter.close()
+
+    def _run_adaptive(self, sink: Sink, ring) -> None:
+        """Without the pacer: the ring wakes this thread whenever it has caught up, and ``batch_wait`` after a
+        pass lets the events behind the first land (one pass, and one notify of readers, per batch_wait in a
+        storm instead of one per event)."""
+        poller = select.poll()
+        for fd in self._rings(ring) + [self._wake.fileno()]:
+            poller.register(fd, select.POLLIN)
+        stopper = select.poll()  # the wait between passes, which stop() cuts short
+        stopper.register(self._wake.fileno(), select.POLLIN)
+        wait_ms = self.batch_wait * 1000
+        while not self._stopping:
+            if not self._pass(sink):
+                poller.poll()  # readable as soon as the ring holds anything (the kernel's adaptive wake-up)
+                self.wakeups += 1
+            if wait_ms:
+                stopper.poll(wait_ms)
+
+    def _pass(self, sink: Sink) -> int:
+        with self._drain_lock:
+            if self._ring is None:
+                return 0
+            return self._drain(sink)
+
+    # -- readers that drain the ring themselves ----------------------------------------------------------
+
+    def reader_wait(self, notify_fd: int) -> ReaderWait | None:
+        """A ReaderWait for ``Monitor.wait()`` while this source runs with the kernel's pacer (None otherwise):
+        the waiting reader is woken by the kernel and drains the ring into the sink ``run()`` was given, so a
+        batch costs one thread's wake-up rather than this thread's and then the reader's. ``notify_fd``: the
+        monitor's records-waiting flag (raised by this thread's passes, errors and stop)."""
+        ring = self._ring
+        if self.pacing != "kernel" or ring is None:
+            return None
+        wait = ReaderWait(self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
+        self._reader_waits.append(wait)
+        return wait
+
+    def _reader_waiting(self, delta: int) -> None:
+        with self._waiting_lock:
+            self._waiting += delta
+            if delta > 0:
+                self._reader_entries += 1
+
+    def _reader_pass(self) -> int:
+        """One pass from a waiting reader's thread: only while run() runs (its sink; the last pass is its own)."""
+        with self._drain_lock:
+            sink = self._sink
+            if self._ring is None or sink is None or not self._running or self._stopping:
+                return 0
+            return self._drain(sink)
 
     def _settle(self) -> None:
         """Wait until no program that was running as they were detached still runs: membarrier's global
@@ -297,9 +402,15 @@ class BpfSource(Source):
         if self._report_lost(sink):
             sink.notify()
 
-    def _report_lost(self, sink: Sink) -> bool:
-        """Pass on what the kernel counted as lost, and what this reader had to skip, since the last report."""
-        lost = self._lost.total() + self.skipped  # type: ignore[union-attr]
+    def _report_lost(self, sink: Sink, now: float | None = None) -> bool:
+        """Pass on what the kernel counted as lost, and what this reader had to skip, since the last report.
+        The kernel's count is read (a system call) at most every _LOST_CHECK seconds during a run (``now``: the
+        time of this pass), and always at the end (``now`` None)."""
+        if now is None or now >= self._lost_due:
+            self._kernel_lost = self._lost.total()  # type: ignore[union-attr]
+            if now is not None:
+                self._lost_due = now + _LOST_CHECK
+        lost = self._kernel_lost + self.skipped
         if lost > self._lost_reported:
             sink.push_lost(lost - self._lost_reported)
             self._lost_reported = lost
@@ -316,14 +427,17 @@ class BpfSource(Source):
         2.4-2.7 us with ring_buffer__consume, whose ctypes callback per record costs more than walking the
         records in place (what libbpf's consumer does in C, see its ringbuf.c). ``final``: the programs are
         detached and settled, so a record still reserved will never be committed: skip it, counted as lost."""
-        ring, decode = self._ring, self._decoder.decode  # type: ignore[union-attr]
-        move = self._mover.push
-        data, mask, header = ring.data, ring.mask, ring.header
-        busy, discard = ring.BUSY, ring.DISCARD
+        ring = self._ring
         images = self._images  # image loads: only those written before this pass began (see imageload.py)
         images_upto = images.producer_pos() if images is not None else 0
-        cons = start = ring.consumer_pos()
-        prod = ring.producer_pos()  # an acquire load: the records before it are visible (see RingBuffer)
+        cons = start = ring.consumer_pos()  # type: ignore[union-attr]
+        prod = ring.producer_pos()  # type: ignore[union-attr]  # an acquire load: the records before it are visible
+        now = None if final else time.monotonic()
+        if cons == prod and now is not None and now < self._lost_due and (images is None or images.empty()):
+            return 0  # nothing new (a waiting reader's first look, mostly): no more work than that
+        decode, move = self._decoder.decode, self._mover.push  # type: ignore[union-attr]
+        data, mask, header = ring.data, ring.mask, ring.header  # type: ignore[union-attr]
+        busy, discard = ring.BUSY, ring.DISCARD  # type: ignore[union-attr]
         count = 0
         ats: list[int] = []  # wire records the kernel wrote (thread records, exits), moved in one batch
         sizes: list[int] = []
@@ -359,7 +473,7 @@ class BpfSource(Source):
             move(sink, data, ats, sizes)
         if cons != start:
             ring.advance(cons)
-        if self._report_lost(sink):
+        if self._report_lost(sink, now):
             count += 1
         if images is not None:  # image loads
             count += images.drain(sink, images_upto)
@@ -383,6 +497,12 @@ class BpfSource(Source):
         self._release()
 
     def _release(self) -> None:
+        with self._drain_lock:  # no reader's pass is in the ring's pages as they are unmapped
+            self._sink = None
+            waits, self._reader_waits = self._reader_waits, []
+            for wait in waits:
+                self._closed_reader_wakeups += wait.wakeups
+                wait.close()
         with self._state:
             self._close_pending = False
             if self._images is not None:  # image loads (the reader stays, closed, for stats())
@@ -398,7 +518,10 @@ class BpfSource(Source):
 
     def stats(self) -> dict[str, int]:
         d = self._decoder
-        base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped}
+        base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped,
+                # with the pacer: its window (0: not paced in the kernel), and the wake-ups of waiting readers
+                "wake_us": round(self.batch_wait * 1e6) if self.pacing == "kernel" else 0,
+                "reader_wakeups": sum(w.wakeups for w in self._reader_waits) + self._closed_reader_wakeups}
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable, creates_slow=d.creates_slow,

@@ -211,11 +211,7 @@ class LoadedObject:
                 if err:
                     raise _errno_error("the kernel refused the BPF object", err, lb.messages())
                 for name, value in (settings or {}).items():
-                    key = ctypes.c_uint32(0)
-                    buf = ctypes.create_string_buffer(value, len(value))
-                    err = lb.bpf_map_update_elem(self.map_fd(name), ctypes.byref(key), buf, 0)
-                    if err:
-                        raise _errno_error(f"cannot write the settings map {name!r}", ctypes.get_errno())
+                    self.write_entry(name, value)
                 for name in programs:
                     prog = lb.bpf_object__find_program_by_name(obj, name.encode())
                     if not prog:
@@ -243,6 +239,14 @@ class LoadedObject:
         if not m:
             raise _errno_error(f"no map {name!r}", errno.ENOENT)
         return self.libbpf.bpf_map__fd(m)
+
+    def write_entry(self, name: str, value: bytes) -> None:
+        """Write ``value`` over entry 0 of the array map ``name``. Zeros over a value holding a bpf_timer
+        cancel the timer (the kernel waits for a callback that is running)."""
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(value, len(value))
+        if self.libbpf.bpf_map_update_elem(self.map_fd(name), ctypes.byref(key), buf, 0):
+            raise _errno_error(f"cannot write entry 0 of the map {name!r}", ctypes.get_errno())
 
     def detach(self) -> None:
         """Detach every program (no more events); the maps stay readable until ``close()``. Idempotent."""

@@ -58,9 +58,74 @@ ETWMON_MAP(config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct etwmon_config);
 /* Events that could not be written (ring full), per CPU: the reader sums them. */
 ETWMON_MAP(lost, BPF_MAP_TYPE_PERCPU_ARRAY, 1, __u32, __u64);
 
-/* Wake-ups: with flags 0 the ring wakes the reader only when it has caught up (the adaptive rule of
- * bpf_ringbuf_output); the reader then waits a moment before draining, so one wake-up serves a batch. */
-#define OUTPUT_FLAGS 0
+/* Wake-ups. With the pacer (the default object; etwmon_nopace.bpf.o is built without it for kernels whose
+ * verifier refuses a timer in these programs), every record goes in with BPF_RB_NO_WAKEUP and the first one the
+ * reader has not been woken for arms `pacer`, a timer that wakes it config.wake_us later: one wake-up serves
+ * every record of that window however fast they come, and a ring more than a quarter full wakes it at once.
+ * Without the pacer, or with wake_us 0, the ring's adaptive rule: a wake-up whenever the reader has caught up. */
+#ifndef ETWMON_NO_PACER
+struct pacer {
+	struct bpf_timer timer;
+	__u32 armed; /* 1 from the record that armed the timer until it fires */
+	__u32 pad;
+};
+ETWMON_MAP(pacer, BPF_MAP_TYPE_ARRAY, 1, __u32, struct pacer);
+
+static int pacer_fired(void *map, __u32 *key, struct pacer *p)
+{
+	void *mark;
+
+	p->armed = 0; /* first: a record written after this arms the timer again, so none waits unseen */
+	/* A record discarded with FORCE_WAKEUP wakes the reader and costs it nothing (readers skip discarded
+	 * records). Should the ring be full, the quarter-full rule has woken the reader already. */
+	mark = bpf_ringbuf_reserve(&events, 8, 0);
+	if (mark)
+		bpf_ringbuf_discard(mark, BPF_RB_FORCE_WAKEUP);
+	return 0;
+}
+
+static __always_inline __u32 wake_us(void)
+{
+	__u32 zero = 0;
+	struct etwmon_config *c = bpf_map_lookup_elem(&config, &zero);
+
+	return c ? c->wake_us : 0;
+}
+
+static __always_inline __u64 output_flags(void)
+{
+	if (!wake_us())
+		return 0;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 4)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
+/* After a record is in the ring: the reader is woken within wake_us of it. */
+static __always_inline void paced(void)
+{
+	__u32 zero = 0, us = wake_us();
+	struct pacer *p;
+
+	if (!us)
+		return;
+	p = bpf_map_lookup_elem(&pacer, &zero);
+	if (!p || p->armed || __sync_lock_test_and_set(&p->armed, 1))
+		return; /* armed already: its wake-up comes after this record */
+	bpf_timer_init(&p->timer, &pacer, CLOCK_MONOTONIC); /* -EBUSY after the first time: nothing to do */
+	bpf_timer_set_callback(&p->timer, pacer_fired);
+	bpf_timer_start(&p->timer, (__u64)us * 1000, 0);
+}
+#else
+static __always_inline __u64 output_flags(void)
+{
+	return 0;
+}
+
+static __always_inline void paced(void)
+{
+}
+#endif
 
 static __always_inline void count_lost(void)
 {
@@ -86,8 +151,10 @@ static __always_inline void emit(struct scratch *s, __u32 tail_len)
 	__u64 size = sizeof(struct etwmon_event) + (tail_len & TAIL_MASK);
 
 	s->e.size = size;
-	if (bpf_ringbuf_output(&events, &s->e, size, OUTPUT_FLAGS))
+	if (bpf_ringbuf_output(&events, &s->e, size, output_flags()))
 		count_lost();
+	else
+		paced();
 }
 
 /* The task's mount and pid namespaces and its process id in the latter (the leader's pid struct numbers the
@@ -356,8 +423,10 @@ static __always_inline void put_block_header(__u8 *w, __u16 length)
 static __always_inline void output(__u8 *w, __u32 size)
 {
 	barrier_var(size); /* keep the mask below: the verifier needs it even where the compiler sees no use */
-	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, OUTPUT_FLAGS))
+	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, output_flags()))
 		count_lost();
+	else
+		paced();
 }
 
 static __always_inline void put_tlv(__u8 *at, __u16 tag, __u16 len)

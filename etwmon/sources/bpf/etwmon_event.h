@@ -88,7 +88,8 @@ struct etwmon_config {
 	__u64 filetime_base;   /* FILETIME = (CLOCK_BOOTTIME ns + filetime_base) / 100 */
 	__u8 guid_prefix[8];   /* the host and boot tags of every ProcessGuid (etwmon.identity.guid_prefix) */
 	__u32 flags;           /* ETWMON_CONFIG_* */
-	__u32 reserved;
+	__u32 wake_us;         /* wake the reader this long after the first record it has not seen (0: the ring's
+	                        * adaptive rule, a wake-up whenever it has caught up); ignored without the pacer */
 };
 
 /* Wire records the kernel writes itself (etwmon/records.py; all little-endian, sizes in bytes):

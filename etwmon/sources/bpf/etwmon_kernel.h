@@ -28,6 +28,17 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
+/* Ring buffer wake-up flags and queries, and the timer the wake-ups are paced with (include/uapi/linux/bpf.h,
+ * include/uapi/linux/time.h). struct bpf_timer must carry this name: the verifier finds it in the map's BTF. */
+#define BPF_RB_NO_WAKEUP (1ULL << 0)
+#define BPF_RB_FORCE_WAKEUP (1ULL << 1)
+#define BPF_RB_AVAIL_DATA 0
+#define BPF_RB_RING_SIZE 1
+#define CLOCK_MONOTONIC 1
+struct bpf_timer {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+
 #define SIGNAL_GROUP_EXIT 0x00000004 /* include/linux/sched/signal.h */
 
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)

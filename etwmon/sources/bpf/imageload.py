@@ -184,6 +184,11 @@ class ImageLoadReader:
         """Where the kernel's writing is now (``drain``'s ``upto``)."""
         return self._ring.producer_pos() if self._ring is not None else 0
 
+    def empty(self) -> bool:
+        """True when the ring holds nothing the reader has not taken."""
+        ring = self._ring
+        return ring is None or ring.consumer_pos() >= ring.producer_pos()
+
     def drain(self, sink, upto: int | None = None) -> int:
         """Move what the ring holds now into ``sink`` (one pass), give the space back and report new losses;
         returns the number of records pushed (a loss report counts as one). Does not notify the sink.
