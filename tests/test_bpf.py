@@ -967,8 +967,9 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
         kernel_fields = block_fields(new)
         assert kernel_fields[0] == block_fields(was)[0]  # flags
         # every field the kernel wrote, in the identity stage's order and bytes; the stage's own on top
-        assert kernel_fields[1] == [(t, v) for t, v in block_fields(was)[1] if t not in (6, 7, 8, 9)]
-        assert {t for t, _ in block_fields(was)[1]} - {t for t, _ in kernel_fields[1]} == {6, 7, 8, 9}
+        assert kernel_fields[1] == [(t, v) for t, v in block_fields(was)[1] if t not in (6, 8, 9)]
+        assert {t for t, _ in block_fields(was)[1]} - {t for t, _ in kernel_fields[1]} == {6, 8, 9}
+        assert 7 in dict(kernel_fields[1])  # ParentImage: the kernel's, the bytes the table gives
         assert n.command_line == command_line_from_argv(HOSTILE_ARGV) or n.type == ItemType.ProcessCreate
         assert n.user is None and w.user == "root"  # the name is the table's (lean) or the stage's to add
     create, exec_, exit_ = (e for _, e in mine)
@@ -977,6 +978,33 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
     assert exec_.parent_process_guid == create.parent_process_guid == chain[0].process_guid
     assert chain[0].pid == sh.pid and shlex.split(chain[0].command_line) == ["sh", "-c", script]
     assert chain[1].pid == os.getpid() and chain[0].user == "root"
+
+
+@pytest.mark.root
+def test_live_the_kernel_writes_parent_image_the_parents_program_at_the_event(bpf_ok):
+    # sh forks a subshell (its ParentImage: sh, the program it was forked running) and execs sleep; the subshell
+    # then execs true, whose parent now runs sleep: the kernel reads the parent's program at the exec.
+    script = "(/bin/sleep 0.3; exec /bin/true marker-pimage) & exec /bin/sleep 1"
+    with etwmon.Monitor(source="bpf", identity="lean", max_items=200_000) as mon:
+        time.sleep(0.2)
+        sh = subprocess.Popen(["/bin/sh", "-c", script])
+        sh.wait()
+        records = records_until(mon, exited(sh.pid))
+        stats = mon.stats.source_stats
+    events = [next(iter(parse(r))) for r in records]
+    sub = [e for e in events if e.type == ItemType.ProcessExec and e.command_line == "/bin/true marker-pimage"]
+    assert sub, "no exec of the subshell's /bin/true"
+    pid = sub[0].pid
+    fork = [e for e in events if e.type == ItemType.ProcessCreate and e.pid == pid]
+    sh_exec = [e for e in events if e.type == ItemType.ProcessExec and e.pid == sh.pid]
+    assert fork and sh_exec and sh_exec[-1].image == os.path.realpath("/bin/sleep")
+    assert fork[0].parent_pid == sh.pid and fork[0].image == os.path.realpath("/bin/sh")
+    assert fork[0].parent_image == fork[0].image  # forked by its parent: the parent's program, sh
+    assert sub[0].parent_pid == sh.pid and sub[0].parent_image == os.path.realpath("/bin/sleep")
+    assert sub[0].image == os.path.realpath("/bin/true")
+    # written by the kernel (no stage field around it: no ParentCommandLine, no User in the record)
+    assert sub[0].parent_command_line is None and fork[0].parent_command_line is None
+    assert stats["kernel_written"] > 0
 
 
 @pytest.mark.root

@@ -39,6 +39,7 @@ struct scratch {
 	__u8 wire[WIRE_SIZE + WIRE_SLACK];
 	__u8 quote[ETWMON_ARGV_MAX + 1]; /* at the offset where each argument starts: 1 when it must be quoted */
 	__u32 at; /* the write position in `wire` while a record is built (see AT) */
+	__u32 image_at; /* where the record's Image field starts in `wire` (a fork's ParentImage copies it) */
 	struct cursor {
 		__u32 n, start, k, unsafe, quoted, fail, pts;
 	} cur; /* the command line's passes and the tty's (see V) */
@@ -724,6 +725,39 @@ static __always_inline bool put_tail_text(struct scratch *s, __u16 tag, __u32 fr
 	return at != 0;
 }
 
+/* ParentImage (7): the real parent's executable path, at AT(s); false when user space must write the record (the
+ * path is not ASCII or would not fit). A cut or unknown path leaves the field out (unknown), as Image. A fork's
+ * child runs the program of the process that forked it: when that is its parent (no CLONE_PARENT), the record's
+ * Image field is the path already, copied; otherwise (an exec, or a fork for another parent) the parent's
+ * mm->exe_file is walked after the tail's end (`from`). */
+static __always_inline bool put_parent_image(struct scratch *s, __u16 type, struct task_struct *task, __u32 from)
+{
+	struct etwmon_event *e = &s->e;
+	struct file *exe;
+	__u32 at, len, image;
+
+	if (type == 1 && e->ppid == e->creating_pid) {
+		if (!e->exe_len)
+			return true;
+		at = AT(s);
+		image = V(s->image_at);
+		len = (2 * e->exe_len) & (2 * ETWMON_PATH_MAX - 1);
+		if (at + 4 + len > 0xFFFF)
+			return false;
+		put_tlv(&s->wire[at & WIRE_MASK], 7, len);
+		bpf_probe_read_kernel(&s->wire[(at + 4) & WIRE_MASK], len, &s->wire[(image + 4) & WIRE_MASK]);
+		AT(s) = at + 4 + len;
+		return true;
+	}
+	exe = BPF_CORE_READ(task, real_parent, mm, exe_file);
+	if (!exe)
+		return true; /* a kernel thread's child, or a parent past exit_mm: unknown */
+	len = read_path(s, from, BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt), 0);
+	if (!len)
+		return true;
+	return put_tail_text(s, 7, from, len);
+}
+
 /* ProcessCreate (type 1) or ProcessExec (101) from the event and tail in `s`; false when user space must write
  * it (the event is emitted instead). The block's fields are those the identity stage writes for the kernel's
  * facts, in its order (etwmon.records.TAG_ORDER): see docs/identity.md for those left to user space. */
@@ -778,6 +812,7 @@ static __always_inline bool wire_create(struct scratch *s, struct etwmon_config 
 		if (e->cgroup_id)
 			put_fixed(s, 23, 8, e->cgroup_id);
 		from = e->argv_len + filename_len;
+		V(s->image_at) = AT(s);
 		if (e->exe_len && !put_tail_text(s, 3, from, e->exe_len)) /* Image */
 			return false;
 		from += e->exe_len;
@@ -807,6 +842,8 @@ static __always_inline bool wire_create(struct scratch *s, struct etwmon_config 
 		} else if (e->flags & ETWMON_CGROUP_TRUNCATED) {
 			flags |= 1; /* EventFlags.TRUNCATED, as the identity stage sets it */
 		}
+		if (!put_parent_image(s, type, task, from + e->cgroup_len))
+			return false;
 		at = AT(s);
 		if (at > 0xFFFF)
 			return false;

@@ -105,8 +105,9 @@ struct etwmon_config {
  *     CreatingThreadId @24 | CreatingProcessId @28 | CommandLineLength @32 (code units) | CommandLine @34
  *     (UTF-16LE) | NUL and 4 bytes of padding | block: ProcessGuid (1), ParentProcessGuid (2), Uid (5),
  *     StartTime (14), ExeDevice..CgroupId (17-23, those known), Image (3), CurrentDirectory (4), Tty (10),
- *     Cgroup (12); when argv, a path or the tty is not ASCII, argv was cut or unreadable, or the record would
- *     not fit, the event comes as an etwmon_event instead
+ *     Cgroup (12), ParentImage (7: the real parent's executable path; a fork by the parent copies Image); when
+ *     argv, a path or the tty is not ASCII, argv was cut or unreadable, or the record would not fit, the event
+ *     comes as an etwmon_event instead
  * A wire record is told from an etwmon_event by its first 16 bits: wire Types are below ETWMON_KIND_BASE. */
 #define ETWMON_KIND_BASE 0x100
 
