@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from .errors import RecordFormatError
+from .users import user_name
 from .records import (  # the wire's small structs too (_EXT_HEADER, _TLV, _I64, _U32)
     _CMDLINE_OFFSET, _EXT_HEADER, _HEADER, _I64, _IMAGE_NAME_CHARS, _TAG_FIELDS, _TLV, _U32, DTYPES,
     EXTENSION_HEADER_SIZE, EXTENSION_VERSION, HEADER_SIZE, IMAGE_LOAD_DTYPE, PROCESS_CREATE_DTYPE,
@@ -297,10 +298,19 @@ _DETAIL_KNOWN = frozenset(f.name for f in _dc_fields(Details))
 def _details_of(event: Event) -> Details | None:
     """The Details an event's attributes describe, or None when it has none (no block is written then)."""
     values = {name: getattr(event, name) for name in _DETAIL_NAMES[int(event.type)] if name in _DETAIL_KNOWN}
+    if "user" in values:
+        values["user"] = _stored_user(event)
     flags = int(event.flags)  # type: ignore[attr-defined]
     if not flags and all(v is None for v in values.values()):
         return None
     return Details(flags=flags, **values)
+
+
+def _stored_user(event: Event) -> str | None:
+    """The User the event's record carries (``event.user`` names the uid when it carries none)."""
+    slot = _STORED_USER[ProcessExit if isinstance(event, ProcessExit) else ProcessCreate]
+    event.uid  # noqa: B018 - decodes a parsed record first
+    return slot.__get__(event)
 
 
 # --- checking and decoding a batch -------------------------------------------------------------------------
@@ -609,6 +619,28 @@ for _cls in (ProcessCreate, ProcessExec, ProcessExit, ThreadCreate, ThreadExit):
     _DETAIL_SETTERS[_item] = tuple((name, getattr(_cls, name).__set__) for name in sorted(_EXTENSION_ATTRS[_item]))
     _SET_FLAGS[_item] = _cls.flags.__set__  # type: ignore[attr-defined]
 _SET_COMMAND_LINE = ProcessCreate.command_line.__set__  # type: ignore[attr-defined]
+
+
+def _named_user(slot: Any) -> property:
+    """``user``: the record's User, else the name of its Uid (``etwmon.users``: looked up once per uid, None when
+    it has none). The kernel writes the uid; its name is found where it is read, not per record at capture."""
+    get, set_ = slot.__get__, slot.__set__
+
+    def user(self) -> str | None:
+        value = get(self)  # (AttributeError before a parsed record is decoded: __getattr__ decodes it)
+        if value is None:
+            uid = self.uid
+            if uid is not None:
+                return user_name(uid)
+        return value
+
+    return property(user, set_, doc=_named_user.__doc__)
+
+
+#: The User each record carries itself (``_details_of`` encodes that one, not a name looked up).
+_STORED_USER = {cls: cls.user for cls in (ProcessCreate, ProcessExit)}  # type: ignore[attr-defined]
+for _cls, _slot in _STORED_USER.items():
+    _cls.user = _named_user(_slot)  # type: ignore[assignment, method-assign]
 
 _new = object.__new__
 _FILETIME = Event.filetime.__set__  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate,
     ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
 )
+from .users import user_name
 
 __all__ = ["escape_text", "format_event", "event_to_json", "json_line", "format_batch", "event_to_ecs", "ecs_line",
            "ECS_VERSION", "host_renderer", "RENDERERS", "human_bytes", "TEXT_WORDS"]
@@ -107,6 +108,8 @@ def _who_text(user: str | None, uid: int | None, image: str | None, container: s
     """`` user=... image=...``: the ones known (user: the name, else the uid; a process chooses names and paths,
     so they are escaped)."""
     out = ""
+    if user is None and uid is not None:
+        user = user_name(uid)  # the record carries the uid only (the bpf source's creates): named here, cached
     if user is not None:
         out += f" user={escape_text(user)}"
     elif uid is not None:
@@ -262,9 +265,20 @@ def _image_flags(get: Callable[[str], Any]) -> list[str] | None:
     return None if bits is None else [f.name.lower() for f in ExeFlags if f & bits]
 
 
+def _user(get: Callable[[str], Any]) -> str | None:
+    """The record's User, else the name of its Uid (``Event.user``'s rule, for the batch formatter's details)."""
+    user = get("user")
+    if user is None:
+        uid = get("uid")
+        if uid is not None:
+            return user_name(uid)
+    return user
+
+
 #: Where a process ran and which file (docs/identity.md): JSON name → its value from the details, where the name
-#: is not the Event attribute's.
+#: is not the Event attribute's (or, as user, may be derived from another).
 _WHERE: dict[str, Callable[[Callable[[str], Any]], object]] = {
+    "user": _user,
     "container_id": _container, "pid_namespace": lambda get: get("pid_ns"),
     "namespace_pid": lambda get: get("ns_pid"), "mount_namespace": lambda get: get("mnt_ns"),
     "image_device": lambda get: get("exe_device"), "image_inode": lambda get: get("exe_inode"),

@@ -4,6 +4,7 @@ that keep a record within 64 KiB, readers that skip what they do not know, and t
 from __future__ import annotations
 
 import dataclasses
+import pwd
 import subprocess
 from datetime import timedelta
 
@@ -50,8 +51,9 @@ def test_every_field_round_trips_and_encode_gives_the_same_bytes():
         assert getattr(create, name) == getattr(FULL, name), name
     assert create.flags == EventFlags.PROCFS and not create.truncated
     assert create.command_line == "python3 x.py" and create.start_time is not None
+    # no User in the record: the uid's name, looked up where it is read (the record stays as it came: below)
     assert (exec_.process_guid, exec_.image, exec_.uid, exec_.user, exec_.current_directory) == (
-        GUID, "/usr/bin/python3", 0, None, None)
+        GUID, "/usr/bin/python3", 0, pwd.getpwuid(0).pw_name, None)
     assert tcreate.process_guid == texit.process_guid == exit_.process_guid == GUID
     assert exit_.lifetime == timedelta(seconds=1.5) and exit_.image == "/usr/bin/python3" and exit_.exit_code == 3
     assert bare.flags == EventFlags.UNKNOWN_PARENT and bare.process_guid is None

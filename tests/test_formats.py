@@ -218,6 +218,38 @@ def test_text_lines_say_fork_exec_exit_with_user_image_and_lifetime() -> None:
     assert exit_ == f"{stamp} exit        pid=10 code=0 user=alice image=/usr/bin/ls lifetime=1.500s\n"
 
 
+def test_a_record_with_a_uid_and_no_user_shows_the_uids_name_in_both_formatters(json_encoder) -> None:
+    import pwd
+
+    nameless = next(uid for uid in range(4_000_000_000, 4_000_001_000) if _no_name(uid))
+    me = os.geteuid()
+    data = b"".join([  # what the bpf source's kernel writes: the uid, not its name
+        R.encode_process_create(T0, 10, 9, 9, 9, "bash", R.Details(image="/usr/bin/bash", uid=me)),
+        R.encode_process_exec(T0, 10, 9, 10, 10, "ls", R.Details(image="/usr/bin/ls", uid=nameless)),
+        R.encode_process_exec(T0, 11, 9, 11, 11, "ls", R.Details(uid=me, user="given")),  # the record's wins
+    ])
+    name = pwd.getpwuid(me).pw_name
+    events = list(parse(data))
+    assert [e.user for e in events] == [name, None, "given"]
+    assert events[0].encode() == data[:len(events[0].encode())]  # the name is shown, not written into the record
+    for form, render in (("text", formats.format_event), ("json", formats.json_line)):
+        assert formats.format_batch(data, form) == [render(e) + "\n" for e in events]
+    fork, exec_, given = formats.format_batch(data, "text")
+    assert f" user={name} image=/usr/bin/bash " in fork and f" user={nameless} image=/usr/bin/ls " in exec_
+    assert [json.loads(line)["user"] for line in formats.format_batch(data, "json")] == [name, None, "given"]
+    assert formats.event_to_ecs(events[0])["user"] == {"id": str(me), "name": name}
+
+
+def _no_name(uid: int) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return True
+    return False
+
+
 # --- fuzz: nothing but RecordFormatError, whatever the bytes -------------------------------------------------------
 
 

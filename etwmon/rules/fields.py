@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from ..containers import container_id_from_cgroup
 from ..errors import RecordFormatError
 from ..records import EXTENSION_VERSION, ExtensionTag, guid_text
+from ..users import user_name
 
 __all__ = ["RecordFields"]
 
@@ -54,8 +55,9 @@ _WHERE: dict[str, dict[str, tuple[Any, Any]]] = {
 _IMAGE_BASE, _IMAGE_NAME_AT, _IMAGE_NAME_END = 640, 32, 32 + 2 * 301
 
 
-#: Internal keys for the texts ContainerId is derived from (not Sysmon field names, so they never clash).
-_CONTAINER, _CGROUP = "\0container_id", "\0cgroup"
+#: Internal keys for the texts ContainerId is derived from and the uid User is named from (not Sysmon field
+#: names, so they never clash).
+_CONTAINER, _CGROUP, _UID = "\0container_id", "\0cgroup", "\0uid"
 
 
 def _container_of(values: dict[str, str | None], container_key: str, cgroup_key: str) -> str | None:
@@ -79,7 +81,7 @@ class RecordFields:
     the wire format."""
 
     __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "numbers", "container", "sources", "create",
-                 "image_load", "image_loaded")
+                 "image_load", "image_loaded", "user")
 
     def __init__(self, event: str, names: Iterable[str]) -> None:
         where = _WHERE[event]
@@ -111,6 +113,10 @@ class RecordFields:
         # ContainerId is derived from the record's ContainerId and Cgroup texts, read under their field names
         # when rules use those too, else under internal keys.
         self.sources: tuple[str, str] = ("", "")
+        # User: the record's, else the name of its Uid (as Event.user gives it), read under an internal key.
+        self.user = self.texts.get(int(ExtensionTag.User))
+        if self.user is not None:
+            self.numbers[int(ExtensionTag.Uid)] = (_UID, 4)
         if self.container is not None:
             self.sources = (self.texts.setdefault(int(ExtensionTag.ContainerId), _CONTAINER),
                             self.texts.setdefault(int(ExtensionTag.Cgroup), _CGROUP))
@@ -144,6 +150,11 @@ class RecordFields:
             self._block(record, base, size, values)
         if self.container is not None:
             values[self.container] = _container_of(values, *self.sources)
+        if self.user is not None:
+            uid = values.pop(_UID, None)
+            if values[self.user] is None and uid is not None:
+                name = user_name(int(uid))
+                values[self.user] = None if name is None else name.lower()
         return values
 
     def _block(self, record: Any, base: int, end: int, values: dict[str, str | None]) -> None:

@@ -3,14 +3,13 @@ details of a process (image, cwd, user, terminal, cgroup) for the identity stage
 
 from __future__ import annotations
 
-import functools
 import os
-import pwd
 import stat as _stat
 
 from ..clock import CLOCK_BOOTTIME, KernelClock
 from ..containers import container_id_from_cgroup
 from ..records import Details, EventFlags, ExeFlags
+from ..users import user_name
 
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
@@ -94,15 +93,6 @@ def tty_name(tty_nr: int) -> str | None:
     if major == 4:
         return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
     return f"{major}:{minor}"
-
-
-@functools.lru_cache(maxsize=1024)
-def user_name(uid: int) -> str | None:
-    """The name of ``uid`` in the user database, None when it has none (the number is all there is)."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return None
 
 
 def effective_uid(status: bytes) -> int | None:
