@@ -387,16 +387,16 @@ def parse_tail_json(text: str, after: str | None = None) -> Observed:
 def path_tools(tool: EtwmonTool, workdir: Path) -> list[Tool]:
     """The other ways of reading one etwmon source that the storms compare at full rate: ``parse`` of every
     record, ``parse_array`` when this etwmon has it, ``etwmon tail --json``, and for bpf readinto with
-    ``identity="lean"``."""
+    ``identity="full"`` (self-contained records, as the default was before the kernel wrote creates whole)."""
     import etwmon
 
     modes = [m for m in READ_MODES[1:] if m != "parse_array" or hasattr(etwmon, "parse_array")]
-    lean = []
+    full = []
     if tool.source == "bpf":
-        lean = [EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)]
-        lean[0].name, lean[0].full_rate_only, lean[0].extra_args = "etwmon-bpf lean", True, ["--identity", "lean"]
+        full = [EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)]
+        full[0].name, full[0].full_rate_only, full[0].extra_args = "etwmon-bpf full", True, ["--identity", "full"]
     return ([EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers, mode)
-             for mode in modes] + lean + [TailTool(workdir, tool.source, tool.max_items, tool.delivers)])
+             for mode in modes] + full + [TailTool(workdir, tool.source, tool.max_items, tool.delivers)])
 
 
 TRACEFS = Path("/sys/kernel/tracing")

@@ -44,7 +44,7 @@ def watch_etwmon(args: argparse.Namespace) -> None:
 
     options = {"image_loads": True} if args.image_loads else {}
     monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
-                      identity="lean" if args.identity == "lean" else args.identity == "on", **options)
+                      identity={"on": True, "off": False}.get(args.identity, args.identity), **options)
     monitor.start()
     chunks: list[tuple[int, bytes]] = []  # (FILETIME when readinto returned, the bytes it gave)
     keep = not args.discard
@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max-bytes", type=int, default=None)
     e.add_argument("--buffer", type=int, default=1 << 20, help="readinto buffer size")
     e.add_argument("--discard", action="store_true", help="keep nothing (the memory benchmark)")
-    e.add_argument("--identity", choices=("on", "off", "lean"), default="on",
-                   help="the identity stage (ProcessGuid, details): on as shipped, off to measure its cost, lean "
-                        "(Monitor(identity='lean'): creates the kernel wrote pass whole)")
+    e.add_argument("--identity", choices=("on", "off", "lean", "full"), default="on",
+                   help="the identity stage (ProcessGuid, details): on as shipped (creates the kernel wrote pass "
+                        "whole; lean is the same), off to measure its cost, full (Monitor(identity='full'): User and "
+                        "the parent's fields added to every create and exec)")
     e.add_argument("--mode", choices=("readinto", "parse", "parse_array"), default="readinto",
                    help="what the reader does with each buffer: nothing (readinto only), parse every record, or "
                         "parse_array")

@@ -21,7 +21,7 @@ from typing import Any, Callable, NoReturn, Sequence, TextIO
 from . import __version__
 from .errors import Error, RecordingFormatError, SourceError, SourceUnavailable
 from .filters import DEFAULT_EVENT_TYPES, EventFilter, parse_event_types
-from .cli_options import UsageError, add_capture_options, hash_algorithms, image_load_option
+from .cli_options import UsageError, add_capture_options, add_identity_option, hash_algorithms, image_load_option
 from .formats import RENDERERS, escape_text, host_renderer, human_bytes
 from .records import ItemType
 from .ring import DEFAULT_BYTES_PER_ITEM
@@ -211,6 +211,7 @@ def _build_parser() -> _Parser:
                             "then filter in the service")
     tail_.add_argument("--no-identity", dest="identity", action="store_false",
                        help="the book's records only: no ProcessGuid, user, image or parent fields (less CPU per event)")
+    add_identity_option(tail_)
     tail_.add_argument("--json", action="store_true",
                        help="one JSON object per line (ASCII, UTC ISO-8601 times) instead of text: --format json")
     tail_.add_argument("--format", choices=sorted(RENDERERS), default=None,
@@ -452,7 +453,7 @@ def _recording(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -
         return record(RecordOptions(output=args.output, command=command, source=args.source, config=args.config,
                                     user=args.user, max_size=args.max_size, duration=args.duration,
                                     grace=args.grace, overwrite=args.force, hashes=args.hashes,
-                                    image_loads=bool(image_load_option(args))), err, environ)
+                                    image_loads=bool(image_load_option(args)), identity=args.identity), err, environ)
     if args.command == "report":
         from .recording.report import write_report
 
@@ -593,9 +594,9 @@ def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, environ: dict[str,
             raise UsageError(f"--json and --format {args.format} ask for two output forms: give one")
         args.format = "json"
     args.format = args.format or "text"
-    if not args.identity and (args.servers or args.connect is not None):
-        raise UsageError("--no-identity applies where the events are read from the kernel; with --from or "
-                         "--connect the records are made elsewhere")
+    if args.identity is not True and (args.servers or args.connect is not None):
+        raise UsageError(f"--{'full' if args.identity else 'no'}-identity applies where the events are read from the "
+                         "kernel; with --from or --connect the records are made elsewhere")
     args.types = args.types or [DEFAULT_EVENT_TYPES]  # the library's Monitor delivers everything; tail shows this
     types = frozenset().union(*args.types)
     reader, filter_here = _open_reader(args, environ, err)
@@ -683,7 +684,7 @@ def _serve(args: argparse.Namespace, err: TextIO, environ: dict[str, str]) -> in
     try:
         monitor = Monitor(source=args.source, max_items=items, max_bytes=max_bytes,
                           rules=_load_rules(args.config) if args.config else None, hashes=args.hashes,
-                          **image_load_option(args))
+                          identity=args.identity, **image_load_option(args))
     except (MemoryError, ValueError) as exc:
         raise UsageError(f"cannot allocate a ring of {items} records: {exc}; give a smaller --max-bytes or "
                          "--max-items") from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["UsageError", "hash_algorithms", "add_capture_options", "image_load_option"]
+__all__ = ["UsageError", "hash_algorithms", "add_capture_options", "add_identity_option", "image_load_option"]
 
 
 class UsageError(Exception):
@@ -32,6 +32,16 @@ def add_capture_options(command: argparse.ArgumentParser, what: str) -> None:
                          help="the hashes of each process record's executable (and each image load's file), "
                               "Sysmon's form: md5, sha1, sha256 comma-separated, or * (default: the --config "
                               "file's <HashAlgorithms>, else none; docs/identity.md)")
+    add_identity_option(command)
+
+
+def add_identity_option(command: argparse.ArgumentParser) -> None:
+    """``--full-identity``: every process record self-contained (``Monitor(identity="full")``, docs/identity.md);
+    sets ``identity`` to "full" (True without it; ``tail --no-identity`` sets it to False)."""
+    command.add_argument("--full-identity", dest="identity", action="store_const", const="full", default=True,
+                         help="add the user name and the parent's command line and user to every process record "
+                              "(Monitor(identity='full'): more CPU per event; by default the bpf source's records "
+                              "carry the uid and the parent's guid and image, and the process table the rest)")
 
 
 def image_load_option(args: argparse.Namespace) -> dict:

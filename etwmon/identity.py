@@ -35,6 +35,7 @@ from .records import (
     _I64, _U32, _U64, MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, field_value, guid_bytes,
     guid_text, pack_field, with_packed,
 )
+from .users import user_name
 
 __all__ = ["ProcessInfo", "ProcessTable", "IdentityStage", "guid_prefix", "make_guid", "guid_from_sequence",
            "DEFAULT_MAX_PROCESSES", "DEFAULT_MAX_BYTES"]
@@ -317,7 +318,6 @@ class IdentityStage:
         # one; this lock keeps them apart (taken once per batch, or per record pushed one by one).
         self._lock = threading.Lock()
         self._push_batch = None
-        self._batch_creates = True
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
@@ -341,9 +341,13 @@ class IdentityStage:
         self.push_lost = sink.push_lost
         self._push = sink.push
         self._push_batch = getattr(sink, "push_batch", None)
-        # A stage that must see each create (hashing the executable) takes batches without them.
-        self._batch_creates = getattr(sink, "batch_creates", True)
         return self
+
+    def _creates_whole(self) -> bool:
+        """Whether a create or exec the kernel wrote passes as it is (lean), not through ``push``: not when the
+        next stage must see each create (hashing the executable) or needs the parent's fields in it (rules on
+        ParentCommandLine or ParentUser); asked per batch, as the rules can be replaced while running."""
+        return self.lean and getattr(self.sink, "batch_creates", True)
 
     # -- records the kernel wrote whole (the bpf source's thread records and exits) ---------------------------
 
@@ -374,7 +378,7 @@ class IdentityStage:
             if parents is not None:
                 parents &= creates
                 special = parents if special is None else special | parents
-        if has_creates and not (self.lean and self._batch_creates) and self._push_batch is not None:
+        if has_creates and self._push_batch is not None and not self._creates_whole():
             self._push_each(raw, starts, ends)  # creates one by one (see ``lean``), the rest as it is
             return
         if special is not None and not special.any():
@@ -396,7 +400,7 @@ class IdentityStage:
         process = item != 3 and item != 4
         pid = _U32.unpack_from(record, 16 if process else 20)[0]
         create = item == 1 or item == 101
-        if pid in self._seeded or create and (not (self.lean and self._batch_creates)
+        if pid in self._seeded or create and (not self._creates_whole()
                                               or _U32.unpack_from(record, 20)[0] in self._seeded):
             self.push(record)
             return
@@ -448,12 +452,17 @@ class IdentityStage:
         return mask if mask.any() else None
 
     def _push_slowly(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, special) -> None:
-        """Runs of ordinary records whole (``push_batch``), the others through ``push``."""
+        """Runs of ordinary records whole (``push_batch``), the others through ``push`` (each through
+        ``push_written`` when the next stage takes records one by one)."""
         n = len(ends)
         batch = self._push_batch
         i = 0
         while i < n:
-            if special is not None and special[i] or batch is None:
+            if batch is None:
+                self.push_written(raw[starts[i]:ends[i]].tobytes())
+                i += 1
+                continue
+            if special is not None and special[i]:
                 self.push(raw[starts[i]:ends[i]].tobytes())
                 i += 1
                 continue
@@ -658,8 +667,6 @@ class IdentityStage:
                 uid = _U32.unpack_from(own[_UID], 4)[0]
                 user = self._users.get(uid, False)
                 if user is False:
-                    from .sources._proc import user_name  # (POSIX only: records with a Uid come from Linux)
-
                     name = user_name(uid)
                     user = self._users[uid] = None if name is None else pack_field(
                         _USER, name.encode("utf-16-le", "surrogatepass"))

@@ -213,10 +213,12 @@ class Monitor(EventReader):
     readable after ``stop()`` until drained.
 
     ``identity`` (default True) runs the identity stage on the source's thread, before the ring: every process
-    and thread record gets its ProcessGuid, the parent's guid and fields, and the details the source knows
-    (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. ``identity=False`` gives the book's
-    records and spares the cost. ``identity="lean"``: the same stage, but a create or exec the kernel wrote whole
-    (the bpf source) passes as it is, without User and the parent's fields, which ``ancestors()`` gives
+    and thread record gets its ProcessGuid, the parent's guid, and the details the source knows
+    (``etwmon.identity``); ``max_processes`` and ``max_process_bytes`` bound its process table. A create or exec
+    the kernel wrote whole (the bpf source) passes as it is, in its batch: no User (``event.user`` names the uid
+    where it is shown), no ParentUser or ParentCommandLine (``ancestors()`` gives them). ``identity="full"``: the
+    stage adds User and the parent's fields to every create and exec, record by record (self-contained records,
+    more CPU per event); ``"lean"`` is True. ``identity=False`` gives the book's records and spares the cost
     (docs/identity.md).
 
     ``image_loads=True`` (bpf source): also an ImageLoad record per file mapped executable (shared libraries,
@@ -245,10 +247,10 @@ class Monitor(EventReader):
             self._hash_stage = HashStage(hashes)
         self._rules_stage = None
         self.ring = EventRing(max_items=max_items, max_bytes=max_bytes)
-        if isinstance(identity, str) and identity != "lean":
-            raise ValueError(f"identity must be True, False or 'lean', not {identity!r}")
+        if isinstance(identity, str) and identity not in ("lean", "full"):
+            raise ValueError(f"identity must be True, False, 'full' or 'lean', not {identity!r}")
         self._identity = bool(identity)
-        self._lean = identity == "lean"
+        self._lean = identity != "full"
         self._max_processes = max_processes
         self._max_process_bytes = max_process_bytes
         self._stage: IdentityStage | None = None

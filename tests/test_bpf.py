@@ -945,7 +945,7 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
     offset = KernelClock(CLOCK_BOOTTIME).offset_ns
     monkeypatch.setattr(bpf_module, "KernelClock", lambda clock: KernelClock(clock, offset_ns=offset))
     script = shlex.join(HOSTILE_ARGV) + " >/dev/null; true"  # sh forks, its child execs echo
-    with etwmon.Monitor(source="bpf", identity="lean", max_items=200_000) as lean, \
+    with etwmon.Monitor(source="bpf", max_items=200_000) as lean, \
             etwmon.Monitor(source="bpf", max_items=200_000, kernel_creates=False) as old:
         time.sleep(0.2)
         sh = subprocess.Popen(["sh", "-c", script])
@@ -971,7 +971,7 @@ def test_live_creates_and_execs_the_kernel_writes_are_the_bytes_the_event_path_w
         assert {t for t, _ in block_fields(was)[1]} - {t for t, _ in kernel_fields[1]} == {6, 8, 9}
         assert 7 in dict(kernel_fields[1])  # ParentImage: the kernel's, the bytes the table gives
         assert n.command_line == command_line_from_argv(HOSTILE_ARGV) or n.type == ItemType.ProcessCreate
-        assert n.user is None and w.user == "root"  # the name is the table's (lean) or the stage's to add
+        assert n.user == w.user == "root"  # named where it is read (the default) or by the stage (in the record)
     create, exec_, exit_ = (e for _, e in mine)
     assert shlex.split(exec_.command_line) == HOSTILE_ARGV
     assert create.process_guid == exec_.process_guid == exit_.process_guid
@@ -985,7 +985,7 @@ def test_live_the_kernel_writes_parent_image_the_parents_program_at_the_event(bp
     # sh forks a subshell (its ParentImage: sh, the program it was forked running) and execs sleep; the subshell
     # then execs true, whose parent now runs sleep: the kernel reads the parent's program at the exec.
     script = "(/bin/sleep 0.3; exec /bin/true marker-pimage) & exec /bin/sleep 1"
-    with etwmon.Monitor(source="bpf", identity="lean", max_items=200_000) as mon:
+    with etwmon.Monitor(source="bpf", max_items=200_000) as mon:  # the default: records pass as the kernel wrote them
         time.sleep(0.2)
         sh = subprocess.Popen(["/bin/sh", "-c", script])
         sh.wait()

@@ -447,3 +447,35 @@ def test_kernel_written_records_one_by_one_feed_the_table_in_order(lean):
     first = R.guid_text(make_guid(guid_prefix(HOST), 500, T))
     assert st.process(first).exited and not st.process(events[3].process_guid).exited
     assert [p.command_line for p in st.ancestors(events[1].process_guid)] == ["a"]
+
+
+@pytest.mark.parametrize("takes_batches", [True, False])
+def test_lean_creates_go_through_the_stage_when_the_next_stage_needs_the_parent_fields(takes_batches):
+    # The rules stage (no push_batch) with rules on ParentCommandLine says batch_creates = False: the creates then
+    # carry the parent's fields; with rules that need none of them they pass as the kernel wrote them.
+    sink = BatchSink() if takes_batches else ListSink()
+    sink.batch_creates = False
+    st = IdentityStage(sink, HOST, lean=True)
+    records = [_kernel_create(1, T, 500, 400, T, T - 9, "sh -c x"), _kernel_create(1, T + 2, 501, 500, T + 2, T, "b")]
+    _batch(st, records)
+    st.push_written(_kernel_create(101, T + 3, 501, 500, T + 2, T, "c"))
+    events = [next(iter(R.parse(r))) for r in sink.records]
+    assert [e.parent_command_line for e in events] == [None, "sh -c x", "sh -c x"]  # (500's parent: unknown)
+    assert R.block_fields(sink.records[1])[1][-1][0] == int(R.ExtensionTag.ParentCommandLine)
+    sink.batch_creates = True  # the rules were replaced: asked again at the next batch
+    _batch(st, [_kernel_create(1, T + 4, 502, 500, T + 4, T, "d")])
+    st.push_written(_kernel_create(101, T + 5, 502, 500, T + 4, T, "e"))
+    assert sink.records[3:] == [_kernel_create(1, T + 4, 502, 500, T + 4, T, "d"),
+                                _kernel_create(101, T + 5, 502, 500, T + 4, T, "e")]
+
+
+def test_monitor_identity_modes():
+    from .helpers import ScriptedSource
+
+    with pytest.raises(ValueError, match="'full' or 'lean'"):
+        etwmon.Monitor(source=ScriptedSource(), identity="fast")
+    for mode, lean in ((True, True), ("lean", True), ("full", False)):
+        with etwmon.Monitor(source=ScriptedSource(), identity=mode) as mon:
+            assert mon._stage is not None and mon._stage.lean is lean
+    with etwmon.Monitor(source=ScriptedSource(), identity=False) as mon:
+        assert mon._stage is None

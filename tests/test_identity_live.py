@@ -17,7 +17,7 @@ import pytest
 
 import etwmon
 from etwmon import ItemType, parse
-from etwmon.records import EventFlags
+from etwmon.records import EventFlags, block_fields
 from etwmon.sources import SOURCES, source_class
 
 from .conftest import require
@@ -48,9 +48,13 @@ def _collect(mon: etwmon.Monitor, until, timeout: float = 10.0) -> list:
     return list(parse(b"".join(records_until(mon, until, timeout, linger=0.5, bufsize=1 << 20))))
 
 
-def _watch(name: str, script: str, until) -> tuple[list, subprocess.Popen]:
-    """Events of a ``bash -c script`` run under a monitor of source ``name``, until ``until(events, child)``."""
-    with etwmon.Monitor(source=name, max_items=200_000) as mon:
+def _watch(name: str, script: str, until, identity: bool | str = "full", monitor: list | None = None
+           ) -> tuple[list, subprocess.Popen]:
+    """Events of a ``bash -c script`` run under a monitor of source ``name``, until ``until(events, child)``
+    (``monitor``: a list the Monitor is appended to, to ask its table afterwards)."""
+    with etwmon.Monitor(source=name, max_items=200_000, identity=identity) as mon:
+        if monitor is not None:
+            monitor.append(mon)
         time.sleep(0.3)
         child = subprocess.Popen([BASH, "-c", script])
         child.wait(10)
@@ -149,7 +153,7 @@ def test_a_grandchild_carries_its_parents_image_and_command_line(name):
     script = f"{SLEEP} {tag}; true"
     exits = "process_exit" in cls.delivers
     events, child = _watch(name, script, lambda evs, child: any(e.image == SLEEP for e in _running(evs, tag)) and (
-        not exits or any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs)))
+        not exits or any(e.type == ItemType.ProcessExit and e.pid == child.pid for e in evs)), identity="full")
     bash = [e for e in _starts(events, child.pid) if e.image == BASH]
     assert bash, _starts(events, child.pid)
     bash = bash[-1]
@@ -193,3 +197,32 @@ def test_a_parent_that_started_before_the_monitor_comes_from_the_seeded_table(na
     finally:
         parent.stdin.close()
         parent.wait(10)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", SOURCE_NAMES)
+def test_by_default_a_grandchild_carries_its_parents_image_and_the_table_its_command_line(name):
+    _source(name, "image", "uid", "user")
+    tag = _tag()
+    script = f"{SLEEP} {tag}; true"
+    with etwmon.Monitor(source=name, max_items=200_000) as mon:
+        time.sleep(0.3)
+        child = subprocess.Popen([BASH, "-c", script])
+        child.wait(10)
+        records = records_until(mon, lambda evs: any(e.image == SLEEP for e in _running(evs, tag)), 10.0, 0.5)
+        pairs = [(r, next(iter(parse(r)))) for r in records]
+        events = [e for _, e in pairs]
+        bash = [e for e in _starts(events, child.pid) if e.image == BASH][-1]
+        record, grandchild = [(r, e) for r, e in pairs if e.type in (ItemType.ProcessCreate, ItemType.ProcessExec)
+                              and tag in e.command_line and e.image == SLEEP and e.pid != child.pid][-1]
+        chain = mon.ancestors(grandchild.process_guid)
+    assert grandchild.parent_process_guid == bash.process_guid and grandchild.parent_image == BASH
+    assert chain[0].process_guid == bash.process_guid and chain[0].command_line == bash.command_line
+    assert chain[0].image == BASH and chain[0].user == pwd.getpwuid(os.geteuid()).pw_name
+    assert grandchild.user == pwd.getpwuid(grandchild.uid).pw_name  # named where it is read
+    in_record = dict(block_fields(record)[1])
+    if name == "bpf":  # the kernel wrote it: no User, ParentUser or ParentCommandLine in the record
+        assert grandchild.parent_command_line is None and grandchild.parent_user is None
+        assert not {6, 8, 9} & set(in_record) and 7 in in_record
+    else:  # written in user space, record by record: as in the full mode
+        assert grandchild.parent_command_line == bash.command_line and {6, 7, 8} <= set(in_record)

@@ -212,6 +212,35 @@ def test_the_excluded_process_table_is_bounded(monkeypatch):
     assert [e.tid for e in sink.events()] == [1]
 
 
+def test_a_user_condition_names_the_uid_of_a_record_that_carries_no_user():
+    import pwd
+
+    root = pwd.getpwuid(0).pw_name
+    nameless = next(u for u in range(4_000_000_000, 4_000_001_000) if not _has_name(u))
+    ruleset = RuleSet.from_xml(f'<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">'
+                               f'<User condition="is" name="by-user">{root.upper()}</User></ProcessCreate>'
+                               f'</EventFiltering></Sysmon>')
+    kernel = R.encode_process_exec(t(), 5, 1, 5, 5, "x", R.Details(uid=0))  # the uid only, as the kernel writes
+    named = R.encode_process_exec(t(), 6, 1, 6, 6, "x", R.Details(uid=0, user="someone"))  # the record's wins
+    unknown = R.encode_process_exec(t(), 7, 1, 7, 7, "x", R.Details(uid=nameless))
+    for record, keep, undecided in ((kernel, True, None), (named, False, None), (unknown, True, "User")):
+        verdict = ruleset.decide_record(record)
+        (event,) = parse(record)
+        assert (verdict.keep, verdict.unknown) == (keep, undecided)
+        assert (ruleset.decide(event).keep, ruleset.decide(event).unknown) == (keep, undecided)
+    assert ruleset.decide_record(kernel).rule_name == "by-user"
+
+
+def _has_name(uid: int) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
 # --- Monitor -------------------------------------------------------------------------------------------------
 
 
@@ -332,6 +361,39 @@ def test_live_readinto_bytes_never_hold_the_secret(tmp_path):
     assert secret.encode("utf-16-le") not in raw and secret.encode() not in raw
     assert stats["redacted"] >= 1 and stats["kept"] >= 1
     assert os.geteuid() == 0
+
+
+PARENT_CONFIG = '''<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">
+  <ParentCommandLine condition="contains" name="child">{marker}</ParentCommandLine>
+</ProcessCreate></EventFiltering>
+<Redaction><Redact name="password">--password=(\\S+)</Redact></Redaction></Sysmon>'''
+
+
+@pytest.mark.root
+def test_live_by_default_a_parent_command_line_rule_matches_and_its_secret_stays_redacted():
+    from etwmon.sources.bpf import BpfSource
+
+    from .conftest import require
+
+    require(BpfSource.unavailable_reason() is None, f"bpf: {BpfSource.unavailable_reason()}")
+    marker = f"etwmon-parent-{uuid.uuid4().hex[:8]}"
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    true = shutil.which("true")
+    with Monitor(source="bpf", rules=RuleSet.from_xml(PARENT_CONFIG.format(marker=marker))) as monitor:
+        time.sleep(0.3)
+        sh = subprocess.run(["sh", "-c", f"{true} child-of-marked; true {marker} --password={secret}"], check=True)
+        assert sh.returncode == 0
+        events = read_until(monitor, lambda evs: any(e.type == R.ItemType.ProcessExec
+                                                     and e.command_line.endswith("child-of-marked") for e in evs))
+        execs = [e for e in events if e.type == R.ItemType.ProcessExec and e.command_line.endswith("child-of-marked")]
+        chain = monitor.ancestors(execs[0].process_guid) if execs else []
+        kernel_written = monitor.stats.source_stats["kernel_written"]
+    assert execs and execs[0].rule_name == "child" and execs[0].image == os.path.realpath(true)
+    assert marker in execs[0].parent_command_line and "--password=***" in execs[0].parent_command_line
+    assert all(marker in (e.parent_command_line or "") for e in events if isinstance(e, R.ProcessCreate))
+    assert chain and "--password=***" in chain[0].command_line
+    assert not [e for e in events if secret in repr(e)] and secret not in repr(chain)
+    assert kernel_written > 0  # the kernel wrote records: the rules still saw the parent's command line
 
 
 def _random_record(rng, pid: int) -> bytes:

@@ -56,6 +56,8 @@ class RecordOptions:
     hashes: str | None = None
     #: Image loads too (bpf only; off: nothing watches mmap).
     image_loads: bool = False
+    #: The identity mode (``Monitor(identity=...)``): True, or "full" for self-contained process records.
+    identity: bool | str = True
 
 
 class RecordError(Error):
@@ -272,7 +274,7 @@ class _Recorder:
         if hashes is None and self.rules is not None:  # the rules judge a command's tree here, not in the Monitor
             hashes = getattr(self.rules.config, "hash_algorithms", None)
         monitor = Monitor(source=options.source, max_items=RING_ITEMS,
-                          rules=None if options.command else self.rules, hashes=hashes,
+                          rules=None if options.command else self.rules, hashes=hashes, identity=options.identity,
                           **({"image_loads": True} if options.image_loads else {}))
         started = datetime.now(timezone.utc)
         start_filetime = filetime_now()

@@ -59,6 +59,10 @@ class RulesStage:
         self._unknown_fields: dict[str, int] = {}
         self._warned_unknown: set[str] = set()
         self._judged = {t for t in (_CREATE, _EXEC, _EXIT, _IMAGE_LOAD) if rules.applies_to(t)}
+        # Rules on the parent's command line or user need them in each create and exec: the identity stage then
+        # adds them record by record (the kernel's records carry ParentImage, and User is named from the uid).
+        self.batch_creates = not any(r.ignored is None and (_uses(r, "ParentCommandLine") or _uses(r, "ParentUser"))
+                                     for r in rules.rules)
         if rules.redacts:
             self._judged |= {_CREATE, _EXEC}
 
