@@ -1008,6 +1008,34 @@ def test_live_the_kernel_writes_parent_image_the_parents_program_at_the_event(bp
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("full", [False, True])
+def test_live_tail_json_shows_the_user_by_default_and_the_parents_command_line_with_full_identity(bpf_ok, full):
+    import pwd
+    import uuid
+
+    from .helpers import Watch, assert_clean_stderr, etwmon_argv
+
+    marker = f"etwmon-user-{uuid.uuid4().hex[:8]}"
+    true = shutil.which("true")
+    watch = Watch(etwmon_argv("tail", "--source", "bpf", "--json", "--batch-wait", "0",
+                              *(["--full-identity"] if full else [])))
+    with watch:
+        watch.ready()
+        subprocess.run(["sh", "-c", f"{true} {marker}; true"], check=True)
+        watch.wait_out(lambda line: marker.encode() in line, what=f"the {marker} exec")
+        time.sleep(0.3)
+        assert watch.stop() == 0
+    assert_clean_stderr(watch.stderr)
+    execs = [e for e in watch.json_lines() if e["type"] == "ProcessExec" and e["command_line"] == f"{true} {marker}"]
+    assert execs, watch.stdout[-2000:]
+    exec_ = execs[-1]
+    assert exec_["user"] == pwd.getpwuid(exec_["uid"]).pw_name == pwd.getpwuid(os.geteuid()).pw_name
+    assert exec_["parent_image"] == os.path.realpath("/bin/sh")
+    parent = f"sh -c '{true} {marker}; true'"
+    assert exec_["parent_command_line"] == (parent if full else None)
+
+
+@pytest.mark.root
 def test_live_a_command_line_that_is_not_ascii_comes_as_an_event_and_survives_byte_for_byte(bpf_ok):
     argv = [b"/bin/echo", b"caf\xc3\xa9", b"\xff\xfe not utf-8", b"it's"]
     code = f"import subprocess; subprocess.run({argv!r}, stdout=subprocess.DEVNULL)"
