@@ -308,10 +308,12 @@ class IdentityStage:
 
     def __init__(self, sink, host_and_boot: bytes, max_processes: int = DEFAULT_MAX_PROCESSES,
                  max_bytes: int = DEFAULT_MAX_BYTES, lean: bool = False) -> None:
-        #: False (the default): every create and exec carries User and the parent's fields (ParentImage,
-        #: ParentUser, ParentCommandLine) from the table, added here record by record. True: a create or exec the
-        #: kernel wrote whole (the bpf source) passes on as it is, in its batch, without them; the table is fed
-        #: from the batches when it is read (``ancestors``, ``process``) and gives them there (docs/identity.md).
+        #: False (``Monitor(identity="full")``): every create and exec carries User and the parent's fields
+        #: (ParentImage, ParentUser, ParentCommandLine) from the table, added here record by record. True (the
+        #: Monitor's default): a create or exec the kernel wrote whole (the bpf source, ParentImage included)
+        #: passes on as it is, in its batch, without User (named where shown) and the parent's command line and
+        #: user; the table is fed from the batches when it is read (``ancestors``, ``process``) and gives them
+        #: there (docs/identity.md), unless the next stage asks for them (``batch_creates``).
         self.lean = bool(lean)
         self._users: dict[int, bytes | None] = {}  # uid -> the packed User field (None: no name)
         # Lean: a reader (ancestors) may apply the noted records while the source's thread notes more or pushes

@@ -446,3 +446,15 @@ class InThread:
             main()
         except BaseException as exc:  # kept for the test to raise
             self.error = exc
+
+
+def nameless_uid() -> int:
+    """A uid the user database has no name for (records may carry any uid)."""
+    import pwd
+
+    for uid in range(4_000_000_000, 4_000_001_000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    pytest.skip("every uid tried has a name")

@@ -21,7 +21,7 @@ from etwmon import records as R
 from etwmon.errors import RecordFormatError
 from etwmon.records import ItemType, parse
 
-from .helpers import ScriptedSource
+from .helpers import ScriptedSource, nameless_uid
 
 T0 = R.filetime_from_unix_ns(1_700_000_000_123_456_789)
 
@@ -221,7 +221,7 @@ def test_text_lines_say_fork_exec_exit_with_user_image_and_lifetime() -> None:
 def test_a_record_with_a_uid_and_no_user_shows_the_uids_name_in_both_formatters(json_encoder) -> None:
     import pwd
 
-    nameless = next(uid for uid in range(4_000_000_000, 4_000_001_000) if _no_name(uid))
+    nameless = nameless_uid()
     me = os.geteuid()
     data = b"".join([  # what the bpf source's kernel writes: the uid, not its name
         R.encode_process_create(T0, 10, 9, 9, 9, "bash", R.Details(image="/usr/bin/bash", uid=me)),
@@ -238,16 +238,6 @@ def test_a_record_with_a_uid_and_no_user_shows_the_uids_name_in_both_formatters(
     assert f" user={name} image=/usr/bin/bash " in fork and f" user={nameless} image=/usr/bin/ls " in exec_
     assert [json.loads(line)["user"] for line in formats.format_batch(data, "json")] == [name, None, "given"]
     assert formats.event_to_ecs(events[0])["user"] == {"id": str(me), "name": name}
-
-
-def _no_name(uid: int) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return True
-    return False
 
 
 # --- fuzz: nothing but RecordFormatError, whatever the bytes -------------------------------------------------------

@@ -21,7 +21,9 @@ from etwmon.errors import RecordFormatError  # noqa: E402
 from etwmon.rules import RuleSet, RulesStage  # noqa: E402
 from etwmon.rules import stage as stage_module  # noqa: E402
 
-from .helpers import ListSink, ScriptedSource, Watch, assert_clean_stderr, etwmon_argv, read_until  # noqa: E402
+from .helpers import (  # noqa: E402
+    ListSink, ScriptedSource, Watch, assert_clean_stderr, etwmon_argv, nameless_uid, read_until,
+)
 
 CONFIG = '''<Sysmon schemaversion="4.90">
   <EventFiltering>
@@ -216,7 +218,7 @@ def test_a_user_condition_names_the_uid_of_a_record_that_carries_no_user():
     import pwd
 
     root = pwd.getpwuid(0).pw_name
-    nameless = next(u for u in range(4_000_000_000, 4_000_001_000) if not _has_name(u))
+    nameless = nameless_uid()
     ruleset = RuleSet.from_xml(f'<Sysmon schemaversion="4.90"><EventFiltering><ProcessCreate onmatch="include">'
                                f'<User condition="is" name="by-user">{root.upper()}</User></ProcessCreate>'
                                f'</EventFiltering></Sysmon>')
@@ -229,16 +231,6 @@ def test_a_user_condition_names_the_uid_of_a_record_that_carries_no_user():
         assert (verdict.keep, verdict.unknown) == (keep, undecided)
         assert (ruleset.decide(event).keep, ruleset.decide(event).unknown) == (keep, undecided)
     assert ruleset.decide_record(kernel).rule_name == "by-user"
-
-
-def _has_name(uid: int) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
 
 
 # --- Monitor -------------------------------------------------------------------------------------------------
