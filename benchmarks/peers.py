@@ -309,7 +309,7 @@ class TailTool(ForkstatTool):
         self.stdout = open(self.out, "w")
         self.stderr = open(self.workdir / f"tail-{self.source}.stderr", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "etwmon", "tail", "--json", "--source", self.source,
-                                      "--type", "all", "--max-items", str(self.max_items)],  # threads too
+                                      "--type", "process,thread", "--max-items", str(self.max_items)],  # threads too, as forkstat
                                      stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
         # It says "watching" before the source is subscribed; a canary's exec in its output proves it listens.
         deadline = time.monotonic() + READY_TIMEOUT
