@@ -3,6 +3,7 @@ that drains the ring itself, the object without the pacer, and a stop with a wak
 
 from __future__ import annotations
 
+import os
 import select
 import subprocess
 import sys
@@ -230,3 +231,26 @@ def test_readers_waiting_on_two_threads_share_the_records_without_loss_or_repeat
         assert sorted(creates) == sorted(pids)  # each once
     finally:
         mon.close()
+
+
+@pytest.mark.parametrize("source", ["bpf", "netlink"])
+def test_wait_returns_for_another_descriptor_too_and_set_batch_wait_says_who_gathers(bpf_ok, source):
+    with etwmon.Monitor(source=source, max_items=10_000) as mon:
+        assert mon.set_batch_wait(0.01) is (source == "bpf" and mon.source.pacing == "kernel")
+        read_until(mon, None, timeout=0.3)
+        r, w = os.pipe()
+        try:
+            timer = threading.Timer(0.3, os.write, (w, b"x"))
+            timer.start()
+            start = time.monotonic()
+            got = mon.wait(5.0, also=[r])
+            took = time.monotonic() - start
+            # Woken by the pipe (unless another process's event came first): well before the timeout either way.
+            assert took < 2.0
+            if not got:
+                assert select.select([r], [], [], 0)[0] == [r]
+        finally:
+            timer.cancel()
+            timer.join()
+            os.close(r)
+            os.close(w)
