@@ -399,6 +399,15 @@ def path_tools(tool: EtwmonTool, workdir: Path) -> list[Tool]:
              for mode in modes] + lean + [TailTool(workdir, tool.source, tool.max_items, tool.delivers)])
 
 
+def window_tool(tool: EtwmonTool, workdir: Path, seconds: float) -> EtwmonTool:
+    """``tool`` (bpf, readinto) with another ``batch_wait``: the perftest's row of what a longer window saves."""
+    other = EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)
+    other.name = f"etwmon-bpf batch_wait={seconds * 1000:g}ms"
+    other.full_rate_only = True
+    other.extra_args = ["--batch-wait", str(seconds)]
+    return other
+
+
 TRACEFS = Path("/sys/kernel/tracing")
 
 
