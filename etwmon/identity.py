@@ -197,7 +197,7 @@ class ProcessTable:
         self.max_processes = max_processes
         self.max_bytes = max_bytes
         self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
-        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
+        self._pending_exits: list[np.ndarray | bytes] = []  # guids of exits that passed in batches, not yet applied
         self._pending_count = 0
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
@@ -266,12 +266,19 @@ class ProcessTable:
         if self._pending_count > _MAX_PENDING_EXITS:
             self.apply_exits()
 
+    def note_exit(self, guid: bytes) -> None:
+        """One exit's guid (``note_exits`` without an array, for a record that passed alone)."""
+        self._pending_exits.append(guid)
+        self._pending_count += 1
+        if self._pending_count > _MAX_PENDING_EXITS:
+            self.apply_exits()
+
     def apply_exits(self) -> list[_Entry]:
         """Mark exited the processes of the noted exits; returns their entries."""
         pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
         done = []
         for guids in pending:
-            blob = guids.tobytes()
+            blob = guids if isinstance(guids, bytes) else guids.tobytes()
             for k in range(0, len(blob), 16):
                 entry = self.by_guid.get(blob[k:k + 16])
                 if entry is not None and not entry.exited:
@@ -408,7 +415,7 @@ class IdentityStage:
             if self._pending_count > _MAX_PENDING_RECORDS:
                 self._apply_pending(compact=True)
         elif process and len(record) >= 52:
-            self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
+            self.table.note_exit(record[36:52])
         self._push(record)
 
     def _push_each(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:

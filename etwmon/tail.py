@@ -228,32 +228,47 @@ class _Waiter:
         self._batch_wait = batch_wait
         self._poll = select.poll() if hasattr(select, "poll") else None
         self._out_fd = -1
+        # A reader that gathers batches itself (a Monitor on the bpf source's kernel pacer: its set_batch_wait)
+        # is waited on directly: its thread is woken once per batch, with no pause after it here, and the
+        # signals' pipe and stdout wake it too (``wait(also=...)``).
+        setter = getattr(reader, "set_batch_wait", None)
+        self._paced = bool(setter is not None and setter(batch_wait) and self._poll is not None)
+        self._also: list[int] = []
         if self._poll is None:
             return
-        self._poll.register(reader.fileno(), select.POLLIN)
+        if not self._paced:
+            self._poll.register(reader.fileno(), select.POLLIN)
         if signals.fileno() is not None:
             self._poll.register(signals.fileno(), select.POLLIN)
+            self._also.append(signals.fileno())
         try:
             if out_fd is not None and stat.S_ISFIFO(os.fstat(out_fd).st_mode):
                 self._poll.register(out_fd, 0)  # POLLERR/POLLHUP are always reported
                 self._out_fd = out_fd
+                self._also.append(out_fd)
         except OSError:
             pass
 
     def wait(self, timeout: float | None) -> None:
+        if self._paced:
+            if not self._reader.wait(timeout, also=self._also):  # type: ignore[call-arg]
+                self._look(0)  # a signal, stdout gone, or the timeout
+            return
         if self._poll is None:
             self._reader.wait(0.2 if timeout is None else min(timeout, 0.2))
         else:
-            ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-            for fd, flags in self._poll.poll(ms):
-                if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
-                    raise BrokenPipeError("the reader of stdout went away")
-                if fd == self._signals.fileno():
-                    self._signals.clear()
+            self._look(None if timeout is None else max(0, math.ceil(timeout * 1000)))
         if self._batch_wait and not self._signals.requested and self._reader.readable():
             # Records are there: give the ones right behind them a moment to join the batch. One wake-up per
             # batch instead of per event halves the CPU in a storm; the source keeps reading the kernel meanwhile.
             _sleep(self._batch_wait)
+
+    def _look(self, ms: int | None) -> None:
+        for fd, flags in self._poll.poll(ms):  # type: ignore[union-attr]
+            if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
+                raise BrokenPipeError("the reader of stdout went away")
+            if fd == self._signals.fileno():
+                self._signals.clear()
 
 
 class _LineWriter:

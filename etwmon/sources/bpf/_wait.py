@@ -19,10 +19,13 @@ _EDGE = select.EPOLLIN | select.EPOLLET
 
 
 class RingWaiter:
-    """Sleeps until the kernel wakes the rings' readers (edge-triggered), or ``fd`` (level) is readable."""
+    """Sleeps until the kernel wakes the rings' readers (edge-triggered), or ``fd`` (level) is readable; and
+    ``watch`` adds other descriptors to wake for (readable, an error or a hang-up)."""
 
     def __init__(self, rings: list[int], fd: int) -> None:
         self._ep = select.epoll()
+        self._own = set(rings) | {fd}
+        self._others: set[int] = set()
         try:
             for ring in rings:
                 self._ep.register(ring, _EDGE)
@@ -31,9 +34,23 @@ class RingWaiter:
             self._ep.close()
             raise
 
-    def sleep(self, timeout: float | None) -> bool:
-        """True when woken, False when ``timeout`` (seconds; None: no limit) passed first."""
-        return bool(self._ep.poll(-1 if timeout is None else max(timeout, 0.0)))
+    def watch(self, fds) -> None:
+        for fd in fds:
+            if fd not in self._others:
+                self._ep.register(fd, select.EPOLLIN)  # EPOLLERR and EPOLLHUP come anyway
+                self._others.add(fd)
+
+    def sleep(self, timeout: float | None) -> tuple[bool, bool]:
+        """(woken by the rings or ``fd``, woken by a watched descriptor); both False when ``timeout`` (seconds;
+        None: no limit) passed first."""
+        ready = self._ep.poll(-1 if timeout is None else max(timeout, 0.0))
+        own = others = False
+        for fd, _ in ready:
+            if fd in self._own:
+                own = True
+            else:
+                others = True
+        return own, others
 
     def close(self) -> None:
         self._ep.close()
@@ -45,23 +62,30 @@ class ReaderWait:
     the source thread and ``stop()`` raise) and take it then. While a reader waits here, the source's thread
     stays out of the way (see BpfSource._run)."""
 
-    def __init__(self, rings: list[int], notify_fd: int, drain: Callable[[], int],
+    def __init__(self, rings: list[int], notify_fd: int, drain: Callable[[bool], int],
                  waiting: Callable[[int], None]) -> None:
         self._waiter = RingWaiter(rings, notify_fd)
         self._drain = drain
         self._waiting = waiting
         self.wakeups = 0
+        #: Whether a pass from here raises the monitor's records-waiting flag: only needed while somebody may
+        #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
+        self.notify = True
 
-    def wait(self, timeout: float | None) -> int:
-        """Records taken from the rings (0: none, woken by the flag, or ``timeout`` passed)."""
+    def wait(self, timeout: float | None, also=()) -> bool:
+        """Take what the rings hold, or sleep for the kernel's wake-up (or the flag, or ``timeout``) and take it
+        then. ``also``: descriptors to wake for besides; True when one of them did (the caller looks)."""
+        if also:
+            self._waiter.watch(also)
         self._waiting(1)
         try:
-            n = self._drain()
-            if n:
-                return n
-            if self._waiter.sleep(timeout):
+            if self._drain(self.notify):
+                return False
+            own, others = self._waiter.sleep(timeout)
+            if own:
                 self.wakeups += 1
-            return self._drain()
+            self._drain(self.notify)
+            return others
         finally:
             self._waiting(-1)
 

@@ -71,16 +71,20 @@ struct pacer {
 };
 ETWMON_MAP(pacer, BPF_MAP_TYPE_ARRAY, 1, __u32, struct pacer);
 
-static int pacer_fired(void *map, __u32 *key, struct pacer *p)
+/* A record discarded with FORCE_WAKEUP wakes the readers and costs them nothing (readers skip discarded
+ * records). Should the ring be full, the quarter-full rule has woken them already. */
+static __always_inline void wake_readers(void)
 {
-	void *mark;
+	void *mark = bpf_ringbuf_reserve(&events, 8, 0);
 
-	p->armed = 0; /* first: a record written after this arms the timer again, so none waits unseen */
-	/* A record discarded with FORCE_WAKEUP wakes the reader and costs it nothing (readers skip discarded
-	 * records). Should the ring be full, the quarter-full rule has woken the reader already. */
-	mark = bpf_ringbuf_reserve(&events, 8, 0);
 	if (mark)
 		bpf_ringbuf_discard(mark, BPF_RB_FORCE_WAKEUP);
+}
+
+static int pacer_fired(void *map, __u32 *key, struct pacer *p)
+{
+	p->armed = 0; /* first: a record written after this arms the timer again, so none waits unseen */
+	wake_readers();
 	return 0;
 }
 
@@ -113,8 +117,10 @@ static __always_inline void paced(void)
 	if (!p || p->armed || __sync_lock_test_and_set(&p->armed, 1))
 		return; /* armed already: its wake-up comes after this record */
 	bpf_timer_init(&p->timer, &pacer, CLOCK_MONOTONIC); /* -EBUSY after the first time: nothing to do */
-	bpf_timer_set_callback(&p->timer, pacer_fired);
-	bpf_timer_start(&p->timer, (__u64)us * 1000, 0);
+	if (bpf_timer_set_callback(&p->timer, pacer_fired) || bpf_timer_start(&p->timer, (__u64)us * 1000, 0)) {
+		p->armed = 0; /* no timer (cannot happen once loaded): wake them now rather than never */
+		wake_readers();
+	}
 }
 #else
 static __always_inline __u64 output_flags(void)
