@@ -477,8 +477,9 @@ def _fields_bad(view, pos: int, stop: int) -> bool:
     return False
 
 
-def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError | None]:
-    """The rows of ``_scan`` up to the first malformed record (header or extension block), and its error."""
+def _checked(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], RecordFormatError | None]:
+    """The rows and blocks of ``_scan`` up to the first malformed record (header or extension block), and its
+    error."""
     rows, blocks, error = _scan(view)
     with_block = [i for i, (start, _) in enumerate(blocks) if start]
     if len(with_block) < _VECTOR_BLOCKS:
@@ -487,8 +488,8 @@ def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError |
             try:
                 _check_block(view, start, end, rows[i][0])
             except RecordFormatError as exc:
-                return rows[:i], exc
-        return rows, error
+                return rows[:i], blocks[:i], exc
+        return rows, blocks, error
     raw = np.frombuffer(view, dtype=np.uint8)
     where = np.array([blocks[i] for i in with_block], dtype=np.int64)
     bad = np.flatnonzero(_bad_blocks(view, raw, where[:, 0], where[:, 1]))
@@ -497,14 +498,14 @@ def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError |
         try:
             _check_block(view, *blocks[i], rows[i][0])  # says why
         except RecordFormatError as exc:
-            return rows[:i], exc
-    return rows, error
+            return rows[:i], blocks[:i], exc
+    return rows, blocks, error
 
 
 def _walk(view) -> Iterator[tuple[int, int, int, int]]:
     """(offset, Type, Size, Time) of each record, checked whole (``RecordFormatError`` naming the offset of the
     first malformed one, after the rows before it)."""
-    rows, error = _checked(view)
+    rows, _, error = _checked(view)
     yield from rows
     if error is not None:
         raise error
@@ -739,12 +740,28 @@ ARRAY_DTYPE = np.dtype([
     ("block_offset", "<i8"),         # the extension block in data
     ("block_size", "<u4"),           # its size in bytes (0: none)
 ])
-_COLUMN_AT = {  # (column, byte offset in the record, types that have it)
-    "pid": (16, (1, 101, 2, 5)), "tid": (16, (3, 4)), "parent_pid": (20, (1, 101)),
-    "creating_tid": (24, (1, 101)), "creating_pid": (28, (1, 101)), "count": (16, (100,)),
+#: One ``ARRAY_DTYPE`` row as ``struct`` packs it (the dtype has no padding).
+_ROW = struct.Struct("<hHqqIIIIIIIqIqI")
+#: Below this many records, ``parse_array`` builds its rows one by one (numpy's set-up costs more than the loop).
+_VECTOR_ROWS = 64
+#: The five ULONGs after the header (offsets 16..35): every fixed field but an image load's address is one of them.
+_BODY_AT = np.arange(HEADER_SIZE, HEADER_SIZE + 20)
+#: The columns pid .. count, in ARRAY_DTYPE's order, and per kind of record which body ULONG fills each (-1: none).
+_WORD_COLUMNS = ("pid", "tid", "parent_pid", "creating_pid", "creating_tid", "exit_code", "count")
+_WORD_OF = {  # ItemType number -> (pid, tid, parent_pid, creating_pid, creating_tid, exit_code, count)
+    1: (0, -1, 1, 3, 2, -1, -1), 101: (0, -1, 1, 3, 2, -1, -1), 2: (0, -1, -1, -1, -1, 1, -1),
+    3: (1, 0, -1, -1, -1, -1, -1), 4: (1, 0, -1, -1, -1, 2, -1), 5: (0, -1, -1, -1, -1, -1, -1),
+    100: (-1, -1, -1, -1, -1, -1, 0),
 }
-_THREAD_PID_AT = 20
-_EXIT_CODE_AT = {2: 20, 4: 24}
+_KIND = np.zeros(0x10000, dtype=np.uint8)  # Type (as uint16) -> row of the tables below; 0: a type without fields
+_WORD_AT = np.zeros((len(_WORD_OF) + 1, len(_WORD_COLUMNS)), dtype=np.intp)
+_WORD_HAS = np.zeros((len(_WORD_OF) + 1, len(_WORD_COLUMNS)), dtype=np.uint32)
+for _row, (_item, _words) in enumerate(_WORD_OF.items(), 1):
+    _KIND[_item] = _row
+    _WORD_AT[_row] = [max(w, 0) for w in _words]
+    _WORD_HAS[_row] = [w >= 0 for w in _words]
+_HAS_COMMAND_LINE = np.zeros(len(_WORD_OF) + 1, dtype=bool)
+_HAS_COMMAND_LINE[[_KIND[1], _KIND[101]]] = True
 
 
 class RecordBatch:
@@ -776,53 +793,73 @@ class RecordBatch:
         return self._command_lines
 
 
-def _u32_at(raw: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The little-endian ULONG at each of ``positions`` in ``raw`` (uint8)."""
-    b = raw[positions[:, None] + np.arange(4)].astype(np.uint32)
-    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-
-
 def parse_array(buffer) -> RecordBatch:
     """The records of ``buffer`` as columns (``RecordBatch``): every fixed field in one structured array of
     ``ARRAY_DTYPE``, the command lines as one array. Checks the records as ``parse`` does (and raises only
     ``RecordFormatError``); the batch is copied once, so the caller may reuse its buffer."""
     view = _as_bytes_view(buffer)
     data = buffer if type(buffer) is bytes else view.tobytes()
-    rows = list(_walk(data))
-    out = np.zeros(len(rows), dtype=ARRAY_DTYPE)
-    if not rows:
-        return RecordBatch(out, data)
+    rows, blocks, error = _checked(data)
+    if error is not None:
+        raise error
+    if len(rows) < _VECTOR_ROWS or not rows:
+        fields = np.frombuffer(bytearray(b"".join(_packed_rows(data, rows, blocks))), dtype=ARRAY_DTYPE)
+    else:
+        fields = _vector_rows(data, rows, blocks)
+    return RecordBatch(fields, data)
+
+
+def _packed_rows(data: bytes, rows: list, blocks: list) -> Iterator[bytes]:
+    """Each (checked) record's ARRAY_DTYPE row, packed: the small batches' way."""
+    pack = _ROW.pack
+    for (offset, item, size, ft), (start, end) in zip(rows, blocks):
+        body = offset + HEADER_SIZE
+        if item == 1 or item == 101:
+            pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(data, body)
+            yield pack(item, size, ft, offset, pid, 0, ppid, cpid, ctid, 0, 0, offset + _CMDLINE_OFFSET, chars,
+                       start, end - start)
+        elif item == 2:
+            pid, code = _U32X2.unpack_from(data, body)
+            yield pack(item, size, ft, offset, pid, 0, 0, 0, 0, code, 0, 0, 0, start, end - start)
+        elif item == 3:
+            tid, pid = _U32X2.unpack_from(data, body)
+            yield pack(item, size, ft, offset, pid, tid, 0, 0, 0, 0, 0, 0, 0, start, end - start)
+        elif item == 4:
+            tid, pid, code = _U32X3.unpack_from(data, body)
+            yield pack(item, size, ft, offset, pid, tid, 0, 0, 0, code, 0, 0, 0, start, end - start)
+        elif item == 100:
+            yield pack(item, size, ft, offset, 0, 0, 0, 0, 0, 0, _U32.unpack_from(data, body)[0], 0, 0, 0, 0)
+        elif item == 5:
+            yield pack(item, size, ft, offset, _U32.unpack_from(data, body)[0], 0, 0, 0, 0, 0, 0, 0, 0,
+                       start, end - start)
+        else:
+            yield pack(item, size, ft, offset, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def _vector_rows(data: bytes, rows: list, blocks: list) -> np.ndarray:
+    """The (checked) records' ARRAY_DTYPE rows, built column by column: the big batches' way."""
+    n = len(rows)
     index = np.array(rows, dtype=RECORD_INDEX_DTYPE)
-    out["type"], out["size"], out["time"], out["offset"] = index["Type"], index["Size"], index["Time"], index["offset"]
+    out = np.empty(n, dtype=ARRAY_DTYPE)
+    offsets = index["offset"]
+    out["type"], out["size"], out["time"], out["offset"] = index["Type"], index["Size"], index["Time"], offsets
     raw = np.frombuffer(data, dtype=np.uint8)
-    kind, offsets = out["type"], out["offset"]
-    for column, (at, types) in _COLUMN_AT.items():
-        where = np.flatnonzero(np.isin(kind, types))
-        if len(where):
-            out[column][where] = _u32_at(raw, offsets[where] + at)
-    threads = np.flatnonzero(np.isin(kind, (3, 4)))
-    if len(threads):
-        out["pid"][threads] = _u32_at(raw, offsets[threads] + _THREAD_PID_AT)
-    for item, at in _EXIT_CODE_AT.items():
-        where = np.flatnonzero(kind == item)
-        if len(where):
-            out["exit_code"][where] = _u32_at(raw, offsets[where] + at)
-    creates = np.flatnonzero((kind == 1) | (kind == 101))
-    if len(creates):
-        starts = offsets[creates]
-        chars = raw[starts + 32].astype(np.uint32) | (raw[starts + 33].astype(np.uint32) << 8)
-        out["command_line_offset"][creates] = starts + _CMDLINE_OFFSET
-        out["command_line_chars"][creates] = chars
-        out["block_offset"][creates] = starts + _CREATE_SIZE + 2 * chars.astype(np.int64)
-    for item, at in _BLOCK_AT.items():
-        where = np.flatnonzero(kind == item)
-        if len(where):
-            out["block_offset"][where] = offsets[where] + at
-    has_block = out["block_offset"] > 0
-    ends = offsets + out["size"]
-    out["block_size"] = np.where(has_block, np.maximum(ends - out["block_offset"], 0), 0)
-    out["block_offset"][out["block_size"] == 0] = 0
-    return RecordBatch(out, data)
+    # The body's bytes of every record, as five ULONGs each; a record shorter than that (an exit) reads a few
+    # bytes of the next one (or, at the end, the last byte again), which no column of its type takes.
+    at = offsets[:, None] + _BODY_AT
+    np.minimum(at, len(data) - 1, out=at)
+    words = raw[at].view("<u4")
+    kind = _KIND[index["Type"].view(np.uint16)]
+    columns = np.take_along_axis(words, _WORD_AT[kind], axis=1) * _WORD_HAS[kind]
+    for i, name in enumerate(_WORD_COLUMNS):
+        out[name] = columns[:, i]
+    creates = _HAS_COMMAND_LINE[kind]
+    out["command_line_offset"] = np.where(creates, offsets + _CMDLINE_OFFSET, 0)
+    out["command_line_chars"] = np.where(creates, words[:, 4] & 0xFFFF, 0)
+    where = np.array(blocks, dtype=np.int64)
+    out["block_offset"] = where[:, 0]
+    out["block_size"] = where[:, 1] - where[:, 0]
+    return out
 
 
 def read_array(reader: Any, buffer: bytearray | memoryview | None = None) -> RecordBatch:
