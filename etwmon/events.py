@@ -347,26 +347,44 @@ def _check_block(view, start: int, end: int, offset: int) -> None:
     length (not UTF-16), a GUID or number of the wrong size, a time out of range. Unknown tags are skipped; a
     field that runs past the block ends it (the reader keeps what came before)."""
     _, pos, stop = _block_bounds(view, start, end)
-    _check_fields(view, pos, stop, offset)
+    _fields(view, pos, stop, offset, _NO_DECODE)
 
 
-def _check_fields(view, pos: int, stop: int, offset: int) -> None:
+def _fields(view, pos: int, stop: int, offset: int, decode: dict) -> dict:
+    """Attribute -> value of the fields of ``view[pos:stop]`` that ``decode`` (a ``decode_table``) names,
+    checking every known field on the way (``RecordFormatError`` at ``offset``, see ``_check_block``): one walk
+    both checks and decodes."""
+    out: dict = {}
     unpack = _TLV.unpack_from
+    rules = _RULE_OF
     while pos + 4 <= stop:
         tag, size = unpack(view, pos)
         pos += 4
-        if pos + size > stop:
-            return
-        rule = _TAG_RULE.get(tag)
-        if rule is not None:
+        end = pos + size
+        if end > stop:
+            break
+        rule = rules[tag]
+        if rule is not None and rule != size:  # (a time's rule is -8: its value is always looked at)
             if rule == 0:
                 if size & 1:
                     raise RecordFormatError(f"extension field {tag} holds text of odd length {size}", offset)
-            elif size != rule:
-                raise RecordFormatError(f"extension field {tag} has {size} bytes, needs {rule}", offset)
-            elif tag in _TIME_TAGS and not 0 <= _I64.unpack_from(view, pos)[0] <= MAX_FILETIME:
+            elif rule > 0 or size != 8:
+                raise RecordFormatError(f"extension field {tag} has {size} bytes, needs {abs(rule)}", offset)
+            elif not 0 <= _I64.unpack_from(view, pos)[0] <= MAX_FILETIME:
                 raise RecordFormatError(f"extension field {tag} holds a time out of range", offset)
-        pos += size
+        known = decode.get(tag)
+        if known is not None:
+            out[known[0]] = known[1](view[pos:end])
+        pos = end
+    return out
+
+
+_NO_DECODE: dict = {}
+#: Per tag (a list, indexed by it): None any size, 0 text (an even size), -8 a FILETIME, else the exact size.
+_RULE_OF: list[int | None] = [None] * 0x10000
+for _tag, _rule in _TAG_RULE.items():
+    _RULE_OF[_tag] = -8 if _tag in _TIME_TAGS else _rule
+assert all(_TAG_RULE[tag] == 8 for tag in _TIME_TAGS)
 
 
 def _scan(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], RecordFormatError | None]:
@@ -421,7 +439,7 @@ def _scan(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]],
 
 
 #: Below this many extension blocks in a batch, they are checked one by one (numpy's set-up costs more).
-_VECTOR_BLOCKS = 16
+_VECTOR_BLOCKS = 192
 _RULES = np.full(0x10000, -1, dtype=np.int32)  # per tag: -1 any size, 0 text (even), else the exact size
 for _tag, _rule in _TAG_RULE.items():
     if _rule is not None:
@@ -471,7 +489,7 @@ def _bad_blocks(view, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
 
 def _fields_bad(view, pos: int, stop: int) -> bool:
     try:
-        _check_fields(view, pos, stop, 0)
+        _fields(view, pos, stop, 0, _NO_DECODE)
     except RecordFormatError:
         return True
     return False
@@ -517,12 +535,25 @@ def _guid_text(b: bytes) -> str:
     return f"{{{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}}}"
 
 
+_GUIDS: dict[bytes, str] = {}
+
+
+def _guid_cached(b: bytes) -> str:
+    """``_guid_text``, remembered: a process's guid is in each of its records, and in its children's."""
+    text = _GUIDS.get(b)
+    if text is None:
+        if len(_GUIDS) >= 4096:
+            _GUIDS.clear()
+        text = _GUIDS[b] = _guid_text(b)
+    return text
+
+
 def _decoder(kind: str):
     """How a (checked) value of ``kind`` becomes its Event attribute."""
     if kind == "text":
         return _utf16
     if kind == "guid":
-        return _guid_text
+        return _guid_cached
     if kind == "u32":
         return lambda b: int.from_bytes(b, "little")
     if kind == "i64":
@@ -556,19 +587,7 @@ def _block_values(data: bytes, start: int, end: int, decode: dict) -> tuple[int,
     """(flags, attribute -> value) of the (checked) extension block in ``data[start:end]``, for the fields in
     ``decode`` (a ``decode_table``)."""
     flags, pos, stop = _block_bounds(data, start, end)
-    out: dict = {}
-    unpack = _TLV.unpack_from
-    while pos + 4 <= stop:
-        tag, size = unpack(data, pos)
-        pos += 4
-        end_ = pos + size
-        if end_ > stop:
-            break
-        known = decode.get(tag)
-        if known is not None:
-            out[known[0]] = known[1](data[pos:end_])
-        pos = end_
-    return flags, out
+    return flags, _fields(data, pos, stop, start, decode)
 
 
 _NO_DETAILS: dict = {}

@@ -15,10 +15,11 @@ import re
 from datetime import timedelta
 from typing import Any, Callable
 
-import numpy as np
-
 from .containers import container_id_from_cgroup
-from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, _utf16, decode_table, parse, parse_array
+from .events import (
+    _CMDLINE_OFFSET, _CREATE_FIELDS, _DECODE_FOR, _EXTENSION_ATTRS, _U32, _U32X2, _U32X3, HEADER_SIZE, _as_bytes_view,
+    _block_bounds, _fields, _scan, _utf16, decode_table, parse,
+)
 from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate,
     ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
@@ -82,25 +83,36 @@ def _exit_code(code: int) -> int | None:
     return None if code == EXIT_CODE_UNKNOWN else code
 
 
+_SECONDS: dict[int, str] = {}
+
+
+def _second(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a FILETIME's whole second (``filetime // 10**7``), remembered: a batch's
+    records share a few seconds, so a line's clock is one lookup and its fraction."""
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[second] = filetime_to_datetime(second * 10_000_000).strftime("%Y-%m-%dT%H:%M:%S")
+    return text
+
+
 def _text_clock(filetime: int) -> str:
     """ISO-8601 UTC date and time to the millisecond, as text lines show it: ``2026-12-06T23:17:12.123Z``."""
-    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    second, ticks = divmod(filetime, 10_000_000)
+    return f"{_second(second)}.{ticks // 10_000:03d}Z"
 
 
 def _iso_utc(filetime: int) -> str:
-    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO-8601 UTC to the microsecond, as JSON shows it: ``2026-12-06T23:17:12.123456Z``."""
+    second, ticks = divmod(filetime, 10_000_000)
+    return f"{_second(second)}.{ticks // 10:06d}Z"
 
 
 @functools.lru_cache(maxsize=4096)
 def _start_time(filetime: int) -> str:
     """``_iso_utc`` of a start time: a process's fork, execs and exit all carry the same one."""
     return _iso_utc(filetime)
-
-
-def _clocks(filetimes: np.ndarray, unit: str) -> list[str]:
-    """``_text_clock`` (unit "ms") or ``_iso_utc`` (unit "us") of many FILETIMEs at once."""
-    stamps = (filetimes // 10 - _FILETIME_UNIX_EPOCH_US).astype("datetime64[us]")
-    return np.char.add(np.datetime_as_string(stamps, unit=unit), "Z").tolist()
 
 
 def _who_text(user: str | None, uid: int | None, image: str | None, container: str | None = None) -> str:
@@ -390,16 +402,17 @@ def json_line(event: Event) -> str:
 # --- batches: the same lines, from a batch's columns ----------------------------------------------------------
 
 #: The extension fields the text form shows, per record type (the batch formatter decodes only these).
-_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name"}),
-                101: decode_table({"user", "uid", "image", "rule_name"}),
+_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name", "container_id", "cgroup"}),
+                101: decode_table({"user", "uid", "image", "rule_name", "container_id", "cgroup"}),
                 2: decode_table({"user", "uid", "image", "lifetime", "rule_name"}), 3: {}, 4: {}}
 
 
 def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None) -> list[str]:
     """The lines (each with its newline) of the records in ``buffer`` whose type is in ``types`` (None: all;
     a RecordsLost report is always kept): what ``format_event`` (``form`` "text") or ``json_line`` ("json")
-    gives for each, built from the batch's columns (``parse_array``) without an Event object per record.
-    Raises only ``RecordFormatError`` on a malformed buffer, as ``parse`` does."""
+    gives for each, built from the batch's bytes without an Event object per record (one walk of each
+    extension block checks it and decodes what the form shows). Raises only ``RecordFormatError`` on a
+    malformed buffer, as ``parse`` does."""
     return format_batch_typed(buffer, form, types)[0]
 
 
@@ -408,63 +421,57 @@ def format_batch_typed(buffer, form: str = "text",
     """``format_batch``, and the record type of each line (``etwmon tail`` counts the lines that are events)."""
     if form not in ("text", "json"):
         raise ValueError(f"format_batch makes text or json lines, not {form!r}")
-    batch = parse_array(buffer)
-    fields, data = batch.fields, batch.data
-    if types is not None:
-        keep = np.isin(fields["type"], list(types) + [100])
-        fields = fields[keep]
-    if not len(fields):
-        return [], []
-    kinds = fields["type"].tolist()
-    pids = fields["pid"].tolist()
-    tids = fields["tid"].tolist()
-    ppids = fields["parent_pid"].tolist()
-    codes = fields["exit_code"].tolist()
-    counts = fields["count"].tolist()
-    cl_at = fields["command_line_offset"].tolist()
-    cl_chars = fields["command_line_chars"].tolist()
-    block_at = fields["block_offset"].tolist()
-    block_size = fields["block_size"].tolist()
+    view = _as_bytes_view(buffer)
+    data = buffer if type(buffer) is bytes else view.tobytes()
+    rows, blocks, error = _scan(data)  # the headers checked; each block is checked below as it is decoded
     text_form = form == "text"
-    clocks = _clocks(fields["time"], "ms" if text_form else "us")
-    out = []
+    wanted = _TEXT_DECODE if text_form else _DECODE_FOR
+    clock = _text_clock if text_form else _iso_utc
+    out: list[str] = []
+    kinds: list[int] = []
     append = out.append
-    if text_form:
-        wanted = _TEXT_DECODE
-    else:
-        wanted = _DECODE_FOR
-        cpids = fields["creating_pid"].tolist()
-        ctids = fields["creating_tid"].tolist()
-    for i, item in enumerate(kinds):
-        text = None
+    for (offset, item, size, ft), (start, end) in zip(rows, blocks):
+        shown = types is None or item in types or item == 100
         details: dict = _NO_DETAILS
-        if item == 1 or item == 101:
-            at = cl_at[i]
-            text = _utf16(data[at:at + 2 * cl_chars[i]])
-            a, b, c = pids[i], ppids[i], 0
-        elif item == 2:
-            a, b, c = pids[i], codes[i], 0
-        elif item == 3:
-            a, b, c = tids[i], pids[i], 0
-        elif item == 4:
-            a, b, c = tids[i], pids[i], codes[i]
-        elif item == 100:
-            a, b, c = counts[i], 0, 0
-        else:  # image loads and unknown records are rare: their Event tells
-            (event,) = parse(data[int(fields["offset"][i]):int(fields["offset"][i]) + int(fields["size"][i])])
-            append((format_event(event) if text_form else json_line(event)) + "\n")
-            continue
-        if block_size[i]:
-            flags, values = _block_values(data, block_at[i], block_at[i] + block_size[i], wanted[item])
+        if start:
+            flags, pos, stop = _block_bounds(data, start, end)
+            values = _fields(data, pos, stop, offset, wanted.get(item, _NO_DETAILS) if shown else _NO_DETAILS)
             values["flags"] = flags
             values["block"] = flags != 0 or len(values) > 1
             details = values
+        if not shown:
+            continue
+        kinds.append(item)
+        body = offset + HEADER_SIZE
+        if item == 1 or item == 101:
+            pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(data, body)
+            at = offset + _CMDLINE_OFFSET
+            text = _utf16(data[at:at + 2 * chars])
+            if text_form:
+                append(_text_line(item, clock(ft), pid, ppid, 0, text, details) + "\n")
+            else:
+                append(_dumps(_json_object(item, clock(ft), pid, ppid, cpid, text, details, ctid)) + "\n")
+            continue
+        if item == 2:
+            a, b = _U32X2.unpack_from(data, body)
+            c = 0
+        elif item == 3:
+            a, b = _U32X2.unpack_from(data, body)
+            c = 0
+        elif item == 4:
+            a, b, c = _U32X3.unpack_from(data, body)
+        elif item == 100:
+            a, b, c = _U32.unpack_from(data, body)[0], 0, 0
+        else:  # image loads and unknown records are rare: their Event tells
+            (event,) = parse(data[offset:offset + size])
+            append((format_event(event) if text_form else json_line(event)) + "\n")
+            continue
         if text_form:
-            append(_text_line(item, clocks[i], a, b, c, text, details) + "\n")
-        elif item == 1 or item == 101:
-            append(_dumps(_json_object(item, clocks[i], a, b, cpids[i], text, details, ctids[i])) + "\n")
+            append(_text_line(item, clock(ft), a, b, c, None, details) + "\n")
         else:
-            append(_dumps(_json_object(item, clocks[i], a, b, c, text, details)) + "\n")
+            append(_dumps(_json_object(item, clock(ft), a, b, c, None, details)) + "\n")
+    if error is not None:
+        raise error
     return out, kinds
 
 
