@@ -10,6 +10,7 @@ be formatted (its time and every detail are in range).
 
 from __future__ import annotations
 
+import functools
 import struct
 from _codecs import utf_16_le_decode as _utf_16_le_decode
 from dataclasses import dataclass, field, fields as _dc_fields, make_dataclass
@@ -554,12 +555,10 @@ def _decoder(kind: str):
         return _utf16
     if kind == "guid":
         return _guid_cached
-    if kind == "u32":
-        return lambda b: int.from_bytes(b, "little")
+    if kind in ("u32", "u64"):
+        return functools.partial(int.from_bytes, byteorder="little")
     if kind == "i64":
-        return lambda b: int.from_bytes(b, "little", signed=True)
-    if kind == "u64":
-        return lambda b: int.from_bytes(b, "little")
+        return functools.partial(int.from_bytes, byteorder="little", signed=True)
     if kind == "us":
         return lambda b: timedelta(microseconds=int.from_bytes(b, "little"))
     return lambda b: _field_value(kind, b)  # a kind this module has no fast path for

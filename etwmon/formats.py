@@ -227,6 +227,8 @@ def _json_text(text: str) -> tuple[str, str | None]:
     """(valid Unicode text, None), or when ``text`` holds bytes that are not UTF-8: (the text with U+FFFD in
     their place, base64 of the exact bytes). jq turns lone-surrogate escapes into U+FFFD, so they can't carry
     the bytes."""
+    if text.isascii():
+        return text, None
     try:
         text.encode("utf-8")
         return text, None
@@ -271,7 +273,15 @@ def _container(get: Callable[[str], Any]) -> str | None:
 def _image_flags(get: Callable[[str], Any]) -> list[str] | None:
     """ExeFlags as a list of lower-case names (``["memfd", "deleted"]``); None when unknown."""
     bits = get("exe_flags")
-    return None if bits is None else [f.name.lower() for f in ExeFlags if f & bits]
+    if bits is None:
+        return None
+    names = _EXE_FLAG_NAMES.get(bits)
+    if names is None:
+        names = _EXE_FLAG_NAMES[bits] = [f.name.lower() for f in ExeFlags if f & bits]
+    return list(names)
+
+
+_EXE_FLAG_NAMES: dict[int, list[str]] = {}
 
 
 #: Where a process ran and which file (docs/identity.md): JSON name → its value from the details, where the name
@@ -291,30 +301,71 @@ def _flag_names(flags: int) -> list[str]:
     return list(names)
 
 
+# How _put_details writes each JSON detail: a value as it is (from the attribute of that name or the one
+# _RENAMED names), text a process controls (_put_text), or by a function of its own.
+_PLAIN, _TEXT, _START, _LIFETIME, _FLAGS, _BY_FUNCTION = range(6)
+_RENAMED = {"pid_namespace": "pid_ns", "namespace_pid": "ns_pid", "mount_namespace": "mnt_ns",
+            "image_device": "exe_device", "image_inode": "exe_inode"}
+
+
+def _detail_plan(names: tuple[str, ...]) -> tuple[tuple[str, int, Any], ...]:
+    """(JSON name, how, attribute or function) for each of ``names``, in order."""
+    plan = []
+    for name in names:
+        if name == "start_time":
+            plan.append((name, _START, "start_filetime"))
+        elif name == "lifetime":
+            plan.append((name, _LIFETIME, name))
+        elif name == "flags":
+            plan.append((name, _FLAGS, name))
+        elif name in _RENAMED:
+            plan.append((name, _PLAIN, _RENAMED[name]))
+        elif name in _WHERE:
+            plan.append((name, _BY_FUNCTION, _WHERE[name]))
+        else:
+            plan.append((name, _TEXT if name in _TEXT_DETAILS else _PLAIN, name))
+    return tuple(plan)
+
+
+_DETAIL_PLANS = {names: _detail_plan(names) for names in set(_JSON_DETAILS.values())}
+
+
 def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
     """The identity fields, all of them (null = unknown) when the record has an extension block; none when it
     has not (``--no-identity``, or a writer without one), so the book's records keep their short form."""
     if not details.get("block"):
         return
     get = details.get
-    for name in names:
-        if name == "start_time":
-            start = get("start_filetime")
+    for name, how, what in _DETAIL_PLANS[names]:
+        if how == _PLAIN:
+            obj[name] = get(what)
+            continue
+        if how == _TEXT:
+            value = get(what)
+        elif how == _START:
+            start = get(what)
             obj[name] = None if start is None else _start_time(start)
-        elif name == "lifetime":
-            lifetime = get("lifetime")
+            continue
+        elif how == _LIFETIME:
+            lifetime = get(what)
             obj[name] = None if lifetime is None else lifetime.total_seconds()
-        elif name == "flags":  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
+            continue
+        elif how == _FLAGS:  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
             obj[name] = _flag_names(details["flags"])
+            continue
         else:
-            value = _WHERE[name](get) if name in _WHERE else get(name)
-            if value is not None and name in _TEXT_DETAILS:
-                _put_text(obj, name, value)
-            else:
+            value = what(get)
+            if name not in _TEXT_DETAILS:
                 obj[name] = value
+                continue
+        if value is None or value.isascii():
+            obj[name] = value
+        else:
+            _put_text(obj, name, value)
 
 
 _TYPE_NAMES = {int(t): t.name for t in ItemType}
+_TRUNCATED = int(EventFlags.TRUNCATED)
 
 
 def _json_object(item: int, when: str, a: int, b: int, c: int, text: str | None, d: dict, c2: int = 0,
@@ -328,7 +379,7 @@ def _json_object(item: int, when: str, a: int, b: int, c: int, text: str | None,
     if item == 1 or item == 101:
         obj.update(pid=a, parent_pid=b, creating_pid=c, creating_tid=c2)
         _put_text(obj, "command_line", text)
-        obj["truncated"] = text.endswith(TRUNCATION_MARKER) or bool(d.get("flags", 0) & EventFlags.TRUNCATED)
+        obj["truncated"] = text.endswith(TRUNCATION_MARKER) or bool(d.get("flags", 0) & _TRUNCATED)
     elif item == 2:
         obj.update(pid=a, exit_code=_exit_code(b))
     elif item == 4:
