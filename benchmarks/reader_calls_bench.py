@@ -2,18 +2,20 @@
 records per ``readinto``) and on a full one (1,000), on records of the kinds the bpf source writes (a process's
 fork, exec with its command line, thread create and exit, exit; each with its extension block). Per size: CPU µs
 per call and per record of ``parse`` (reading each event's type and time, as ``benchmarks/watch.py`` does),
-``parse_array``, and ``etwmon tail``'s batch formatter (text and JSON), best of the rounds.
+``parse_array``, ``etwmon tail``'s batch formatter (text and JSON), and tail's whole path for JSON (the batch
+formatted, handed to its line writer and written to /dev/null), best of the rounds.
 
     python benchmarks/reader_calls_bench.py [--quick] [--json]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import timedelta
 
-from etwmon import formats
+from etwmon import formats, tail
 from etwmon.records import (
     Details, encode_process_create, encode_process_exec, encode_process_exit, encode_thread_create,
     encode_thread_exit, filetime_now, parse, parse_array,
@@ -59,11 +61,23 @@ def _parse(data) -> None:
         event.type, event.filetime  # noqa: B018 (what every consumer reads)
 
 
+def _tail_json():
+    out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the benchmark)
+    writer = tail._LineWriter(out, tail.StopSignals())
+
+    def write(data) -> None:
+        lines, kinds = formats.format_batch_typed(data, "json")
+        writer.add_lines(lines, kinds)
+        writer.flush()
+    return write
+
+
 READERS = {
     "parse": _parse,
     "parse_array": parse_array,
     "text_batch": lambda d: formats.format_batch(d, "text"),
     "json_batch": lambda d: formats.format_batch(d, "json"),
+    "tail_json": _tail_json(),
 }
 
 
