@@ -16,10 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from .containers import container_id_from_cgroup
-from .events import (
-    _CMDLINE_OFFSET, _CREATE_FIELDS, _DECODE_FOR, _EXTENSION_ATTRS, _U32, _U32X2, _U32X3, HEADER_SIZE, _as_bytes_view,
-    _block_bounds, _fields, _scan, _utf16, decode_table, parse,
-)
+from .events import _EXTENSION_ATTRS
 from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate,
     ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
@@ -68,8 +65,9 @@ def escape_text(text: str) -> str:
 # --- event formatting ------------------------------------------------------------------------------------------
 #
 # Each form is built by one function per record kind from plain values (numbers, text, a dict of details), so the
-# per-event formatters (from an Event) and the batch formatter (``format_batch``, from a batch's columns, without
-# an object per record) give the same bytes: they call the same builders.
+# per-event formatters (from an Event) and the batch formatter's text lines (``etwmon.batch_format``, from a
+# batch's bytes, without an object per record) give the same bytes: they call the same builders. Its JSON lines
+# are assembled from per-field pieces in the same order; tests hold both to the per-event lines.
 
 _FILETIME_UNIX_EPOCH_US = 11_644_473_600_000_000  # 1601-01-01 to 1970-01-01 in microseconds
 #: Text lines' record words, as forkstat names them: a ProcessCreate on Linux is a fork (the child runs its
@@ -450,83 +448,14 @@ def json_line(event: Event) -> str:
     return _dumps(event_to_json(event))
 
 
-# --- batches: the same lines, from a batch's columns ----------------------------------------------------------
-
-#: The extension fields the text form shows, per record type (the batch formatter decodes only these).
-_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name", "container_id", "cgroup"}),
-                101: decode_table({"user", "uid", "image", "rule_name", "container_id", "cgroup"}),
-                2: decode_table({"user", "uid", "image", "lifetime", "rule_name"}), 3: {}, 4: {}}
-
-
 def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None) -> list[str]:
     """The lines (each with its newline) of the records in ``buffer`` whose type is in ``types`` (None: all;
     a RecordsLost report is always kept): what ``format_event`` (``form`` "text") or ``json_line`` ("json")
-    gives for each, built from the batch's bytes without an Event object per record (one walk of each
-    extension block checks it and decodes what the form shows). Raises only ``RecordFormatError`` on a
-    malformed buffer, as ``parse`` does."""
+    gives for each, built from the batch's bytes without an Event object per record (``etwmon.batch_format``).
+    Raises only ``RecordFormatError`` on a malformed buffer, as ``parse`` does."""
+    from .batch_format import format_batch_typed  # (it builds on this module)
+
     return format_batch_typed(buffer, form, types)[0]
-
-
-def format_batch_typed(buffer, form: str = "text",
-                       types: frozenset[int] | None = None) -> tuple[list[str], list[int]]:
-    """``format_batch``, and the record type of each line (``etwmon tail`` counts the lines that are events)."""
-    if form not in ("text", "json"):
-        raise ValueError(f"format_batch makes text or json lines, not {form!r}")
-    view = _as_bytes_view(buffer)
-    data = buffer if type(buffer) is bytes else view.tobytes()
-    rows, blocks, error = _scan(data)  # the headers checked; each block is checked below as it is decoded
-    text_form = form == "text"
-    wanted = _TEXT_DECODE if text_form else _DECODE_FOR
-    clock = _text_clock if text_form else _iso_utc
-    out: list[str] = []
-    kinds: list[int] = []
-    append = out.append
-    for (offset, item, size, ft), (start, end) in zip(rows, blocks):
-        shown = types is None or item in types or item == 100
-        details: dict = _NO_DETAILS
-        if start:
-            flags, pos, stop = _block_bounds(data, start, end)
-            values = _fields(data, pos, stop, offset, wanted.get(item, _NO_DETAILS) if shown else _NO_DETAILS)
-            values["flags"] = flags
-            values["block"] = flags != 0 or len(values) > 1
-            details = values
-        if not shown:
-            continue
-        kinds.append(item)
-        body = offset + HEADER_SIZE
-        if item == 1 or item == 101:
-            pid, ppid, ctid, cpid, chars = _CREATE_FIELDS.unpack_from(data, body)
-            at = offset + _CMDLINE_OFFSET
-            text = _utf16(data[at:at + 2 * chars])
-            if text_form:
-                append(_text_line(item, clock(ft), pid, ppid, 0, text, details) + "\n")
-            else:
-                append(_dumps(_json_object(item, clock(ft), pid, ppid, cpid, text, details, ctid)) + "\n")
-            continue
-        if item == 2:
-            a, b = _U32X2.unpack_from(data, body)
-            c = 0
-        elif item == 3:
-            a, b = _U32X2.unpack_from(data, body)
-            c = 0
-        elif item == 4:
-            a, b, c = _U32X3.unpack_from(data, body)
-        elif item == 100:
-            a, b, c = _U32.unpack_from(data, body)[0], 0, 0
-        else:  # image loads and unknown records are rare: their Event tells
-            (event,) = parse(data[offset:offset + size])
-            append((format_event(event) if text_form else json_line(event)) + "\n")
-            continue
-        if text_form:
-            append(_text_line(item, clock(ft), a, b, c, None, details) + "\n")
-        else:
-            append(_dumps(_json_object(item, clock(ft), a, b, c, None, details)) + "\n")
-    if error is not None:
-        raise error
-    return out, kinds
-
-
-_NO_DETAILS: dict = {}
 
 
 # --- Elastic Common Schema ----------------------------------------------------------------------------------
@@ -684,3 +613,4 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+

@@ -24,7 +24,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
-from .formats import format_batch_typed, human_bytes
+from .batch_format import format_batch_typed
+from .formats import human_bytes
 from .records import Event, ItemType, parse
 
 if TYPE_CHECKING:
