@@ -487,12 +487,14 @@ class _Tail:
             if next_stats is not None and time.monotonic() >= next_stats:
                 last = self._print_stats(last)
                 next_stats = time.monotonic() + interval
-            if n:
-                continue
+            if n > READ_SIZE // 2:
+                continue  # the buffer was about full: more is waiting, read on
             if not reader.running:
-                if reader.readable():  # pushed just before it ended
+                if n or reader.readable():  # pushed just before it ended
                     continue
                 return "the source stopped"
+            # A part batch (or none): wait for the next, and let the records behind it gather (batch_wait), rather
+            # than read again at once the few that came while this one was written: one wake-up per batch.
             waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
         # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
         reader.stop()

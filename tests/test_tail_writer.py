@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from etwmon import tail
+from etwmon import formats, tail
 from etwmon.records import ItemType
 
 LOST = int(ItemType.RecordsLost)
@@ -128,3 +128,88 @@ def test_a_stop_signal_holds_a_streams_batch_back_and_counts_it() -> None:
     assert out.getvalue() == "" and writer.unwritten == 2
     assert writer.flush(stopping=True)  # the final drain writes it
     assert out.getvalue() == "a\nb\nlost\n" and writer.shown == 2 and writer.unwritten == 0
+
+
+class _Storm:
+    """A Reader in a storm: each read finds a few new records (the ones that came while the last batch was
+    written), until ``batches`` reads have found some; then the source ends."""
+
+    lossy = False
+
+    def __init__(self, batches: int, per_read: int) -> None:
+        from types import SimpleNamespace
+
+        from etwmon.records import encode_process_exit
+
+        self.left = batches
+        self.record = encode_process_exit(133_000_000_000_000_000, 7, 0)
+        self.per_read = per_read
+        self.reads = 0
+        self._r, self._w = os.pipe()
+        os.write(self._w, b"x")  # always readable, as a Monitor's descriptor is while records wait
+        self.stats = SimpleNamespace(read=0, lost=0, dropped=0, items=0, pushed=0, bytes=0, max_items=1,
+                                     max_bytes=1, parse_errors=0, source="storm", source_stats={})
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.left = 0
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def wait(self, timeout=None) -> bool:
+        return self.left > 0
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            return 0
+        self.left -= 1
+        self.reads += 1
+        data = self.record * self.per_read
+        buffer[:len(data)] = data
+        self.stats.read += self.per_read
+        return len(data)
+
+    def readable(self) -> bool:
+        return self.left > 0
+
+    def fileno(self) -> int:
+        return self._r
+
+    @property
+    def running(self) -> bool:
+        return self.left > 0
+
+    def describe(self) -> str:
+        return "storm"
+
+
+@pytest.mark.parametrize("form", [None, "json"])
+def test_a_part_batch_is_followed_by_the_batch_wait_not_an_immediate_read(form, monkeypatch) -> None:
+    # In a storm a few records always came while the last batch was written: reading them at once would make every
+    # batch tiny. After a part batch tail waits (and lets the records behind gather for batch_wait).
+    slept: list[float] = []
+    monkeypatch.setattr(tail, "_sleep", slept.append)
+    reader = _Storm(batches=6, per_read=3)
+    out, err = io.StringIO(), io.StringIO()
+    options = tail.TailOptions(render=formats.json_line, batch_wait=0.01, batch_form=form)
+    assert tail.tail(reader, options, out, err) == 0
+    assert reader.reads == 6 and len(out.getvalue().splitlines()) == 18
+    assert slept == [0.01] * 5  # between every two batches (the last read ends the source)
+    assert "18 shown" in err.getvalue()
+
+
+def test_a_full_buffer_is_read_on_without_waiting(monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(tail, "_sleep", slept.append)
+    reader = _Storm(batches=4, per_read=tail.READ_SIZE // 24)  # 24-byte exits: the buffer about full each time
+    out, err = io.StringIO(), io.StringIO()
+    options = tail.TailOptions(render=formats.json_line, batch_wait=0.01, batch_form="json")
+    assert tail.tail(reader, options, out, err) == 0
+    assert reader.reads == 4 and slept == []
