@@ -128,26 +128,30 @@ def _piece_maker(attribute: str, kind: str) -> Callable[[bytes], Any]:
     return lambda raw: f'"{key}":{int.from_bytes(raw, "little", signed=kind == "i64")}'
 
 
-def _remembered(make: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """``make``, remembering its results for recent short values (bounded: at most 256 values of at most 256
-    bytes per field; a longer value is rendered each time)."""
-    cache: dict[bytes, Any] = {}
+class _Remembered(dict):
+    """A field's pieces by its value bytes: made once per distinct value (``make``), remembered for recent short
+    values (bounded: at most 256 values of at most 256 bytes; a longer value is made each time). Looked up with
+    its ``__getitem__``, a hit costs no Python frame."""
 
-    def piece(raw: bytes) -> Any:
-        made = cache.get(raw)
-        if made is None:
-            made = make(raw)
-            if len(raw) <= 256:
-                if len(cache) >= 256:
-                    cache.clear()
-                cache[raw] = made
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[bytes], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, raw: bytes) -> Any:
+        made = self.make(raw)
+        if len(raw) <= 256:
+            if len(self) >= 256:
+                self.clear()
+            self[raw] = made
         return made
-    return piece
 
 
 #: Per record type: tag -> (attribute, its piece(s) from the value bytes), for every tag its Event has an
 #: attribute for (one the JSON form does not show still says the record has a block).
-_PIECE_OF = {tag: _remembered(_piece_maker(attribute, kind)) for tag, (attribute, kind) in _TAG_FIELDS.items()}
+_PIECE_OF = {tag: _Remembered(_piece_maker(attribute, kind)).__getitem__
+             for tag, (attribute, kind) in _TAG_FIELDS.items()}
 _PIECES = {item: {tag: (attribute, _PIECE_OF[tag]) for tag, (attribute, _) in table.items()}
            for item, table in _DECODE_FOR.items() if item != 5}
 

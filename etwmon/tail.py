@@ -43,6 +43,7 @@ STOP_WRITE_WAIT = 1.0
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 _FILE_CHUNK = 0x10000  # a regular file never blocks: bigger writes, fewer calls
 _sleep = time.sleep  # (tests replace it)
+_LOST = int(ItemType.RecordsLost)
 
 
 # The words for loss, one per meaning, everywhere tail speaks (docs/cli.md defines them): "missed" = events the
@@ -327,8 +328,7 @@ class _LineWriter:
         running = itertools.accumulate(sizes, initial=self._ends[-1] if self._ends else self._done)
         next(running)  # (where it starts)
         self._ends.extend(running)
-        lost = int(ItemType.RecordsLost)
-        self._events.extend([kind != lost for kind in kinds])
+        self._events.extend([kind != _LOST for kind in kinds])
 
     def flush(self, stopping: bool = False) -> bool:
         """Write what is pending; True when all of it is out. Returns False early, on a line boundary: when a
@@ -374,8 +374,9 @@ class _LineWriter:
             else:
                 wait_ms = STOP_WRITE_WAIT * 1000 if stopping else None
             ready = self._poll.poll(wait_ms)
-            if any(fd == self.fd for fd, _ in ready):
-                return True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
+            for fd, _ in ready:
+                if fd == self.fd:
+                    return True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
             if ready:  # a signal
                 signals.clear()
                 if at_boundary and not stopping:
