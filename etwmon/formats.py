@@ -275,6 +275,8 @@ def _image_flags(get: Callable[[str], Any]) -> list[str] | None:
         return None
     names = _EXE_FLAG_NAMES.get(bits)
     if names is None:
+        if len(_EXE_FLAG_NAMES) >= 256:  # (bits come from untrusted records: the memory stays bounded)
+            _EXE_FLAG_NAMES.clear()
         names = _EXE_FLAG_NAMES[bits] = [f.name.lower() for f in ExeFlags if f & bits]
     return list(names)
 
@@ -295,6 +297,8 @@ _WHERE: dict[str, Callable[[Callable[[str], Any]], object]] = {
 def _flag_names(flags: int) -> list[str]:
     names = _FLAG_NAMES.get(flags)
     if names is None:
+        if len(_FLAG_NAMES) >= 256:  # (flags come from untrusted records: the memory stays bounded)
+            _FLAG_NAMES.clear()
         names = _FLAG_NAMES[flags] = [f.name for f in EventFlags if f & flags]
     return list(names)
 

@@ -439,3 +439,18 @@ def test_fuzz_big_batches_are_checked_like_small_ones(seeds: list[bytes], at: in
         except RecordFormatError:
             pass
         assert delivered == one_by_one[:len(delivered)]
+
+
+def test_what_the_formatters_remember_stays_bounded_whatever_the_records_say() -> None:
+    # Flags, ExeFlags bits, guids, seconds and field values come from untrusted records (a fleet message, a client):
+    # each distinct one may be remembered, but only so many.
+    from etwmon import batch_format
+
+    records = b"".join(R.encode_process_exec(T0 + 10_000_000 * i, 5, 1, 5, 5, "x", R.Details(
+        process_guid=f"{{0f1e2d3c-4b5a-6978-8796-{i:012x}}}", image=f"/bin/{i}", exe_device=1, exe_inode=i,
+        exe_flags=i, flags=i % 4096)) for i in range(5000))
+    assert len(formats.format_batch(records, "json")) == len(formats.format_batch(records, "text")) == 5000
+    assert len(formats._FLAG_NAMES) <= 256 and len(formats._EXE_FLAG_NAMES) <= 256
+    assert len(formats._SECONDS) <= 4096 and len(events._GUIDS) <= 4096
+    remembered = [piece.__self__ for piece in batch_format._PIECE_OF.values()]
+    assert all(len(cache) <= 256 for cache in remembered) and max(len(cache) for cache in remembered) > 0
