@@ -454,3 +454,46 @@ def test_what_the_formatters_remember_stays_bounded_whatever_the_records_say() -
     assert len(formats._SECONDS) <= 4096 and len(events._GUIDS) <= 4096
     remembered = [piece.__self__ for piece in batch_format._PIECE_OF.values()]
     assert all(len(cache) <= 256 for cache in remembered) and max(len(cache) for cache in remembered) > 0
+
+
+# Any code point, lone surrogates and controls included; or a hostile line, or a cgroup path naming a container.
+_TEXTS = (st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=12)
+          | st.sampled_from(HOSTILE + ["/system.slice/docker-" + "ab" * 32 + ".scope"]))
+_DETAILS = st.fixed_dictionaries({}, optional={
+    "process_guid": st.uuids().map(lambda u: "{" + str(u) + "}"),
+    "parent_process_guid": st.uuids().map(lambda u: "{" + str(u) + "}"),
+    "image": _TEXTS, "current_directory": _TEXTS, "uid": st.integers(0, 2**32 - 1), "user": _TEXTS,
+    "parent_image": _TEXTS, "parent_command_line": _TEXTS, "parent_user": _TEXTS, "tty": _TEXTS,
+    "session": st.integers(0, 2**32 - 1), "cgroup": _TEXTS, "container_id": _TEXTS,
+    "start_filetime": st.integers(0, R.MAX_FILETIME), "rule_name": _TEXTS, "exe_device": st.integers(0, 2**32 - 1),
+    "exe_inode": st.integers(0, 2**64 - 1), "exe_flags": st.integers(0, 2**32 - 1),
+    "mnt_ns": st.integers(0, 2**32 - 1), "pid_ns": st.integers(0, 2**32 - 1), "ns_pid": st.integers(0, 2**32 - 1),
+    "cgroup_id": st.integers(0, 2**64 - 1), "hashes": _TEXTS, "flags": st.integers(0, 2**32 - 1),
+    "lifetime": st.integers(0, 2**63).map(lambda us: timedelta(microseconds=us)),
+})
+
+
+@_FUZZ
+@given(st.lists(st.tuples(st.sampled_from([1, 101, 2, 3, 4]), _DETAILS, _TEXTS, st.integers(0, 2**32 - 1)),
+                min_size=1, max_size=6), st.sampled_from(["orjson", "stdlib"]))
+def test_fuzz_batch_lines_are_the_per_event_lines_whatever_the_details(records, encoder) -> None:
+    # Any mix of known and unknown details, any text (lone surrogates, controls, bidi), any numbers: the batch
+    # formatter's lines are the per-event formatters' lines, byte for byte.
+    out = []
+    for item, values, text, number in records:
+        allowed = {1: R._CREATE_ATTRS, 101: R._CREATE_ATTRS}.get(item, R._EXTENSION_ATTRS[item])
+        details = R.Details(**{k: v for k, v in values.items() if k in allowed or k == "flags"})
+        if item in (1, 101):
+            encode = R.encode_process_create if item == 1 else R.encode_process_exec
+            out.append(encode(T0, number, 1, 2, 3, text, details))
+        elif item == 2:
+            out.append(R.encode_process_exit(T0, 5, number, details))
+        elif item == 3:
+            out.append(R.encode_thread_create(T0, number, 5, details))
+        else:
+            out.append(R.encode_thread_exit(T0, number, 5, number ^ 1, details))
+    data = b"".join(out)
+    with mock.patch.object(formats, "_orjson_dumps", formats._orjson_dumps if encoder == "orjson" else None):
+        each = list(parse(data))
+        assert formats.format_batch(data, "json") == [formats.json_line(e) + "\n" for e in each]
+        assert formats.format_batch(data, "text") == [formats.format_event(e) + "\n" for e in each]
