@@ -20,7 +20,7 @@ from .events import (
     _fields, _guid_text, _scan, _utf16, decode_table, parse,
 )
 from .formats import (
-    _JSON_DETAILS, _RENAMED, _TYPE_NAMES, EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, _flag_names, _image_flags,
+    _JSON_DETAILS, _RENAMED, _TYPE_NAMES, _WHERE, EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, _flag_names, _image_flags,
     _iso_utc, _json_text, _start_time, _text_clock, _text_line, format_event, json_line,
 )
 from .records import _TAG_FIELDS, EventFlags
@@ -112,6 +112,11 @@ def _piece_maker(attribute: str, kind: str) -> Callable[[bytes], Any]:
             return (_text_piece(key, path),
                     '"container_id":null' if container is None else _text_piece("container_id", container))
         return cgroup
+    if attribute == "uid":  # the piece, and the number (a record without User shows the uid's name, if named)
+        def uid(raw: bytes) -> tuple[str, int]:
+            number = int.from_bytes(raw, "little")
+            return f'"uid":{number}', number
+        return uid
     if kind == "text":
         return lambda raw: _text_piece(key, _utf16(raw))
     if kind == "guid":
@@ -161,12 +166,14 @@ def _details_plan(names: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
     plan = []
     for name in names:
         attribute = {"start_time": "start_filetime", "image_flags": "exe_flags"}.get(name, _RENAMED.get(name, name))
-        how = name if name in ("container_id", "rule_name", "flags", "cgroup") else "piece"
+        how = name if name in ("container_id", "rule_name", "flags", "cgroup", "uid", "user") else "piece"
         plan.append((how, attribute, f'"{name}":null'))
     return tuple(plan)
 
 
 _PLANS = {item: _details_plan(names) for item, names in _JSON_DETAILS.items() if item != 5}
+#: How the per-event form finds a user it is not told (from the uid, where ``formats._WHERE`` says so), or None.
+_USER_OF = _WHERE.get("user")
 
 
 def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | None, flags: int,
@@ -198,6 +205,16 @@ def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | 
             parts.append(get(attribute) or unknown)
         elif how == "flags":
             parts.append('"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]")
+        elif how == "uid":
+            uid = get("uid")
+            parts.append(unknown if uid is None else uid[0])
+        elif how == "user":
+            piece = get("user")
+            if piece is None:
+                uid = get("uid")
+                name = None if uid is None or _USER_OF is None else _USER_OF({"uid": uid[1]}.get)
+                piece = unknown if name is None else _text_piece("user", name)
+            parts.append(piece)
         elif how == "cgroup":
             cgroup = get("cgroup")
             parts.append(unknown if cgroup is None else cgroup[0])
