@@ -112,10 +112,11 @@ def _piece_maker(attribute: str, kind: str) -> Callable[[bytes], Any]:
             return (_text_piece(key, path),
                     '"container_id":null' if container is None else _text_piece("container_id", container))
         return cgroup
-    if attribute == "uid":  # the piece, and the number (a record without User shows the uid's name, if named)
-        def uid(raw: bytes) -> tuple[str, int]:
+    if attribute == "uid":  # the piece, and the user's (a record without User shows the uid's name, if named)
+        def uid(raw: bytes) -> tuple[str, str]:
             number = int.from_bytes(raw, "little")
-            return f'"uid":{number}', number
+            name = None if _USER_OF is None else _USER_OF({"uid": number}.get)
+            return f'"uid":{number}', '"user":null' if name is None else _text_piece("user", name)
         return uid
     if kind == "text":
         return lambda raw: _text_piece(key, _utf16(raw))
@@ -161,13 +162,19 @@ _PIECES = {item: {tag: (attribute, _PIECE_OF[tag]) for tag, (attribute, _) in ta
            for item, table in _DECODE_FOR.items() if item != 5}
 
 
-def _details_plan(names: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
-    """(how, attribute, its piece when unknown) for the JSON details ``names``, in order."""
+#: Details shown, when the record has none, as another field's value implies (its second piece).
+_IMPLIED_BY = {"user": "uid", "container_id": "cgroup"}
+
+
+def _details_plan(names: tuple[str, ...]) -> tuple[tuple[str, str, str, str | None], ...]:
+    """(how, attribute, its piece when unknown, the attribute that implies it) for the JSON details ``names``, in
+    order. How: "piece"; "pair" (its piece is the first of two); "implied" (see _IMPLIED_BY); "flags"; "rule_name"."""
     plan = []
     for name in names:
         attribute = {"start_time": "start_filetime", "image_flags": "exe_flags"}.get(name, _RENAMED.get(name, name))
-        how = name if name in ("container_id", "rule_name", "flags", "cgroup", "uid", "user") else "piece"
-        plan.append((how, attribute, f'"{name}":null'))
+        how = ("implied" if name in _IMPLIED_BY else "pair" if name in _IMPLIED_BY.values()
+               else name if name in ("rule_name", "flags") else "piece")
+        plan.append((how, attribute, f'"{name}":null', _IMPLIED_BY.get(name)))
     return tuple(plan)
 
 
@@ -200,29 +207,19 @@ def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | 
         return line + "}\n"
     get = pieces.get
     parts = [line]
-    for how, attribute, unknown in _PLANS[item]:
+    for how, attribute, unknown, source in _PLANS[item]:
         if how == "piece":
             parts.append(get(attribute) or unknown)
         elif how == "flags":
             parts.append('"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]")
-        elif how == "uid":
-            uid = get("uid")
-            parts.append(unknown if uid is None else uid[0])
-        elif how == "user":
-            piece = get("user")
+        elif how == "pair":
+            pair = get(attribute)
+            parts.append(unknown if pair is None else pair[0])
+        elif how == "implied":
+            piece = get(attribute)
             if piece is None:
-                uid = get("uid")
-                name = None if uid is None or _USER_OF is None else _USER_OF({"uid": uid[1]}.get)
-                piece = unknown if name is None else _text_piece("user", name)
-            parts.append(piece)
-        elif how == "cgroup":
-            cgroup = get("cgroup")
-            parts.append(unknown if cgroup is None else cgroup[0])
-        elif how == "container_id":
-            piece = get("container_id")
-            if piece is None:
-                cgroup = get("cgroup")
-                piece = unknown if cgroup is None else cgroup[1]
+                pair = get(source)
+                piece = unknown if pair is None else pair[1]
             parts.append(piece)
         elif rule is None:  # rule_name unknown
             parts.append(unknown)
