@@ -57,9 +57,9 @@ class RingWaiter:
 
 
 class ReaderWait:
-    """What ``Monitor.wait()`` uses when the source offers it (``BpfSource.reader_wait``): take what the rings
-    hold, or sleep until the kernel's next wake-up (or ``notify_fd``: the monitor's records-waiting flag, which
-    the source thread and ``stop()`` raise) and take it then. While a reader waits here, the source's thread
+    """What ``Monitor.wait()`` uses when the source offers it (``BpfSource.reader_wait``): sleep until the
+    kernel's next wake-up (or ``notify_fd``: the monitor's records-waiting flag, which the source thread and
+    ``stop()`` raise) and take what the rings hold then. While a reader waits here, the source's thread
     stays out of the way (see BpfSource._run)."""
 
     def __init__(self, rings: list[int], notify_fd: int, drain: Callable[[bool], int],
@@ -73,14 +73,15 @@ class ReaderWait:
         self.notify = True
 
     def wait(self, timeout: float | None, also=()) -> bool:
-        """Take what the rings hold, or sleep for the kernel's wake-up (or the flag, or ``timeout``) and take it
-        then. ``also``: descriptors to wake for besides; True when one of them did (the caller looks)."""
+        """Sleep for the kernel's wake-up (or the flag, or ``timeout``), then take what the rings hold. ``also``:
+        descriptors to wake for besides; True when one of them did (the caller looks)."""
         if also:
             self._waiter.watch(also)
         self._waiting(1)
         try:
-            if self._drain(self.notify):
-                return False
+            # No look before sleeping: records that came since the last pass have armed the pacer, which wakes
+            # this thread within a window of the first of them (at once if that wake-up already came): a
+            # reader that comes back often still takes one batch per window, not the few records of each visit.
             own, others = self._waiter.sleep(timeout)
             if own:
                 self.wakeups += 1
