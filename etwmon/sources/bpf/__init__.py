@@ -62,8 +62,10 @@ _READER_BACKSTOP_MS = 250
 _IDLE_BACKSTOP = 1.0
 #: How often a run reads the kernel's loss counter (a system call; the last pass always reads it).
 _LOST_CHECK = 0.05
-#: struct pacer's size (a bpf_timer and two u32): writing zeros over it cancels the timer.
-_PACER_SIZE = 24
+#: struct pacer's size (a bpf_timer, two u64, two u32): writing zeros over it cancels the timer; its `late` count
+#: is at _PACER_LATE.
+_PACER_SIZE = 40
+_PACER_LATE = 24
 _FIX = "use `--source netlink` (or source='netlink')"
 
 
@@ -133,6 +135,7 @@ class BpfSource(Source):
         self.kernel_pacing = bool(kernel_pacing)
         self._pacer = False  # whether the programs loaded are the ones with the pacer
         self._settings = b""  # the config map's entry, as written at open (see set_batch_wait)
+        self._wake_late_seen = 0
         self._drain_lock = threading.Lock()  # one pass at a time: this thread's or a waiting reader's
         self._sink: Sink | None = None
         self._waiting = 0  # readers in ReaderWait.wait(), drained for by themselves
@@ -285,6 +288,17 @@ class BpfSource(Source):
         obj.write_entry("config", CONFIG.pack(base, prefix, flags, round(self.batch_wait * 1e6)))
         return True
 
+    def _wake_late(self) -> int:
+        """Wake-ups the programs forced because the pacer's timer was late (its expiry waited in softirq)."""
+        obj = self._object
+        if obj is not None and self._pacer:
+            try:
+                self._wake_late_seen = int.from_bytes(obj.read_entry("pacer", _PACER_SIZE)[_PACER_LATE:_PACER_LATE + 8],
+                                                      "little")
+            except OSError:
+                pass
+        return self._wake_late_seen
+
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
 
@@ -323,19 +337,22 @@ class BpfSource(Source):
         if self._images is not None:  # image loads
             self._images.detach()
         if self._pacer:  # a wake-up still pending would come after the last pass: cancel it
+            self._wake_late()  # (its count, before it is gone)
             self._object.write_entry("pacer", bytes(_PACER_SIZE))  # type: ignore[union-attr]
         self._settle()
         with self._drain_lock:
             self._final_drain(sink)
 
-    def _rings(self, ring) -> list[int]:
-        return [ring.fd] + ([self._images.fd] if self._images is not None else [])
+    def _rings(self, ring) -> tuple[list[int], list[int]]:
+        """The rings to wait on: (paced by the kernel: edge-triggered, those with the ring's adaptive wake-up:
+        level-triggered, since a record committed during a pass wakes nobody under that rule)."""
+        return [ring.fd], ([self._images.fd] if self._images is not None else [])
 
     def _run_paced(self, sink: Sink, ring) -> None:
         """The kernel wakes the rings' readers once per ``batch_wait`` window: a pass per wake-up. While a reader
         waits in ``Monitor.wait()`` (ReaderWait) it is woken instead and takes the records itself; this thread
         then only looks in now and then for a reader that stopped reading."""
-        waiter = RingWaiter(self._rings(ring), self._wake.fileno())
+        waiter = RingWaiter(*self._rings(ring), self._wake.fileno())
         stopper = select.poll()
         stopper.register(self._wake.fileno(), select.POLLIN)
         entries = self._reader_entries
@@ -356,7 +373,7 @@ class BpfSource(Source):
         pass lets the events behind the first land (one pass, and one notify of readers, per batch_wait in a
         storm instead of one per event)."""
         poller = select.poll()
-        for fd in self._rings(ring) + [self._wake.fileno()]:
+        for fd in [fd for fds in self._rings(ring) for fd in fds] + [self._wake.fileno()]:
             poller.register(fd, select.POLLIN)
         stopper = select.poll()  # the wait between passes, which stop() cuts short
         stopper.register(self._wake.fileno(), select.POLLIN)
@@ -384,7 +401,7 @@ class BpfSource(Source):
         ring = self._ring
         if not self._pacer or ring is None:
             return None
-        wait = ReaderWait(self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
+        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
         self._reader_waits.append(wait)
         return wait
 
@@ -550,6 +567,7 @@ class BpfSource(Source):
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable, creates_slow=d.creates_slow,
                         kernel_written=self._mover.records if self._mover is not None else 0)
+        base["wake_late"] = self._wake_late()
         if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
             images = self._images.stats()
             base["parse_errors"] += images.pop("parse_errors")

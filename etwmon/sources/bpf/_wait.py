@@ -19,16 +19,19 @@ _EDGE = select.EPOLLIN | select.EPOLLET
 
 
 class RingWaiter:
-    """Sleeps until the kernel wakes the rings' readers (edge-triggered), or ``fd`` (level) is readable; and
-    ``watch`` adds other descriptors to wake for (readable, an error or a hang-up)."""
+    """Sleeps until the kernel wakes the readers of the ``paced`` rings (edge-triggered), or one of the ``adaptive``
+    rings or ``fd`` is readable (level-triggered: a ring under the adaptive rule wakes nobody for a record written
+    while its reader was behind); ``watch`` adds other descriptors to wake for (readable, an error, a hang-up)."""
 
-    def __init__(self, rings: list[int], fd: int) -> None:
+    def __init__(self, paced: list[int], adaptive: list[int], fd: int) -> None:
         self._ep = select.epoll()
-        self._own = set(rings) | {fd}
+        self._own = set(paced) | set(adaptive) | {fd}
         self._others: set[int] = set()
         try:
-            for ring in rings:
+            for ring in paced:
                 self._ep.register(ring, _EDGE)
+            for ring in adaptive:
+                self._ep.register(ring, select.EPOLLIN)
             self._ep.register(fd, select.EPOLLIN)
         except BaseException:
             self._ep.close()
@@ -62,9 +65,9 @@ class ReaderWait:
     ``stop()`` raise) and take what the rings hold then. While a reader waits here, the source's thread
     stays out of the way (see BpfSource._run)."""
 
-    def __init__(self, rings: list[int], notify_fd: int, drain: Callable[[bool], int],
+    def __init__(self, paced: list[int], adaptive: list[int], notify_fd: int, drain: Callable[[bool], int],
                  waiting: Callable[[int], None]) -> None:
-        self._waiter = RingWaiter(rings, notify_fd)
+        self._waiter = RingWaiter(paced, adaptive, notify_fd)
         self._drain = drain
         self._waiting = waiting
         self.wakeups = 0
