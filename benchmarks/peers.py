@@ -309,7 +309,7 @@ class TailTool(ForkstatTool):
         self.stdout = open(self.out, "w")
         self.stderr = open(self.workdir / f"tail-{self.source}.stderr", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "etwmon", "tail", "--json", "--source", self.source,
-                                      "--type", "all", "--max-items", str(self.max_items)],  # threads too
+                                      "--type", "process,thread", "--max-items", str(self.max_items)],  # threads too, as forkstat
                                      stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
         # It says "watching" before the source is subscribed; a canary's exec in its output proves it listens.
         deadline = time.monotonic() + READY_TIMEOUT
@@ -397,6 +397,15 @@ def path_tools(tool: EtwmonTool, workdir: Path) -> list[Tool]:
         full[0].name, full[0].full_rate_only, full[0].extra_args = "etwmon-bpf full", True, ["--identity", "full"]
     return ([EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers, mode)
              for mode in modes] + full + [TailTool(workdir, tool.source, tool.max_items, tool.delivers)])
+
+
+def window_tool(tool: EtwmonTool, workdir: Path, seconds: float) -> EtwmonTool:
+    """``tool`` (bpf, readinto) with another ``batch_wait``: the perftest's row of what a longer window saves."""
+    other = EtwmonTool(workdir, tool.source, tool.max_items, tool.max_bytes, tool.delivers)
+    other.name = f"etwmon-bpf batch_wait={seconds * 1000:g}ms"
+    other.full_rate_only = True
+    other.extra_args = ["--batch-wait", str(seconds)]
+    return other
 
 
 TRACEFS = Path("/sys/kernel/tracing")

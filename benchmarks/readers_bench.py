@@ -88,6 +88,14 @@ def run(quick: bool = False) -> dict:
     result = {"status": "ok", "events": events, "bytes": len(data),
               "us_per_event": {k: round(v, 3) for k, v in figures.items()}}
     progress("readers: µs per event: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+    try:  # per call, on the few records a storm's readinto hands a reader
+        import reader_calls_bench
+    except ImportError:  # pragma: no cover - an etwmon without parse_array
+        pass
+    else:
+        result["per_call"] = reader_calls_bench.run(quick)
+        progress("readers: µs per call of 1 record: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in result["per_call"][1].items()))
     return result
 
 

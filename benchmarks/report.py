@@ -292,7 +292,16 @@ def _readers(readers: dict, results: dict, markdown: bool) -> list[str]:
     us = readers["us_per_event"]
     out = [f"{readers['events']:,} synthetic events as the identity stage writes them (fork, exec, "
            "thread create/exit, exit, with their extension blocks); best of the rounds.", ""]
-    return out + _table(["reader", "µs per event"], [[name, f"{value:.2f}"] for name, value in us.items()], markdown)
+    out += _table(["reader", "µs per event"], [[name, f"{value:.2f}"] for name, value in us.items()], markdown)
+    calls = readers.get("per_call")
+    if calls:  # {records per buffer: {reader: µs per call}} (the keys are text once in JSON)
+        sizes = sorted(calls, key=int)
+        out += ["", "Per call on buffers of a few records (what a storm's readinto hands a reader) up to 1,000, of "
+                "the kinds the bpf source writes: CPU µs per call (per record).", ""]
+        out += _table(["reader"] + [f"{int(n):,} record{'' if int(n) == 1 else 's'}" for n in sizes],
+                      [[name] + [f"{calls[n][name]:.1f} ({calls[n][name] / int(n):.2f})" for n in sizes]
+                       for name in calls[sizes[0]]], markdown)
+    return out
 
 
 #: Each benchmark's section: its key in the results, its title, and what it shows when it ran.

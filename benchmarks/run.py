@@ -135,8 +135,9 @@ def _run_kernel_benchmarks(args: argparse.Namespace, results: dict, wanted: list
             skipped_tools=skipped, **storm_bench.run_cost(tools, exes["exec"], max_rates["exec"], args.quick)))
     if "perftest" in wanted:
         results["perftest"] = _guard("perftest", lambda: dict(
-            skipped_tools=skipped, **perftest_bench.run(tools + paths, exes["exec"], max_rates["exec"], args.quick,
-                                                        skipped)))
+            skipped_tools=skipped, **perftest_bench.run(
+                tools + paths + ([peers.window_tool(bpf, workdir, perftest_bench.LONGER_WINDOW)] if bpf else []),
+                exes["exec"], max_rates["exec"], args.quick, skipped)))
     if "memory" in wanted:
         if not etwmon_tools:
             results["memory"] = {"status": "skipped", "reason": "no etwmon kernel source works here: " +

@@ -43,6 +43,8 @@ def watch_etwmon(args: argparse.Namespace) -> None:
     from etwmon.records import filetime_now, record_headers
 
     options = {"image_loads": True} if args.image_loads else {}
+    if args.batch_wait is not None:  # the bpf source's window (its kernel pacer)
+        options["batch_wait"] = args.batch_wait
     monitor = Monitor(source=args.source, max_items=args.max_items, max_bytes=args.max_bytes,
                       identity={"on": True, "off": False}.get(args.identity, args.identity), **options)
     monitor.start()
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="what the reader does with each buffer: nothing (readinto only), parse every record, or "
                         "parse_array")
     e.add_argument("--image-loads", action="store_true", help="also image loads (the bpf source's opt-in)")
+    e.add_argument("--batch-wait", type=float, default=None,
+                   help="the bpf source's batch_wait (seconds; its default when not given)")
     e.add_argument("--stall-after", type=float, default=None,
                    help="stop reading after this many seconds, so the ring fills to its caps")
     p = sub.add_parser("pyroute2")

@@ -1,5 +1,6 @@
-"""Reading records: the Event classes, ``parse`` (lazy Event objects over a batch) and ``parse_array`` (the
-batch as numpy columns, no object per record).
+"""Reading records: the Event classes, ``parse`` (lazy Event objects over a batch), and the checks every reader
+shares (``parse_array``, the batch as numpy columns with no object per record, is ``etwmon.columns``,
+re-exported here).
 
 The wire format itself — layouts, encoders, the extension block's tags — is ``etwmon.records``, which
 re-exports everything here, so ``from etwmon.records import parse`` keeps working. Every reader of untrusted
@@ -10,6 +11,7 @@ be formatted (its time and every detail are in range).
 
 from __future__ import annotations
 
+import functools
 import struct
 from _codecs import utf_16_le_decode as _utf_16_le_decode
 from dataclasses import dataclass, field, fields as _dc_fields, make_dataclass
@@ -357,26 +359,44 @@ def _check_block(view, start: int, end: int, offset: int) -> None:
     length (not UTF-16), a GUID or number of the wrong size, a time out of range. Unknown tags are skipped; a
     field that runs past the block ends it (the reader keeps what came before)."""
     _, pos, stop = _block_bounds(view, start, end)
-    _check_fields(view, pos, stop, offset)
+    _fields(view, pos, stop, offset, _NO_DECODE)
 
 
-def _check_fields(view, pos: int, stop: int, offset: int) -> None:
+def _fields(view, pos: int, stop: int, offset: int, decode: dict) -> dict:
+    """Attribute -> value of the fields of ``view[pos:stop]`` that ``decode`` (a ``decode_table``) names,
+    checking every known field on the way (``RecordFormatError`` at ``offset``, see ``_check_block``): one walk
+    both checks and decodes."""
+    out: dict = {}
     unpack = _TLV.unpack_from
+    rules = _RULE_OF
     while pos + 4 <= stop:
         tag, size = unpack(view, pos)
         pos += 4
-        if pos + size > stop:
-            return
-        rule = _TAG_RULE.get(tag)
-        if rule is not None:
+        end = pos + size
+        if end > stop:
+            break
+        rule = rules[tag]
+        if rule is not None and rule != size:  # (a time's rule is -8: its value is always looked at)
             if rule == 0:
                 if size & 1:
                     raise RecordFormatError(f"extension field {tag} holds text of odd length {size}", offset)
-            elif size != rule:
-                raise RecordFormatError(f"extension field {tag} has {size} bytes, needs {rule}", offset)
-            elif tag in _TIME_TAGS and not 0 <= _I64.unpack_from(view, pos)[0] <= MAX_FILETIME:
+            elif rule > 0 or size != 8:
+                raise RecordFormatError(f"extension field {tag} has {size} bytes, needs {abs(rule)}", offset)
+            elif not 0 <= _I64.unpack_from(view, pos)[0] <= MAX_FILETIME:
                 raise RecordFormatError(f"extension field {tag} holds a time out of range", offset)
-        pos += size
+        known = decode.get(tag)
+        if known is not None:
+            out[known[0]] = known[1](view[pos:end])
+        pos = end
+    return out
+
+
+_NO_DECODE: dict = {}
+#: Per tag (a list, indexed by it): None any size, 0 text (an even size), -8 a FILETIME, else the exact size.
+_RULE_OF: list[int | None] = [None] * 0x10000
+for _tag, _rule in _TAG_RULE.items():
+    _RULE_OF[_tag] = -8 if _tag in _TIME_TAGS else _rule
+assert all(_TAG_RULE[tag] == 8 for tag in _TIME_TAGS)
 
 
 def _scan(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], RecordFormatError | None]:
@@ -431,7 +451,7 @@ def _scan(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]],
 
 
 #: Below this many extension blocks in a batch, they are checked one by one (numpy's set-up costs more).
-_VECTOR_BLOCKS = 16
+_VECTOR_BLOCKS = 192
 _RULES = np.full(0x10000, -1, dtype=np.int32)  # per tag: -1 any size, 0 text (even), else the exact size
 for _tag, _rule in _TAG_RULE.items():
     if _rule is not None:
@@ -481,14 +501,15 @@ def _bad_blocks(view, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
 
 def _fields_bad(view, pos: int, stop: int) -> bool:
     try:
-        _check_fields(view, pos, stop, 0)
+        _fields(view, pos, stop, 0, _NO_DECODE)
     except RecordFormatError:
         return True
     return False
 
 
-def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError | None]:
-    """The rows of ``_scan`` up to the first malformed record (header or extension block), and its error."""
+def _checked(view) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], RecordFormatError | None]:
+    """The rows and blocks of ``_scan`` up to the first malformed record (header or extension block), and its
+    error."""
     rows, blocks, error = _scan(view)
     with_block = [i for i, (start, _) in enumerate(blocks) if start]
     if len(with_block) < _VECTOR_BLOCKS:
@@ -497,8 +518,8 @@ def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError |
             try:
                 _check_block(view, start, end, rows[i][0])
             except RecordFormatError as exc:
-                return rows[:i], exc
-        return rows, error
+                return rows[:i], blocks[:i], exc
+        return rows, blocks, error
     raw = np.frombuffer(view, dtype=np.uint8)
     where = np.array([blocks[i] for i in with_block], dtype=np.int64)
     bad = np.flatnonzero(_bad_blocks(view, raw, where[:, 0], where[:, 1]))
@@ -507,14 +528,14 @@ def _checked(view) -> tuple[list[tuple[int, int, int, int]], RecordFormatError |
         try:
             _check_block(view, *blocks[i], rows[i][0])  # says why
         except RecordFormatError as exc:
-            return rows[:i], exc
-    return rows, error
+            return rows[:i], blocks[:i], exc
+    return rows, blocks, error
 
 
 def _walk(view) -> Iterator[tuple[int, int, int, int]]:
     """(offset, Type, Size, Time) of each record, checked whole (``RecordFormatError`` naming the offset of the
     first malformed one, after the rows before it)."""
-    rows, error = _checked(view)
+    rows, _, error = _checked(view)
     yield from rows
     if error is not None:
         raise error
@@ -526,18 +547,29 @@ def _guid_text(b: bytes) -> str:
     return f"{{{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}}}"
 
 
+_GUIDS: dict[bytes, str] = {}
+
+
+def _guid_cached(b: bytes) -> str:
+    """``_guid_text``, remembered: a process's guid is in each of its records, and in its children's."""
+    text = _GUIDS.get(b)
+    if text is None:
+        if len(_GUIDS) >= 4096:
+            _GUIDS.clear()
+        text = _GUIDS[b] = _guid_text(b)
+    return text
+
+
 def _decoder(kind: str):
     """How a (checked) value of ``kind`` becomes its Event attribute."""
     if kind == "text":
         return _utf16
     if kind == "guid":
-        return _guid_text
-    if kind == "u32":
-        return lambda b: int.from_bytes(b, "little")
+        return _guid_cached
+    if kind in ("u32", "u64"):
+        return functools.partial(int.from_bytes, byteorder="little")
     if kind == "i64":
-        return lambda b: int.from_bytes(b, "little", signed=True)
-    if kind == "u64":
-        return lambda b: int.from_bytes(b, "little")
+        return functools.partial(int.from_bytes, byteorder="little", signed=True)
     if kind == "us":
         return lambda b: timedelta(microseconds=int.from_bytes(b, "little"))
     return lambda b: _field_value(kind, b)  # a kind this module has no fast path for
@@ -565,19 +597,7 @@ def _block_values(data: bytes, start: int, end: int, decode: dict) -> tuple[int,
     """(flags, attribute -> value) of the (checked) extension block in ``data[start:end]``, for the fields in
     ``decode`` (a ``decode_table``)."""
     flags, pos, stop = _block_bounds(data, start, end)
-    out: dict = {}
-    unpack = _TLV.unpack_from
-    while pos + 4 <= stop:
-        tag, size = unpack(data, pos)
-        pos += 4
-        end_ = pos + size
-        if end_ > stop:
-            break
-        known = decode.get(tag)
-        if known is not None:
-            out[known[0]] = known[1](data[pos:end_])
-        pos = end_
-    return flags, out
+    return flags, _fields(data, pos, stop, start, decode)
 
 
 _NO_DETAILS: dict = {}
@@ -718,148 +738,8 @@ def parse(buffer) -> Iterator[Event]:
         yield event
 
 
-#: One row per record of a buffer: where it starts and its header fields.
-RECORD_INDEX_DTYPE = np.dtype([("offset", "<i8"), ("Type", "<i2"), ("Size", "<u2"), ("Time", "<i8")])
-
-
-def record_headers(buffer) -> np.ndarray:
-    """The header of every record in ``buffer`` as a structured array (offset, Type, Size, Time).
-
-    Checks the records the way ``parse`` does (``RecordFormatError`` naming the offset)."""
-    rows = list(_walk(_as_bytes_view(buffer)))
-    return np.array(rows, dtype=RECORD_INDEX_DTYPE)
-
-
-def parse_arrays(buffer) -> dict[ItemType, np.ndarray]:
-    """A batch as numpy structured arrays, one per record type present, for analysis without Python objects.
-
-    Each array has the type's dtype from ``DTYPES`` (for ProcessCreate/ProcessExec the fixed part: the command
-    lines are variable-length, use ``parse_array`` or ``parse`` for those). Unknown types are left out.
-    """
-    index = record_headers(buffer)
-    data = np.frombuffer(_as_bytes_view(buffer), dtype=np.uint8)
-    out: dict[ItemType, np.ndarray] = {}
-    for item, dtype in DTYPES.items():
-        starts = index["offset"][index["Type"] == item]
-        if not len(starts):
-            continue
-        take = min(dtype.itemsize, int(index["Size"][index["Type"] == item].min()))
-        rows = np.zeros((len(starts), dtype.itemsize), dtype=np.uint8)
-        rows[:, :take] = data[starts[:, None] + np.arange(take)]
-        out[item] = rows.view(dtype).reshape(len(starts))
-    return out
-
-
-# --- the columnar batch ------------------------------------------------------------------------------------
-
-#: One row per record of ``parse_array``: the header, the fixed fields of every type (0 where a type has no
-#: such field), and where the variable parts are in the batch's bytes (``RecordBatch.data``).
-ARRAY_DTYPE = np.dtype([
-    ("type", "<i2"),                 # ItemType number
-    ("size", "<u2"),                 # the record's Size
-    ("time", "<i8"),                 # FILETIME
-    ("offset", "<i8"),               # where the record starts in data
-    ("pid", "<u4"),                  # ProcessId (every type but RecordsLost)
-    ("tid", "<u4"),                  # ThreadId (ThreadCreate, ThreadExit)
-    ("parent_pid", "<u4"),           # ParentProcessId (ProcessCreate, ProcessExec)
-    ("creating_pid", "<u4"),         # CreatingProcessId (ProcessCreate, ProcessExec)
-    ("creating_tid", "<u4"),         # CreatingThreadId (ProcessCreate, ProcessExec)
-    ("exit_code", "<u4"),            # ExitCode (ProcessExit, ThreadExit)
-    ("count", "<u4"),                # Count (RecordsLost)
-    ("command_line_offset", "<i8"),  # the command line's UTF-16LE in data (ProcessCreate, ProcessExec)
-    ("command_line_chars", "<u4"),   # its length in UTF-16 code units (0: none)
-    ("block_offset", "<i8"),         # the extension block in data
-    ("block_size", "<u4"),           # its size in bytes (0: none)
-])
-_COLUMN_AT = {  # (column, byte offset in the record, types that have it)
-    "pid": (16, (1, 101, 2, 5)), "tid": (16, (3, 4)), "parent_pid": (20, (1, 101)),
-    "creating_tid": (24, (1, 101)), "creating_pid": (28, (1, 101)), "count": (16, (100,)),
-}
-_THREAD_PID_AT = 20
-_EXIT_CODE_AT = {2: 20, 4: 24}
-
-
-class RecordBatch:
-    """A batch of records as columns: ``fields`` (a structured array of ``ARRAY_DTYPE``, one row per record,
-    in order), ``command_lines`` (an object array of str, None where a record has none) and ``data`` (the
-    batch's bytes, which the offsets in ``fields`` point into). ``len(batch)`` is the number of records."""
-
-    __slots__ = ("fields", "data", "_command_lines")
-
-    def __init__(self, fields: np.ndarray, data: bytes) -> None:
-        self.fields = fields
-        self.data = data
-        self._command_lines: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.fields)
-
-    @property
-    def command_lines(self) -> np.ndarray:
-        """The command line of each record (ProcessCreate, ProcessExec), None for the others; decoded once."""
-        if self._command_lines is None:
-            out = np.full(len(self.fields), None, dtype=object)
-            data = self.data
-            rows = np.flatnonzero((self.fields["type"] == 1) | (self.fields["type"] == 101))
-            starts = self.fields["command_line_offset"][rows].tolist()
-            chars = self.fields["command_line_chars"][rows].tolist()
-            out[rows] = [_utf16(data[s:s + 2 * c]) for s, c in zip(starts, chars)]
-            self._command_lines = out
-        return self._command_lines
-
-
-def _u32_at(raw: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The little-endian ULONG at each of ``positions`` in ``raw`` (uint8)."""
-    b = raw[positions[:, None] + np.arange(4)].astype(np.uint32)
-    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-
-
-def parse_array(buffer) -> RecordBatch:
-    """The records of ``buffer`` as columns (``RecordBatch``): every fixed field in one structured array of
-    ``ARRAY_DTYPE``, the command lines as one array. Checks the records as ``parse`` does (and raises only
-    ``RecordFormatError``); the batch is copied once, so the caller may reuse its buffer."""
-    view = _as_bytes_view(buffer)
-    data = buffer if type(buffer) is bytes else view.tobytes()
-    rows = list(_walk(data))
-    out = np.zeros(len(rows), dtype=ARRAY_DTYPE)
-    if not rows:
-        return RecordBatch(out, data)
-    index = np.array(rows, dtype=RECORD_INDEX_DTYPE)
-    out["type"], out["size"], out["time"], out["offset"] = index["Type"], index["Size"], index["Time"], index["offset"]
-    raw = np.frombuffer(data, dtype=np.uint8)
-    kind, offsets = out["type"], out["offset"]
-    for column, (at, types) in _COLUMN_AT.items():
-        where = np.flatnonzero(np.isin(kind, types))
-        if len(where):
-            out[column][where] = _u32_at(raw, offsets[where] + at)
-    threads = np.flatnonzero(np.isin(kind, (3, 4)))
-    if len(threads):
-        out["pid"][threads] = _u32_at(raw, offsets[threads] + _THREAD_PID_AT)
-    for item, at in _EXIT_CODE_AT.items():
-        where = np.flatnonzero(kind == item)
-        if len(where):
-            out["exit_code"][where] = _u32_at(raw, offsets[where] + at)
-    creates = np.flatnonzero((kind == 1) | (kind == 101))
-    if len(creates):
-        starts = offsets[creates]
-        chars = raw[starts + 32].astype(np.uint32) | (raw[starts + 33].astype(np.uint32) << 8)
-        out["command_line_offset"][creates] = starts + _CMDLINE_OFFSET
-        out["command_line_chars"][creates] = chars
-        out["block_offset"][creates] = starts + _CREATE_SIZE + 2 * chars.astype(np.int64)
-    for item, at in _BLOCK_AT.items():
-        where = np.flatnonzero(kind == item)
-        if len(where):
-            out["block_offset"][where] = offsets[where] + at
-    has_block = out["block_offset"] > 0
-    ends = offsets + out["size"]
-    out["block_size"] = np.where(has_block, np.maximum(ends - out["block_offset"], 0), 0)
-    out["block_offset"][out["block_size"] == 0] = 0
-    return RecordBatch(out, data)
-
-
-def read_array(reader: Any, buffer: bytearray | memoryview | None = None) -> RecordBatch:
-    """One ``reader.readinto(buffer)`` as columns (``parse_array``): the records waiting now (none when there
-    are none). ``reader`` is any Reader (Monitor, service Connection, fleet reader, recording); ``buffer``
-    (default: a new 64 KiB one) may be reused at once: the batch holds its own copy."""
-    buf = bytearray(0x10000) if buffer is None else buffer
-    return parse_array(memoryview(buf)[:reader.readinto(buf)])
+# The columnar readers (record_headers, parse_arrays, parse_array, read_array) live in etwmon.columns, which
+# builds on the checks above; re-exported here. Imported last: columns needs everything above.
+from .columns import (  # noqa: E402
+    ARRAY_DTYPE, RECORD_INDEX_DTYPE, RecordBatch, parse_array, parse_arrays, read_array, record_headers,
+)

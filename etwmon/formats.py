@@ -15,10 +15,8 @@ import re
 from datetime import timedelta
 from typing import Any, Callable
 
-import numpy as np
-
 from .containers import container_id_from_cgroup
-from .events import _DECODE_FOR, _EXTENSION_ATTRS, _block_values, _utf16, decode_table, parse, parse_array
+from .events import _EXTENSION_ATTRS
 from .records import (
     EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, Event, EventFlags, ExeFlags, ImageLoad, ItemType, ProcessCreate,
     ProcessExec, ProcessExit, RecordsLost, ThreadCreate, ThreadExit, UnknownRecord, filetime_to_datetime,
@@ -68,8 +66,9 @@ def escape_text(text: str) -> str:
 # --- event formatting ------------------------------------------------------------------------------------------
 #
 # Each form is built by one function per record kind from plain values (numbers, text, a dict of details), so the
-# per-event formatters (from an Event) and the batch formatter (``format_batch``, from a batch's columns, without
-# an object per record) give the same bytes: they call the same builders.
+# per-event formatters (from an Event) and the batch formatter's text lines (``etwmon.batch_format``, from a
+# batch's bytes, without an object per record) give the same bytes: they call the same builders. Its JSON lines
+# are assembled from per-field pieces in the same order; tests hold both to the per-event lines.
 
 _FILETIME_UNIX_EPOCH_US = 11_644_473_600_000_000  # 1601-01-01 to 1970-01-01 in microseconds
 #: Text lines' record words, as forkstat names them: a ProcessCreate on Linux is a fork (the child runs its
@@ -83,25 +82,36 @@ def _exit_code(code: int) -> int | None:
     return None if code == EXIT_CODE_UNKNOWN else code
 
 
+_SECONDS: dict[int, str] = {}
+
+
+def _second(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a FILETIME's whole second (``filetime // 10**7``), remembered: a batch's
+    records share a few seconds, so a line's clock is one lookup and its fraction."""
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[second] = filetime_to_datetime(second * 10_000_000).strftime("%Y-%m-%dT%H:%M:%S")
+    return text
+
+
 def _text_clock(filetime: int) -> str:
     """ISO-8601 UTC date and time to the millisecond, as text lines show it: ``2026-12-06T23:17:12.123Z``."""
-    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    second, ticks = divmod(filetime, 10_000_000)
+    return f"{_second(second)}.{ticks // 10_000:03d}Z"
 
 
 def _iso_utc(filetime: int) -> str:
-    return filetime_to_datetime(filetime).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO-8601 UTC to the microsecond, as JSON shows it: ``2026-12-06T23:17:12.123456Z``."""
+    second, ticks = divmod(filetime, 10_000_000)
+    return f"{_second(second)}.{ticks // 10:06d}Z"
 
 
 @functools.lru_cache(maxsize=4096)
 def _start_time(filetime: int) -> str:
     """``_iso_utc`` of a start time: a process's fork, execs and exit all carry the same one."""
     return _iso_utc(filetime)
-
-
-def _clocks(filetimes: np.ndarray, unit: str) -> list[str]:
-    """``_text_clock`` (unit "ms") or ``_iso_utc`` (unit "us") of many FILETIMEs at once."""
-    stamps = (filetimes // 10 - _FILETIME_UNIX_EPOCH_US).astype("datetime64[us]")
-    return np.char.add(np.datetime_as_string(stamps, unit=unit), "Z").tolist()
 
 
 def _who_text(user: str | None, uid: int | None, image: str | None, container: str | None = None) -> str:
@@ -218,6 +228,8 @@ def _json_text(text: str) -> tuple[str, str | None]:
     """(valid Unicode text, None), or when ``text`` holds bytes that are not UTF-8: (the text with U+FFFD in
     their place, base64 of the exact bytes). jq turns lone-surrogate escapes into U+FFFD, so they can't carry
     the bytes."""
+    if text.isascii():
+        return text, None
     try:
         text.encode("utf-8")
         return text, None
@@ -262,7 +274,17 @@ def _container(get: Callable[[str], Any]) -> str | None:
 def _image_flags(get: Callable[[str], Any]) -> list[str] | None:
     """ExeFlags as a list of lower-case names (``["memfd", "deleted"]``); None when unknown."""
     bits = get("exe_flags")
-    return None if bits is None else [f.name.lower() for f in ExeFlags if f & bits]
+    if bits is None:
+        return None
+    names = _EXE_FLAG_NAMES.get(bits)
+    if names is None:
+        if len(_EXE_FLAG_NAMES) >= 256:  # (bits come from untrusted records: the memory stays bounded)
+            _EXE_FLAG_NAMES.clear()
+        names = _EXE_FLAG_NAMES[bits] = [f.name.lower() for f in ExeFlags if f & bits]
+    return list(names)
+
+
+_EXE_FLAG_NAMES: dict[int, list[str]] = {}
 
 
 def _user(get: Callable[[str], Any]) -> str | None:
@@ -289,8 +311,39 @@ _WHERE: dict[str, Callable[[Callable[[str], Any]], object]] = {
 def _flag_names(flags: int) -> list[str]:
     names = _FLAG_NAMES.get(flags)
     if names is None:
+        if len(_FLAG_NAMES) >= 256:  # (flags come from untrusted records: the memory stays bounded)
+            _FLAG_NAMES.clear()
         names = _FLAG_NAMES[flags] = [f.name for f in EventFlags if f & flags]
     return list(names)
+
+
+# How _put_details writes each JSON detail: a value as it is (from the attribute of that name or the one
+# _RENAMED names), text a process controls (_put_text), or by a function of its own.
+_PLAIN, _TEXT, _START, _LIFETIME, _FLAGS, _BY_FUNCTION = range(6)
+_RENAMED = {"pid_namespace": "pid_ns", "namespace_pid": "ns_pid", "mount_namespace": "mnt_ns",
+            "image_device": "exe_device", "image_inode": "exe_inode"}
+
+
+def _detail_plan(names: tuple[str, ...]) -> tuple[tuple[str, int, Any], ...]:
+    """(JSON name, how, attribute or function) for each of ``names``, in order."""
+    plan = []
+    for name in names:
+        if name == "start_time":
+            plan.append((name, _START, "start_filetime"))
+        elif name == "lifetime":
+            plan.append((name, _LIFETIME, name))
+        elif name == "flags":
+            plan.append((name, _FLAGS, name))
+        elif name in _RENAMED:
+            plan.append((name, _PLAIN, _RENAMED[name]))
+        elif name in _WHERE:
+            plan.append((name, _BY_FUNCTION, _WHERE[name]))
+        else:
+            plan.append((name, _TEXT if name in _TEXT_DETAILS else _PLAIN, name))
+    return tuple(plan)
+
+
+_DETAIL_PLANS = {names: _detail_plan(names) for names in set(_JSON_DETAILS.values())}
 
 
 def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
@@ -299,24 +352,36 @@ def _put_details(obj: dict, details: dict, names: tuple[str, ...]) -> None:
     if not details.get("block"):
         return
     get = details.get
-    for name in names:
-        if name == "start_time":
-            start = get("start_filetime")
+    for name, how, what in _DETAIL_PLANS[names]:
+        if how == _PLAIN:
+            obj[name] = get(what)
+            continue
+        if how == _TEXT:
+            value = get(what)
+        elif how == _START:
+            start = get(what)
             obj[name] = None if start is None else _start_time(start)
-        elif name == "lifetime":
-            lifetime = get("lifetime")
+            continue
+        elif how == _LIFETIME:
+            lifetime = get(what)
             obj[name] = None if lifetime is None else lifetime.total_seconds()
-        elif name == "flags":  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
+            continue
+        elif how == _FLAGS:  # the quality flags by name: ["PROCFS", "UNKNOWN_PARENT"]
             obj[name] = _flag_names(details["flags"])
+            continue
         else:
-            value = _WHERE[name](get) if name in _WHERE else get(name)
-            if value is not None and name in _TEXT_DETAILS:
-                _put_text(obj, name, value)
-            else:
+            value = what(get)
+            if name not in _TEXT_DETAILS:
                 obj[name] = value
+                continue
+        if value is None or value.isascii():
+            obj[name] = value
+        else:
+            _put_text(obj, name, value)
 
 
 _TYPE_NAMES = {int(t): t.name for t in ItemType}
+_TRUNCATED = int(EventFlags.TRUNCATED)
 
 
 def _json_object(item: int, when: str, a: int, b: int, c: int, text: str | None, d: dict, c2: int = 0,
@@ -330,7 +395,7 @@ def _json_object(item: int, when: str, a: int, b: int, c: int, text: str | None,
     if item == 1 or item == 101:
         obj.update(pid=a, parent_pid=b, creating_pid=c, creating_tid=c2)
         _put_text(obj, "command_line", text)
-        obj["truncated"] = text.endswith(TRUNCATION_MARKER) or bool(d.get("flags", 0) & EventFlags.TRUNCATED)
+        obj["truncated"] = text.endswith(TRUNCATION_MARKER) or bool(d.get("flags", 0) & _TRUNCATED)
     elif item == 2:
         obj.update(pid=a, exit_code=_exit_code(b))
     elif item == 4:
@@ -401,88 +466,14 @@ def json_line(event: Event) -> str:
     return _dumps(event_to_json(event))
 
 
-# --- batches: the same lines, from a batch's columns ----------------------------------------------------------
-
-#: The extension fields the text form shows, per record type (the batch formatter decodes only these).
-_TEXT_DECODE = {1: decode_table({"user", "uid", "image", "rule_name"}),
-                101: decode_table({"user", "uid", "image", "rule_name"}),
-                2: decode_table({"user", "uid", "image", "lifetime", "rule_name"}), 3: {}, 4: {}}
-
-
 def format_batch(buffer, form: str = "text", types: frozenset[int] | None = None) -> list[str]:
     """The lines (each with its newline) of the records in ``buffer`` whose type is in ``types`` (None: all;
     a RecordsLost report is always kept): what ``format_event`` (``form`` "text") or ``json_line`` ("json")
-    gives for each, built from the batch's columns (``parse_array``) without an Event object per record.
+    gives for each, built from the batch's bytes without an Event object per record (``etwmon.batch_format``).
     Raises only ``RecordFormatError`` on a malformed buffer, as ``parse`` does."""
+    from .batch_format import format_batch_typed  # (it builds on this module)
+
     return format_batch_typed(buffer, form, types)[0]
-
-
-def format_batch_typed(buffer, form: str = "text",
-                       types: frozenset[int] | None = None) -> tuple[list[str], list[int]]:
-    """``format_batch``, and the record type of each line (``etwmon tail`` counts the lines that are events)."""
-    if form not in ("text", "json"):
-        raise ValueError(f"format_batch makes text or json lines, not {form!r}")
-    batch = parse_array(buffer)
-    fields, data = batch.fields, batch.data
-    if types is not None:
-        keep = np.isin(fields["type"], list(types) + [100])
-        fields = fields[keep]
-    if not len(fields):
-        return [], []
-    kinds = fields["type"].tolist()
-    pids = fields["pid"].tolist()
-    tids = fields["tid"].tolist()
-    ppids = fields["parent_pid"].tolist()
-    codes = fields["exit_code"].tolist()
-    counts = fields["count"].tolist()
-    cl_at = fields["command_line_offset"].tolist()
-    cl_chars = fields["command_line_chars"].tolist()
-    block_at = fields["block_offset"].tolist()
-    block_size = fields["block_size"].tolist()
-    text_form = form == "text"
-    clocks = _clocks(fields["time"], "ms" if text_form else "us")
-    out = []
-    append = out.append
-    if text_form:
-        wanted = _TEXT_DECODE
-    else:
-        wanted = _DECODE_FOR
-        cpids = fields["creating_pid"].tolist()
-        ctids = fields["creating_tid"].tolist()
-    for i, item in enumerate(kinds):
-        text = None
-        details: dict = _NO_DETAILS
-        if item == 1 or item == 101:
-            at = cl_at[i]
-            text = _utf16(data[at:at + 2 * cl_chars[i]])
-            a, b, c = pids[i], ppids[i], 0
-        elif item == 2:
-            a, b, c = pids[i], codes[i], 0
-        elif item == 3:
-            a, b, c = tids[i], pids[i], 0
-        elif item == 4:
-            a, b, c = tids[i], pids[i], codes[i]
-        elif item == 100:
-            a, b, c = counts[i], 0, 0
-        else:  # image loads and unknown records are rare: their Event tells
-            (event,) = parse(data[int(fields["offset"][i]):int(fields["offset"][i]) + int(fields["size"][i])])
-            append((format_event(event) if text_form else json_line(event)) + "\n")
-            continue
-        if block_size[i]:
-            flags, values = _block_values(data, block_at[i], block_at[i] + block_size[i], wanted[item])
-            values["flags"] = flags
-            values["block"] = flags != 0 or len(values) > 1
-            details = values
-        if text_form:
-            append(_text_line(item, clocks[i], a, b, c, text, details) + "\n")
-        elif item == 1 or item == 101:
-            append(_dumps(_json_object(item, clocks[i], a, b, cpids[i], text, details, ctids[i])) + "\n")
-        else:
-            append(_dumps(_json_object(item, clocks[i], a, b, c, text, details)) + "\n")
-    return out, kinds
-
-
-_NO_DETAILS: dict = {}
 
 
 # --- Elastic Common Schema ----------------------------------------------------------------------------------
@@ -640,3 +631,4 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+

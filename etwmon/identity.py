@@ -61,11 +61,13 @@ _MAX_PENDING_EXITS = 16384
 _SAME_START = 250_000  # 25 ms in FILETIME ticks
 
 #: Process records noted from batches while creates are among them: past this many they are applied (after
-#: dropping the processes that started and ended among them, as far as the table would evict them anyway).
-_MAX_PENDING_RECORDS = 16384
+#: dropping the processes that started and ended among them, as far as the table would evict them anyway). Few
+#: enough that applying them holds the reading thread a few milliseconds at most (~10 µs a record).
+_MAX_PENDING_RECORDS = 512
 
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
+_TLV = struct.Struct("<HH")
 _SEQUENCE = struct.Struct(">Q")
 
 _GUID, _PGUID = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
@@ -125,8 +127,8 @@ class _Entry:
     """A process in the table. Its details are kept as the packed fields the block carries (Tag, Length,
     value), so a record costs a join and a child's parent fields are made once, not per record."""
 
-    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "fields", "command_line", "head", "start_field",
-                 "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc", "counted")
+    __slots__ = ("pid", "guid", "start", "ppid", "parent_guid", "_fields", "_raw", "command_line", "head",
+                 "start_field", "thread_block", "parent_tail", "tail", "exited", "seeded", "from_proc", "counted")
 
     def __init__(self, pid: int, guid: bytes, start: int, ppid: int, parent: "_Entry | None") -> None:
         self.pid = pid
@@ -134,7 +136,8 @@ class _Entry:
         self.start = start
         self.ppid = ppid
         self.parent_guid = parent.guid if parent is not None else None
-        self.fields: dict[int, bytes] = {}  # this process's own details (image, cwd, uid, user, ...), packed
+        self._fields: dict[int, bytes] | None = {}  # its own details (image, cwd, uid, user, ...), packed
+        self._raw: bytes | None = None  # or the record they are still to be read from (see ``fields``)
         self.command_line = b""  # UTF-16LE
         # The packed ProcessGuid (and ParentProcessGuid) that start every block of this process, and its StartTime.
         self.head = [pack_field(_GUID, guid)] + ([pack_field(_PGUID, parent.guid)] if parent is not None else [])
@@ -147,13 +150,33 @@ class _Entry:
         self.from_proc = 0  # EventFlags.PROCFS when its details were read from /proc after the fact
         self.counted = 0  # bytes the table counts for it (ProcessTable.account)
 
+    @property
+    def fields(self) -> dict[int, bytes]:
+        """Its own details, packed. An entry fed from a record the kernel wrote (``IdentityStage._feed``) keeps
+        that record and reads them from it the first time they are asked for (``ancestors``, a child's parent
+        fields), so that a process nobody asks about costs no parsing."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = {tag: value for tag, value in block_fields(self._raw, packed=True)[1]
+                                     if tag not in _STAGE_TAGS}
+            self._raw = None
+        return fields
+
+    def keep_record(self, record: bytes) -> None:
+        """Details to be read from ``record`` (a create or exec the kernel wrote) when asked for."""
+        self._fields = None
+        self._raw = record
+
     def nbytes(self) -> int:
         """What holding this entry costs, at most: its strings, the copy its children's ParentCommandLine (and
         parent image and user) make of them, the parent fields it carries itself, and a fixed overhead. A parent's
         packed fields are shared by its children but counted in each, so the count errs on the high side."""
         own = len(self.command_line)
-        for value in self.fields.values():
-            own += len(value)
+        if self._fields is None:  # the record kept whole (command line and block): more than the fields
+            own += len(self._raw)  # type: ignore[arg-type]
+        else:
+            for value in self._fields.values():
+                own += len(value)
         carried = 0
         for value in self.parent_tail:
             carried += len(value)
@@ -177,12 +200,15 @@ class _Entry:
     def info(self) -> ProcessInfo:
         f = self.fields
         value = (lambda tag: field_value(tag, f[tag][4:]) if tag in f else None)
+        uid, user = value(_UID), value(_USER)
+        if user is None and uid is not None:  # a record the kernel wrote names the uid: its name, looked up now
+            user = user_name(uid)
         return ProcessInfo(
             process_guid=guid_text(self.guid), pid=self.pid,
             parent_process_guid=guid_text(self.parent_guid) if self.parent_guid else None, parent_pid=self.ppid,
             start_filetime=self.start, image=value(_IMAGE),
-            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=value(_USER),
-            uid=value(_UID), exited=self.exited, seeded=self.seeded)
+            command_line=self.command_line.decode("utf-16-le", "surrogatepass"), user=user,
+            uid=uid, exited=self.exited, seeded=self.seeded)
 
 
 class ProcessTable:
@@ -198,7 +224,7 @@ class ProcessTable:
         self.max_processes = max_processes
         self.max_bytes = max_bytes
         self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
-        self._pending_exits: list[np.ndarray] = []  # guids of exits that passed in batches, not yet applied
+        self._pending_exits: list[np.ndarray | bytes] = []  # guids of exits that passed in batches, not yet applied
         self._pending_count = 0
         self.live: dict[int, _Entry] = {}
         self.by_guid: dict[bytes, _Entry] = {}
@@ -267,12 +293,19 @@ class ProcessTable:
         if self._pending_count > _MAX_PENDING_EXITS:
             self.apply_exits()
 
+    def note_exit(self, guid: bytes) -> None:
+        """One exit's guid (``note_exits`` without an array, for a record that passed alone)."""
+        self._pending_exits.append(guid)
+        self._pending_count += 1
+        if self._pending_count > _MAX_PENDING_EXITS:
+            self.apply_exits()
+
     def apply_exits(self) -> list[_Entry]:
         """Mark exited the processes of the noted exits; returns their entries."""
         pending, self._pending_exits, self._pending_count = self._pending_exits, [], 0
         done = []
         for guids in pending:
-            blob = guids.tobytes()
+            blob = guids if isinstance(guids, bytes) else guids.tobytes()
             for k in range(0, len(blob), 16):
                 entry = self.by_guid.get(blob[k:k + 16])
                 if entry is not None and not entry.exited:
@@ -414,7 +447,7 @@ class IdentityStage:
             if self._pending_count > _MAX_PENDING_RECORDS:
                 self._apply_pending(compact=True)
         elif process and len(record) >= 52:
-            self.table.note_exits(np.frombuffer(record, dtype=np.uint8, count=16, offset=36)[None, :])
+            self.table.note_exit(record[36:52])
         self._push(record)
 
     def _push_each(self, raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
@@ -544,7 +577,48 @@ class IdentityStage:
                     if entry.seeded:
                         self._forget_seeded(entry.pid)
             else:
-                self._create(record, record[0] == 1)
+                self._feed(record, record[0] == 1)
+
+    def _feed(self, record: bytes, fork: bool) -> None:
+        """What ``_create`` does to the table for a create or exec the kernel wrote and that was passed on already
+        (the table is fed after the fact): the entry, found or made, keeps the record and reads its details from
+        it only when they are asked for. Anything unusual takes ``_create``."""
+        pid, ppid = _PIDS.unpack_from(record, 16)
+        chars = record[32] | record[33] << 8
+        start = image = None
+        at, end = 40 + 2 * chars + 8, len(record)  # past the command line, its NUL and padding, the block header
+        while at + 4 <= end:
+            tag, length = _TLV.unpack_from(record, at)  # the value's length
+            if tag == _START and length == 8:
+                start = _I64.unpack_from(record, at + 4)[0]
+                if not fork:
+                    break
+            elif tag == _IMAGE:
+                image = True
+                break  # (text fields come after StartTime)
+            at += 4 + length
+        if start is None or fork and image is None:  # (a fork without an image takes its parent's)
+            self._create(record, fork)
+            return
+        table = self.table
+        entry = table.live.get(pid)
+        if fork:
+            same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
+        else:
+            same = entry is not None and abs(entry.start - start) <= _SAME_START
+        if same and entry._fields:  # a process with details of its own (seeded): merged as _create does
+            self._create(record, fork)
+            return
+        if not same:
+            entry = _Entry(pid, make_guid(self.prefix, pid, start), start, ppid, table.live.get(ppid))
+            table.add(entry)
+        entry.keep_record(record)
+        entry.command_line = record[34:34 + 2 * chars]
+        entry.tail = None
+        entry.from_proc = 0
+        table.account(entry)
+        if not entry.parent_tail:
+            self.unknown_parent += 1
 
     def _short_lived(self, records: list) -> set[int]:
         """Indices of the creates and exits of processes that started and ended among ``records``, the oldest

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence, Union
 
 from .errors import Error, SourceError
 from .formats import human_bytes
@@ -260,6 +260,7 @@ class Monitor(EventReader):
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None
         self._inline: Any = None  # the source's ReaderWait for this run, False when it has none (see wait())
+        self._fileno_given = False  # whether fileno() was asked for (see _reader_wait)
         self._error: BaseException | None = None
         self._error_reported = False
         self._lifecycle = threading.Lock()
@@ -401,13 +402,16 @@ class Monitor(EventReader):
             wakeup.clear_if_drained()
         return result
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, also: Sequence[int] = ()) -> bool:
         """Block until records (or a RecordsLost report) are waiting, or ``timeout`` seconds pass; True if
-        there is something to read. Returns at once when stopped.
+        there is something to read. Returns at once when stopped. ``also``: descriptors to return for too (when
+        one is readable, or has an error or a hang-up: the caller looks at them), e.g. a signal wake-up pipe.
 
-        It returns for the first record, so a reader that wakes for every burst pays a wake-up per burst; one
-        that can wait a few milliseconds may sleep that long after ``wait()`` returns and read a bigger batch
-        (``etwmon tail --batch-wait``: 30-50 % less CPU in an exec storm)."""
+        With the bpf source and its kernel pacer (the default), the waiting thread is woken by the kernel once
+        per ``batch_wait`` window (``set_batch_wait``) and takes the records from the kernel's ring itself. With
+        other sources it returns for the first record pushed, so a reader that wakes for every burst pays a
+        wake-up per burst; one that can wait a few milliseconds may sleep that long after ``wait()`` returns and
+        read a bigger batch (``etwmon tail --batch-wait``)."""
         self._check_error()
         if self.ring.readable():
             return True
@@ -420,21 +424,29 @@ class Monitor(EventReader):
         while True:
             try:
                 if inline is not None:  # woken by the kernel, this thread takes the records from the source
-                    inline.wait(left)
+                    other = inline.wait(left, also)
                 else:
-                    select.select([wakeup], [], [], left)
+                    ready = select.select([wakeup, *also], [], [], left)[0]
+                    other = bool(also) and any(fd is not wakeup for fd in ready)
             except (ValueError, OSError):  # closed by a concurrent stop()
                 return self.ring.readable()
             self._check_error()
             if self.ring.readable():
                 return True
-            if not self.running:
+            if other or not self.running:
                 return False
             wakeup.clear_if_drained()  # woken with nothing to read (a reader on another thread took it)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
+
+    def set_batch_wait(self, seconds: float) -> bool:
+        """Let a batch gather for ``seconds`` after its first record before a reader in ``wait()`` is woken,
+        where the source does that itself (the bpf source's kernel pacer, from its next window on): True then;
+        False when it cannot, and a reader that wants batches pauses after ``wait()`` itself."""
+        setter = getattr(self._source, "set_batch_wait", None)
+        return bool(setter is not None and setter(seconds))
 
     def _reader_wait(self, wakeup: _Wakeup):
         """The source's ReaderWait (``BpfSource.reader_wait``) for this run, made at the first wait(); None
@@ -443,6 +455,8 @@ class Monitor(EventReader):
         if inline is None:
             make = getattr(self._source, "reader_wait", None)
             inline = self._inline = (make(wakeup.fileno()) if make is not None else None) or False
+            if inline:
+                inline.notify = self._fileno_given
         return inline or None
 
     def readable(self) -> bool:
@@ -454,6 +468,9 @@ class Monitor(EventReader):
         wakeup = self._wakeup
         if wakeup is None:
             raise Error("the Monitor is not started: call start() or use it as a context manager first")
+        self._fileno_given = True  # from now on a reader in wait() raises the flag for it too
+        if self._inline:
+            self._inline.notify = True
         return wakeup.fileno()
 
 

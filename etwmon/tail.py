@@ -9,6 +9,8 @@ loop stops where it chooses, so output ends on a line boundary, also when stdout
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import select
@@ -19,11 +21,11 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
-from .formats import format_batch_typed, human_bytes
+from .batch_format import format_batch_typed
+from .formats import human_bytes
 from .records import Event, ItemType, parse
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ STOP_WRITE_WAIT = 1.0
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 _FILE_CHUNK = 0x10000  # a regular file never blocks: bigger writes, fewer calls
 _sleep = time.sleep  # (tests replace it)
+_LOST = int(ItemType.RecordsLost)
 
 
 # The words for loss, one per meaning, everywhere tail speaks (docs/cli.md defines them): "missed" = events the
@@ -228,43 +231,59 @@ class _Waiter:
         self._batch_wait = batch_wait
         self._poll = select.poll() if hasattr(select, "poll") else None
         self._out_fd = -1
+        # A reader that gathers batches itself (a Monitor on the bpf source's kernel pacer: its set_batch_wait)
+        # is waited on directly: its thread is woken once per batch, with no pause after it here, and the
+        # signals' pipe and stdout wake it too (``wait(also=...)``).
+        setter = getattr(reader, "set_batch_wait", None)
+        self._paced = bool(setter is not None and setter(batch_wait) and self._poll is not None)
+        self._also: list[int] = []
         if self._poll is None:
             return
-        self._poll.register(reader.fileno(), select.POLLIN)
+        if not self._paced:
+            self._poll.register(reader.fileno(), select.POLLIN)
         if signals.fileno() is not None:
             self._poll.register(signals.fileno(), select.POLLIN)
+            self._also.append(signals.fileno())
         try:
             if out_fd is not None and stat.S_ISFIFO(os.fstat(out_fd).st_mode):
                 self._poll.register(out_fd, 0)  # POLLERR/POLLHUP are always reported
                 self._out_fd = out_fd
+                self._also.append(out_fd)
         except OSError:
             pass
 
     def wait(self, timeout: float | None) -> None:
+        if self._paced:
+            if not self._reader.wait(timeout, also=self._also):  # type: ignore[call-arg]
+                self._look(0)  # a signal, stdout gone, or the timeout
+            return
         if self._poll is None:
             self._reader.wait(0.2 if timeout is None else min(timeout, 0.2))
         else:
-            ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-            for fd, flags in self._poll.poll(ms):
-                if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
-                    raise BrokenPipeError("the reader of stdout went away")
-                if fd == self._signals.fileno():
-                    self._signals.clear()
+            self._look(None if timeout is None else max(0, math.ceil(timeout * 1000)))
         if self._batch_wait and not self._signals.requested and self._reader.readable():
             # Records are there: give the ones right behind them a moment to join the batch. One wake-up per
             # batch instead of per event halves the CPU in a storm; the source keeps reading the kernel meanwhile.
             _sleep(self._batch_wait)
 
+    def _look(self, ms: int | None) -> None:
+        for fd, flags in self._poll.poll(ms):  # type: ignore[union-attr]
+            if fd == self._out_fd and flags & (select.POLLERR | select.POLLHUP):
+                raise BrokenPipeError("the reader of stdout went away")
+            if fd == self._signals.fileno():
+                self._signals.clear()
+
 
 class _LineWriter:
     """Writes lines to stdout so that each reaches the reader whole or not at all.
 
-    Whole lines go out with ``os.write`` in chunks of at most PIPE_BUF bytes, each after poll() says stdout has
-    room: such a write to a pipe is atomic, so a stop signal (or a reader that stopped reading) always finds the
-    output on a line boundary. A line longer than PIPE_BUF goes in pieces and, once begun, is finished (only a
-    second stop signal with stdout blocked cuts it). After a stop signal, a stdout that takes nothing for
-    ``STOP_WRITE_WAIT`` seconds is given up: the lines left are counted, not half-written. Without a descriptor (a StringIO, Windows):
-    ``stream.write`` per line.
+    A batch of lines is encoded once and kept as one run of bytes with the end of each line. It goes out with
+    ``os.write`` in chunks of whole lines, at most PIPE_BUF bytes each, each after poll() says stdout has room:
+    such a write to a pipe is atomic, so a stop signal (or a reader that stopped reading) always finds the output
+    on a line boundary. A line longer than PIPE_BUF goes in pieces and, once begun, is finished (only a second
+    stop signal with stdout blocked cuts it). After a stop signal, a stdout that takes nothing for
+    ``STOP_WRITE_WAIT`` seconds is given up: the lines left are counted, not half-written. Without a descriptor
+    (a StringIO, Windows): one ``stream.write`` and one flush per batch.
     """
 
     def __init__(self, out: TextIO, signals: StopSignals) -> None:
@@ -274,12 +293,18 @@ class _LineWriter:
         self._signals = signals
         self._encoding = getattr(out, "encoding", None) or "utf-8"
         self._errors = getattr(out, "errors", None) or "strict"
-        self._pending: deque[tuple[bytes | str, bool]] = deque()  # (line with its newline, is an event)
-        self._offset = 0  # bytes of the first pending line already written
+        # Pending output: its bytes (or, for a stream, its text), where each line ends in them and whether it is
+        # an event; _first is the first line not written whole, _done how much of the output is written.
+        self._data: bytearray | list[str] = []
+        self._ends: list[int] = []
+        self._events: list[bool] = []
+        self._first = 0
+        self._done = 0
         self._poll = None
         self.fd = _fd_of(out) if hasattr(select, "poll") else None
         self._chunk = _PIPE_BUF
         if self.fd is not None:
+            self._data = bytearray()
             self._poll = select.poll()
             self._poll.register(self.fd, select.POLLOUT)
             if signals.fileno() is not None:
@@ -293,18 +318,32 @@ class _LineWriter:
     @property
     def unwritten(self) -> int:
         """Events taken from the reader that were not written (stdout blocked after a stop signal, or closed)."""
-        return sum(is_event for _, is_event in self._pending)
+        return sum(self._events[self._first:])
 
     def add(self, events: list[Event], render: Callable[[Event], str]) -> None:
         self.add_lines([render(event) + "\n" for event in events], [int(event.type) for event in events])
 
     def add_lines(self, lines: list[str], kinds: list[int]) -> None:
         """Lines with their newlines, and the record type of each (a RecordsLost report is not an event)."""
-        if self.fd is not None:
-            encoding, errors = self._encoding, self._errors
-            lines = [line.encode(encoding, errors) for line in lines]
-        lost = int(ItemType.RecordsLost)
-        self._pending.extend(zip(lines, [kind != lost for kind in kinds]))
+        if not lines:
+            return
+        if self.fd is None:
+            sizes: Any = map(len, lines)
+            self._data.extend(lines)  # type: ignore[arg-type]
+        else:
+            text = "".join(lines)
+            data = text.encode(self._encoding, self._errors)
+            if len(data) == len(text):  # ASCII (JSON always is) in an encoding that keeps it: a byte a character
+                sizes = map(len, lines)
+            else:
+                encoded = [line.encode(self._encoding, self._errors) for line in lines]
+                data = b"".join(encoded)
+                sizes = map(len, encoded)
+            self._data += data  # type: ignore[operator]
+        running = itertools.accumulate(sizes, initial=self._ends[-1] if self._ends else self._done)
+        next(running)  # (where it starts)
+        self._ends.extend(running)
+        self._events.extend([kind != _LOST for kind in kinds])
 
     def flush(self, stopping: bool = False) -> bool:
         """Write what is pending; True when all of it is out. Returns False early, on a line boundary: when a
@@ -312,30 +351,31 @@ class _LineWriter:
         ``STOP_WRITE_WAIT`` seconds (``stopping`` True: the final drain)."""
         if self.fd is None:
             return self._flush_stream(stopping)
-        pending, signals = self._pending, self._signals
-        while pending:
-            at_boundary = self._offset == 0
+        ends, signals, chunk = self._ends, self._signals, self._chunk
+        while self._first < len(ends):
+            done = self._done
+            line_end = ends[self._first]
+            at_boundary = self._first == 0 or done == ends[self._first - 1]
             if at_boundary and signals.requested and not stopping:
                 return False
             if not self._writable(stopping, at_boundary):
                 return False
-            head = pending[0][0]
-            if self._offset or len(head) >= self._chunk:
-                chunk = head[self._offset:self._offset + self._chunk]
-            else:
-                parts, size = [], 0
-                for line, _ in pending:
-                    if size + len(line) > self._chunk:
-                        break
-                    parts.append(line)
-                    size += len(line)
-                chunk = b"".join(parts)
+            if not at_boundary or line_end - done >= chunk:
+                size = min(chunk, line_end - done)  # a long line: the next piece of it
+            else:  # as many whole lines as fit
+                size = ends[bisect.bisect_right(ends, done + chunk, self._first) - 1] - done
+            start = done - self._base
             try:
-                self._advance(os.write(self.fd, chunk))
+                self._advance(os.write(self.fd, self._data[start:start + size]))
             except BrokenPipeError:
                 self.unwritten_reason = "stdout closed"
                 raise
         return True
+
+    @property
+    def _base(self) -> int:
+        """Where the pending bytes begin in the output."""
+        return self._ends[-1] - len(self._data) if self._ends else self._done
 
     def _writable(self, stopping: bool, at_boundary: bool) -> bool:
         """Wait until stdout can take a chunk (True), or say why not (False). Running, a stop signal ends the
@@ -349,8 +389,9 @@ class _LineWriter:
             else:
                 wait_ms = STOP_WRITE_WAIT * 1000 if stopping else None
             ready = self._poll.poll(wait_ms)
-            if any(fd == self.fd for fd, _ in ready):
-                return True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
+            for fd, _ in ready:
+                if fd == self.fd:
+                    return True  # POLLOUT, or POLLERR/POLLHUP: the write then says what happened
             if ready:  # a signal
                 signals.clear()
                 if at_boundary and not stopping:
@@ -361,32 +402,29 @@ class _LineWriter:
                 return False
 
     def _advance(self, n: int) -> None:
-        pending = self._pending
-        while n:
-            line, is_event = pending[0]
-            left = len(line) - self._offset
-            if n < left:
-                self._offset += n
-                return
-            pending.popleft()
-            n -= left
-            self._offset = 0
-            self.shown += is_event
+        """``n`` more bytes are written: count the lines now whole, and let go of what all of them held."""
+        self._done += n
+        ends, events, first = self._ends, self._events, self._first
+        while first < len(ends) and ends[first] <= self._done:
+            self.shown += events[first]
+            first += 1
+        self._first = first
+        if first == len(ends):
+            self._data.clear()
+            ends.clear()
+            events.clear()
+            self._first = 0
 
     def _flush_stream(self, stopping: bool) -> bool:
-        pending, signals = self._pending, self._signals
-        while pending:
-            if signals.requested and not stopping:
-                return False
-            line, is_event = pending[0]
-            try:
-                self._out.write(line)
-                self._out.flush()
-            except BrokenPipeError:
-                self.unwritten_reason = "stdout closed"
-                raise
-            pending.popleft()
-            self.shown += is_event
+        if not self._ends or (self._signals.requested and not stopping):
+            return not self._ends
+        try:
+            self._out.write("".join(self._data))  # type: ignore[arg-type]
+            self._out.flush()
+        except BrokenPipeError:
+            self.unwritten_reason = "stdout closed"
+            raise
+        self._advance(self._ends[-1] - self._done)
         return True
 
 
@@ -465,12 +503,14 @@ class _Tail:
             if next_stats is not None and time.monotonic() >= next_stats:
                 last = self._print_stats(last)
                 next_stats = time.monotonic() + interval
-            if n:
-                continue
+            if n > READ_SIZE // 2:
+                continue  # the buffer was about full: more is waiting, read on
             if not reader.running:
-                if reader.readable():  # pushed just before it ended
+                if n or reader.readable():  # pushed just before it ended
                     continue
                 return "the source stopped"
+            # A part batch (or none): wait for the next, and let the records behind it gather (batch_wait), rather
+            # than read again at once the few that came while this one was written: one wake-up per batch.
             waiter.wait(None if next_stats is None else max(0.0, next_stats - time.monotonic()))
         # Stop the source, then show what it had captured up to then: the summary's counts cover all of it.
         reader.stop()

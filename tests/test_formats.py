@@ -11,12 +11,13 @@ import os
 import struct
 import sys
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import etwmon
-from etwmon import cli, formats
+from etwmon import cli, columns, events, formats
 from etwmon import records as R
 from etwmon.errors import RecordFormatError
 from etwmon.records import ItemType, parse
@@ -41,7 +42,9 @@ def hostile_batch() -> bytes:
         t = T0 + 10 * i
         details = R.Details(process_guid="{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}", image=text or None, user=text,
                             uid=1000 + i, current_directory=text, parent_command_line=text, rule_name=text or None,
-                            tty=text, start_filetime=t - 5, flags=i % 16)
+                            tty=text, start_filetime=t - 5, flags=i % 16,
+                            cgroup=f"/system.slice/docker-{i:064x}.scope" if i % 2 else text,
+                            container_id=text if i % 3 == 1 else None)
         out.append(R.encode_process_create(t, 100 + i, 1, 1, 1, text))
         out.append(R.encode_process_create(t, 100 + i, 1, 1, 1, text, details))
         out.append(R.encode_process_exec(t + 1, 100 + i, 1, 100 + i, 100 + i, text, details))
@@ -185,6 +188,45 @@ def test_batch_lines_are_the_per_event_lines(form: str, render, json_encoder) ->
             [formats.event_to_json(e) for e in parse(data)]))
 
 
+def _records_of(data: bytes) -> list[bytes]:
+    return [data[o:o + n] for o, n in zip(R.record_headers(data)["offset"].tolist(),
+                                          R.record_headers(data)["Size"].tolist())]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
+def test_small_batches_read_as_each_record_alone(size: int, json_encoder) -> None:
+    # What a storm hands a reader: a few records per readinto. Every window of the hostile records, through each
+    # reader, gives what the per-event path gives for those records.
+    records = _records_of(hostile_batch())
+    for start in range(0, len(records), max(1, size // 2)):
+        window = b"".join(records[start:start + size])
+        each = list(parse(window))
+        assert formats.format_batch(bytearray(window), "text") == [formats.format_event(e) + "\n" for e in each]
+        assert formats.format_batch(window, "json") == [formats.json_line(e) + "\n" for e in each]
+        batch = R.parse_array(memoryview(bytearray(window)))
+        assert batch.fields["time"].tolist() == [e.filetime for e in each]
+        assert batch.fields["pid"].tolist() == [getattr(e, "pid", 0) for e in each]
+        assert batch.command_lines.tolist() == [getattr(e, "command_line", None) for e in each]
+        _columns_both_ways(window)
+
+
+def test_big_batches_take_the_columns_way_with_the_same_table() -> None:
+    data = hostile_batch() * 3
+    assert len(R.record_headers(data)) >= columns._VECTOR_ROWS  # (the default takes the column way here)
+    _columns_both_ways(data)
+
+
+@pytest.mark.parametrize("filetime", [0, 1, 9_999, 10_000, 9_999_999, 10_000_000, T0, T0 + 9_999_999,
+                                      R.MAX_FILETIME - 10_000_000, R.MAX_FILETIME])
+def test_clocks_are_the_datetimes_own(filetime: int) -> None:
+    moment = R.filetime_to_datetime(filetime)
+    (event,) = parse(R.encode_process_exit(filetime, 5, 0))
+    assert formats.format_event(event).startswith(moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z ")
+    assert formats.event_to_json(event)["time"] == moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert formats.format_batch(event.encode(), "json")[0].startswith(
+        '{"type":"ProcessExit","time":"' + moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") + '"')
+
+
 @pytest.fixture(params=["orjson", "stdlib"])
 def json_encoder(request, monkeypatch):
     """Each JSON test once with orjson (etwmon[fast]) and once with the stdlib fallback."""
@@ -250,7 +292,7 @@ def _read_everything(data: bytes) -> None:
     except RecordFormatError:
         events = None
     for reader in (R.parse_array, R.record_headers, lambda b: formats.format_batch(b, "text"),
-                   lambda b: formats.format_batch(b, "json")):
+                   lambda b: formats.format_batch(b, "json"), _columns_both_ways):
         try:
             reader(data)
         except RecordFormatError:
@@ -264,6 +306,17 @@ def _read_everything(data: bytes) -> None:
         event.encode()
     assert formats.format_batch(data, "text") == [formats.format_event(e) + "\n" for e in events]
     assert formats.format_batch(data, "json") == [formats.json_line(e) + "\n" for e in events]
+
+
+def _columns_both_ways(data: bytes) -> None:
+    """parse_array builds a small batch's rows one by one and a big one's column by column: the same table."""
+    with mock.patch.object(columns, "_VECTOR_ROWS", 10**9):
+        one_by_one = R.parse_array(data)
+    with mock.patch.object(columns, "_VECTOR_ROWS", 1):
+        by_column = R.parse_array(data)
+    assert one_by_one.fields.dtype == by_column.fields.dtype == R.ARRAY_DTYPE
+    assert one_by_one.fields.tobytes() == by_column.fields.tobytes()
+    assert one_by_one.command_lines.tolist() == by_column.command_lines.tolist()
 
 
 _SEEDS = [R.encode_process_exec(T0, 5, 1, 5, 5, "sh -c 'x'", R.Details(
@@ -382,7 +435,8 @@ def test_fuzz_big_batches_are_checked_like_small_ones(seeds: list[bytes], at: in
     data[at:at + len(value)] = value
     data = bytes(data)
     try:
-        whole = [e.filetime for e in parse(data)]
+        with mock.patch.object(events, "_VECTOR_BLOCKS", 16):  # these 16-40 blocks: the numpy way
+            whole = [e.filetime for e in parse(data)]
         whole_error = None
     except RecordFormatError as exc:
         whole_error = str(exc)
@@ -401,8 +455,67 @@ def test_fuzz_big_batches_are_checked_like_small_ones(seeds: list[bytes], at: in
         assert error is not None
         delivered = []
         try:
-            for event in parse(data):
-                delivered.append(event.filetime)
+            with mock.patch.object(events, "_VECTOR_BLOCKS", 16):
+                for event in parse(data):
+                    delivered.append(event.filetime)
         except RecordFormatError:
             pass
         assert delivered == one_by_one[:len(delivered)]
+
+
+def test_what_the_formatters_remember_stays_bounded_whatever_the_records_say() -> None:
+    # Flags, ExeFlags bits, guids, seconds and field values come from untrusted records (a fleet message, a client):
+    # each distinct one may be remembered, but only so many.
+    from etwmon import batch_format
+
+    records = b"".join(R.encode_process_exec(T0 + 10_000_000 * i, 5, 1, 5, 5, "x", R.Details(
+        process_guid=f"{{0f1e2d3c-4b5a-6978-8796-{i:012x}}}", image=f"/bin/{i}", exe_device=1, exe_inode=i,
+        exe_flags=i, flags=i % 4096)) for i in range(5000))
+    assert len(formats.format_batch(records, "json")) == len(formats.format_batch(records, "text")) == 5000
+    assert len(formats._FLAG_NAMES) <= 256 and len(formats._EXE_FLAG_NAMES) <= 256
+    assert len(formats._SECONDS) <= 4096 and len(events._GUIDS) <= 4096
+    remembered = [piece.__self__ for piece in batch_format._PIECE_OF.values()]
+    assert all(len(cache) <= 256 for cache in remembered) and max(len(cache) for cache in remembered) > 0
+
+
+# Any code point, lone surrogates and controls included; or a hostile line, or a cgroup path naming a container.
+_TEXTS = (st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=12)
+          | st.sampled_from(HOSTILE + ["/system.slice/docker-" + "ab" * 32 + ".scope"]))
+_DETAILS = st.fixed_dictionaries({}, optional={
+    "process_guid": st.uuids().map(lambda u: "{" + str(u) + "}"),
+    "parent_process_guid": st.uuids().map(lambda u: "{" + str(u) + "}"),
+    "image": _TEXTS, "current_directory": _TEXTS, "uid": st.integers(0, 2**32 - 1), "user": _TEXTS,
+    "parent_image": _TEXTS, "parent_command_line": _TEXTS, "parent_user": _TEXTS, "tty": _TEXTS,
+    "session": st.integers(0, 2**32 - 1), "cgroup": _TEXTS, "container_id": _TEXTS,
+    "start_filetime": st.integers(0, R.MAX_FILETIME), "rule_name": _TEXTS, "exe_device": st.integers(0, 2**32 - 1),
+    "exe_inode": st.integers(0, 2**64 - 1), "exe_flags": st.integers(0, 2**32 - 1),
+    "mnt_ns": st.integers(0, 2**32 - 1), "pid_ns": st.integers(0, 2**32 - 1), "ns_pid": st.integers(0, 2**32 - 1),
+    "cgroup_id": st.integers(0, 2**64 - 1), "hashes": _TEXTS, "flags": st.integers(0, 2**32 - 1),
+    "lifetime": st.integers(0, 2**63).map(lambda us: timedelta(microseconds=us)),
+})
+
+
+@_FUZZ
+@given(st.lists(st.tuples(st.sampled_from([1, 101, 2, 3, 4]), _DETAILS, _TEXTS, st.integers(0, 2**32 - 1)),
+                min_size=1, max_size=6), st.sampled_from(["orjson", "stdlib"]))
+def test_fuzz_batch_lines_are_the_per_event_lines_whatever_the_details(records, encoder) -> None:
+    # Any mix of known and unknown details, any text (lone surrogates, controls, bidi), any numbers: the batch
+    # formatter's lines are the per-event formatters' lines, byte for byte.
+    out = []
+    for item, values, text, number in records:
+        allowed = {1: R._CREATE_ATTRS, 101: R._CREATE_ATTRS}.get(item, R._EXTENSION_ATTRS[item])
+        details = R.Details(**{k: v for k, v in values.items() if k in allowed or k == "flags"})
+        if item in (1, 101):
+            encode = R.encode_process_create if item == 1 else R.encode_process_exec
+            out.append(encode(T0, number, 1, 2, 3, text, details))
+        elif item == 2:
+            out.append(R.encode_process_exit(T0, 5, number, details))
+        elif item == 3:
+            out.append(R.encode_thread_create(T0, number, 5, details))
+        else:
+            out.append(R.encode_thread_exit(T0, number, 5, number ^ 1, details))
+    data = b"".join(out)
+    with mock.patch.object(formats, "_orjson_dumps", formats._orjson_dumps if encoder == "orjson" else None):
+        each = list(parse(data))
+        assert formats.format_batch(data, "json") == [formats.json_line(e) + "\n" for e in each]
+        assert formats.format_batch(data, "text") == [formats.format_event(e) + "\n" for e in each]

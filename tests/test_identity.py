@@ -400,6 +400,24 @@ def test_lean_creates_the_kernel_wrote_pass_whole_and_feed_the_table_when_it_is_
         assert getattr(lean, name) == getattr(event, name), name
 
 
+def test_lean_the_table_keeps_the_kernels_record_and_reads_its_details_only_when_asked():
+    sink = BatchSink()
+    st = IdentityStage(sink, HOST, lean=True)
+    records = [_kernel_create(1, T, 500, 400, T, T - 9, "sh -c x"),
+               _kernel_create(1, T + 2, 501, 500, T + 2, T, "sh -c x"),
+               _kernel_create(101, T + 3, 501, 500, T + 2, T, "/usr/bin/p501 'a b'")]
+    _batch(st, records)
+    st.apply_exits()  # the table is fed (as when 512 wait): entries, no parsing
+    child = st.table.live[501]
+    assert child._fields is None and child._raw == records[2]  # the exec's record, kept whole
+    assert child.command_line.decode("utf-16-le") == "/usr/bin/p501 'a b'"
+    assert st.table.bytes >= sum(e.nbytes() for e in st.table.live.values()) > 0  # counted in bytes meanwhile
+    info = st.process(R.guid_text(make_guid(guid_prefix(HOST), 501, T + 2)))
+    assert (info.image, info.uid, info.command_line) == ("/usr/bin/p501", 0, "/usr/bin/p501 'a b'")
+    assert child._fields is not None and child._raw is None  # read once, when asked
+    assert [p.pid for p in st.ancestors(info.process_guid)] == [500]
+
+
 def test_lean_a_create_whose_parent_was_seeded_takes_the_tables_guid_for_the_parent():
     sink = BatchSink()
     st = IdentityStage(sink, HOST, lean=True)

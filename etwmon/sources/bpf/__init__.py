@@ -62,8 +62,10 @@ _READER_BACKSTOP_MS = 250
 _IDLE_BACKSTOP = 1.0
 #: How often a run reads the kernel's loss counter (a system call; the last pass always reads it).
 _LOST_CHECK = 0.05
-#: struct pacer's size (a bpf_timer and two u32): writing zeros over it cancels the timer.
-_PACER_SIZE = 24
+#: struct pacer's size (a bpf_timer, two u64, two u32): writing zeros over it cancels the timer; its `late` count
+#: is at _PACER_LATE.
+_PACER_SIZE = 40
+_PACER_LATE = 24
 _FIX = "use `--source netlink` (or source='netlink')"
 
 
@@ -131,10 +133,9 @@ class BpfSource(Source):
         #: Whether to load the programs with the kernel's wake-up pacer (when the kernel accepts it; False: the
         #: object without it, woken by the ring's adaptive rule, with the ``batch_wait`` pause in this thread).
         self.kernel_pacing = bool(kernel_pacing)
-        #: How wake-ups are paced once open: "kernel" (the pacer: one per ``batch_wait`` window, and a reader in
-        #: ``Monitor.wait()`` drains the ring itself), "reader" (without the pacer: this thread pauses
-        #: ``batch_wait`` after each wake-up) or "none" (``batch_wait`` 0: every wake-up is drained at once).
-        self.pacing: str | None = None
+        self._pacer = False  # whether the programs loaded are the ones with the pacer
+        self._settings = b""  # the config map's entry, as written at open (see set_batch_wait)
+        self._wake_late_seen = 0
         self._drain_lock = threading.Lock()  # one pass at a time: this thread's or a waiting reader's
         self._sink: Sink | None = None
         self._waiting = 0  # readers in ReaderWait.wait(), drained for by themselves
@@ -231,7 +232,8 @@ class BpfSource(Source):
                              "are used, with a %.0f ms pause in the reader", exc, 1000 * self.batch_wait)
                     continue
                 raise SourceUnavailable(f"cannot load the eBPF programs ({exc}): {_FIX}") from exc
-        self.pacing = ("none" if not wake_us else "kernel" if path == OBJECT_PATH else "reader")
+        self._pacer = path == OBJECT_PATH
+        self._settings = settings
         try:
             self._ring = RingBuffer(obj.map_fd("events"), self.ring_size)
             self._lost = PerCpuCounter(libbpf, obj.map_fd("lost"))
@@ -262,6 +264,41 @@ class BpfSource(Source):
                 self.close()
                 raise
 
+    @property
+    def pacing(self) -> str | None:
+        """How wake-ups are paced once open: "kernel" (the pacer: one per ``batch_wait`` window, and a reader in
+        ``Monitor.wait()`` drains the ring itself), "reader" (the programs without the pacer: this thread pauses
+        ``batch_wait`` after each wake-up), "none" (``batch_wait`` 0: every wake-up is drained at once)."""
+        if self._object is None:
+            return None
+        if not self.batch_wait:
+            return "none"
+        return "kernel" if self._pacer else "reader"
+
+    def set_batch_wait(self, seconds: float) -> bool:
+        """Change ``batch_wait``; with the pacer loaded, the kernel uses it from its next window on (the settings
+        map is rewritten) and True is returned. False: no pacer, and only this thread's pause changes."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 1:
+            raise ValueError(f"batch_wait must be 0..1 seconds, not {seconds!r}")
+        self.batch_wait = float(seconds)
+        obj = self._object
+        if obj is None or not self._pacer:
+            return False
+        base, prefix, flags, _ = CONFIG.unpack(self._settings)
+        obj.write_entry("config", CONFIG.pack(base, prefix, flags, round(self.batch_wait * 1e6)))
+        return True
+
+    def _wake_late(self) -> int:
+        """Wake-ups the programs forced because the pacer's timer was late (its expiry waited in softirq)."""
+        obj = self._object
+        if obj is not None and self._pacer:
+            try:
+                self._wake_late_seen = int.from_bytes(obj.read_entry("pacer", _PACER_SIZE)[_PACER_LATE:_PACER_LATE + 8],
+                                                      "little")
+            except OSError:
+                pass
+        return self._wake_late_seen
+
     def host_and_boot_id(self) -> bytes:
         return host_and_boot_id()
 
@@ -290,7 +327,7 @@ class BpfSource(Source):
     def _run(self, sink: Sink, ring, decoder: EventDecoder) -> None:
         decoder.push = sink.push
         self._sink = sink
-        if self.pacing == "kernel":
+        if self._pacer:
             self._run_paced(sink, ring)
         else:
             self._run_adaptive(sink, ring)
@@ -299,20 +336,23 @@ class BpfSource(Source):
         self._object.detach()  # type: ignore[union-attr]
         if self._images is not None:  # image loads
             self._images.detach()
-        if self.pacing == "kernel":  # a wake-up still pending would come after the last pass: cancel it
+        if self._pacer:  # a wake-up still pending would come after the last pass: cancel it
+            self._wake_late()  # (its count, before it is gone)
             self._object.write_entry("pacer", bytes(_PACER_SIZE))  # type: ignore[union-attr]
         self._settle()
         with self._drain_lock:
             self._final_drain(sink)
 
-    def _rings(self, ring) -> list[int]:
-        return [ring.fd] + ([self._images.fd] if self._images is not None else [])
+    def _rings(self, ring) -> tuple[list[int], list[int]]:
+        """The rings to wait on: (paced by the kernel: edge-triggered, those with the ring's adaptive wake-up:
+        level-triggered, since a record committed during a pass wakes nobody under that rule)."""
+        return [ring.fd], ([self._images.fd] if self._images is not None else [])
 
     def _run_paced(self, sink: Sink, ring) -> None:
         """The kernel wakes the rings' readers once per ``batch_wait`` window: a pass per wake-up. While a reader
         waits in ``Monitor.wait()`` (ReaderWait) it is woken instead and takes the records itself; this thread
         then only looks in now and then for a reader that stopped reading."""
-        waiter = RingWaiter(self._rings(ring), self._wake.fileno())
+        waiter = RingWaiter(*self._rings(ring), self._wake.fileno())
         stopper = select.poll()
         stopper.register(self._wake.fileno(), select.POLLIN)
         entries = self._reader_entries
@@ -323,7 +363,7 @@ class BpfSource(Source):
                     stopper.poll(_READER_BACKSTOP_MS)
                     continue
                 self._pass(sink)
-                if not self._stopping and waiter.sleep(_IDLE_BACKSTOP):
+                if not self._stopping and waiter.sleep(_IDLE_BACKSTOP)[0]:
                     self.wakeups += 1
         finally:
             waiter.close()
@@ -333,7 +373,7 @@ class BpfSource(Source):
         pass lets the events behind the first land (one pass, and one notify of readers, per batch_wait in a
         storm instead of one per event)."""
         poller = select.poll()
-        for fd in self._rings(ring) + [self._wake.fileno()]:
+        for fd in [fd for fds in self._rings(ring) for fd in fds] + [self._wake.fileno()]:
             poller.register(fd, select.POLLIN)
         stopper = select.poll()  # the wait between passes, which stop() cuts short
         stopper.register(self._wake.fileno(), select.POLLIN)
@@ -359,9 +399,9 @@ class BpfSource(Source):
         batch costs one thread's wake-up rather than this thread's and then the reader's. ``notify_fd``: the
         monitor's records-waiting flag (raised by this thread's passes, errors and stop)."""
         ring = self._ring
-        if self.pacing != "kernel" or ring is None:
+        if not self._pacer or ring is None:
             return None
-        wait = ReaderWait(self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
+        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
         self._reader_waits.append(wait)
         return wait
 
@@ -371,13 +411,14 @@ class BpfSource(Source):
             if delta > 0:
                 self._reader_entries += 1
 
-    def _reader_pass(self) -> int:
-        """One pass from a waiting reader's thread: only while run() runs (its sink; the last pass is its own)."""
+    def _reader_pass(self, notify: bool) -> int:
+        """One pass from a waiting reader's thread: only while run() runs (its sink; the last pass is its own).
+        ``notify``: raise the readers' flag too (not needed when no reader watches the monitor's fileno())."""
         with self._drain_lock:
             sink = self._sink
             if self._ring is None or sink is None or not self._running or self._stopping:
                 return 0
-            return self._drain(sink)
+            return self._drain(sink, notify=notify)
 
     def _settle(self) -> None:
         """Wait until no program that was running as they were detached still runs: membarrier's global
@@ -417,7 +458,7 @@ class BpfSource(Source):
             return True
         return False
 
-    def _drain(self, sink: Sink, final: bool = False) -> int:
+    def _drain(self, sink: Sink, final: bool = False, notify: bool = True) -> int:
         """Decode what the ring holds now (one pass: a storm that keeps filling it must not keep readers
         waiting), give the space back, report new kernel-side losses and wake readers; returns the number of
         events.
@@ -476,8 +517,8 @@ class BpfSource(Source):
         if self._report_lost(sink, now):
             count += 1
         if images is not None:  # image loads
-            count += images.drain(sink, images_upto)
-        if count:
+            count += images.drain(sink, images_upto, now)
+        if count and notify:
             sink.notify()
         return count
 
@@ -520,12 +561,13 @@ class BpfSource(Source):
         d = self._decoder
         base = {"lost": self._lost_reported, "parse_errors": 0, "wakeups": self.wakeups, "skipped": self.skipped,
                 # with the pacer: its window (0: not paced in the kernel), and the wake-ups of waiting readers
-                "wake_us": round(self.batch_wait * 1e6) if self.pacing == "kernel" else 0,
+                "wake_us": round(self.batch_wait * 1e6) if self._pacer else 0,
                 "reader_wakeups": sum(w.wakeups for w in self._reader_waits) + self._closed_reader_wakeups}
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable, creates_slow=d.creates_slow,
                         kernel_written=self._mover.records if self._mover is not None else 0)
+        base["wake_late"] = self._wake_late()
         if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
             images = self._images.stats()
             base["parse_errors"] += images.pop("parse_errors")

@@ -248,6 +248,14 @@ class LoadedObject:
         if self.libbpf.bpf_map_update_elem(self.map_fd(name), ctypes.byref(key), buf, 0):
             raise _errno_error(f"cannot write entry 0 of the map {name!r}", ctypes.get_errno())
 
+    def read_entry(self, name: str, size: int) -> bytes:
+        """The ``size`` bytes of entry 0 of the array map ``name`` (the kernel zeroes a timer's bytes)."""
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(size)
+        if self.libbpf.bpf_map_lookup_elem(self.map_fd(name), ctypes.byref(key), buf):
+            raise _errno_error(f"cannot read entry 0 of the map {name!r}", ctypes.get_errno())
+        return buf.raw
+
     def detach(self) -> None:
         """Detach every program (no more events); the maps stay readable until ``close()``. Idempotent."""
         links, self._links = self._links, []

@@ -19,49 +19,77 @@ _EDGE = select.EPOLLIN | select.EPOLLET
 
 
 class RingWaiter:
-    """Sleeps until the kernel wakes the rings' readers (edge-triggered), or ``fd`` (level) is readable."""
+    """Sleeps until the kernel wakes the readers of the ``paced`` rings (edge-triggered), or one of the ``adaptive``
+    rings or ``fd`` is readable (level-triggered: a ring under the adaptive rule wakes nobody for a record written
+    while its reader was behind); ``watch`` adds other descriptors to wake for (readable, an error, a hang-up)."""
 
-    def __init__(self, rings: list[int], fd: int) -> None:
+    def __init__(self, paced: list[int], adaptive: list[int], fd: int) -> None:
         self._ep = select.epoll()
+        self._own = set(paced) | set(adaptive) | {fd}
+        self._others: set[int] = set()
         try:
-            for ring in rings:
+            for ring in paced:
                 self._ep.register(ring, _EDGE)
+            for ring in adaptive:
+                self._ep.register(ring, select.EPOLLIN)
             self._ep.register(fd, select.EPOLLIN)
         except BaseException:
             self._ep.close()
             raise
 
-    def sleep(self, timeout: float | None) -> bool:
-        """True when woken, False when ``timeout`` (seconds; None: no limit) passed first."""
-        return bool(self._ep.poll(-1 if timeout is None else max(timeout, 0.0)))
+    def watch(self, fds) -> None:
+        for fd in fds:
+            if fd not in self._others:
+                self._ep.register(fd, select.EPOLLIN)  # EPOLLERR and EPOLLHUP come anyway
+                self._others.add(fd)
+
+    def sleep(self, timeout: float | None) -> tuple[bool, bool]:
+        """(woken by the rings or ``fd``, woken by a watched descriptor); both False when ``timeout`` (seconds;
+        None: no limit) passed first."""
+        ready = self._ep.poll(-1 if timeout is None else max(timeout, 0.0))
+        own = others = False
+        for fd, _ in ready:
+            if fd in self._own:
+                own = True
+            else:
+                others = True
+        return own, others
 
     def close(self) -> None:
         self._ep.close()
 
 
 class ReaderWait:
-    """What ``Monitor.wait()`` uses when the source offers it (``BpfSource.reader_wait``): take what the rings
-    hold, or sleep until the kernel's next wake-up (or ``notify_fd``: the monitor's records-waiting flag, which
-    the source thread and ``stop()`` raise) and take it then. While a reader waits here, the source's thread
+    """What ``Monitor.wait()`` uses when the source offers it (``BpfSource.reader_wait``): sleep until the
+    kernel's next wake-up (or ``notify_fd``: the monitor's records-waiting flag, which the source thread and
+    ``stop()`` raise) and take what the rings hold then. While a reader waits here, the source's thread
     stays out of the way (see BpfSource._run)."""
 
-    def __init__(self, rings: list[int], notify_fd: int, drain: Callable[[], int],
+    def __init__(self, paced: list[int], adaptive: list[int], notify_fd: int, drain: Callable[[bool], int],
                  waiting: Callable[[int], None]) -> None:
-        self._waiter = RingWaiter(rings, notify_fd)
+        self._waiter = RingWaiter(paced, adaptive, notify_fd)
         self._drain = drain
         self._waiting = waiting
         self.wakeups = 0
+        #: Whether a pass from here raises the monitor's records-waiting flag: only needed while somebody may
+        #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
+        self.notify = True
 
-    def wait(self, timeout: float | None) -> int:
-        """Records taken from the rings (0: none, woken by the flag, or ``timeout`` passed)."""
+    def wait(self, timeout: float | None, also=()) -> bool:
+        """Sleep for the kernel's wake-up (or the flag, or ``timeout``), then take what the rings hold. ``also``:
+        descriptors to wake for besides; True when one of them did (the caller looks)."""
+        if also:
+            self._waiter.watch(also)
         self._waiting(1)
         try:
-            n = self._drain()
-            if n:
-                return n
-            if self._waiter.sleep(timeout):
+            # No look before sleeping: records that came since the last pass have armed the pacer, which wakes
+            # this thread within a window of the first of them (at once if that wake-up already came): a
+            # reader that comes back often still takes one batch per window, not the few records of each visit.
+            own, others = self._waiter.sleep(timeout)
+            if own:
                 self.wakeups += 1
-            return self._drain()
+            self._drain(self.notify)
+            return others
         finally:
             self._waiting(-1)
 

@@ -67,21 +67,27 @@ ETWMON_MAP(lost, BPF_MAP_TYPE_PERCPU_ARRAY, 1, __u32, __u64);
 #ifndef ETWMON_NO_PACER
 struct pacer {
 	struct bpf_timer timer;
-	__u32 armed; /* 1 from the record that armed the timer until it fires */
+	__u64 armed_at; /* bpf_ktime_get_ns() when the timer was armed (or last found late) */
+	__u64 late;     /* wake-ups forced because the timer was late (the loader's stats: wake_late) */
+	__u32 armed;    /* 1 from the record that armed the timer until it fires */
 	__u32 pad;
 };
 ETWMON_MAP(pacer, BPF_MAP_TYPE_ARRAY, 1, __u32, struct pacer);
 
-static int pacer_fired(void *map, __u32 *key, struct pacer *p)
+/* A record discarded with FORCE_WAKEUP wakes the readers and costs them nothing (readers skip discarded
+ * records). Should the ring be full, the quarter-full rule has woken them already. */
+static __always_inline void wake_readers(void)
 {
-	void *mark;
+	void *mark = bpf_ringbuf_reserve(&events, 8, 0);
 
-	p->armed = 0; /* first: a record written after this arms the timer again, so none waits unseen */
-	/* A record discarded with FORCE_WAKEUP wakes the reader and costs it nothing (readers skip discarded
-	 * records). Should the ring be full, the quarter-full rule has woken the reader already. */
-	mark = bpf_ringbuf_reserve(&events, 8, 0);
 	if (mark)
 		bpf_ringbuf_discard(mark, BPF_RB_FORCE_WAKEUP);
+}
+
+static int pacer_fired(void *map, __u32 *key, struct pacer *p)
+{
+	p->armed = 0; /* first: a record written after this arms the timer again, so none waits unseen */
+	wake_readers();
 	return 0;
 }
 
@@ -96,7 +102,7 @@ static __always_inline __u32 wake_us(void)
 static __always_inline __u64 output_flags(void)
 {
 	if (!wake_us())
-		return 0;
+		return BPF_RB_FORCE_WAKEUP; /* batch_wait 0: every record wakes the readers (never left unseen) */
 	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 4)
 		return BPF_RB_FORCE_WAKEUP;
 	return BPF_RB_NO_WAKEUP;
@@ -111,11 +117,28 @@ static __always_inline void paced(void)
 	if (!us)
 		return;
 	p = bpf_map_lookup_elem(&pacer, &zero);
-	if (!p || p->armed || __sync_lock_test_and_set(&p->armed, 1))
-		return; /* armed already: its wake-up comes after this record */
+	if (!p)
+		return;
+	if (p->armed) {
+		/* Armed already: its wake-up comes after this record. Unless it is late (the timer expires in softirq
+		 * context, which a CPU-bound storm can keep waiting): then wake the readers now, once per 4 windows. */
+		__u64 now = bpf_ktime_get_ns();
+
+		if (now - p->armed_at > (__u64)us * 4000) {
+			p->armed_at = now;
+			__sync_fetch_and_add(&p->late, 1);
+			wake_readers();
+		}
+		return;
+	}
+	if (__sync_lock_test_and_set(&p->armed, 1))
+		return;
+	p->armed_at = bpf_ktime_get_ns();
 	bpf_timer_init(&p->timer, &pacer, CLOCK_MONOTONIC); /* -EBUSY after the first time: nothing to do */
-	bpf_timer_set_callback(&p->timer, pacer_fired);
-	bpf_timer_start(&p->timer, (__u64)us * 1000, 0);
+	if (bpf_timer_set_callback(&p->timer, pacer_fired) || bpf_timer_start(&p->timer, (__u64)us * 1000, 0)) {
+		p->armed = 0; /* no timer (cannot happen once loaded): wake them now rather than never */
+		wake_readers();
+	}
 }
 #else
 static __always_inline __u64 output_flags(void)
