@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         watcher.wait(60)
         made = int(dict(zip(*[iter(storm.stdout.split("\n")[0].split())] * 2))["items"])
         lines = raw.read_text().splitlines() if raw.exists() else []
+        if os.environ.get("PROFILE_STAGES_KEEP"):
+            shutil.copy(raw, os.environ["PROFILE_STAGES_KEEP"])
     samples: collections.Counter[str] = collections.Counter()
     for line in lines:
         stack, _, count = line.rpartition(" ")
