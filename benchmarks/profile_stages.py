@@ -3,7 +3,7 @@ watches /bin/true exec'd at a fixed rate while py-spy samples it; each sample is
 stack passes through, and what the samples do not cover (the kernel's side of waking the thread, system calls the
 sampler saw as idle) is the monitor's measured CPU minus the sampled time.
 
-    python benchmarks/profile_stages.py [--rate 528] [--seconds 15] [--identity on|off|lean] [--batch-wait S]
+    python benchmarks/profile_stages.py [--rate 528] [--seconds 15] [--identity on|off|full] [--batch-wait S]
 
 Needs root, py-spy (pip install py-spy) and gcc. Development tool: its figures go in notes, not RESULTS.md (the
 sampler slows what it samples a little). Run it on a quiet machine.
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=528.0, help="execs per second (default 528)")
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--identity", choices=("on", "off", "lean"), default="on")
+    parser.add_argument("--identity", choices=("on", "off", "full"), default="on")
     parser.add_argument("--batch-wait", type=float, default=None, help="the bpf source's batch_wait")
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
