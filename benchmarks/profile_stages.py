@@ -1,7 +1,7 @@
 """Where a bpf Monitor's CPU goes, stage by stage, in µs per event: a monitor process (watch.py, readinto only)
-watches /bin/true exec'd at a fixed rate while py-spy samples it; each sample is charged to the first stage its
-stack passes through, and what the samples do not cover (the kernel's side of waking the thread, system calls the
-sampler saw as idle) is the monitor's measured CPU minus the sampled time.
+watches /bin/true exec'd at a fixed rate while py-spy samples the thread holding the GIL; each sample is charged to
+the innermost stage its stack is in, and what the samples do not cover (time without the GIL: the kernel's side of
+waking the thread, system calls) is the monitor's measured CPU minus the sampled time.
 
     python benchmarks/profile_stages.py [--rate 528] [--seconds 15] [--identity on|off|full] [--batch-wait S]
 
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         if watcher.stdout.readline().strip() != "ready":
             raise SystemExit("the monitor did not start")
         raw = work / "profile.txt"
-        sampler = subprocess.Popen([spy, "record", "--nonblocking", "--threads", "-r", "1000", "-f", "raw", "-o",
+        # --gil: only the thread holding the GIL is sampled, so a thread asleep in poll/select/epoll (which
+        # releases it) is never counted as running, whatever the sampler thinks of its state.
+        sampler = subprocess.Popen([spy, "record", "--nonblocking", "--gil", "--threads", "-r", "1000", "-f", "raw", "-o",
                                     str(raw), "-d", str(int(args.seconds + 2)), "-p", str(watcher.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
@@ -96,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     samples: collections.Counter[str] = collections.Counter()
     for line in lines:
         stack, _, count = line.rpartition(" ")
-        if "RingWaiter.sleep" in stack.rsplit(";", 1)[-1] or ".poll" in stack.rsplit(";", 1)[-1]:
-            continue  # asleep (py-spy cannot always tell)
         samples[stage_of(stack)] += int(count)
     events = 3 * made  # fork, exec and exit of each /bin/true (the machine's other events are not counted)
     cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else 0.0
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'stage':<46} {'µs/event':>9}")
     for name, n in samples.most_common():
         print(f"{name:<46} {1e6 * n / 1000.0 / events:9.2f}")
-    print(f"{'unsampled (kernel: wake-ups, system calls)':<46} {1e6 * max(cpu - sampled, 0.0) / events:9.2f}")
+    print(f"{'without the GIL (kernel: wake-ups, system calls)':<46} {1e6 * max(cpu - sampled, 0.0) / events:9.2f}")
 
 
 if __name__ == "__main__":
