@@ -407,7 +407,7 @@ def test_lean_the_table_keeps_the_kernels_record_and_reads_its_details_only_when
                _kernel_create(1, T + 2, 501, 500, T + 2, T, "sh -c x"),
                _kernel_create(101, T + 3, 501, 500, T + 2, T, "/usr/bin/p501 'a b'")]
     _batch(st, records)
-    st.apply_exits()  # the table is fed (as when 512 wait): entries, no parsing
+    st.apply_exits()  # the table is fed (as when 64 wait): entries, no parsing
     child = st.table.live[501]
     assert child._fields is None and child._raw == records[2]  # the exec's record, kept whole
     assert child.command_line.decode("utf-16-le") == "/usr/bin/p501 'a b'"
