@@ -330,6 +330,17 @@ class ProcessTable:
         return out
 
 
+def _same_process(entry: _Entry | None, start: int | None, fork: bool) -> bool:
+    """Whether ``entry``, the table's process with a create's or exec's pid, is the process it names: a fork's
+    child is a new process unless the table has it from the start-up snapshot (seeded, started then); an exec
+    is its pid's process, when it started then or the source cannot say when."""
+    if entry is None:
+        return False
+    if fork:
+        return entry.seeded and abs(entry.start - start) <= _SAME_START  # type: ignore[operator]
+    return start is None or abs(entry.start - start) <= _SAME_START
+
+
 class IdentityStage:
     """A Sink in front of another: puts the ProcessGuid, the parent's guid and fields, and the table's view of
     the process into the extension block of each process and thread record, then passes it on.
@@ -603,11 +614,8 @@ class IdentityStage:
             return
         table = self.table
         entry = table.live.get(pid)
-        if fork:
-            same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
-        else:
-            same = entry is not None and abs(entry.start - start) <= _SAME_START
-        if same and entry._fields:  # a process with details of its own (seeded): merged as _create does
+        same = _same_process(entry, start, fork)
+        if same and entry._fields:  # type: ignore[union-attr]  # a process with details of its own (seeded): merged as _create does
             self._create(record, fork)
             return
         if not same:
@@ -754,12 +762,10 @@ class IdentityStage:
         sequence = getattr(record, "process_sequence_number", None)  # ETW's (etwmon.sources.etw.EtwRecord)
         if sequence is not None:
             return self._create_numbered(record, pid, ppid, chars, flags, own, start_given, sequence)
-        if fork:
-            start = _I64.unpack_from(record, 8)[0] if start_given is None else start_given
-            same = entry is not None and entry.seeded and abs(entry.start - start) <= _SAME_START
-        else:
-            start = start_given
-            same = entry is not None and (start is None or abs(entry.start - start) <= _SAME_START)
+        start = start_given
+        if fork and start is None:
+            start = _I64.unpack_from(record, 8)[0]
+        same = _same_process(entry, start, fork)
         if not same:
             if start is None:  # an exec of a process we never saw start, and the source cannot say when
                 self.no_guid += 1

@@ -443,14 +443,21 @@ class BpfSource(Source):
         if self._report_lost(sink):
             sink.notify()
 
-    def _report_lost(self, sink: Sink, now: float | None = None) -> bool:
-        """Pass on what the kernel counted as lost, and what this reader had to skip, since the last report.
-        The kernel's count is read (a system call) at most every _LOST_CHECK seconds during a run (``now``: the
-        time of this pass), and always at the end (``now`` None)."""
-        if now is None or now >= self._lost_due:
+    def _lost_check(self, now: float | None) -> bool:
+        """Whether this pass reads the loss counters (system calls): at most every _LOST_CHECK seconds during a
+        run (``now``: the time of the pass), and always at the end (``now`` None)."""
+        if now is None:
+            return True
+        if now < self._lost_due:
+            return False
+        self._lost_due = now + _LOST_CHECK
+        return True
+
+    def _report_lost(self, sink: Sink, check: bool = True) -> bool:
+        """Pass on what the kernel counted as lost, and what this reader had to skip, since the last report
+        (``check``: read the kernel's count now; else the one read last)."""
+        if check:
             self._kernel_lost = self._lost.total()  # type: ignore[union-attr]
-            if now is not None:
-                self._lost_due = now + _LOST_CHECK
         lost = self._kernel_lost + self.skipped
         if lost > self._lost_reported:
             sink.push_lost(lost - self._lost_reported)
@@ -473,8 +480,8 @@ class BpfSource(Source):
         images_upto = images.producer_pos() if images is not None else 0
         cons = start = ring.consumer_pos()  # type: ignore[union-attr]
         prod = ring.producer_pos()  # type: ignore[union-attr]  # an acquire load: the records before it are visible
-        now = None if final else time.monotonic()
-        if cons == prod and now is not None and now < self._lost_due and (images is None or images.empty()):
+        check = self._lost_check(None if final else time.monotonic())
+        if cons == prod and not check and (images is None or images.empty()):
             return 0  # nothing new (a waiting reader's first look, mostly): no more work than that
         decode, move = self._decoder.decode, self._mover.push  # type: ignore[union-attr]
         data, mask, header = ring.data, ring.mask, ring.header  # type: ignore[union-attr]
@@ -514,10 +521,10 @@ class BpfSource(Source):
             move(sink, data, ats, sizes)
         if cons != start:
             ring.advance(cons)
-        if self._report_lost(sink, now):
+        if self._report_lost(sink, check):
             count += 1
         if images is not None:  # image loads
-            count += images.drain(sink, images_upto, now)
+            count += images.drain(sink, images_upto, check)
         if count and notify:
             sink.notify()
         return count

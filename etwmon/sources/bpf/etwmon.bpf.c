@@ -64,6 +64,14 @@ ETWMON_MAP(lost, BPF_MAP_TYPE_PERCPU_ARRAY, 1, __u32, __u64);
  * reader has not been woken for arms `pacer`, a timer that wakes it config.wake_us later: one wake-up serves
  * every record of that window however fast they come, and a ring more than a quarter full wakes it at once.
  * Without the pacer, or with wake_us 0, the ring's adaptive rule: a wake-up whenever the reader has caught up. */
+static __always_inline __u32 wake_us(void)
+{
+	__u32 zero = 0;
+	struct etwmon_config *c = bpf_map_lookup_elem(&config, &zero);
+
+	return c ? c->wake_us : 0;
+}
+
 #ifndef ETWMON_NO_PACER
 struct pacer {
 	struct bpf_timer timer;
@@ -91,17 +99,9 @@ static int pacer_fired(void *map, __u32 *key, struct pacer *p)
 	return 0;
 }
 
-static __always_inline __u32 wake_us(void)
+static __always_inline __u64 output_flags(__u32 us)
 {
-	__u32 zero = 0;
-	struct etwmon_config *c = bpf_map_lookup_elem(&config, &zero);
-
-	return c ? c->wake_us : 0;
-}
-
-static __always_inline __u64 output_flags(void)
-{
-	if (!wake_us())
+	if (!us)
 		return BPF_RB_FORCE_WAKEUP; /* batch_wait 0: every record wakes the readers (never left unseen) */
 	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 4)
 		return BPF_RB_FORCE_WAKEUP;
@@ -109,9 +109,9 @@ static __always_inline __u64 output_flags(void)
 }
 
 /* After a record is in the ring: the reader is woken within wake_us of it. */
-static __always_inline void paced(void)
+static __always_inline void paced(__u32 us)
 {
-	__u32 zero = 0, us = wake_us();
+	__u32 zero = 0;
 	struct pacer *p;
 
 	if (!us)
@@ -141,12 +141,12 @@ static __always_inline void paced(void)
 	}
 }
 #else
-static __always_inline __u64 output_flags(void)
+static __always_inline __u64 output_flags(__u32 us)
 {
 	return 0;
 }
 
-static __always_inline void paced(void)
+static __always_inline void paced(__u32 us)
 {
 }
 #endif
@@ -158,6 +158,17 @@ static __always_inline void count_lost(void)
 
 	if (n)
 		*n += 1;
+}
+
+/* One record into the ring (counted as lost when there is no room), with the wake-up the pacer decides. */
+static __always_inline void ring_output(void *data, __u64 size)
+{
+	__u32 us = wake_us();
+
+	if (bpf_ringbuf_output(&events, data, size, output_flags(us)))
+		count_lost();
+	else
+		paced(us);
 }
 
 static __always_inline struct scratch *scratch_buffer(void)
@@ -175,10 +186,7 @@ static __always_inline void emit(struct scratch *s, __u32 tail_len)
 	__u64 size = sizeof(struct etwmon_event) + (tail_len & TAIL_MASK);
 
 	s->e.size = size;
-	if (bpf_ringbuf_output(&events, &s->e, size, output_flags()))
-		count_lost();
-	else
-		paced();
+	ring_output(&s->e, size);
 }
 
 /* The task's mount and pid namespaces and its process id in the latter (the leader's pid struct numbers the
@@ -447,10 +455,7 @@ static __always_inline void put_block_header(__u8 *w, __u16 length)
 static __always_inline void output(__u8 *w, __u32 size)
 {
 	barrier_var(size); /* keep the mask below: the verifier needs it even where the compiler sees no use */
-	if (bpf_ringbuf_output(&events, w, size & WIRE_MASK, output_flags()))
-		count_lost();
-	else
-		paced();
+	ring_output(w, size & WIRE_MASK);
 }
 
 static __always_inline void put_tlv(__u8 *at, __u16 tag, __u16 len)

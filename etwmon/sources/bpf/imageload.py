@@ -40,8 +40,6 @@ PROGRAMS = {"imageload_mmap_exit": "syscalls/sys_exit_mmap", "imageload_mmap_ent
 EXEC_PROGRAM = "imageload_exec"
 #: imageload.h's loss slots, by cause (each is an image load that could not be reported).
 LOST_CAUSES = ("ring", "pending", "file")
-#: During a run the loss counters (a system call each) are read at most this often; the last pass always reads them.
-LOST_CHECK = 0.05
 
 # imageload.h
 _NON_ASCII, _PATH_CUT, _EXE_CUT = 0x1, 0x2, 0x4
@@ -136,7 +134,6 @@ class ImageLoadReader:
         self._lost: list = []
         self._lost_by_cause = [0] * len(LOST_CAUSES)  # kept from the counters when closed
         self._lost_reported = 0
-        self._lost_due = 0.0
         self.loads = 0
         self.non_ascii = 0
         self.malformed = 0
@@ -192,11 +189,11 @@ class ImageLoadReader:
         ring = self._ring
         return ring is None or ring.consumer_pos() >= ring.producer_pos()
 
-    def drain(self, sink, upto: int | None = None, now: float | None = None) -> int:
+    def drain(self, sink, upto: int | None = None, check_lost: bool = True) -> int:
         """Move what the ring holds now into ``sink`` (one pass), give the space back and report new losses;
         returns the number of records pushed (a loss report counts as one). Does not notify the sink.
-        ``now``: the time of this pass, when the loss counters (system calls) need reading only every
-        LOST_CHECK seconds; None reads them (the last pass).
+        ``check_lost``: read the loss counters (a system call each) in this pass (the bpf source does every
+        so often, and in its last pass).
 
         ``upto``: a ``producer_pos()`` taken before the other ring was drained, so that no image load is pushed
         ahead of its process's exec (which the kernel wrote before it, into the other ring)."""
@@ -231,10 +228,8 @@ class ImageLoadReader:
             else:
                 for r in records:
                     sink.push(r)
-        if now is not None and now < self._lost_due:
+        if not check_lost:
             return count
-        if now is not None:
-            self._lost_due = now + LOST_CHECK
         lost = self.lost()
         if lost > self._lost_reported:
             sink.push_lost(lost - self._lost_reported)
