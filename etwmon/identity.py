@@ -65,10 +65,12 @@ _SAME_START = 250_000  # 25 ms in FILETIME ticks
 #: enough that applying them holds the reading thread about a millisecond at most (~10-20 µs a record): at 512 the
 #: fork storm's p99 latency at 0.6 of its maximum rate was 6.3 ms, at 64 2.8-3.5 ms, for ~5 % more CPU.
 _MAX_PENDING_RECORDS = 64
+_WHOLE = object()  # in a pending entry's starts: a batch kept whole (push_checked), its process records found on use
 
 _PID_START = struct.Struct(">II")
 _PIDS = struct.Struct("<II")
 _TLV = struct.Struct("<HH")
+_START_AT = struct.Struct("<HHq")  # a StartTime field: Tag, Length, value
 _SEQUENCE = struct.Struct(">Q")
 
 _GUID, _PGUID = int(ExtensionTag.ProcessGuid), int(ExtensionTag.ParentProcessGuid)
@@ -364,7 +366,7 @@ class IdentityStage:
         # Lean: a reader (ancestors) may apply the noted records while the source's thread notes more or pushes
         # one; this lock keeps them apart (taken once per batch, or per record pushed one by one).
         self._lock = threading.Lock()
-        self._push_batch = None
+        self._push_batch = self._push_checked = None
         if sink is not None:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
@@ -376,7 +378,7 @@ class IdentityStage:
         # Process records that passed in batches while creates were among them: (batch array, starts, ends).
         self._pending: list[tuple] = []  # (record bytes, None, None) for one passed alone
         self._pending_count = 0
-        self._pending_pids: set[int] = set()  # the pids their process records name
+        self._pending_pids: set[int] | None = set()  # the pids their process records name (None: not read out)
 
         # Only the source's thread changes the table (seed() runs before it starts); readers (ancestors) only
         # look entries up by key, which is atomic in CPython, so the hot path takes no lock.
@@ -388,6 +390,7 @@ class IdentityStage:
         self.push_lost = sink.push_lost
         self._push = sink.push
         self._push_batch = getattr(sink, "push_batch", None)
+        self._push_checked = getattr(sink, "push_checked", None)
         return self
 
     def _creates_whole(self) -> bool:
@@ -437,6 +440,45 @@ class IdentityStage:
             self._note(raw, starts[noted], ends[noted], has_creates)
         self._push_batch(raw, ends)
 
+    def push_checked(self, data: bytes, ends: bytes, kinds: int) -> None:
+        """``push_batch`` of a batch the bpf source's C walk gathered: ``data`` the records back to back, ``ends``
+        the bytes of where each ends (little-endian int64), ``kinds`` what it holds (bit 0 a create or exec, bit 1
+        an exit). The walk stops before every record of a seeded process (``seeded_lookup``), so when the next
+        stage takes creates whole the batch passes on as it is and, when it holds process records, is kept
+        whole for the table (read when the table is next looked at): a few operations per batch, none per
+        record."""
+        checked = self._push_checked
+        if checked is None or not self._creates_whole():
+            self.push_batch(np.frombuffer(data, dtype=np.uint8), np.frombuffer(ends, dtype=np.int64))
+            return
+        if kinds & 1 or kinds & 2 and self._pending:
+            with self._lock:
+                self._pending.append((data, _WHOLE, ends))
+                self._pending_count += len(ends) >> 3
+                self._pending_pids = None  # not read out: a record pushed alone applies them first
+            if self._pending_count > _MAX_PENDING_RECORDS:
+                self._apply_pending(compact=True)
+        elif kinds & 2:
+            raw = np.frombuffer(data, dtype=np.uint8)
+            stops = np.frombuffer(ends, dtype=np.int64)
+            starts = np.empty_like(stops)
+            starts[0] = 0
+            starts[1:] = stops[:-1]
+            exits = raw[starts] == 2
+            self._note_exits(raw, starts[exits], stops[exits])
+        checked(data, ends, kinds)
+
+    def seeded_lookup(self):
+        """The processes seeded from /proc that are still alive, as a table by pid (one byte each, nonzero for
+        seeded), or None when there are none: the bpf source's C walk stops before their records."""
+        if not self._seeded:
+            return None
+        lookup = self._seeded_array
+        if lookup is None:
+            self._seeded_mask(np.zeros(1, dtype=np.int64))
+            lookup = self._seeded_array
+        return lookup
+
     def push_written(self, record: bytes) -> None:
         """One record of the kind ``push_batch`` takes: passed on as it is, unless its process (or a create's
         parent) was seeded from /proc, or the next stage wants creates one by one."""
@@ -455,7 +497,8 @@ class IdentityStage:
             with self._lock:
                 self._pending.append((record, None, None))
                 self._pending_count += 1
-                self._pending_pids.add(pid)
+                if self._pending_pids is not None:
+                    self._pending_pids.add(pid)
             if self._pending_count > _MAX_PENDING_RECORDS:
                 self._apply_pending(compact=True)
         elif process and len(record) >= 52:
@@ -542,7 +585,8 @@ class IdentityStage:
         with self._lock:
             self._pending.append((raw, starts, ends))
             self._pending_count += len(starts)
-            self._pending_pids.update(pids)
+            if self._pending_pids is not None:
+                self._pending_pids.update(pids)
         if self._pending_count > _MAX_PENDING_RECORDS:
             self._apply_pending(compact=True)
 
@@ -571,9 +615,20 @@ class IdentityStage:
         for entry in self.table.apply_exits():  # exits noted before the first create
             if entry.seeded:
                 self._forget_seeded(entry.pid)
-        records = [(raw, 0, len(raw)) if starts is None else (raw, a, b)
-                   for raw, starts, ends in pending for a, b in ([(0, 0)] if starts is None
-                                                                  else zip(starts.tolist(), ends.tolist()))]
+        records = []
+        for raw, starts, ends in pending:
+            if starts is None:  # one record passed alone
+                records.append((raw, 0, len(raw)))
+                continue
+            if starts is _WHOLE:  # a batch kept whole (push_checked): its process records
+                ends = np.frombuffer(ends, dtype=np.int64)
+                starts = np.empty_like(ends)
+                starts[0] = 0
+                starts[1:] = ends[:-1]
+                types = np.frombuffer(raw, dtype=np.uint8)[starts]
+                keep = (types == 1) | (types == 2) | (types == 101)
+                starts, ends = starts[keep], ends[keep]
+            records.extend((raw, a, b) for a, b in zip(starts.tolist(), ends.tolist()))
         drop = self._short_lived(records) if compact else set()
         table = self.table
         for k, (raw, a, b) in enumerate(records):
@@ -599,6 +654,13 @@ class IdentityStage:
         chars = record[32] | record[33] << 8
         start = image = None
         at, end = 40 + 2 * chars + 8, len(record)  # past the command line, its NUL and padding, the block header
+        if at + 60 <= end and _START_AT.unpack_from(record, at + 48)[:2] == (_START, 8):
+            # where the bpf programs put it: after ProcessGuid, ParentProcessGuid and Uid (etwmon.bpf.c)
+            start = _START_AT.unpack_from(record, at + 48)[2]
+            if not fork:
+                at = end
+            else:
+                at += 60
         while at + 4 <= end:
             tag, length = _TLV.unpack_from(record, at)  # the value's length
             if tag == _START and length == 8:
@@ -708,7 +770,7 @@ class IdentityStage:
                 # (or a create's parent); a record of a seeded process or a child of one needs only the seed
                 item = record[0] | record[1] << 8
                 pids = self._pending_pids
-                if (item > 4 and item != 101 or (_U32.unpack_from(record, 20 if item in (3, 4) else 16)[0] in pids)
+                if (pids is None or item > 4 and item != 101 or (_U32.unpack_from(record, 20 if item in (3, 4) else 16)[0] in pids)
                         or item in (1, 101) and _U32.unpack_from(record, 20)[0] in pids):
                     self._apply_pending_locked(False)
                 self._push_one(record)

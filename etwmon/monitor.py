@@ -58,6 +58,7 @@ class _Sink:
     def __init__(self, ring: EventRing, wakeup: "_Wakeup") -> None:
         self.push = ring.push
         self.push_batch = ring.push_batch  # records back to back and where each ends (the bpf source's batches)
+        self.push_checked = ring.push_checked  # the same, their headers checked already (the bpf source's C walk)
         self.push_lost = ring.push_lost
         self.notify = wakeup.set
 
@@ -110,6 +111,8 @@ class _Wakeup:
                 self._flag.put(True)
 
     def clear_if_drained(self) -> None:
+        if not self._flag.up:  # (only set() raises it, under the lock: a flag raised as this looks is seen next time)
+            return
         # Under the lock a push either happened before readable() (seen) or its notify() comes after (sets).
         with self._lock:
             if self._flag.up and not self._ring.readable():

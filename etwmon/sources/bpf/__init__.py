@@ -31,7 +31,7 @@ from ._event import (
     CONFIG, CONFIG_CREATES, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
 )
 from ._wait import ReaderWait, RingWaiter
-from ._wire import WireMover
+from ._wire import WireMover, fast_walk
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
 
@@ -483,6 +483,59 @@ class BpfSource(Source):
         check = self._lost_check(None if final else time.monotonic())
         if cons == prod and not check and (images is None or images.empty()):
             return 0  # nothing new (a waiting reader's first look, mostly): no more work than that
+        checked = getattr(sink, "push_checked", None) if fast_walk is not None else None
+        if checked is not None:
+            cons, count = self._walk_fast(sink, checked, ring, cons, prod, final)
+        else:
+            cons, count = self._walk(sink, ring, cons, prod, final)
+        if cons != start:
+            ring.advance(cons)
+        if self._report_lost(sink, check):
+            count += 1
+        if images is not None:  # image loads
+            count += images.drain(sink, images_upto, check)
+        if count and notify:
+            sink.notify()
+        return count
+
+    def _walk_fast(self, sink: Sink, checked, ring, cons: int, prod: int, final: bool) -> tuple[int, int]:
+        """``_walk`` in C (etwmon._speedups): the wire records between the events gathered into one batch each
+        and passed on whole (``push_checked``); events, and records of processes seeded from /proc (which the
+        identity stage handles one by one), in between, in ring order."""
+        decoder, mover = self._decoder, self._mover
+        data, mask, header = ring.data, ring.mask, ring.header
+        seeded = getattr(sink, "seeded_lookup", None)
+        count = 0
+        while True:
+            (cons, blob, ends, n, decoder.last_filetime, raised, skipped, kinds,  # type: ignore[union-attr]
+             stop) = fast_walk(data, mask, cons, prod, final, decoder.last_filetime,  # type: ignore[union-attr]
+                               seeded() if seeded is not None else None)
+            if raised:
+                decoder.time_raised += raised  # type: ignore[union-attr]
+            if skipped:
+                self.skipped += skipped
+            if n:
+                decoder.events += n  # type: ignore[union-attr]
+                mover.records += n  # type: ignore[union-attr]
+                count += n
+                checked(blob, ends, kinds)
+            if stop < 0:
+                return cons, count
+            size = header(stop) & ~(ring.BUSY | ring.DISCARD)  # committed: the walk stopped before it, not at it
+            if data[stop + 9] >= _KIND_HIGH:
+                if size >= EVENT_SIZE:
+                    decoder.decode(data, stop + 8)  # type: ignore[union-attr]
+                    count += 1
+                else:
+                    self.skipped += 1
+            else:  # a record of a seeded process: one by one, through the identity stage's push_written
+                mover.push(sink, data, [stop + 8], [size])  # type: ignore[union-attr]
+                count += 1
+            cons += (size + 8 + 7) & ~7
+
+    def _walk(self, sink: Sink, ring, cons: int, prod: int, final: bool) -> tuple[int, int]:
+        """Decode the events and move the wire records from ``cons`` up to ``prod`` (or the first record not
+        committed yet); returns the position after the last one taken and how many there were."""
         decode, move = self._decoder.decode, self._mover.push  # type: ignore[union-attr]
         data, mask, header = ring.data, ring.mask, ring.header  # type: ignore[union-attr]
         busy, discard = ring.BUSY, ring.DISCARD  # type: ignore[union-attr]
@@ -519,15 +572,7 @@ class BpfSource(Source):
             cons += (size + 8 + 7) & ~7
         if ats:
             move(sink, data, ats, sizes)
-        if cons != start:
-            ring.advance(cons)
-        if self._report_lost(sink, check):
-            count += 1
-        if images is not None:  # image loads
-            count += images.drain(sink, images_upto, check)
-        if count and notify:
-            sink.notify()
-        return count
+        return cons, count
 
     def stop(self) -> None:
         self._stopping = True
@@ -573,7 +618,8 @@ class BpfSource(Source):
         if d is not None:
             base.update(events=d.events, time_raised=d.time_raised, argv_truncated=d.argv_truncated,
                         argv_unreadable=d.argv_unreadable, creates_slow=d.creates_slow,
-                        kernel_written=self._mover.records if self._mover is not None else 0)
+                        kernel_written=self._mover.records if self._mover is not None else 0,
+                        c_walk=int(fast_walk is not None))  # 1: the ring walked in C (etwmon._speedups)
         base["wake_late"] = self._wake_late()
         if self._images is not None:  # image loads: image_loads, image_loads_lost (by cause), ...
             images = self._images.stats()

@@ -4,11 +4,20 @@ together, and one ``push_batch``, with no Python per record beyond the ring walk
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ._event import EventDecoder
 
-__all__ = ["WireMover", "SMALL_BATCH"]
+try:  # the ring walk in C, built with the package where a compiler was found (see etwmon/_speedups.c)
+    from ..._speedups import walk as fast_walk
+except ImportError:  # pragma: no cover - exercised where the build had no compiler
+    fast_walk = None
+if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":  # the walk in Python, e.g. to compare the two
+    fast_walk = None
+
+__all__ = ["WireMover", "SMALL_BATCH", "fast_walk"]
 
 #: Up to this many records a batch is pushed record by record (the latency path: cheaper than the array work).
 SMALL_BATCH = 64

@@ -1,0 +1,169 @@
+/* etwmon._speedups: the bpf source's ring walk in C, so that a batch of records the kernel wrote costs Python one
+ * call, not a loop per record. Optional: without it (no compiler at install time) the source walks the ring in
+ * Python (etwmon/sources/bpf/__init__.py, _wire.py), record for record the same.
+ *
+ * walk(data, mask, cons, prod, final, floor, seeded) reads a BPF ring buffer's records from position ``cons`` up
+ * to ``prod`` the way libbpf's ringbuf.c consumer does (an 8-byte header per record: its length, bit 31 "busy",
+ * bit 30 "discarded"; records padded to 8 bytes; the data pages mapped twice so a record that wraps is contiguous)
+ * and gathers the wire records among them (a first byte pair < 0x100) back to back:
+ *   - a wire record whose header's Size disagrees with its length, or that is shorter than the smallest record,
+ *     is skipped and counted (it cannot be passed on; the caller reports it as lost);
+ *   - each record's Time (bytes 8-15) is raised to the one before it when two CPUs stamped a little out of ring
+ *     order, counted in ``raised`` (as the Python walk does);
+ *   - the walk stops *before* a record that Python must handle: an event (a kind >= 0x100, decoded by
+ *     EventDecoder), or a record of a process whose pid (or, for a create, whose parent's pid) is flagged in the
+ *     ``seeded`` lookup (a bytes-like table by pid, or None): its position comes back as ``stop``;
+ *   - a record still being written (busy) ends the walk, unless ``final`` (then it is skipped and counted).
+ * Returns (cons, blob, ends, count, floor, raised, skipped, kinds, stop):
+ *   cons: the position after the last record taken (to give back to the kernel, or where ``stop`` is);
+ *   blob: the gathered records (bytes), ends: where each ends in blob (bytes of little-endian int64);
+ *   floor: the latest Time passed on; kinds: bit 0 a create or exec, bit 1 an exit, bit 2 anything else;
+ *   stop: the data offset of the record's header that stopped the walk, or -1.
+ * The caller holds the GIL throughout (the walk is short: at most one pass over what the kernel committed).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BUSY 0x80000000u
+#define DISCARD 0x40000000u
+#define WIRE_MIN 24
+#define EVENT_MIN 184
+
+static inline uint32_t load32_acquire(const unsigned char *p)
+{
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline uint32_t u32_at(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline int flagged(const unsigned char *table, Py_ssize_t len, uint32_t pid)
+{
+    return table != NULL && (Py_ssize_t)pid < len && table[pid];
+}
+
+static PyObject *walk(PyObject *self, PyObject *args)
+{
+    Py_buffer data, seeded_buf;
+    unsigned long long mask, cons, prod;
+    int final;
+    long long floor;
+    PyObject *seeded;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*KKKpLO", &data, &mask, &cons, &prod, &final, &floor, &seeded))
+        return NULL;
+    const unsigned char *table = NULL;
+    Py_ssize_t table_len = 0;
+    int have_seeded = 0;
+    if (seeded != Py_None) {
+        if (PyObject_GetBuffer(seeded, &seeded_buf, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        have_seeded = 1;
+        table = seeded_buf.buf;
+        table_len = seeded_buf.len;
+    }
+    PyObject *result = NULL, *blob = NULL, *ends = NULL;
+    /* A pass reads at most one ring's length, and offsets run on into the second mapping. */
+    if (prod < cons || prod - cons > mask + 1 || (unsigned long long)data.len < 2 * (mask + 1)) {
+        PyErr_SetString(PyExc_ValueError, "walk: positions or mapping do not describe one ring");
+        goto done;
+    }
+    Py_ssize_t room = (Py_ssize_t)(prod - cons);
+    blob = PyBytes_FromStringAndSize(NULL, room);
+    ends = PyBytes_FromStringAndSize(NULL, (room / 16 + 1) * 8);
+    if (blob == NULL || ends == NULL)
+        goto done;
+    const unsigned char *base = data.buf;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(blob);
+    int64_t *end_at = (int64_t *)PyBytes_AS_STRING(ends);
+    Py_ssize_t used = 0, count = 0, skipped = 0, raised = 0;
+    long long stop = -1;
+    int kinds = 0;
+    while (cons < prod) {
+        unsigned long long at = cons & mask;
+        uint32_t length = load32_acquire(base + at);
+        if (length & BUSY) {
+            if (!final)
+                break; /* reserved, not committed yet: the next pass takes it */
+            skipped++;  /* never to be committed (final pass, after the programs settled) */
+        }
+        uint32_t size = length & ~(BUSY | DISCARD);
+        if (size > mask + 1) { /* cannot be: the ring is corrupt, stop here rather than read past it */
+            PyErr_SetString(PyExc_ValueError, "walk: a record longer than the ring");
+            goto done;
+        }
+        if (!(length & (BUSY | DISCARD))) {
+            const unsigned char *rec = base + at + 8;
+            if (size < WIRE_MIN) {
+                skipped++;
+            } else if (rec[1] != 0) { /* an event (kind >= 0x100): the decoder's */
+                stop = (long long)at;
+                break;
+            } else {
+                unsigned type = rec[0];
+                unsigned said = rec[2] | (unsigned)rec[3] << 8;
+                if (said != size) {
+                    skipped++;
+                } else {
+                    if (have_seeded) {
+                        /* a thread record's ProcessId is at 20; a process record's, an exit's, an image load's
+                         * at 16; a create's parent at 20 */
+                        uint32_t pid = u32_at(rec + ((type == 3 || type == 4) ? 20 : 16));
+                        int create = type == 1 || type == 101;
+                        if (flagged(table, table_len, pid)
+                            || (create && size >= 24 && flagged(table, table_len, u32_at(rec + 20)))) {
+                            stop = (long long)at;
+                            break;
+                        }
+                    }
+                    memcpy(out + used, rec, size);
+                    int64_t time;
+                    memcpy(&time, out + used + 8, 8);
+                    if (time < floor) {
+                        memcpy(out + used + 8, &floor, 8);
+                        raised++;
+                    } else {
+                        floor = time;
+                    }
+                    used += size;
+                    end_at[count++] = used;
+                    kinds |= (type == 1 || type == 101) ? 1 : type == 2 ? 2 : 4;
+                }
+            }
+        }
+        cons += (size + 8 + 7) & ~7ull;
+    }
+    if (_PyBytes_Resize(&blob, used) < 0 || _PyBytes_Resize(&ends, count * 8) < 0)
+        goto done;
+    result = Py_BuildValue("KOOnLnniL", cons, blob, ends, count, floor, raised, skipped, kinds, stop);
+done:
+    Py_XDECREF(blob);
+    Py_XDECREF(ends);
+    if (have_seeded)
+        PyBuffer_Release(&seeded_buf);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"walk", walk, METH_VARARGS,
+     "walk(data, mask, cons, prod, final, floor, seeded) -> (cons, blob, ends, count, floor, raised, skipped, "
+     "kinds, stop): the wire records of a BPF ring pass gathered back to back (see etwmon/_speedups.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "etwmon._speedups",
+                                    "The bpf source's ring walk in C (optional).", -1, methods};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

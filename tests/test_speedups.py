@@ -1,0 +1,304 @@
+"""etwmon._speedups, the bpf source's ring walk in C: the same records, in the same order, with the same counts as
+the walk in Python, and the ring's and the identity stage's ways of taking its batches whole."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from etwmon import ItemType, parse
+from etwmon import records as R
+from etwmon.identity import IdentityStage, guid_prefix, make_guid
+from etwmon.records import Details
+from etwmon.ring import EventRing
+from etwmon.sources.bpf import _event as ev
+from etwmon.sources.bpf import _wire
+
+from .conftest import REQUIRE_ROOT
+from .helpers import BatchSink
+from .test_bpf import Counter, MemoryRing, event, filetime, kernel_thread_record, reading_source
+from .test_identity import HOST, T, _kernel_create, _kernel_exit
+
+fast_walk = _wire.fast_walk
+
+
+def _require_speedups() -> None:
+    if fast_walk is not None:
+        return
+    reason = "etwmon._speedups was not built (no C compiler when the package was installed)"
+    if REQUIRE_ROOT or os.environ.get("ETWMON_REQUIRE_SPEEDUPS") == "1":
+        pytest.fail(f"the CI switch is on but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def speedups():
+    _require_speedups()
+
+
+class CheckedSink(BatchSink):
+    """A sink that takes the C walk's batches (``push_checked``), and the seeded processes' records one by one."""
+
+    def __init__(self, seeded: set[int] = frozenset()) -> None:
+        super().__init__()
+        self.checked: list[int] = []
+        self.kinds: list[int] = []
+        self.written: list[bytes] = []
+        self._lookup = None
+        if seeded:
+            self._lookup = np.zeros(max(seeded) + 1, dtype=np.bool_)
+            self._lookup[list(seeded)] = True
+
+    def push_checked(self, data, ends, kinds) -> None:
+        cuts = np.frombuffer(ends, dtype=np.int64)
+        assert int(cuts[-1]) == len(data) and np.all(np.diff(cuts) > 0)
+        self.checked.append(len(cuts))
+        self.kinds.append(kinds)
+        start = 0
+        for end in cuts.tolist():
+            self.push(data[start:end])
+            start = end
+
+    def push_written(self, record: bytes) -> None:
+        self.written.append(bytes(record))
+        self.push(record)
+
+    def seeded_lookup(self):
+        return self._lookup
+
+
+def _fill_both(rings, items) -> None:
+    for ring in rings:
+        for sample, flag in items:
+            at = ring.add(sample)
+            if flag == "discard":
+                for where in (at + 3, at + 3 + ring.mask + 1):
+                    ring.data[where] |= 0x40
+
+
+def _item(kind: int, i: int, jitter: int):
+    t = filetime(1_000) + 10 * i + jitter
+    if kind == 0:
+        return kernel_thread_record(1000 + i, 7, t, exit_code=None), None
+    if kind == 1:
+        return kernel_thread_record(1000 + i, 7, t, exit_code=i), None
+    if kind == 2:
+        return event(ev.EXEC, ns=1_000 + i, pid=7, argv=b"prog\0arg %d\0" % i), None
+    if kind == 3:
+        return b"\0" * 16, None  # shorter than any record: skipped, counted
+    if kind == 4:
+        return kernel_thread_record(2000 + i, 7, t), "discard"
+    return event(ev.FORK_THREAD, pid=7, tid=3000 + i), None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(st.lists(st.tuples(st.integers(0, 5), st.integers(-40, 5)), max_size=40), min_size=1,
+                       max_size=6))
+def test_the_c_walk_passes_what_the_python_walk_passes(chunks):
+    """Runs of wire records, events between them, records too short, discarded ones and times stamped a little
+    out of order, over a small ring that the passes wrap: the same records in the same order, the same times
+    raised, the same skips and the same place in the ring."""
+    rings = [MemoryRing(1 << 12), MemoryRing(1 << 12)]
+    sinks = [CheckedSink(), BatchSink()]
+    sources = [reading_source(ring, Counter()) for ring in rings]
+    for source, sink in zip(sources, sinks):
+        source._decoder.push = sink.push
+    i = 0
+    for chunk in chunks:
+        items = []
+        for kind, jitter in chunk:
+            items.append(_item(kind, i, jitter))
+            i += 1
+        _fill_both(rings, items)
+        for source, sink in zip(sources, sinks):
+            source._drain(sink)
+    c_sink, py_sink = sinks
+    assert c_sink.records == py_sink.records
+    assert [s.skipped for s in sources][0] == [s.skipped for s in sources][1]
+    assert sources[0]._decoder.time_raised == sources[1]._decoder.time_raised
+    assert sources[0].stats()["kernel_written"] == sources[1].stats()["kernel_written"]
+    assert rings[0].cons == rings[1].cons == rings[0].prod
+    times = [e.filetime for e in parse(b"".join(c_sink.records))]
+    assert times == sorted(times)
+
+
+def test_a_run_between_events_is_one_batch_and_says_what_it_holds():
+    ring, sink = MemoryRing(1 << 16), CheckedSink()
+    t = filetime(1_000)
+    ring.add(kernel_thread_record(1, 7, t))
+    ring.add(kernel_thread_record(2, 7, t + 1, exit_code=0))
+    ring.add(event(ev.EXEC, ns=1_000, pid=7, argv=b"x\0"))
+    ring.add(_kernel_create(1, t + 2, 500, 400, t, t - 9, "a"))
+    ring.add(_kernel_exit(t + 3, 500, t))
+    source = reading_source(ring, Counter())
+    source._decoder.push = sink.push
+    assert source._drain(sink) == 5
+    assert sink.checked == [2, 2] and sink.kinds == [4, 1 | 2]
+    assert [e.type for e in parse(b"".join(sink.records))] == [
+        ItemType.ThreadCreate, ItemType.ThreadExit, ItemType.ProcessExec, ItemType.ProcessCreate,
+        ItemType.ProcessExit]
+
+
+def test_a_record_whose_size_disagrees_with_its_length_is_skipped_and_reported_lost():
+    ring, sink = MemoryRing(), CheckedSink()
+    t = filetime(1_000)
+    good = kernel_thread_record(1, 7, t)
+    bad = bytearray(kernel_thread_record(2, 7, t + 1))
+    struct.pack_into("<H", bad, 2, len(bad) + 8)  # says it is longer than it is
+    ring.add(good)
+    ring.add(bytes(bad))
+    ring.add(kernel_thread_record(3, 7, t + 2))
+    source = reading_source(ring, Counter())
+    source._drain(sink)
+    assert [e.tid for e in parse(b"".join(sink.records))] == [1, 3]
+    assert source.skipped == 1 and sum(sink.lost) == 1 and source.stats()["lost"] == 1
+
+
+def test_a_record_still_being_written_ends_the_pass_and_the_last_pass_counts_it():
+    ring, sink = MemoryRing(), CheckedSink()
+    t = filetime(1_000)
+    ring.add(kernel_thread_record(1, 7, t))
+    ring.add(kernel_thread_record(2, 7, t + 1), busy=True)
+    ring.add(kernel_thread_record(3, 7, t + 2))
+    source = reading_source(ring, Counter())
+    source._drain(sink)
+    assert [e.tid for e in parse(b"".join(sink.records))] == [1] and ring.cons < ring.prod
+    source._drain(sink, final=True)
+    assert [e.tid for e in parse(b"".join(sink.records))] == [1, 3]
+    assert source.skipped == 1 and ring.cons == ring.prod and sum(sink.lost) == 1
+
+
+def test_records_of_seeded_processes_go_one_by_one_in_ring_order():
+    ring, sink = MemoryRing(), CheckedSink(seeded={300})
+    t = filetime(1_000)
+    written = [kernel_thread_record(1, 7, t), kernel_thread_record(301, 300, t + 1),  # a seeded process's thread
+               _kernel_create(1, t + 2, 500, 300, t + 2, t - 9, "child of a seeded one"),  # a seeded parent
+               _kernel_create(1, t + 3, 501, 7, t + 3, t - 9, "other"), kernel_thread_record(2, 7, t + 4)]
+    for record in written:
+        ring.add(record)
+    source = reading_source(ring, Counter())
+    source._drain(sink)
+    assert sink.records == written
+    assert sink.written == written[1:3] and sink.checked == [1, 2]
+
+
+def test_the_walk_refuses_positions_that_do_not_describe_one_ring():
+    data = bytearray(2 * 4096)
+    with pytest.raises(ValueError):
+        fast_walk(bytes(data), 4095, 0, 8192, False, 0, None)  # more than a ring's length in one pass
+    with pytest.raises(ValueError):
+        fast_walk(bytes(4096), 4095, 0, 8, False, 0, None)  # the second mapping is missing
+
+
+def test_a_ring_corrupted_with_a_length_past_the_ring_stops_with_an_error_not_a_read_past_it():
+    data = bytearray(2 * 4096)
+    struct.pack_into("<I", data, 0, 5000)
+    with pytest.raises(ValueError, match="longer than the ring"):
+        fast_walk(bytes(data), 4095, 0, 4096, False, 0, None)
+
+
+# --- EventRing.push_checked ----------------------------------------------------------------------------------------
+
+
+def _record(i: int, size: int) -> bytes:
+    return R.encode_process_exec(filetime(i), i, 1, 1, 1, "x" * size)
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(0, 300), min_size=1, max_size=40), min_size=1, max_size=12),
+       max_items=st.integers(1, 60), max_bytes=st.integers(1200, 8000), reads=st.integers(0, 3))
+def test_push_checked_leaves_the_ring_as_push_batch_does(batches, max_items, max_bytes, reads):
+    """Batches of a few records (the short loop) and many (the array path), wrapping the arena and the slot table,
+    with drops when a cap is reached: what readers read, and the counts, are the same."""
+    rings = [EventRing(max_items, max_bytes), EventRing(max_items, max_bytes)]
+    out = [[], []]
+    i = 0
+    for sizes in batches:
+        recs = [_record(i + k, s) for k, s in enumerate(sizes)]
+        i += len(recs)
+        data = b"".join(recs)
+        ends = np.cumsum([len(r) for r in recs]).astype(np.int64)
+        rings[0].push_checked(data, ends.tobytes(), 4)
+        rings[1].push_batch(data, ends)
+        for ring, got in zip(rings, out):
+            for _ in range(reads):
+                buf = bytearray(2000)
+                n = ring.readinto(buf)
+                got.append(bytes(buf[:n]))
+    for ring, got in zip(rings, out):
+        buf = bytearray(1 << 16)
+        while n := ring.readinto(buf):
+            got.append(bytes(buf[:n]))
+    assert b"".join(out[0]) == b"".join(out[1])
+    assert rings[0].stats == rings[1].stats
+
+
+# --- IdentityStage.push_checked ------------------------------------------------------------------------------------
+
+
+def _checked(stage, records) -> None:
+    data = b"".join(records)
+    kinds = 0
+    for r in records:
+        kinds |= 1 if r[0] in (1, 101) else 2 if r[0] == 2 else 4
+    stage.push_checked(data, np.cumsum([len(r) for r in records]).astype(np.int64).tobytes(), kinds)
+
+
+def test_identity_takes_the_c_walks_batches_whole_and_the_table_learns_what_push_batch_teaches_it():
+    prefix = guid_prefix(HOST)
+    records = []
+    for i in range(150):  # past the pending bound: applied along the way too
+        pid = 1000 + i
+        records += [_kernel_create(1, T + 3 * i, pid, 10, T + 3 * i, T - 5, "sh -c x"),
+                    _kernel_create(101, T + 3 * i + 1, pid, 10, T + 3 * i, T - 5, f"/usr/bin/p{pid} {i}"),
+                    R.encode_thread_create(T + 3 * i + 1, pid + 50_000, pid)]
+        if i % 3:
+            records.append(_kernel_exit(T + 3 * i + 2, pid, T + 3 * i))
+    tables = []
+    for way in ("checked", "batch"):
+        sink = CheckedSink()
+        stage = IdentityStage(sink, HOST, lean=True)
+        for k in range(0, len(records), 7):
+            if way == "checked":
+                _checked(stage, records[k:k + 7])
+            else:
+                stage.push_batch(np.frombuffer(b"".join(records[k:k + 7]), dtype=np.uint8).copy(),
+                                 np.cumsum([len(r) for r in records[k:k + 7]]))
+        assert sink.records == records  # byte for byte, in order
+        if way == "checked":
+            assert sink.checked and sum(sink.checked) == len(records)
+        stage.apply_exits()
+        tables.append({guid: (e.pid, e.exited, e.command_line, e.parent_guid)
+                       for guid, e in stage.table.by_guid.items()})
+        live = R.guid_text(make_guid(prefix, 1147, T + 3 * 147))  # 147 % 3 == 0: no exit
+        info = stage.process(live)
+        assert info.command_line == "/usr/bin/p1147 147" and not info.exited and info.image == "/usr/bin/p1147"
+        assert stage.process(R.guid_text(make_guid(prefix, 1149, T + 3 * 149))).exited
+    assert tables[0] == tables[1] and len(tables[0]) == 150
+
+
+def test_identity_a_record_pushed_alone_after_a_whole_batch_sees_the_table_with_that_batch_in_it():
+    sink = CheckedSink()
+    stage = IdentityStage(sink, HOST, lean=True)
+    stage.seed([(300, 1, "daemon", Details(start_filetime=T - 10**9, image="/usr/sbin/d"))])
+    _checked(stage, [_kernel_create(1, T, 500, 10, T, T - 5, "parent")])
+    # a record of the seeded process, alone (as the walk hands it over): the batch before it is applied first
+    stage.push_written(_kernel_create(1, T + 1, 501, 300, T + 1, T - 10**9 + 7, "child of the daemon"))
+    assert 500 in stage.table.live and 501 in stage.table.live
+    (out,) = list(parse(sink.records[1]))
+    assert out.parent_image == "/usr/sbin/d" and out.parent_command_line == "daemon"
+
+
+def test_identity_in_full_mode_takes_a_checked_batch_through_its_own_path():
+    sink = CheckedSink()
+    stage = IdentityStage(sink, HOST, lean=False)
+    records = [_kernel_create(1, T, 500, 10, T, T - 5, "a"), _kernel_create(1, T + 1, 501, 500, T + 1, T, "b")]
+    _checked(stage, records)
+    events = list(parse(b"".join(sink.records)))
+    assert events[1].parent_command_line == "a" and events[1].user == "root"
+    assert not sink.checked  # the stage wrote fields into the records: not passed on whole
