@@ -96,7 +96,8 @@ static PyObject *walk(PyObject *self, PyObject *args)
             skipped++;  /* never to be committed (final pass, after the programs settled) */
         }
         uint32_t size = length & ~(BUSY | DISCARD);
-        if (size > mask + 1) { /* cannot be: the ring is corrupt, stop here rather than read past it */
+        if (size > mask + 1 || at + 8 + size > (unsigned long long)data.len) {
+            /* cannot be: the ring is corrupt, stop here rather than read past it */
             PyErr_SetString(PyExc_ValueError, "walk: a record longer than the ring");
             goto done;
         }
@@ -160,8 +161,13 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "etwmon._speedups",
-                                    "The bpf source's ring walk in C (optional).", -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "etwmon._speedups",
+    .m_doc = "The bpf source's ring walk in C (optional).",
+    .m_size = -1,
+    .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
