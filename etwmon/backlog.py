@@ -4,7 +4,7 @@ process table until it is read, and folded into it with array operations when th
 A batch that passes the stage whole (``IdentityStage.push_checked``) costs the table nothing then: its bytes are
 kept. When somebody reads the table (``ancestors()``, ``process()``, ``stats``) the backlog is applied record by
 record, in order, as if the table had been fed all along. When nobody does and the backlog outgrows its cap, its
-older half is *folded*: a process that started and ended in the backlog, and is no living process's ancestor
+oldest quarter is *folded*: a process that started and ended in the backlog, and is no living process's ancestor
 there, would only have joined the table as an exited entry, to be evicted oldest first; folding drops it at once
 (counted in the table's ``evicted``), in one pass of array operations over the records. What is left is applied
 one by one: the processes still alive (and their ancestors), the exits of processes the table already had, and
@@ -16,38 +16,42 @@ process is keyed by the last 8 (its pid and start time): one uint64.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 __all__ = ["concat", "fold_plan"]
 
 _KEY = np.arange(8)
+_END = struct.Struct("<q")
 _PREFIX = np.arange(8)
 
 
 def concat(entries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The records of pending entries (``(bytes, WHOLE, ends bytes)`` batches, ``(record, None, None)`` single
     records, ``(array, starts, ends)`` noted runs) as one byte array and where each record starts and ends in
-    it."""
-    blobs, ends = [], []
-    base = 0
+    it: one join of the bytes and one of the ends, each batch's ends moved by where it starts (np.repeat)."""
+    blobs, ends, counts = [], [], []
     for raw, starts, stops in entries:
         if starts is None:
             blobs.append(bytes(raw))
-            base += len(raw)
-            ends.append(np.array([base], dtype=np.int64))
+            ends.append(_END.pack(len(raw)))
+            counts.append(1)
         elif isinstance(starts, np.ndarray):
             for a, b in zip(starts.tolist(), stops.tolist()):
                 blobs.append(bytes(raw[a:b]))
-                base += b - a
-                ends.append(np.array([base], dtype=np.int64))
+                ends.append(_END.pack(b - a))
+                counts.append(1)
         else:  # a whole batch
             blobs.append(raw)
-            ends.append(np.frombuffer(stops, dtype=np.int64) + base)
-            base += len(raw)
+            ends.append(stops)
+            counts.append(len(stops) >> 3)
     if not blobs:
         empty = np.zeros(0, dtype=np.int64)
         return np.zeros(0, dtype=np.uint8), empty, empty
-    stop = np.concatenate(ends)
+    sizes = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    bases = np.cumsum(sizes) - sizes
+    stop = np.frombuffer(b"".join(ends), dtype=np.int64) + np.repeat(bases, counts)
     start = np.empty_like(stop)
     start[0] = 0
     start[1:] = stop[:-1]

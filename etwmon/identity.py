@@ -34,6 +34,7 @@ from .records import (
     _I64, _U32, _U64, MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, guid_bytes, pack_field,
     with_packed,
 )
+from . import backlog
 from .process_table import (  # the tags the stage writes itself (_STAGE_TAGS) and those it reads
     _GUID, _IMAGE, _PGUID, _SAME_START, _STAGE_TAGS, _START, _UID, _USER, DEFAULT_MAX_BYTES, DEFAULT_MAX_PROCESSES, ProcessInfo, ProcessTable, _Entry,
     _same_process,
@@ -117,7 +118,14 @@ class IdentityStage:
             self.attach(sink)
         self.prefix = guid_prefix(host_and_boot)
         self.table = ProcessTable(max_processes, max_bytes)
+        #: The batches kept whole for the table (``push_checked``) may hold this many bytes, within ``max_bytes``
+        #: (the table's entries get the rest); past it their oldest quarter is folded in (etwmon.backlog).
+        self.backlog_max_bytes = max_bytes // 8
+        self._backlog_bytes = 0
+        if self.lean:
+            self.table.reserved = self.backlog_max_bytes
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
+        self.folded = 0  # processes the backlog dropped when folded (also in the table's evicted)
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
         self._seeded: set[int] = set()  # pids of live seeded processes (their records take the slow path)
         self._seeded_array: np.ndarray | None = None  # lookup[pid]: whether pid is in _seeded
@@ -190,28 +198,21 @@ class IdentityStage:
         """``push_batch`` of a batch the bpf source's C walk gathered: ``data`` the records back to back, ``ends``
         the bytes of where each ends (little-endian int64), ``kinds`` what it holds (bit 0 a create or exec, bit 1
         an exit). The walk stops before every record of a seeded process (``seeded_lookup``), so when the next
-        stage takes creates whole the batch passes on as it is and, when it holds process records, is kept
-        whole for the table (read when the table is next looked at): a few operations per batch, none per
+        stage takes creates whole the batch passes on as it is and, when it holds process records, joins the
+        backlog (``etwmon.backlog``): applied to the table when it is next read, folded into it with array
+        operations when the backlog outgrows ``backlog_max_bytes``. A few operations per batch, none per
         record."""
         checked = self._push_checked
         if checked is None or not self._creates_whole():
             self.push_batch(np.frombuffer(data, dtype=np.uint8), np.frombuffer(ends, dtype=np.int64))
             return
-        if kinds & 1 or kinds & 2 and self._pending:
+        if kinds & 3:  # creates, execs or exits: the batch is kept for the table as it is
             with self._lock:
                 self._pending.append((data, _WHOLE, ends))
-                self._pending_count += len(ends) >> 3
+                self._backlog_bytes += len(data)
                 self._pending_pids = None  # not read out: a record pushed alone applies them first
-            if self._pending_count > _MAX_PENDING_RECORDS:
-                self._apply_pending(compact=True)
-        elif kinds & 2:
-            raw = np.frombuffer(data, dtype=np.uint8)
-            stops = np.frombuffer(ends, dtype=np.int64)
-            starts = np.empty_like(stops)
-            starts[0] = 0
-            starts[1:] = stops[:-1]
-            exits = raw[starts] == 2
-            self._note_exits(raw, starts[exits], stops[exits])
+            if self._backlog_bytes > self.backlog_max_bytes:
+                self._fold_backlog()
         checked(data, ends, kinds)
 
     def seeded_lookup(self):
@@ -354,7 +355,7 @@ class IdentityStage:
             self._apply_pending_locked(compact)
 
     def _apply_pending_locked(self, compact: bool) -> None:
-        pending, self._pending, self._pending_count = self._pending, [], 0
+        pending, self._pending, self._pending_count, self._backlog_bytes = self._pending, [], 0, 0
         if not pending:
             return
         self._pending_pids = set()
@@ -375,10 +376,41 @@ class IdentityStage:
                 continue
             records.extend((raw, a, b) for a, b in zip(starts.tolist(), ends.tolist()))
         drop = self._short_lived(records) if compact else set()
+        self._apply_records(records[k] for k in range(len(records)) if k not in drop)
+
+    def _fold_backlog(self) -> None:
+        """Fold the backlog's oldest quarter into the table (etwmon.backlog): the processes that came and went
+        there, with no living descendant, are dropped at once (counted as evicted), the rest applied in order. A
+        quarter (1 MiB by default) holds the reading thread ~12 ms here; the rest of the backlog is read too, for
+        the exits of the processes the quarter saw start."""
+        with self._lock:
+            pending, part = self._pending, self._backlog_bytes // 4
+            taken = split = 0
+            while split < len(pending) and taken < part:
+                raw, starts, _ = pending[split]
+                if starts is _WHOLE:
+                    taken += len(raw)
+                split += 1
+            old, rest = pending[:split], pending[split:]
+            self._pending = rest
+            self._backlog_bytes -= taken
+            self._pending_count = sum(1 if s is None else len(s) for _, s, _ in rest if s is not _WHOLE)
+            for entry in self.table.apply_exits():  # exits noted before the first create
+                if entry.seeded:
+                    self._forget_seeded(entry.pid)
+            records = backlog.concat(old)
+            apply, exited, dropped = backlog.fold_plan(records, backlog.concat(rest), self.prefix)
+            raw, starts, ends = records
+            self._apply_records((raw, int(starts[k]), int(ends[k])) for k in apply)
+            if len(exited):
+                self.table.note_exits(exited)
+            self.table.evicted += dropped
+            self.folded += dropped
+
+    def _apply_records(self, records) -> None:
+        """Apply creates, execs and exits (``(buffer, start, end)`` each) to the table, in order."""
         table = self.table
-        for k, (raw, a, b) in enumerate(records):
-            if k in drop:
-                continue
+        for raw, a, b in records:
             record = raw[a:b]
             if not isinstance(record, bytes):
                 record = record.tobytes()
@@ -691,4 +723,5 @@ class IdentityStage:
         table = self.table
         return {"processes": len(table.live), "known": len(table), "bytes": table.bytes,
                 "max_bytes": table.max_bytes, "evicted": table.evicted,
-                "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid}
+                "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid,
+                "folded": self.folded, "backlog_max_bytes": self.backlog_max_bytes if self.lean else 0}

@@ -157,6 +157,9 @@ class ProcessTable:
         self.max_processes = max_processes
         self.max_bytes = max_bytes
         self.bytes = 0  # what the entries held cost (``_Entry.nbytes`` each)
+        #: Bytes of the cap kept for records waiting to be applied (the identity stage's backlog): the entries
+        #: get the rest, so that the two together stay within ``max_bytes``.
+        self.reserved = 0
         self._pending_exits: list[np.ndarray | bytes] = []  # guids of exits that passed in batches, not yet applied
         self._pending_count = 0
         self.live: dict[int, _Entry] = {}
@@ -182,7 +185,7 @@ class ProcessTable:
         size = entry.nbytes()
         self.bytes += size - entry.counted
         entry.counted = size
-        if self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes:
+        if self.bytes + self.reserved > self.max_bytes or len(self.by_guid) > self.max_processes:
             self._make_room(entry)
 
     def exit(self, entry: _Entry) -> None:
@@ -197,7 +200,7 @@ class ProcessTable:
         the one just counted: a single process bigger than the byte cap stays alone)."""
         if self._pending_count:
             self.apply_exits()  # exited processes go first
-        while (self.bytes > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
+        while (self.bytes + self.reserved > self.max_bytes or len(self.by_guid) > self.max_processes) and len(self.by_guid) > 1:
             if self._exited:
                 guid = next(iter(self._exited))
                 del self._exited[guid]

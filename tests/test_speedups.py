@@ -103,7 +103,7 @@ def test_the_c_walk_passes_what_the_python_walk_passes(chunks):
     """Runs of wire records, events between them, records too short, discarded ones and times stamped a little
     out of order, over a small ring that the passes wrap: the same records in the same order, the same times
     raised, the same skips and the same place in the ring."""
-    rings = [MemoryRing(1 << 12), MemoryRing(1 << 12)]
+    rings = [MemoryRing(1 << 14), MemoryRing(1 << 14)]  # more than a chunk holds: the kernel never overfills
     sinks = [CheckedSink(), BatchSink()]
     sources = [reading_source(ring, Counter()) for ring in rings]
     for source, sink in zip(sources, sinks):
@@ -302,3 +302,66 @@ def test_identity_in_full_mode_takes_a_checked_batch_through_its_own_path():
     events = list(parse(b"".join(sink.records)))
     assert events[1].parent_command_line == "a" and events[1].user == "root"
     assert not sink.checked  # the stage wrote fields into the records: not passed on whole
+
+
+# --- the backlog: folded into the table when nobody reads it --------------------------------------------------------
+
+
+def test_a_backlog_nobody_reads_is_folded_within_its_cap_keeping_living_processes_and_their_ancestors():
+    prefix = guid_prefix(HOST)
+    sink = CheckedSink()
+    stage = IdentityStage(sink, HOST, max_bytes=1 << 20, lean=True)  # a backlog of 128 KiB
+    _checked(stage, [_kernel_create(1, T, 10, 1, T, T - 5, "before the storm")])
+    stage.apply_exits()  # pid 10 is in the table
+    t, pid, biggest = T + 10, 1000, 0
+    daemon = shell = None
+    for i in range(3000):
+        batch = []
+        for _ in range(2):
+            pid += 1
+            batch += [_kernel_create(1, t, pid, 10, t, T, "sh"), _kernel_create(101, t + 1, pid, 10, t, T, "/bin/true"),
+                      _kernel_exit(t + 2, pid, t)]
+            t += 3
+        if i == 1000:  # a short-lived shell starts a daemon and ends: the daemon lives on, its chain is kept
+            shell, daemon = (pid + 1, t), (pid + 2, t + 1)
+            batch += [_kernel_create(1, t, pid + 1, 10, t, T, "sh -c 'backdoor &'"),
+                      _kernel_create(1, t + 1, pid + 2, pid + 1, t + 1, t, "sh -c 'backdoor &'"),
+                      _kernel_create(101, t + 2, pid + 2, pid + 1, t + 1, t, "/tmp/backdoor --listen"),
+                      _kernel_exit(t + 3, pid + 1, t)]
+            pid += 2
+            t += 4
+        _checked(stage, batch)
+        biggest = max(biggest, stage._backlog_bytes)
+    assert biggest <= stage.backlog_max_bytes  # folded whenever it outgrew its cap
+    assert stage.folded > 2000 and stage.table.evicted >= stage.folded  # the storm's processes: dropped, counted
+    assert len(sink.records) == 1 + 3000 * 6 + 4  # every record passed on regardless
+    with stage._lock:  # before the table is read: what is left of the backlog is small
+        assert len(stage.table) < 3000
+    info = stage.process(R.guid_text(make_guid(prefix, *daemon)))
+    assert info is not None and not info.exited and info.command_line == "/tmp/backdoor --listen"
+    chain = stage.ancestors(info.process_guid)
+    assert [(p.pid, p.command_line, p.exited) for p in chain] == [
+        (shell[0], "sh -c 'backdoor &'", True), (10, "before the storm", False)]
+    stats = stage.stats()
+    assert stats["bytes"] + stage.backlog_max_bytes <= stats["max_bytes"] == 1 << 20
+
+
+def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irregular_records_one_by_one():
+    prefix = guid_prefix(HOST)
+    sink = CheckedSink()
+    stage = IdentityStage(sink, HOST, max_bytes=1 << 19, lean=True)
+    _checked(stage, [_kernel_create(1, T, 10, 1, T, T - 5, "old")])
+    stage.apply_exits()
+    # a create without a block (no guid fields: a source that wrote none) amid the storm: applied one by one
+    odd = R.encode_process_create(T + 1, 20, 10, 10, 10, "no block")
+    _checked(stage, [odd, _kernel_exit(T + 2, 10, T)])
+    t = T + 10
+    for i in range(4000):
+        pid = 1000 + i
+        _checked(stage, [_kernel_create(1, t, pid, 1, t, T - 5, "x"), _kernel_exit(t + 1, pid, t)])
+        t += 2
+    assert stage.folded > 0
+    with stage._lock:
+        assert stage.table.live.get(20) is not None  # the odd create, read one by one when folded
+    stage.table.apply_exits()
+    assert stage.table.by_guid[make_guid(prefix, 10, T)].exited  # its exit folded as a noted exit
