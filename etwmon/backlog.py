@@ -4,11 +4,12 @@ process table until it is read, and folded into it with array operations when th
 A batch that passes the stage whole (``IdentityStage.push_checked``) costs the table nothing then: its bytes are
 kept. When somebody reads the table (``ancestors()``, ``process()``, ``stats``) the backlog is applied record by
 record, in order, as if the table had been fed all along. When nobody does and the backlog outgrows its cap, its
-oldest quarter is *folded*: a process that started and ended in the backlog, and is no living process's ancestor
-there, would only have joined the table as an exited entry, to be evicted oldest first; folding drops it at once
-(counted in the table's ``evicted``), in one pass of array operations over the records. What is left is applied
-one by one: the processes still alive (and their ancestors), the exits of processes the table already had, and
-anything the arrays cannot read (a record whose block does not start with the guid fields the programs write).
+oldest eighth is *folded*: a process that started and ended there, and is no living process's ancestor there,
+would only have joined the table as an exited entry, to be evicted oldest first; folding drops it at once
+(counted in the table's ``evicted``), in one pass of array operations over those records. What is left is applied
+one by one: the processes that did not end there (and their ancestors), the exits of processes the table already
+had, and anything the arrays cannot read (a record whose block does not start with the guid fields the programs
+write).
 
 Every ProcessGuid the programs write starts with the same 8 bytes (the host and boot tags, ``guid_prefix``), so a
 process is keyed by the last 8 (its pid and start time): one uint64.
@@ -106,31 +107,28 @@ def index(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, prefix: bytes):
     return kind, key, parent, readable
 
 
-def fold_plan(old, later, prefix: bytes) -> tuple[list[int], np.ndarray, int]:
-    """What folding ``old`` (``concat``'s triple, the backlog's older part) means, ``later`` being the part that
-    stays: (the indices of ``old``'s records still to be applied one by one, in order; the guids (rows of 16
-    bytes) of exits of processes the backlog did not see start, for ``ProcessTable.note_exits``; how many
-    processes are dropped)."""
+def fold_plan(old, prefix: bytes) -> tuple[list[int], np.ndarray, int]:
+    """What folding ``old`` (``concat``'s triple, the backlog's oldest part) means: (the indices of its records
+    still to be applied one by one, in order; the guids (rows of 16 bytes) of exits of processes it did not see
+    start, for ``ProcessTable.note_exits``; how many processes are dropped). A process whose exit is not in
+    ``old`` (it lives on, or ends in the part that stays) is kept, with its ancestors there."""
     raw, starts, ends = old
     kind, key, parent, readable = index(raw, starts, ends, prefix)
-    later_kind, later_key, _, later_readable = index(*later, prefix)
     creates = ((kind == 1) | (kind == 101)) & readable
     exits = (kind == 2) & readable
-    ended = np.union1d(key[exits], later_key[(later_kind == 2) & later_readable])
     started = np.unique(key[creates])
-    # Keep every process that has not ended, and the ancestors of those within ``old`` (a daemon's chain).
-    keep = np.setdiff1d(started, ended, assume_unique=True)
+    # Keep every process that has not ended here, and the ancestors of those here (a daemon's chain).
+    keep = np.setdiff1d(started, key[exits])
     parent_of = dict(zip(key[creates].tolist(), parent[creates].tolist()))  # the last record's parent wins
     frontier = keep
     while len(frontier):
         parents = np.array([parent_of.get(k, 0) for k in frontier.tolist()], dtype=np.uint64)
-        parents = parents[np.isin(parents, started) & ~np.isin(parents, keep)]
-        parents = np.unique(parents)
+        parents = np.unique(parents[np.isin(parents, started) & ~np.isin(parents, keep)])
         keep = np.union1d(keep, parents)
         frontier = parents
     kept = np.isin(key, keep)
     apply = (creates & kept) | (exits & kept) | ~readable  # what the arrays cannot read goes one by one
-    before = exits & ~np.isin(key, started)  # ended here, started before the backlog: the table has it
+    before = exits & ~np.isin(key, started)  # ended here, started before: the table has it (or had)
     at = starts[before] + 36
     rows = raw[at[:, None] + np.arange(16)] if len(at) else np.zeros((0, 16), dtype=np.uint8)
     return np.flatnonzero(apply).tolist(), rows, int(len(started) - len(keep))

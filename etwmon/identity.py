@@ -119,7 +119,7 @@ class IdentityStage:
         self.prefix = guid_prefix(host_and_boot)
         self.table = ProcessTable(max_processes, max_bytes)
         #: The batches kept whole for the table (``push_checked``) may hold this many bytes, within ``max_bytes``
-        #: (the table's entries get the rest); past it their oldest quarter is folded in (etwmon.backlog).
+        #: (the table's entries get the rest); past it their oldest eighth is folded in (etwmon.backlog).
         self.backlog_max_bytes = max_bytes // 8
         self._backlog_bytes = 0
         if self.lean:
@@ -379,27 +379,26 @@ class IdentityStage:
         self._apply_records(records[k] for k in range(len(records)) if k not in drop)
 
     def _fold_backlog(self) -> None:
-        """Fold the backlog's oldest quarter into the table (etwmon.backlog): the processes that came and went
-        there, with no living descendant, are dropped at once (counted as evicted), the rest applied in order. A
-        quarter (1 MiB by default) holds the reading thread ~12 ms here; the rest of the backlog is read too, for
-        the exits of the processes the quarter saw start."""
+        """Fold the backlog's oldest eighth into the table (etwmon.backlog): the processes that came and went
+        there, with no living descendant, are dropped at once (counted as evicted), the rest applied in order.
+        An eighth (512 KiB by default) holds the reading thread a few milliseconds here."""
         with self._lock:
-            pending, part = self._pending, self._backlog_bytes // 4
+            pending, part = self._pending, self._backlog_bytes // 8
             taken = split = 0
             while split < len(pending) and taken < part:
                 raw, starts, _ = pending[split]
                 if starts is _WHOLE:
                     taken += len(raw)
                 split += 1
-            old, rest = pending[:split], pending[split:]
-            self._pending = rest
+            old = pending[:split]
+            del pending[:split]
             self._backlog_bytes -= taken
-            self._pending_count = sum(1 if s is None else len(s) for _, s, _ in rest if s is not _WHOLE)
+            self._pending_count = sum(1 if s is None else len(s) for _, s, _ in pending if s is not _WHOLE)
             for entry in self.table.apply_exits():  # exits noted before the first create
                 if entry.seeded:
                     self._forget_seeded(entry.pid)
             records = backlog.concat(old)
-            apply, exited, dropped = backlog.fold_plan(records, backlog.concat(rest), self.prefix)
+            apply, exited, dropped = backlog.fold_plan(records, self.prefix)
             raw, starts, ends = records
             self._apply_records((raw, int(starts[k]), int(ends[k])) for k in apply)
             if len(exited):
