@@ -4,7 +4,7 @@ process table until it is read, and folded into it with array operations when th
 A batch that passes the stage whole (``IdentityStage.push_checked``) costs the table nothing then: its bytes are
 kept. When somebody reads the table (``ancestors()``, ``process()``, ``stats``) the backlog is applied record by
 record, in order, as if the table had been fed all along. When nobody does and the backlog outgrows its cap, its
-oldest eighth is *folded*: a process that started and ended there, and is no living process's ancestor there,
+oldest 1/32 is *folded*: a process that started and ended there, and is no living process's ancestor there,
 would only have joined the table as an exited entry, to be evicted oldest first; folding drops it at once
 (counted in the table's ``evicted``), in one pass of array operations over those records. What is left is applied
 one by one: the processes that did not end there (and their ancestors), the exits of processes the table already
