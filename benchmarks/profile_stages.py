@@ -5,6 +5,8 @@ waking the thread, system calls) is the monitor's measured CPU minus the sampled
 
     python benchmarks/profile_stages.py [--rate 528] [--seconds 15] [--identity on|off|full] [--batch-wait S]
 
+ETWMON_NO_SPEEDUPS=1 in the environment profiles the ring walk in Python (without etwmon._speedups) for comparison.
+
 Needs root, py-spy (pip install py-spy) and gcc. Development tool: its figures go in notes, not RESULTS.md (the
 sampler slows what it samples a little). Run it on a quiet machine.
 """
@@ -34,6 +36,7 @@ STAGES = (
     ("EventRing push", "EventRing.push"),
     ("move kernel records (WireMover)", "WireMover."),
     ("decode events (EventDecoder)", "EventDecoder."),
+    ("ring walk in C, batch hand-off (BpfSource._walk_fast)", "BpfSource._walk_fast"),
     ("ring walk, loss counter (BpfSource._drain)", "BpfSource._drain"),
     ("readinto", ".readinto ("),
     ("wait() and its bookkeeping", ".wait ("),
@@ -105,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{made:,} execs at {args.rate:,.0f}/s, identity {args.identity}, batch_wait "
           f"{args.batch_wait if args.batch_wait is not None else 'default'}: monitor CPU {cpu:.3f} s = "
           f"{1e6 * cpu / made:.1f} µs per exec, {1e6 * cpu / events:.1f} µs per event")
-    print(f"{'stage':<46} {'µs/event':>9}")
+    print(f"{'stage':<56} {'µs/event':>9}")
     for name, n in samples.most_common():
-        print(f"{name:<46} {1e6 * n / 1000.0 / events:9.2f}")
-    print(f"{'without the GIL (kernel: wake-ups, system calls)':<46} {1e6 * max(cpu - sampled, 0.0) / events:9.2f}")
+        print(f"{name:<56} {1e6 * n / 1000.0 / events:9.2f}")
+    print(f"{'without the GIL (kernel: wake-ups, system calls)':<56} {1e6 * max(cpu - sampled, 0.0) / events:9.2f}")
 
 
 if __name__ == "__main__":
