@@ -365,3 +365,58 @@ def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irreg
         assert stage.table.live.get(20) is not None  # the odd create, read one by one when folded
     stage.table.apply_exits()
     assert stage.table.by_guid[make_guid(prefix, 10, T)].exited  # its exit folded as a noted exit
+
+
+# --- live: the same Monitor with and without the walk in C ----------------------------------------------------------
+
+_LIVE = r'''
+import json, os, subprocess, time
+import etwmon
+from etwmon import ItemType, parse
+with etwmon.Monitor(source="bpf", max_items=100_000) as mon:
+    subprocess.run(["/bin/echo", "two  spaces", "q'uote", "\x01\u00e9"], stdout=subprocess.DEVNULL)
+    shell = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    buf, events = bytearray(1 << 20), []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if mon.wait(0.2):
+            while n := mon.readinto(buf):
+                events += parse(bytes(buf[:n]))
+        if any(e.type == ItemType.ProcessExec and "sleep" in e.command_line and e.parent_pid == shell.pid
+               for e in events):
+            break
+    sleep = next(e for e in events if e.type == ItemType.ProcessExec and e.parent_pid == shell.pid)
+    chain = [p.pid for p in mon.ancestors(sleep.process_guid)]
+    echo = [e.command_line for e in events if e.type == ItemType.ProcessExec and e.command_line.startswith("/bin/echo")]
+    os.killpg(shell.pid, 9); shell.wait()
+    print(json.dumps({"c_walk": mon.stats.source_stats["c_walk"], "echo": echo, "chain": chain[:2],
+                      "shell": shell.pid, "me": os.getpid(), "lost": mon.stats.lost + mon.stats.dropped}))
+'''
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("walk", ["c", "python"])
+def test_live_a_monitor_gives_the_same_events_and_ancestry_with_the_walk_in_c_and_in_python(walk):
+    """The whole path, live: exact argv, the process table fed (the backlog applied when read), no loss; the walk
+    in Python (ETWMON_NO_SPEEDUPS=1) is the fallback where the package was built without a compiler."""
+    import json
+    import subprocess
+    import sys
+
+    from etwmon.sources.bpf import BpfSource
+
+    from .conftest import require
+
+    reason = BpfSource.unavailable_reason()
+    require(reason is None, f"bpf: {reason}")
+    env = dict(os.environ, ETWMON_NO_SPEEDUPS="1" if walk == "python" else "0")
+    out = subprocess.run([sys.executable, "-c", _LIVE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["c_walk"] == (1 if walk == "c" else 0)
+    from etwmon.records import command_line_from_argv
+
+    assert got["echo"] == [command_line_from_argv(["/bin/echo", "two  spaces", "q'uote", "\x01\u00e9"])]
+    assert got["chain"] == [got["shell"], got["me"]] and got["lost"] == 0
