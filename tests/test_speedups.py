@@ -420,3 +420,63 @@ def test_live_a_monitor_gives_the_same_events_and_ancestry_with_the_walk_in_c_an
 
     assert got["echo"] == [command_line_from_argv(["/bin/echo", "two  spaces", "q'uote", "\x01\u00e9"])]
     assert got["chain"] == [got["shell"], got["me"]] and got["lost"] == 0
+
+
+# --- parse's checks in C (etwmon._speedups.scan) ----------------------------------------------------------------------
+
+
+def _records_for_scan():
+    t = filetime(1_000)
+    return [
+        _kernel_create(1, T, 500, 400, T, T - 9, "sh -c 'x'"), _kernel_create(101, T + 1, 500, 400, T, T - 9, "é ü"),
+        _kernel_exit(T + 2, 500, T), kernel_thread_record(7, 500, t), kernel_thread_record(8, 500, t, exit_code=3),
+        R.encode_records_lost(t, 5), R.encode_thread_create(t, 9, 500), R.encode_process_exit(t, 500, 1),
+        R.encode_process_create(t, 1, 0, 0, 0, ""),
+    ]
+
+
+def _python_checked(data):
+    from etwmon import events as E
+
+    saved, E._c_scan = E._c_scan, None
+    try:
+        return E._checked(data)
+    finally:
+        E._c_scan = saved
+
+
+@settings(max_examples=400, deadline=None)
+@given(picks=st.lists(st.integers(0, 8), min_size=0, max_size=12),
+       flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=4),
+       cut=st.integers(0, 5000))
+def test_the_c_checks_give_the_rows_blocks_and_first_error_the_python_checks_give(picks, flips, cut):
+    """Records of every kind (blocks included), bytes changed anywhere and the buffer cut anywhere: the same rows,
+    blocks and first error (message and offset) as the checks in Python."""
+    from etwmon import events as E
+
+    pool = _records_for_scan()
+    data = bytearray(b"".join(pool[k] for k in picks))
+    for at, value in flips:
+        if data:
+            data[at % len(data)] = value
+    data = bytes(data[:cut])
+    c_rows, c_blocks, c_error = E._checked(data)
+    rows, blocks, error = _python_checked(data)
+    assert (c_rows, c_blocks) == (rows, blocks)
+    assert (type(c_error), str(c_error), getattr(c_error, "offset", None)) == (
+        type(error), str(error), getattr(error, "offset", None))
+
+
+def test_a_block_with_a_bad_field_and_a_time_out_of_range_are_refused_in_c_as_in_python():
+    from etwmon import events as E
+
+    good = _kernel_create(1, T, 500, 400, T, T - 9, "x")
+    at = 40 + 2 * 1 + 8  # the block's first field: ProcessGuid, Length 16
+    odd = bytearray(good)
+    struct.pack_into("<H", odd, at + 2, 15)  # a guid of 15 bytes
+    late = bytearray(good)
+    struct.pack_into("<q", late, at + 48 + 4, -5)  # StartTime before 1601
+    for data in (bytes(odd), good + bytes(late)):
+        c, py = E._checked(data), _python_checked(data)
+        assert str(c[2]) == str(py[2]) and c[2] is not None and c[:2] == py[:2]
+    assert "needs 16" in str(E._checked(bytes(odd))[2]) and "out of range" in str(E._checked(good + bytes(late))[2])

@@ -4,18 +4,11 @@ together, and one ``push_batch``, with no Python per record beyond the ring walk
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ._event import EventDecoder
 
-try:  # the ring walk in C, built with the package where a compiler was found (see etwmon/_speedups.c)
-    from ..._speedups import walk as fast_walk
-except ImportError:  # pragma: no cover - exercised where the build had no compiler
-    fast_walk = None
-if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":  # the walk in Python, e.g. to compare the two
-    fast_walk = None
+from ..._native import walk as fast_walk  # the ring walk in C, or None (etwmon/_speedups.c)
 
 __all__ = ["WireMover", "SMALL_BATCH", "fast_walk"]
 
