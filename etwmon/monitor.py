@@ -261,6 +261,7 @@ class Monitor(EventReader):
         self._source_options = source_options
         self._source: Source | None = source if isinstance(source, Source) else None
         self._thread: threading.Thread | None = None
+        self._alive = False  # the source's thread runs (what ``running`` says, without a call per wait())
         self._wakeup: _Wakeup | None = None
         self._inline: Any = None  # the source's ReaderWait for this run, False when it has none (see wait())
         self._fileno_given = False  # whether fileno() was asked for (see _reader_wait)
@@ -294,6 +295,7 @@ class Monitor(EventReader):
                 self._wakeup = _Wakeup(self.ring)
             wakeup = self._wakeup
             self._inline = None
+            self._alive = True
             self._thread = threading.Thread(target=self._run, args=(self._source, wakeup, self._sink(wakeup)),
                                             name=f"etwmon-{self._source.name}", daemon=True)
             self._thread.start()
@@ -320,6 +322,7 @@ class Monitor(EventReader):
             log.error("etwmon source %r failed: %r", source.name, exc)
             self._error = exc
         finally:
+            self._alive = False
             wakeup.set(force=True)  # wake readers so they see records, the error, or the end
 
     def stop(self) -> None:
@@ -419,9 +422,9 @@ class Monitor(EventReader):
         if self.ring.readable():
             return True
         wakeup = self._wakeup
-        if wakeup is None or not self.running:
+        if wakeup is None or not self._alive:
             return False
-        inline = self._reader_wait(wakeup)
+        inline = self._inline or self._reader_wait(wakeup)
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout
         while True:
@@ -436,7 +439,7 @@ class Monitor(EventReader):
             self._check_error()
             if self.ring.readable():
                 return True
-            if other or not self.running:
+            if other or not self._alive:
                 return False
             wakeup.clear_if_drained()  # woken with nothing to read (a reader on another thread took it)
             if deadline is not None:

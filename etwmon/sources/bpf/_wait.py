@@ -68,6 +68,7 @@ class ReaderWait:
     def __init__(self, paced: list[int], adaptive: list[int], notify_fd: int, drain: Callable[[bool], int],
                  waiting: Callable[[int], None]) -> None:
         self._waiter = RingWaiter(paced, adaptive, notify_fd)
+        self._poll, self._own = self._waiter._ep.poll, self._waiter._own
         self._drain = drain
         self._waiting = waiting
         self.wakeups = 0
@@ -85,7 +86,12 @@ class ReaderWait:
             # No look before sleeping: records that came since the last pass have armed the pacer, which wakes
             # this thread within a window of the first of them (at once if that wake-up already came): a
             # reader that comes back often still takes one batch per window, not the few records of each visit.
-            own, others = self._waiter.sleep(timeout)
+            own = others = False
+            for fd, _ in self._poll(-1 if timeout is None else max(timeout, 0.0)):  # RingWaiter.sleep, inline
+                if fd in self._own:
+                    own = True
+                else:
+                    others = True
             if own:
                 self.wakeups += 1
             self._drain(self.notify)
