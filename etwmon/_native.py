@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 try:
-    from ._speedups import scan, walk
+    from ._speedups import fields, json_batch, scan, walk
 except ImportError:  # pragma: no cover - exercised where the build had no compiler
-    scan = walk = None
+    fields = json_batch = scan = walk = None
 
 if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
-    scan = walk = None
+    fields = json_batch = scan = walk = None
 
-__all__ = ["scan", "walk"]
+__all__ = ["fields", "json_batch", "scan", "walk"]

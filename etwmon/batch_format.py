@@ -14,16 +14,17 @@ from datetime import timedelta
 from json.encoder import encode_basestring_ascii as _quote  # json.dumps's own (ensure_ascii=True)
 from typing import Any, Callable
 
+from ._native import json_batch as _c_json_batch
 from .containers import container_id_from_cgroup
 from .events import (
-    _CMDLINE_OFFSET, _CREATE_FIELDS, _DECODE_FOR, _U32, _U32X2, _U32X3, HEADER_SIZE, _as_bytes_view, _block_bounds,
-    _fields, _guid_text, _scan, _utf16, decode_table, parse,
+    _C_RULES, _CMDLINE_OFFSET, _CREATE_FIELDS, _DECODE_FOR, _U32, _U32X2, _U32X3, HEADER_SIZE, _as_bytes_view,
+    _block_bounds, _checked, _fields, _guid_text, _scan, _utf16, decode_table, parse,
 )
 from .formats import (
     _JSON_DETAILS, _RENAMED, _TYPE_NAMES, _WHERE, EXIT_CODE_UNKNOWN, TRUNCATION_MARKER, _flag_names, _image_flags,
-    _iso_utc, _json_text, _start_time, _text_clock, _text_line, format_event, json_line,
+    _iso_utc, _json_text, _second, _start_time, _text_clock, _text_line, format_event, json_line,
 )
-from .records import _TAG_FIELDS, EventFlags
+from .records import _TAG_FIELDS, MAX_FILETIME, EventFlags
 
 __all__ = ["format_batch_typed"]
 
@@ -43,11 +44,20 @@ def format_batch_typed(buffer, form: str = "text",
         raise ValueError(f"format_batch makes text or json lines, not {form!r}")
     view = _as_bytes_view(buffer)
     data = buffer if type(buffer) is bytes else view.tobytes()
-    rows, blocks, error = _scan(data)  # the headers checked; each block is checked below as it is read
     text_form = form == "text"
-    wanted = _TEXT_DECODE if text_form else _PIECES
+    if not text_form and _c_json_batch is not None:  # the same lines in C
+        rows, blocks, error = _checked(data)  # headers and blocks checked (in C too)
+        if error is not None:
+            raise error
+        out, kinds, stopped = _c_json_batch(data, rows, blocks, types, _c_context(data))
+        if stopped >= 0:  # (a block _checked passed: cannot be)
+            raise AssertionError(f"json_batch refused the block of record {stopped}")
+        return out, kinds
+    rows, blocks, error = _scan(data)  # the headers checked; each block is checked below as it is read
     out: list[str] = []
     kinds: list[int] = []
+
+    wanted = _TEXT_DECODE if text_form else _PIECES
     append = out.append
     for (offset, item, size, ft), (start, end) in zip(rows, blocks):
         shown = types is None or item in types or item == 100
@@ -226,3 +236,42 @@ def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | 
         elif rule[1]:  # its value went early; its twin comes here
             parts[-1] += rule[1]
     return ",".join(parts) + "}\n"
+
+
+# --- the same in C (etwmon._speedups.json_batch) ----------------------------------------------------------------
+
+#: The C side's codes for a plan's ways (_details_plan's "how").
+_HOW_CODES = {"piece": 0, "pair": 1, "implied": 2, "flags": 3, "rule_name": 4}
+
+
+class _FlagPieces(dict):
+    """``"flags":[...]`` by the flags' value, made once per value (bounded: flags come from untrusted records)."""
+
+    def __missing__(self, flags: int) -> str:
+        if len(self) >= 256:
+            self.clear()
+        piece = self[flags] = '"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]"
+        return piece
+
+
+def _fallback_line(data: bytes) -> Callable[[int, int], str]:
+    def line(offset: int, size: int) -> str:  # image loads and unknown records: their Event tells
+        (event,) = parse(data[offset:offset + size])
+        return json_line(event) + "\n"
+    return line
+
+
+_C_CONTEXT: list = []
+
+
+def _c_context(data: bytes) -> tuple:
+    """What json_batch reads the lines' pieces from (see etwmon/_speedups.c); ``data``: the batch, for the lines
+    of the records it leaves to Python."""
+    if not _C_CONTEXT:
+        plans = {item: tuple((_HOW_CODES[how], attribute, unknown, source)
+                             for how, attribute, unknown, source in plan) for item, plan in _PLANS.items()}
+        _C_CONTEXT.extend([_second, dict(_TYPE_NAMES), _PIECES, plans, _quote, _text_piece, _FlagPieces(),
+                           TRUNCATION_MARKER, None, _C_RULES, MAX_FILETIME])
+    context = list(_C_CONTEXT)
+    context[8] = _fallback_line(data)
+    return tuple(context)

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from ._native import scan as _c_scan  # parse's checks in C, or None (etwmon/_speedups.c)
+from ._native import fields as _c_fields  # the extension-field walk in C, or None (etwmon/_speedups.c)
+from ._native import scan as _c_scan  # parse's checks in C, or None
 from .errors import RecordFormatError
 from .users import user_name
 from .records import (  # the wire's small structs too (_EXT_HEADER, _TLV, _I64, _U32)
@@ -366,7 +367,16 @@ def _check_block(view, start: int, end: int, offset: int) -> None:
 def _fields(view, pos: int, stop: int, offset: int, decode: dict) -> dict:
     """Attribute -> value of the fields of ``view[pos:stop]`` that ``decode`` (a ``decode_table``) names,
     checking every known field on the way (``RecordFormatError`` at ``offset``, see ``_check_block``): one walk
-    both checks and decodes."""
+    both checks and decodes. In C where etwmon._speedups was built (a refused field: the Python walk says why)."""
+    if _c_fields is not None:
+        out = _c_fields(view, pos, stop, decode, _C_RULES, MAX_FILETIME)
+        if out is not None:
+            return out
+    return _fields_py(view, pos, stop, offset, decode)
+
+
+def _fields_py(view, pos: int, stop: int, offset: int, decode: dict) -> dict:
+    """``_fields`` in Python: the decoders get the value as a slice of ``view``."""
     out: dict = {}
     unpack = _TLV.unpack_from
     rules = _RULE_OF

@@ -496,26 +496,36 @@ _DETAILS = st.fixed_dictionaries({}, optional={
 
 
 @_FUZZ
-@given(st.lists(st.tuples(st.sampled_from([1, 101, 2, 3, 4]), _DETAILS, _TEXTS, st.integers(0, 2**32 - 1)),
-                min_size=1, max_size=6), st.sampled_from(["orjson", "stdlib"]))
-def test_fuzz_batch_lines_are_the_per_event_lines_whatever_the_details(records, encoder) -> None:
-    # Any mix of known and unknown details, any text (lone surrogates, controls, bidi), any numbers: the batch
-    # formatter's lines are the per-event formatters' lines, byte for byte.
+@given(st.lists(st.tuples(st.sampled_from([1, 101, 2, 3, 4, 5, 100]), _DETAILS, _TEXTS,
+                          st.integers(0, 2**32 - 1) | st.just(R.EXIT_CODE_UNKNOWN),
+                          st.integers(0, R.MAX_FILETIME)), min_size=1, max_size=6),
+       st.sampled_from(["orjson", "stdlib"]), st.sampled_from(["c", "python"]),
+       st.none() | st.frozensets(st.sampled_from([1, 101, 2, 3, 4, 5])))
+def test_fuzz_batch_lines_are_the_per_event_lines_whatever_the_details(records, encoder, way, types) -> None:
+    # Any mix of known and unknown details, any text (lone surrogates, controls, bidi), any numbers and times: the
+    # batch formatter's lines (its JSON in C and in Python) are the per-event formatters' lines, byte for byte.
+    from etwmon import batch_format
+
     out = []
-    for item, values, text, number in records:
-        allowed = {1: R._CREATE_ATTRS, 101: R._CREATE_ATTRS}.get(item, R._EXTENSION_ATTRS[item])
+    for item, values, text, number, when in records:
+        allowed = {1: R._CREATE_ATTRS, 101: R._CREATE_ATTRS}.get(item, R._EXTENSION_ATTRS.get(item, frozenset()))
         details = R.Details(**{k: v for k, v in values.items() if k in allowed or k == "flags"})
         if item in (1, 101):
             encode = R.encode_process_create if item == 1 else R.encode_process_exec
-            out.append(encode(T0, number, 1, 2, 3, text, details))
+            out.append(encode(when, number, 1, 2, 3, text, details))
         elif item == 2:
-            out.append(R.encode_process_exit(T0, 5, number, details))
+            out.append(R.encode_process_exit(when, 5, number, details))
         elif item == 3:
-            out.append(R.encode_thread_create(T0, number, 5, details))
+            out.append(R.encode_thread_create(when, number, 5, details))
+        elif item == 4:
+            out.append(R.encode_thread_exit(when, number, 5, number ^ 1, details))
+        elif item == 5:
+            out.append(R.encode_image_load(when, number, 4096, number << 12, text, details))
         else:
-            out.append(R.encode_thread_exit(T0, number, 5, number ^ 1, details))
+            out.append(R.encode_records_lost(when, number or 1))
     data = b"".join(out)
-    with mock.patch.object(formats, "_orjson_dumps", formats._orjson_dumps if encoder == "orjson" else None):
-        each = list(parse(data))
-        assert formats.format_batch(data, "json") == [formats.json_line(e) + "\n" for e in each]
-        assert formats.format_batch(data, "text") == [formats.format_event(e) + "\n" for e in each]
+    shown = [e for e in parse(data) if types is None or int(e.type) in types or e.type == ItemType.RecordsLost]
+    with mock.patch.object(formats, "_orjson_dumps", formats._orjson_dumps if encoder == "orjson" else None), \
+            mock.patch.object(batch_format, "_c_json_batch", batch_format._c_json_batch if way == "c" else None):
+        assert formats.format_batch(data, "json", types) == [formats.json_line(e) + "\n" for e in shown]
+        assert formats.format_batch(data, "text", types) == [formats.format_event(e) + "\n" for e in shown]

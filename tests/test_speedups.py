@@ -480,3 +480,40 @@ def test_a_block_with_a_bad_field_and_a_time_out_of_range_are_refused_in_c_as_in
         c, py = E._checked(data), _python_checked(data)
         assert str(c[2]) == str(py[2]) and c[2] is not None and c[:2] == py[:2]
     assert "needs 16" in str(E._checked(bytes(odd))[2]) and "out of range" in str(E._checked(good + bytes(late))[2])
+
+
+# --- tail's JSON lines in C (etwmon._speedups.json_batch) -------------------------------------------------------
+
+
+def _batch_lines(data, types, way):
+    from unittest import mock
+
+    from etwmon import batch_format
+
+    with mock.patch.object(batch_format, "_c_json_batch", batch_format._c_json_batch if way == "c" else None):
+        try:
+            return batch_format.format_batch_typed(data, "json", types)
+        except Exception as exc:  # noqa: BLE001 - the comparison is the point
+            return type(exc), str(exc), getattr(exc, "offset", None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.integers(0, 10), min_size=0, max_size=12),
+       flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=3),
+       cut=st.integers(0, 5000), types=st.none() | st.frozensets(st.sampled_from([1, 2, 3, 4, 5, 101])))
+def test_the_c_json_lines_are_the_python_lines_or_the_same_error_on_damaged_batches(picks, flips, cut, types):
+    """Records of every kind (blocks, rule names, image loads and losses included), bytes changed anywhere and
+    the buffer cut anywhere, any type filter: the same lines and kinds as the Python formatter, or the same
+    error (type, message, offset)."""
+    t = filetime(2_000)
+    pool = _records_for_scan() + [
+        R.encode_image_load(t, 500, 4096, 0x7000, "/lib/libc.so.6",
+                            Details(process_guid=make_guid(guid_prefix(HOST), 500, T), image="/bin/sh")),
+        R.encode_process_exec(t, 500, 400, 400, 500, "x" * 40, Details(rule_name="caf\udce9", uid=0, cgroup="/a")),
+    ]
+    data = bytearray(b"".join(pool[k] for k in picks))
+    for at, value in flips:
+        if data:
+            data[at % len(data)] = value
+    data = bytes(data[:cut])
+    assert _batch_lines(data, types, "c") == _batch_lines(data, types, "python")
