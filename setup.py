@@ -1,7 +1,9 @@
-"""The optional C part: etwmon._speedups (the bpf source's ring walk). Everything else is in pyproject.toml; when
-no compiler is found the build goes on without it and the source walks the ring in Python."""
+"""The optional C part: etwmon._speedups (the bpf source's ring walk, parse's checks, tail's JSON lines).
+Everything else is in pyproject.toml; when no compiler is found the build goes on without it, and the Python code
+it stands in for runs instead."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("etwmon._speedups", ["etwmon/_speedups.c"], optional=True,
+setup(ext_modules=[Extension("etwmon._speedups", ["etwmon/_speedups.c", "etwmon/_json_lines.c"], optional=True,
+                             depends=["etwmon/_speedups.h"],
                              extra_compile_args=["-O2", "-std=c11", "-Wall"])])
