@@ -159,7 +159,8 @@ PyObject *json_batch(PyObject *self, PyObject *args)
                 unsigned length = d[bstart + 2] | (unsigned)d[bstart + 3] << 8;
                 if (version == 1 && length >= EXT_HEADER && bstart + (Py_ssize_t)length <= bend) {
                     flags = u32_at(d + bstart + 4);
-                    int walked = walk_fields(d, bstart + EXT_HEADER, bstart + length, decode, rules, max_ft, pieces);
+                    int walked = walk_fields(d, bstart + EXT_HEADER, bstart + length, decode, rules, max_ft, pieces,
+                                             NULL, 0);
                     if (walked <= 0) {
                         Py_DECREF(pieces);
                         Py_DECREF(item_obj);

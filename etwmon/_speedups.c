@@ -166,37 +166,7 @@ static int check_block(const unsigned char *d, Py_ssize_t start, Py_ssize_t end,
     unsigned length = d[start + 2] | (unsigned)d[start + 3] << 8;
     if (version != 1 || length < EXT_HEADER || start + (Py_ssize_t)length > end)
         return 0;
-    Py_ssize_t pos = start + EXT_HEADER, stop = start + length;
-    while (pos + 4 <= stop) {
-        unsigned tag = d[pos] | (unsigned)d[pos + 1] << 8;
-        long size = d[pos + 2] | (long)d[pos + 3] << 8;
-        pos += 4;
-        Py_ssize_t fend = pos + size;
-        if (fend > stop)
-            break;
-        int32_t rule = rules[tag];
-        if (rule != -1 && rule != size) {
-            if (rule == 0) {
-                if (size & 1) {
-                    snprintf(msg, room, "extension field %u holds text of odd length %ld", tag, size);
-                    return 1;
-                }
-            } else if (rule > 0 || size != 8) {
-                snprintf(msg, room, "extension field %u has %ld bytes, needs %ld", tag, size,
-                         (long)(rule < 0 ? -rule : rule));
-                return 1;
-            } else {
-                int64_t t;
-                memcpy(&t, d + pos, 8);
-                if (t < 0 || t > max_ft) {
-                    snprintf(msg, room, "extension field %u holds a time out of range", tag);
-                    return 1;
-                }
-            }
-        }
-        pos = fend;
-    }
-    return 0;
+    return walk_fields(d, start + EXT_HEADER, start + length, NULL, rules, max_ft, NULL, msg, room) == 0;
 }
 
 static long dict_long(PyObject *dict, long key, long fallback, int *failed)
@@ -333,9 +303,10 @@ done:
 
 /* The extension fields of d[pos:stop] (tag u16, size u16, value), each known one checked by ``rules`` as scan
  * does; for each tag the dict ``decode`` names ((attribute, decoder)), out[attribute] = decoder(value bytes). A
- * field that runs past ``stop`` ends the walk. 1: done; 0: a field was refused; -1: a Python error. */
-int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObject *decode,
-                       const int32_t *rules, long long max_ft, PyObject *out)
+ * field that runs past ``stop`` ends the walk. 1: done; 0: a field was refused (why in ``msg``, when given); -1: a
+ * Python error. */
+int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObject *decode, const int32_t *rules,
+                long long max_ft, PyObject *out, char *msg, size_t room)
 {
     int wanted = decode != NULL && PyDict_GET_SIZE(decode) > 0;
     while (pos + 4 <= stop) {
@@ -347,16 +318,24 @@ int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObjec
             break;
         int32_t rule = rules[tag];
         if (rule != -1 && rule != size) {
-            if (rule == 0) {
-                if (size & 1)
-                    return 0;
-            } else if (rule > 0 || size != 8) {
+            int64_t t = 0;
+            if (rule > 0 || (rule < 0 && size != 8)) {
+                if (msg)
+                    snprintf(msg, room, "extension field %u has %ld bytes, needs %ld", tag, size,
+                             (long)(rule < 0 ? -rule : rule));
                 return 0;
-            } else {
-                int64_t t;
+            }
+            if (rule == 0 && (size & 1)) {
+                if (msg)
+                    snprintf(msg, room, "extension field %u holds text of odd length %ld", tag, size);
+                return 0;
+            }
+            if (rule < 0)
                 memcpy(&t, d + pos, 8);
-                if (t < 0 || t > max_ft)
-                    return 0;
+            if (t < 0 || t > max_ft) {
+                if (msg)
+                    snprintf(msg, room, "extension field %u holds a time out of range", tag);
+                return 0;
             }
         }
         if (wanted) {
@@ -430,7 +409,7 @@ static PyObject *fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int done = -1;
     if (out != NULL)
         done = walk_fields(data.buf, pos < 0 ? 0 : pos, stop > data.len ? data.len : stop, decode, rules, max_ft,
-                           out);
+                           out, NULL, 0);
     PyBuffer_Release(&data);
     if (done == 1)
         return out;

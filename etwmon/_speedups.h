@@ -22,7 +22,7 @@ static inline uint32_t u32_at(const unsigned char *p)
 
 /* _speedups.c */
 int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObject *decode, const int32_t *rules,
-                long long max_ft, PyObject *out);
+                long long max_ft, PyObject *out, char *msg, size_t room);
 const int32_t *rules_of(PyObject *obj);
 
 /* _json_lines.c */
