@@ -466,3 +466,36 @@ def test_compiled_rules_agree_with_a_plain_reading(includes, excludes, values):
     verdict = ruleset.decide(event)
     keep, name, unknown = _reference(ruleset, values)
     assert (verdict.keep, verdict.rule_name, verdict.unknown is not None) == (keep, name, unknown)
+
+
+def test_remembered_answers_give_the_verdicts_a_fresh_rule_set_gives_and_stay_bounded():
+    # A field index remembers its answer per value (images, parents and users recur): the second time an event
+    # is judged it must get the verdict a rule set that remembers nothing gives, and hostile streams of distinct
+    # or huge values must not grow the memory.
+    import random
+
+    from etwmon.rules import engine
+
+    body = ('<Image condition="end with" name="sh">/sh</Image><Image condition="is">/usr/bin/x</Image>'
+            '<CommandLine condition="contains any" name="c">curl;wget</CommandLine>'
+            '<ParentImage condition="image" name="p">bash</ParentImage>'
+            '<Rule groupRelation="and" name="pair"><Image condition="end with">/python3</Image>'
+            '<CommandLine condition="contains">-c</CommandLine></Rule>')
+    xml = (f'<RuleGroup name="" groupRelation="or"><ProcessCreate onmatch="include">{body}</ProcessCreate>'
+           '</RuleGroup><RuleGroup name="" groupRelation="or"><ProcessCreate onmatch="exclude">'
+           '<CommandLine condition="contains">--quiet</CommandLine></ProcessCreate></RuleGroup>')
+    rng = random.Random(3)
+    images = ["/bin/sh", "/usr/bin/x", "/usr/bin/python3", "/opt/y", "/usr/bin/bash", None]
+    lines = ["python3 -c 1", "curl x", "ls --quiet", "a", "wget -c --quiet", ""]
+    events = [ev(rng.choice(lines), image=rng.choice(images), parent_image=rng.choice(images)) for _ in range(600)]
+    remembering = rules(xml)
+    for event in events + events:
+        assert remembering.decide(event) == rules(xml).decide(event), event
+    index = next(i for name, i, _, _ in remembering._events["ProcessCreate"].indexes if name == "Image")
+    assert 0 < len(index.memo) <= len(images)
+    for n in range(engine._MEMO_ITEMS * 2 + 7):
+        remembering.decide(ev(image=f"/tmp/{n}"))
+        assert len(index.memo) <= engine._MEMO_ITEMS
+    index.memo.clear()
+    remembering.decide(ev(image="/" + "x" * engine._MEMO_CHARS + "/sh"))
+    assert not index.memo  # too long to keep

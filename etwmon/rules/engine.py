@@ -134,7 +134,7 @@ class _FieldIndex:
     gates) it collects every match of the look-up kinds instead, with prefixes and suffixes by dict per length."""
 
     __slots__ = ("multi", "eq", "base", "tail", "prefix", "suffix", "starts", "ends", "contains", "other",
-                 "automaton")
+                 "automaton", "memo")
 
     def __init__(self, multi: bool = False) -> None:
         self.multi = multi  # gate mode: every number that matches (hits), not the smallest (match)
@@ -149,6 +149,9 @@ class _FieldIndex:
         self.starts: tuple | None = None  # (regex of all prefixes in key order, their keys)
         self.ends: tuple | None = None  # the same for suffixes, reversed
         self.automaton = None
+        # value -> its answer (``first``'s key, or ``all_hits``' numbers), for recent values of at most _MEMO_CHARS:
+        # the answer depends on the value alone, and images, directories, users and parents recur.
+        self.memo: dict[str, Any] = {}
 
     def _put(self, table: dict, value: str, key: int) -> None:
         if self.multi:
@@ -192,6 +195,25 @@ class _FieldIndex:
         self.automaton = _automaton(self.contains)
         if self.automaton is not None:
             self.contains = []
+
+    def _remember(self, v: str, answer: Any) -> Any:
+        if len(v) <= _MEMO_CHARS:
+            memo = self.memo
+            if len(memo) >= _MEMO_ITEMS:  # (values come from untrusted records: the memory stays bounded)
+                memo.clear()
+            memo[v] = answer
+        return answer
+
+    def first(self, v: str) -> int:
+        """The smallest key of a condition ``v`` satisfies, or _NO_HIT (remembered; callers look in ``memo``
+        first, a hit costs no Python frame)."""
+        return self._remember(v, self.match(v, _NO_HIT))
+
+    def all_hits(self, v: str) -> frozenset[int]:
+        """Gate mode: every number whose condition ``v`` satisfies (remembered, as ``first``)."""
+        found: set[int] = set()
+        self.hits(v, found)
+        return self._remember(v, frozenset(found))
 
     def hits(self, v: str, out: set[int]) -> None:
         """Gate mode: add every number whose condition ``v`` satisfies to ``out`` (look-up kinds only)."""
@@ -277,6 +299,9 @@ def _ordered_alternation(tables: dict[int, dict[str, int]], reverse: bool = Fals
     return re.compile(pattern, re.DOTALL).match, {value: key for key, value in entries}
 
 
+#: A field index remembers its answers for this many values (then starts again), of at most this many characters.
+_MEMO_ITEMS, _MEMO_CHARS = 2048, 256
+
 #: From this many substrings on one field, one Aho-Corasick pass (pyahocorasick, the ``rules`` extra) beats a
 #: loop of ``in`` tests.
 _AUTOMATON_FROM = 8
@@ -338,7 +363,8 @@ class _Gates:
             if v is None:
                 gated_unknown += self.members[name]
             else:
-                index.hits(v, fired)
+                found = index.memo.get(v)
+                fired |= index.all_hits(v) if found is None else found
         return fired, gated_unknown
 
 
@@ -508,7 +534,11 @@ class _EventRules:
                 if includes and include_unknown is None:
                     include_unknown = name
                 continue
-            best = index.match(v, best)
+            hit = index.memo.get(v)
+            if hit is None:
+                hit = index.first(v)
+            if hit < best:
+                best = hit
         exclude = self.exclude
         unknown = None
         if exclude.present:

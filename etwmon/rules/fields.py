@@ -11,9 +11,11 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable
 
+from .._native import fields as _c_fields
 from ..containers import container_id_from_cgroup
 from ..errors import RecordFormatError
-from ..records import EXTENSION_VERSION, ExtensionTag, guid_text
+from ..events import _C_RULES, _utf16
+from ..records import EXTENSION_VERSION, MAX_FILETIME, ExtensionTag, guid_text
 from ..users import user_name
 
 __all__ = ["RecordFields"]
@@ -81,7 +83,7 @@ class RecordFields:
     the wire format."""
 
     __slots__ = ("empty", "fixed", "command_line", "texts", "guids", "numbers", "container", "sources", "create",
-                 "image_load", "image_loaded", "user")
+                 "image_load", "image_loaded", "user", "wanted")
 
     def __init__(self, event: str, names: Iterable[str]) -> None:
         where = _WHERE[event]
@@ -120,6 +122,8 @@ class RecordFields:
         if self.container is not None:
             self.sources = (self.texts.setdefault(int(ExtensionTag.ContainerId), _CONTAINER),
                             self.texts.setdefault(int(ExtensionTag.Cgroup), _CGROUP))
+        # For the block's walk in C: the tags read, each to its value's bytes (``bytes`` of bytes is itself).
+        self.wanted = {tag: (tag, bytes) for tag in (*self.texts, *self.guids, *self.numbers)}
 
     def values(self, record: Any) -> dict[str, str | None]:
         size = record[2] | record[3] << 8
@@ -140,12 +144,12 @@ class RecordFields:
             base = 24
         values = dict(self.empty)
         if self.image_loaded is not None:  # as parse gives image_name: up to the first NUL (the block may override)
-            name = record[_IMAGE_NAME_AT:_IMAGE_NAME_END].decode("utf-16-le", "surrogatepass").split("\0", 1)[0]
+            name = _utf16(record[_IMAGE_NAME_AT:_IMAGE_NAME_END]).split("\0", 1)[0]
             values[self.image_loaded] = name.lower()
         for name, offset in self.fixed:
             values[name] = str(_U32.unpack_from(record, offset)[0])
         if self.command_line is not None:
-            values[self.command_line] = record[34:base - 6].decode("utf-16-le", "surrogatepass").lower()
+            values[self.command_line] = _utf16(record[34:base - 6]).lower()
         if (self.texts or self.guids or self.numbers) and size - base >= 8:
             self._block(record, base, size, values)
         if self.container is not None:
@@ -162,6 +166,21 @@ class RecordFields:
         if version != EXTENSION_VERSION or length < 8 or base + length > end:
             return
         texts, guids = self.texts, self.guids
+        if _c_fields is not None:
+            # The walk in C, when every known field keeps its rule (sizes as below, text of even length); else
+            # (None) the walk below says what a field that breaks one means here.
+            found = _c_fields(record, base + 8, base + length, self.wanted, _C_RULES, MAX_FILETIME)
+            if found is not None:
+                numbers = self.numbers
+                for tag, raw in found.items():
+                    name = texts.get(tag)
+                    if name is not None:
+                        values[name] = _utf16(raw).lower()
+                    elif tag in guids:
+                        values[guids[tag]] = guid_text(raw).lower()
+                    else:
+                        values[numbers[tag][0]] = str(int.from_bytes(raw, "little"))
+                return
         pos, stop = base + 8, base + length - 4
         unpack = _TLV.unpack_from
         while pos <= stop:
@@ -173,7 +192,7 @@ class RecordFields:
                     break  # runs past the block: the block ends here
                 if n & 1:
                     raise RecordFormatError(f"extension field {tag} of odd length {n} is not UTF-16", pos)
-                values[name] = record[pos:pos + n].decode("utf-16-le", "surrogatepass").lower()
+                values[name] = _utf16(record[pos:pos + n]).lower()
             elif tag in guids and n == 16 and pos + n <= stop + 4:  # a GUID; another length is unknown
                 values[guids[tag]] = guid_text(record[pos:pos + n]).lower()
             elif tag in self.numbers and pos + n <= stop + 4:
