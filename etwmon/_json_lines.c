@@ -123,9 +123,23 @@ PyObject *json_batch(PyObject *self, PyObject *args)
         Py_ssize_t offset, bstart, bend;
         long item, size;
         long long ft;
-        if (!PyArg_ParseTuple(row, "nllL", &offset, &item, &size, &ft) ||
-            !PyArg_ParseTuple(block, "nn", &bstart, &bend))
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4 || !PyTuple_Check(block) ||
+            PyTuple_GET_SIZE(block) != 2) {
+            PyErr_SetString(PyExc_TypeError, "json_batch: rows are (offset, type, size, time), blocks (start, end)");
             goto done;
+        }
+        offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 0));
+        item = PyLong_AsLong(PyTuple_GET_ITEM(row, 1));
+        size = PyLong_AsLong(PyTuple_GET_ITEM(row, 2));
+        ft = PyLong_AsLongLong(PyTuple_GET_ITEM(row, 3));
+        bstart = PyLong_AsSsize_t(PyTuple_GET_ITEM(block, 0));
+        bend = PyLong_AsSsize_t(PyTuple_GET_ITEM(block, 1));
+        if (PyErr_Occurred())
+            goto done;
+        if (ft < 0) {
+            PyErr_SetString(PyExc_ValueError, "json_batch: a row's Time is negative");
+            goto done;
+        }
         if (offset < 0 || size < HEADER || offset + size > data.len || bstart < 0 || bend > data.len) {
             PyErr_SetString(PyExc_ValueError, "json_batch: a row lies outside the data");
             goto done;
@@ -232,7 +246,8 @@ PyObject *json_batch(PyObject *self, PyObject *args)
         if (rule != NULL && (put_c(&t, ",") < 0 || put_str(&t, PyTuple_GET_ITEM(rule, 0)) < 0))
             goto line_fail;
         /* (scan checked the minimum Sizes: 36 a create, 32 a thread exit, 24 the others) */
-        uint32_t a = u32_at(body), b = item == 100 ? 0 : u32_at(body + 4), c = (is_create || item == 4) ? u32_at(body + 8) : 0;
+        uint32_t a = u32_at(body), b = item == 100 ? 0 : u32_at(body + 4);
+        uint32_t c = (is_create || item == 4) ? u32_at(body + 8) : 0;
         if (is_create) {
             /* pid, parent pid, creating tid, creating pid, then the command line's length in characters */
             uint32_t creating_pid = u32_at(body + 12);

@@ -302,7 +302,8 @@ done:
 }
 
 /* The extension fields of d[pos:stop] (tag u16, size u16, value), each known one checked by ``rules`` as scan
- * does; for each tag the dict ``decode`` names ((attribute, decoder)), out[attribute] = decoder(value bytes). A
+ * does; for each tag the dict ``decode`` names ((attribute, decoder[, remembered])), out[attribute] =
+ * decoder(value bytes), or remembered[value bytes] when that dict has it. A
  * field that runs past ``stop`` ends the walk. 1: done; 0: a field was refused (why in ``msg``, when given); -1: a
  * Python error. */
 int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObject *decode, const int32_t *rules,
@@ -355,7 +356,19 @@ int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObjec
                 PyObject *raw = PyBytes_FromStringAndSize((const char *)d + pos, size);
                 if (raw == NULL)
                     return -1;
-                PyObject *value = PyObject_CallOneArg(PyTuple_GET_ITEM(known, 1), raw);
+                /* (attribute, decoder, its remembered values): a value seen before is one look-up */
+                PyObject *value = NULL;
+                if (PyTuple_GET_SIZE(known) > 2 && PyDict_Check(PyTuple_GET_ITEM(known, 2))) {
+                    value = PyDict_GetItemWithError(PyTuple_GET_ITEM(known, 2), raw);
+                    if (value != NULL)
+                        Py_INCREF(value);
+                    else if (PyErr_Occurred()) {
+                        Py_DECREF(raw);
+                        return -1;
+                    }
+                }
+                if (value == NULL)
+                    value = PyObject_CallOneArg(PyTuple_GET_ITEM(known, 1), raw);
                 Py_DECREF(raw);
                 if (value == NULL)
                     return -1;

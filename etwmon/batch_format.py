@@ -166,10 +166,10 @@ class _Remembered(dict):
 
 #: Per record type: tag -> (attribute, its piece(s) from the value bytes), for every tag its Event has an
 #: attribute for (one the JSON form does not show still says the record has a block).
-_PIECE_OF = {tag: _Remembered(_piece_maker(attribute, kind)).__getitem__
-             for tag, (attribute, kind) in _TAG_FIELDS.items()}
-_PIECES = {item: {tag: (attribute, _PIECE_OF[tag]) for tag, (attribute, _) in table.items()}
-           for item, table in _DECODE_FOR.items() if item != 5}
+_REMEMBERED = {tag: _Remembered(_piece_maker(attribute, kind)) for tag, (attribute, kind) in _TAG_FIELDS.items()}
+#: (the field walk in C looks in the remembered pieces itself, and asks for a new one only on a miss)
+_PIECES = {item: {tag: (attribute, _REMEMBERED[tag].__getitem__, _REMEMBERED[tag]) for tag, (attribute, _) in
+                  table.items()} for item, table in _DECODE_FOR.items() if item != 5}
 
 
 #: Details shown, when the record has none, as another field's value implies (its second piece).

@@ -474,8 +474,9 @@ def test_what_the_formatters_remember_stays_bounded_whatever_the_records_say() -
     assert len(formats.format_batch(records, "json")) == len(formats.format_batch(records, "text")) == 5000
     assert len(formats._FLAG_NAMES) <= 256 and len(formats._EXE_FLAG_NAMES) <= 256
     assert len(formats._SECONDS) <= 4096 and len(events._GUIDS) <= 4096
-    remembered = [piece.__self__ for piece in batch_format._PIECE_OF.values()]
+    remembered = list(batch_format._REMEMBERED.values())
     assert all(len(cache) <= 256 for cache in remembered) and max(len(cache) for cache in remembered) > 0
+    assert len(batch_format._c_context(b"")[6]) <= 256  # the flags' pieces (the C formatter's)
 
 
 # Any code point, lone surrogates and controls included; or a hostile line, or a cgroup path naming a container.
