@@ -21,11 +21,17 @@ import struct
 
 import numpy as np
 
-__all__ = ["concat", "fold_plan"]
+__all__ = ["concat", "fold_plan", "prepare"]
 
 _KEY = np.arange(8)
 _END = struct.Struct("<q")
 _PREFIX = np.arange(8)
+
+
+def prepare() -> None:
+    """Import what the first fold would (np.unique imports numpy.ma on first use: 10-40 ms that would otherwise
+    hold back the batch being read then); for a stage that will keep a backlog, when it starts."""
+    import numpy.ma  # noqa: F401
 
 
 def concat(entries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -122,8 +122,14 @@ class IdentityStage:
         #: (the table's entries get the rest); past it their oldest 1/32 is folded in (etwmon.backlog).
         self.backlog_max_bytes = max_bytes // 8
         self._backlog_bytes = 0
+        #: Set by a source that calls ``idle()`` before each of its sleeps (the bpf source): a fold then waits for
+        #: that moment, after the batch that made it due was read, rather than holding that batch back; past
+        #: ``backlog_max_bytes`` it is done at once all the same (the cap holds).
+        self.defer_folds = False
+        self._fold_due = False
         if self.lean:
             self.table.reserved = self.backlog_max_bytes
+            backlog.prepare()
         self.unknown_parent = 0  # creates/execs whose parent was not in the table
         self.folded = 0  # processes the backlog dropped when folded (also in the table's evicted)
         self.no_guid = 0  # records of a process the table did not know (no guid could be given)
@@ -211,9 +217,19 @@ class IdentityStage:
                 self._pending.append((data, _WHOLE, ends))
                 self._backlog_bytes += len(data)
                 self._pending_pids = None  # not read out: a record pushed alone applies them first
-            if self._backlog_bytes > self.backlog_max_bytes:
+            backlog, cap = self._backlog_bytes, self.backlog_max_bytes
+            if backlog > cap:
                 self._fold_backlog()
+            elif self.defer_folds and backlog > cap - (cap >> 3):  # due from 7/8 of the cap: at the next idle()
+                self._fold_due = True
         checked(data, ends, kinds)
+
+    def idle(self) -> None:
+        """The source is about to sleep: fold the backlog now if a fold is due (see ``defer_folds``), so that it
+        delays no batch that is already in."""
+        if self._fold_due:
+            self._fold_due = False
+            self._fold_backlog()
 
     def seeded_lookup(self):
         """The processes seeded from /proc that are still alive, as a table by pid (one byte each, nonzero for

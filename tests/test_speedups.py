@@ -346,6 +346,58 @@ def test_a_backlog_nobody_reads_is_folded_within_its_cap_keeping_living_processe
     assert stats["bytes"] + stage.backlog_max_bytes <= stats["max_bytes"] == 1 << 20
 
 
+def test_a_source_that_says_when_it_sleeps_gets_the_folds_then_and_the_cap_still_holds():
+    # With defer_folds (the bpf source calls idle() before each sleep), a fold due from 7/8 of the cap waits for
+    # idle(), so it holds back no batch being read; a backlog past the cap is folded at once all the same.
+    sink = CheckedSink()
+    stage = IdentityStage(sink, HOST, max_bytes=1 << 20, lean=True)
+    stage.defer_folds = True
+    cap, t, pid = stage.backlog_max_bytes, T + 10, 1000
+    folds: list[int] = []
+    real_fold = stage._fold_backlog
+
+    def fold():
+        folds.append(stage._backlog_bytes)
+        real_fold()
+
+    stage._fold_backlog = fold
+    deferred = 0
+    for i in range(3000):
+        batch = []
+        for _ in range(2):
+            pid += 1
+            batch += [_kernel_create(1, t, pid, 10, t, T, "sh"), _kernel_create(101, t + 1, pid, 10, t, T, "/bin/true"),
+                      _kernel_exit(t + 2, pid, t)]
+            t += 3
+        before = len(folds)
+        _checked(stage, batch)
+        assert len(folds) == before or folds[-1] > cap  # only past the cap does a push fold
+        assert stage._backlog_bytes <= cap
+        if i % 7:  # the source sleeps now and then (a storm): the folds come then
+            before = len(folds)
+            stage.idle()
+            deferred += len(folds) - before
+    assert deferred > 10 and stage.folded > 2000
+    assert all(size > cap - (cap >> 3) for size in folds)  # never before 7/8 of the cap
+
+
+def test_a_waiting_reader_does_the_sources_deferred_work_before_it_sleeps_then_its_pass():
+    from etwmon.sources.bpf import _wait
+
+    calls: list[str] = []
+    read_fd, write_fd = os.pipe()
+    wait = _wait.ReaderWait([], [], read_fd, lambda notify: calls.append("pass") or 0, lambda delta: None,
+                            lambda: calls.append("sleeping"))
+    try:
+        os.write(write_fd, b"x")  # the monitor's records-waiting flag: the wait ends at once
+        wait.wait(0.5)
+        assert calls == ["sleeping", "pass"]
+    finally:
+        wait.close()
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irregular_records_one_by_one():
     prefix = guid_prefix(HOST)
     sink = CheckedSink()
@@ -392,7 +444,8 @@ with etwmon.Monitor(source="bpf", max_items=100_000) as mon:
     echo = [e.command_line for e in events if e.type == ItemType.ProcessExec and e.command_line.startswith("/bin/echo")]
     os.killpg(shell.pid, 9); shell.wait()
     print(json.dumps({"c_walk": mon.stats.source_stats["c_walk"], "echo": echo, "chain": chain[:2],
-                      "shell": shell.pid, "me": os.getpid(), "lost": mon.stats.lost + mon.stats.dropped}))
+                      "shell": shell.pid, "me": os.getpid(), "lost": mon.stats.lost + mon.stats.dropped,
+                      "defer_folds": mon._stage.defer_folds}))
 '''
 
 
@@ -420,6 +473,7 @@ def test_live_a_monitor_gives_the_same_events_and_ancestry_with_the_walk_in_c_an
 
     assert got["echo"] == [command_line_from_argv(["/bin/echo", "two  spaces", "q'uote", "\x01\u00e9"])]
     assert got["chain"] == [got["shell"], got["me"]] and got["lost"] == 0
+    assert got["defer_folds"]  # the source says when it sleeps: the identity stage's folds wait for that
 
 
 # --- parse's checks in C (etwmon._speedups.scan) ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from ...clock import CLOCK_BOOTTIME, KernelClock
 from ...errors import SourceUnavailable
@@ -138,6 +138,7 @@ class BpfSource(Source):
         self._wake_late_seen = 0
         self._drain_lock = threading.Lock()  # one pass at a time: this thread's or a waiting reader's
         self._sink: Sink | None = None
+        self._idle: Callable[[], None] | None = None  # the sink's work for before a sleep (_sleeping)
         self._waiting = 0  # readers in ReaderWait.wait(), drained for by themselves
         self._reader_entries = 0  # how many times a reader has begun such a wait
         self._waiting_lock = threading.Lock()
@@ -327,6 +328,9 @@ class BpfSource(Source):
     def _run(self, sink: Sink, ring, decoder: EventDecoder) -> None:
         decoder.push = sink.push
         self._sink = sink
+        self._idle = getattr(sink, "idle", None)  # the identity stage's deferred work (see _sleeping)
+        if self._idle is not None:
+            sink.defer_folds = True  # type: ignore[attr-defined]
         if self._pacer:
             self._run_paced(sink, ring)
         else:
@@ -363,6 +367,7 @@ class BpfSource(Source):
                     stopper.poll(_READER_BACKSTOP_MS)
                     continue
                 self._pass(sink)
+                self._sleeping()
                 if not self._stopping and waiter.sleep(_IDLE_BACKSTOP)[0]:
                     self.wakeups += 1
         finally:
@@ -380,10 +385,18 @@ class BpfSource(Source):
         wait_ms = self.batch_wait * 1000
         while not self._stopping:
             if not self._pass(sink):
+                self._sleeping()
                 poller.poll()  # readable as soon as the ring holds anything (the kernel's adaptive wake-up)
                 self.wakeups += 1
             if wait_ms:
                 stopper.poll(wait_ms)
+
+    def _sleeping(self) -> None:
+        """Before the thread that takes the records sleeps (this one's, or a reader's in ReaderWait): the sink's
+        deferred work, done where it delays no batch already read (the identity stage's backlog folds)."""
+        idle = self._idle
+        if idle is not None:
+            idle()
 
     def _pass(self, sink: Sink) -> int:
         with self._drain_lock:
@@ -401,7 +414,7 @@ class BpfSource(Source):
         ring = self._ring
         if not self._pacer or ring is None:
             return None
-        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting)
+        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting, self._sleeping)
         self._reader_waits.append(wait)
         return wait
 

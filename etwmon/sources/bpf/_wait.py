@@ -66,11 +66,12 @@ class ReaderWait:
     stays out of the way (see BpfSource._run)."""
 
     def __init__(self, paced: list[int], adaptive: list[int], notify_fd: int, drain: Callable[[bool], int],
-                 waiting: Callable[[int], None]) -> None:
+                 waiting: Callable[[int], None], sleeping: Callable[[], None]) -> None:
         self._waiter = RingWaiter(paced, adaptive, notify_fd)
         self._poll, self._own = self._waiter._ep.poll, self._waiter._own
         self._drain = drain
         self._waiting = waiting
+        self._sleeping = sleeping  # the source's deferred work, before this thread sleeps
         self.wakeups = 0
         #: Whether a pass from here raises the monitor's records-waiting flag: only needed while somebody may
         #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
@@ -83,6 +84,7 @@ class ReaderWait:
             self._waiter.watch(also)
         self._waiting(1)
         try:
+            self._sleeping()
             # No look before sleeping: records that came since the last pass have armed the pacer, which wakes
             # this thread within a window of the first of them (at once if that wake-up already came): a
             # reader that comes back often still takes one batch per window, not the few records of each visit.
