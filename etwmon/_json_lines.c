@@ -140,8 +140,18 @@ PyObject *json_batch(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "json_batch: a row's Time is negative");
             goto done;
         }
-        if (offset < 0 || size < HEADER || offset + size > data.len || bstart < 0 || bend > data.len) {
-            PyErr_SetString(PyExc_ValueError, "json_batch: a row lies outside the data");
+        /* (rows come from scan, which checked all this: checked again, as nothing here may read past a record) */
+        long need = HEADER; /* what the fields read below need; other types are the Python formatter's */
+        if (item == 1 || item == 101)
+            need = offset >= 0 && offset + 34 <= data.len ? CMDLINE_AT + 2 * (d[offset + 32] | d[offset + 33] << 8)
+                                                          : CMDLINE_AT;
+        else if (item == 4)
+            need = 32;
+        else if (item == 2 || item == 3 || item == 100)
+            need = 24;
+        if (offset < 0 || size < HEADER || offset + size > data.len || bstart < 0 || bend > data.len ||
+            (bstart && (bstart < offset || bend > offset + size)) || size < need) {
+            PyErr_SetString(PyExc_ValueError, "json_batch: a row lies outside the data or its record");
             goto done;
         }
         PyObject *item_obj = PyLong_FromLong(item);

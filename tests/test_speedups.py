@@ -571,3 +571,21 @@ def test_the_c_json_lines_are_the_python_lines_or_the_same_error_on_damaged_batc
             data[at % len(data)] = value
     data = bytes(data[:cut])
     assert _batch_lines(data, types, "c") == _batch_lines(data, types, "python")
+
+
+def test_json_batch_refuses_rows_that_do_not_lie_within_their_records_rather_than_read_past_them():
+    from etwmon import _native, batch_format
+
+    good = R.encode_process_exec(filetime(3_000), 5, 1, 5, 5, "/bin/true")
+    ctx = batch_format._c_context(good)
+    t = filetime(3_000)
+    assert _native.json_batch(good, [(0, 101, len(good), t)], [(0, 0)], None, ctx)[0]
+    lying = bytearray(good)
+    struct.pack_into("<H", lying, 32, 2000)  # a CommandLineLength far past the record
+    exit_ = R.encode_process_exit(t, 5, 0)
+    for data, row, block in [(bytes(lying), (0, 101, len(good), t), (0, 0)),
+                             (good, (8, 101, len(good), t), (0, 0)),  # past the end
+                             (good, (0, 101, len(good), t), (0, len(good) + 40)),  # a block past the data
+                             (exit_, (0, 4, len(exit_), t), (0, 0))]:  # a thread exit's fields need 32 bytes
+        with pytest.raises(ValueError):
+            _native.json_batch(data, [row], [block], None, ctx)
