@@ -122,9 +122,9 @@ class IdentityStage:
         #: (the table's entries get the rest); past it their oldest 1/32 is folded in (etwmon.backlog).
         self.backlog_max_bytes = max_bytes // 8
         self._backlog_bytes = 0
-        #: Set by a source that calls ``idle()`` before each of its sleeps (the bpf source): a fold then waits for
-        #: that moment, after the batch that made it due was read, rather than holding that batch back; past
-        #: ``backlog_max_bytes`` it is done at once all the same (the cap holds).
+        #: Set by a source that calls ``idle()`` before each of its sleeps (the bpf source): a fold due within one
+        #: fold (1/32) of the cap then waits for that moment, after the batch that made it due was read, rather
+        #: than holding that batch back; past ``backlog_max_bytes`` it is done at once all the same (the cap holds).
         self.defer_folds = False
         self._fold_due = False
         if self.lean:
@@ -220,7 +220,7 @@ class IdentityStage:
             backlog, cap = self._backlog_bytes, self.backlog_max_bytes
             if backlog > cap:
                 self._fold_backlog()
-            elif self.defer_folds and backlog > cap - (cap >> 3):  # due from 7/8 of the cap: at the next idle()
+            elif self.defer_folds and backlog > cap - (cap >> 5):  # one fold from the cap: due at the next idle()
                 self._fold_due = True
         checked(data, ends, kinds)
 
