@@ -73,34 +73,31 @@ static PyObject *KEY_RULE_NAME, *KEY_COMMAND_LINE; /* interned at import */
 
 enum { HOW_PIECE, HOW_PAIR, HOW_IMPLIED, HOW_FLAGS, HOW_RULE };
 
-/* json_batch(data, rows, blocks, types, ctx) -> (lines, kinds, stopped): etwmon.batch_format's JSON form in C.
- * rows/blocks: _scan's. types: a frozenset of record types shown (None: all). ctx: (second_text, type_names,
- * pieces, plans, quote, text_piece, flags_pieces, marker, fallback, rules, max_filetime), see batch_format.py.
- * stopped: the index of the row whose block was refused (the caller goes on from it in Python, which raises the
- * error), or -1. */
+/* json_batch(data, rows, blocks, types, ctx, fallback) -> (lines, kinds): etwmon.batch_format's JSON form in C.
+ * rows/blocks: scan's (every block checked: one refused here is a ValueError). types: a frozenset of record types
+ * shown (None: all). ctx: (second_text, type_names, pieces, plans, quote, text_piece, flags_pieces, marker, rules,
+ * max_filetime), see batch_format.py. fallback(offset, size): the line of a record of another type. */
 PyObject *json_batch(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer data;
-    PyObject *rows, *blocks, *types, *ctx;
-    if (!PyArg_ParseTuple(args, "y*O!O!OO!", &data, &PyList_Type, &rows, &PyList_Type, &blocks, &types,
-                          &PyTuple_Type, &ctx))
+    PyObject *rows, *blocks, *types, *ctx, *fallback;
+    if (!PyArg_ParseTuple(args, "y*O!O!OO!O", &data, &PyList_Type, &rows, &PyList_Type, &blocks, &types,
+                          &PyTuple_Type, &ctx, &fallback))
         return NULL;
     PyObject *lines = NULL, *kinds = NULL, *result = NULL, *last_text = NULL;
     long long last_second = -1;
     text_t t = {NULL, 0, 0, 1};
-    Py_ssize_t stopped = -1;
-    if (PyTuple_GET_SIZE(ctx) != 11) {
-        PyErr_SetString(PyExc_TypeError, "json_batch: ctx must have 11 items");
+    if (PyTuple_GET_SIZE(ctx) != 10) {
+        PyErr_SetString(PyExc_TypeError, "json_batch: ctx must have 10 items");
         goto done;
     }
     PyObject *second_text = PyTuple_GET_ITEM(ctx, 0), *type_names = PyTuple_GET_ITEM(ctx, 1),
              *pieces_for = PyTuple_GET_ITEM(ctx, 2), *plans = PyTuple_GET_ITEM(ctx, 3),
              *quote = PyTuple_GET_ITEM(ctx, 4), *text_piece = PyTuple_GET_ITEM(ctx, 5),
-             *flags_pieces = PyTuple_GET_ITEM(ctx, 6), *marker = PyTuple_GET_ITEM(ctx, 7),
-             *fallback = PyTuple_GET_ITEM(ctx, 8);
-    const int32_t *rules = rules_of(PyTuple_GET_ITEM(ctx, 9));
-    long long max_ft = PyLong_AsLongLong(PyTuple_GET_ITEM(ctx, 10));
+             *flags_pieces = PyTuple_GET_ITEM(ctx, 6), *marker = PyTuple_GET_ITEM(ctx, 7);
+    const int32_t *rules = rules_of(PyTuple_GET_ITEM(ctx, 8));
+    long long max_ft = PyLong_AsLongLong(PyTuple_GET_ITEM(ctx, 9));
     if (rules == NULL || PyErr_Occurred())
         goto done;
     if (!PyDict_Check(type_names) || !PyDict_Check(pieces_for) || !PyDict_Check(plans)) {
@@ -186,12 +183,11 @@ PyObject *json_batch(PyObject *self, PyObject *args)
                     int walked = walk_fields(d, bstart + EXT_HEADER, bstart + length, decode, rules, max_ft, pieces,
                                              NULL, 0);
                     if (walked <= 0) {
+                        if (walked == 0)
+                            PyErr_Format(PyExc_ValueError, "json_batch: the block of record %zd was not checked", i);
                         Py_DECREF(pieces);
                         Py_DECREF(item_obj);
-                        if (walked < 0)
-                            goto done;
-                        stopped = i;
-                        break;
+                        goto done;
                     }
                 }
             }
@@ -418,7 +414,7 @@ PyObject *json_batch(PyObject *self, PyObject *args)
         Py_DECREF(pieces);
         goto done;
     }
-    result = Py_BuildValue("(OOn)", lines, kinds, stopped);
+    result = PyTuple_Pack(2, lines, kinds);
 done:
     Py_XDECREF(lines);
     Py_XDECREF(kinds);

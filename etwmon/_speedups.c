@@ -443,8 +443,8 @@ static PyMethodDef methods[] = {
      "fields(data, pos, stop, decode, rules, max_filetime) -> dict or None: etwmon.events._fields in C (see "
      "etwmon/_speedups.c); None when a field is refused (the Python walk then raises the error)."},
     {"json_batch", json_batch, METH_VARARGS,
-     "json_batch(data, rows, blocks, types, ctx) -> (lines, kinds, stopped): etwmon.batch_format's JSON lines in "
-     "C (see etwmon/_speedups.c); stopped is the index of a row whose block was refused, or -1."},
+     "json_batch(data, rows, blocks, types, ctx, fallback) -> (lines, kinds): etwmon.batch_format's JSON lines "
+     "in C (see etwmon/_json_lines.c)."},
     {NULL, NULL, 0, NULL},
 };
 

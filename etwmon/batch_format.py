@@ -49,10 +49,7 @@ def format_batch_typed(buffer, form: str = "text",
         rows, blocks, error = _checked(data)  # headers and blocks checked (in C too)
         if error is not None:
             raise error
-        out, kinds, stopped = _c_json_batch(data, rows, blocks, types, _c_context(data))
-        if stopped >= 0:  # (a block _checked passed: cannot be)
-            raise AssertionError(f"json_batch refused the block of record {stopped}")
-        return out, kinds
+        return _c_json_batch(data, rows, blocks, types, _c_context(), _fallback_line(data))
     rows, blocks, error = _scan(data)  # the headers checked; each block is checked below as it is read
     out: list[str] = []
     kinds: list[int] = []
@@ -188,6 +185,17 @@ def _details_plan(names: tuple[str, ...]) -> tuple[tuple[str, str, str, str | No
     return tuple(plan)
 
 
+class _FlagPieces(dict):
+    """``"flags":[...]`` by the flags' value, made once per value (bounded: flags come from untrusted records)."""
+
+    def __missing__(self, flags: int) -> str:
+        if len(self) >= 256:
+            self.clear()
+        piece = self[flags] = '"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]"
+        return piece
+
+
+_FLAG_PIECES = _FlagPieces()
 _PLANS = {item: _details_plan(names) for item, names in _JSON_DETAILS.items() if item != 5}
 #: How the per-event form finds a user it is not told (from the uid, where ``formats._WHERE`` says so), or None.
 _USER_OF = _WHERE.get("user")
@@ -221,7 +229,7 @@ def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | 
         if how == "piece":
             parts.append(get(attribute) or unknown)
         elif how == "flags":
-            parts.append('"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]")
+            parts.append(_FLAG_PIECES[flags])
         elif how == "pair":
             pair = get(attribute)
             parts.append(unknown if pair is None else pair[0])
@@ -244,16 +252,6 @@ def _json_line(item: int, ft: int, a: int, b: int, c: int, c2: int, text: str | 
 _HOW_CODES = {"piece": 0, "pair": 1, "implied": 2, "flags": 3, "rule_name": 4}
 
 
-class _FlagPieces(dict):
-    """``"flags":[...]`` by the flags' value, made once per value (bounded: flags come from untrusted records)."""
-
-    def __missing__(self, flags: int) -> str:
-        if len(self) >= 256:
-            self.clear()
-        piece = self[flags] = '"flags":[' + ",".join(f'"{name}"' for name in _flag_names(flags)) + "]"
-        return piece
-
-
 def _fallback_line(data: bytes) -> Callable[[int, int], str]:
     def line(offset: int, size: int) -> str:  # image loads and unknown records: their Event tells
         (event,) = parse(data[offset:offset + size])
@@ -261,17 +259,14 @@ def _fallback_line(data: bytes) -> Callable[[int, int], str]:
     return line
 
 
-_C_CONTEXT: list = []
+_C_CONTEXT: list[tuple] = []
 
 
-def _c_context(data: bytes) -> tuple:
-    """What json_batch reads the lines' pieces from (see etwmon/_speedups.c); ``data``: the batch, for the lines
-    of the records it leaves to Python."""
+def _c_context() -> tuple:
+    """What json_batch reads the lines' pieces from (see etwmon/_json_lines.c), made once."""
     if not _C_CONTEXT:
         plans = {item: tuple((_HOW_CODES[how], attribute, unknown, source)
                              for how, attribute, unknown, source in plan) for item, plan in _PLANS.items()}
-        _C_CONTEXT.extend([_second, dict(_TYPE_NAMES), _PIECES, plans, _quote, _text_piece, _FlagPieces(),
-                           TRUNCATION_MARKER, None, _C_RULES, MAX_FILETIME])
-    context = list(_C_CONTEXT)
-    context[8] = _fallback_line(data)
-    return tuple(context)
+        _C_CONTEXT.append((_second, dict(_TYPE_NAMES), _PIECES, plans, _quote, _text_piece, _FLAG_PIECES,
+                           TRUNCATION_MARKER, _C_RULES, MAX_FILETIME))
+    return _C_CONTEXT[0]

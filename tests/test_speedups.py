@@ -578,15 +578,18 @@ def test_json_batch_refuses_rows_that_do_not_lie_within_their_records_rather_tha
     from etwmon import _native, batch_format
 
     good = R.encode_process_exec(filetime(3_000), 5, 1, 5, 5, "/bin/true")
-    ctx = batch_format._c_context(good)
+    ctx, fallback = batch_format._c_context(), batch_format._fallback_line(good)
     t = filetime(3_000)
-    assert _native.json_batch(good, [(0, 101, len(good), t)], [(0, 0)], None, ctx)[0]
+    assert _native.json_batch(good, [(0, 101, len(good), t)], [(0, 0)], None, ctx, fallback)[0]
     lying = bytearray(good)
     struct.pack_into("<H", lying, 32, 2000)  # a CommandLineLength far past the record
     exit_ = R.encode_process_exit(t, 5, 0)
-    for data, row, block in [(bytes(lying), (0, 101, len(good), t), (0, 0)),
+    odd = bytearray(_kernel_create(1, T, 500, 400, T, T - 9, "x"))
+    struct.pack_into("<H", odd, 40 + 2 + 8 + 2, 15)  # its block's ProcessGuid of 15 bytes: scan would refuse it
+    for data, row, block in [(bytes(odd), (0, 1, len(odd), T), (42, len(odd))),
+                             (bytes(lying), (0, 101, len(good), t), (0, 0)),
                              (good, (8, 101, len(good), t), (0, 0)),  # past the end
                              (good, (0, 101, len(good), t), (0, len(good) + 40)),  # a block past the data
                              (exit_, (0, 4, len(exit_), t), (0, 0))]:  # a thread exit's fields need 32 bytes
         with pytest.raises(ValueError):
-            _native.json_batch(data, [row], [block], None, ctx)
+            _native.json_batch(data, [row], [block], None, ctx, fallback)
