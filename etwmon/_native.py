@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 try:
-    from ._speedups import fields, json_batch, scan, walk
+    from ._speedups import fields, json_batch, ring_copy, ring_push, scan, walk
 except ImportError:  # pragma: no cover - exercised where the build had no compiler
-    fields = json_batch = scan = walk = None
+    fields = json_batch = ring_copy = ring_push = scan = walk = None
 
 if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
-    fields = json_batch = scan = walk = None
+    fields = json_batch = ring_copy = ring_push = scan = walk = None
 
-__all__ = ["fields", "json_batch", "scan", "walk"]
+__all__ = ["fields", "json_batch", "ring_copy", "ring_push", "scan", "walk"]

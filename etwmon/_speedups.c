@@ -451,14 +451,18 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "etwmon._speedups",
-    .m_doc = "The bpf source's ring walk, parse's record checks and extension-field walk in C (optional).",
+    .m_doc = "The bpf source's ring walk, the EventRing's common paths, parse's record checks and extension-field "
+             "walk in C (optional).",
     .m_size = -1,
     .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    if (json_lines_init() < 0)
+    if (json_lines_init() < 0 || ring_init() < 0)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddFunctions(m, ring_methods) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -29,4 +29,8 @@ const int32_t *rules_of(PyObject *obj);
 int json_lines_init(void);
 PyObject *json_batch(PyObject *self, PyObject *args);
 
+/* _ring.c */
+int ring_init(void);
+extern PyMethodDef ring_methods[];
+
 #endif

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _native
 from .errors import BufferTooSmall, RecordFormatError
 from .records import HEADER_SIZE, encode_records_lost, filetime_now
 
@@ -291,6 +292,9 @@ class EventRing:
         as little-endian int64 (the last is ``len(data)``). One lock and one or two slice copies whatever the
         batch's size; the slot table is written in a short loop for a few records (the latency path) and with
         one array operation for more. ``kinds`` (what the batch holds) is for the stages before the ring."""
+        fast = _native.ring_push
+        if fast is not None and fast(self, data, ends):
+            return  # appended in C (etwmon/_ring.c): nothing had to be dropped
         k = len(ends) >> 3
         n = len(data)
         cap, max_items = self.max_bytes, self.max_items
@@ -403,6 +407,11 @@ class EventRing:
         happened (see the module's note), so one copy may hold several. Returns 0 when the ring is empty; raises ``BufferTooSmall`` (consuming nothing)
         when not even one record fits, and ``TypeError`` for a read-only buffer.
         """
+        fast = _native.ring_copy
+        if fast is not None:
+            n = fast(self, buffer)  # in C (etwmon/_ring.c) when no loss waits to be read out
+            if n is not None:
+                return n
         return self._copy_out(buffer, None)[0]
 
     def readinto_indexed(self, buffer, ends: np.ndarray) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import etwmon
 from etwmon import records as R
+from etwmon import _native
 from etwmon.ring import EventRing
 
 LOST = int(R.ItemType.RecordsLost)
@@ -139,6 +140,23 @@ class RingMachine(RuleBasedStateMachine):
         for record in records:
             self.model.push(record)
 
+    @rule(sizes=st.lists(st.sampled_from([24, 40, 42, 56, 64, 100, 160, 250]), max_size=30))
+    def push_checked(self, sizes):
+        # What the bpf source's C walk passes on (records it checked, ends as little-endian int64 bytes): the
+        # same as pushing each in order.
+        records = []
+        for size in sizes:
+            self.seq += 1
+            records.append(record_of_size(size, self.seq))
+        ends = np.cumsum([len(r) for r in records], dtype="<i8").tobytes()
+        if any(len(r) > self.model.max_bytes for r in records):
+            with pytest.raises(etwmon.RecordFormatError):
+                self.ring.push_checked(b"".join(records), ends, 0)
+            return
+        self.ring.push_checked(b"".join(records), ends, 0)
+        for record in records:
+            self.model.push(record)
+
     @rule(count=st.sampled_from([0, 1, 3, 0xFFFFFFFF, 2**32 + 2]))
     def push_lost(self, count):
         self.ring.push_lost(count)
@@ -192,6 +210,46 @@ class RingMachine(RuleBasedStateMachine):
 
 TestRingAgainstModel = RingMachine.TestCase
 TestRingAgainstModel.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+class PythonRingMachine(RingMachine):
+    """The same machine with the ring's C paths (etwmon/_ring.c) off: both must match the model."""
+
+    @initialize(max_items=st.integers(1, 12), max_bytes=st.integers(64, 600))
+    def setup(self, max_items, max_bytes):
+        self.saved = _native.ring_push, _native.ring_copy
+        _native.ring_push = _native.ring_copy = None
+        super().setup(max_items, max_bytes)
+
+    def teardown(self):
+        if hasattr(self, "saved"):
+            _native.ring_push, _native.ring_copy = self.saved
+
+
+TestPythonRingAgainstModel = PythonRingMachine.TestCase
+TestPythonRingAgainstModel.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+@pytest.mark.skipif(_native.ring_push is None, reason="etwmon._speedups was not built (no C compiler)")
+def test_the_ring_c_paths_leave_the_work_to_python_when_the_lock_is_held():
+    ring = EventRing(max_items=4, max_bytes=256)
+    record = record_of_size(40, 1)
+    assert _native.ring_push(ring, record, np.array([40], dtype="<i8").tobytes()) is True
+    with ring._lock:  # held elsewhere: neither waits, neither changes anything
+        assert _native.ring_push(ring, record, np.array([40], dtype="<i8").tobytes()) is False
+        assert _native.ring_copy(ring, bytearray(100)) is None
+    assert len(ring) == 1
+    assert _native.ring_copy(ring, bytearray(39)) is None  # too small: Python raises BufferTooSmall
+    assert _native.ring_copy(ring, bytes(100)) is None  # read-only: Python raises TypeError
+    out = bytearray(100)
+    assert _native.ring_copy(ring, out) == 40 and bytes(out[:40]) == record
+    assert _native.ring_copy(ring, out) == 0
+    ring.push_lost(2)  # a loss to read out: Python writes the RecordsLost record
+    assert _native.ring_copy(ring, out) is None
+    for _ in range(4):
+        ring.push(record)
+    assert _native.ring_push(ring, record, np.array([40], dtype="<i8").tobytes()) is False  # would drop one
+    assert len(ring) == 4
 
 
 # --- the book's behaviours, one by one -------------------------------------------------------------------
