@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import os
 
+_NAMES = ["drain", "fields", "json_batch", "ring_copy", "ring_push", "ring_push_checked_method",
+          "ring_readinto_method", "scan", "walk"]
+
 try:
-    from ._speedups import fields, json_batch, ring_copy, ring_push, scan, walk
+    from . import _speedups
 except ImportError:  # pragma: no cover - exercised where the build had no compiler
-    fields = json_batch = ring_copy = ring_push = scan = walk = None
+    _speedups = None  # type: ignore[assignment]
 
 if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
-    fields = json_batch = ring_copy = ring_push = scan = walk = None
+    _speedups = None  # type: ignore[assignment]
 
-__all__ = ["fields", "json_batch", "ring_copy", "ring_push", "scan", "walk"]
+drain = getattr(_speedups, "drain", None)
+fields = getattr(_speedups, "fields", None)
+json_batch = getattr(_speedups, "json_batch", None)
+ring_copy = getattr(_speedups, "ring_copy", None)
+ring_push = getattr(_speedups, "ring_push", None)
+ring_push_checked_method = getattr(_speedups, "ring_push_checked_method", None)
+ring_readinto_method = getattr(_speedups, "ring_readinto_method", None)
+scan = getattr(_speedups, "scan", None)
+walk = getattr(_speedups, "walk", None)
+
+__all__ = _NAMES

@@ -8,11 +8,14 @@
  *   the ring holds (no drop), ``ends`` the bytes of little-endian int64 ends, the last ``len(data)``.
  * ring_copy(ring, buffer) -> int or None: EventRing.readinto when no loss is waiting to be read out (no mark, no
  *   drop not yet marked): the bytes copied (0: nothing held); None when the Python code must do it.
+ * ring_push_checked_method and ring_readinto_method: each of those, else the Python code, in one call: what
+ *   EventRing's push_checked and readinto are, so that the common case costs no Python frame.
  */
 #include "_speedups.h"
 
 static PyObject *s_lock, *s_acquire, *s_release, *s_tail_pos, *s_head_pos, *s_head, *s_count, *s_tail_slot,
-    *s_read, *s_mem, *s_endv, *s_marks, *s_dropped, *s_drops_marked, *s_head_lost, *s_max_items, *s_max_bytes;
+    *s_read, *s_mem, *s_endv, *s_marks, *s_dropped, *s_drops_marked, *s_head_lost, *s_max_items, *s_max_bytes,
+    *s_push_checked_py, *s_readinto_py;
 
 int ring_init(void)
 {
@@ -24,7 +27,8 @@ int ring_init(void)
         {&s_head_pos, "_head_pos"}, {&s_head, "_head"}, {&s_count, "_count"}, {&s_tail_slot, "_tail_slot"},
         {&s_read, "_read"}, {&s_mem, "_mem"}, {&s_endv, "_endv"}, {&s_marks, "_marks"}, {&s_dropped, "_dropped"},
         {&s_drops_marked, "_drops_marked"}, {&s_head_lost, "_head_lost"}, {&s_max_items, "max_items"},
-        {&s_max_bytes, "max_bytes"},
+        {&s_max_bytes, "max_bytes"}, {&s_push_checked_py, "_push_checked"},
+        {&s_readinto_py, "_readinto"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
@@ -321,6 +325,73 @@ done:
     if (status == 0)
         Py_RETURN_NONE;
     return PyLong_FromLongLong(pos);
+}
+
+/* What EventRing's push_checked and readinto are where this module is built (method descriptors, bound like
+ * the class's own methods, so a ring holds no reference to itself): ring_push or ring_copy, and where that leaves
+ * the work to Python, the class's _push_checked or _readinto (the Python code). */
+static PyObject *push_checked_method(PyObject *ring, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "push_checked(data, ends, kinds=0)");
+        return NULL;
+    }
+    PyObject *all[4] = {ring, args[0], args[1], nargs == 3 ? args[2] : NULL};
+    PyObject *done = ring_push(NULL, all, 3);
+    if (done == NULL)
+        return NULL;
+    int pushed = done == Py_True;
+    Py_DECREF(done);
+    if (pushed)
+        Py_RETURN_NONE;
+    PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(ring), s_push_checked_py);
+    if (method == NULL)
+        return NULL;
+    PyObject *r = PyObject_Vectorcall(method, all, (size_t)nargs + 1, NULL);
+    Py_DECREF(method);
+    return r;
+}
+
+static PyObject *readinto_method(PyObject *ring, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "readinto(buffer)");
+        return NULL;
+    }
+    PyObject *all[2] = {ring, args[0]};
+    PyObject *n = ring_copy(NULL, all, 2);
+    if (n != Py_None)
+        return n;
+    Py_DECREF(n);
+    PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(ring), s_readinto_py);
+    if (method == NULL)
+        return NULL;
+    PyObject *r = PyObject_Vectorcall(method, all, 2, NULL);
+    Py_DECREF(method);
+    return r;
+}
+
+static PyMethodDef method_defs[] = {
+    {"push_checked", (PyCFunction)(void (*)(void))push_checked_method, METH_FASTCALL,
+     "push_checked(data, ends, kinds=0): EventRing.push_checked, its common case in C (etwmon/_ring.c)."},
+    {"readinto", (PyCFunction)(void (*)(void))readinto_method, METH_FASTCALL,
+     "readinto(buffer) -> int: copy as many whole records as fit into buffer, oldest first (the first that does "
+     "not fit stays for the next call), and return the byte count; 0 when nothing waits. Losses are RecordsLost "
+     "records where they happened. Raises BufferTooSmall (consuming nothing) when not even one record fits, and "
+     "TypeError for a read-only buffer. Its common case in C (etwmon/_ring.c), the rest in EventRing._readinto."},
+};
+
+int ring_add_methods(PyObject *module)
+{
+    const char *names[] = {"ring_push_checked_method", "ring_readinto_method"};
+    for (int i = 0; i < 2; i++) {
+        PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &method_defs[i]);
+        if (d == NULL || PyModule_AddObject(module, names[i], d) < 0) {
+            Py_XDECREF(d);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 PyMethodDef ring_methods[] = {

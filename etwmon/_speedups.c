@@ -39,40 +39,31 @@ static inline int flagged(const unsigned char *table, Py_ssize_t len, uint32_t p
     return table != NULL && (Py_ssize_t)pid < len && table[pid];
 }
 
-static PyObject *walk(PyObject *self, PyObject *args)
+/* One pass's walk (see walk above): the gathered records in *blob and *ends (new references), the rest in *w; 0, or
+ * -1 with an error set. */
+struct walked {
+    unsigned long long cons;
+    long long floor, stop;
+    Py_ssize_t count, raised, skipped;
+    int kinds;
+};
+
+static int walk_core(const Py_buffer *data, unsigned long long mask, unsigned long long cons,
+                     unsigned long long prod, int final, long long floor, const unsigned char *table,
+                     Py_ssize_t table_len, PyObject **blob_out, PyObject **ends_out, struct walked *w)
 {
-    Py_buffer data, seeded_buf;
-    unsigned long long mask, cons, prod;
-    int final;
-    long long floor;
-    PyObject *seeded;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y*KKKpLO", &data, &mask, &cons, &prod, &final, &floor, &seeded))
-        return NULL;
-    const unsigned char *table = NULL;
-    Py_ssize_t table_len = 0;
-    int have_seeded = 0;
-    if (seeded != Py_None) {
-        if (PyObject_GetBuffer(seeded, &seeded_buf, PyBUF_SIMPLE) < 0) {
-            PyBuffer_Release(&data);
-            return NULL;
-        }
-        have_seeded = 1;
-        table = seeded_buf.buf;
-        table_len = seeded_buf.len;
-    }
-    PyObject *result = NULL, *blob = NULL, *ends = NULL;
+    PyObject *blob = NULL, *ends = NULL;
     /* A pass reads at most one ring's length, and offsets run on into the second mapping. */
-    if (prod < cons || prod - cons > mask + 1 || (unsigned long long)data.len < 2 * (mask + 1)) {
+    if (prod < cons || prod - cons > mask + 1 || (unsigned long long)data->len < 2 * (mask + 1)) {
         PyErr_SetString(PyExc_ValueError, "walk: positions or mapping do not describe one ring");
-        goto done;
+        return -1;
     }
     Py_ssize_t room = (Py_ssize_t)(prod - cons);
     blob = PyBytes_FromStringAndSize(NULL, room);
     ends = PyBytes_FromStringAndSize(NULL, (room / 16 + 1) * 8);
     if (blob == NULL || ends == NULL)
-        goto done;
-    const unsigned char *base = data.buf;
+        goto fail;
+    const unsigned char *base = data->buf;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(blob);
     int64_t *end_at = (int64_t *)PyBytes_AS_STRING(ends);
     Py_ssize_t used = 0, count = 0, skipped = 0, raised = 0;
@@ -87,10 +78,10 @@ static PyObject *walk(PyObject *self, PyObject *args)
             skipped++;  /* never to be committed (final pass, after the programs settled) */
         }
         uint32_t size = length & ~(BUSY | DISCARD);
-        if (size > mask + 1 || at + 8 + size > (unsigned long long)data.len) {
+        if (size > mask + 1 || at + 8 + size > (unsigned long long)data->len) {
             /* cannot be: the ring is corrupt, stop here rather than read past it */
             PyErr_SetString(PyExc_ValueError, "walk: a record longer than the ring");
-            goto done;
+            goto fail;
         }
         if (!(length & (BUSY | DISCARD))) {
             const unsigned char *rec = base + at + 8;
@@ -105,7 +96,7 @@ static PyObject *walk(PyObject *self, PyObject *args)
                 if (said != size) {
                     skipped++;
                 } else {
-                    if (have_seeded) {
+                    if (table != NULL) {
                         /* a thread record's ProcessId is at 20; a process record's, an exit's, an image load's
                          * at 16; a create's parent at 20 */
                         uint32_t pid = u32_at(rec + ((type == 3 || type == 4) ? 20 : 16));
@@ -134,13 +125,115 @@ static PyObject *walk(PyObject *self, PyObject *args)
         cons += (size + 8 + 7) & ~7ull;
     }
     if (_PyBytes_Resize(&blob, used) < 0 || _PyBytes_Resize(&ends, count * 8) < 0)
+        goto fail;
+    *blob_out = blob;
+    *ends_out = ends;
+    w->cons = cons;
+    w->floor = floor;
+    w->stop = stop;
+    w->count = count;
+    w->raised = raised;
+    w->skipped = skipped;
+    w->kinds = kinds;
+    return 0;
+fail:
+    Py_XDECREF(blob);
+    Py_XDECREF(ends);
+    return -1;
+}
+
+/* The seeded lookup as a table (NULL for None); 0, or -1 with an error set. */
+static int seeded_table(PyObject *seeded, Py_buffer *buf, const unsigned char **table, Py_ssize_t *len)
+{
+    *table = NULL;
+    *len = 0;
+    if (seeded == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(seeded, buf, PyBUF_SIMPLE) < 0)
+        return -1;
+    *table = buf->len ? buf->buf : (const unsigned char *)"";
+    *len = buf->len;
+    return 0;
+}
+
+static PyObject *walk(PyObject *self, PyObject *args)
+{
+    Py_buffer data, seeded_buf;
+    unsigned long long mask, cons, prod;
+    int final;
+    long long floor;
+    PyObject *seeded, *blob, *ends, *result = NULL;
+    const unsigned char *table;
+    Py_ssize_t table_len;
+    struct walked w;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*KKKpLO", &data, &mask, &cons, &prod, &final, &floor, &seeded))
+        return NULL;
+    if (seeded_table(seeded, &seeded_buf, &table, &table_len) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if (walk_core(&data, mask, cons, prod, final, floor, table, table_len, &blob, &ends, &w) == 0) {
+        result = Py_BuildValue("KNNnLnniL", w.cons, blob, ends, w.count, w.floor, w.raised, w.skipped, w.kinds,
+                               w.stop);
+    }
+    if (table != NULL)
+        PyBuffer_Release(&seeded_buf);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* drain(consumer, producer, data, mask, final, floor, seeded, checked) -> None or (cons, prod, count, floor,
+ * raised, skipped, stop): a reader's pass over the ring in one call. ``consumer`` and ``producer``: the ring's position
+ * words (writable bytes-like of the consumer page's first 8 bytes; the producer page), read here (the producer's
+ * with an acquire load). None when the ring holds nothing new. Otherwise walk()'s pass from the consumer's
+ * position, its records handed to ``checked(blob, ends, kinds)`` (when there are any), and the space given back
+ * to the kernel (a release store) when the walk did not stop before a record for Python (``stop`` >= 0: the
+ * caller handles it, goes on from ``cons`` and gives the space back itself). */
+static PyObject *drain(PyObject *self, PyObject *args)
+{
+    Py_buffer consumer, producer, data, seeded_buf;
+    unsigned long long mask;
+    int final;
+    long long floor;
+    PyObject *seeded, *checked, *blob = NULL, *ends = NULL, *result = NULL;
+    const unsigned char *table = NULL;
+    Py_ssize_t table_len;
+    struct walked w;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*y*y*KpLOO", &consumer, &producer, &data, &mask, &final, &floor, &seeded,
+                          &checked))
+        return NULL;
+    if (consumer.len < 8 || producer.len < 8 || ((uintptr_t)consumer.buf & 7) || ((uintptr_t)producer.buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, "drain: the position words must be 8 aligned bytes");
         goto done;
-    result = Py_BuildValue("KOOnLnniL", cons, blob, ends, count, floor, raised, skipped, kinds, stop);
+    }
+    unsigned long long cons = *(unsigned long long *)consumer.buf;
+    unsigned long long prod = __atomic_load_n((unsigned long long *)producer.buf, __ATOMIC_ACQUIRE);
+    if (cons == prod) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (seeded_table(seeded, &seeded_buf, &table, &table_len) < 0)
+        goto done;
+    if (walk_core(&data, mask, cons, prod, final, floor, table, table_len, &blob, &ends, &w) < 0)
+        goto done;
+    if (w.count) {
+        PyObject *r = PyObject_CallFunction(checked, "OOi", blob, ends, w.kinds);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    if (w.stop < 0 && w.cons != cons)
+        __atomic_store_n((unsigned long long *)consumer.buf, w.cons, __ATOMIC_RELEASE);
+    result = Py_BuildValue("KKnLnnL", w.cons, prod, w.count, w.floor, w.raised, w.skipped, w.stop);
 done:
     Py_XDECREF(blob);
     Py_XDECREF(ends);
-    if (have_seeded)
+    if (table != NULL)
         PyBuffer_Release(&seeded_buf);
+    PyBuffer_Release(&consumer);
+    PyBuffer_Release(&producer);
     PyBuffer_Release(&data);
     return result;
 }
@@ -436,6 +529,9 @@ static PyMethodDef methods[] = {
     {"walk", walk, METH_VARARGS,
      "walk(data, mask, cons, prod, final, floor, seeded) -> (cons, blob, ends, count, floor, raised, skipped, "
      "kinds, stop): the wire records of a BPF ring pass gathered back to back (see etwmon/_speedups.c)."},
+    {"drain", drain, METH_VARARGS,
+     "drain(consumer, producer, data, mask, final, floor, seeded, checked) -> None or (cons, prod, count, floor, "
+     "raised, skipped, stop): a reader's whole pass over a BPF ring in one call (see etwmon/_speedups.c)."},
     {"scan", scan, METH_VARARGS,
      "scan(data, min_size, block_at, rules, max_filetime) -> (rows, blocks, error): etwmon.events._checked in C "
      "(see etwmon/_speedups.c); error is (message, offset) or None."},
@@ -462,7 +558,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     if (json_lines_init() < 0 || ring_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddFunctions(m, ring_methods) < 0)
+    if (m != NULL && (PyModule_AddFunctions(m, ring_methods) < 0 || ring_add_methods(m) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -31,6 +31,7 @@ PyObject *json_batch(PyObject *self, PyObject *args);
 
 /* _ring.c */
 int ring_init(void);
+int ring_add_methods(PyObject *module);
 extern PyMethodDef ring_methods[];
 
 #endif

@@ -209,7 +209,7 @@ class IdentityStage:
         operations when the backlog outgrows ``backlog_max_bytes``. A few operations per batch, none per
         record."""
         checked = self._push_checked
-        if checked is None or not self._creates_whole():
+        if checked is None or not (self.lean and getattr(self.sink, "batch_creates", True)):  # _creates_whole()
             self.push_batch(np.frombuffer(data, dtype=np.uint8), np.frombuffer(ends, dtype=np.int64))
             return
         if kinds & 3:  # creates, execs or exits: the batch is kept for the table as it is

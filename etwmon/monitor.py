@@ -98,7 +98,7 @@ class _Wakeup:
 
     def __init__(self, ring: EventRing) -> None:
         self._ring = ring
-        self._flag = ReadyFlag()
+        self._flag = self.flag = ReadyFlag()
         self._lock = threading.Lock()
         self.fileno = self._flag.fileno
         self.close = self._flag.close
@@ -391,10 +391,11 @@ class Monitor(EventReader):
     def readinto(self, buffer) -> int:
         """``EventRing.readinto`` on this monitor's ring (see there). Raises ``SourceError`` if the source
         thread failed: once at once, then again whenever the ring is empty."""
-        self._check_error()
+        if self._error is not None:
+            self._check_error()
         n = self.ring.readinto(buffer)
         wakeup = self._wakeup
-        if wakeup is not None:
+        if wakeup is not None and wakeup.flag.up:  # (what clear_if_drained looks at first, without its call)
             wakeup.clear_if_drained()
         return n
 
@@ -418,7 +419,8 @@ class Monitor(EventReader):
         other sources it returns for the first record pushed, so a reader that wakes for every burst pays a
         wake-up per burst; one that can wait a few milliseconds may sleep that long after ``wait()`` returns and
         read a bigger batch (``etwmon tail --batch-wait``)."""
-        self._check_error()
+        if self._error is not None:
+            self._check_error()
         if self.ring.readable():
             return True
         wakeup = self._wakeup
@@ -436,7 +438,8 @@ class Monitor(EventReader):
                     other = bool(also) and any(fd is not wakeup for fd in ready)
             except (ValueError, OSError):  # closed by a concurrent stop()
                 return self.ring.readable()
-            self._check_error()
+            if self._error is not None:
+                self._check_error()
             if self.ring.readable():
                 return True
             if other or not self._alive:

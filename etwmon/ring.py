@@ -286,15 +286,12 @@ class EventRing:
             self._count += keep
             self._tail_pos = end
 
-    def push_checked(self, data, ends, kinds: int = 0) -> None:
+    def _push_checked(self, data, ends, kinds: int = 0) -> None:
         """``push_batch`` for records whose headers were checked already (the bpf source's C walk checks every
         record's Size against its length): ``data`` the records back to back, ``ends`` the bytes of their ends
         as little-endian int64 (the last is ``len(data)``). One lock and one or two slice copies whatever the
         batch's size; the slot table is written in a short loop for a few records (the latency path) and with
         one array operation for more. ``kinds`` (what the batch holds) is for the stages before the ring."""
-        fast = _native.ring_push
-        if fast is not None and fast(self, data, ends):
-            return  # appended in C (etwmon/_ring.c): nothing had to be dropped
         k = len(ends) >> 3
         n = len(data)
         cap, max_items = self.max_bytes, self.max_items
@@ -400,18 +397,13 @@ class EventRing:
 
     # -- readers ---------------------------------------------------------------------------------------
 
-    def readinto(self, buffer) -> int:
+    def _readinto(self, buffer) -> int:
         """Copy as many whole records as fit into ``buffer``, oldest first, and return the byte count.
 
         The first record that does not fit stays for the next call. Losses are RecordsLost records where they
         happened (see the module's note), so one copy may hold several. Returns 0 when the ring is empty; raises ``BufferTooSmall`` (consuming nothing)
         when not even one record fits, and ``TypeError`` for a read-only buffer.
         """
-        fast = _native.ring_copy
-        if fast is not None:
-            n = fast(self, buffer)  # in C (etwmon/_ring.c) when no loss waits to be read out
-            if n is not None:
-                return n
         return self._copy_out(buffer, None)[0]
 
     def readinto_indexed(self, buffer, ends: np.ndarray) -> tuple[int, int, int]:
@@ -524,3 +516,9 @@ class EventRing:
         s = self.stats
         return (f"EventRing(items={s.items}/{s.max_items}, bytes={s.bytes}/{s.max_bytes}, "
                 f"dropped={s.dropped}, lost={s.lost})")
+
+
+#: The public names: in C where etwmon._speedups is built (etwmon/_ring.c: the common case, when nothing is
+#: dropped to push and no loss waits to be read out; the methods above for the rest), else those methods.
+EventRing.push_checked = _native.ring_push_checked_method or EventRing._push_checked  # type: ignore[assignment]
+EventRing.readinto = _native.ring_readinto_method or EventRing._readinto  # type: ignore[assignment]

@@ -234,8 +234,26 @@ class MemoryRing:
         self.data = bytearray(2 * size)
         self.mask = size - 1
         self.fd = -1
-        self.cons = self.prod = 0
+        # The position words as the pages hold them, for the pass in C (RingBuffer.position_words).
+        self._cons, self._prod = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        self.position_words = (self._cons, self._prod)
         self.closed = False
+
+    @property
+    def cons(self) -> int:
+        return self._cons.value
+
+    @cons.setter
+    def cons(self, pos: int) -> None:
+        self._cons.value = pos
+
+    @property
+    def prod(self) -> int:
+        return self._prod.value
+
+    @prod.setter
+    def prod(self, pos: int) -> None:
+        self._prod.value = pos
 
     def add(self, sample: bytes, busy: bool = False) -> int:
         """Write a record at the producer position; the data pages are mapped twice in a row (as the kernel's

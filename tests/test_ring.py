@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 
@@ -217,17 +218,28 @@ class PythonRingMachine(RingMachine):
 
     @initialize(max_items=st.integers(1, 12), max_bytes=st.integers(64, 600))
     def setup(self, max_items, max_bytes):
-        self.saved = _native.ring_push, _native.ring_copy
-        _native.ring_push = _native.ring_copy = None
+        self.saved = EventRing.push_checked, EventRing.readinto
+        EventRing.push_checked, EventRing.readinto = EventRing._push_checked, EventRing._readinto
         super().setup(max_items, max_bytes)
 
     def teardown(self):
         if hasattr(self, "saved"):
-            _native.ring_push, _native.ring_copy = self.saved
+            EventRing.push_checked, EventRing.readinto = self.saved
 
 
 TestPythonRingAgainstModel = PythonRingMachine.TestCase
 TestPythonRingAgainstModel.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+@pytest.mark.skipif(_native.ring_push is None, reason="etwmon._speedups was not built (no C compiler)")
+def test_the_ring_uses_its_c_paths_and_they_hold_no_reference_to_the_ring():
+    assert EventRing.readinto is _native.ring_readinto_method
+    assert EventRing.push_checked is _native.ring_push_checked_method
+    ring = EventRing(max_items=4, max_bytes=256)
+    ring.push_checked(record_of_size(40, 1), np.array([40], dtype="<i8").tobytes())
+    out = bytearray(100)
+    assert ring.readinto(out) == 40 and ring.readinto(out) == 0
+    assert sys.getrefcount(ring) == 2  # the name, the call's argument: no cycle keeps a ring's arena alive
 
 
 @pytest.mark.skipif(_native.ring_push is None, reason="etwmon._speedups was not built (no C compiler)")

@@ -387,12 +387,14 @@ def test_a_waiting_reader_does_the_sources_deferred_work_before_it_sleeps_then_i
 
     calls: list[str] = []
     read_fd, write_fd = os.pipe()
-    wait = _wait.ReaderWait([], [], read_fd, lambda notify: calls.append("pass") or 0, lambda delta: None,
+    waiting: list = []
+    wait = _wait.ReaderWait([], [], read_fd, lambda notify: calls.append(("pass", len(waiting))) or 0, waiting,
                             lambda: calls.append("sleeping"))
     try:
         os.write(write_fd, b"x")  # the monitor's records-waiting flag: the wait ends at once
         wait.wait(0.5)
-        assert calls == ["sleeping", "pass"]
+        assert calls == ["sleeping", ("pass", 1)]  # counted as waiting through its pass, and no longer after
+        assert waiting == [] and wait.entries == 1
     finally:
         wait.close()
         os.close(read_fd)

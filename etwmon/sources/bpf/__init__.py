@@ -31,7 +31,7 @@ from ._event import (
     CONFIG, CONFIG_CREATES, CONFIG_IDENTITY, CONFIG_WIRE, EVENT_SIZE, KIND_BASE, Enricher, EventDecoder, TaskDetails,
 )
 from ._wait import ReaderWait, RingWaiter
-from ._wire import WireMover, fast_walk
+from ._wire import WireMover, fast_drain, fast_walk
 
 __all__ = ["BpfSource", "TaskDetails", "OBJECT_PATH", "BTF_PATH"]
 
@@ -139,9 +139,8 @@ class BpfSource(Source):
         self._drain_lock = threading.Lock()  # one pass at a time: this thread's or a waiting reader's
         self._sink: Sink | None = None
         self._idle: Callable[[], None] | None = None  # the sink's work for before a sleep (_sleeping)
-        self._waiting = 0  # readers in ReaderWait.wait(), drained for by themselves
-        self._reader_entries = 0  # how many times a reader has begun such a wait
-        self._waiting_lock = threading.Lock()
+        self._waiting: list[ReaderWait] = []  # readers in ReaderWait.wait() now, drained for by themselves
+        self._quick: tuple | None = None  # for a run whose sink takes C passes: (push_checked, seeded_lookup)
         self._reader_waits: list[ReaderWait] = []
         self._closed_reader_wakeups = 0
         self._images = None  # image loads: an ImageLoadReader once opened (kept after close, for stats)
@@ -328,6 +327,9 @@ class BpfSource(Source):
     def _run(self, sink: Sink, ring, decoder: EventDecoder) -> None:
         decoder.push = sink.push
         self._sink = sink
+        checked = getattr(sink, "push_checked", None)
+        self._quick = ((checked, getattr(sink, "seeded_lookup", None))
+                       if checked is not None and fast_drain is not None else None)
         self._idle = getattr(sink, "idle", None)  # the identity stage's deferred work (see _sleeping)
         if self._idle is not None:
             sink.defer_folds = True  # type: ignore[attr-defined]
@@ -359,11 +361,11 @@ class BpfSource(Source):
         waiter = RingWaiter(*self._rings(ring), self._wake.fileno())
         stopper = select.poll()
         stopper.register(self._wake.fileno(), select.POLLIN)
-        entries = self._reader_entries
+        entries = self._reader_entries()
         try:
             while not self._stopping:
-                if self._waiting or self._reader_entries != entries:  # a reader waits on the ring (or did since)
-                    entries = self._reader_entries
+                if self._waiting or self._reader_entries() != entries:  # a reader waits on the ring (or did since)
+                    entries = self._reader_entries()
                     stopper.poll(_READER_BACKSTOP_MS)
                     continue
                 self._pass(sink)
@@ -414,24 +416,44 @@ class BpfSource(Source):
         ring = self._ring
         if not self._pacer or ring is None:
             return None
-        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._reader_waiting, self._sleeping)
+        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._waiting, self._sleeping)
         self._reader_waits.append(wait)
         return wait
 
-    def _reader_waiting(self, delta: int) -> None:
-        with self._waiting_lock:
-            self._waiting += delta
-            if delta > 0:
-                self._reader_entries += 1
+    def _reader_entries(self) -> int:
+        """How many waits readers have begun (ReaderWait.entries): the source's thread looks whether it changed."""
+        return sum(w.entries for w in self._reader_waits)
 
     def _reader_pass(self, notify: bool) -> int:
         """One pass from a waiting reader's thread: only while run() runs (its sink; the last pass is its own).
-        ``notify``: raise the readers' flag too (not needed when no reader watches the monitor's fileno())."""
+        ``notify``: raise the readers' flag too (not needed when no reader watches the monitor's fileno()).
+
+        The common pass (no loss count due, no image loads) is ``_drain``'s C pass inline, a Python frame fewer
+        per batch for each of its steps; anything out of the ordinary goes on in ``_drain_took``."""
         with self._drain_lock:
-            sink = self._sink
-            if self._ring is None or sink is None or not self._running or self._stopping:
+            sink, ring, quick = self._sink, self._ring, self._quick
+            if ring is None or sink is None or not self._running or self._stopping:
                 return 0
-            return self._drain(sink, notify=notify)
+            if quick is None or self._images is not None or time.monotonic() >= self._lost_due:
+                return self._drain(sink, notify=notify)
+            checked, seeded = quick
+            decoder = self._decoder
+            got = fast_drain(ring.position_words[0], ring.position_words[1], ring.data, ring.mask, False,
+                             decoder.last_filetime, seeded() if seeded is not None else None, checked)
+            if got is None:
+                return 0
+            if got[4] or got[5] or got[6] >= 0:  # times raised, records skipped, a record for Python
+                n = self._drain_took(sink, checked, ring, False, got)
+                if self._report_lost(sink, False):
+                    n += 1
+            else:
+                n = got[2]
+                decoder.last_filetime = got[3]
+                decoder.events += n
+                self._mover.records += n
+            if n and notify:
+                sink.notify()
+            return n
 
     def _settle(self) -> None:
         """Wait until no program that was running as they were detached still runs: membarrier's global
@@ -491,18 +513,22 @@ class BpfSource(Source):
         ring = self._ring
         images = self._images  # image loads: only those written before this pass began (see imageload.py)
         images_upto = images.producer_pos() if images is not None else 0
-        cons = start = ring.consumer_pos()  # type: ignore[union-attr]
-        prod = ring.producer_pos()  # type: ignore[union-attr]  # an acquire load: the records before it are visible
         check = self._lost_check(None if final else time.monotonic())
-        if cons == prod and not check and (images is None or images.empty()):
-            return 0  # nothing new (a waiting reader's first look, mostly): no more work than that
-        checked = getattr(sink, "push_checked", None) if fast_walk is not None else None
-        if checked is not None:
-            cons, count = self._walk_fast(sink, checked, ring, cons, prod, final)
+        checked = getattr(sink, "push_checked", None) if fast_drain is not None else None
+        if checked is not None:  # the pass in C, up to the first record for Python (if any)
+            count = self._drain_fast(sink, checked, ring, final)
+            if count < 0:
+                if not check and (images is None or images.empty()):
+                    return 0  # nothing new (a waiting reader's first look, mostly): no more work than that
+                count = 0
         else:
+            cons = start = ring.consumer_pos()  # type: ignore[union-attr]
+            prod = ring.producer_pos()  # type: ignore[union-attr]  # an acquire load: the records before it are visible
+            if cons == prod and not check and (images is None or images.empty()):
+                return 0
             cons, count = self._walk(sink, ring, cons, prod, final)
-        if cons != start:
-            ring.advance(cons)
+            if cons != start:
+                ring.advance(cons)
         if self._report_lost(sink, check):
             count += 1
         if images is not None:  # image loads
@@ -511,29 +537,60 @@ class BpfSource(Source):
             sink.notify()
         return count
 
-    def _walk_fast(self, sink: Sink, checked, ring, cons: int, prod: int, final: bool) -> tuple[int, int]:
+    def _drain_fast(self, sink: Sink, checked, ring, final: bool) -> int:
+        """A pass in C (etwmon._speedups.drain): the positions read, the wire records gathered into one batch and
+        passed on whole (``push_checked``) and the space given back, in one call; from a record for Python on
+        (an event, a record of a process seeded from /proc), ``_walk_fast``. The records taken, or -1 when the
+        ring held nothing new."""
+        seeded = getattr(sink, "seeded_lookup", None)
+        got = fast_drain(ring.position_words[0], ring.position_words[1], ring.data, ring.mask, final,
+                         self._decoder.last_filetime, seeded() if seeded is not None else None, checked)
+        return -1 if got is None else self._drain_took(sink, checked, ring, final, got)
+
+    def _drain_took(self, sink: Sink, checked, ring, final: bool, got: tuple) -> int:
+        """The bookkeeping of a C pass (``got``: what ``fast_drain`` returned), and the rest of the ring from a
+        record for Python on; the records taken."""
+        decoder = self._decoder
+        cons, prod, n, decoder.last_filetime, raised, skipped, stop = got
+        if raised:
+            decoder.time_raised += raised
+        if skipped:
+            self.skipped += skipped
+        if n:
+            decoder.events += n
+            self._mover.records += n  # type: ignore[union-attr]
+        if stop < 0:
+            return n
+        cons, more = self._walk_fast(sink, checked, ring, cons, prod, final, stop)
+        ring.advance(cons)
+        return n + more
+
+    def _walk_fast(self, sink: Sink, checked, ring, cons: int, prod: int, final: bool,
+                   stop: int | None = None) -> tuple[int, int]:
         """``_walk`` in C (etwmon._speedups): the wire records between the events gathered into one batch each
         and passed on whole (``push_checked``); events, and records of processes seeded from /proc (which the
-        identity stage handles one by one), in between, in ring order."""
+        identity stage handles one by one), in between, in ring order. ``stop``: where a walk just stopped (at
+        ``cons``), to begin with that record."""
         decoder, mover = self._decoder, self._mover
         data, mask, header = ring.data, ring.mask, ring.header
         seeded = getattr(sink, "seeded_lookup", None)
         count = 0
         while True:
-            (cons, blob, ends, n, decoder.last_filetime, raised, skipped, kinds,  # type: ignore[union-attr]
-             stop) = fast_walk(data, mask, cons, prod, final, decoder.last_filetime,  # type: ignore[union-attr]
-                               seeded() if seeded is not None else None)
-            if raised:
-                decoder.time_raised += raised  # type: ignore[union-attr]
-            if skipped:
-                self.skipped += skipped
-            if n:
-                decoder.events += n  # type: ignore[union-attr]
-                mover.records += n  # type: ignore[union-attr]
-                count += n
-                checked(blob, ends, kinds)
-            if stop < 0:
-                return cons, count
+            if stop is None:
+                (cons, blob, ends, n, decoder.last_filetime, raised, skipped, kinds,  # type: ignore[union-attr]
+                 stop) = fast_walk(data, mask, cons, prod, final, decoder.last_filetime,  # type: ignore
+                                   seeded() if seeded is not None else None)
+                if raised:
+                    decoder.time_raised += raised  # type: ignore[union-attr]
+                if skipped:
+                    self.skipped += skipped
+                if n:
+                    decoder.events += n  # type: ignore[union-attr]
+                    mover.records += n  # type: ignore[union-attr]
+                    count += n
+                    checked(blob, ends, kinds)
+                if stop < 0:
+                    return cons, count
             size = header(stop) & ~(ring.BUSY | ring.DISCARD)  # committed: the walk stopped before it, not at it
             if data[stop + 9] >= _KIND_HIGH:
                 if size >= EVENT_SIZE:
@@ -545,6 +602,7 @@ class BpfSource(Source):
                 mover.push(sink, data, [stop + 8], [size])  # type: ignore[union-attr]
                 count += 1
             cons += (size + 8 + 7) & ~7
+            stop = None
 
     def _walk(self, sink: Sink, ring, cons: int, prod: int, final: bool) -> tuple[int, int]:
         """Decode the events and move the wire records from ``cons`` up to ``prod`` (or the first record not

@@ -367,6 +367,8 @@ class RingBuffer:
         self.data = memoryview(self._producer)[page:]
         self._pos = ctypes.c_uint64.from_buffer(self._consumer)  # the consumer position, stored in place
         self._producer_view = memoryview(self._producer)
+        #: The consumer's and the producer's position words as buffers, for a pass in C (_speedups.drain).
+        self.position_words = (self._pos, self._producer_view)
         if _TSO:
             unpack = struct.Struct("<I").unpack_from
             data = self.data
@@ -417,6 +419,7 @@ class RingBuffer:
         return out, cons
 
     def close(self) -> None:
+        self.position_words = None
         self.__dict__.pop("header", None)
         self.__dict__.pop("producer_pos", None)
         self.__dict__.pop("advance", None)

@@ -66,13 +66,18 @@ class ReaderWait:
     stays out of the way (see BpfSource._run)."""
 
     def __init__(self, paced: list[int], adaptive: list[int], notify_fd: int, drain: Callable[[bool], int],
-                 waiting: Callable[[int], None], sleeping: Callable[[], None]) -> None:
+                 waiting: list, sleeping: Callable[[], None]) -> None:
         self._waiter = RingWaiter(paced, adaptive, notify_fd)
         self._poll, self._own = self._waiter._ep.poll, self._waiter._own
         self._drain = drain
+        #: The source's list of the readers waiting now (one entry each while in wait(): a list's append and
+        #: remove are atomic, no lock is needed).
         self._waiting = waiting
         self._sleeping = sleeping  # the source's deferred work, before this thread sleeps
         self.wakeups = 0
+        #: How many waits have begun here (the source only looks whether it changed: a count two readers raise
+        #: at once may miss one, never both).
+        self.entries = 0
         #: Whether a pass from here raises the monitor's records-waiting flag: only needed while somebody may
         #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
         self.notify = True
@@ -82,7 +87,9 @@ class ReaderWait:
         descriptors to wake for besides; True when one of them did (the caller looks)."""
         if also:
             self._waiter.watch(also)
-        self._waiting(1)
+        waiting = self._waiting
+        waiting.append(self)
+        self.entries += 1
         try:
             self._sleeping()
             # No look before sleeping: records that came since the last pass have armed the pacer, which wakes
@@ -99,7 +106,7 @@ class ReaderWait:
             self._drain(self.notify)
             return others
         finally:
-            self._waiting(-1)
+            waiting.remove(self)
 
     def close(self) -> None:
         self._waiter.close()

@@ -8,9 +8,10 @@ import numpy as np
 
 from ._event import EventDecoder
 
+from ..._native import drain as fast_drain  # a whole pass in one call, or None (etwmon/_speedups.c)
 from ..._native import walk as fast_walk  # the ring walk in C, or None (etwmon/_speedups.c)
 
-__all__ = ["WireMover", "SMALL_BATCH", "fast_walk"]
+__all__ = ["WireMover", "SMALL_BATCH", "fast_drain", "fast_walk"]
 
 #: Up to this many records a batch is pushed record by record (the latency path: cheaper than the array work).
 SMALL_BATCH = 64
