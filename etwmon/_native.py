@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-_NAMES = ["drain", "fields", "json_batch", "ring_copy", "ring_push", "ring_push_checked_method",
-          "ring_readinto_method", "scan", "walk"]
+_NAMES = ["drain", "fields", "json_batch", "reader_wait_method", "ring_copy", "ring_push",
+          "ring_push_checked_method", "ring_readinto_method", "scan", "walk"]
 
 try:
     from . import _speedups
@@ -19,6 +19,7 @@ if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
 drain = getattr(_speedups, "drain", None)
 fields = getattr(_speedups, "fields", None)
 json_batch = getattr(_speedups, "json_batch", None)
+reader_wait_method = getattr(_speedups, "reader_wait_method", None)
 ring_copy = getattr(_speedups, "ring_copy", None)
 ring_push = getattr(_speedups, "ring_push", None)
 ring_push_checked_method = getattr(_speedups, "ring_push_checked_method", None)

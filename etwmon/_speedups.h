@@ -32,6 +32,10 @@ PyObject *json_batch(PyObject *self, PyObject *args);
 /* _ring.c */
 int ring_init(void);
 int ring_add_methods(PyObject *module);
+
+/* _reader.c */
+int reader_init(void);
+int reader_add_methods(PyObject *module);
 extern PyMethodDef ring_methods[];
 
 #endif

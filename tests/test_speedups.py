@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etwmon import ItemType, parse
+from etwmon import ItemType, _native, parse
 from etwmon import records as R
 from etwmon.identity import IdentityStage, guid_prefix, make_guid
 from etwmon.records import Details
@@ -382,19 +383,68 @@ def test_a_source_that_says_when_it_sleeps_gets_the_folds_then_and_the_cap_still
     assert all(size > cap - (cap >> 5) for size in folds)  # never more than one fold (1/32) before the cap
 
 
-def test_a_waiting_reader_does_the_sources_deferred_work_before_it_sleeps_then_its_pass():
+def _reader_waits():
     from etwmon.sources.bpf import _wait
 
-    calls: list[str] = []
+    waits = [pytest.param(_wait.ReaderWait._wait, id="python")]
+    if _native.reader_wait_method is not None:
+        waits.append(pytest.param(_native.reader_wait_method, id="c"))
+    return waits
+
+
+@pytest.mark.parametrize("wait_method", _reader_waits())
+def test_a_waiting_reader_does_the_sources_deferred_work_before_it_sleeps_then_its_pass(wait_method):
+    from etwmon.sources.bpf import _wait
+
+    calls: list = []
+    read_fd, write_fd = os.pipe()
+    other_r, other_w = os.pipe()
+    waiting: list = []
+    wait = _wait.ReaderWait([], [], read_fd, lambda notify: calls.append(("pass", len(waiting), notify)) or 0,
+                            waiting, lambda: calls.append("sleeping"))
+    try:
+        t0 = time.monotonic()
+        assert wait_method(wait, 0.05) is False  # nothing woke it: the timeout, then its pass all the same
+        assert time.monotonic() - t0 >= 0.045
+        assert calls == ["sleeping", ("pass", 1, True)] and wait.wakeups == 0
+        os.write(write_fd, b"x")  # the monitor's records-waiting flag (one of its own): the wait ends at once
+        calls.clear()
+        wait.notify = False
+        assert wait_method(wait, None) is False
+        assert calls == ["sleeping", ("pass", 1, False)]  # counted as waiting through its pass, not after
+        assert waiting == [] and wait.entries == 2 and wait.wakeups == 1
+        os.write(other_w, b"x")  # a descriptor of the caller's: True, for the caller to look at
+        assert wait_method(wait, 5, (other_r,)) is True
+        assert wait.wakeups == 2  # (the flag is still readable: level-triggered)
+    finally:
+        wait.close()
+        for fd in (read_fd, write_fd, other_r, other_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("wait_method", _reader_waits())
+def test_a_waiting_reader_leaves_the_list_whatever_its_pass_raised(wait_method):
+    from etwmon.sources.bpf import _wait
+
     read_fd, write_fd = os.pipe()
     waiting: list = []
-    wait = _wait.ReaderWait([], [], read_fd, lambda notify: calls.append(("pass", len(waiting))) or 0, waiting,
-                            lambda: calls.append("sleeping"))
+
+    def failing(notify):
+        raise KeyError("the pass failed")
+
+    wait = _wait.ReaderWait([], [], read_fd, failing, waiting, lambda: None)
     try:
-        os.write(write_fd, b"x")  # the monitor's records-waiting flag: the wait ends at once
-        wait.wait(0.5)
-        assert calls == ["sleeping", ("pass", 1)]  # counted as waiting through its pass, and no longer after
-        assert waiting == [] and wait.entries == 1
+        os.write(write_fd, b"x")
+        with pytest.raises(KeyError, match="the pass failed"):
+            wait_method(wait, 1)
+        assert waiting == []
+        with pytest.raises(TypeError):
+            wait_method(wait, "soon")
+        assert waiting == []
+        wait.close()
+        with pytest.raises((ValueError, OSError)):  # what Monitor.wait() takes for a concurrent stop()
+            wait_method(wait, 0)
+        assert waiting == []
     finally:
         wait.close()
         os.close(read_fd)
@@ -427,7 +477,7 @@ def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irreg
 _LIVE = r'''
 import json, os, subprocess, time
 import etwmon
-from etwmon import ItemType, parse
+from etwmon import ItemType, _native, parse
 with etwmon.Monitor(source="bpf", max_items=100_000) as mon:
     subprocess.run(["/bin/echo", "two  spaces", "q'uote", "\x01\u00e9"], stdout=subprocess.DEVNULL)
     shell = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], stdout=subprocess.DEVNULL,

@@ -368,7 +368,7 @@ class RingBuffer:
         self._pos = ctypes.c_uint64.from_buffer(self._consumer)  # the consumer position, stored in place
         self._producer_view = memoryview(self._producer)
         #: The consumer's and the producer's position words as buffers, for a pass in C (_speedups.drain).
-        self.position_words = (self._pos, self._producer_view)
+        self.position_words = (memoryview(self._consumer)[:8], self._producer_view[:8])
         if _TSO:
             unpack = struct.Struct("<I").unpack_from
             data = self.data
@@ -419,12 +419,14 @@ class RingBuffer:
         return out, cons
 
     def close(self) -> None:
-        self.position_words = None
+        words, self.position_words = self.position_words, None
         self.__dict__.pop("header", None)
         self.__dict__.pop("producer_pos", None)
         self.__dict__.pop("advance", None)
         del self._pos
         try:
+            for view in words or ():
+                view.release()
             self.data.release()
             self._producer_view.release()
             self._producer.close()

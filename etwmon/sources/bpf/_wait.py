@@ -13,6 +13,8 @@ from __future__ import annotations
 import select
 from typing import Callable
 
+from ... import _native
+
 __all__ = ["RingWaiter", "ReaderWait"]
 
 _EDGE = select.EPOLLIN | select.EPOLLET
@@ -82,9 +84,10 @@ class ReaderWait:
         #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
         self.notify = True
 
-    def wait(self, timeout: float | None, also=()) -> bool:
+    def _wait(self, timeout: float | None, also=()) -> bool:
         """Sleep for the kernel's wake-up (or the flag, or ``timeout``), then take what the rings hold. ``also``:
-        descriptors to wake for besides; True when one of them did (the caller looks)."""
+        descriptors to wake for besides; True when one of them did (the caller looks). ``wait`` is this in C
+        where etwmon._speedups is built (etwmon/_reader.c, step for step the same)."""
         if also:
             self._waiter.watch(also)
         waiting = self._waiting
@@ -110,3 +113,6 @@ class ReaderWait:
 
     def close(self) -> None:
         self._waiter.close()
+
+
+ReaderWait.wait = _native.reader_wait_method or ReaderWait._wait  # type: ignore[assignment]
