@@ -6,7 +6,8 @@
  *   - epoll_wait on the waiter's epoll object (its descriptor read from it: a closed one raises as its poll()
  *     would), without the GIL; EINTR runs the signal handlers and waits on for what is left of ``timeout``;
  *   - ``wakeups`` counts a wake-up by one of the ``_own`` descriptors (the rings, the monitor's flag);
- *   - ``_drain(notify)`` takes what the rings hold;
+ *   - ``_drain(notify)`` takes what the rings hold: where ``_source`` is a BpfSource (not None), the common case of
+ *     its ``_reader_pass`` runs here (quick_pass), with the Python method for the rest;
  *   - the reader leaves the list, whatever happened; the result: whether another descriptor woke it.
  */
 #include "_speedups.h"
@@ -19,6 +20,9 @@
 
 static PyObject *s_waiter, *s_watch, *s_waiting, *s_entries, *s_sleeping, *s_ep, *s_fileno, *s_own, *s_wakeups,
     *s_drain, *s_notify, *s_remove;
+static PyObject *s_source, *s_drain_lock, *s_sink, *s_ring, *s_quick, *s_running, *s_stopping, *s_images,
+    *s_lost_due, *s_decoder, *s_last_filetime, *s_events, *s_mover, *s_records, *s_position_words, *s_data,
+    *s_mask, *s_drain_took, *s_report_lost, *s_acquire, *s_release, *s_notify_call;
 
 int reader_init(void)
 {
@@ -29,6 +33,13 @@ int reader_init(void)
         {&s_waiter, "_waiter"}, {&s_watch, "watch"}, {&s_waiting, "_waiting"}, {&s_entries, "entries"},
         {&s_sleeping, "_sleeping"}, {&s_ep, "_ep"}, {&s_fileno, "fileno"}, {&s_own, "_own"},
         {&s_wakeups, "wakeups"}, {&s_drain, "_drain"}, {&s_notify, "notify"}, {&s_remove, "remove"},
+        {&s_source, "_source"}, {&s_drain_lock, "_drain_lock"}, {&s_sink, "_sink"}, {&s_ring, "_ring"},
+        {&s_quick, "_quick"}, {&s_running, "_running"}, {&s_stopping, "_stopping"}, {&s_images, "_images"},
+        {&s_lost_due, "_lost_due"}, {&s_decoder, "_decoder"}, {&s_last_filetime, "last_filetime"},
+        {&s_events, "events"}, {&s_mover, "_mover"}, {&s_records, "records"},
+        {&s_position_words, "position_words"}, {&s_data, "data"}, {&s_mask, "mask"},
+        {&s_drain_took, "_drain_took"}, {&s_report_lost, "_report_lost"}, {&s_acquire, "acquire"},
+        {&s_release, "release"}, {&s_notify_call, "notify"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
@@ -94,6 +105,182 @@ static int sleep_on(int epfd, double seconds, struct epoll_event *events, int ro
     }
 }
 
+
+/* obj.name += n (under the GIL). */
+static int add_to(PyObject *obj, PyObject *name, Py_ssize_t n)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    PyObject *k = PyLong_FromSsize_t(n);
+    PyObject *sum = k == NULL ? NULL : PyNumber_Add(v, k);
+    Py_DECREF(v);
+    Py_XDECREF(k);
+    if (sum == NULL)
+        return -1;
+    int r = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+static int truth(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The pass under the source's drain lock (see quick_pass): the records taken, -2 when it is not the common case,
+ * -1 with an error set. */
+static Py_ssize_t quick_locked(PyObject *src, PyObject *notify)
+{
+    PyObject *sink = NULL, *ring = NULL, *quick = NULL, *images = NULL, *decoder = NULL, *words = NULL,
+             *data = NULL, *table = NULL;
+    Py_ssize_t n = -1;
+    sink = PyObject_GetAttr(src, s_sink);
+    ring = sink == NULL ? NULL : PyObject_GetAttr(src, s_ring);
+    quick = ring == NULL ? NULL : PyObject_GetAttr(src, s_quick);
+    images = quick == NULL ? NULL : PyObject_GetAttr(src, s_images);
+    if (images == NULL)
+        goto done;
+    int running = truth(src, s_running), stopping = running < 0 ? -1 : truth(src, s_stopping);
+    if (stopping < 0)
+        goto done;
+    if (ring == Py_None || sink == Py_None || !running || stopping) {
+        n = 0;
+        goto done;
+    }
+    PyObject *due = PyObject_GetAttr(src, s_lost_due);
+    double lost_due = due == NULL ? -1 : PyFloat_AsDouble(due);
+    Py_XDECREF(due);
+    if (lost_due == -1 && PyErr_Occurred())
+        goto done;
+    if (!PyTuple_Check(quick) || PyTuple_GET_SIZE(quick) != 2 || images != Py_None || now() >= lost_due) {
+        n = -2; /* a loss count due, image loads, no C pass for this sink: the Python pass */
+        goto done;
+    }
+    PyObject *checked = PyTuple_GET_ITEM(quick, 0), *seeded = PyTuple_GET_ITEM(quick, 1);
+    decoder = PyObject_GetAttr(src, s_decoder);
+    words = decoder == NULL ? NULL : PyObject_GetAttr(ring, s_position_words);
+    data = words == NULL ? NULL : PyObject_GetAttr(ring, s_data);
+    if (data == NULL)
+        goto done;
+    long long floor;
+    unsigned long long mask;
+    PyObject *v = PyObject_GetAttr(decoder, s_last_filetime);
+    floor = v == NULL ? -1 : PyLong_AsLongLong(v);
+    Py_XDECREF(v);
+    if (floor == -1 && PyErr_Occurred())
+        goto done;
+    v = PyObject_GetAttr(ring, s_mask);
+    mask = v == NULL ? (unsigned long long)-1 : PyLong_AsUnsignedLongLong(v);
+    Py_XDECREF(v);
+    if (mask == (unsigned long long)-1 && PyErr_Occurred())
+        goto done;
+    if (!PyTuple_Check(words) || PyTuple_GET_SIZE(words) != 2) {
+        PyErr_SetString(PyExc_TypeError, "the ring's position_words must be a pair");
+        goto done;
+    }
+    table = seeded == Py_None ? Py_NewRef(Py_None) : PyObject_CallNoArgs(seeded);
+    if (table == NULL)
+        goto done;
+    struct walked w;
+    unsigned long long prod = 0;
+    int got = drain_pass(PyTuple_GET_ITEM(words, 0), PyTuple_GET_ITEM(words, 1), data, mask, 0, floor, table,
+                         checked, &prod, &w);
+    if (got <= 0) {
+        n = got;
+        goto done;
+    }
+    if (w.raised || w.skipped || w.stop >= 0) { /* the rest of the bookkeeping, and what follows, in Python */
+        PyObject *took = Py_BuildValue("KKnLnnL", w.cons, prod, w.count, w.floor, w.raised, w.skipped, w.stop);
+        PyObject *r = took == NULL ? NULL
+                                   : PyObject_CallMethodObjArgs(src, s_drain_took, sink, checked, ring, Py_False,
+                                                                took, NULL);
+        Py_XDECREF(took);
+        n = r == NULL ? -1 : PyLong_AsSsize_t(r);
+        Py_XDECREF(r);
+        if (n == -1)
+            goto done;
+        r = PyObject_CallMethodObjArgs(src, s_report_lost, sink, Py_False, NULL);
+        int reported = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+        if (reported < 0) {
+            n = -1;
+            goto done;
+        }
+        n += reported;
+    } else {
+        PyObject *ft = PyLong_FromLongLong(w.floor);
+        int bad = ft == NULL || PyObject_SetAttr(decoder, s_last_filetime, ft) < 0;
+        Py_XDECREF(ft);
+        PyObject *mover = bad ? NULL : PyObject_GetAttr(src, s_mover);
+        if (mover == NULL || add_to(decoder, s_events, w.count) < 0 || add_to(mover, s_records, w.count) < 0) {
+            Py_XDECREF(mover);
+            goto done;
+        }
+        Py_DECREF(mover);
+        n = w.count;
+    }
+    if (n) {
+        int wake = PyObject_IsTrue(notify);
+        PyObject *r = wake <= 0 ? NULL : PyObject_CallMethodNoArgs(sink, s_notify_call);
+        if (wake < 0 || (wake && r == NULL)) {
+            n = -1;
+            goto done;
+        }
+        Py_XDECREF(r);
+    }
+done:
+    Py_XDECREF(sink);
+    Py_XDECREF(ring);
+    Py_XDECREF(quick);
+    Py_XDECREF(images);
+    Py_XDECREF(decoder);
+    Py_XDECREF(words);
+    Py_XDECREF(data);
+    Py_XDECREF(table);
+    return n;
+}
+
+/* BpfSource._reader_pass's common case (no loss count due, no image loads, a sink that takes C passes) in C, on
+ * the source's attributes under its drain lock, step for step the Python method's: the records taken (a new int),
+ * or None when it is not the common case (the caller runs the Python method), or NULL with an error set. */
+static PyObject *quick_pass(PyObject *src, PyObject *notify)
+{
+    PyObject *lock = PyObject_GetAttr(src, s_drain_lock);
+    if (lock == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_acquire); /* waits without the GIL, as `with lock` does */
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_ssize_t n = quick_locked(src, notify);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_DECREF(lock);
+    if (r == NULL) {
+        if (type != NULL) {
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        return NULL;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    if (n == -1)
+        return NULL;
+    if (n == -2)
+        Py_RETURN_NONE;
+    return PyLong_FromSsize_t(n);
+}
+
 /* The steps between joining and leaving the list: Py_True/Py_False, or NULL with an error set. */
 static PyObject *wait_body(PyObject *self, double seconds)
 {
@@ -137,9 +324,17 @@ static PyObject *wait_body(PyObject *self, double seconds)
     if (mine && bump(self, s_wakeups) < 0)
         return NULL;
     PyObject *notify = PyObject_GetAttr(self, s_notify);
-    if (notify == NULL)
+    PyObject *src = notify == NULL ? NULL : PyObject_GetAttr(self, s_source);
+    if (src == NULL) {
+        Py_XDECREF(notify);
         return NULL;
-    r = PyObject_CallMethodOneArg(self, s_drain, notify);
+    }
+    r = src == Py_None ? Py_NewRef(Py_None) : quick_pass(src, notify);
+    Py_DECREF(src);
+    if (r == Py_None) {
+        Py_DECREF(r);
+        r = PyObject_CallMethodOneArg(self, s_drain, notify);
+    }
     Py_DECREF(notify);
     if (r == NULL)
         return NULL;

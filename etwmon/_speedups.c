@@ -41,12 +41,6 @@ static inline int flagged(const unsigned char *table, Py_ssize_t len, uint32_t p
 
 /* One pass's walk (see walk above): the gathered records in *blob and *ends (new references), the rest in *w; 0, or
  * -1 with an error set. */
-struct walked {
-    unsigned long long cons;
-    long long floor, stop;
-    Py_ssize_t count, raised, skipped;
-    int kinds;
-};
 
 static int walk_core(const Py_buffer *data, unsigned long long mask, unsigned long long cons,
                      unsigned long long prod, int final, long long floor, const unsigned char *table,
@@ -183,6 +177,63 @@ static PyObject *walk(PyObject *self, PyObject *args)
     return result;
 }
 
+/* A reader's pass over the ring (see drain below) on the position words ``consumer`` and ``producer``, the data
+ * pages ``data_obj``; 1 done (*w and *prod say how far), 0 nothing new, -1 an error set. */
+int drain_pass(PyObject *consumer_obj, PyObject *producer_obj, PyObject *data_obj, unsigned long long mask,
+               int final, long long floor, PyObject *seeded, PyObject *checked, unsigned long long *prod_out,
+               struct walked *w)
+{
+    Py_buffer consumer, producer, data, seeded_buf;
+    PyObject *blob = NULL, *ends = NULL;
+    const unsigned char *table = NULL;
+    Py_ssize_t table_len;
+    int status = -1;
+    if (PyObject_GetBuffer(consumer_obj, &consumer, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(producer_obj, &producer, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&consumer);
+        return -1;
+    }
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&consumer);
+        PyBuffer_Release(&producer);
+        return -1;
+    }
+    if (consumer.len < 8 || producer.len < 8 || ((uintptr_t)consumer.buf & 7) || ((uintptr_t)producer.buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, "drain: the position words must be 8 aligned bytes");
+        goto done;
+    }
+    unsigned long long cons = *(unsigned long long *)consumer.buf;
+    unsigned long long prod = __atomic_load_n((unsigned long long *)producer.buf, __ATOMIC_ACQUIRE);
+    if (cons == prod) {
+        status = 0;
+        goto done;
+    }
+    if (seeded_table(seeded, &seeded_buf, &table, &table_len) < 0)
+        goto done;
+    if (walk_core(&data, mask, cons, prod, final, floor, table, table_len, &blob, &ends, w) < 0)
+        goto done;
+    if (w->count) {
+        PyObject *r = PyObject_CallFunction(checked, "OOi", blob, ends, w->kinds);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    if (w->stop < 0 && w->cons != cons)
+        __atomic_store_n((unsigned long long *)consumer.buf, w->cons, __ATOMIC_RELEASE);
+    *prod_out = prod;
+    status = 1;
+done:
+    Py_XDECREF(blob);
+    Py_XDECREF(ends);
+    if (table != NULL)
+        PyBuffer_Release(&seeded_buf);
+    PyBuffer_Release(&consumer);
+    PyBuffer_Release(&producer);
+    PyBuffer_Release(&data);
+    return status;
+}
+
 /* drain(consumer, producer, data, mask, final, floor, seeded, checked) -> None or (cons, prod, count, floor,
  * raised, skipped, stop): a reader's pass over the ring in one call. ``consumer`` and ``producer``: the ring's position
  * words (writable bytes-like of the consumer page's first 8 bytes; the producer page), read here (the producer's
@@ -192,50 +243,20 @@ static PyObject *walk(PyObject *self, PyObject *args)
  * caller handles it, goes on from ``cons`` and gives the space back itself). */
 static PyObject *drain(PyObject *self, PyObject *args)
 {
-    Py_buffer consumer, producer, data, seeded_buf;
-    unsigned long long mask;
+    PyObject *consumer, *producer, *data, *seeded, *checked;
+    unsigned long long mask, prod = 0;
     int final;
     long long floor;
-    PyObject *seeded, *checked, *blob = NULL, *ends = NULL, *result = NULL;
-    const unsigned char *table = NULL;
-    Py_ssize_t table_len;
     struct walked w;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*KpLOO", &consumer, &producer, &data, &mask, &final, &floor, &seeded,
-                          &checked))
+    if (!PyArg_ParseTuple(args, "OOOKpLOO", &consumer, &producer, &data, &mask, &final, &floor, &seeded, &checked))
         return NULL;
-    if (consumer.len < 8 || producer.len < 8 || ((uintptr_t)consumer.buf & 7) || ((uintptr_t)producer.buf & 7)) {
-        PyErr_SetString(PyExc_ValueError, "drain: the position words must be 8 aligned bytes");
-        goto done;
-    }
-    unsigned long long cons = *(unsigned long long *)consumer.buf;
-    unsigned long long prod = __atomic_load_n((unsigned long long *)producer.buf, __ATOMIC_ACQUIRE);
-    if (cons == prod) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    if (seeded_table(seeded, &seeded_buf, &table, &table_len) < 0)
-        goto done;
-    if (walk_core(&data, mask, cons, prod, final, floor, table, table_len, &blob, &ends, &w) < 0)
-        goto done;
-    if (w.count) {
-        PyObject *r = PyObject_CallFunction(checked, "OOi", blob, ends, w.kinds);
-        if (r == NULL)
-            goto done;
-        Py_DECREF(r);
-    }
-    if (w.stop < 0 && w.cons != cons)
-        __atomic_store_n((unsigned long long *)consumer.buf, w.cons, __ATOMIC_RELEASE);
-    result = Py_BuildValue("KKnLnnL", w.cons, prod, w.count, w.floor, w.raised, w.skipped, w.stop);
-done:
-    Py_XDECREF(blob);
-    Py_XDECREF(ends);
-    if (table != NULL)
-        PyBuffer_Release(&seeded_buf);
-    PyBuffer_Release(&consumer);
-    PyBuffer_Release(&producer);
-    PyBuffer_Release(&data);
-    return result;
+    int got = drain_pass(consumer, producer, data, mask, final, floor, seeded, checked, &prod, &w);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("KKnLnnL", w.cons, prod, w.count, w.floor, w.raised, w.skipped, w.stop);
 }
 
 

@@ -21,6 +21,17 @@ static inline uint32_t u32_at(const unsigned char *p)
 }
 
 /* _speedups.c */
+/* What a pass's walk took: the position after it, the latest Time, where it stopped (-1: it did not), the records
+ * gathered, the times raised, the records skipped, what the batch holds. */
+struct walked {
+    unsigned long long cons;
+    long long floor, stop;
+    Py_ssize_t count, raised, skipped;
+    int kinds;
+};
+int drain_pass(PyObject *consumer_obj, PyObject *producer_obj, PyObject *data_obj, unsigned long long mask,
+               int final, long long floor, PyObject *seeded, PyObject *checked, unsigned long long *prod_out,
+               struct walked *w);
 int walk_fields(const unsigned char *d, Py_ssize_t pos, Py_ssize_t stop, PyObject *decode, const int32_t *rules,
                 long long max_ft, PyObject *out, char *msg, size_t room);
 const int32_t *rules_of(PyObject *obj);

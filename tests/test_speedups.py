@@ -128,6 +128,91 @@ def test_the_c_walk_passes_what_the_python_walk_passes(chunks):
     assert times == sorted(times)
 
 
+@pytest.mark.skipif(_native.reader_wait_method is None, reason="etwmon._speedups was not built (no C compiler)")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(st.tuples(st.lists(st.tuples(st.integers(0, 5), st.integers(-40, 5)), max_size=30),
+                                 st.booleans(), st.booleans()), min_size=1, max_size=8),
+       seeded=st.booleans())
+def test_a_waiting_readers_pass_in_c_is_the_python_pass(chunks, seeded):
+    """A reader woken in Monitor.wait() takes the ring through the C wait's pass (etwmon/_reader.c) or the Python
+    _reader_pass: the same records, times, skips, loss reports, counters, flag raises and place in the ring, in the
+    common case and in the others (a loss count due, records for Python, a seeded process)."""
+    from etwmon.sources.bpf import _wait
+
+    rings = [MemoryRing(1 << 14), MemoryRing(1 << 14)]
+    sinks = [CheckedSink({7} if seeded else frozenset()), CheckedSink({7} if seeded else frozenset())]
+    lost = [Counter(after=3, bumps=2), Counter(after=3, bumps=2)]
+    sources = [reading_source(ring, counter) for ring, counter in zip(rings, lost)]
+    notes = [[], []]
+    fds = []
+    waits = []
+    for source, sink, note in zip(sources, sinks, notes):
+        source._decoder.push = sink.push
+        sink.notify = lambda note=note: note.append(1)
+        source._sink, source._running = sink, True
+        source._quick = (sink.push_checked, sink.seeded_lookup)
+        r, w = os.pipe()
+        os.write(w, b"x")  # the monitor's flag, up: each wait ends at once and takes its pass
+        fds += [r, w]
+        wait = _wait.ReaderWait([], [], r, source._reader_pass, source._waiting, source._sleeping)
+        wait._source = source
+        waits.append(wait)
+    try:
+        i = 0
+        for chunk, due, notify in chunks:
+            items = []
+            for kind, jitter in chunk:
+                items.append(_item(kind, i, jitter))
+                i += 1
+            _fill_both(rings, items)
+            for source, wait in zip(sources, waits):
+                source._lost_due = 0.0 if due else time.monotonic() + 3600
+                wait.notify = notify
+            assert _native.reader_wait_method(waits[0], 0) is False
+            assert _wait.ReaderWait._wait(waits[1], 0) is False
+        assert sinks[0].records == sinks[1].records and sinks[0].lost == sinks[1].lost
+        assert sinks[0].checked == sinks[1].checked and sinks[0].written == sinks[1].written
+        assert notes[0] == notes[1]
+        assert sources[0].skipped == sources[1].skipped
+        assert sources[0]._decoder.time_raised == sources[1]._decoder.time_raised
+        assert sources[0]._decoder.events == sources[1]._decoder.events
+        assert sources[0]._decoder.last_filetime == sources[1]._decoder.last_filetime
+        assert sources[0].stats()["kernel_written"] == sources[1].stats()["kernel_written"]
+        assert rings[0].cons == rings[1].cons == rings[0].prod
+        assert waits[0].wakeups == waits[1].wakeups == len(chunks)
+    finally:
+        for wait in waits:
+            wait.close()
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.skipif(_native.reader_wait_method is None, reason="etwmon._speedups was not built (no C compiler)")
+def test_a_waiting_readers_c_pass_takes_nothing_from_a_source_that_is_not_running():
+    from etwmon.sources.bpf import _wait
+
+    ring, sink = MemoryRing(), CheckedSink()
+    ring.add(kernel_thread_record(1, 7, filetime(1_000)))
+    source = reading_source(ring, Counter())
+    source._sink, source._quick, source._lost_due = sink, (sink.push_checked, None), time.monotonic() + 3600
+    r, w = os.pipe()
+    os.write(w, b"x")
+    wait = _wait.ReaderWait([], [], r, source._reader_pass, source._waiting, source._sleeping)
+    wait._source = source
+    try:
+        for running, stopping in ((False, False), (True, True)):
+            source._running, source._stopping = running, stopping
+            assert _native.reader_wait_method(wait, 0) is False
+            assert sink.records == [] and ring.cons == 0
+        source._stopping = False
+        assert _native.reader_wait_method(wait, 0) is False
+        assert len(sink.records) == 1 and ring.cons == ring.prod
+    finally:
+        wait.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_a_run_between_events_is_one_batch_and_says_what_it_holds():
     ring, sink = MemoryRing(1 << 16), CheckedSink()
     t = filetime(1_000)

@@ -417,6 +417,8 @@ class BpfSource(Source):
         if not self._pacer or ring is None:
             return None
         wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._waiting, self._sleeping)
+        if fast_drain is not None:
+            wait._source = self  # the C wait runs _reader_pass's common case itself (etwmon/_reader.c)
         self._reader_waits.append(wait)
         return wait
 

@@ -83,6 +83,9 @@ class ReaderWait:
         #: Whether a pass from here raises the monitor's records-waiting flag: only needed while somebody may
         #: watch it (``Monitor.fileno()`` was asked for); the reader here sees the records without it.
         self.notify = True
+        #: The BpfSource whose ``_reader_pass`` ``drain`` is, for the C wait to run its common case itself
+        #: (etwmon/_reader.c); None: ``drain`` is called as it is.
+        self._source = None
 
     def _wait(self, timeout: float | None, also=()) -> bool:
         """Sleep for the kernel's wake-up (or the flag, or ``timeout``), then take what the rings hold. ``also``:
