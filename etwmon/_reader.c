@@ -20,16 +20,15 @@
 
 static PyObject *s_waiter, *s_watch, *s_waiting, *s_entries, *s_sleeping, *s_ep, *s_fileno, *s_own, *s_wakeups,
     *s_drain, *s_notify, *s_remove;
+static int add_to(PyObject *obj, PyObject *name, Py_ssize_t n);
+
 static PyObject *s_source, *s_drain_lock, *s_sink, *s_ring, *s_quick, *s_running, *s_stopping, *s_images,
     *s_lost_due, *s_decoder, *s_last_filetime, *s_events, *s_mover, *s_records, *s_position_words, *s_data,
     *s_mask, *s_drain_took, *s_report_lost, *s_acquire, *s_release, *s_notify_call;
 
 int reader_init(void)
 {
-    struct {
-        PyObject **at;
-        const char *name;
-    } names[] = {
+    static const struct name_slot names[] = {
         {&s_waiter, "_waiter"}, {&s_watch, "watch"}, {&s_waiting, "_waiting"}, {&s_entries, "entries"},
         {&s_sleeping, "_sleeping"}, {&s_ep, "_ep"}, {&s_fileno, "fileno"}, {&s_own, "_own"},
         {&s_wakeups, "wakeups"}, {&s_drain, "_drain"}, {&s_notify, "notify"}, {&s_remove, "remove"},
@@ -41,27 +40,7 @@ int reader_init(void)
         {&s_drain_took, "_drain_took"}, {&s_report_lost, "_report_lost"}, {&s_acquire, "acquire"},
         {&s_release, "release"}, {&s_notify_call, "notify"},
     };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
-            return -1;
-    return 0;
-}
-
-/* obj.name += 1 (under the GIL, as the Python code's += is). */
-static int bump(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *sum = one == NULL ? NULL : PyNumber_Add(v, one);
-    Py_DECREF(v);
-    Py_XDECREF(one);
-    if (sum == NULL)
-        return -1;
-    int r = PyObject_SetAttr(obj, name, sum);
-    Py_DECREF(sum);
-    return r;
+    return intern_names(names, sizeof names / sizeof names[0]);
 }
 
 static double now(void)
@@ -106,7 +85,7 @@ static int sleep_on(int epfd, double seconds, struct epoll_event *events, int ro
 }
 
 
-/* obj.name += n (under the GIL). */
+/* obj.name += n (under the GIL, as the Python code's += is). */
 static int add_to(PyObject *obj, PyObject *name, Py_ssize_t n)
 {
     PyObject *v = PyObject_GetAttr(obj, name);
@@ -261,20 +240,9 @@ static PyObject *quick_pass(PyObject *src, PyObject *notify)
     }
     Py_DECREF(r);
     Py_ssize_t n = quick_locked(src, notify);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    r = PyObject_CallMethodNoArgs(lock, s_release);
+    int released = call_keeping_error(lock, s_release, NULL);
     Py_DECREF(lock);
-    if (r == NULL) {
-        if (type != NULL) {
-            PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-        }
-        return NULL;
-    }
-    Py_DECREF(r);
-    PyErr_Restore(type, value, tb);
-    if (n == -1)
+    if (n == -1 || released < 0)
         return NULL;
     if (n == -2)
         Py_RETURN_NONE;
@@ -321,7 +289,7 @@ static PyObject *wait_body(PyObject *self, double seconds)
             others = 1;
     }
     Py_DECREF(own);
-    if (mine && bump(self, s_wakeups) < 0)
+    if (mine && add_to(self, s_wakeups, 1) < 0)
         return NULL;
     PyObject *notify = PyObject_GetAttr(self, s_notify);
     PyObject *src = notify == NULL ? NULL : PyObject_GetAttr(self, s_source);
@@ -382,22 +350,14 @@ static PyObject *reader_wait(PyObject *self, PyObject *const *args, Py_ssize_t n
         Py_DECREF(waiting);
         return NULL;
     }
-    PyObject *result = bump(self, s_entries) < 0 ? NULL : wait_body(self, seconds);
+    PyObject *result = add_to(self, s_entries, 1) < 0 ? NULL : wait_body(self, seconds);
     /* finally: leave the list, keeping an error already raised */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodOneArg(waiting, s_remove, self);
+    int left = call_keeping_error(waiting, s_remove, self);
     Py_DECREF(waiting);
-    if (r == NULL) {
-        if (type != NULL) {
-            PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-        }
+    if (left < 0) {
         Py_XDECREF(result);
         return NULL;
     }
-    Py_DECREF(r);
-    PyErr_Restore(type, value, tb);
     return result;
 }
 

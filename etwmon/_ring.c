@@ -19,10 +19,7 @@ static PyObject *s_lock, *s_acquire, *s_release, *s_tail_pos, *s_head_pos, *s_he
 
 int ring_init(void)
 {
-    struct {
-        PyObject **at;
-        const char *name;
-    } names[] = {
+    static const struct name_slot names[] = {
         {&s_lock, "_lock"}, {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_tail_pos, "_tail_pos"},
         {&s_head_pos, "_head_pos"}, {&s_head, "_head"}, {&s_count, "_count"}, {&s_tail_slot, "_tail_slot"},
         {&s_read, "_read"}, {&s_mem, "_mem"}, {&s_endv, "_endv"}, {&s_marks, "_marks"}, {&s_dropped, "_dropped"},
@@ -30,10 +27,7 @@ int ring_init(void)
         {&s_max_bytes, "max_bytes"}, {&s_push_checked_py, "_push_checked"},
         {&s_readinto_py, "_readinto"},
     };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
-            return -1;
-    return 0;
+    return intern_names(names, sizeof names / sizeof names[0]);
 }
 
 /* An integer attribute of the ring; -1 with an error set when it is missing or not an int. */
@@ -79,20 +73,9 @@ static int try_lock(PyObject *ring, PyObject **lock)
 /* Releases the lock; keeps an error already set (returns -1 then, or when the release itself fails). */
 static int unlock(PyObject *lock, int status)
 {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+    int r = call_keeping_error(lock, s_release, NULL);
     Py_DECREF(lock);
-    if (r == NULL) {
-        if (type != NULL) {
-            PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-        }
-        return -1;
-    }
-    Py_DECREF(r);
-    PyErr_Restore(type, value, tb);
-    return type != NULL ? -1 : status;
+    return r < 0 ? -1 : status;
 }
 
 /* The ring's arena and slot table, writable: 0, or -1 with an error set (nothing held then). */

@@ -177,6 +177,31 @@ static PyObject *walk(PyObject *self, PyObject *args)
     return result;
 }
 
+int intern_names(const struct name_slot *names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
+            return -1;
+    return 0;
+}
+
+int call_keeping_error(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = arg == NULL ? PyObject_CallMethodNoArgs(obj, name) : PyObject_CallMethodOneArg(obj, name, arg);
+    if (r == NULL) {
+        if (type != NULL) {
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return type != NULL ? -1 : 0;
+}
+
 /* A reader's pass over the ring (see drain below) on the position words ``consumer`` and ``producer``, the data
  * pages ``data_obj``; 1 done (*w and *prod say how far), 0 nothing new, -1 an error set. */
 int drain_pass(PyObject *consumer_obj, PyObject *producer_obj, PyObject *data_obj, unsigned long long mask,

@@ -29,6 +29,15 @@ struct walked {
     Py_ssize_t count, raised, skipped;
     int kinds;
 };
+/* The attribute names a part looks up, interned once at import: 0, or -1 with an error set. */
+struct name_slot {
+    PyObject **at;
+    const char *name;
+};
+int intern_names(const struct name_slot *names, size_t n);
+/* obj.name() (arg NULL) or obj.name(arg), keeping an error already set (the first error wins): 0, or -1 when an error
+ * is set afterwards (the earlier one, or this call's). For a cleanup that must run whatever happened before it. */
+int call_keeping_error(PyObject *obj, PyObject *name, PyObject *arg);
 int drain_pass(PyObject *consumer_obj, PyObject *producer_obj, PyObject *data_obj, unsigned long long mask,
                int final, long long floor, PyObject *seeded, PyObject *checked, unsigned long long *prod_out,
                struct walked *w);

@@ -123,38 +123,26 @@ class RingMachine(RuleBasedStateMachine):
         self.ring.push(record)
         self.model.push(record)
 
-    @rule(sizes=st.lists(st.sampled_from([24, 40, 42, 56, 64, 100, 160, 250]), max_size=30))
-    def push_batch(self, sizes):
-        # The same as pushing each in order, whatever the caps (the service fans batches out with it).
+    @rule(sizes=st.lists(st.sampled_from([24, 40, 42, 56, 64, 100, 160, 250]), max_size=30),
+          checked=st.booleans())
+    def push_batch(self, sizes, checked):
+        # The same as pushing each in order, whatever the caps: push_batch (the service fans batches out with it)
+        # and push_checked (what the bpf source's C walk passes on: records it checked, ends as little-endian
+        # int64 bytes).
         records = []
         for size in sizes:
             self.seq += 1
             records.append(record_of_size(size, self.seq))
-        ends = np.cumsum([len(r) for r in records], dtype=np.int64)
+        ends = np.cumsum([len(r) for r in records], dtype="<i8")
+        push = (lambda: self.ring.push_checked(b"".join(records), ends.tobytes(), 0)) if checked else (
+            lambda: self.ring.push_batch(b"".join(records), ends))
         if any(len(r) > self.model.max_bytes for r in records):
             before = self.ring.stats
             with pytest.raises(etwmon.RecordFormatError):
-                self.ring.push_batch(b"".join(records), ends)
+                push()
             assert self.ring.stats == before
             return
-        self.ring.push_batch(b"".join(records), ends)
-        for record in records:
-            self.model.push(record)
-
-    @rule(sizes=st.lists(st.sampled_from([24, 40, 42, 56, 64, 100, 160, 250]), max_size=30))
-    def push_checked(self, sizes):
-        # What the bpf source's C walk passes on (records it checked, ends as little-endian int64 bytes): the
-        # same as pushing each in order.
-        records = []
-        for size in sizes:
-            self.seq += 1
-            records.append(record_of_size(size, self.seq))
-        ends = np.cumsum([len(r) for r in records], dtype="<i8").tobytes()
-        if any(len(r) > self.model.max_bytes for r in records):
-            with pytest.raises(etwmon.RecordFormatError):
-                self.ring.push_checked(b"".join(records), ends, 0)
-            return
-        self.ring.push_checked(b"".join(records), ends, 0)
+        push()
         for record in records:
             self.model.push(record)
 

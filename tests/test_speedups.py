@@ -73,13 +73,17 @@ class CheckedSink(BatchSink):
         return self._lookup
 
 
-def _fill_both(rings, items) -> None:
+def _fill_both(rings, chunk, i: int) -> int:
+    """The same records (``_item`` of each (kind, jitter) in ``chunk``, numbered from ``i``) into each ring; the
+    next number."""
+    items = [_item(kind, i + k, jitter) for k, (kind, jitter) in enumerate(chunk)]
     for ring in rings:
         for sample, flag in items:
             at = ring.add(sample)
             if flag == "discard":
                 for where in (at + 3, at + 3 + ring.mask + 1):
                     ring.data[where] |= 0x40
+    return i + len(chunk)
 
 
 def _item(kind: int, i: int, jitter: int):
@@ -111,11 +115,7 @@ def test_the_c_walk_passes_what_the_python_walk_passes(chunks):
         source._decoder.push = sink.push
     i = 0
     for chunk in chunks:
-        items = []
-        for kind, jitter in chunk:
-            items.append(_item(kind, i, jitter))
-            i += 1
-        _fill_both(rings, items)
+        i = _fill_both(rings, chunk, i)
         for source, sink in zip(sources, sinks):
             source._drain(sink)
     c_sink, py_sink = sinks
@@ -160,11 +160,7 @@ def test_a_waiting_readers_pass_in_c_is_the_python_pass(chunks, seeded):
     try:
         i = 0
         for chunk, due, notify in chunks:
-            items = []
-            for kind, jitter in chunk:
-                items.append(_item(kind, i, jitter))
-                i += 1
-            _fill_both(rings, items)
+            i = _fill_both(rings, chunk, i)
             for source, wait in zip(sources, waits):
                 source._lost_due = 0.0 if due else time.monotonic() + 3600
                 wait.notify = notify
