@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-_NAMES = ["drain", "fields", "json_batch", "reader_wait_method", "ring_copy", "ring_push",
+_NAMES = ["drain", "fields", "fold_plan", "json_batch", "reader_wait_method", "ring_copy", "ring_push",
           "ring_push_checked_method", "ring_readinto_method", "scan", "walk"]
 
 try:
@@ -18,6 +18,7 @@ if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
 
 drain = getattr(_speedups, "drain", None)
 fields = getattr(_speedups, "fields", None)
+fold_plan = getattr(_speedups, "fold_plan", None)
 json_batch = getattr(_speedups, "json_batch", None)
 reader_wait_method = getattr(_speedups, "reader_wait_method", None)
 ring_copy = getattr(_speedups, "ring_copy", None)

@@ -578,6 +578,9 @@ static PyMethodDef methods[] = {
     {"drain", drain, METH_VARARGS,
      "drain(consumer, producer, data, mask, final, floor, seeded, checked) -> None or (cons, prod, count, floor, "
      "raised, skipped, stop): a reader's whole pass over a BPF ring in one call (see etwmon/_speedups.c)."},
+    {"fold_plan", fold_plan, METH_VARARGS,
+     "fold_plan(raw, starts, ends, prefix) -> (apply, rows, dropped): etwmon.backlog.fold_plan in C (see "
+     "etwmon/_backlog.c); rows: the guids, 16 bytes each, back to back."},
     {"scan", scan, METH_VARARGS,
      "scan(data, min_size, block_at, rules, max_filetime) -> (rows, blocks, error): etwmon.events._checked in C "
      "(see etwmon/_speedups.c); error is (message, offset) or None."},

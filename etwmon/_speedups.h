@@ -53,6 +53,9 @@ PyObject *json_batch(PyObject *self, PyObject *args);
 int ring_init(void);
 int ring_add_methods(PyObject *module);
 
+/* _backlog.c */
+PyObject *fold_plan(PyObject *self, PyObject *args);
+
 /* _reader.c */
 int reader_init(void);
 int reader_add_methods(PyObject *module);

@@ -532,6 +532,74 @@ def test_a_waiting_reader_leaves_the_list_whatever_its_pass_raised(wait_method):
         os.close(write_fd)
 
 
+_FOLD_RECORD = st.tuples(st.sampled_from(["create", "exec", "exit", "thread", "odd", "foreign", "damaged"]),
+                         st.integers(1, 12), st.integers(1, 12), st.integers(0, 3))
+
+
+@pytest.mark.skipif(_native.fold_plan is None, reason="etwmon._speedups was not built (no C compiler)")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(_FOLD_RECORD, min_size=1, max_size=12), min_size=1, max_size=10))
+def test_a_fold_plan_in_c_is_the_python_plan(batches):
+    """etwmon/_backlog.c against backlog's array code on backlogs of creates, execs and exits of a dozen pids (a
+    pid's start time tells its incarnations apart; parents chain, end or live on), thread records, a create
+    without a block, guids of another host, and damaged records: the same records applied, the same noted
+    exits, the same count dropped."""
+    from etwmon import backlog
+    from etwmon.identity import _WHOLE
+
+    entries = []
+    t = T + 10
+    for batch in batches:
+        records = []
+        for kind, pid, parent, start in batch:
+            t += 1
+            if kind in ("create", "exec"):
+                records.append(_kernel_create(1 if kind == "create" else 101, t, pid, parent, T + start,
+                                              T + (start + 1) % 4, f"p{pid}"))
+            elif kind == "exit":
+                records.append(_kernel_exit(t, pid, T + start))
+            elif kind == "thread":
+                records.append(kernel_thread_record(pid * 10, pid, t))
+            elif kind == "odd":
+                records.append(R.encode_process_create(t, pid, parent, parent, parent, "no block"))
+            else:
+                record = bytearray(_kernel_create(1, t, pid, parent, T + start, T, "x") if start % 2 else
+                                   _kernel_exit(t, pid, T + start))
+                if kind == "foreign":  # another host's guid prefix
+                    at = record.index(guid_prefix(HOST))
+                    record[at] ^= 0xFF
+                else:  # a field's tag or length that is not what the programs write
+                    at = record.index(guid_prefix(HOST)) - 4 + 2 * (start // 2)
+                    record[at] ^= 0x5A
+                records.append(bytes(record))
+        data = b"".join(records)
+        ends = np.cumsum([len(r) for r in records], dtype="<i8").tobytes()
+        entries.append((data, _WHOLE, ends))
+    old = backlog.concat(entries)
+    prefix = guid_prefix(HOST)
+    apply, rows, dropped = backlog.fold_plan(old, prefix)
+    want_apply, want_rows, want_dropped = backlog._fold_plan(old, prefix)
+    assert apply == want_apply and dropped == want_dropped
+    assert rows.shape == want_rows.shape and rows.tobytes() == want_rows.tobytes()
+
+
+def test_a_fold_plan_keeps_a_daemons_chain_and_drops_what_came_and_went():
+    from etwmon import backlog
+    from etwmon.identity import _WHOLE
+
+    records = [_kernel_create(1, T + 1, 20, 10, T + 1, T, "sh"),  # the shell: ends, but its child lives on
+               _kernel_create(1, T + 2, 21, 20, T + 2, T + 1, "daemon"),
+               _kernel_create(1, T + 3, 30, 10, T + 3, T, "true"),  # came and went: dropped
+               _kernel_exit(T + 4, 30, T + 3), _kernel_exit(T + 5, 20, T + 1),
+               _kernel_exit(T + 6, 40, T)]  # started before this part: noted for the table
+    ends = np.cumsum([len(r) for r in records], dtype="<i8").tobytes()
+    old = backlog.concat([(b"".join(records), _WHOLE, ends)])
+    for plan in (backlog.fold_plan, backlog._fold_plan):  # in C (where built), and the array code
+        apply, rows, dropped = plan(old, guid_prefix(HOST))
+        assert apply == [0, 1, 4] and dropped == 1
+        assert [bytes(row) for row in rows] == [make_guid(guid_prefix(HOST), 40, T)]
+
+
 def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irregular_records_one_by_one():
     prefix = guid_prefix(HOST)
     sink = CheckedSink()
