@@ -214,3 +214,171 @@ done:
     PyBuffer_Release(&prefix);
     return result;
 }
+
+/* IdentityStage.push_checked in C where this module is built (a method descriptor, like EventRing's): a batch of
+ * the C walk that passes on whole joins the backlog (under the stage's lock: the entry (data, _whole, ends), its
+ * bytes counted, the pids read out dropped), a fold is done at once past the cap or marked due within 1/32 of it
+ * (``defer_folds``), and the batch goes on to the next stage. Anything else (no next stage that takes checked
+ * batches, creates the stage must write fields into) is the Python method's (``_push_checked``). */
+static PyObject *s_push_checked, *s_push_checked_py, *s_lean, *s_sink, *s_batch_creates, *s_lock, *s_acquire,
+    *s_release, *s_pending, *s_whole, *s_backlog_bytes, *s_pending_pids, *s_backlog_max_bytes, *s_fold_backlog,
+    *s_defer_folds, *s_fold_due;
+
+int backlog_init(void)
+{
+    static const struct name_slot names[] = {
+        {&s_push_checked, "_push_checked"}, {&s_push_checked_py, "_push_checked_batch"}, {&s_lean, "lean"},
+        {&s_sink, "sink"}, {&s_batch_creates, "batch_creates"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"},
+        {&s_release, "release"}, {&s_pending, "_pending"}, {&s_whole, "_whole"},
+        {&s_backlog_bytes, "_backlog_bytes"}, {&s_pending_pids, "_pending_pids"},
+        {&s_backlog_max_bytes, "backlog_max_bytes"}, {&s_fold_backlog, "_fold_backlog"},
+        {&s_defer_folds, "defer_folds"}, {&s_fold_due, "_fold_due"},
+    };
+    return intern_names(names, sizeof names / sizeof names[0]);
+}
+
+/* obj.name where it has one: 1 (a new reference in *out), 0 (none, no error), -1 (an error set); without raising
+ * an AttributeError to clear (as getattr(obj, name, default) does). */
+static int optional_attr(PyObject *obj, PyObject *name, PyObject **out)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(obj, name, out);
+#else
+    return _PyObject_LookupAttr(obj, name, out);
+#endif
+}
+
+/* Whether the batch passes whole (the Python test ``checked is not None and lean and batch_creates``): 1, 0, or -1
+ * with an error set; the next stage's push_checked in *checked (a new reference) when 1. */
+static int passes_whole(PyObject *stage, PyObject **checked)
+{
+    *checked = PyObject_GetAttr(stage, s_push_checked);
+    if (*checked == NULL)
+        return -1;
+    int ok = *checked != Py_None;
+    if (ok) {
+        PyObject *lean = PyObject_GetAttr(stage, s_lean);
+        ok = lean == NULL ? -1 : PyObject_IsTrue(lean);
+        Py_XDECREF(lean);
+    }
+    if (ok > 0) {
+        PyObject *sink = PyObject_GetAttr(stage, s_sink), *creates = NULL;
+        if (sink == NULL || optional_attr(sink, s_batch_creates, &creates) < 0)
+            ok = -1;
+        else
+            ok = creates == NULL ? 1 : PyObject_IsTrue(creates);
+        Py_XDECREF(sink);
+        Py_XDECREF(creates);
+    }
+    if (ok <= 0)
+        Py_CLEAR(*checked);
+    return ok;
+}
+
+/* The batch joins the backlog, under the stage's lock: 0, or -1 with an error set. */
+static int keep_batch(PyObject *stage, PyObject *data, PyObject *ends, Py_ssize_t nbytes)
+{
+    PyObject *lock = PyObject_GetAttr(stage, s_lock);
+    if (lock == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_acquire);
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    Py_DECREF(r);
+    int status = -1;
+    PyObject *pending = PyObject_GetAttr(stage, s_pending), *whole = PyObject_GetAttr(stage, s_whole);
+    PyObject *entry = pending == NULL || whole == NULL ? NULL : PyTuple_Pack(3, data, whole, ends);
+    PyObject *held = entry == NULL ? NULL : PyObject_GetAttr(stage, s_backlog_bytes);
+    PyObject *size = held == NULL ? NULL : PyLong_FromSsize_t(nbytes);
+    PyObject *sum = size == NULL ? NULL : PyNumber_Add(held, size);
+    if (sum != NULL && PyList_Check(pending) && PyList_Append(pending, entry) == 0
+        && PyObject_SetAttr(stage, s_backlog_bytes, sum) == 0 && PyObject_SetAttr(stage, s_pending_pids, Py_None) == 0)
+        status = 0;
+    else if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "IdentityStage._pending must be a list");
+    Py_XDECREF(pending);
+    Py_XDECREF(whole);
+    Py_XDECREF(entry);
+    Py_XDECREF(held);
+    Py_XDECREF(size);
+    Py_XDECREF(sum);
+    if (call_keeping_error(lock, s_release, NULL) < 0)
+        status = -1;
+    Py_DECREF(lock);
+    return status;
+}
+
+/* A fold at once past the cap, or marked due within one fold (1/32) of it: 0, or -1 with an error set. */
+static int fold_if_due(PyObject *stage)
+{
+    PyObject *held = PyObject_GetAttr(stage, s_backlog_bytes);
+    PyObject *cap = held == NULL ? NULL : PyObject_GetAttr(stage, s_backlog_max_bytes);
+    long long bytes = held == NULL ? -1 : PyLong_AsLongLong(held), most = cap == NULL ? -1 : PyLong_AsLongLong(cap);
+    Py_XDECREF(held);
+    Py_XDECREF(cap);
+    if (PyErr_Occurred())
+        return -1;
+    if (bytes > most) {
+        PyObject *r = PyObject_CallMethodNoArgs(stage, s_fold_backlog);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    if (bytes > most - (most >> 5)) {
+        PyObject *defer = PyObject_GetAttr(stage, s_defer_folds);
+        int deferred = defer == NULL ? -1 : PyObject_IsTrue(defer);
+        Py_XDECREF(defer);
+        if (deferred < 0 || (deferred && PyObject_SetAttr(stage, s_fold_due, Py_True) < 0))
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *stage_push_checked(PyObject *stage, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "push_checked(data, ends, kinds)");
+        return NULL;
+    }
+    PyObject *checked;
+    int whole = passes_whole(stage, &checked);
+    if (whole < 0)
+        return NULL;
+    if (!whole) {
+        PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(stage), s_push_checked_py);
+        PyObject *all[4] = {stage, args[0], args[1], args[2]};
+        PyObject *r = method == NULL ? NULL : PyObject_Vectorcall(method, all, 4, NULL);
+        Py_XDECREF(method);
+        return r;
+    }
+    long kinds = PyLong_AsLong(args[2]);
+    Py_ssize_t nbytes = PyObject_Size(args[0]);
+    if ((kinds == -1 || nbytes < 0) && PyErr_Occurred()) {
+        Py_DECREF(checked);
+        return NULL;
+    }
+    if ((kinds & 3) && (keep_batch(stage, args[0], args[1], nbytes) < 0 || fold_if_due(stage) < 0)) {
+        Py_DECREF(checked);
+        return NULL;
+    }
+    PyObject *r = PyObject_Vectorcall(checked, args, 3, NULL);
+    Py_DECREF(checked);
+    return r;
+}
+
+static PyMethodDef stage_def = {
+    "push_checked", (PyCFunction)(void (*)(void))stage_push_checked, METH_FASTCALL,
+    "push_checked(data, ends, kinds): IdentityStage.push_checked, its common case in C (etwmon/_backlog.c); the "
+    "rest in IdentityStage._push_checked_batch.",
+};
+
+int backlog_add_methods(PyObject *module)
+{
+    PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &stage_def);
+    if (d == NULL || PyModule_AddObject(module, "stage_push_checked_method", d) < 0) {
+        Py_XDECREF(d);
+        return -1;
+    }
+    return 0;
+}

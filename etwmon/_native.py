@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 _NAMES = ["drain", "fields", "fold_plan", "json_batch", "reader_wait_method", "ring_copy", "ring_push",
-          "ring_push_checked_method", "ring_readinto_method", "scan", "walk"]
+          "ring_push_checked_method", "ring_readinto_method", "scan", "stage_push_checked_method", "walk"]
 
 try:
     from . import _speedups
@@ -26,6 +26,7 @@ ring_push = getattr(_speedups, "ring_push", None)
 ring_push_checked_method = getattr(_speedups, "ring_push_checked_method", None)
 ring_readinto_method = getattr(_speedups, "ring_readinto_method", None)
 scan = getattr(_speedups, "scan", None)
+stage_push_checked_method = getattr(_speedups, "stage_push_checked_method", None)
 walk = getattr(_speedups, "walk", None)
 
 __all__ = _NAMES

@@ -604,11 +604,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    if (json_lines_init() < 0 || ring_init() < 0 || reader_init() < 0)
+    if (json_lines_init() < 0 || ring_init() < 0 || reader_init() < 0 || backlog_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddFunctions(m, ring_methods) < 0 || ring_add_methods(m) < 0
-                      || reader_add_methods(m) < 0))
+                      || reader_add_methods(m) < 0 || backlog_add_methods(m) < 0))
         Py_CLEAR(m);
     return m;
 }

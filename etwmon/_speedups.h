@@ -55,6 +55,8 @@ int ring_add_methods(PyObject *module);
 
 /* _backlog.c */
 PyObject *fold_plan(PyObject *self, PyObject *args);
+int backlog_init(void);
+int backlog_add_methods(PyObject *module);
 
 /* _reader.c */
 int reader_init(void);

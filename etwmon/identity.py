@@ -34,7 +34,7 @@ from .records import (
     _I64, _U32, _U64, MAX_COMMAND_LINE, EventFlags, ExtensionTag, _utf16, block_fields, guid_bytes, pack_field,
     with_packed,
 )
-from . import backlog
+from . import _native, backlog
 from .process_table import (  # the tags the stage writes itself (_STAGE_TAGS) and those it reads
     _GUID, _IMAGE, _PGUID, _SAME_START, _STAGE_TAGS, _START, _UID, _USER, DEFAULT_MAX_BYTES, DEFAULT_MAX_PROCESSES, ProcessInfo, ProcessTable, _Entry,
     _same_process,
@@ -200,14 +200,15 @@ class IdentityStage:
             self._note(raw, starts[noted], ends[noted], has_creates)
         self._push_batch(raw, ends)
 
-    def push_checked(self, data: bytes, ends: bytes, kinds: int) -> None:
+    def _push_checked_batch(self, data: bytes, ends: bytes, kinds: int) -> None:
         """``push_batch`` of a batch the bpf source's C walk gathered: ``data`` the records back to back, ``ends``
         the bytes of where each ends (little-endian int64), ``kinds`` what it holds (bit 0 a create or exec, bit 1
         an exit). The walk stops before every record of a seeded process (``seeded_lookup``), so when the next
         stage takes creates whole the batch passes on as it is and, when it holds process records, joins the
         backlog (``etwmon.backlog``): applied to the table when it is next read, folded into it with array
         operations when the backlog outgrows ``backlog_max_bytes``. A few operations per batch, none per
-        record."""
+        record. ``push_checked`` is this in C where etwmon._speedups is built (etwmon/_backlog.c, the same steps
+        on the same attributes)."""
         checked = self._push_checked
         if checked is None or not (self.lean and getattr(self.sink, "batch_creates", True)):  # _creates_whole()
             self.push_batch(np.frombuffer(data, dtype=np.uint8), np.frombuffer(ends, dtype=np.int64))
@@ -741,3 +742,8 @@ class IdentityStage:
                 "max_bytes": table.max_bytes, "evicted": table.evicted,
                 "evicted_live": table.evicted_live, "unknown_parent": self.unknown_parent, "no_guid": self.no_guid,
                 "folded": self.folded, "backlog_max_bytes": self.backlog_max_bytes if self.lean else 0}
+
+
+IdentityStage._whole = _WHOLE  # what the C push_checked puts in a backlog entry (etwmon/_backlog.c)
+IdentityStage.push_checked = (_native.stage_push_checked_method  # type: ignore[assignment]
+                              or IdentityStage._push_checked_batch)

@@ -389,6 +389,20 @@ def test_identity_in_full_mode_takes_a_checked_batch_through_its_own_path():
 # --- the backlog: folded into the table when nobody reads it --------------------------------------------------------
 
 
+def _stage_pushes():
+    paths = [pytest.param(IdentityStage._push_checked_batch, id="python")]
+    if _native.stage_push_checked_method is not None:
+        paths.append(pytest.param(_native.stage_push_checked_method, id="c"))
+    return paths
+
+
+@pytest.fixture(params=_stage_pushes())
+def stage_push(request, monkeypatch):
+    """The identity stage's push_checked in C (etwmon/_backlog.c, where built) and in Python, each in turn."""
+    monkeypatch.setattr(IdentityStage, "push_checked", request.param)
+    return request.param
+
+
 def _two_short_lived(t: int, pid: int) -> tuple[list[bytes], int, int]:
     """A batch of a storm: two processes started by pid 10 that exec and end; and the next time and pid."""
     batch = []
@@ -400,7 +414,7 @@ def _two_short_lived(t: int, pid: int) -> tuple[list[bytes], int, int]:
     return batch, t, pid
 
 
-def test_a_backlog_nobody_reads_is_folded_within_its_cap_keeping_living_processes_and_their_ancestors():
+def test_a_backlog_nobody_reads_is_folded_within_its_cap_keeping_living_processes_and_their_ancestors(stage_push):
     prefix = guid_prefix(HOST)
     sink = CheckedSink()
     stage = IdentityStage(sink, HOST, max_bytes=1 << 20, lean=True)  # a backlog of 128 KiB
@@ -434,7 +448,7 @@ def test_a_backlog_nobody_reads_is_folded_within_its_cap_keeping_living_processe
     assert stats["bytes"] + stage.backlog_max_bytes <= stats["max_bytes"] == 1 << 20
 
 
-def test_a_source_that_says_when_it_sleeps_gets_the_folds_then_and_the_cap_still_holds():
+def test_a_source_that_says_when_it_sleeps_gets_the_folds_then_and_the_cap_still_holds(stage_push):
     # With defer_folds (the bpf source calls idle() before each sleep), a fold due within 1/32 of the cap waits for
     # idle(), so it holds back no batch being read; a backlog past the cap is folded at once all the same.
     sink = CheckedSink()
@@ -600,7 +614,7 @@ def test_a_fold_plan_keeps_a_daemons_chain_and_drops_what_came_and_went():
         assert [bytes(row) for row in rows] == [make_guid(guid_prefix(HOST), 40, T)]
 
 
-def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irregular_records_one_by_one():
+def test_folding_marks_exited_the_processes_the_table_had_before_and_reads_irregular_records_one_by_one(stage_push):
     prefix = guid_prefix(HOST)
     sink = CheckedSink()
     stage = IdentityStage(sink, HOST, max_bytes=1 << 19, lean=True)
