@@ -333,6 +333,8 @@ class BpfSource(Source):
         self._idle = getattr(sink, "idle", None)  # the identity stage's deferred work (see _sleeping)
         if self._idle is not None:
             sink.defer_folds = True  # type: ignore[attr-defined]
+            for wait in self._reader_waits:  # made before this run began: called directly from now on
+                wait._sleeping = self._idle
         if self._pacer:
             self._run_paced(sink, ring)
         else:
@@ -416,7 +418,9 @@ class BpfSource(Source):
         ring = self._ring
         if not self._pacer or ring is None:
             return None
-        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._waiting, self._sleeping)
+        # (the sink's deferred work itself once run() has found it: a call fewer per wake-up than _sleeping)
+        wait = ReaderWait(*self._rings(ring), notify_fd, self._reader_pass, self._waiting,
+                          self._idle if self._idle is not None else self._sleeping)
         if fast_drain is not None:
             wait._source = self  # the C wait runs _reader_pass's common case itself (etwmon/_reader.c)
         self._reader_waits.append(wait)
