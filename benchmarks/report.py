@@ -95,7 +95,7 @@ def _storms(storms: dict, results: dict, markdown: bool) -> list[str]:
                  "of the machine's unthrottled rate (max = unthrottled; "
                  + ", ".join(f"{k} {v:,.0f}/s" for k, v in p["max_items_per_s"].items())
                  + f"); {p['repeats_at_max']} runs at full rate. CPU = the monitor process's "
-                 "utime+stime per 1000 events it delivered; latency = readinto time − kernel timestamp.")
+                 "CPU time per 1000 events it delivered; latency = readinto time − kernel timestamp.")
     rows = []
     for r in storms["summary"]:
         rows.append([r["kind"], "max" if r["level"] == 1.0 else f"{r['level']:g} max", stat(r["events_per_s"], 1, spread=False), r["tool"],
@@ -157,7 +157,7 @@ def _perftest(perf: dict, results: dict, markdown: bool) -> list[str]:
     p = perf["params"]
     out += _para(f"After SysmonForLinux's perftest: /bin/true fork+exec'd at {p['rate']:,.0f}/s for {p['seconds']:g} s "
                  f"({p['execs']:,} execs), one monitor at a time. Rate: {p['rate_reason']}. CPU = the monitor's "
-                 "utime+stime over the run; µs per exec covers its fork, exec and exit events.")
+                 "CPU time over the run; µs per exec covers its fork, exec and exit events.")
     rows = [[r["tool"], _num(r.get("execs_per_s"), 0) + ("" if r.get("rate_kept", True) else " (behind)"),
              _num(r.get("cpu_pct_of_core"), 1),
              _num(r.get("us_per_exec"), 1), _delivered(r), _num(r.get("captured_pct"), 2),
@@ -237,7 +237,7 @@ def _identity(ident: dict, results: dict, markdown: bool) -> list[str]:
     p = ident["params"]
     out = _para(f"Storms of ~{p['seconds_per_storm']} s at {p['level']:g} of the unthrottled rate, "
                 f"{p['repeats']} pair(s) each, on and off alternating; CPU = the monitor process's "
-                "utime+stime per 1000 events it delivered.")
+                "CPU time per 1000 events it delivered.")
     rows = [[r["source"], r["kind"], stat(r["cpu_off"], 1), stat(r["cpu_on"], 1),
              (stat(r["ratio"], 2) + " x") if r["ratio"] else "–", stat(r["captured_on"], 2),
              "; ".join(r["errors"])[:80]] for r in ident["rows"]]
@@ -445,9 +445,11 @@ _METHOD = [
     "output to a file) and pyroute2's `ProcEventSocket` (a thread calling `get()`, keeping three fields per "
     "message). Captured = create/exec/exit events whose pid/tid the generator made; command line right = the "
     "exec event for pid *p* carries exactly `/bin/true storm-<i>` for the *i* that made *p*.",
-    "- **CPU** is the same for every monitor: utime+stime of its whole process from `/proc/<pid>/stat` from "
-    "just before the storm until it has gone idle after it (it has caught up), divided by the events it "
-    "delivered. Parsing and scoring happen after that measurement. The tick is 10 ms.",
+    "- **CPU** is the same for every monitor: the CPU time of its whole process (all its threads), read from its "
+    "CPU-time clock to the nanosecond (`clock_gettime` on the clock id of its pid; `/proc/<pid>/stat`'s "
+    "utime+stime, in 10 ms ticks, where that clock cannot be read) from just before the storm until it has gone "
+    "idle after it (it has caught up), divided by the events it delivered. Parsing and scoring happen after that "
+    "measurement.",
     "- **Latency** (etwmon only): for each record, the time `readinto` returned minus the record's Time "
     "(the kernel's timestamp as FILETIME).",
     "- **Read paths** (storms at full rate): etwmon-bpf is also run as a program that calls `parse` on every "
@@ -456,7 +458,7 @@ _METHOD = [
     "ratio divides its CPU per event by forkstat's or bpftrace's in the same round (the tools run interleaved).",
     "- **Perftest**: the exec storm generator (`/bin/true storm-<i>`, one at a time) paced to a fixed rate "
     "(SysmonForLinux's perftest: 1,600/s; 60 % of the unwatched maximum when that is lower) for 30 s; CPU % of one "
-    "core = the monitor's utime+stime over the run's wall time; µs per exec = the same CPU / execs (the rest of "
+    "core = the monitor's CPU time over the run's wall time; µs per exec = the same CPU / execs (the rest of "
     "the machine's events, which the monitor also delivered, are paid for in it: the table shows how many).",
     "- **Cost**: the exec storm unthrottled with no monitor, then with each monitor, per round; ratio = rate "
     "with monitor / rate without in the same round.",

@@ -1,4 +1,4 @@
-"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~13 min on 2 cores) or ``--quick``
+"""Run the etwmon benchmark suite: ``python benchmarks/run.py`` (full, ~32 min on 2 cores) or ``--quick``
 (< 2 min, what CI runs). Prints a table, writes ``<out>/latest.json`` and plots, and with ``--write-results``
 also ``benchmarks/RESULTS.md`` with its plots in ``benchmarks/plots/``.
 
