@@ -375,10 +375,5 @@ static PyMethodDef stage_def = {
 
 int backlog_add_methods(PyObject *module)
 {
-    PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &stage_def);
-    if (d == NULL || PyModule_AddObject(module, "stage_push_checked_method", d) < 0) {
-        Py_XDECREF(d);
-        return -1;
-    }
-    return 0;
+    return add_method_descriptor(module, "stage_push_checked_method", &stage_def);
 }

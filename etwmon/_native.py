@@ -16,17 +16,7 @@ except ImportError:  # pragma: no cover - exercised where the build had no compi
 if os.environ.get("ETWMON_NO_SPEEDUPS") == "1":
     _speedups = None  # type: ignore[assignment]
 
-drain = getattr(_speedups, "drain", None)
-fields = getattr(_speedups, "fields", None)
-fold_plan = getattr(_speedups, "fold_plan", None)
-json_batch = getattr(_speedups, "json_batch", None)
-reader_wait_method = getattr(_speedups, "reader_wait_method", None)
-ring_copy = getattr(_speedups, "ring_copy", None)
-ring_push = getattr(_speedups, "ring_push", None)
-ring_push_checked_method = getattr(_speedups, "ring_push_checked_method", None)
-ring_readinto_method = getattr(_speedups, "ring_readinto_method", None)
-scan = getattr(_speedups, "scan", None)
-stage_push_checked_method = getattr(_speedups, "stage_push_checked_method", None)
-walk = getattr(_speedups, "walk", None)
+# Each helper by its name (drain, fields, fold_plan, ...), or None.
+globals().update({name: getattr(_speedups, name, None) for name in _NAMES})
 
 __all__ = _NAMES

@@ -370,10 +370,5 @@ static PyMethodDef wait_def = {
 
 int reader_add_methods(PyObject *module)
 {
-    PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &wait_def);
-    if (d == NULL || PyModule_AddObject(module, "reader_wait_method", d) < 0) {
-        Py_XDECREF(d);
-        return -1;
-    }
-    return 0;
+    return add_method_descriptor(module, "reader_wait_method", &wait_def);
 }

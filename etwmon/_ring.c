@@ -366,15 +366,10 @@ static PyMethodDef method_defs[] = {
 
 int ring_add_methods(PyObject *module)
 {
-    const char *names[] = {"ring_push_checked_method", "ring_readinto_method"};
-    for (int i = 0; i < 2; i++) {
-        PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &method_defs[i]);
-        if (d == NULL || PyModule_AddObject(module, names[i], d) < 0) {
-            Py_XDECREF(d);
-            return -1;
-        }
-    }
-    return 0;
+    return add_method_descriptor(module, "ring_push_checked_method", &method_defs[0]) < 0
+                   || add_method_descriptor(module, "ring_readinto_method", &method_defs[1]) < 0
+               ? -1
+               : 0;
 }
 
 PyMethodDef ring_methods[] = {

@@ -185,6 +185,16 @@ int intern_names(const struct name_slot *names, size_t n)
     return 0;
 }
 
+int add_method_descriptor(PyObject *module, const char *name, PyMethodDef *def)
+{
+    PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, def);
+    if (d == NULL || PyModule_AddObject(module, name, d) < 0) {
+        Py_XDECREF(d);
+        return -1;
+    }
+    return 0;
+}
+
 int call_keeping_error(PyObject *obj, PyObject *name, PyObject *arg)
 {
     PyObject *type, *value, *tb;

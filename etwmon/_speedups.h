@@ -35,6 +35,9 @@ struct name_slot {
     const char *name;
 };
 int intern_names(const struct name_slot *names, size_t n);
+/* A method for a Python class's body (bound like its own methods: no reference from an instance to itself), added
+ * to the module as ``name``: 0, or -1 with an error set. */
+int add_method_descriptor(PyObject *module, const char *name, PyMethodDef *def);
 /* obj.name() (arg NULL) or obj.name(arg), keeping an error already set (the first error wins): 0, or -1 when an error
  * is set afterwards (the earlier one, or this call's). For a cleanup that must run whatever happened before it. */
 int call_keeping_error(PyObject *obj, PyObject *name, PyObject *arg);
