@@ -226,8 +226,9 @@ done:
 }
 
 /* BpfSource._reader_pass's common case (no loss count due, no image loads, a sink that takes C passes) in C, on
- * the source's attributes under its drain lock, step for step the Python method's: the records taken (a new int),
- * or None when it is not the common case (the caller runs the Python method), or NULL with an error set. */
+ * the source's attributes under its drain lock, step for step what its _drain and _drain_fast do then: the records
+ * taken (a new int), or None when it is not the common case (the caller runs the Python method), or NULL with an
+ * error set. */
 static PyObject *quick_pass(PyObject *src, PyObject *notify)
 {
     PyObject *lock = PyObject_GetAttr(src, s_drain_lock);

@@ -432,34 +432,14 @@ class BpfSource(Source):
 
     def _reader_pass(self, notify: bool) -> int:
         """One pass from a waiting reader's thread: only while run() runs (its sink; the last pass is its own).
-        ``notify``: raise the readers' flag too (not needed when no reader watches the monitor's fileno()).
-
-        The common pass (no loss count due, no image loads) is ``_drain``'s C pass inline, a Python frame fewer
-        per batch for each of its steps; anything out of the ordinary goes on in ``_drain_took``."""
+        ``notify``: raise the readers' flag too (not needed when no reader watches the monitor's fileno()). Where
+        etwmon._speedups is built, the C wait runs the common case of this itself (etwmon/_reader.c) and calls
+        this only for the rest."""
         with self._drain_lock:
-            sink, ring, quick = self._sink, self._ring, self._quick
-            if ring is None or sink is None or not self._running or self._stopping:
+            sink = self._sink
+            if self._ring is None or sink is None or not self._running or self._stopping:
                 return 0
-            if quick is None or self._images is not None or time.monotonic() >= self._lost_due:
-                return self._drain(sink, notify=notify)
-            checked, seeded = quick
-            decoder = self._decoder
-            got = fast_drain(ring.position_words[0], ring.position_words[1], ring.data, ring.mask, False,
-                             decoder.last_filetime, seeded() if seeded is not None else None, checked)
-            if got is None:
-                return 0
-            if got[4] or got[5] or got[6] >= 0:  # times raised, records skipped, a record for Python
-                n = self._drain_took(sink, checked, ring, False, got)
-                if self._report_lost(sink, False):
-                    n += 1
-            else:
-                n = got[2]
-                decoder.last_filetime = got[3]
-                decoder.events += n
-                self._mover.records += n
-            if n and notify:
-                sink.notify()
-            return n
+            return self._drain(sink, notify=notify)
 
     def _settle(self) -> None:
         """Wait until no program that was running as they were detached still runs: membarrier's global
